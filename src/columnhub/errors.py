@@ -1,0 +1,162 @@
+"""The exception tree of columnhub.
+
+Every error a user can cause is a :class:`ColumnhubError`; the CLI maps them to
+exit code 2 and the service to HTTP 4xx in one place each. Each class also
+subclasses the fitting builtin, so ``except KeyError`` keeps working.
+
+.. code-block:: text
+
+    ColumnhubError
+    ├── SpecError (ValueError)                 invalid request / configuration
+    ├── ExpressionError (ValueError)           bad expression text (with position)
+    ├── ColumnNotFoundError (KeyError)         unknown column (with closest names)
+    ├── DatasetError                           a dataset cannot be read
+    │   ├── DatasetFileNotFoundError (FileNotFoundError)
+    │   ├── TreeNotFoundError (KeyError)
+    │   ├── CorruptFileError                   truncated / damaged file
+    │   └── SourceTimeoutError (TimeoutError)  remote storage did not answer
+    ├── JoinError                              event-key joins
+    │   ├── KeyMismatchError                   aligned friends disagree
+    │   ├── DuplicateKeyError                  ``validate`` violated
+    │   └── KeyTypeError (TypeError)           float / negative key columns
+    ├── CacheError                             column cache misuse
+    ├── ModelError                             ML inference
+    │   ├── ModelNotFoundError (KeyError)
+    │   ├── ModelInputError (ValueError)
+    │   └── InferenceServerError (ConnectionError)
+    └── OutputError (OSError)                  output directory problems
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "CacheError",
+    "ColumnNotFoundError",
+    "ColumnhubError",
+    "CorruptFileError",
+    "DatasetError",
+    "DatasetFileNotFoundError",
+    "DuplicateKeyError",
+    "ExpressionError",
+    "InferenceServerError",
+    "JoinError",
+    "KeyMismatchError",
+    "KeyTypeError",
+    "ModelError",
+    "ModelInputError",
+    "ModelNotFoundError",
+    "OutputError",
+    "SourceTimeoutError",
+    "SpecError",
+    "TreeNotFoundError",
+    "closest",
+]
+
+
+class ColumnhubError(Exception):
+    """Base class of every error columnhub raises on purpose."""
+
+    def __str__(self) -> str:  # KeyError would repr() its message otherwise
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class SpecError(ColumnhubError, ValueError):
+    """The request (spec) is invalid."""
+
+
+class ExpressionError(ColumnhubError, ValueError):
+    """An expression cannot be parsed or evaluated.
+
+    Attributes:
+        text: the expression text.
+        position: 0-based character offset of the problem, or ``None``.
+    """
+
+    def __init__(self, message: str, *, text: str = "", position: int | None = None) -> None:
+        self.text = text
+        self.position = position
+        if text and position is not None:
+            caret = " " * position + "^"
+            message = f"{message}\n    {text}\n    {caret}"
+        super().__init__(message)
+
+
+class ColumnNotFoundError(ColumnhubError, KeyError):
+    """A requested column exists nowhere (with the closest names that do)."""
+
+
+class DatasetError(ColumnhubError):
+    """A dataset (file list, tree, storage) cannot be used."""
+
+
+class DatasetFileNotFoundError(DatasetError, FileNotFoundError):
+    """A file of a dataset does not exist."""
+
+
+class TreeNotFoundError(DatasetError, KeyError):
+    """The named tree is not in the file."""
+
+
+class CorruptFileError(DatasetError):
+    """A file is truncated or damaged."""
+
+
+class SourceTimeoutError(DatasetError, TimeoutError):
+    """Remote storage did not answer in time."""
+
+
+class JoinError(ColumnhubError):
+    """An event-key join cannot be done safely."""
+
+
+class KeyMismatchError(JoinError):
+    """Aligned datasets disagree on an event key."""
+
+
+class DuplicateKeyError(JoinError):
+    """Duplicate event keys violate the join's ``validate`` setting."""
+
+
+class KeyTypeError(JoinError, TypeError):
+    """An event-key column has a type that cannot be a key."""
+
+
+class CacheError(ColumnhubError):
+    """The column cache cannot be used as asked."""
+
+
+class ModelError(ColumnhubError):
+    """ML inference cannot be done as asked."""
+
+
+class ModelNotFoundError(ModelError, KeyError):
+    """No such model (or version) in the registry."""
+
+
+class ModelInputError(ModelError, ValueError):
+    """Model inputs have the wrong shape, type or names."""
+
+
+class InferenceServerError(ModelError, ConnectionError):
+    """No inference server could answer."""
+
+
+class OutputError(ColumnhubError, OSError):
+    """The output cannot be written."""
+
+
+def closest(name: str, candidates: Iterable[str], *, n: int = 5) -> list[str]:
+    """The names in ``candidates`` most similar to ``name``, best first.
+
+    >>> closest("Jet_Pt", ["Jet_pt", "Jet_eta", "Muon_pt"], n=2)
+    ['Jet_pt', 'Jet_eta']
+    """
+    pool = list(candidates)
+    found = difflib.get_close_matches(name, pool, n=n, cutoff=0.5)
+    if len(found) < n:
+        lower = name.lower()
+        found += [c for c in pool if lower in c.lower() and c not in found][: n - len(found)]
+    return found
