@@ -1,0 +1,271 @@
+"""Storage backends of the column cache (private): local directory or fsspec.
+
+Both offer the same few operations on paths below a root: read a whole file,
+write one atomically, remove, mark as used, list. The store above them owns
+the layout and the logic; these only do I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FileInfo", "FsspecBackend", "LocalBackend", "temp_name"]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file: full path, base name, size in bytes, modification time."""
+
+    path: str
+    name: str
+    size: int
+    mtime: float
+
+
+def temp_name(name: str) -> str:
+    """A unique hidden temporary name next to ``name`` (same directory)."""
+    return f".{name}.{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}.tmp"
+
+
+class LocalBackend:
+    """A cache directory on a local (or NFS-style mounted) filesystem."""
+
+    is_local = True
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def join(self, *parts: str) -> str:
+        """A path below the root."""
+        return os.path.join(self.root, *parts)
+
+    def read(self, path: str) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
+        """The whole file in one aligned byte array, or ``None`` if absent.
+
+        Raises:
+            OSError: the file exists but cannot be read completely.
+        """
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            buf = np.empty(size, dtype=np.uint8)
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        return buf[:got] if got != size else buf
+
+    def write_atomic(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
+        """Write ``chunks`` to a temp file beside ``path``, fsync, rename over it.
+
+        Readers see either the old file, no file, or the complete new one.
+        """
+        directory, name = os.path.split(path)
+        for attempt in range(3):
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, temp_name(name))
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:  # a concurrent clear() removed the directory
+                if attempt == 2:
+                    raise
+                continue
+            try:
+                with open(fd, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                self.remove(tmp)
+                raise
+            return
+
+    def remove(self, path: str) -> bool:
+        """Remove a file; ``False`` if it was not there (or cannot be removed)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False
+        return True
+
+    def rename(self, src: str, dst: str) -> bool:
+        """Atomically rename; ``False`` if ``src`` is gone (someone else took it)."""
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def touch(self, path: str) -> None:
+        """Set the file's modification time to now (best effort)."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def set_mtime(self, path: str, when: float) -> None:
+        """Set the file's modification (and access) time to ``when``."""
+        os.utime(path, (when, when))
+
+    def exists(self, path: str) -> bool:
+        """Whether a file is at ``path``."""
+        return os.path.isfile(path)
+
+    def list_files(self, directory: str, *, depth: int) -> Iterator[FileInfo]:
+        """Files ``depth`` levels below ``directory`` (1: its files; 2: its dirs' files)."""
+        try:
+            it = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with it:
+            for entry in it:
+                try:
+                    if depth > 1:
+                        if entry.is_dir(follow_symlinks=False):
+                            yield from self.list_files(entry.path, depth=depth - 1)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        yield FileInfo(entry.path, entry.name, st.st_size, st.st_mtime)
+                except FileNotFoundError:  # removed while listing
+                    continue
+
+    def remove_tree(self, directory: str) -> None:
+        """Remove a directory and everything under it (best effort)."""
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _info_mtime(info: dict[str, Any]) -> float:
+    for field in ("mtime", "LastModified", "last_modified", "modified", "updated", "created"):
+        value = info.get(field)
+        if value is None:
+            continue
+        if isinstance(value, _dt.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=_dt.timezone.utc)
+            return value.timestamp()
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
+class FsspecBackend:
+    """A cache below any fsspec URL (object stores, ``memory://``, ...).
+
+    Atomicity: the entry is written under a temporary name and moved into
+    place; object stores make each object appear whole. Object stores cannot
+    change a file's time, so :meth:`touch` writes an empty *used* marker, whose
+    path the store chooses.
+    """
+
+    is_local = False
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def join(self, *parts: str) -> str:
+        """A path below the root."""
+        return "/".join([self.root, *parts])
+
+    def read(self, path: str) -> bytes | None:
+        """The whole file, or ``None`` if absent."""
+        try:
+            data: bytes = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return data
+
+    def write_atomic(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
+        """Write under a temporary name, then move into place."""
+        directory, _, name = path.rpartition("/")
+        tmp = f"{directory}/{temp_name(name)}"
+        data = b"".join(chunks)
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            self.remove(tmp)
+            raise
+
+    def remove(self, path: str) -> bool:
+        """Remove a file; ``False`` if it was not there (or cannot be removed)."""
+        try:
+            self.fs.rm_file(path)
+        except (FileNotFoundError, OSError):
+            return False
+        return True
+
+    def rename(self, src: str, dst: str) -> bool:
+        """Move ``src`` to ``dst``; ``False`` if ``src`` is gone (best effort on stores)."""
+        try:
+            self.fs.mv(src, dst)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def touch(self, path: str) -> None:
+        """Write an empty marker file at ``path`` (best effort)."""
+        try:
+            self.fs.pipe_file(path, b"")
+        except OSError:
+            pass
+
+    def set_mtime(self, path: str, when: float) -> None:
+        """Object stores cannot set times; kept for interface symmetry (no-op)."""
+        del path, when
+
+    def exists(self, path: str) -> bool:
+        """Whether a file is at ``path``."""
+        return bool(self.fs.isfile(path))
+
+    def list_files(self, directory: str, *, depth: int) -> Iterator[FileInfo]:
+        """Files ``depth`` levels below ``directory``."""
+        try:
+            found = self.fs.find(directory, maxdepth=depth, detail=True)
+        except FileNotFoundError:
+            return
+        prefix = directory.rstrip("/") + "/"
+        for path, info in found.items():
+            if info.get("type") != "file":
+                continue
+            if not path.startswith(prefix) or path.count("/") - prefix.count("/") != depth - 1:
+                continue
+            name = path.rpartition("/")[2]
+            yield FileInfo(path, name, int(info.get("size") or 0), _info_mtime(info))
+
+    def remove_tree(self, directory: str) -> None:
+        """Remove a directory and everything under it (best effort)."""
+        try:
+            self.fs.rm(directory, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def now() -> float:
+    """Wall-clock time (seconds since the epoch) used for recency."""
+    return time.time()
