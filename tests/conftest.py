@@ -1,0 +1,447 @@
+"""Shared pytest fixtures: sample data and real servers on loopback.
+
+Fixtures:
+    shared_data: the directory of real NanoAOD samples (``../shared/data``).
+    xrootd_server: a real XRootD data server (the ``xrootd`` daemon) on loopback.
+    http_server: a threaded HTTP server with byte-range support on loopback.
+    hanging_server: a TCP server that accepts connections and never answers.
+
+The server fixtures are session scoped; each yields an object with ``.root``
+(the exported local directory, where tests copy input files), ``.port`` and
+``.url(name)``. ``put(path)`` copies a file into ``.root`` and returns its URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# The XRootD client checks request timeouts only every TimeoutResolution seconds
+# (default 15), so a 1 s timeout would fire after 15 s. Read once, when the
+# client first starts, hence set here before anything imports XRootD.
+os.environ.setdefault("XRD_TIMEOUTRESOLUTION", "1")
+
+INSTALL_HINT = (
+    "run `scripts/install-system-deps.sh` as root (Debian: apt-get install xrootd-server)"
+)
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The directory of real NanoAOD samples (``nano_dy.root``, ...)."""
+    if not SHARED_DATA.is_dir():
+        msg = (
+            f"sample data directory {SHARED_DATA} does not exist; the tests expect the "
+            "shared NanoAOD samples (nano_dy.root, nano_dimuon.root, nano_tt_v12.root) "
+            "next to the repository, in ../shared/data"
+        )
+        pytest.fail(msg, pytrace=False)
+    return SHARED_DATA
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _world_readable_tempdir(prefix: str) -> Path:
+    """A fresh directory under the system temp dir that any user can read.
+
+    pytest's ``tmp_path_factory`` directories are private to their owner, so an
+    unprivileged server process could not read them.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def _copy_readable(src: Path, dst_dir: Path, name: str | None) -> Path:
+    dst = dst_dir / (name if name is not None else src.name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    dst.chmod(0o644)
+    return dst
+
+
+def _stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+
+
+# ---------------------------------------------------------------------------
+# XRootD
+
+
+@dataclass(frozen=True)
+class XRootDServer:
+    """A running XRootD data server exporting ``root`` on 127.0.0.1:``port``."""
+
+    port: int
+    root: Path
+    log: Path
+    pid: int
+
+    def url(self, name: str) -> str:
+        """The ``root://`` URL of ``name`` (relative to ``root``)."""
+        return f"root://127.0.0.1:{self.port}//{name.lstrip('/')}"
+
+    def put(self, src: Path, *, name: str | None = None) -> str:
+        """Copy ``src`` into the exported directory; return its URL."""
+        return self.url(_copy_readable(src, self.root, name).relative_to(self.root).as_posix())
+
+
+_XROOTD_READY = re.compile(r"xrootd \S+:(\d+) initialization completed")
+
+
+def _xrootd_log_tail(log: Path, n: int = 60) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError as err:
+        return f"(no log: {err})"
+    return "\n".join(lines[-n:])
+
+
+def _xrootd_stat_ok(port: int) -> str | None:
+    """None when ``stat /`` succeeds through the XRootD client, else the error."""
+    from XRootD import client  # the `xrootd` python bindings
+
+    status, _ = client.FileSystem(f"root://127.0.0.1:{port}").stat("/", timeout=5)
+    return None if status.ok else str(status.message)
+
+
+@pytest.fixture(scope="session")
+def xrootd_server() -> Iterator[XRootDServer]:
+    """A real ``xrootd`` daemon on loopback, serving a fresh temp directory.
+
+    The daemon refuses to run as root, so under root it runs as ``nobody``.
+    It listens on a port it picks itself (``xrd.port any``, read back from its
+    log, so there is no race for a free port) and accepts only loopback
+    clients (``xrd.allow host localhost``).
+    """
+    exe = shutil.which("xrootd")
+    if exe is None:
+        pytest.fail(f"the `xrootd` server executable is not on PATH; {INSTALL_HINT}")
+    base = _world_readable_tempdir("columnhub-xrootd-")
+    root = base / "export"
+    admin = base / "admin"
+    root.mkdir(mode=0o755)
+    admin.mkdir(mode=0o755)
+    log = base / "xrootd.log"
+    cfg = base / "xrootd.cfg"
+    cfg.write_text(
+        "\n".join(
+            [
+                "all.export /",
+                f"oss.localroot {root}",
+                f"all.adminpath {admin}",
+                f"all.pidpath {admin}",
+                "xrd.port any",
+                "xrd.allow host localhost",
+                "xrd.network nodnr",
+                "",
+            ]
+        )
+    )
+    cfg.chmod(0o644)
+    popen_user: dict[str, object] = {}
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(admin, nobody.pw_uid, nobody.pw_gid)
+        popen_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    with log.open("wb") as log_fh:
+        proc = subprocess.Popen(
+            [exe, "-c", str(cfg)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            cwd=base,
+            start_new_session=True,
+            **popen_user,  # type: ignore[arg-type]
+        )
+    try:
+        port = _wait_for_xrootd(proc, log, deadline=time.monotonic() + 30.0)
+        yield XRootDServer(port=port, root=root, log=log, pid=proc.pid)
+    finally:
+        _stop_process(proc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_for_xrootd(proc: subprocess.Popen[bytes], log: Path, *, deadline: float) -> int:
+    """Wait until the daemon reports its port and answers a ``stat``; return the port."""
+    port: int | None = None
+    last_error = "no port reported in the log yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            msg = (
+                f"xrootd exited with code {proc.returncode} at start; log:\n{_xrootd_log_tail(log)}"
+            )
+            raise RuntimeError(msg)
+        if port is None:
+            found = _XROOTD_READY.search(log.read_text(errors="replace"))
+            if found:
+                port = int(found.group(1))
+        if port is not None:
+            error = _xrootd_stat_ok(port)
+            if error is None:
+                return port
+            last_error = f"stat / on port {port} failed: {error}"
+        time.sleep(0.1)
+    _stop_process(proc)
+    msg = f"xrootd not ready within 30 s ({last_error}); log:\n{_xrootd_log_tail(log)}"
+    raise RuntimeError(msg)
+
+
+# ---------------------------------------------------------------------------
+# HTTP with byte ranges
+
+
+_RANGE_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def parse_range_header(header: str, size: int) -> list[tuple[int, int]] | None:
+    """Parse an HTTP ``Range`` header into inclusive ``(first, last)`` byte pairs.
+
+    Returns None when the header is not a ``bytes=`` range (serve the whole
+    file), and an empty list when no range is satisfiable (answer 416).
+    """
+    unit, _, specs = header.partition("=")
+    if unit.strip().lower() != "bytes" or not specs:
+        return None
+    ranges: list[tuple[int, int]] = []
+    for spec in specs.split(","):
+        match = _RANGE_SPEC.match(spec)
+        if match is None:
+            return None
+        first_text, last_text = match.groups()
+        if first_text == "" and last_text == "":
+            return None
+        if first_text == "":  # suffix range: the last N bytes
+            length = int(last_text)
+            if length == 0:
+                continue
+            first, last = max(size - length, 0), size - 1
+        else:
+            first = int(first_text)
+            last = size - 1 if last_text == "" else min(int(last_text), size - 1)
+            if last_text != "" and int(last_text) < first:
+                return None
+        if first < size and first <= last:
+            ranges.append((first, last))
+    return ranges
+
+
+class RangeRequestHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files from ``server.root`` with GET/HEAD, single and multi ``Range``."""
+
+    protocol_version = "HTTP/1.1"
+    server: _RangeHTTPServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output quiet."""
+
+    def _resolve(self) -> Path | None:
+        name = self.path.split("?", 1)[0].split("#", 1)[0].lstrip("/")
+        root = self.server.root.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return path
+
+    def _not_found(self) -> None:
+        body = b"not found\n"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        """Headers only, with Content-Length and Accept-Ranges."""
+        self._serve()
+
+    def do_GET(self) -> None:
+        """The whole file, one range (206) or several (206 multipart/byteranges)."""
+        self._serve()
+
+    def _serve(self) -> None:
+        self.server.requests.append((self.command, self.headers.get("Range")))
+        path = self._resolve()
+        if path is None:
+            self._not_found()
+            return
+        data = path.read_bytes()
+        size = len(data)
+        header = self.headers.get("Range")
+        ranges = parse_range_header(header, size) if header else None
+        head = self.command == "HEAD"
+        if ranges is None:
+            self._send(200, data, {"Content-Type": "application/octet-stream"}, head=head)
+        elif not ranges:
+            self._send(416, b"", {"Content-Range": f"bytes */{size}"}, head=head)
+        elif len(ranges) == 1:
+            first, last = ranges[0]
+            self._send(
+                206,
+                data[first : last + 1],
+                {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"bytes {first}-{last}/{size}",
+                },
+                head=head,
+            )
+        else:
+            boundary = "columnhub-byteranges-boundary"
+            parts = []
+            for first, last in ranges:
+                parts.append(
+                    (
+                        f"--{boundary}\r\n"
+                        "Content-Type: application/octet-stream\r\n"
+                        f"Content-Range: bytes {first}-{last}/{size}\r\n\r\n"
+                    ).encode()
+                    + data[first : last + 1]
+                    + b"\r\n"
+                )
+            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+            content_type = f"multipart/byteranges; boundary={boundary}"
+            self._send(206, body, {"Content-Type": content_type}, head=head)
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str], *, head: bool) -> None:
+        self.send_response(status)
+        self.send_header("Accept-Ranges", "bytes")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+
+class _RangeHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), RangeRequestHandler)
+        self.root = root
+        self.requests: list[tuple[str, str | None]] = []
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Ignore clients that hang up mid-connection; report anything else."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class HTTPServer:
+    """A running range-capable HTTP server exporting ``root`` on 127.0.0.1:``port``.
+
+    ``requests`` records ``(method, Range header)`` of every request served.
+    """
+
+    port: int
+    root: Path
+    requests: list[tuple[str, str | None]] = field(repr=False)
+
+    def url(self, name: str) -> str:
+        """The ``http://`` URL of ``name`` (relative to ``root``)."""
+        return f"http://127.0.0.1:{self.port}/{name.lstrip('/')}"
+
+    def put(self, src: Path, *, name: str | None = None) -> str:
+        """Copy ``src`` into the exported directory; return its URL."""
+        return self.url(_copy_readable(src, self.root, name).relative_to(self.root).as_posix())
+
+
+@pytest.fixture(scope="session")
+def http_server() -> Iterator[HTTPServer]:
+    """A threaded HTTP/1.1 server with ``Range`` support on loopback."""
+    root = _world_readable_tempdir("columnhub-http-")
+    server = _RangeHTTPServer(root)
+    thread = threading.Thread(target=server.serve_forever, name="columnhub-http", daemon=True)
+    thread.start()
+    try:
+        yield HTTPServer(port=server.server_address[1], root=root, requests=server.requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# a server that never answers
+
+
+@dataclass(frozen=True)
+class HangingServer:
+    """A loopback TCP port that accepts connections and never sends a byte."""
+
+    port: int
+
+    def url(self, name: str, *, scheme: str = "http") -> str:
+        """A URL of ``name`` on the hanging port (``scheme`` http or root)."""
+        if scheme == "root":
+            return f"root://127.0.0.1:{self.port}//{name.lstrip('/')}"
+        return f"{scheme}://127.0.0.1:{self.port}/{name.lstrip('/')}"
+
+
+@pytest.fixture(scope="session")
+def hanging_server() -> Iterator[HangingServer]:
+    """A TCP server that accepts, reads and discards, and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept_forever() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)  # keep it open, say nothing
+
+    thread = threading.Thread(target=accept_forever, name="columnhub-hanging", daemon=True)
+    thread.start()
+    try:
+        yield HangingServer(port=listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+        for conn in held:
+            with contextlib.suppress(OSError):
+                conn.close()
