@@ -1,9 +1,28 @@
-"""columnhub: select, join, compute, cache and deliver columns of HEP event data."""
+"""columnhub: select, join, compute, cache and deliver columns of HEP event data.
+
+>>> import columnhub
+>>> columnhub.Request  # doctest: +ELLIPSIS
+<class 'columnhub.spec.Request'>
+"""
 
 from __future__ import annotations
 
+from columnhub.deliver import deliver
 from columnhub.errors import ColumnhubError
+from columnhub.result import Result
+from columnhub.spec import DatasetSpec, FriendSpec, ModelSpec, OutputSpec, Request, load_request
 
 __version__ = "0.1.0"
 
-__all__ = ["ColumnhubError", "__version__"]
+__all__ = [
+    "ColumnhubError",
+    "DatasetSpec",
+    "FriendSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "Request",
+    "Result",
+    "__version__",
+    "deliver",
+    "load_request",
+]

@@ -1,1 +1,48 @@
-"""sources."""
+"""Sources: bytes and arrays at the bottom layer.
+
+One module per format (:mod:`.root`, :mod:`.parquet`); this module dispatches
+on :attr:`FileInfo.format`. Sources read only the columns asked for, only in
+the entry range asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import awkward as ak
+
+from columnhub.datasets import FileInfo
+from columnhub.spec import DatasetSpec
+
+__all__ = ["describe", "read"]
+
+
+def describe(path: str, fmt: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
+    """Metadata of one file: its :class:`FileInfo` and its columns with types."""
+    if fmt == "parquet":
+        from columnhub.sources import parquet
+
+        return parquet.describe(path, spec)
+    from columnhub.sources import root
+
+    return root.describe(path, spec)
+
+
+def read(
+    file: FileInfo,
+    spec: DatasetSpec,
+    columns: Sequence[str],
+    *,
+    start: int,
+    stop: int,
+    **options: Any,
+) -> dict[str, ak.Array]:
+    """Columns ``columns`` of entries ``[start, stop)`` of ``file``."""
+    if file.format == "parquet":
+        from columnhub.sources import parquet
+
+        return parquet.read(file, columns, start=start, stop=stop)
+    from columnhub.sources import root
+
+    return root.read(file, spec, columns, start=start, stop=stop)

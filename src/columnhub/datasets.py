@@ -1,0 +1,177 @@
+"""Datasets: resolving a dataset's files, their identity, entry counts and columns.
+
+This is the only place that turns the ``files`` of a :class:`~columnhub.spec.DatasetSpec`
+(paths, globs, URLs, columnhub output directories) into concrete files. It
+reads metadata only (file headers, tree metadata, Parquet footers), never
+column data.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from columnhub.errors import ColumnNotFoundError, DatasetFileNotFoundError, closest
+from columnhub.spec import DatasetSpec
+
+__all__ = ["FileInfo", "ResolvedDataset", "is_url", "resolve"]
+
+Format = Literal["root", "parquet"]
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file of a dataset, as seen when the request was planned.
+
+    Attributes:
+        path: local absolute path or URL.
+        format: ``root`` or ``parquet``.
+        entries: number of events.
+        identity: what makes this file *this* file (ROOT UUID, size, mtime or
+            ETag); part of every cache key, so a rewritten file never serves stale
+            columns.
+        boundaries: entry offsets where baskets / row groups of all columns
+            start together (chunks are aligned to them), from 0 to ``entries``.
+    """
+
+    path: str
+    format: Format
+    entries: int
+    identity: tuple[tuple[str, Any], ...]
+    boundaries: tuple[int, ...] = field(repr=False)
+
+    @property
+    def identity_dict(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+
+@dataclass(frozen=True)
+class ResolvedDataset:
+    """A dataset whose files are known.
+
+    Attributes:
+        spec: the dataset as requested.
+        files: its files in a stable order.
+        columns: column name -> type string, from the first file.
+    """
+
+    spec: DatasetSpec
+    files: tuple[FileInfo, ...]
+    columns: dict[str, str] = field(repr=False)
+
+    @property
+    def entries(self) -> int:
+        return sum(f.entries for f in self.files)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Global entry number where each file starts (length ``len(files) + 1``)."""
+        return np.concatenate([[0], np.cumsum([f.entries for f in self.files])]).astype(np.int64)
+
+    @property
+    def identity(self) -> list[dict[str, Any]]:
+        """The identity of every file (for cache keys of dataset-wide objects)."""
+        return [{"path": f.path, **f.identity_dict} for f in self.files]
+
+    def require(self, names: Sequence[str], *, what: str = "column") -> None:
+        """Raise :class:`ColumnNotFoundError` for the first name the dataset lacks."""
+        for name in names:
+            if name not in self.columns:
+                hint = closest(name, self.columns)
+                msg = (
+                    f"{what} {name!r} is not in dataset {self.spec.name!r} "
+                    f"(tree {self.spec.tree!r} of {self.files[0].path})"
+                )
+                msg += f"; closest names: {', '.join(hint)}" if hint else ""
+                raise ColumnNotFoundError(msg)
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` paths other than ``file://``."""
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve(spec: DatasetSpec) -> ResolvedDataset:
+    """Find a dataset's files and read their metadata (in parallel, metadata only)."""
+    paths = _expand(spec)
+    from columnhub.sources import describe
+
+    workers = min(8, len(paths))
+    if workers <= 1:
+        described = [describe(p, fmt, spec) for p, fmt in paths]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            described = list(pool.map(lambda pf: describe(pf[0], pf[1], spec), paths))
+    files = tuple(info for info, _ in described)
+    return ResolvedDataset(spec=spec, files=files, columns=described[0][1])
+
+
+def _expand(spec: DatasetSpec) -> list[tuple[str, Format]]:
+    out: list[tuple[str, Format]] = []
+    for entry in spec.files:
+        if is_url(entry):
+            out.append((entry, _format_of(entry)))
+            continue
+        local = entry.removeprefix("file://")
+        path = Path(local).expanduser()
+        if path.is_dir():
+            out.extend(_directory(path, spec))
+        elif glob.has_magic(local):
+            found = sorted(glob.glob(os.path.expanduser(local)))
+            if not found:
+                msg = f"dataset {spec.name!r}: no file matches the pattern {entry!r}"
+                raise DatasetFileNotFoundError(msg)
+            out.extend((str(Path(f).resolve()), _format_of(f)) for f in found)
+        elif path.is_file():
+            out.append((str(path.resolve()), _format_of(local)))
+        else:
+            raise DatasetFileNotFoundError(_missing_message(spec, path))
+    seen: set[str] = set()
+    unique = [(p, f) for p, f in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+    return unique
+
+
+def _directory(path: Path, spec: DatasetSpec) -> list[tuple[str, Format]]:
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        if not data.get("complete", False):
+            msg = (
+                f"dataset {spec.name!r}: {path} holds an incomplete columnhub result "
+                "(manifest says complete: false); deliver it again before using it"
+            )
+            raise DatasetFileNotFoundError(msg)
+        return [(str((path / f).resolve()), _format_of(f)) for f in data["files"]]
+    found = sorted(
+        p for p in path.iterdir() if p.suffix in (".root", *_PARQUET_SUFFIXES) and p.is_file()
+    )
+    if not found:
+        msg = f"dataset {spec.name!r}: directory {path} holds no .root or .parquet files"
+        raise DatasetFileNotFoundError(msg)
+    return [(str(p.resolve()), _format_of(p.name)) for p in found]
+
+
+def _format_of(path: str) -> Format:
+    name = path.split("?", 1)[0].lower()
+    return "parquet" if name.endswith(_PARQUET_SUFFIXES) else "root"
+
+
+def _missing_message(spec: DatasetSpec, path: Path) -> str:
+    msg = f"dataset {spec.name!r}: file {str(path)!r} does not exist"
+    parent = path.parent
+    if parent.is_dir():
+        near = closest(path.name, [p.name for p in parent.iterdir()], n=3)
+        if near:
+            msg += f"; files with similar names in {parent}: {', '.join(near)}"
+    else:
+        msg += f" (directory {str(parent)!r} does not exist either)"
+    return msg

@@ -1,0 +1,240 @@
+"""``deliver``: run a request embedded in this process and write its result.
+
+The service runs exactly this code for each request it accepts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from columnhub.errors import ColumnhubError, OutputError, SpecError
+from columnhub.execute.chunk import ChunkResult, run_chunk
+from columnhub.execute.local import run_ordered
+from columnhub.output.manifest import read_manifest, write_manifest
+from columnhub.output.parquet import PartWriter
+from columnhub.plan import Plan, make_plan
+from columnhub.result import Result
+from columnhub.spec import Request, load_request
+
+__all__ = ["default_output_directory", "deliver"]
+
+Progress = Callable[[int, int], None]
+
+
+def default_output_directory(request: Request) -> Path:
+    """Where a result goes when no directory is given: ``<cache>/results/<hash>``."""
+    root = os.environ.get("COLUMNHUB_CACHE")
+    if root is None or "://" in root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        root = os.path.join(base, "columnhub")
+    return Path(root) / "results" / request.hash
+
+
+def deliver(
+    request: Request | dict[str, Any] | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool | Progress | None = None,
+) -> Result:
+    """Deliver the columns of ``request`` and return the :class:`Result`.
+
+    Args:
+        request: a :class:`Request`, a dictionary, or the path of a YAML/JSON spec.
+        output: the output directory (default: ``request.output.directory``, else
+            a per-request folder in the columnhub cache).
+        workers: chunk tasks run at once (default: the number of CPUs, at most 8).
+        chunk_size: events per chunk (default: ``request.chunk_size``).
+        progress: ``True`` for a progress bar, a ``callable(done, total)``, or
+            ``None`` for a bar only when stderr is a terminal.
+
+    Returns:
+        The result; ``result.complete`` is always true when this returns.
+
+    Raises:
+        ColumnhubError: for anything wrong with the request or its inputs; the
+            output directory then holds no result that looks complete.
+    """
+    t0 = time.perf_counter()
+    req = load_request(request)
+    if chunk_size is not None:
+        req = req.replace(chunk_size=chunk_size)
+    if output is not None:
+        req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    if workers < 1:
+        msg = f"workers must be at least 1, got {workers}"
+        raise SpecError(msg)
+    directory = Path(req.output.directory) if req.output.directory else None
+    directory = directory or default_output_directory(req)
+    previous = _prepare_directory(directory)
+
+    plan = make_plan(req)
+    t_plan = time.perf_counter() - t0
+    staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
+    staging.mkdir(parents=True)
+    try:
+        manifest = _execute(plan, staging, workers=workers, progress=progress)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous is None:
+            write_manifest(directory, _failed_manifest(req, err))
+        raise
+    _publish(staging, directory, previous, manifest["files"])
+    total = time.perf_counter() - t0
+    manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
+    manifest["timing"]["events_per_s"] = round(manifest["events_read"] / total, 1) if total else 0.0
+    write_manifest(directory, manifest)
+    return Result(directory, manifest)
+
+
+def _execute(plan: Plan, staging: Path, *, workers: int, progress: Any) -> dict[str, Any]:
+    req = plan.request
+    if req.output.format == "root":
+        from columnhub.output.root import RootPartWriter
+
+        writer: Any = RootPartWriter(staging, target_bytes=req.output.target_part_bytes)
+    else:
+        writer = PartWriter(
+            staging, target_bytes=req.output.target_part_bytes, compression=req.output.compression
+        )
+    report = _progress(progress, total=plan.dataset.entries)
+    chunks: list[dict[str, Any]] = []
+    hits = misses = events = 0
+    t_run = time.perf_counter()
+    done = 0
+    try:
+        for result in run_ordered(lambda c: run_chunk(plan, c), plan.chunks, workers=workers):
+            writer.write(result.table)
+            chunks.append(_chunk_record(plan, result))
+            hits += result.hits
+            misses += result.misses
+            events += result.table.num_rows
+            done += result.rows_in
+            if report is not None:
+                report(done, plan.dataset.entries)
+        parts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if report is not None and hasattr(report, "close"):
+            report.close()
+    schema = writer.schema
+    return {
+        "columnhub": _version(),
+        "request_hash": req.hash,
+        "request": req.to_dict(),
+        "complete": True,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "format": req.output.format,
+        "events": events,
+        "events_read": plan.dataset.entries,
+        "files": [p.name for p in parts],
+        "parts": [{"name": p.name, "rows": p.rows, "bytes": p.bytes} for p in parts],
+        "columns": {f.name: str(f.type) for f in schema} if schema is not None else {},
+        "keys": list(req.dataset.keys) if req.output.include_keys else [],
+        "cache": {"hits": hits, "misses": misses},
+        "inputs": plan.dataset.identity,
+        "chunks": chunks,
+        "timing": {"run_s": round(time.perf_counter() - t_run, 6)},
+    }
+
+
+def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
+    c = result.chunk
+    return {
+        "file": plan.dataset.files[c.file_index].path,
+        "entry_start": c.start,
+        "entry_stop": c.stop,
+        "rows_in": result.rows_in,
+        "rows_out": result.table.num_rows,
+        "cache_hits": result.hits,
+        "cache_misses": result.misses,
+        "seconds": round(result.seconds, 6),
+    }
+
+
+def _prepare_directory(directory: Path) -> dict[str, Any] | None:
+    """Check the output directory; returns the manifest of a result already there."""
+    if directory.exists() and not directory.is_dir():
+        msg = f"output {directory} exists and is not a directory; choose another path"
+        raise OutputError(msg)
+    if not directory.exists():
+        try:
+            directory.mkdir(parents=True)
+        except OSError as err:
+            msg = f"cannot create the output directory {directory} ({err.strerror})"
+            raise OutputError(msg) from err
+        return None
+    previous = read_manifest(directory)
+    if previous is None:
+        others = [p.name for p in directory.iterdir() if not p.name.startswith(".staging-")]
+        if others:
+            msg = (
+                f"output directory {directory} is not empty and holds no columnhub result "
+                f"(it has {', '.join(sorted(others)[:5])}); choose an empty or new directory"
+            )
+            raise OutputError(msg)
+    return previous
+
+
+def _publish(staging: Path, directory: Path, previous: dict[str, Any] | None, files: list[str]) -> None:
+    """Move the new parts in place of the previous result's."""
+    if previous is not None:
+        (directory / "manifest.json").unlink(missing_ok=True)
+        for name in previous.get("files", []):
+            (directory / name).unlink(missing_ok=True)
+    for name in files:
+        os.replace(staging / name, directory / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _failed_manifest(req: Request, err: BaseException) -> dict[str, Any]:
+    reason = str(err) if isinstance(err, ColumnhubError) else f"{type(err).__name__}: {err}"
+    return {
+        "columnhub": _version(),
+        "request_hash": req.hash,
+        "request": req.to_dict(),
+        "complete": False,
+        "error": reason,
+        "events": 0,
+        "files": [],
+        "columns": {},
+        "cache": {"hits": 0, "misses": 0},
+        "chunks": [],
+        "timing": {},
+    }
+
+
+def _progress(progress: Any, *, total: int) -> Any:
+    if callable(progress):
+        return progress
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+    bar = tqdm(total=total, unit="ev", unit_scale=True, desc="columnhub", leave=False)
+
+    def report(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    report.close = bar.close  # type: ignore[attr-defined]
+    return report
+
+
+def _version() -> str:
+    from columnhub import __version__
+
+    return __version__

@@ -1,0 +1,123 @@
+"""Parquet writer: parts sized by bytes, written atomically (temp file + rename)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from columnhub.errors import OutputError
+
+__all__ = ["PartInfo", "PartWriter", "nullable_schema"]
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One finished part file."""
+
+    name: str
+    rows: int
+    bytes: int
+
+
+def nullable_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every field, nested ones too, nullable.
+
+    Chunks of one column may differ only in whether they hold missing values;
+    one nullable schema for the whole result keeps every part readable together.
+    """
+
+    def fix(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_list(t):
+            return pa.list_(fix(t.value_type))
+        if pa.types.is_large_list(t):
+            return pa.large_list(fix(t.value_type))
+        if pa.types.is_struct(t):
+            return pa.struct([pa.field(f.name, fix(f.type), nullable=True) for f in t])
+        return t
+
+    return pa.schema([pa.field(f.name, fix(f.type), nullable=True) for f in schema])
+
+
+class PartWriter:
+    """Writes tables in order into ``part-NNNNN.parquet`` files of about ``target_bytes``.
+
+    Each part is written under a hidden temporary name and renamed when
+    complete, so a reader never sees a half-written part.
+    """
+
+    def __init__(self, directory: Path, *, target_bytes: int, compression: str = "zstd") -> None:
+        self.directory = directory
+        self.target_bytes = target_bytes
+        self.compression = None if compression == "none" else compression
+        self.schema: pa.Schema | None = None
+        self.parts: list[PartInfo] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: object | None = None
+        self._tmp: Path | None = None
+        self._rows = 0
+
+    def _open(self) -> None:
+        assert self.schema is not None
+        name = f"part-{len(self.parts):05d}.parquet"
+        self._tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+        self._sink = open(self._tmp, "wb")  # noqa: SIM115  (closed in _finish)
+        self._writer = pq.ParquetWriter(
+            self._sink, self.schema, compression=self.compression, write_statistics=True
+        )
+        self._rows = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()  # type: ignore[attr-defined]
+        assert self._tmp is not None
+        final = self._tmp.parent / self._tmp.name[1:].rsplit(".tmp-", 1)[0]
+        os.replace(self._tmp, final)
+        self.parts.append(PartInfo(final.name, self._rows, final.stat().st_size))
+        self._writer = None
+        self._tmp = None
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table``; start a new part once the current one is big enough."""
+        if self.schema is None:
+            self.schema = nullable_schema(table.schema)
+        if table.num_rows == 0 and (self._writer is not None or self.parts):
+            return
+        try:
+            table = table.cast(self.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            msg = (
+                f"a chunk's columns have types {table.schema} that differ from the first "
+                f"chunk's {self.schema}; this is a bug in a column provider ({err})"
+            )
+            raise OutputError(msg) from err
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        self._writer.write_table(table)
+        self._rows += table.num_rows
+        if self._sink.tell() >= self.target_bytes:  # type: ignore[attr-defined]
+            self._finish()
+
+    def close(self) -> list[PartInfo]:
+        """Finish the last part; returns every part written."""
+        if self._writer is None and not self.parts and self.schema is not None:
+            self._open()  # an empty result still has its columns
+        self._finish()
+        return self.parts
+
+    def abort(self) -> None:
+        """Drop the part being written (finished parts stay, listed in :attr:`parts`)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+                self._sink.close()  # type: ignore[attr-defined]
+            finally:
+                if self._tmp is not None:
+                    self._tmp.unlink(missing_ok=True)
+                self._writer = None

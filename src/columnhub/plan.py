@@ -1,0 +1,215 @@
+"""Planning: a request becomes a :class:`Plan` of independent chunk tasks.
+
+The plan resolves every column name to the provider that makes it (a source
+branch, an expression, a friend join, a model), checks that everything exists
+*before* any work starts, and splits the primary dataset into chunks (entry
+ranges aligned to basket boundaries). It reads metadata only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from columnhub.datasets import ResolvedDataset, resolve
+from columnhub.errors import ColumnNotFoundError, SpecError, closest
+from columnhub.expressions import Expression, parse
+from columnhub.spec import Request
+
+__all__ = ["Chunk", "ColumnDef", "Plan", "make_plan", "split_entries"]
+
+#: Bumped whenever a provider's output for the same inputs could change; part
+#: of every cache key, so old cache entries are never served by newer code.
+PROVIDER_VERSIONS = {"source": 1, "define": 1, "where": 1, "friend": 1, "model": 1}
+
+Kind = Literal["source", "define", "friend", "model"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """An entry range ``[start, stop)`` of one file of the primary dataset."""
+
+    index: int
+    file_index: int
+    start: int
+    stop: int
+
+    @property
+    def entries(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ColumnDef:
+    """How one column is made.
+
+    Attributes:
+        name: the column's name in the request.
+        kind: its provider.
+        deps: the columns it is computed from.
+        fingerprint: a digest of its full definition, its dependencies'
+            definitions included (the column part of a cache key).
+        expression: for ``define`` columns.
+        source: provider details (branch name, friend name, model output...).
+    """
+
+    name: str
+    kind: Kind
+    deps: tuple[str, ...]
+    fingerprint: str
+    expression: Expression | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a chunk task needs, resolved; immutable and picklable.
+
+    Attributes:
+        request: the request.
+        dataset: the primary dataset with its files.
+        chunks: the chunk tasks, in output order.
+        columns: every column needed, in an order where dependencies come first.
+        outputs: the columns written (keys first when requested).
+        where: the selection, if any.
+    """
+
+    request: Request
+    dataset: ResolvedDataset
+    chunks: tuple[Chunk, ...]
+    columns: dict[str, ColumnDef]
+    outputs: tuple[str, ...]
+    where: Expression | None
+
+    @property
+    def source_columns(self) -> tuple[str, ...]:
+        return tuple(n for n, c in self.columns.items() if c.kind == "source")
+
+
+def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int, int]]:
+    """Entry ranges of about ``chunk_size`` entries that start on ``boundaries``.
+
+    Boundaries (basket or row-group starts, first 0, last the entry count) are
+    kept where a range would otherwise exceed ``chunk_size``; a single basket
+    larger than ``chunk_size`` is split evenly.
+
+    >>> split_entries([0, 100, 200, 300], 150)
+    [(0, 100), (100, 200), (200, 300)]
+    >>> split_entries([0, 1000], 400)
+    [(0, 334), (334, 667), (667, 1000)]
+    """
+    b = np.unique(np.asarray(list(boundaries), dtype=np.int64))
+    ranges: list[tuple[int, int]] = []
+    start = int(b[0])
+    prev = start
+    for edge in b[1:]:
+        edge = int(edge)
+        if edge - start > chunk_size and prev > start:
+            ranges.append((start, prev))
+            start = prev
+        prev = edge
+    ranges.append((start, prev))
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:  # split oversized baskets evenly
+        n = -(-(hi - lo) // chunk_size)
+        if n <= 1:
+            out.append((lo, hi))
+        else:
+            edges = np.linspace(lo, hi, n + 1).round().astype(np.int64)
+            out.extend((int(a), int(c)) for a, c in zip(edges[:-1], edges[1:], strict=True))
+    return [r for r in out if r[1] > r[0]]
+
+
+def make_plan(request: Request) -> Plan:
+    """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
+    dataset = resolve(request.dataset)
+    resolver = _Resolver(request, dataset)
+    for name in request.dataset.keys:
+        if name not in dataset.columns:
+            hint = closest(name, dataset.columns)
+            msg = (
+                f"event-key column {name!r} is not in dataset {request.dataset.name!r}"
+                + (f"; closest names: {', '.join(hint)}" if hint else "")
+                + "; set dataset.keys to the dataset's key columns"
+            )
+            raise ColumnNotFoundError(msg)
+    wanted = list(request.columns)
+    if request.output.include_keys:
+        wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
+    for name in wanted:
+        resolver.resolve(name, context="columns")
+    where = None
+    if request.where is not None:
+        where = parse(request.where)
+        for name in sorted(where.names):
+            resolver.resolve(name, context="where")
+    chunks: list[Chunk] = []
+    for i, info in enumerate(dataset.files):
+        for start, stop in split_entries(info.boundaries, request.chunk_size):
+            chunks.append(Chunk(index=len(chunks), file_index=i, start=start, stop=stop))
+    return Plan(
+        request=request,
+        dataset=dataset,
+        chunks=tuple(chunks),
+        columns=dict(resolver.done),
+        outputs=tuple(wanted),
+        where=where,
+    )
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+class _Resolver:
+    """Depth-first resolution of column names to providers (dependencies first)."""
+
+    def __init__(self, request: Request, dataset: ResolvedDataset) -> None:
+        self.request = request
+        self.dataset = dataset
+        self.done: dict[str, ColumnDef] = {}
+        self.active: list[str] = []
+
+    def known_names(self) -> list[str]:
+        return [*self.request.define, *self.dataset.columns]
+
+    def resolve(self, name: str, *, context: str) -> ColumnDef:
+        if name in self.done:
+            return self.done[name]
+        if name in self.active:
+            cycle = " -> ".join([*self.active[self.active.index(name) :], name])
+            msg = f"define: the definitions are circular ({cycle}); break the cycle"
+            raise SpecError(msg)
+        self.active.append(name)
+        try:
+            column = self._make(name, context=context)
+        finally:
+            self.active.pop()
+        self.done[name] = column
+        return column
+
+    def _make(self, name: str, *, context: str) -> ColumnDef:
+        request = self.request
+        if name in request.define:
+            expr = parse(request.define[name])
+            deps = tuple(sorted(expr.names))
+            dep_prints = [self.resolve(d, context=f"define {name!r}").fingerprint for d in deps]
+            fp = fingerprint("define", PROVIDER_VERSIONS["define"], expr.canonical, dep_prints)
+            return ColumnDef(name, "define", deps, fp, expression=expr)
+        if name in self.dataset.columns:
+            fp = fingerprint("source", PROVIDER_VERSIONS["source"], name)
+            return ColumnDef(name, "source", (), fp, source={"branch": name})
+        hint = closest(name, self.known_names())
+        msg = (
+            f"{context}: column {name!r} is neither a branch of dataset "
+            f"{request.dataset.name!r} nor defined in 'define'"
+        )
+        msg += f"; closest names: {', '.join(hint)}" if hint else ""
+        raise ColumnNotFoundError(msg)

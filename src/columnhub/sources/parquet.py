@@ -1,0 +1,75 @@
+"""Parquet source (pyarrow), e.g. a columnhub result used as a friend dataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import pyarrow.parquet as pq
+
+from columnhub.datasets import FileInfo, is_url
+from columnhub.errors import CorruptFileError, DatasetFileNotFoundError
+from columnhub.spec import DatasetSpec
+
+__all__ = ["describe", "read"]
+
+
+def _open(path: str) -> pq.ParquetFile:
+    if is_url(path):
+        import fsspec
+
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
+    return pq.ParquetFile(path)
+
+
+def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
+    """Identity, rows, row-group boundaries and columns of one Parquet file."""
+    try:
+        meta = _open(path)
+    except FileNotFoundError as err:
+        msg = f"dataset {spec.name!r}: file {path!r} does not exist"
+        raise DatasetFileNotFoundError(msg) from err
+    except Exception as err:
+        msg = f"dataset {spec.name!r}: {path!r} is not a readable Parquet file ({err})"
+        raise CorruptFileError(msg) from err
+    md = meta.metadata
+    sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    boundaries = tuple(int(b) for b in np.concatenate([[0], np.cumsum(sizes)]))
+    identity: dict[str, Any] = {"rows": md.num_rows, "created_by": md.created_by}
+    if not is_url(path):
+        stat = os.stat(path)
+        identity["size"] = stat.st_size
+        identity["mtime_ns"] = stat.st_mtime_ns
+    columns = {f.name: str(f.type) for f in meta.schema_arrow}
+    info = FileInfo(
+        path=path,
+        format="parquet",
+        entries=md.num_rows,
+        identity=tuple(sorted(identity.items())),
+        boundaries=boundaries if len(boundaries) > 1 else (0, md.num_rows),
+    )
+    return info, columns
+
+
+def read(
+    file: FileInfo, columns: Sequence[str], *, start: int, stop: int
+) -> dict[str, ak.Array]:
+    """Columns of rows ``[start, stop)``, reading only the row groups that hold them."""
+    if not columns:
+        return {}
+    try:
+        meta = _open(file.path)
+        bounds = np.asarray(file.boundaries)
+        first = int(np.searchsorted(bounds, start, side="right") - 1)
+        last = int(np.searchsorted(bounds, stop, side="left"))
+        groups = list(range(first, max(last, first + 1)))
+        table = meta.read_row_groups(groups, columns=list(columns))
+        offset = start - int(bounds[first])
+        table = table.slice(offset, stop - start)
+    except Exception as err:
+        msg = f"reading rows {start}-{stop} of {file.path!r} failed ({err})"
+        raise CorruptFileError(msg) from err
+    return {name: ak.from_arrow(table.column(name)) for name in columns}
