@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from columnhub.deliver import deliver
+from columnhub.delivery import deliver
 from columnhub.errors import ColumnhubError
 from columnhub.result import Result
 from columnhub.spec import DatasetSpec, FriendSpec, ModelSpec, OutputSpec, Request, load_request

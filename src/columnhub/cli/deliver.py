@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Deliver and print what was delivered."""
-    from columnhub.deliver import deliver
+    from columnhub.delivery import deliver
 
     result = deliver(
         args.spec,
