@@ -14,18 +14,20 @@ The server fixtures are session scoped; each yields an object with ``.root``
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.server
 import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,18 +138,43 @@ def _xrootd_stat_ok(port: int) -> str | None:
     return None if status.ok else str(status.message)
 
 
-@pytest.fixture(scope="session")
-def xrootd_server() -> Iterator[XRootDServer]:
-    """A real ``xrootd`` daemon on loopback, serving a fresh temp directory.
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when pytest dies.
+
+    Without it a pytest run killed with SIGKILL would leave the daemon behind.
+    The C function is looked up here, before the fork: the child only calls it.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def running_xrootd(*, start_timeout: float = 30.0) -> Iterator[XRootDServer]:
+    """Run an ``xrootd`` data server on loopback, exporting a fresh temp directory.
 
     The daemon refuses to run as root, so under root it runs as ``nobody``.
     It listens on a port it picks itself (``xrd.port any``, read back from its
     log, so there is no race for a free port) and accepts only loopback
-    clients (``xrd.allow host localhost``).
+    clients (``xrd.allow host localhost``). On exit it is terminated (killed
+    after 5 s) and the directory removed.
+
+    Raises:
+        FileNotFoundError: the ``xrootd`` executable is not installed.
+        RuntimeError: the daemon exited or did not answer within
+            ``start_timeout`` seconds; the message holds its log.
     """
     exe = shutil.which("xrootd")
     if exe is None:
-        pytest.fail(f"the `xrootd` server executable is not on PATH; {INSTALL_HINT}")
+        msg = f"the `xrootd` server executable is not on PATH; {INSTALL_HINT}"
+        raise FileNotFoundError(msg)
     base = _world_readable_tempdir("columnhub-xrootd-")
     root = base / "export"
     admin = base / "admin"
@@ -175,26 +202,43 @@ def xrootd_server() -> Iterator[XRootDServer]:
         nobody = pwd.getpwnam("nobody")
         os.chown(admin, nobody.pw_uid, nobody.pw_gid)
         popen_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-    with log.open("wb") as log_fh:
-        proc = subprocess.Popen(
-            [exe, "-c", str(cfg)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_fh,
-            stderr=subprocess.STDOUT,
-            cwd=base,
-            start_new_session=True,
-            **popen_user,  # type: ignore[arg-type]
-        )
     try:
-        port = _wait_for_xrootd(proc, log, deadline=time.monotonic() + 30.0)
-        yield XRootDServer(port=port, root=root, log=log, pid=proc.pid)
+        with log.open("wb") as log_fh:
+            proc = subprocess.Popen(
+                [exe, "-c", str(cfg)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=base,
+                # only calls prctl (resolved before the fork); runs after the switch to nobody
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                **popen_user,  # type: ignore[arg-type]
+            )
+        try:
+            port = _wait_for_xrootd(proc, log, timeout=start_timeout)
+            yield XRootDServer(port=port, root=root, log=log, pid=proc.pid)
+        finally:
+            _stop_process(proc)
     finally:
-        _stop_process(proc)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _wait_for_xrootd(proc: subprocess.Popen[bytes], log: Path, *, deadline: float) -> int:
+@pytest.fixture(scope="session")
+def xrootd_server() -> Iterator[XRootDServer]:
+    """A real ``xrootd`` daemon on loopback, serving a fresh temp directory.
+
+    See :func:`running_xrootd`. Tests copy inputs into ``.root`` (or use
+    ``.put(path)``) and read them at ``.url(name)``.
+    """
+    if shutil.which("xrootd") is None:
+        pytest.fail(f"the `xrootd` server executable is not on PATH; {INSTALL_HINT}")
+    with running_xrootd() as server:
+        yield server
+
+
+def _wait_for_xrootd(proc: subprocess.Popen[bytes], log: Path, *, timeout: float) -> int:
     """Wait until the daemon reports its port and answers a ``stat``; return the port."""
+    deadline = time.monotonic() + timeout
     port: int | None = None
     last_error = "no port reported in the log yet"
     while time.monotonic() < deadline:
@@ -213,8 +257,7 @@ def _wait_for_xrootd(proc: subprocess.Popen[bytes], log: Path, *, deadline: floa
                 return port
             last_error = f"stat / on port {port} failed: {error}"
         time.sleep(0.1)
-    _stop_process(proc)
-    msg = f"xrootd not ready within 30 s ({last_error}); log:\n{_xrootd_log_tail(log)}"
+    msg = f"xrootd not ready within {timeout:g} s ({last_error}); log:\n{_xrootd_log_tail(log)}"
     raise RuntimeError(msg)
 
 
