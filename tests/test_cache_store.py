@@ -102,7 +102,9 @@ def test_entry_key_refuses_values_without_canonical_form(bad: object) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -192,7 +194,9 @@ array_strategy = st.lists(
 )
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@settings(
+    max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None
+)
 @given(data=array_strategy)
 def test_round_trip_random_jagged_arrays(data: list[object], tmp_path: Path) -> None:
     array = ak.Array(data)
@@ -359,7 +363,9 @@ def test_gc_removes_least_recently_used_first(tmp_path: Path) -> None:
         cache.put(k, ak.Array(np.full(1000 + i, i, dtype=np.float64)))
     sizes = {k: os.path.getsize(cache.entry_path(k)) for k in keys}
     # recency: keys[3] oldest, then 0, 4, 1, 2
-    for age, k in zip([50, 40, 30, 20, 10], [keys[3], keys[0], keys[4], keys[1], keys[2]], strict=True):
+    for age, k in zip(
+        [50, 40, 30, 20, 10], [keys[3], keys[0], keys[4], keys[1], keys[2]], strict=True
+    ):
         cache.set_recency(k, 1_000_000_000.0 - age)
     cap = sizes[keys[1]] + sizes[keys[2]] + 10
     report = cache.gc(max_bytes=cap)
@@ -407,7 +413,8 @@ def test_gc_removes_stale_temp_files_and_folds_stats(tmp_path: Path) -> None:
     before = cache.stats()
     report = cache.gc(max_bytes=10**9)
     assert report.removed_temp_files == 1
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists()
+    assert fresh.exists()
     after = cache.stats()
     assert (after.hits, after.misses) == (before.hits, before.misses) == (3, 3)
     assert len(list((tmp_path / "stats").glob("*.json"))) == 1
@@ -462,7 +469,9 @@ def test_read_only_serves_gets_and_never_writes(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_default_location_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_location_follows_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("COLUMNHUB_CACHE", str(tmp_path / "env"))
     assert ColumnCache().root == str(tmp_path / "env")
     monkeypatch.delenv("COLUMNHUB_CACHE")
@@ -528,7 +537,9 @@ def test_cli_stats_gc_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert ColumnCache(tmp_path).stats().entries == 0
 
 
-def test_cli_rejects_bad_size_with_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_bad_size_with_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         run_cli("cache", "gc", "--cache", str(tmp_path), "--max-bytes", "lots")
     assert exc.value.code == 2

@@ -7,6 +7,7 @@ the layout and the logic; these only do I/O.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import secrets
@@ -62,7 +63,7 @@ class LocalBackend:
         with f:
             size = os.fstat(f.fileno()).st_size
             buf = np.empty(size, dtype=np.uint8)
-            view = memoryview(buf)
+            view = buf.data
             got = 0
             while got < size:
                 n = f.readinto(view[got:])
@@ -88,8 +89,7 @@ class LocalBackend:
                 continue
             try:
                 with open(fd, "wb") as f:
-                    for chunk in chunks:
-                        f.write(chunk)
+                    f.writelines(chunks)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
@@ -118,10 +118,8 @@ class LocalBackend:
 
     def touch(self, path: str) -> None:
         """Set the file's modification time to now (best effort)."""
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)
-        except OSError:
-            pass
 
     def set_mtime(self, path: str, when: float) -> None:
         """Set the file's modification (and access) time to ``when``."""
@@ -161,13 +159,13 @@ def _info_mtime(info: dict[str, Any]) -> float:
             continue
         if isinstance(value, _dt.datetime):
             if value.tzinfo is None:
-                value = value.replace(tzinfo=_dt.timezone.utc)
+                value = value.replace(tzinfo=_dt.UTC)
             return value.timestamp()
         if isinstance(value, int | float):
             return float(value)
         if isinstance(value, str):
             try:
-                return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+                return _dt.datetime.fromisoformat(value).timestamp()
             except ValueError:
                 continue
     return 0.0
@@ -230,10 +228,8 @@ class FsspecBackend:
 
     def touch(self, path: str) -> None:
         """Write an empty marker file at ``path`` (best effort)."""
-        try:
+        with contextlib.suppress(OSError):
             self.fs.pipe_file(path, b"")
-        except OSError:
-            pass
 
     def set_mtime(self, path: str, when: float) -> None:
         """Object stores cannot set times; kept for interface symmetry (no-op)."""
@@ -260,10 +256,8 @@ class FsspecBackend:
 
     def remove_tree(self, directory: str) -> None:
         """Remove a directory and everything under it (best effort)."""
-        try:
+        with contextlib.suppress(OSError):
             self.fs.rm(directory, recursive=True)
-        except (FileNotFoundError, OSError):
-            pass
 
 
 def now() -> float:

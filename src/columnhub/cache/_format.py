@@ -54,7 +54,7 @@ _ALIGN: Final = 64
 _ZEROS: Final = bytes(_ALIGN)
 
 
-class CorruptEntry(Exception):  # noqa: N818 - internal signal, never escapes the store
+class CorruptEntry(Exception):
     """An entry's bytes do not form a valid entry (the reason is the message)."""
 
 
@@ -70,7 +70,9 @@ def _pad(n: int) -> int:
     return (-n) % _ALIGN
 
 
-def _assemble(kind: int, header: dict[str, Any], payload: list[memoryview], plen: int) -> list[memoryview]:
+def _assemble(
+    kind: int, header: dict[str, Any], payload: list[memoryview], plen: int
+) -> list[memoryview]:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * _pad(PREFIX_SIZE + len(text))
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, kind, len(text), plen, 0)[: PREFIX_SIZE - 8]
@@ -91,7 +93,7 @@ def encode_array(array: ak.Array) -> list[memoryview]:
     offset = 0
     for name, raw in container.items():
         arr = np.ascontiguousarray(raw)
-        view = memoryview(arr.reshape(-1).view(np.uint8))
+        view = arr.reshape(-1).view(np.uint8).data
         buffers.append([name, arr.dtype.str, offset, arr.nbytes])
         payload.append(view)
         offset += arr.nbytes
@@ -121,7 +123,7 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes) -> Decoded:
     if size < PREFIX_SIZE:
         msg = f"truncated: {size} bytes, shorter than the {PREFIX_SIZE}-byte prefix"
         raise CorruptEntry(msg)
-    mv = memoryview(data)
+    mv = data.data
     magic, version, kind, hlen, plen, checksum = _PREFIX.unpack(mv[:PREFIX_SIZE])
     if magic != MAGIC:
         msg = f"bad magic {magic!r}"

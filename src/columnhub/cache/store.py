@@ -32,6 +32,7 @@ raise :class:`~columnhub.errors.CacheError`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -60,6 +61,10 @@ STALE_TEMP_AGE = 3600.0
 #: On object stores, a key's ``used/`` marker is rewritten at most this often.
 USED_MARK_INTERVAL = 600.0
 
+_CACHEDIR_TAG = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This directory is a columnhub column cache (see docs/cache.md).\n"
+)
 _COUNTERS = ("hits", "misses", "puts", "skipped_puts", "corrupt")
 _LIVE: weakref.WeakSet[ColumnCache] = weakref.WeakSet()
 
@@ -182,7 +187,9 @@ class ColumnCache:
         [[1.5, 2.5], []]
     """
 
-    def __init__(self, location: str | os.PathLike[str] | None = None, *, read_only: bool = False) -> None:
+    def __init__(
+        self, location: str | os.PathLike[str] | None = None, *, read_only: bool = False
+    ) -> None:
         raw = default_location() if location is None else os.fspath(location)
         self._location = raw
         self._read_only = bool(read_only)
@@ -382,16 +389,9 @@ class ColumnCache:
         if isinstance(self._backend, LocalBackend):
             tag = self._backend.join("CACHEDIR.TAG")
             if not os.path.exists(tag):
-                try:
-                    self._backend.write_atomic(
-                        tag,
-                        [
-                            b"Signature: 8a477f597d28d172789f06886806bc55\n"
-                            b"# This directory is a columnhub column cache.\n"
-                        ],
-                    )
-                except OSError:
-                    pass  # the entry write just after reports the real problem
+                # on failure, the entry write just after reports the real problem
+                with contextlib.suppress(OSError):
+                    self._backend.write_atomic(tag, [_CACHEDIR_TAG])
         self._root_ready = True
 
     def put(self, key: str, array: ak.Array) -> None:
@@ -464,7 +464,9 @@ class ColumnCache:
             self._seq += 1
             name = f"{_host()}-{os.getpid()}-{self._token}-{self._seq}.json"
         try:
-            self._backend.write_atomic(self._backend.join("stats", name), [json.dumps(delta).encode()])
+            self._backend.write_atomic(
+                self._backend.join("stats", name), [json.dumps(delta).encode()]
+            )
         except OSError:
             with self._lock:  # keep the counts for the next attempt
                 for k, v in delta.items():
@@ -503,10 +505,8 @@ class ColumnCache:
                 when = info.mtime
                 if info.size:  # set_recency() marker: the time is its content
                     raw = self._backend.read(info.path)
-                    try:
+                    with contextlib.suppress(ValueError):
                         when = float(bytes(raw or b"").decode())
-                    except ValueError:
-                        pass
                 found[info.name] = _Entry(entry.key, entry.path, entry.size, when)
         return list(found.values())
 
@@ -541,7 +541,8 @@ class ColumnCache:
             self._seq += 1
             name = f"{_host()}-{os.getpid()}-{self._token}-{self._seq}.json"
         self._backend.write_atomic(
-            self._backend.join("stats", name), [json.dumps({k: v for k, v in total.items() if v}).encode()]
+            self._backend.join("stats", name),
+            [json.dumps({k: v for k, v in total.items() if v}).encode()],
         )
         for info in claimed:
             self._backend.remove(info.path)
