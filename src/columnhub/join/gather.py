@@ -1,0 +1,212 @@
+"""Gathering columns by joined row indices, and the whole in-memory join.
+
+:func:`gather` never copies the content of a column: it wraps it in an
+awkward ``IndexedOptionArray`` (rows ``-1`` become ``None``) or
+``IndexedArray``, so a jagged column costs one index array, whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import numpy.typing as npt
+
+from columnhub.errors import ColumnNotFoundError, JoinError, closest
+from columnhub.join.index import KeyIndex
+from columnhub.join.match import match, match_indexes, unmatched_rows
+from columnhub.join.validate import check_how, check_unique, needs_unique
+from columnhub.keys import KeyPacking, normalize_keys
+
+__all__ = ["gather", "join_arrays"]
+
+
+def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Array:
+    """Rows of ``array`` (flat, jagged or record) selected by ``rows``, without copying.
+
+    Args:
+        array: an awkward array or anything ``ak.to_layout`` accepts (numpy).
+        rows: ``int64`` row numbers; ``-1`` means "no row".
+        optional: give an option type (``?T``), ``-1`` rows becoming ``None``.
+            With ``optional=False`` the type stays ``T`` and ``-1`` is an
+            error. Choose by join type, not by data, so every chunk of a
+            request has the same type.
+
+    Returns:
+        An ``ak.Array`` of ``len(rows)`` rows, a view over ``array``'s content.
+
+    Raises:
+        IndexError: a row is out of range, or ``-1`` with ``optional=False``.
+
+    >>> gather(ak.Array([[1, 2], [], [3]]), [2, -1, 0]).tolist()
+    [[3], None, [1, 2]]
+    """
+    layout = ak.to_layout(array, allow_record=False)
+    idx = np.asarray(rows, dtype=np.int64)
+    if idx.ndim != 1:
+        msg = f"gather rows must be 1-dimensional, got shape {idx.shape}"
+        raise IndexError(msg)
+    if idx.size:
+        hi = int(idx.max())
+        lo = int(idx.min())
+        if hi >= len(layout) or lo < -1 or (lo < 0 and not optional):
+            bad = hi if hi >= len(layout) else lo
+            allowed = f"-1..{len(layout) - 1}" if optional else f"0..{len(layout) - 1}"
+            msg = f"gather row {bad} out of range for {len(layout)} rows (allowed {allowed})"
+            raise IndexError(msg)
+    index = ak.index.Index64(idx)
+    if optional:
+        out = ak.contents.IndexedOptionArray.simplified(index, layout)
+    else:
+        out = ak.contents.IndexedArray.simplified(index, layout)
+    return ak.Array(out)
+
+
+def _as_array(values: Any) -> ak.Array:
+    return values if isinstance(values, ak.Array) else ak.Array(ak.to_layout(values))
+
+
+def _require(columns: Mapping[str, Any], names: Sequence[str], side: str) -> None:
+    for name in names:
+        if name not in columns:
+            near = closest(name, columns)
+            hint = f"; closest: {', '.join(near)}" if near else ""
+            msg = f"key column {name!r} is not among the {side} columns{hint}"
+            raise ColumnNotFoundError(msg)
+
+
+def _key_dtype(a: np.dtype[Any], b: np.dtype[Any]) -> np.dtype[Any]:
+    dt = np.result_type(a, b)
+    return dt if dt.kind in "ui" else np.dtype(np.uint64)
+
+
+def join_arrays(
+    primary: Mapping[str, Any],
+    friend: Mapping[str, Any],
+    *,
+    on: Sequence[str] | str,
+    friend_on: Sequence[str] | str | None = None,
+    how: str = "left",
+    validate: str = "one_to_one",
+    name: str = "friend",
+    prefix: str | None = None,
+    friend_index: KeyIndex | None = None,
+) -> dict[str, ak.Array]:
+    """Join two in-memory tables of columns (flat or jagged) on an event key.
+
+    Output rows: for ``left`` and ``inner`` in primary order (a primary row
+    repeated per friend match for ``one_to_many``); ``right`` is the inner
+    rows followed by the friend rows with no primary partner, ``outer`` the
+    left rows followed by those friend rows (in friend order) -- the order a
+    chunked execution produces.
+
+    Output columns: every primary column (key columns included), then every
+    friend column except its key columns, named ``prefix + name``; for
+    ``left``/``right``/``outer`` a boolean ``"<name>.matched"`` (both sides
+    present). Missing values are ``None``: friend columns are option types
+    for ``left``/``outer``, primary non-key columns for ``right``/``outer``;
+    key columns are never ``None`` (unmatched friend rows carry the friend's
+    keys).
+
+    Args:
+        primary: primary columns (name -> numpy or awkward array).
+        friend: friend columns.
+        on: primary key columns, in key order.
+        friend_on: friend key columns (default: ``on``).
+        how: ``inner``, ``left``, ``right`` or ``outer``.
+        validate: ``one_to_one``, ``many_to_one`` or ``one_to_many``.
+        name: the friend's name (for the ``.matched`` column).
+        prefix: prepended to friend column names (needed on name clashes).
+        friend_index: a prebuilt key index of ``friend`` (its rows must be
+            ``friend``'s rows), e.g. from the cache.
+
+    Returns:
+        Output columns by name, all of one length.
+
+    Raises:
+        ColumnNotFoundError: a key column is missing.
+        DuplicateKeyError: ``validate`` is violated.
+        KeyTypeError: a key column is not a non-negative integer column.
+        JoinError: name clashes, unknown ``how``/``validate``.
+    """
+    check_how(how, validate)
+    on_ = [on] if isinstance(on, str) else list(on)
+    fon = on_ if friend_on is None else ([friend_on] if isinstance(friend_on, str) else list(friend_on))
+    if len(fon) != len(on_):
+        msg = f"on={on_} and friend_on={fon} need the same number of key columns"
+        raise JoinError(msg)
+    _require(primary, on_, "primary")
+    _require(friend, fon, "friend")
+    pkeys = normalize_keys({k: primary[k] for k in on_})
+    fkeys = normalize_keys({k: friend[k] for k in fon})
+
+    pre = prefix or ""
+    friend_cols = [c for c in friend if c not in fon]
+    matched_name = f"{name}.matched"
+    out_names = {pre + c: c for c in friend_cols}
+    clash = sorted(set(out_names) & (set(primary) | {matched_name}))
+    if clash:
+        msg = (
+            f"friend {name!r} columns {clash} clash with primary columns; give the friend "
+            "a prefix (e.g. prefix='" + name + "_')"
+        )
+        raise JoinError(msg)
+
+    need_primary_index = needs_unique("primary", validate) or how in ("right", "outer")
+    pindex: KeyIndex | None = None
+    if friend_index is None:
+        packing = KeyPacking.fit(pkeys, fkeys, names=on_)
+        findex = KeyIndex.build(fkeys, packing=packing)
+        check_unique(findex, side="friend", validate=validate)
+        if need_primary_index:
+            pindex = KeyIndex.build(pkeys, packing=packing)
+            check_unique(pindex, side="primary", validate=validate)
+            m = match_indexes(pindex, findex, how="left" if how in ("left", "outer") else "inner")
+        else:
+            m = match(pkeys, findex, how=how, validate=validate)
+    else:
+        findex = friend_index
+        if len(findex) != len(next(iter(fkeys.values()))):
+            msg = f"friend_index has {len(findex)} rows but the friend has {len(fkeys)}"
+            raise JoinError(msg)
+        m = match(pkeys, findex, how=how, validate=validate)
+        if how in ("right", "outer"):
+            pindex = KeyIndex.build(pkeys)
+
+    prow, frow = m.primary_rows, m.friend_rows
+    identity = m.primary_identity
+    extra = np.zeros(0, dtype=np.int64)
+    if how in ("right", "outer"):
+        assert pindex is not None
+        extra = unmatched_rows(fkeys, pindex)
+        if extra.size:
+            prow = np.concatenate([prow, np.full(len(extra), -1, dtype=np.int64)])
+            frow = np.concatenate([frow, extra])
+            identity = False
+
+    out: dict[str, ak.Array] = {}
+    primary_optional = how in ("right", "outer")
+    for col, values in primary.items():
+        if col in on_ and extra.size:
+            fcol = fon[on_.index(col)]
+            pv = np.asarray(_as_array(values).to_numpy())
+            fv = np.asarray(_as_array(friend[fcol]).to_numpy())
+            dt = _key_dtype(pv.dtype, fv.dtype)
+            keyvals = np.empty(len(prow), dtype=dt)
+            n_main = len(m)
+            keyvals[:n_main] = pv[prow[:n_main]]
+            keyvals[n_main:] = fv[extra]
+            out[col] = ak.Array(keyvals)
+        elif identity and not primary_optional:
+            out[col] = _as_array(values)
+        else:
+            keep_plain = col in on_ or not primary_optional
+            out[col] = gather(values, prow, optional=not keep_plain)
+    friend_optional = how in ("left", "outer")
+    for out_name, col in out_names.items():
+        out[out_name] = gather(friend[col], frow, optional=friend_optional)
+    if how != "inner":
+        out[matched_name] = ak.Array((prow >= 0) & (frow >= 0))
+    return out

@@ -1,0 +1,378 @@
+"""The key index of a dataset: packed event keys -> (file, entry).
+
+A :class:`KeyIndex` is built once per dataset (from all its key columns, in
+file order) and stored in the column cache (:meth:`KeyIndex.to_bytes`). It
+keeps the packed keys sorted, with the dataset row of each, so that a chunk of
+keys is looked up by sorting the chunk and one merge-like ``searchsorted``;
+uniqueness is known at build time and the first duplicate keys (with their
+files and entries) are available for error messages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from columnhub.errors import JoinError
+from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
+
+__all__ = ["Duplicate", "KeyIndex", "sort_words"]
+
+_FORMAT = "columnhub-keyindex-1"
+
+
+def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sort packed keys: ``(order, sorted_words)`` with ``words[order] == sorted_words``.
+
+    Single-word keys narrow enough to share a ``uint64`` with the row number are
+    sorted as one composite value (a plain, vectorised ``np.sort``, stable by
+    construction); other single-word keys use ``np.argsort``; multi-word keys
+    ``np.lexsort`` (stable).
+
+    Args:
+        words: ``uint64`` packed keys, shape ``(n,)`` or ``(n, nwords)``.
+        stable: equal keys keep their row order.
+
+    Returns:
+        ``order`` (``int64`` rows) and the sorted words.
+    """
+    n = len(words)
+    if words.ndim == 1:
+        rowbits = max(1, (n - 1).bit_length()) if n else 1
+        top = int(words.max()).bit_length() if n else 0
+        if top + rowbits <= 64:
+            comp = words << np.uint64(rowbits)
+            comp |= np.arange(n, dtype=np.uint64)
+            comp.sort()
+            order = (comp & np.uint64((1 << rowbits) - 1)).astype(np.int64)
+            comp >>= np.uint64(rowbits)
+            return order, comp
+        order = np.argsort(words, kind="stable" if stable else None).astype(np.int64, copy=False)
+        return order, words[order]
+    if words.shape[1] == 0 or n == 0:
+        return np.arange(n, dtype=np.int64), words
+    order = np.lexsort(words.T[::-1]).astype(np.int64, copy=False)
+    return order, words[order]
+
+
+def searchable(sorted_words: np.ndarray) -> np.ndarray:
+    """A 1-d view of sorted words that ``np.searchsorted`` and ``==`` compare as keys."""
+    if sorted_words.ndim == 1:
+        return sorted_words
+    nw = sorted_words.shape[1]
+    big = np.ascontiguousarray(sorted_words.astype(">u8"))
+    return big.view(np.dtype((np.void, 8 * nw))).reshape(len(sorted_words))
+
+
+def _equal_neighbours(s: np.ndarray) -> np.ndarray:
+    """``s[1:] == s[:-1]`` for a searchable (1-d) array."""
+    return np.asarray(s[1:] == s[:-1], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """One duplicated key of an index, for error messages.
+
+    Attributes:
+        key: the original key values, by column name.
+        count: how many rows carry this key.
+        locations: up to a few ``(file, entry)`` pairs (file name when known,
+            else file number).
+    """
+
+    key: dict[str, int]
+    count: int
+    locations: tuple[tuple[str | int, int], ...]
+
+    def describe(self) -> str:
+        """``(run=1, ...) x3 at file.root entry 5, file.root entry 9, ...``."""
+        where = ", ".join(f"{f} entry {e}" for f, e in self.locations)
+        more = " ..." if self.count > len(self.locations) else ""
+        return f"{format_key(list(self.key), list(self.key.values()))} x{self.count} at {where}{more}"
+
+
+class KeyIndex:
+    """Sorted packed keys of one dataset, with the file and entry of every row.
+
+    Build with :meth:`build` (rows in dataset order: file by file, entry by
+    entry). A *row* of the index is the dataset row number, ``0..len-1``;
+    :meth:`locate` turns rows into ``(file, entry)``.
+
+    Attributes:
+        packing: how keys are packed (keys outside its range are not in the
+            index by construction).
+        file: ``int32`` file number per row.
+        entry: ``int64`` entry within its file, per row.
+        file_names: optional names of the files (for messages), by file number.
+        is_unique: whether every key occurs once.
+    """
+
+    def __init__(
+        self,
+        *,
+        packing: KeyPacking,
+        order: np.ndarray,
+        sorted_words: np.ndarray,
+        file: np.ndarray,
+        entry: np.ndarray,
+        is_unique: bool,
+        file_names: Sequence[str] = (),
+    ) -> None:
+        self.packing = packing
+        self.order = order
+        self.sorted_words = sorted_words
+        self.file = file
+        self.entry = entry
+        self.is_unique = bool(is_unique)
+        self.file_names = tuple(file_names)
+        self._search: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls,
+        keys: KeyColumns,
+        *,
+        file: npt.ArrayLike | None = None,
+        entry: npt.ArrayLike | None = None,
+        file_names: Sequence[str] = (),
+        packing: KeyPacking | None = None,
+    ) -> KeyIndex:
+        """Index the key columns of a dataset.
+
+        Args:
+            keys: key columns in key order, one row per event of the dataset.
+            file: file number per row (default: all in file 0).
+            entry: entry within its file per row (default: the row number).
+            file_names: names of the files by number, used in messages.
+            packing: the packing to use (default: fitted to these keys). Give
+                one fitted over both sides when several indexes must share
+                packed words; keys outside it raise :class:`JoinError`.
+
+        Returns:
+            The index.
+
+        Raises:
+            KeyTypeError: a key column is invalid.
+            JoinError: lengths differ, or a key lies outside ``packing``.
+        """
+        norm = normalize_keys(keys)
+        n = len(next(iter(norm.values())))
+        if packing is None:
+            packing = KeyPacking.fit(norm)
+        words, fits = packing.pack(norm)
+        if fits is not None:
+            bad = int(np.flatnonzero(~fits)[0])
+            vals = [int(c[bad]) for c in norm.values()]
+            msg = (
+                f"key {format_key(list(norm), vals)} at row {bad} lies outside the given key "
+                f"packing {packing}; fit the packing over every side (KeyPacking.fit)."
+            )
+            raise JoinError(msg)
+        file_arr = (
+            np.zeros(n, dtype=np.int32) if file is None else np.asarray(file).astype(np.int32)
+        )
+        entry_arr = (
+            np.arange(n, dtype=np.int64) if entry is None else np.asarray(entry).astype(np.int64)
+        )
+        if len(file_arr) != n or len(entry_arr) != n:
+            msg = (
+                f"key index: {n} keys but {len(file_arr)} file numbers and {len(entry_arr)} "
+                "entries; give one file number and entry per key row."
+            )
+            raise JoinError(msg)
+        order, sorted_words = sort_words(words)
+        s = searchable(sorted_words)
+        unique = not bool(_equal_neighbours(s).any())
+        if not unique and words.ndim == 1:
+            # duplicates keep their row order (argsort is not stable by default)
+            order, sorted_words = sort_words(words, stable=True)
+        index = cls(
+            packing=packing,
+            order=order,
+            sorted_words=sorted_words,
+            file=file_arr,
+            entry=entry_arr,
+            is_unique=unique,
+            file_names=file_names,
+        )
+        if sorted_words.ndim == 1:
+            index._search = sorted_words
+        return index
+
+    @classmethod
+    def from_files(
+        cls, parts: Sequence[KeyColumns], *, file_names: Sequence[str] = ()
+    ) -> KeyIndex:
+        """Index a dataset given the key columns of each file, in file order."""
+        if not parts:
+            msg = "KeyIndex.from_files needs the key columns of at least one file"
+            raise JoinError(msg)
+        normed = [normalize_keys(p) for p in parts]
+        names = list(normed[0])
+        for p in normed[1:]:
+            if len(p) != len(names):
+                msg = f"files have different key columns: {names} vs {list(p)}"
+                raise JoinError(msg)
+        lengths = [len(next(iter(p.values()))) for p in normed]
+        keys = {
+            name: np.concatenate([list(p.values())[i] for p in normed])
+            for i, name in enumerate(names)
+        }
+        file = np.repeat(np.arange(len(parts), dtype=np.int32), lengths)
+        starts = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+        entry = np.arange(len(file), dtype=np.int64) - starts
+        return cls.build(keys, file=file, entry=entry, file_names=file_names)
+
+    # ------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyIndex({len(self)} rows, keys={list(self.packing.names)}, "
+            f"{self.packing.nwords} word(s), unique={self.is_unique})"
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Key column names, in key order."""
+        return self.packing.names
+
+    @property
+    def search_keys(self) -> np.ndarray:
+        """Sorted keys as a 1-d array ``np.searchsorted`` can search."""
+        if self._search is None:
+            self._search = searchable(self.sorted_words)
+        return self._search
+
+    def file_label(self, file: int) -> str | int:
+        """The name of file number ``file`` when known, else the number."""
+        return self.file_names[file] if 0 <= file < len(self.file_names) else int(file)
+
+    def locate(self, rows: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """``(file, entry)`` of dataset rows (``-1`` rows give ``(-1, -1)``)."""
+        r = np.asarray(rows, dtype=np.int64)
+        ok = r >= 0
+        safe = np.where(ok, r, 0)
+        if len(self.file) == 0:
+            return np.full(len(r), -1, dtype=np.int32), np.full(len(r), -1, dtype=np.int64)
+        return (
+            np.where(ok, self.file[safe], -1).astype(np.int32),
+            np.where(ok, self.entry[safe], -1),
+        )
+
+    def key_columns(self, rows: npt.ArrayLike | None = None) -> dict[str, np.ndarray]:
+        """The original key columns (``uint64``) of some rows (default: all, in row order)."""
+        inv = np.empty(len(self.order), dtype=np.int64)
+        inv[self.order] = np.arange(len(self.order), dtype=np.int64)
+        pos = inv if rows is None else inv[np.asarray(rows, dtype=np.int64)]
+        return self.packing.unpack(self.sorted_words[pos])
+
+    # ------------------------------------------------------------ duplicates
+    def duplicates(self, *, limit: int = 5, per_key: int = 3) -> list[Duplicate]:
+        """The first duplicated keys (by the row of their first occurrence).
+
+        Args:
+            limit: at most this many keys.
+            per_key: at most this many locations per key.
+
+        Returns:
+            Empty when the index is unique.
+        """
+        if self.is_unique or len(self) < 2:
+            return []
+        eq = _equal_neighbours(self.search_keys)
+        # sorted positions starting a run of equal keys
+        starts = np.flatnonzero(eq & ~np.concatenate(([False], eq[:-1])))
+        # run ends: next position where eq is False
+        # a run starting at s ends (inclusive) at the first e >= s with eq[e] False
+        not_eq = np.append(np.flatnonzero(~eq), len(self) - 1)
+        ends = not_eq[np.searchsorted(not_eq, starts)]
+        # order within a run of equal keys is the row order (stable sorts)
+        first_rows = self.order[starts]
+        pick = np.argsort(first_rows, kind="stable")[:limit]
+        out: list[Duplicate] = []
+        for g in pick:
+            lo, hi = int(starts[g]), int(ends[g]) + 1
+            rows = self.order[lo : min(hi, lo + per_key)]
+            key = self.packing.unpack(self.sorted_words[lo : lo + 1])
+            out.append(
+                Duplicate(
+                    key={k: int(v[0]) for k, v in key.items()},
+                    count=hi - lo,
+                    locations=tuple(
+                        (self.file_label(int(self.file[r])), int(self.entry[r])) for r in rows
+                    ),
+                )
+            )
+        return out
+
+    def duplicated_key_count(self) -> int:
+        """How many distinct keys occur more than once."""
+        if self.is_unique or len(self) < 2:
+            return 0
+        eq = _equal_neighbours(self.search_keys)
+        return int((eq & ~np.concatenate(([False], eq[:-1]))).sum())
+
+    # --------------------------------------------------------- serialisation
+    def to_bytes(self) -> bytes:
+        """The index as bytes (an ``.npz`` archive, no pickle) for the column cache."""
+        meta = {
+            "format": _FORMAT,
+            "packing": self.packing.to_dict(),
+            "is_unique": self.is_unique,
+            "file_names": list(self.file_names),
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            order=self.order,
+            sorted_words=self.sorted_words,
+            file=self.file,
+            entry=self.entry,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KeyIndex:
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            JoinError: ``data`` is not a serialised key index.
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                meta: dict[str, Any] = json.loads(npz["meta"].tobytes().decode())
+                arrays = {k: npz[k] for k in ("order", "sorted_words", "file", "entry")}
+        except (OSError, ValueError, KeyError) as err:
+            msg = f"not a serialised columnhub key index ({len(data)} bytes): {err}"
+            raise JoinError(msg) from err
+        if meta.get("format") != _FORMAT:
+            msg = f"unsupported key index format {meta.get('format')!r}; expected {_FORMAT!r}"
+            raise JoinError(msg)
+        index = cls(
+            packing=KeyPacking.from_dict(meta["packing"]),
+            order=arrays["order"],
+            sorted_words=arrays["sorted_words"],
+            file=arrays["file"],
+            entry=arrays["entry"],
+            is_unique=bool(meta["is_unique"]),
+            file_names=meta["file_names"],
+        )
+        return index
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_search"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
