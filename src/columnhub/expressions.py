@@ -158,7 +158,15 @@ def _delta_r(eta1: _Value, phi1: _Value, eta2: _Value, phi2: _Value) -> _Value:
     return _call_mixed(lambda a, b: np.sqrt(a * a + b * b), (deta, dphi))
 
 
+def _f64(value: _Value) -> _Value:
+    if isinstance(value, ak.Array):
+        return ak.values_astype(value, np.float64)
+    return float(value)
+
+
 def _p4(pt: _Value, eta: _Value, phi: _Value, m: _Value) -> tuple[_Value, ...]:
+    """(E, px, py, pz) in float64: E**2 - p**2 cancels badly in float32."""
+    pt, eta, phi, m = (_f64(v) for v in (pt, eta, phi, m))
     px = pt * np.cos(phi)
     py = pt * np.sin(phi)
     pz = pt * np.sinh(eta)
