@@ -133,9 +133,9 @@ def normalize_key_column(name: str, values: Any) -> np.ndarray:
         if arr.size:
             frac = np.flatnonzero(~np.isfinite(arr) | (arr != np.trunc(arr)))
             if frac.size:
-                bad = f"; entry {int(frac[0])} is {arr[frac[0]]!r}"
+                bad = f"; entry {int(frac[0])} is {float(arr[frac[0]])!r}"
             else:
-                bad = f"; e.g. entry 0 is {arr[0]!r}"
+                bad = f"; e.g. entry 0 is {float(arr[0])!r}"
         msg = (
             f"event-key column {name!r} has floating-point type {arr.dtype}{bad}. Floats "
             "cannot be event keys (they lose precision above 2**53). Use the integer "
