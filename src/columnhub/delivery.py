@@ -76,10 +76,9 @@ def deliver(
         raise SpecError(msg)
     directory = Path(req.output.directory) if req.output.directory else None
     directory = directory or default_output_directory(req)
-    previous = _prepare_directory(directory)
-
-    plan = make_plan(req)
+    plan = make_plan(req)  # user errors surface here, before anything is written
     t_plan = time.perf_counter() - t0
+    previous = _prepare_directory(directory)
     staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
     staging.mkdir(parents=True)
     try:
