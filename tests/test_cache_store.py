@@ -545,3 +545,30 @@ def test_cli_rejects_bad_size_with_usage_error(
     assert exc.value.code == 2
     assert "binary suffix" in capsys.readouterr().err
     assert issubclass(CacheError, ColumnhubError)
+
+
+# --------------------------------------------------------------------------- large entries
+
+
+def test_large_entries_are_mapped_read_only_and_verified(tmp_path: Path) -> None:
+    from columnhub.cache._backends import MMAP_MIN_BYTES
+
+    cache = ColumnCache(tmp_path)
+    counts = np.arange(100_000) % 5
+    array = ak.unflatten(np.arange(counts.sum(), dtype=np.float64), counts)
+    k = key("large")
+    cache.put(k, array)
+    assert os.path.getsize(cache.entry_path(k)) > MMAP_MIN_BYTES
+    got = cache.get(k)
+    assert got is not None
+    assert ak.array_equal(got, array)
+    assert ak.sum(got) == counts.sum() * (counts.sum() - 1) // 2
+    content = np.asarray(ak.flatten(got))
+    with pytest.raises(ValueError, match="read-only"):
+        content[0] = 1.0  # cached data cannot be modified through a result
+    cache.put(k, array * 2)  # replacing the entry (as every writer does) ...
+    assert same(array, got)  # ... leaves arrays already served untouched
+    assert same(array * 2, cache.get(k))
+    corrupt_local(cache.entry_path(k), "flip-payload")
+    assert cache.get(k) is None
+    assert not cache.contains(k)

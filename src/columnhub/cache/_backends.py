@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
+import mmap
 import os
 import secrets
 import shutil
@@ -20,7 +22,49 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FileInfo", "FsspecBackend", "LocalBackend", "temp_name"]
+__all__ = [
+    "MMAP_MIN_BYTES",
+    "FileInfo",
+    "FsspecBackend",
+    "LocalBackend",
+    "is_network_fs",
+    "temp_name",
+]
+
+#: Entries at least this large are memory-mapped on local filesystems.
+MMAP_MIN_BYTES = 1 << 20
+_MAP_FLAGS = getattr(mmap, "MAP_SHARED", 0) | getattr(mmap, "MAP_POPULATE", 0)
+
+# Filesystems where a file replaced or removed by another client can make a
+# mapped page fault (SIGBUS / ESTALE): read those with plain reads instead.
+_NETWORK_FS = (
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "afs",
+    "beegfs", "glusterfs", "9p", "fuse",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def is_network_fs(path: str) -> bool:
+    """Whether ``path`` lies on a network or FUSE filesystem (per /proc/self/mounts).
+
+    ``False`` where the mount table cannot be read (non-Linux).
+    """
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, fields[2]
+    return fstype.startswith(_NETWORK_FS)
 
 
 @dataclass(frozen=True)
@@ -45,13 +89,18 @@ class LocalBackend:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self.use_mmap = hasattr(mmap, "MAP_SHARED") and not is_network_fs(root)
 
     def join(self, *parts: str) -> str:
         """A path below the root."""
         return os.path.join(self.root, *parts)
 
     def read(self, path: str) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
-        """The whole file in one aligned byte array, or ``None`` if absent.
+        """The whole file as one read-only byte array, or ``None`` if absent.
+
+        Entries of at least :data:`MMAP_MIN_BYTES` on a local filesystem are
+        memory-mapped (no copy out of the page cache); smaller ones, and all
+        on network filesystems, are read with one ``readinto``.
 
         Raises:
             OSError: the file exists but cannot be read completely.
@@ -62,6 +111,13 @@ class LocalBackend:
             return None
         with f:
             size = os.fstat(f.fileno()).st_size
+            if size >= MMAP_MIN_BYTES and self.use_mmap:
+                try:
+                    m = mmap.mmap(f.fileno(), size, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
+                except (OSError, ValueError):  # e.g. vm.max_map_count reached
+                    pass
+                else:
+                    return np.frombuffer(m, dtype=np.uint8)
             buf = np.empty(size, dtype=np.uint8)
             view = buf.data
             got = 0
@@ -70,7 +126,9 @@ class LocalBackend:
                 if not n:
                     break
                 got += n
-        return buf[:got] if got != size else buf
+        out = buf[:got] if got != size else buf
+        out.flags.writeable = False
+        return out
 
     def write_atomic(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
         """Write ``chunks`` to a temp file beside ``path``, fsync, rename over it.
