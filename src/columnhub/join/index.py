@@ -336,8 +336,8 @@ class KeyIndex:
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             order=self.order,
             sorted_words=self.sorted_words,
-            file=self.file,
-            entry=self.entry,
+            row_file=self.file,
+            row_entry=self.entry,
         )
         return buf.getvalue()
 
@@ -351,7 +351,7 @@ class KeyIndex:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 meta: dict[str, Any] = json.loads(npz["meta"].tobytes().decode())
-                arrays = {k: npz[k] for k in ("order", "sorted_words", "file", "entry")}
+                arrays = {k: npz[k] for k in ("order", "sorted_words", "row_file", "row_entry")}
         except (OSError, ValueError, KeyError) as err:
             msg = f"not a serialised columnhub key index ({len(data)} bytes): {err}"
             raise JoinError(msg) from err
@@ -362,8 +362,8 @@ class KeyIndex:
             packing=KeyPacking.from_dict(meta["packing"]),
             order=arrays["order"],
             sorted_words=arrays["sorted_words"],
-            file=arrays["file"],
-            entry=arrays["entry"],
+            file=arrays["row_file"],
+            entry=arrays["row_entry"],
             is_unique=bool(meta["is_unique"]),
             file_names=meta["file_names"],
         )

@@ -15,7 +15,7 @@ import numpy as np
 from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
-from columnhub.keys import KeyColumns, format_key, normalize_keys
+from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
 
 __all__ = ["FetchPlan", "Match", "fetch_plan", "match", "match_indexes", "unmatched_rows"]
 
@@ -166,13 +166,16 @@ def match(
     words, fits = _pack_query(norm, index)
     q_order, q_sorted = sort_words(words)
     if needs_unique("primary", validate) and len(q_order) > 1:
-        q = searchable(q_sorted)
-        eq = np.asarray(q[1:] == q[:-1], dtype=bool)
-        if fits is not None:
-            f = fits[q_order]
-            eq &= f[1:] & f[:-1]
-        if eq.any():
-            raise _primary_dup_error(norm, q, q_order, validate)
+        # keys outside the index's packing share dummy words: check those chunks
+        # with a packing of their own
+        if fits is None:
+            c_order, q = q_order, searchable(q_sorted)
+        else:
+            own, _ = KeyPacking.fit(norm).pack(norm)
+            c_order, c_sorted = sort_words(own)
+            q = searchable(c_sorted)
+        if bool(np.asarray(q[1:] == q[:-1], dtype=bool).any()):
+            raise _primary_dup_error(norm, q, c_order, validate)
     per_chunk = "left" if how in ("left", "outer") else "inner"
     return _merge(q_order, q_sorted, fits, index, how=per_chunk)
 

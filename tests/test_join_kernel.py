@@ -1,0 +1,335 @@
+"""The join kernel against a brute-force dict join written here."""
+
+from __future__ import annotations
+
+import pickle
+from collections import defaultdict
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from columnhub.errors import DuplicateKeyError, JoinError, KeyMismatchError, KeyTypeError
+from columnhub.join import (
+    KeyIndex,
+    check_aligned,
+    check_unique,
+    fetch_plan,
+    gather,
+    join_arrays,
+    match,
+    unmatched_rows,
+)
+
+HOWS = ("inner", "left", "right", "outer")
+VALIDATES = ("one_to_one", "many_to_one", "one_to_many")
+U64MAX = 2**64 - 1
+
+# Key pools per mode: "small" (one word), "huge" (near 2**64 - 1), "wide"
+# (several 64-bit-wide columns: the multi-word fallback).
+_POOLS = {
+    "small": [0, 1, 2, 3, 7],
+    "huge": [U64MAX, U64MAX - 1, U64MAX - 2, 2**63],
+    "wide": [0, 1, U64MAX, 2**63, 2**63 + 1],
+}
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> dict[str, Any]:
+    mode = draw(st.sampled_from(sorted(_POOLS)))
+    ncol = draw(st.integers(2, 3) if mode == "wide" else st.integers(1, 3))
+    pool_vals = _POOLS[mode]
+    pool = draw(
+        st.lists(
+            st.tuples(*[st.sampled_from(pool_vals) for _ in range(ncol)]),
+            min_size=1,
+            max_size=8,
+            unique=True,
+        )
+    )
+    pkeys = draw(st.lists(st.sampled_from(pool), max_size=12))
+    fkeys = draw(st.lists(st.sampled_from(pool), max_size=12))
+    plens = draw(st.lists(st.integers(0, 3), min_size=len(pkeys), max_size=len(pkeys)))
+    flens = draw(st.lists(st.integers(0, 3), min_size=len(fkeys), max_size=len(fkeys)))
+    signed = mode == "small" and draw(st.booleans())
+    return {"ncol": ncol, "pkeys": pkeys, "fkeys": fkeys, "plens": plens, "flens": flens,
+            "signed": signed}
+
+
+def _build(t: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str], list[str]]:
+    on = [f"k{i}" for i in range(t["ncol"])]
+    fon = [f"fk{i}" for i in range(t["ncol"])]
+    kdt = np.int32 if t["signed"] else np.uint64
+    primary: dict[str, Any] = {
+        name: np.array([k[i] for k in t["pkeys"]], dtype=kdt) for i, name in enumerate(on)
+    }
+    friend: dict[str, Any] = {
+        name: np.array([k[i] for k in t["fkeys"]], dtype=np.uint64) for i, name in enumerate(fon)
+    }
+    primary["x"] = np.arange(len(t["pkeys"]), dtype=np.float64) + 0.5
+    primary["pj"] = ak.Array([[i * 10.0 + j for j in range(n)] for i, n in enumerate(t["plens"])])
+    friend["y"] = -np.arange(len(t["fkeys"]), dtype=np.float64) - 0.25
+    friend["fj"] = ak.Array([[-i * 10.0 - j for j in range(n)] for i, n in enumerate(t["flens"])])
+    return primary, friend, on, fon
+
+
+def _reference(t: dict[str, Any], how: str) -> list[tuple[Any, ...]]:
+    """Brute force: output rows as (key, x, pj, y, fj, matched), in the documented order."""
+    pk = [tuple(int(v) for v in k) for k in t["pkeys"]]
+    fk = [tuple(int(v) for v in k) for k in t["fkeys"]]
+    by_key: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for j, k in enumerate(fk):
+        by_key[k].append(j)
+    pairs: list[tuple[int | None, int | None]] = []
+    for i, k in enumerate(pk):
+        if by_key.get(k):
+            pairs.extend((i, j) for j in by_key[k])
+        elif how in ("left", "outer"):
+            pairs.append((i, None))
+    if how in ("right", "outer"):
+        present = set(pk)
+        pairs.extend((None, j) for j, k in enumerate(fk) if k not in present)
+    rows = []
+    for i, j in pairs:
+        key = pk[i] if i is not None else fk[j]  # type: ignore[index]
+        x = i + 0.5 if i is not None else None
+        pj = [i * 10.0 + n for n in range(t["plens"][i])] if i is not None else None
+        y = -j - 0.25 if j is not None else None
+        fj = [-j * 10.0 - n for n in range(t["flens"][j])] if j is not None else None
+        rows.append((key, x, pj, y, fj, i is not None and j is not None))
+    return rows
+
+
+def _violates(t: dict[str, Any], validate: str) -> bool:
+    pk = [tuple(k) for k in t["pkeys"]]
+    fk = [tuple(k) for k in t["fkeys"]]
+    pdup = len(set(pk)) < len(pk)
+    fdup = len(set(fk)) < len(fk)
+    if validate == "one_to_one":
+        return pdup or fdup
+    if validate == "many_to_one":
+        return fdup
+    return pdup
+
+
+def _rows_of(out: dict[str, ak.Array], on: list[str], how: str) -> list[tuple[Any, ...]]:
+    n = len(out["x"])
+    assert all(len(v) == n for v in out.values())
+    keys = list(zip(*[out[c].tolist() for c in on], strict=True)) if n else []
+    matched = out["friend.matched"].tolist() if how != "inner" else [True] * n
+    return list(
+        zip(keys, out["x"].tolist(), out["pj"].tolist(), out["y"].tolist(), out["fj"].tolist(),
+            matched, strict=True)
+    )
+
+
+@settings(deadline=None, max_examples=120)
+@given(tables())
+def test_join_arrays_equals_brute_force(t: dict[str, Any]) -> None:
+    primary, friend, on, fon = _build(t)
+    for how in HOWS:
+        for validate in VALIDATES:
+            if _violates(t, validate):
+                with pytest.raises(DuplicateKeyError, match="duplicate"):
+                    join_arrays(primary, friend, on=on, friend_on=fon, how=how, validate=validate)
+                continue
+            out = join_arrays(primary, friend, on=on, friend_on=fon, how=how, validate=validate)
+            assert _rows_of(out, on, how) == _reference(t, how), (how, validate)
+            # option types follow the join type, never the data
+            assert ("?" in str(out["y"].type) or "option" in str(out["y"].type)) == (
+                how in ("left", "outer")
+            )
+            assert ("?" in str(out["x"].type)) == (how in ("right", "outer"))
+            for c in on:
+                assert "?" not in str(out[c].type)
+
+
+@settings(deadline=None, max_examples=80)
+@given(tables(), st.integers(1, 5))
+def test_chunked_kernel_equals_in_memory_join(t: dict[str, Any], chunk: int) -> None:
+    """Drive the kernel as a chunked executor would, compare with the brute force."""
+    primary, friend, on, fon = _build(t)
+    pk = {c: primary[c] for c in on}
+    fk = {c: friend[c] for c in fon}
+    n = len(t["pkeys"])
+    # friend in "files" of 4 entries, primary index for right/outer/primary checks
+    nf = len(t["fkeys"])
+    findex = KeyIndex.build(fk, file=np.arange(nf) // 4, entry=np.arange(nf) % 4)
+    pindex = KeyIndex.build(pk)
+    findex = KeyIndex.from_bytes(findex.to_bytes())
+    pindex = pickle.loads(pickle.dumps(pindex))
+    files = [{c: friend[c][s : s + 4] for c in ("y", "fj")} for s in range(0, nf, 4)]
+    for how in HOWS:
+        for validate in VALIDATES:
+            try:
+                check_unique(pindex, side="primary", validate=validate)
+                check_unique(findex, side="friend", validate=validate)
+            except DuplicateKeyError:
+                assert _violates(t, validate)
+                continue
+            assert not _violates(t, validate)
+            got: list[tuple[Any, ...]] = []
+            for s in range(0, max(n, 1), chunk):
+                sl = slice(s, min(s + chunk, n))
+                m = match({c: v[sl] for c, v in pk.items()}, findex, how=how, validate=validate)
+                plan = fetch_plan(findex, m.friend_rows, max_gap=1)
+                assert plan.entries_read <= len(np.unique(m.friend_rows[m.friend_rows >= 0]))
+                parts = {
+                    c: ak.concatenate([files[f][c][a:b] for f, a, b in plan.ranges])
+                    if plan.ranges else friend[c][:0]
+                    for c in ("y", "fj")
+                }
+                y = gather(parts["y"], plan.rows).tolist()
+                fj = gather(parts["fj"], plan.rows).tolist()
+                prow = m.primary_rows + s
+                for r, pr in enumerate(prow.tolist()):
+                    key = tuple(int(primary[c][pr]) for c in on)
+                    got.append((key, pr + 0.5, primary["pj"][pr].tolist(), y[r], fj[r],
+                                bool(m.friend_rows[r] >= 0)))
+            if how in ("right", "outer"):
+                for j in unmatched_rows(fk, pindex).tolist():
+                    key = tuple(int(friend[c][j]) for c in fon)
+                    got.append((key, None, None, friend["y"][j], friend["fj"][j].tolist(), False))
+            assert got == _reference(t, how), (how, validate)
+
+
+def _cms(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "run": np.full(n, 320000, dtype=np.uint32),
+        "luminosityBlock": (np.arange(n) // 10 + 1).astype(np.uint32),
+        "event": rng.choice(2**40, size=n, replace=False).astype(np.uint64),
+    }
+
+
+def test_large_shuffled_left_join_matches_dict_reference() -> None:
+    n = 20_000
+    keys = _cms(n, 1)
+    rng = np.random.default_rng(2)
+    perm = rng.permutation(n)[: n - 500]  # 500 primary events have no friend
+    friend = {k: v[perm] for k, v in keys.items()}
+    friend["y"] = perm.astype(np.float64) * 2
+    counts = rng.poisson(3, len(perm))
+    friend["jets"] = ak.unflatten(np.repeat(perm.astype(np.float64), counts), counts)
+    primary = dict(keys)
+    on = ["run", "luminosityBlock", "event"]
+    out = join_arrays(primary, friend, on=on, how="left")
+    ref = {int(e): i for i, e in enumerate(friend["event"])}
+    y = out["y"].to_list()
+    jets = out["jets"]
+    for i, e in enumerate(primary["event"].tolist()):
+        j = ref.get(e)
+        assert y[i] == (None if j is None else 2.0 * perm[j])
+        assert (jets[i] is None) if j is None else jets[i].tolist() == [float(perm[j])] * counts[j]
+    assert out["friend.matched"].to_numpy().sum() == len(perm)
+
+
+def test_duplicate_error_lists_keys_files_and_entries() -> None:
+    keys = {
+        "run": np.array([1, 1, 1, 2, 1], dtype=np.uint32),
+        "event": np.array([5, 6, 5, 7, 6], dtype=np.uint64),
+    }
+    index = KeyIndex.build(
+        keys, file=[0, 0, 1, 1, 1], entry=[0, 1, 0, 1, 2], file_names=["a.root", "b.root"]
+    )
+    assert not index.is_unique
+    dups = index.duplicates()
+    assert [d.key for d in dups] == [{"run": 1, "event": 5}, {"run": 1, "event": 6}]
+    assert dups[0].locations == (("a.root", 0), ("b.root", 0))
+    with pytest.raises(DuplicateKeyError) as info:
+        check_unique(index, side="friend", validate="one_to_one", dataset="sys_up")
+    text = str(info.value)
+    assert "friend dataset 'sys_up' has 2 duplicated" in text
+    assert "(run=1, event=5) x2 at a.root entry 0, b.root entry 0" in text
+    assert "(run=1, event=6) x2 at a.root entry 1, b.root entry 2" in text
+    assert "one_to_many" in text
+    check_unique(index, side="friend", validate="one_to_many")  # allowed
+    with pytest.raises(DuplicateKeyError, match=r"\(run=1, event=5\) at chunk rows 0 and 2"):
+        match(keys, KeyIndex.build({"r": np.array([1]), "e": np.array([5])}), how="left")
+
+
+def test_key_index_serialisation_roundtrip_and_locate() -> None:
+    keys = _cms(1000, 3)
+    index = KeyIndex.from_files(
+        [{k: v[:400] for k, v in keys.items()}, {k: v[400:] for k, v in keys.items()}],
+        file_names=["f0.root", "f1.root"],
+    )
+    for other in (KeyIndex.from_bytes(index.to_bytes()), pickle.loads(pickle.dumps(index))):
+        assert other.packing == index.packing
+        assert other.is_unique and other.file_names == ("f0.root", "f1.root")
+        assert np.array_equal(other.sorted_words, index.sorted_words)
+        q = {k: v[::-7] for k, v in keys.items()}
+        assert np.array_equal(match(q, other).friend_rows, np.arange(1000)[::-7])
+    file, entry = index.locate([0, 399, 400, 999, -1])
+    assert file.tolist() == [0, 0, 1, 1, -1]
+    assert entry.tolist() == [0, 399, 0, 599, -1]
+    cols = index.key_columns([5, 450])
+    assert cols["event"].tolist() == [int(keys["event"][5]), int(keys["event"][450])]
+    with pytest.raises(JoinError, match="not a serialised"):
+        KeyIndex.from_bytes(b"nonsense")
+
+
+def test_primary_keys_outside_the_friend_range_do_not_match() -> None:
+    friend = {"run": np.array([5, 6], dtype=np.uint32), "event": np.array([10, 11], np.uint64)}
+    index = KeyIndex.build(friend)
+    primary = {"run": np.array([6, 7, 4, 5]), "event": np.array([11, 10, 10, U64MAX], np.uint64)}
+    m = match(primary, index, how="left")
+    assert m.friend_rows.tolist() == [1, -1, -1, -1]
+    assert unmatched_rows(friend, KeyIndex.build(primary)).tolist() == [0]
+
+
+def test_gather_flat_jagged_records_and_zero_copy() -> None:
+    jag = ak.Array([[1.0, 2.0], [], [3.0]])
+    out = gather(jag, [2, -1, 0, 0])
+    assert out.tolist() == [[3.0], None, [1.0, 2.0], [1.0, 2.0]]
+    assert out.layout.content is jag.layout  # a view, not a copy
+    rec = ak.zip({"pt": jag, "eta": jag * 2})
+    assert gather(rec, [-1, 1]).tolist() == [None, []]
+    flat = np.array([1.5, 2.5])
+    assert gather(flat, np.array([1, -1])).tolist() == [2.5, None]
+    plain = gather(flat, [1, 0], optional=False)
+    assert plain.tolist() == [2.5, 1.5] and "?" not in str(plain.type)
+    # gathering an option array again stays one level of option
+    again = gather(out, [1, 0, -1])
+    assert again.tolist() == [None, [3.0], None]
+    with pytest.raises(IndexError, match="out of range"):
+        gather(flat, [2])
+    with pytest.raises(IndexError, match="out of range"):
+        gather(flat, [-1], optional=False)
+
+
+def test_join_arrays_names_prefix_and_key_errors() -> None:
+    primary = {"event": np.array([1, 2], dtype=np.uint64), "pt": np.array([1.0, 2.0])}
+    friend = {"event": np.array([2, 1], dtype=np.uint64), "pt": np.array([20.0, 10.0])}
+    with pytest.raises(JoinError, match=r"\['pt'\] clash.*prefix"):
+        join_arrays(primary, friend, on="event")
+    out = join_arrays(primary, friend, on="event", prefix="up_", name="up")
+    assert out["up_pt"].tolist() == [10.0, 20.0]
+    assert out["up.matched"].tolist() == [True, True]
+    with pytest.raises(KeyTypeError, match="'event'.*float"):
+        join_arrays({"event": np.array([1.0])}, friend, on="event", prefix="f_")
+    with pytest.raises(JoinError, match="unknown join how='cross'"):
+        join_arrays(primary, friend, on="event", how="cross", prefix="f_")
+    with pytest.raises(KeyError, match="'evnt'.*closest: event"):
+        join_arrays(primary, friend, on="evnt", prefix="f_")
+    # a prebuilt friend index gives the same result
+    index = KeyIndex.build({"event": friend["event"]})
+    again = join_arrays(primary, friend, on="event", prefix="f_", friend_index=index)
+    assert again["f_pt"].tolist() == [10.0, 20.0]
+
+
+def test_check_aligned_names_file_entry_and_both_keys() -> None:
+    p = {"run": np.array([1, 1, 1]), "event": np.array([4, 5, 6])}
+    f = {"run": np.array([1, 1, 1]), "event": np.array([4, 6, 5])}
+    check_aligned(p, p, primary_file="a.root", friend_file="b.root")
+    with pytest.raises(
+        KeyMismatchError,
+        match=r"a.root entry 11 \(run=1, event=5\) vs b.root entry 21 \(run=1, event=6\)",
+    ):
+        check_aligned(p, f, primary_file="a.root", primary_start=10, friend_file="b.root",
+                      friend_start=20)
+    with pytest.raises(KeyMismatchError, match="3 rows"):
+        check_aligned(p, {k: v[:2] for k, v in f.items()})
