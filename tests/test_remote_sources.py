@@ -225,17 +225,6 @@ def test_remote_reads_agree_with_numpy_reference(shared_data):
 
 DELIVER_COLUMNS = ["run", "event", "Jet_pt"]
 
-# columnhub.sources.root passes the dataset's float `timeout` (default 30.0) to
-# uproot.open; fsspec-xrootd hands it to the XRootD client, which accepts only an
-# int ("TypeError: integer argument expected for timeout"), reported as a
-# CorruptFileError. Strict: this xfail turns into a failure once that is fixed.
-XROOTD_FLOAT_TIMEOUT = pytest.mark.xfail(
-    raises=CorruptFileError,
-    strict=True,
-    reason="sources/root.py passes a float timeout to fsspec-xrootd, which needs an int",
-)
-
-
 def _deliver(url: str, out: Path, **dataset: object) -> columnhub.Result:
     request = {
         "dataset": {"name": "dy", "files": [url], **dataset},
@@ -275,7 +264,6 @@ def test_deliver_over_http_matches_local(http_server, shared_data, tmp_path):
 
 
 @pytest.mark.xrootd
-@XROOTD_FLOAT_TIMEOUT
 def test_deliver_over_xrootd_matches_local(xrootd_server, shared_data, tmp_path):
     local_path = shared_data / SAMPLE
     url = xrootd_server.put(local_path, name="deliver.root")
@@ -296,7 +284,6 @@ def test_deliver_from_hanging_http_server_times_out(hanging_server, tmp_path):
 
 @pytest.mark.xrootd
 @pytest.mark.timeout(60)
-@XROOTD_FLOAT_TIMEOUT
 def test_deliver_from_hanging_xrootd_server_times_out(hanging_server, tmp_path):
     url = hanging_server.url(SAMPLE, scheme="root")
     with pytest.raises(SourceTimeoutError, match=re.escape(url)):

@@ -5,6 +5,7 @@ Local files, ``root://`` (XRootD, through fsspec-xrootd) and ``https://``.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from columnhub.errors import (
     ColumnhubError,
     CorruptFileError,
     DatasetFileNotFoundError,
+    SourceTimeoutError,
     TreeNotFoundError,
     closest,
 )
@@ -62,7 +64,8 @@ def open_tree(path: str, spec: DatasetSpec) -> Any:
 
 
 def _open_tree(path: str, spec: DatasetSpec) -> Any:
-    options: dict[str, Any] = {"timeout": spec.timeout} if is_url(path) else {}
+    # whole seconds: the XRootD client (through fsspec-xrootd) accepts only an int
+    options: dict[str, Any] = {"timeout": max(1, math.ceil(spec.timeout))} if is_url(path) else {}
     try:
         file = uproot.open(path, **options)
     except FileNotFoundError as err:
@@ -71,6 +74,15 @@ def _open_tree(path: str, spec: DatasetSpec) -> Any:
     except ColumnhubError:
         raise
     except Exception as err:
+        text = str(err).lower()
+        if isinstance(err, TimeoutError) or (
+            is_url(path) and any(w in text for w in ("timed out", "timeout", "expired"))
+        ):
+            msg = (
+                f"dataset {spec.name!r}: storage for {path} timed out ({err}); check that "
+                "the server is up and reachable, or raise the dataset's 'timeout'"
+            )
+            raise SourceTimeoutError(msg) from err
         msg = (
             f"dataset {spec.name!r}: {path!r} cannot be read as a ROOT file "
             f"({type(err).__name__}: {err}); it may be truncated, corrupt or not ROOT at all"
