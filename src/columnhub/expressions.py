@@ -404,6 +404,9 @@ def _take(index: int) -> Callable[[_Value], _Value]:
 
     def take(x: _Value) -> _Value:
         _need_jagged(f"indexing [:, {index}]", x)
+        if index == 0:
+            return ak.firsts(x, axis=1)
+        # Slice first, so a large index never pads (allocates) anything.
         return ak.firsts(x[:, index:stop], axis=1)
 
     return take
