@@ -78,7 +78,7 @@ class TritonServer:
         for m in self.models:
             args += ["--model", m]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+            self.proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
@@ -116,17 +116,25 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+SHM = Path("/dev/shm")
+
+
+def _shm_names() -> set[str]:
+    if not SHM.is_dir():
+        return set()
+    return {p.name for pattern in ("psm_*", "pytrtion*") for p in SHM.glob(pattern)}
+
+
 @pytest.fixture(scope="module")
-def servers(models_dir: Path) -> Iterator[list[TritonServer]]:
+def server_pair(models_dir: Path) -> Iterator[list[TritonServer]]:
     if not TRITON_PYTHON.exists():
-        subprocess.run(  # noqa: S603 - our own script
-            [str(REPO / "scripts" / "setup-triton-venv.sh")], check=True, timeout=900
-        )
+        subprocess.run([str(REPO / "scripts" / "setup-triton-venv.sh")], check=True, timeout=900)
     models = [
         f"jet_mlp:1={models_dir / 'jet_mlp.onnx'}",
         f"evt_mlp:3={models_dir / 'evt_mlp.onnx'}",
     ]
     pair = [TritonServer(models, models_dir), TritonServer(models, models_dir)]
+    shm_before = _shm_names()
     try:
         for s in pair:
             s.start()
@@ -136,7 +144,21 @@ def servers(models_dir: Path) -> Iterator[list[TritonServer]]:
         yield pair
     finally:
         for s in pair:
-            s.kill(signal.SIGTERM)
+            s.kill()
+        # the Python backend's shared-memory regions outlive killed servers
+        for name in _shm_names() - shm_before:
+            (SHM / name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def servers(server_pair: list[TritonServer]) -> list[TritonServer]:
+    """The two servers, restarted first if a test killed one (same ports)."""
+    dead = [s for s in server_pair if s.proc is None or s.proc.poll() is not None]
+    for s in dead:
+        s.start()
+    for s in dead:
+        s.wait_ready(time.monotonic() + READY_TIMEOUT_S)
+    return server_pair
 
 
 def _card(models_dir: Path, kind: str) -> ModelCard:
@@ -247,7 +269,7 @@ def test_remote_feature_count_is_checked(servers: list[TritonServer], models_dir
     # a card that feeds 4 inputs to the 5-feature served model
     wrong = card.model_copy(update={"inputs": JET_INPUTS[:4]})
     wrong = _remote(wrong, [servers[0].url("http")], "http")
-    with pytest.raises(ModelInputError, match="takes 5 features.*lists 4 inputs"):
+    with pytest.raises(ModelInputError, match=r"takes 5 features.*lists 4 inputs"):
         predict(wrong, [ak.Array([[1.0]])] * 4, backend="remote")
 
 
@@ -257,7 +279,7 @@ def test_all_servers_down_raises(models_dir: Path, hanging_server: Any) -> None:
     arrays = [ak.Array([[1.0, 2.0], [3.0]])] * 5
     for protocol in ("http", "grpc"):
         remote = _remote(card, dead, protocol, timeout_s=1.0, retries=2, backoff_ms=1)
-        with pytest.raises(InferenceServerError, match="127.0.0.1"):
+        with pytest.raises(InferenceServerError, match=r"(?s)server.*127\.0\.0\.1"):
             predict(remote, arrays, backend="remote")
     # with a local fallback the same request succeeds, and says so in the metrics
     fallback = _remote(card, dead, "http", timeout_s=1.0, retries=1, fallback_local=True)
@@ -309,6 +331,4 @@ def test_failover_when_a_server_dies_mid_request(
         assert snap["failovers"] >= 1
     finally:
         killer.join(timeout=60)
-        victim.kill()
-        victim.start()  # same ports: the other tests' server list stays valid
-        victim.wait_ready(time.monotonic() + READY_TIMEOUT_S)
+        victim.kill()  # the `servers` fixture restarts it for the next test
