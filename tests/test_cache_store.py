@@ -572,3 +572,19 @@ def test_large_entries_are_mapped_read_only_and_verified(tmp_path: Path) -> None
     corrupt_local(cache.entry_path(k), "flip-payload")
     assert cache.get(k) is None
     assert not cache.contains(k)
+
+
+def test_counts_of_a_process_that_exits_without_close_are_kept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ColumnCache(tmp_path).put(key("exit"), ARRAYS["bool"])
+    code = (
+        "from columnhub.cache import ColumnCache, entry_key\n"
+        f"c = ColumnCache({str(tmp_path)!r})\n"
+        "c.get(entry_key(test='cache', i='exit'))\n"
+        "c.get(entry_key(test='cache', i='absent'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    stats = ColumnCache(tmp_path).stats()
+    assert (stats.hits, stats.misses, stats.puts) == (1, 1, 1)  # the put: flushed on drop

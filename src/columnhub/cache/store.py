@@ -20,7 +20,8 @@ Guarantees:
 * Recency (for :meth:`ColumnCache.gc`) is the last ``get`` or ``put``: the
   entry file's mtime on local disks, a ``used/`` marker on object stores.
 * Hit/miss counters are kept in memory and written as small delta files (at
-  most every few seconds, on :meth:`ColumnCache.close` and at exit), each
+  most every few seconds, on :meth:`ColumnCache.close`, when the instance is
+  dropped and at exit), each
   process writing only its own files; :meth:`ColumnCache.stats` sums them.
 
 Read-only caches (``read_only=True``): ``get`` works and never modifies the
@@ -151,12 +152,17 @@ class _Entry:
     recency: float
 
 
+def _flush_quietly(cache: ColumnCache) -> None:
+    # never (re)create a cache directory that was removed meanwhile
+    if isinstance(cache._backend, LocalBackend) and not os.path.isdir(cache._backend.root):
+        return
+    cache.flush_stats()
+
+
 def _flush_all_at_exit() -> None:
     for cache in list(_LIVE):
-        try:
-            cache.flush_stats()
-        except CacheError:
-            continue
+        with contextlib.suppress(Exception):  # exit must not fail over statistics
+            _flush_quietly(cache)
 
 
 atexit.register(_flush_all_at_exit)
@@ -258,6 +264,11 @@ class ColumnCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # a dropped instance still reports its counts
+            if any(self._counts.values()):
+                _flush_quietly(self)
 
     def close(self) -> None:
         """Write this instance's pending hit/miss counts (it stays usable)."""
