@@ -164,7 +164,9 @@ def running_xrootd(*, start_timeout: float = 30.0) -> Iterator[XRootDServer]:
     It listens on a port it picks itself (``xrd.port any``, read back from its
     log, so there is no race for a free port) and accepts only loopback
     clients (``xrd.allow host localhost``). On exit it is terminated (killed
-    after 5 s) and the directory removed.
+    after 5 s) and the directory removed. The kernel also terminates it when
+    the thread that started it dies (``PR_SET_PDEATHSIG``), so start it from a
+    thread that outlives its use (pytest's main thread does).
 
     Raises:
         FileNotFoundError: the ``xrootd`` executable is not installed.

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import columnhub
-from columnhub.errors import CorruptFileError, SourceTimeoutError
+from columnhub.errors import SourceTimeoutError
 
 SAMPLE = "nano_dy.root"
 BRANCHES = ["run", "event", "Jet_pt"]
@@ -224,6 +224,7 @@ def test_remote_reads_agree_with_numpy_reference(shared_data):
 # columnhub.deliver() through the servers, against a local delivery
 
 DELIVER_COLUMNS = ["run", "event", "Jet_pt"]
+
 
 def _deliver(url: str, out: Path, **dataset: object) -> columnhub.Result:
     request = {
