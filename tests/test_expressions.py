@@ -462,6 +462,7 @@ def test_missing_column_lists_closest_names_and_position(rand: dict[str, Any]) -
         ("a + x[:, ::0]", 9, "step cannot be zero"),
         ("a + x[:, :, 0]", 4, "subscripts allowed"),
         ("a in b", 0, "not allowed"),
+        ("a > 1 & b in c", 0, "not allowed"),
         ("a @ b", 0, "MatMult"),
         ("a << 2", 0, "LShift"),
         ("a + (b := 2)", 5, "assignments"),
@@ -472,6 +473,8 @@ def test_missing_column_lists_closest_names_and_position(rand: dict[str, Any]) -
         ("(a +\n 'x')", 6, "str literals"),
         ("a + 2 ** -1", 4, "negative integer powers"),
         ("", 0, "empty"),
+        ("Jet_pt > 30 & Jet_eta < 2", 9, "reads as `Jet_pt > (30 & Jet_eta) < 2`"),
+        ("a == 1 | b == 2", 5, "'|' binds tighter"),
     ],
 )
 def test_parse_errors_point_at_the_offending_node(text: str, position: int, fragment: str) -> None:
@@ -508,6 +511,14 @@ def test_evaluation_errors_name_the_sub_expression(
     assert fragment in str(info.value)
     assert info.value.position == position
     assert str(info.value).splitlines()[-1] == "    " + " " * position + "^"
+
+
+def test_parenthesized_bitwise_operands_in_comparisons_are_accepted() -> None:
+    cols = {"flags": np.array([1, 2, 3, 6]), "pt": np.array([10.0, 20.0, 30.0, 40.0])}
+    assert parse("0 < (flags & 2) < 3").evaluate(cols).tolist() == [False, True, True, True]
+    assert parse("(flags & 2) == 2").evaluate(cols).tolist() == [False, True, True, True]
+    got = parse("(pt > 15) & (flags < 5)").evaluate(cols).tolist()
+    assert got == [False, True, True, False]
 
 
 def test_limits_on_length_and_depth() -> None:

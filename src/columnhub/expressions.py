@@ -458,15 +458,46 @@ class _Compiler:
         for line in lines:
             self.line_starts.append(self.line_starts[-1] + len(line))
 
-    def position(self, node: ast.AST) -> int:
-        lineno = getattr(node, "lineno", 1)
-        col = getattr(node, "col_offset", 0)
+    def position(self, node: ast.AST, *, end: bool = False) -> int:
+        """0-based character offset in the text of the start (or end) of ``node``."""
+        if end:
+            lineno = getattr(node, "end_lineno", None) or 1
+            col = getattr(node, "end_col_offset", None) or 0
+        else:
+            lineno = getattr(node, "lineno", 1)
+            col = getattr(node, "col_offset", 0)
         line = self.lines[lineno - 1] if lineno - 1 < len(self.lines) else ""
         chars = len(line.encode("utf-8")[:col].decode("utf-8", errors="ignore"))
         return self.shift + self.line_starts[lineno - 1] + chars
 
-    def source(self, node: ast.AST) -> str:
-        return ast.unparse(node)
+    def parenthesized(self, node: ast.AST) -> bool:
+        """Whether ``node`` is written inside its own parentheses."""
+        before = self.text[: self.position(node)].rstrip()
+        after = self.text[self.position(node, end=True) :].lstrip()
+        return before.endswith("(") and after.startswith(")")
+
+    def check_precedence(self, node: ast.Compare) -> None:
+        """Refuse ``a > 1 & b < 2``: Python reads it as ``a > (1 & b) < 2``."""
+        if len(node.ops) < 2 or any(type(op) not in _COMPARE for op in node.ops):
+            return  # 'in' / 'is' are refused by visit_Compare
+        for middle in node.comparators[:-1]:
+            if (
+                isinstance(middle, ast.BinOp)
+                and isinstance(middle.op, ast.BitAnd | ast.BitOr | ast.BitXor)
+                and not self.parenthesized(middle)
+            ):
+                symbol = _BINOPS[type(middle.op)][1]
+                word = {"&": "and", "|": "or", "^": "!="}[symbol]
+                parts = [ast.unparse(node.left)]
+                for op, right in zip(node.ops, node.comparators, strict=True):
+                    text = ast.unparse(right)
+                    parts += [_COMPARE[type(op)][1], f"({text})" if right is middle else text]
+                msg = (
+                    f"'{symbol}' binds tighter than comparisons, so this reads as "
+                    f"`{' '.join(parts)}`; put each comparison in parentheses, "
+                    f"e.g. (a > 1) {symbol} (b < 2), or write '{word}'"
+                )
+                raise self.fail(msg, middle)
 
     def fail(self, message: str, node: ast.AST) -> ExpressionError:
         return ExpressionError(message, text=self.display, position=self.position(node))
@@ -597,6 +628,7 @@ class _Compiler:
         return result, canon
 
     def visit_Compare(self, node: ast.Compare) -> tuple[_Node, ast.expr]:
+        self.check_precedence(node)
         operands = [self.compile(n) for n in (node.left, *node.comparators)]
         result: _Node | None = None
         for i, op in enumerate(node.ops):
