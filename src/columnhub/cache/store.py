@@ -458,7 +458,7 @@ class ColumnCache:
         else:
             # object stores cannot set times: keep a marker holding the time
             self._backend.write_atomic(self._used_path(key), [repr(float(when)).encode()])
-            self._marked[key] = time.monotonic()
+            self._marked.pop(key, None)  # the next get() marks it used again
 
     # -- statistics -------------------------------------------------------------------------
 

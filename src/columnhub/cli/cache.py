@@ -144,7 +144,9 @@ def register(subparsers: Any) -> None:
         help="cache directory or fsspec URL (default: $COLUMNHUB_CACHE, else ~/.cache/columnhub)",
     )
     parser = subparsers.add_parser(
-        "cache", help="inspect and trim the column cache", description=__doc__.split("\n\n")[0]
+        "cache",
+        help="inspect and trim the column cache",
+        description=(__doc__ or "").split("\n\n")[0],
     )
     sub = parser.add_subparsers(dest="cache_command", metavar="{stats,gc,clear}", required=True)
 
