@@ -184,6 +184,20 @@ def test_uproot_over_http_matches_local(http_server, shared_data, handler):
 
 
 @pytest.mark.xrootd
+def test_xrootd_serves_a_private_file_after_put(xrootd_server, shared_data, tmp_path):
+    # the daemon runs unprivileged: put() must make a 0600 file readable to it
+    private = tmp_path / "private.root"
+    private.write_bytes((shared_data / SAMPLE).read_bytes())
+    private.chmod(0o600)
+
+    url = xrootd_server.put(private, name="sub/private.root")
+
+    assert url.endswith("//sub/private.root")
+    _, remote = _remote_arrays(url, timeout=30)
+    _assert_same(remote, _local_arrays(shared_data / SAMPLE))
+
+
+@pytest.mark.xrootd
 def test_xrootd_missing_file_is_an_error(xrootd_server):
     with pytest.raises(OSError, match="no-such-file"):
         uproot.open(xrootd_server.url("no-such-file.root"), timeout=30)
