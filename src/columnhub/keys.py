@@ -321,23 +321,24 @@ class KeyPacking:
         fits: np.ndarray | None = None
         total = nw * 64
         for col, off, w, p in zip(cols, self.offsets, self.widths, self._positions(), strict=True):
-            if off:
-                below = col < np.uint64(off)
-                val = col - np.uint64(off)  # wraps for `below` rows, masked out below
-            else:
-                below = None
-                val = col
-            bad = below
-            if w < 64:
-                above = val >= np.uint64(1 << w)
-                bad = above if bad is None else (bad | above)
-            if bad is not None and bad.any():
+            if n and (int(col.min()) < off or int(col.max()) - off >= 1 << w):
+                # some keys lie outside the packing's range: mask them
+                bad = col < np.uint64(off)
+                val = col - np.uint64(off)  # wraps for `bad` rows, zeroed below
+                if w < 64:
+                    bad |= val >= np.uint64(1 << w)
                 fits = ~bad if fits is None else (fits & ~bad)
-                val = np.where(bad, np.uint64(0), val)
+                val[bad] = 0
+            elif w == 0:
+                continue
+            else:
+                val = np.subtract(col, np.uint64(off)) if off else col.copy()
             if w == 0:
                 continue
             if nw == 1:
-                words |= val << np.uint64(p) if p else val
+                if p:
+                    np.left_shift(val, np.uint64(p), out=val)
+                np.bitwise_or(words, val, out=words)
                 continue
             # the column occupies bits [p, p + w) of a total-bit integer; split it
             for j in range(nw):  # word j (0 = most significant) covers [lo, lo + 64)

@@ -208,5 +208,6 @@ def join_arrays(
     for out_name, col in out_names.items():
         out[out_name] = gather(friend[col], frow, optional=friend_optional)
     if how != "inner":
-        out[matched_name] = ak.Array((prow >= 0) & (frow >= 0))
+        matched = frow >= 0 if identity else (prow >= 0) & (frow >= 0)
+        out[matched_name] = ak.Array(matched)
     return out

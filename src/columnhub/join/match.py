@@ -89,18 +89,22 @@ def _merge(
     q = searchable(q_sorted)
     lo = np.searchsorted(s, q, side="left")
     if m:
+        # a key above every index key gets lo == m; clamped, it compares unequal
         lo_c = np.minimum(lo, m - 1)
         found = np.asarray(s[lo_c] == q, dtype=bool)
-        found &= lo < m
     else:
         lo_c = lo
         found = np.zeros(n, dtype=bool)
     if fits is not None:
         found &= fits[q_order]
     if index.is_unique:
-        friend_sorted = np.where(found, index.order[lo_c] if m else -1, -1)
         friend = np.empty(n, dtype=np.int64)
-        friend[q_order] = friend_sorted
+        if m:
+            friend_sorted = index.order[lo_c]
+            np.putmask(friend_sorted, ~found, -1)
+            friend[q_order] = friend_sorted
+        else:
+            friend.fill(-1)
         if how == "left":
             return Match(np.arange(n, dtype=np.int64), friend, primary_identity=True)
         keep = np.flatnonzero(friend >= 0)
