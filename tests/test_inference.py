@@ -382,3 +382,18 @@ def test_metrics_snapshot_and_merge() -> None:
     assert snap["batch_latency_ms"]["p50"] == pytest.approx(50.5)
     assert snap["batch_latency_ms"]["max"] == pytest.approx(100.0)
     assert snap["backends"] == {"remote": 2}
+
+
+def test_local_batches_are_stitched_in_order(
+    registry: ModelRegistry, tt_events: ak.Array, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import columnhub.inference.onnx as onnx_backend
+
+    card = registry.get("jet_mlp", 1)
+    inputs = [tt_events[n] for n in JET_INPUTS]
+    monkeypatch.setattr(onnx_backend, "LOCAL_BATCH_ROWS", 97)  # many batches, a short tail
+    metrics = InferenceMetrics()
+    out = predict(card, inputs, metrics=metrics)["score"]
+    expected = _ort(card.model_path(), _stack_jagged(inputs))[:, 0]
+    np.testing.assert_allclose(ak.to_numpy(ak.flatten(out)), expected, rtol=1e-5)
+    assert metrics.snapshot()["jet_mlp@1"]["batches"] == -(-len(expected) // 97)

@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 __all__ = ["LOCAL_BATCH_ROWS", "clear_sessions", "run_onnx", "session_for"]
 
-#: Rows per ONNX Runtime call (bounds the memory of intermediate tensors).
-LOCAL_BATCH_ROWS = 1 << 18
+#: Rows per ONNX Runtime call. Small batches keep the intermediate tensors in
+#: the CPU caches: on a 64x64 MLP, 4096-row calls run 2-4x faster than one call
+#: on a million rows, and memory stays bounded.
+LOCAL_BATCH_ROWS = 4096
 
 _lock = threading.Lock()
 _sessions: dict[str, Any] = {}
@@ -102,15 +104,17 @@ def run_onnx(
         if metrics is not None:
             metrics.record_batch(key, rows=n_rows, latency_s=time.perf_counter() - t0)
         return select_outputs(card, dict(zip(out_names, results, strict=True)), n_rows=n_rows)
-    parts: list[dict[str, np.ndarray]] = []
+    out: dict[str, np.ndarray] = {}
     for sl in batch_slices(n_rows, LOCAL_BATCH_ROWS):
         t0 = time.perf_counter()
         results = session.run(out_names, {model_input.name: matrix[sl]})
         if metrics is not None:
             metrics.record_batch(key, rows=sl.stop - sl.start, latency_s=time.perf_counter() - t0)
-        parts.append(
-            select_outputs(
-                card, dict(zip(out_names, results, strict=True)), n_rows=sl.stop - sl.start
-            )
+        part = select_outputs(
+            card, dict(zip(out_names, results, strict=True)), n_rows=sl.stop - sl.start
         )
-    return {name: np.concatenate([p[name] for p in parts]) for name in card.output_names}
+        for name, values in part.items():
+            if name not in out:
+                out[name] = np.empty(n_rows, dtype=values.dtype)
+            out[name][sl] = values
+    return out
