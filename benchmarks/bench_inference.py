@@ -172,15 +172,15 @@ def main() -> None:
         t_ort, direct = best_of(args.repeat, lambda: session.run(None, {name: matrix})[0])
         from columnhub.inference.onnx import LOCAL_BATCH_ROWS
 
-        def batched() -> np.ndarray:
-            out = np.empty((len(matrix), 1), dtype=np.float32)
-            for i in range(0, len(matrix), LOCAL_BATCH_ROWS):
+        def batched(m: np.ndarray) -> np.ndarray:
+            out = np.empty((len(m), 1), dtype=np.float32)
+            for i in range(0, len(m), LOCAL_BATCH_ROWS):
                 out[i : i + LOCAL_BATCH_ROWS] = session.run(
-                    None, {name: matrix[i : i + LOCAL_BATCH_ROWS]}
+                    None, {name: m[i : i + LOCAL_BATCH_ROWS]}
                 )[0]
             return out
 
-        t_ortb, _ = best_of(args.repeat, batched)
+        t_ortb, _ = best_of(args.repeat, lambda: batched(matrix))
         predict(card, [j[:10] for j in jets], backend="local")  # open the session once
         t_ch, ours = best_of(args.repeat, lambda: predict(card, jets, backend="local")["score"])
         np.testing.assert_allclose(ak.to_numpy(ak.flatten(ours)), direct[:, 0], rtol=1e-5)
@@ -188,7 +188,6 @@ def main() -> None:
         rows += [(f"onnxruntime direct, {LOCAL_BATCH_ROWS}-row calls (info)", t_ortb, n_jets)]
         rows += [("columnhub local predict (jagged)", t_ch, n_jets)]
         ratios.append(("columnhub local vs direct ORT (target >= 0.9x)", t_ort / t_ch, 0.9))
-        del matrix, direct, ours
 
         # --- Triton: columnhub remote vs coffea triton_wrapper, same server + model
         if not args.no_triton:
