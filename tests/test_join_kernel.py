@@ -333,3 +333,27 @@ def test_check_aligned_names_file_entry_and_both_keys() -> None:
                       friend_start=20)
     with pytest.raises(KeyMismatchError, match="3 rows"):
         check_aligned(p, {k: v[:2] for k, v in f.items()})
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**20), st.booleans())
+def test_one_sort_unique_join_equals_index_join(n_p: int, n_f: int, seed: int, dup: bool) -> None:
+    from columnhub.join.match import match_unique_words
+
+    rng = np.random.default_rng(seed)
+    pool = rng.choice(2**30, size=n_p + n_f, replace=False).astype(np.uint64)
+    pw = rng.permutation(pool)[:n_p].copy()
+    fw = rng.permutation(pool)[:n_f].copy()
+    if dup and n_f > 1:
+        fw[0] = fw[1]
+    fast = match_unique_words(pw, fw, total_bits=30, how="left")
+    if dup and n_f > 1:
+        assert fast is None  # duplicates: the caller takes the general path
+        return
+    assert fast is not None
+    where = {int(k): j for j, k in enumerate(fw)}
+    assert fast.friend_rows.tolist() == [where.get(int(k), -1) for k in pw]
+    inner = match_unique_words(pw, fw, total_bits=30, how="inner")
+    assert inner is not None
+    assert inner.primary_rows.tolist() == [i for i, k in enumerate(pw) if int(k) in where]
+    assert match_unique_words(pw, fw, total_bits=63, how="left") is None  # does not fit

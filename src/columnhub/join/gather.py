@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from columnhub.errors import ColumnNotFoundError, JoinError, closest
 from columnhub.join.index import KeyIndex
-from columnhub.join.match import match, match_indexes, unmatched_rows
+from columnhub.join.match import Match, match, match_indexes, match_unique_words, unmatched_rows
 from columnhub.join.validate import check_how, check_unique, needs_unique
 from columnhub.keys import KeyPacking, normalize_keys
 
@@ -156,8 +156,16 @@ def join_arrays(
 
     need_primary_index = needs_unique("primary", validate) or how in ("right", "outer")
     pindex: KeyIndex | None = None
+    fast: Match | None = None
     if friend_index is None:
         packing = KeyPacking.fit(pkeys, fkeys, names=on_)
+        if validate == "one_to_one" and how in ("left", "inner") and packing.nwords == 1:
+            pw, _ = packing.pack(pkeys)
+            fw, _ = packing.pack(fkeys)
+            fast = match_unique_words(pw, fw, total_bits=packing.total_bits, how=how)
+    if fast is not None:
+        m = fast
+    elif friend_index is None:
         findex = KeyIndex.build(fkeys, packing=packing)
         check_unique(findex, side="friend", validate=validate)
         if need_primary_index:
@@ -168,8 +176,9 @@ def join_arrays(
             m = match(pkeys, findex, how=how, validate=validate)
     else:
         findex = friend_index
-        if len(findex) != len(next(iter(fkeys.values()))):
-            msg = f"friend_index has {len(findex)} rows but the friend has {len(fkeys)}"
+        nfriend = len(next(iter(fkeys.values())))
+        if len(findex) != nfriend:
+            msg = f"friend_index has {len(findex)} rows but the friend has {nfriend}"
             raise JoinError(msg)
         m = match(pkeys, findex, how=how, validate=validate)
         if how in ("right", "outer"):

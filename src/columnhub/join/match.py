@@ -17,7 +17,8 @@ from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
 from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
 
-__all__ = ["FetchPlan", "Match", "fetch_plan", "match", "match_indexes", "unmatched_rows"]
+__all__ = ["FetchPlan", "Match", "fetch_plan", "match", "match_indexes", "match_unique_words",
+           "unmatched_rows"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,47 @@ def match_indexes(primary: KeyIndex, friend: KeyIndex, *, how: str = "left") -> 
         msg = "match_indexes needs two indexes with the same packing"
         raise ValueError(msg)
     return _merge(primary.order, primary.sorted_words, None, friend, how=how)
+
+
+def match_unique_words(
+    primary_words: np.ndarray, friend_words: np.ndarray, *, total_bits: int, how: str = "left"
+) -> Match | None:
+    """One-sort join of two single-word key sets that should both be unique.
+
+    Both sides go into one array of composite values ``key | side | row``
+    (when ``total_bits`` + 1 + row bits fit in 64), sorted once: a matched
+    primary key sits right after its friend key. Returns ``None`` when the
+    composite does not fit or either side has duplicates (the caller then
+    takes the general path, which also builds the error message).
+    """
+    n_p, n_f = len(primary_words), len(friend_words)
+    if primary_words.ndim != 1 or friend_words.ndim != 1 or not n_p or not n_f:
+        return None
+    rb = max(1, (max(n_p, n_f) - 1).bit_length())
+    if total_bits + 1 + rb > 64:
+        return None
+    sh = np.uint64(rb + 1)
+    comp = np.empty(n_f + n_p, dtype=np.uint64)
+    head, tail = comp[:n_f], comp[n_f:]
+    np.left_shift(friend_words, sh, out=head)
+    head |= np.arange(n_f, dtype=np.uint64)
+    np.left_shift(primary_words, sh, out=tail)
+    tail |= np.arange(1 << rb, (1 << rb) + n_p, dtype=np.uint64)  # side bit set
+    comp.sort()
+    key = comp >> sh
+    same = key[1:] == key[:-1]
+    del key
+    is_primary = (comp & np.uint64(1 << rb)).astype(bool)
+    if bool((same & (is_primary[1:] == is_primary[:-1])).any()):
+        return None
+    rows = (comp & np.uint64((1 << rb) - 1)).astype(np.int64)
+    pair = np.flatnonzero(same)  # friend at pair, primary at pair + 1
+    friend = np.full(n_p, -1, dtype=np.int64)
+    friend[rows[pair + 1]] = rows[pair]
+    if how == "left":
+        return Match(np.arange(n_p, dtype=np.int64), friend, primary_identity=True)
+    keep = np.flatnonzero(friend >= 0)
+    return Match(keep, friend[keep])
 
 
 def unmatched_rows(keys: KeyColumns, primary_index: KeyIndex) -> np.ndarray:
