@@ -55,8 +55,14 @@ def tables(draw: st.DrawFn) -> dict[str, Any]:
     plens = draw(st.lists(st.integers(0, 3), min_size=len(pkeys), max_size=len(pkeys)))
     flens = draw(st.lists(st.integers(0, 3), min_size=len(fkeys), max_size=len(fkeys)))
     signed = mode == "small" and draw(st.booleans())
-    return {"ncol": ncol, "pkeys": pkeys, "fkeys": fkeys, "plens": plens, "flens": flens,
-            "signed": signed}
+    return {
+        "ncol": ncol,
+        "pkeys": pkeys,
+        "fkeys": fkeys,
+        "plens": plens,
+        "flens": flens,
+        "signed": signed,
+    }
 
 
 def _build(t: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str], list[str]]:
@@ -121,8 +127,15 @@ def _rows_of(out: dict[str, ak.Array], on: list[str], how: str) -> list[tuple[An
     keys = list(zip(*[out[c].tolist() for c in on], strict=True)) if n else []
     matched = out["friend.matched"].tolist() if how != "inner" else [True] * n
     return list(
-        zip(keys, out["x"].tolist(), out["pj"].tolist(), out["y"].tolist(), out["fj"].tolist(),
-            matched, strict=True)
+        zip(
+            keys,
+            out["x"].tolist(),
+            out["pj"].tolist(),
+            out["y"].tolist(),
+            out["fj"].tolist(),
+            matched,
+            strict=True,
+        )
     )
 
 
@@ -179,7 +192,8 @@ def test_chunked_kernel_equals_in_memory_join(t: dict[str, Any], chunk: int) -> 
                 assert plan.entries_read <= len(np.unique(m.friend_rows[m.friend_rows >= 0]))
                 parts = {
                     c: ak.concatenate([files[f][c][a:b] for f, a, b in plan.ranges])
-                    if plan.ranges else friend[c][:0]
+                    if plan.ranges
+                    else friend[c][:0]
                     for c in ("y", "fj")
                 }
                 y = gather(parts["y"], plan.rows).tolist()
@@ -187,8 +201,16 @@ def test_chunked_kernel_equals_in_memory_join(t: dict[str, Any], chunk: int) -> 
                 prow = m.primary_rows + s
                 for r, pr in enumerate(prow.tolist()):
                     key = tuple(int(primary[c][pr]) for c in on)
-                    got.append((key, pr + 0.5, primary["pj"][pr].tolist(), y[r], fj[r],
-                                bool(m.friend_rows[r] >= 0)))
+                    got.append(
+                        (
+                            key,
+                            pr + 0.5,
+                            primary["pj"][pr].tolist(),
+                            y[r],
+                            fj[r],
+                            bool(m.friend_rows[r] >= 0),
+                        )
+                    )
             if how in ("right", "outer"):
                 for j in unmatched_rows(fk, pindex).tolist():
                     key = tuple(int(friend[c][j]) for c in fon)
@@ -259,7 +281,8 @@ def test_key_index_serialisation_roundtrip_and_locate() -> None:
     )
     for other in (KeyIndex.from_bytes(index.to_bytes()), pickle.loads(pickle.dumps(index))):
         assert other.packing == index.packing
-        assert other.is_unique and other.file_names == ("f0.root", "f1.root")
+        assert other.is_unique
+        assert other.file_names == ("f0.root", "f1.root")
         assert np.array_equal(other.sorted_words, index.sorted_words)
         q = {k: v[::-7] for k, v in keys.items()}
         assert np.array_equal(match(q, other).friend_rows, np.arange(1000)[::-7])
@@ -291,7 +314,8 @@ def test_gather_flat_jagged_records_and_zero_copy() -> None:
     flat = np.array([1.5, 2.5])
     assert gather(flat, np.array([1, -1])).tolist() == [2.5, None]
     plain = gather(flat, [1, 0], optional=False)
-    assert plain.tolist() == [2.5, 1.5] and "?" not in str(plain.type)
+    assert plain.tolist() == [2.5, 1.5]
+    assert "?" not in str(plain.type)
     # gathering an option array again stays one level of option
     again = gather(out, [1, 0, -1])
     assert again.tolist() == [None, [3.0], None]
@@ -309,11 +333,11 @@ def test_join_arrays_names_prefix_and_key_errors() -> None:
     out = join_arrays(primary, friend, on="event", prefix="up_", name="up")
     assert out["up_pt"].tolist() == [10.0, 20.0]
     assert out["up.matched"].tolist() == [True, True]
-    with pytest.raises(KeyTypeError, match="'event'.*float"):
+    with pytest.raises(KeyTypeError, match=r"'event'.*float"):
         join_arrays({"event": np.array([1.0])}, friend, on="event", prefix="f_")
     with pytest.raises(JoinError, match="unknown join how='cross'"):
         join_arrays(primary, friend, on="event", how="cross", prefix="f_")
-    with pytest.raises(KeyError, match="'evnt'.*closest: event"):
+    with pytest.raises(KeyError, match=r"'evnt'.*closest: event"):
         join_arrays(primary, friend, on="evnt", prefix="f_")
     # a prebuilt friend index gives the same result
     index = KeyIndex.build({"event": friend["event"]})
@@ -329,8 +353,9 @@ def test_check_aligned_names_file_entry_and_both_keys() -> None:
         KeyMismatchError,
         match=r"a.root entry 11 \(run=1, event=5\) vs b.root entry 21 \(run=1, event=6\)",
     ):
-        check_aligned(p, f, primary_file="a.root", primary_start=10, friend_file="b.root",
-                      friend_start=20)
+        check_aligned(
+            p, f, primary_file="a.root", primary_start=10, friend_file="b.root", friend_start=20
+        )
     with pytest.raises(KeyMismatchError, match="3 rows"):
         check_aligned(p, {k: v[:2] for k, v in f.items()})
 

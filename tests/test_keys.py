@@ -139,7 +139,7 @@ def test_packing_dict_roundtrip() -> None:
 def test_float_key_column_is_rejected_with_value_and_fix() -> None:
     with pytest.raises(KeyTypeError, match=r"'event'.*float64.*entry 1 is 2\.5.*astype"):
         normalize_key_column("event", np.array([1.0, 2.5]))
-    with pytest.raises(KeyTypeError, match="'event'.*float32"):
+    with pytest.raises(KeyTypeError, match=r"'event'.*float32"):
         normalize_keys({"run": np.array([1]), "event": np.array([3.0], dtype=np.float32)})
 
 
@@ -152,11 +152,11 @@ def test_negative_signed_key_is_rejected_with_entry() -> None:
 
 
 def test_other_bad_key_columns() -> None:
-    with pytest.raises(KeyTypeError, match="'flag'.*bool"):
+    with pytest.raises(KeyTypeError, match=r"'flag'.*bool"):
         normalize_key_column("flag", np.array([True, False]))
-    with pytest.raises(KeyTypeError, match="'Jet_idx'.*jagged"):
+    with pytest.raises(KeyTypeError, match=r"'Jet_idx'.*jagged"):
         normalize_key_column("Jet_idx", ak.Array([[1, 2], []]))
-    with pytest.raises(KeyTypeError, match="'event'.*missing"):
+    with pytest.raises(KeyTypeError, match=r"'event'.*missing"):
         normalize_key_column("event", ak.Array([1, None, 3]))
     with pytest.raises(KeyTypeError, match="shape"):
         normalize_key_column("event", np.zeros((2, 2), dtype=np.uint64))

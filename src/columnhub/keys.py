@@ -376,7 +376,11 @@ class KeyPacking:
 
     def to_dict(self) -> dict[str, list[Any]]:
         """A JSON-able form (for storage next to a key index)."""
-        return {"names": list(self.names), "offsets": list(self.offsets), "widths": list(self.widths)}
+        return {
+            "names": list(self.names),
+            "offsets": list(self.offsets),
+            "widths": list(self.widths),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> KeyPacking:

@@ -133,7 +133,11 @@ def join_arrays(
     """
     check_how(how, validate)
     on_ = [on] if isinstance(on, str) else list(on)
-    fon = on_ if friend_on is None else ([friend_on] if isinstance(friend_on, str) else list(friend_on))
+    fon = (
+        on_
+        if friend_on is None
+        else ([friend_on] if isinstance(friend_on, str) else list(friend_on))
+    )
     if len(fon) != len(on_):
         msg = f"on={on_} and friend_on={fon} need the same number of key columns"
         raise JoinError(msg)

@@ -94,7 +94,9 @@ class Duplicate:
         """``(run=1, ...) x3 at file.root entry 5, file.root entry 9, ...``."""
         where = ", ".join(f"{f} entry {e}" for f, e in self.locations)
         more = " ..." if self.count > len(self.locations) else ""
-        return f"{format_key(list(self.key), list(self.key.values()))} x{self.count} at {where}{more}"
+        return (
+            f"{format_key(list(self.key), list(self.key.values()))} x{self.count} at {where}{more}"
+        )
 
 
 class KeyIndex:
@@ -207,9 +209,7 @@ class KeyIndex:
         return index
 
     @classmethod
-    def from_files(
-        cls, parts: Sequence[KeyColumns], *, file_names: Sequence[str] = ()
-    ) -> KeyIndex:
+    def from_files(cls, parts: Sequence[KeyColumns], *, file_names: Sequence[str] = ()) -> KeyIndex:
         """Index a dataset given the key columns of each file, in file order."""
         if not parts:
             msg = "KeyIndex.from_files needs the key columns of at least one file"

@@ -17,8 +17,15 @@ from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
 from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
 
-__all__ = ["FetchPlan", "Match", "fetch_plan", "match", "match_indexes", "match_unique_words",
-           "unmatched_rows"]
+__all__ = [
+    "FetchPlan",
+    "Match",
+    "fetch_plan",
+    "match",
+    "match_indexes",
+    "match_unique_words",
+    "unmatched_rows",
+]
 
 
 @dataclass(frozen=True)

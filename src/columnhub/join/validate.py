@@ -81,9 +81,7 @@ def duplicate_error(
     return DuplicateKeyError(msg)
 
 
-def check_unique(
-    index: KeyIndex, *, side: Side, validate: str, dataset: str | None = None
-) -> None:
+def check_unique(index: KeyIndex, *, side: Side, validate: str, dataset: str | None = None) -> None:
     """Raise :class:`DuplicateKeyError` if ``validate`` needs ``side`` unique and it is not.
 
     Args:
