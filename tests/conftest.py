@@ -490,3 +490,15 @@ def hanging_server() -> Iterator[HangingServer]:
         for conn in held:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+# ---------------------------------------------------------------------------
+# isolation
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own default column cache, never the user's."""
+    path = tmp_path_factory.mktemp("columnhub-cache")
+    monkeypatch.setenv("COLUMNHUB_CACHE", str(path))
+    return path

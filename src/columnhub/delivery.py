@@ -6,6 +6,7 @@ The service runs exactly this code for each request it accepts.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from columnhub.cache import ColumnCache, default_location, entry_key
 from columnhub.errors import ColumnhubError, OutputError, SpecError
 from columnhub.execute.chunk import ChunkResult, run_chunk
 from columnhub.execute.local import run_ordered
@@ -29,11 +31,13 @@ Progress = Callable[[int, int], None]
 
 
 def default_output_directory(request: Request) -> Path:
-    """Where a result goes when no directory is given: ``<cache>/results/<hash>``."""
-    root = os.environ.get("COLUMNHUB_CACHE")
-    if root is None or "://" in root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-        root = os.path.join(base, "columnhub")
+    """Where a result goes when no directory is given: ``<cache>/results/<hash>``.
+
+    A cache on a URL (a shared object store) keeps results in the local default.
+    """
+    root = default_location()
+    if "://" in root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "columnhub")
     return Path(root) / "results" / request.hash
 
 
@@ -43,6 +47,7 @@ def deliver(
     output: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
     progress: bool | Progress | None = None,
 ) -> Result:
     """Deliver the columns of ``request`` and return the :class:`Result`.
@@ -53,6 +58,9 @@ def deliver(
             a per-request folder in the columnhub cache).
         workers: chunk tasks run at once (default: the number of CPUs, at most 8).
         chunk_size: events per chunk (default: ``request.chunk_size``).
+        cache: the column cache: ``None``/``True`` for the default one
+            (``$COLUMNHUB_CACHE`` or ``~/.cache/columnhub``), a path or fsspec
+            URL, a :class:`~columnhub.cache.ColumnCache`, or ``False`` for none.
         progress: ``True`` for a progress bar, a ``callable(done, total)``, or
             ``None`` for a bar only when stderr is a terminal.
 
@@ -78,11 +86,18 @@ def deliver(
     directory = directory or default_output_directory(req)
     plan = make_plan(req)  # user errors surface here, before anything is written
     t_plan = time.perf_counter() - t0
+    store = _open_cache(cache)
     previous = _prepare_directory(directory)
+    identity = _result_key(plan)
+    reused = _reuse(identity, directory, previous, store)
+    if reused is not None:
+        reused["timing"] = {"plan_s": round(t_plan, 6), "total_s": round(time.perf_counter() - t0, 6)}
+        write_manifest(directory, reused)
+        return Result(directory, reused)
     staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
     staging.mkdir(parents=True)
     try:
-        manifest = _execute(plan, staging, workers=workers, progress=progress)
+        manifest = _execute(plan, staging, workers=workers, progress=progress, cache=store)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if previous is None:
@@ -92,11 +107,84 @@ def deliver(
     total = time.perf_counter() - t0
     manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
     manifest["timing"]["events_per_s"] = round(manifest["events_read"] / total, 1) if total else 0.0
+    manifest["result_key"] = identity
     write_manifest(directory, manifest)
+    if store is not None and not store.read_only:
+        store.put_bytes(identity, json.dumps({"directory": str(directory.resolve())}).encode())
     return Result(directory, manifest)
 
 
-def _execute(plan: Plan, staging: Path, *, workers: int, progress: Any) -> dict[str, Any]:
+def _open_cache(cache: Any) -> ColumnCache | None:
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return ColumnCache()
+    if isinstance(cache, ColumnCache):
+        return cache
+    return ColumnCache(os.fspath(cache))
+
+
+def _result_key(plan: Plan) -> str:
+    """The address of a whole result: the request and the identity of every input."""
+    return entry_key(
+        kind="result",
+        request=plan.request.hash,
+        inputs=plan.dataset.identity,
+        version=_version(),
+    )
+
+
+def _intact(directory: Path, manifest: dict[str, Any]) -> bool:
+    """True when every part a complete manifest lists is there with its size."""
+    if not manifest.get("complete"):
+        return False
+    for part in manifest.get("parts", []):
+        path = directory / part["name"]
+        if not path.is_file() or path.stat().st_size != part["bytes"]:
+            return False
+    return True
+
+
+def _reuse(
+    identity: str, directory: Path, previous: dict[str, Any] | None, store: ColumnCache | None
+) -> dict[str, Any] | None:
+    """A full hit: the same request on unchanged inputs was delivered before.
+
+    The result already in ``directory`` is kept as it is; one delivered
+    elsewhere (found through the cache) has its parts copied, byte for byte.
+    Returns the new manifest, or ``None`` when the result must be computed.
+    """
+    if store is None:
+        return None
+    source: tuple[Path, dict[str, Any]] | None = None
+    if previous is not None and previous.get("result_key") == identity and _intact(directory, previous):
+        source = (directory, previous)
+    else:
+        blob = store.get_bytes(identity)
+        if blob is not None:
+            where = Path(json.loads(blob)["directory"])
+            manifest = read_manifest(where) if where.is_dir() else None
+            if manifest is not None and manifest.get("result_key") == identity and _intact(where, manifest):
+                source = (where, manifest)
+    if source is None:
+        return None
+    where, manifest = source
+    if where != directory:
+        staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
+        staging.mkdir(parents=True)
+        for name in manifest["files"]:
+            shutil.copyfile(where / name, staging / name)
+        _publish(staging, directory, previous, manifest["files"])
+    entries = manifest["cache"]["hits"] + manifest["cache"]["misses"]
+    reused = dict(manifest)
+    reused["cache"] = {"hits": entries, "misses": 0, "reused_result": str(where)}
+    reused["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    return reused
+
+
+def _execute(
+    plan: Plan, staging: Path, *, workers: int, progress: Any, cache: ColumnCache | None
+) -> dict[str, Any]:
     req = plan.request
     if req.output.format == "root":
         from columnhub.output.root import RootPartWriter
@@ -112,7 +200,7 @@ def _execute(plan: Plan, staging: Path, *, workers: int, progress: Any) -> dict[
     t_run = time.perf_counter()
     done = 0
     try:
-        for result in run_ordered(lambda c: run_chunk(plan, c), plan.chunks, workers=workers):
+        for result in run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers):
             writer.write(result.table)
             chunks.append(_chunk_record(plan, result))
             hits += result.hits
@@ -142,7 +230,7 @@ def _execute(plan: Plan, staging: Path, *, workers: int, progress: Any) -> dict[
         "parts": [{"name": p.name, "rows": p.rows, "bytes": p.bytes} for p in parts],
         "columns": {f.name: str(f.type) for f in schema} if schema is not None else {},
         "keys": list(req.dataset.keys) if req.output.include_keys else [],
-        "cache": {"hits": hits, "misses": misses},
+        "cache": {"hits": hits, "misses": misses, "location": cache.location if cache else None},
         "inputs": plan.dataset.identity,
         "chunks": chunks,
         "timing": {"run_s": round(time.perf_counter() - t_run, 6)},
@@ -159,6 +247,7 @@ def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
         "rows_out": result.table.num_rows,
         "cache_hits": result.hits,
         "cache_misses": result.misses,
+        "read": result.details.get("read", []),
         "seconds": round(result.seconds, 6),
     }
 

@@ -87,6 +87,14 @@ class Plan:
     where: Expression | None
 
     @property
+    def where_fingerprint(self) -> str:
+        """The selection mask's definition, dependencies included (its cache address)."""
+        if self.where is None:
+            return ""
+        deps = [self.columns[n].fingerprint for n in sorted(self.where.names)]
+        return fingerprint("where", PROVIDER_VERSIONS["where"], self.where.canonical, deps)
+
+    @property
     def source_columns(self) -> tuple[str, ...]:
         return tuple(n for n, c in self.columns.items() if c.kind == "source")
 

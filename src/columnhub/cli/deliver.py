@@ -20,6 +20,8 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
     p.add_argument("--workers", type=int, metavar="N", help="chunk tasks at once")
     p.add_argument("--chunk-size", type=int, metavar="N", help="events per chunk")
+    p.add_argument("--cache", metavar="PATH_OR_URL", help="column cache (default: per-user)")
+    p.add_argument("--no-cache", action="store_true", help="read and compute everything")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(func=run)
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         workers=args.workers,
         chunk_size=args.chunk_size,
+        cache=False if args.no_cache else args.cache,
         progress=False if args.no_progress else None,
     )
     m = result.manifest
@@ -48,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         f"in {timing['total_s']:.2f} s ({timing['events_per_s']:,.0f} events/s) "
         f"-> {result.directory}"
     )
-    print(f"cache: {m['cache']['hits']} hits, {m['cache']['misses']} misses")
+    reused = m["cache"].get("reused_result")
+    print(
+        f"cache: {m['cache']['hits']} hits, {m['cache']['misses']} misses"
+        + (f" (whole result reused from {reused})" if reused else "")
+    )
     for name, kind in m["columns"].items():
         print(f"  {name}: {kind}")
     return 0
