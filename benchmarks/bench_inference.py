@@ -95,6 +95,8 @@ def triton_server(
     args += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     args += ["--model", f"jet_mlp:1={model}", "--max-batch-size", str(max_batch)]
     args += ["--instances", str(instances), "--ready-file", str(ready)]
+    shm = Path("/dev/shm")
+    shm_before = {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
     log = (workdir / "server.log").open("wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -110,9 +112,10 @@ def triton_server(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-        shm = Path("/dev/shm")
-        for p in shm.glob(f"pytrtion{proc.pid}*") if shm.is_dir() else []:
-            p.unlink(missing_ok=True)
+        # the Python backend's shared memory outlives a killed server
+        for p in [*shm.glob(f"pytrtion{proc.pid}*"), *shm.glob("psm_*")] if shm.is_dir() else []:
+            if p.name not in shm_before:
+                p.unlink(missing_ok=True)
 
 
 def coffea_predict(url: str, jets: list[ak.Array], *, batch_size: int) -> ak.Array:

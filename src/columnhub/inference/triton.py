@@ -18,7 +18,9 @@ and caches are per-process module state.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +85,19 @@ def _tritonclient(protocol: str) -> Any:
 
 
 _local = threading.local()
+_open_lock = threading.Lock()
+_open_clients: dict[int, Any] = {}  # every live client, closed at exit (gRPC's __del__ at
+# interpreter shutdown fails noisily otherwise)
+
+
+@atexit.register
+def _close_all_clients() -> None:
+    with _open_lock:
+        clients = list(_open_clients.values())
+        _open_clients.clear()
+    for client in clients:
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def _client(remote: RemoteConfig, url: str) -> Any:
@@ -100,6 +115,8 @@ def _client(remote: RemoteConfig, url: str) -> Any:
                 network_timeout=remote.timeout_s,
             )
         clients[key] = client
+        with _open_lock:
+            _open_clients[id(client)] = client
     return client
 
 
@@ -107,10 +124,10 @@ def _drop_client(remote: RemoteConfig, url: str) -> None:
     clients: dict[tuple[str, str, float], Any] = _local.__dict__.setdefault("clients", {})
     client = clients.pop((remote.protocol, url, remote.timeout_s), None)
     if client is not None:
-        try:
+        with _open_lock:
+            _open_clients.pop(id(client), None)
+        with contextlib.suppress(Exception):  # closing a broken connection may fail
             client.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is dropped anyway
-            return
 
 
 def _health_check(remote: RemoteConfig) -> Any:
