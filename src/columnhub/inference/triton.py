@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -86,22 +87,36 @@ def _tritonclient(protocol: str) -> Any:
 
 _local = threading.local()
 _open_lock = threading.Lock()
-_open_clients: dict[int, Any] = {}  # every live client, closed at exit (gRPC's __del__ at
-# interpreter shutdown fails noisily otherwise)
+# every thread's client dict: closed and emptied at exit, while the modules are
+# alive (a gRPC client collected at interpreter shutdown fails noisily in __del__)
+_client_dicts: list[dict[tuple[str, str, float], Any]] = []
+
+
+def _thread_clients() -> dict[tuple[str, str, float], Any]:
+    clients: dict[tuple[str, str, float], Any] | None = getattr(_local, "clients", None)
+    if clients is None:
+        clients = _local.clients = {}
+        with _open_lock:
+            _client_dicts.append(clients)
+    return clients
 
 
 @atexit.register
 def _close_all_clients() -> None:
     with _open_lock:
-        clients = list(_open_clients.values())
-        _open_clients.clear()
-    for client in clients:
-        with contextlib.suppress(Exception):
-            client.close()
+        dicts = list(_client_dicts)
+        _client_dicts.clear()
+    for clients in dicts:
+        while clients:
+            _, client = clients.popitem()
+            with contextlib.suppress(Exception):
+                client.close()
+            del client
+    gc.collect()
 
 
 def _client(remote: RemoteConfig, url: str) -> Any:
-    clients: dict[tuple[str, str, float], Any] = _local.__dict__.setdefault("clients", {})
+    clients = _thread_clients()
     key = (remote.protocol, url, remote.timeout_s)
     client = clients.get(key)
     if client is None:
@@ -115,17 +130,12 @@ def _client(remote: RemoteConfig, url: str) -> Any:
                 network_timeout=remote.timeout_s,
             )
         clients[key] = client
-        with _open_lock:
-            _open_clients[id(client)] = client
     return client
 
 
 def _drop_client(remote: RemoteConfig, url: str) -> None:
-    clients: dict[tuple[str, str, float], Any] = _local.__dict__.setdefault("clients", {})
-    client = clients.pop((remote.protocol, url, remote.timeout_s), None)
+    client = _thread_clients().pop((remote.protocol, url, remote.timeout_s), None)
     if client is not None:
-        with _open_lock:
-            _open_clients.pop(id(client), None)
         with contextlib.suppress(Exception):  # closing a broken connection may fail
             client.close()
 
