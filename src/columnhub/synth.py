@@ -609,6 +609,8 @@ class _Sink:
         order: Sequence[str],
         counter_dtypes: dict[str, np.dtype[Any]],
         compression: Any,
+        basket_events: int,
+        extra_baskets: int = 0,
     ) -> None:
         self.paths = list(paths)
         self.sizes = list(sizes)
@@ -621,6 +623,13 @@ class _Sink:
         self.file: Any = None
         self.tree: Any = None
         self.retyped: list[str] = []
+        self.basket_events = basket_events
+        self.extra_baskets = extra_baskets
+
+    def baskets_hint(self, size: int) -> int:
+        """Basket slots to reserve, so uproot need not rewrite the tree metadata
+        (which costs time quadratic in the number of branches) while filling."""
+        return max(10, -(-size // self.basket_events) + 3 + self.extra_baskets)
 
     def _open(self, k: int) -> None:
         self._close()
@@ -630,7 +639,9 @@ class _Sink:
         self.file = uproot.recreate(tmp, compression=self.compression)
         payload = _to_uproot(self.schema.slice(0, 0), self.order)
         types = {k2: (v.type if isinstance(v, ak.Array) else v.dtype) for k2, v in payload.items()}
-        self.tree = self.file.mktree(TREE, types)
+        self.tree = self.file.mktree(
+            TREE, types, initial_basket_capacity=self.baskets_hint(self.sizes[k])
+        )
         self._retype_counters()
 
     def _retype_counters(self) -> None:
@@ -827,6 +838,7 @@ def synthesize(
         order=sel.order,
         counter_dtypes={c: tpl.collections[c].counter_dtype for c in sel.collections},
         compression=comp,
+        basket_events=basket_events,
     )
     try:
         for lo in range(0, len(index), basket_events):
@@ -978,6 +990,8 @@ def regroup(
         order=sel.order,
         counter_dtypes={c: tpl.collections[c].counter_dtype for c in sel.collections},
         compression=comp,
+        basket_events=basket_events,
+        extra_baskets=len(paths_in),
     )
     try:
         if not shuffle:
