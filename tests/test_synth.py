@@ -136,15 +136,20 @@ def test_resampling_statistics(base: list[pathlib.Path]) -> None:
     nj_s = np.asarray(synth["nJet"], dtype=float)
     assert abs(nj_s.mean() - nj_t.mean()) < 5 * nj_t.std() / np.sqrt(len(nj_s))
     assert set(np.unique(nj_s)) <= set(np.unique(nj_t))
+
     # whole objects are resampled: every synthetic jet is one template jet
     def rows(a: ak.Array) -> set[tuple[float, ...]]:
         cols = [np.asarray(ak.flatten(a[f"Jet_{f}"])).tolist() for f in fields]
         return set(zip(*cols, strict=True))
 
     assert rows(synth) <= rows(tmpl)
+
     # flat branches: whole template events (MET pt and phi stay paired)
-    pairs_t = set(zip(np.asarray(tmpl["MET_pt"]).tolist(), np.asarray(tmpl["MET_phi"]).tolist()))
-    pairs_s = set(zip(np.asarray(synth["MET_pt"]).tolist(), np.asarray(synth["MET_phi"]).tolist()))
+    def pairs(a: ak.Array) -> set[tuple[float, float]]:
+        met = (np.asarray(a["MET_pt"]).tolist(), np.asarray(a["MET_phi"]).tolist())
+        return set(zip(*met, strict=True))
+
+    pairs_t, pairs_s = pairs(tmpl), pairs(synth)
     assert pairs_s <= pairs_t
     assert len(pairs_s) > 0.9 * len(pairs_t)
     # jets sorted by descending pt, as in the template
@@ -222,10 +227,21 @@ def test_user_errors(kwargs: dict[str, object], error: type, tmp_path: pathlib.P
 def test_regroup_shared_file(shuffle: bool, tmp_path: pathlib.Path) -> None:
     # a branch subset keeps the test fast (uproot's writer is slow for 1600 branches)
     patterns = ["Muon_*", "Jet_*", "MET_*", "HLT_IsoMu*"]
-    out = regroup([DIMUON], output=tmp_path / "rg", files=3, shuffle=shuffle, subset=0.75, seed=3,
-                  basket_events=7, branches=patterns)
+    out = regroup(
+        [DIMUON],
+        output=tmp_path / "rg",
+        files=3,
+        shuffle=shuffle,
+        subset=0.75,
+        seed=3,
+        basket_events=7,
+        branches=patterns,
+    )
     assert len(out) == 3
-    ref, got = read([DIMUON], sorted(_expected_branches(typenames(DIMUON), tuple(patterns)))), read(out)
+    ref, got = (
+        read([DIMUON], sorted(_expected_branches(typenames(DIMUON), tuple(patterns)))),
+        read(out),
+    )
     assert set(typenames(out[0])) == _expected_branches(typenames(DIMUON), tuple(patterns))
     assert typenames(out[0])["nMuon"] == typenames(DIMUON)["nMuon"]
     assert 0 < len(got) < len(ref)
@@ -258,8 +274,23 @@ def _parser() -> argparse.ArgumentParser:
 def test_cli_synth_and_regroup(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = _parser()
     args = parser.parse_args(
-        ["synth", "--like", str(DY), "--events", "500", "-o", str(tmp_path / "s"), "--files",
-         "2", "--shuffle", "--seed", "4", "--branches", "Muon_*", "MET_pt"]
+        [
+            "synth",
+            "--like",
+            str(DY),
+            "--events",
+            "500",
+            "-o",
+            str(tmp_path / "s"),
+            "--files",
+            "2",
+            "--shuffle",
+            "--seed",
+            "4",
+            "--branches",
+            "Muon_*",
+            "MET_pt",
+        ]
     )
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip()

@@ -89,11 +89,6 @@ LUMIS_PER_RUN = 1000
 """Synthetic luminosity blocks per run."""
 
 _DEFAULT_BASKET_EVENTS = 100_000
-_KEY_DTYPES = {
-    "run": np.dtype(np.uint32),
-    "luminosityBlock": np.dtype(np.uint32),
-    "event": np.dtype(np.uint64),
-}
 _COMPRESSIONS = {"zstd": "ZSTD", "zlib": "ZLIB", "lz4": "LZ4", "lzma": "LZMA"}
 _IDX_FIELD = re.compile(r"^(?P<target>[A-Za-z0-9]+?)Idx(?:\d+|[A-Z].*)?$")
 _MASK64 = (1 << 64) - 1
@@ -539,11 +534,11 @@ def _generate(
             obj = obj[np.lexsort((-pool.pt[cname][obj], parent))]
         colls[cname] = (counts, {fd: pool.objects[cname][fd][obj] for fd in fields})
     for (cname, fd), target in pool.idx_targets.items():
-        counts, fields = colls[cname]
-        values = fields[fd].copy()
-        limit = np.repeat(colls[target][0], counts)
+        ncounts, nfields = colls[cname]
+        values = nfields[fd].copy()
+        limit = np.repeat(colls[target][0], ncounts)
         values[values >= limit] = -1
-        fields[fd] = values
+        nfields[fd] = values
     for alias, cname in tpl.aliases.items():
         if alias in sel.flat:
             flat[alias] = colls[cname][0].astype(tpl.flat[alias])
@@ -671,9 +666,10 @@ class _Sink:
             datum["fTitle"] = f"{counter}/{letter}"
             self.retyped.append(counter)
         wfile = getattr(self.tree, "_file", None)
-        if self.retyped and hasattr(cascading, "_relocate") and wfile is not None:
+        relocate = getattr(cascading, "_relocate", None)
+        if self.retyped and relocate is not None and wfile is not None:
             # mktree already wrote the metadata: rewrite it with the new leaf types
-            cascading._relocate(wfile, wfile.sink)
+            relocate(wfile, wfile.sink)
 
     def _close(self) -> None:
         if self.file is not None:
@@ -879,7 +875,7 @@ def _read_range(
     tree: Any, tpl: Template, sel: _Selection, lo: int, hi: int, path: pathlib.Path
 ) -> _Batch:
     data = tree.arrays(_branch_names(tpl, sel), entry_start=lo, entry_stop=hi, how=dict)
-    flat = {b: np.asarray(data[b], dtype=tpl.flat.get(b, _KEY_DTYPES.get(b))) for b in sel.flat}
+    flat = {b: np.asarray(data[b], dtype=tpl.flat[b]) for b in sel.flat}
     colls = {}
     for cname, fields in sel.collections.items():
         coll = tpl.collections[cname]
@@ -1070,7 +1066,7 @@ def _save(path: pathlib.Path, batch: _Batch, pos: npt.NDArray[np.int64]) -> None
         for k, v in fields.items():
             arrays[f"c/{c}/{k}"] = v
     with path.open("wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def _load(path: pathlib.Path) -> tuple[_Batch, npt.NDArray[np.int64]]:

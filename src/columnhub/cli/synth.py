@@ -44,9 +44,7 @@ def _layout_options(p: argparse.ArgumentParser) -> None:
         help="glob patterns of branches to write (keys always); '*' for all",
     )
     p.add_argument("--compression", default="zstd:1", help="e.g. zstd:1, lz4:4, zlib:6, none")
-    p.add_argument(
-        "--basket-events", type=int, default=100_000, help="events per written batch"
-    )
+    p.add_argument("--basket-events", type=int, default=100_000, help="events per written batch")
 
 
 def register(subparsers: Any) -> None:
