@@ -56,6 +56,7 @@ def test_raw_columns_match_uproot(shared_data: Path, tmp_path: Path, sample: str
     ref = events(shared_data / sample, KEYS + columns)
     got = result.to_awkward()
     assert got.fields == KEYS + columns
+    assert "?" not in str(got.type)  # types as in the file: no option types made up
     assert_columns_equal(got, ref)
     m = result.manifest
     assert m["complete"] is True

@@ -17,7 +17,7 @@ from typing import Any
 
 from columnhub.cache import ColumnCache, default_location, entry_key
 from columnhub.errors import ColumnhubError, OutputError, SpecError
-from columnhub.execute.chunk import ChunkResult, run_chunk
+from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.execute.local import run_ordered
 from columnhub.output.manifest import read_manifest, write_manifest
 from columnhub.output.parquet import PartWriter
@@ -130,6 +130,7 @@ def _result_key(plan: Plan) -> str:
         kind="result",
         request=plan.request.hash,
         inputs=plan.dataset.identity,
+        friends=[f.fingerprint for f in plan.friends],
         version=_version(),
     )
 
@@ -199,8 +200,19 @@ def _execute(
     hits = misses = events = 0
     t_run = time.perf_counter()
     done = 0
+    if plan.friends:
+        from columnhub.join.provider import prepare
+
+        prepare(plan, cache=cache)  # key indexes built once; duplicates reported before work
+
+    def results() -> Any:
+        yield from run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers)
+        tail = run_tail(plan, cache=cache)
+        if tail is not None:
+            yield tail
+
     try:
-        for result in run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers):
+        for result in results():
             writer.write(result.table)
             chunks.append(_chunk_record(plan, result))
             hits += result.hits
@@ -232,6 +244,7 @@ def _execute(
         "keys": list(req.dataset.keys) if req.output.include_keys else [],
         "cache": {"hits": hits, "misses": misses, "location": cache.location if cache else None},
         "inputs": plan.dataset.identity,
+        "friends": {f.spec.name: f.dataset.identity for f in plan.friends},
         "chunks": chunks,
         "timing": {"run_s": round(time.perf_counter() - t_run, 6)},
     }
@@ -239,6 +252,13 @@ def _execute(
 
 def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
     c = result.chunk
+    if "tail" in result.details:
+        return {
+            "tail_of_friend": result.details["tail"],
+            "friend_rows_without_partner": result.details["friend_rows"],
+            "rows_out": result.table.num_rows,
+            "seconds": round(result.seconds, 6),
+        }
     return {
         "file": plan.dataset.files[c.file_index].path,
         "entry_start": c.start,
@@ -248,6 +268,7 @@ def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
         "cache_hits": result.hits,
         "cache_misses": result.misses,
         "read": result.details.get("read", []),
+        "friend_entries_read": result.details.get("friend_entries_read", 0),
         "seconds": round(result.seconds, 6),
     }
 

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import numpy as np
 
 from columnhub.datasets import ResolvedDataset, resolve
-from columnhub.errors import ColumnNotFoundError, SpecError, closest
+from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
-from columnhub.spec import Request
+from columnhub.spec import FriendSpec, Request
 
-__all__ = ["Chunk", "ColumnDef", "Plan", "make_plan", "split_entries"]
+__all__ = ["Chunk", "ColumnDef", "Friend", "Plan", "make_plan", "split_entries"]
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
@@ -67,6 +67,37 @@ class ColumnDef:
 
 
 @dataclass(frozen=True)
+class Friend:
+    """A friend dataset of the request, resolved.
+
+    Attributes:
+        spec: the friend as requested.
+        dataset: its files.
+        fingerprint: its full definition with its files' identity (part of the
+            address of every column it provides).
+    """
+
+    spec: FriendSpec
+    dataset: ResolvedDataset
+    fingerprint: str
+
+    @property
+    def expands(self) -> bool:
+        """True when a primary event may produce several output rows."""
+        return self.spec.validate_ == "one_to_many"
+
+    @property
+    def filters(self) -> bool:
+        """True when primary events without a partner are dropped."""
+        return self.spec.how in ("inner", "right")
+
+    @property
+    def has_tail(self) -> bool:
+        """True when friend rows without a primary partner are delivered too."""
+        return self.spec.how in ("right", "outer")
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything a chunk task needs, resolved; immutable and picklable.
 
@@ -85,6 +116,19 @@ class Plan:
     columns: dict[str, ColumnDef]
     outputs: tuple[str, ...]
     where: Expression | None
+    friends: tuple[Friend, ...] = ()
+
+    @property
+    def rows_tag(self) -> str:
+        """What one output row is: a primary event, or a (primary, friend) pair.
+
+        Part of the address of every computed column, so a one-to-many join's
+        expanded columns never collide with per-event ones.
+        """
+        return next((f.fingerprint for f in self.friends if f.expands), "")
+
+    def friend(self, name: str) -> Friend:
+        return next(f for f in self.friends if f.spec.name == name)
 
     @property
     def where_fingerprint(self) -> str:
@@ -136,7 +180,9 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
 def make_plan(request: Request) -> Plan:
     """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
     dataset = resolve(request.dataset)
-    resolver = _Resolver(request, dataset)
+    friends = tuple(_resolve_friend(request, dataset, spec) for spec in request.friends)
+    _check_friends(request, dataset, friends)
+    resolver = _Resolver(request, dataset, friends)
     for name in request.dataset.keys:
         if name not in dataset.columns:
             hint = closest(name, dataset.columns)
@@ -151,6 +197,11 @@ def make_plan(request: Request) -> Plan:
         wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
     for name in wanted:
         resolver.resolve(name, context="columns")
+    for friend in friends:  # joins need the primary keys, inner/right their match flag
+        for name in request.dataset.keys:
+            resolver.resolve(name, context=f"friend {friend.spec.name!r}")
+        if friend.filters or friend.has_tail:
+            resolver.resolve(friend.spec.matched_name, context=f"friend {friend.spec.name!r}")
     where = None
     if request.where is not None:
         where = parse(request.where)
@@ -167,7 +218,62 @@ def make_plan(request: Request) -> Plan:
         columns=dict(resolver.done),
         outputs=tuple(wanted),
         where=where,
+        friends=friends,
     )
+
+
+def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec) -> Friend:
+    dataset = resolve(spec.dataset)
+    keys = spec.friend_keys
+    if len(keys) != len(request.dataset.keys):
+        msg = (
+            f"friend {spec.name!r}: joins on {len(keys)} key column(s) {list(keys)} but the "
+            f"primary dataset has {len(request.dataset.keys)}: {list(request.dataset.keys)}; "
+            "set the friend's 'on' to one column per primary key, in the same order"
+        )
+        raise JoinError(msg)
+    dataset.require(keys, what=f"friend {spec.name!r} key column")
+    dataset.require(spec.columns, what=f"friend {spec.name!r} column")
+    if spec.match == "aligned":
+        counts = [f.entries for f in dataset.files]
+        want = [f.entries for f in primary.files]
+        if counts != want:
+            msg = (
+                f"friend {spec.name!r} is 'aligned' but its files hold {counts} entries where "
+                f"the primary's hold {want}; aligned friends need the same files and order "
+                "(use match: keyed for any other layout)"
+            )
+            raise KeyMismatchError(msg)
+    fp = fingerprint("friend", PROVIDER_VERSIONS["friend"], spec.canonical(), dataset.identity)
+    return Friend(spec=spec, dataset=dataset, fingerprint=fp)
+
+
+def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Friend, ...]) -> None:
+    owner: dict[str, str] = {name: "the primary dataset" for name in primary.columns}
+    owner.update({name: "define" for name in request.define})
+    for friend in friends:
+        names = [friend.spec.output_name(c) for c in friend.spec.columns]
+        names.append(friend.spec.matched_name)
+        for name in names:
+            if name in owner:
+                msg = (
+                    f"friend {friend.spec.name!r}: column name {name!r} clashes with a column "
+                    f"of {owner[name]}; give the friend a 'prefix' (e.g. prefix: "
+                    f"{friend.spec.name}_) so its columns get other names"
+                )
+                raise JoinError(msg)
+            owner[name] = f"friend {friend.spec.name!r}"
+    if sum(f.expands for f in friends) > 1:
+        msg = "at most one friend may use validate: one_to_many (several would multiply rows)"
+        raise JoinError(msg)
+    if sum(f.has_tail for f in friends) > 1 or (
+        any(f.has_tail for f in friends) and any(f.expands for f in friends)
+    ):
+        msg = (
+            "a request may have at most one right/outer friend, and not together with a "
+            "one_to_many friend; split the request"
+        )
+        raise JoinError(msg)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -179,14 +285,21 @@ def fingerprint(*parts: Any) -> str:
 class _Resolver:
     """Depth-first resolution of column names to providers (dependencies first)."""
 
-    def __init__(self, request: Request, dataset: ResolvedDataset) -> None:
+    def __init__(
+        self, request: Request, dataset: ResolvedDataset, friends: tuple[Friend, ...]
+    ) -> None:
         self.request = request
         self.dataset = dataset
+        self.friend_columns: dict[str, tuple[Friend, str | None]] = {}
+        for friend in friends:
+            for column in friend.spec.columns:
+                self.friend_columns[friend.spec.output_name(column)] = (friend, column)
+            self.friend_columns[friend.spec.matched_name] = (friend, None)
         self.done: dict[str, ColumnDef] = {}
         self.active: list[str] = []
 
     def known_names(self) -> list[str]:
-        return [*self.request.define, *self.dataset.columns]
+        return [*self.request.define, *self.friend_columns, *self.dataset.columns]
 
     def resolve(self, name: str, *, context: str) -> ColumnDef:
         if name in self.done:
@@ -211,13 +324,19 @@ class _Resolver:
             dep_prints = [self.resolve(d, context=f"define {name!r}").fingerprint for d in deps]
             fp = fingerprint("define", PROVIDER_VERSIONS["define"], expr.canonical, dep_prints)
             return ColumnDef(name, "define", deps, fp, expression=expr)
+        if name in self.friend_columns:
+            friend, column = self.friend_columns[name]
+            keys = [self.resolve(k, context=context).fingerprint for k in request.dataset.keys]
+            fp = fingerprint("friend", friend.fingerprint, column, keys)
+            source = {"friend": friend.spec.name, "column": column}
+            return ColumnDef(name, "friend", tuple(request.dataset.keys), fp, source=source)
         if name in self.dataset.columns:
             fp = fingerprint("source", PROVIDER_VERSIONS["source"], name)
             return ColumnDef(name, "source", (), fp, source={"branch": name})
         hint = closest(name, self.known_names())
         msg = (
             f"{context}: column {name!r} is neither a branch of dataset "
-            f"{request.dataset.name!r} nor defined in 'define'"
+            f"{request.dataset.name!r}, nor a friend's column, nor defined in 'define'"
         )
         msg += f"; closest names: {', '.join(hint)}" if hint else ""
         raise ColumnNotFoundError(msg)

@@ -18,6 +18,7 @@ import pyarrow as pa
 from columnhub import sources
 from columnhub.cache import ColumnCache
 from columnhub.errors import CacheError, ColumnhubError, ExpressionError
+from columnhub.join.gather import gather
 from columnhub.plan import Chunk, Plan
 
 __all__ = ["ChunkResult", "run_chunk", "to_arrow_table"]
@@ -54,13 +55,20 @@ def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> 
     """
     t0 = time.perf_counter()
     work = _ChunkWork(plan, chunk, cache)
-    work.resolve([*plan.outputs, *([WHERE] if plan.where is not None else [])])
+    needed = [*plan.outputs, *([WHERE] if plan.where is not None else [])]
+    for friend in plan.friends:
+        needed.extend(plan.request.dataset.keys)
+        if friend.filters:
+            needed.append(friend.spec.matched_name)
+    work.resolve(needed)
     work.compute()
     outputs = {name: work.values[name] for name in plan.outputs}
-    if plan.where is not None:
-        mask = work.values[WHERE]
+    mask = work.mask()
+    if mask is not None:
         outputs = {name: array[mask] for name, array in outputs.items()}
-    table = to_arrow_table(outputs, rows=chunk.entries if plan.where is None else None)
+    if any(f.has_tail for f in plan.friends):  # tail rows lack primary values
+        outputs = {name: _optional(name, a, plan) for name, a in outputs.items()}
+    table = to_arrow_table(outputs)
     return ChunkResult(
         chunk=chunk,
         table=table,
@@ -68,7 +76,11 @@ def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> 
         hits=work.hits,
         misses=work.misses,
         seconds=time.perf_counter() - t0,
-        details={"read": sorted(work.to_read), "cache_errors": work.cache_errors},
+        details={
+            "read": sorted(work.to_read),
+            "friend_entries_read": work.friend_entries_read,
+            "cache_errors": work.cache_errors,
+        },
     )
 
 
@@ -84,8 +96,10 @@ class _ChunkWork:
         self.cache = cache
         self.values: dict[str, Any] = {}
         self.to_read: list[str] = []
+        self.to_join: dict[str, list[str]] = {f.spec.name: [] for f in plan.friends}
         self.to_compute: list[str] = []
-        self.hits = self.misses = self.cache_errors = 0
+        self.primary_space: set[str] = set()  # values with one row per primary event
+        self.hits = self.misses = self.cache_errors = self.friend_entries_read = 0
         file = plan.dataset.files[chunk.file_index]
         self._address = {
             "file": file.identity_dict,
@@ -97,19 +111,49 @@ class _ChunkWork:
     def key(self, name: str) -> str:
         from columnhub.cache import entry_key
 
-        column = self.plan.where_fingerprint if name == WHERE else self.plan.columns[name].fingerprint
-        return entry_key(**self._address, column=column)
+        if name == WHERE:
+            return entry_key(**self._address, column=self.plan.where_fingerprint, rows=self.plan.rows_tag)
+        column = self.plan.columns[name]
+        if column.kind == "define":
+            return entry_key(**self._address, column=column.fingerprint, rows=self.plan.rows_tag)
+        return entry_key(**self._address, column=column.fingerprint)
+
+    def _space(self, name: str) -> bool:
+        """True when ``name`` has one row per primary event (before any expansion)."""
+        column = self.plan.columns[name]
+        if column.kind == "source":
+            return True
+        if column.kind == "friend":
+            return not self.plan.friend(column.source["friend"]).expands
+        return False
+
+    def mask(self) -> np.ndarray | None:
+        """The selection: ``where`` and, for inner/right friends, "has a partner"."""
+        masks = []
+        if self.plan.where is not None:
+            masks.append(np.asarray(ak.to_numpy(self.values[WHERE]), dtype=bool))
+        for friend in self.plan.friends:
+            if friend.filters:
+                masks.append(np.asarray(ak.to_numpy(self.values[friend.spec.matched_name]), dtype=bool))
+        if not masks:
+            return None
+        return np.logical_and.reduce(masks) if len(masks) > 1 else masks[0]
 
     def resolve(self, names: list[str]) -> None:
         """Find, depth first, what must be read and computed (dependencies first)."""
+        joining = {n for names_ in self.to_join.values() for n in names_}
         for name in names:
             if name in self.values or name in self.to_read or name in self.to_compute:
+                continue
+            if name in joining:
                 continue
             if self.cache is not None:
                 found = self.cache.get(self.key(name))
                 if found is not None:
                     self.hits += 1
                     self.values[name] = found
+                    if name != WHERE and self._space(name):
+                        self.primary_space.add(name)
                     continue
                 self.misses += 1
             if name == WHERE:
@@ -120,6 +164,10 @@ class _ChunkWork:
             column = self.plan.columns[name]
             if column.kind == "source":
                 self.to_read.append(name)
+            elif column.kind == "friend":
+                self.resolve(list(column.deps))
+                self.to_join[column.source["friend"]].append(name)
+                joining.add(name)
             else:
                 self.resolve(list(column.deps))
                 self.to_compute.append(name)
@@ -133,6 +181,11 @@ class _ChunkWork:
             )
             for name in self.to_read:
                 self._store(name, read[name])
+                self.primary_space.add(name)
+        rows = self._join()
+        if rows is not None:  # one-to-many: one output row per (event, partner) pair
+            for name in self.primary_space:
+                self.values[name] = gather(self.values[name], rows, optional=False)
         for name in self.to_compute:
             if name == WHERE:
                 assert plan.where is not None
@@ -143,6 +196,34 @@ class _ChunkWork:
                 assert column.expression is not None
                 self._store(name, column.expression.evaluate(self.values))
 
+    def _join(self) -> np.ndarray | None:
+        """Friend columns for this chunk; returns the row expansion of a one-to-many join."""
+        from columnhub.join.provider import friend_chunk
+
+        plan, rows = self.plan, None
+        for friend in plan.friends:
+            wanted = self.to_join[friend.spec.name]
+            if not wanted and not friend.expands:
+                continue
+            keys = {k: self.values[k] for k in plan.request.dataset.keys}
+            got = friend_chunk(
+                plan,
+                friend,
+                keys,
+                chunk_file=self.chunk.file_index,
+                chunk_start=self.chunk.start,
+                wanted=wanted,
+                cache=self.cache,
+            )
+            self.friend_entries_read += got.entries_read
+            for name in wanted:
+                self._store(name, got.columns[name])
+                if not friend.expands:
+                    self.primary_space.add(name)
+            if friend.expands and not got.match.primary_identity:
+                rows = got.match.primary_rows
+        return rows
+
     def _store(self, name: str, value: Any) -> None:
         self.values[name] = value
         if self.cache is None:
@@ -151,6 +232,69 @@ class _ChunkWork:
             self.cache.put(self.key(name), ak.Array(value) if not isinstance(value, ak.Array) else value)
         except CacheError:
             self.cache_errors += 1  # a full or unwritable cache never fails a request
+
+
+def run_tail(plan: Plan, *, cache: ColumnCache | None = None) -> ChunkResult | None:
+    """The rows of a right/outer friend that have no primary partner, or ``None``.
+
+    They carry their keys, the friend's columns and ``matched = false``;
+    primary columns, and definitions computed from them, are missing (``None``),
+    and a ``where`` that reads primary columns does not select them (as in SQL).
+    """
+    from columnhub.join.provider import tail_rows
+
+    friend = next((f for f in plan.friends if f.has_tail), None)
+    if friend is None:
+        return None
+    t0 = time.perf_counter()
+    wanted = [
+        n for n, c in plan.columns.items()
+        if c.kind == "friend" and c.source["friend"] == friend.spec.name
+    ]
+    keys, columns = tail_rows(plan, friend, wanted=wanted, cache=cache)
+    values: dict[str, Any] = {**keys, **columns}
+    n = len(next(iter(keys.values())))
+    for name, column in plan.columns.items():
+        if column.kind == "define" and all(d in values for d in column.deps):
+            assert column.expression is not None
+            values[name] = column.expression.evaluate(values)
+    mask = np.ones(n, dtype=bool)
+    if plan.where is not None:
+        if all(d in values for d in plan.where.names):
+            mask &= selection_mask(plan.where.evaluate(values), text=plan.where.text)
+        else:
+            mask[:] = False
+    for other in plan.friends:
+        if other is not friend and other.filters:
+            mask[:] = False
+    table = pa.Table.from_arrays(
+        [
+            to_arrow_table({name: _optional(name, values[name][mask], plan)}).column(0)
+            if name in values
+            else pa.nulls(int(mask.sum()))
+            for name in plan.outputs
+        ],
+        names=list(plan.outputs),
+    )
+    return ChunkResult(
+        chunk=Chunk(index=len(plan.chunks), file_index=-1, start=0, stop=0),
+        table=table,
+        rows_in=0,
+        seconds=time.perf_counter() - t0,
+        details={"tail": friend.spec.name, "friend_rows": n},
+    )
+
+
+def _optional(name: str, array: Any, plan: Plan) -> ak.Array:
+    """``array`` with an option type, for the columns a right/outer tail row lacks.
+
+    Keys and ``matched`` flags are never missing and keep their types.
+    """
+    layout = ak.to_layout(array)
+    always = {*plan.request.dataset.keys, *(f.spec.matched_name for f in plan.friends)}
+    if layout.is_option or name in always:
+        return ak.Array(layout)
+    return ak.Array(ak.contents.UnmaskedArray(layout))
 
 
 def selection_mask(result: Any, *, text: str) -> np.ndarray:
@@ -174,18 +318,22 @@ def selection_mask(result: Any, *, text: str) -> np.ndarray:
 
 
 def to_arrow_table(columns: dict[str, Any], *, rows: int | None = None) -> pa.Table:
-    """Awkward columns as a plain-typed Arrow table (readable by every Parquet reader)."""
-    arrays = []
+    """Awkward columns as a plain-typed Arrow table (readable by every Parquet reader).
+
+    A field is nullable exactly when its awkward type is an option type, so
+    reading the result back gives the same types (``float32``, not ``?float32``).
+    """
+    arrays, fields = [], []
     for name, value in columns.items():
         array = value if isinstance(value, ak.Array) else ak.Array(value)
         try:
-            arrays.append(
-                ak.to_arrow(array, extensionarray=False, list_to32=True, string_to32=True)
-            )
+            converted = ak.to_arrow(array, extensionarray=False, list_to32=True, string_to32=True)
         except Exception as err:
             msg = f"column {name!r} of type {array.type} cannot be written ({err})"
             raise ColumnhubError(msg) from err
-    table = pa.Table.from_arrays(arrays, names=list(columns))
+        arrays.append(converted)
+        fields.append(pa.field(name, converted.type, nullable=ak.to_layout(array).is_option))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     if rows is not None and table.num_rows != rows:
         msg = f"columns have {table.num_rows} rows, expected {rows}"
         raise ColumnhubError(msg)

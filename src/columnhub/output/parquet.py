@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from columnhub.errors import OutputError
 
-__all__ = ["PartInfo", "PartWriter", "nullable_schema"]
+__all__ = ["PartInfo", "PartWriter"]
 
 
 @dataclass(frozen=True)
@@ -21,25 +21,6 @@ class PartInfo:
     name: str
     rows: int
     bytes: int
-
-
-def nullable_schema(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with every field, nested ones too, nullable.
-
-    Chunks of one column may differ only in whether they hold missing values;
-    one nullable schema for the whole result keeps every part readable together.
-    """
-
-    def fix(t: pa.DataType) -> pa.DataType:
-        if pa.types.is_list(t):
-            return pa.list_(fix(t.value_type))
-        if pa.types.is_large_list(t):
-            return pa.large_list(fix(t.value_type))
-        if pa.types.is_struct(t):
-            return pa.struct([pa.field(f.name, fix(f.type), nullable=True) for f in t])
-        return t
-
-    return pa.schema([pa.field(f.name, fix(f.type), nullable=True) for f in schema])
 
 
 class PartWriter:
@@ -85,7 +66,7 @@ class PartWriter:
     def write(self, table: pa.Table) -> None:
         """Append ``table``; start a new part once the current one is big enough."""
         if self.schema is None:
-            self.schema = nullable_schema(table.schema)
+            self.schema = table.schema
         if table.num_rows == 0 and (self._writer is not None or self.parts):
             return
         try:

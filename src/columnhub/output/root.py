@@ -15,7 +15,7 @@ import pyarrow as pa
 import uproot
 
 from columnhub.errors import OutputError
-from columnhub.output.parquet import PartInfo, nullable_schema
+from columnhub.output.parquet import PartInfo
 
 __all__ = ["RootPartWriter"]
 
@@ -50,7 +50,7 @@ class RootPartWriter:
     def write(self, table: pa.Table) -> None:
         """Append ``table`` (one basket per call); roll over to a new part by size."""
         if self.schema is None:
-            self.schema = nullable_schema(table.schema)
+            self.schema = table.schema
         if table.num_rows == 0 and (self._file is not None or self.parts):
             return
         branches = self._branches(table)

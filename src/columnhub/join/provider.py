@@ -1,0 +1,240 @@
+"""The friend-join column provider: a friend's columns for one primary chunk.
+
+Keyed joins look the chunk's keys up in the friend's :class:`KeyIndex` (built
+once per dataset, kept in the column cache and in memory per process), read
+only the friend entry ranges that hold partners, and gather; aligned joins
+read the same entry range of the friend and verify the keys row by row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import awkward as ak
+import numpy as np
+
+from columnhub import sources
+from columnhub.datasets import ResolvedDataset
+from columnhub.join.gather import gather
+from columnhub.join.index import KeyIndex
+from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
+from columnhub.join.validate import check_aligned, check_unique
+
+if TYPE_CHECKING:
+    from columnhub.cache import ColumnCache
+    from columnhub.plan import Friend, Plan
+
+__all__ = ["FriendRows", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
+
+_INDEX_VERSION = 1
+_memo: dict[str, KeyIndex] = {}
+_memo_lock = threading.Lock()
+_build_locks: dict[str, threading.Lock] = {}
+
+
+def _index_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
+    from columnhub.cache import entry_key
+
+    return entry_key(
+        kind="key-index",
+        files=dataset.identity,
+        tree=dataset.spec.tree,
+        keys=list(keys),
+        version=_INDEX_VERSION,
+    )
+
+
+def dataset_index(
+    dataset: ResolvedDataset, keys: Sequence[str], *, cache: ColumnCache | None = None
+) -> KeyIndex:
+    """The key index of a whole dataset: from memory, else the cache, else built.
+
+    Building reads only the key columns, file by file.
+    """
+    key = _index_key(dataset, keys)
+    with _memo_lock:
+        if key in _memo:
+            return _memo[key]
+        lock = _build_locks.setdefault(key, threading.Lock())
+    with lock:  # one build per process even when many chunk tasks ask at once
+        if key in _memo:
+            return _memo[key]
+        index = None
+        if cache is not None:
+            blob = cache.get_bytes(key)
+            if blob is not None:
+                index = KeyIndex.from_bytes(blob)
+        if index is None:
+            parts = []
+            for file in dataset.files:
+                read = sources.read(file, dataset.spec, list(keys), start=0, stop=file.entries)
+                parts.append({k: np.asarray(ak.to_numpy(read[k])) for k in keys})
+            index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
+            if cache is not None:
+                cache.put_bytes(key, index.to_bytes())
+        with _memo_lock:
+            if len(_memo) >= 8:
+                _memo.pop(next(iter(_memo)))
+            _memo[key] = index
+        return index
+
+
+def prepare(plan: Plan, *, cache: ColumnCache | None = None) -> None:
+    """Build (or load) every key index the request needs and validate duplicates.
+
+    Run once per request before the chunk tasks, so a cardinality violation is
+    reported before any work and the indexes are warm for the tasks.
+    """
+    primary_needed = any(
+        f.has_tail or f.spec.validate_ in ("one_to_one", "one_to_many")
+        for f in plan.friends
+        if f.spec.match == "keyed"
+    )
+    for friend in plan.friends:
+        if friend.spec.match != "keyed":
+            continue
+        index = dataset_index(friend.dataset, friend.spec.friend_keys, cache=cache)
+        check_unique(index, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
+    if primary_needed:
+        primary = dataset_index(plan.dataset, plan.request.dataset.keys, cache=cache)
+        for friend in plan.friends:
+            check_unique(
+                primary,
+                side="primary",
+                validate=friend.spec.validate_,
+                dataset=plan.request.dataset.name,
+            )
+
+
+@dataclass(frozen=True)
+class FriendRows:
+    """A friend's part of one primary chunk.
+
+    Attributes:
+        match: the row pairs (primary rows per output row; ``-1``-free unless
+            the chunk is a right/outer tail).
+        columns: friend column name (as in the request) -> array per output row.
+        entries_read: friend entries read.
+    """
+
+    match: Match
+    columns: dict[str, ak.Array]
+    entries_read: int
+
+
+def _read_ranges(
+    dataset: ResolvedDataset, columns: list[str], ranges: Sequence[tuple[int, int, int]]
+) -> dict[str, ak.Array]:
+    pieces: dict[str, list[ak.Array]] = {c: [] for c in columns}
+    for file, start, stop in ranges:
+        read = sources.read(dataset.files[file], dataset.spec, columns, start=start, stop=stop)
+        for c in columns:
+            pieces[c].append(read[c])
+    return {
+        c: (ak.concatenate(p) if len(p) > 1 else p[0]) if p else ak.Array(np.zeros(0))
+        for c, p in pieces.items()
+    }
+
+
+def _fetch(friend: Friend, index: KeyIndex, rows: np.ndarray, names: list[str]) -> tuple[dict[str, ak.Array], int]:
+    # Friend columns are always option-typed (None where a row has no partner),
+    # whatever ``how`` and whatever the chunk: one schema for every part.
+    if not names:
+        return {}, 0
+    plan = fetch_plan(index, rows)
+    ranges = plan.ranges or ((0, 0, 0),)  # no partner at all: an empty, typed read
+    raw = _read_ranges(friend.dataset, names, ranges)
+    return {c: gather(raw[c], plan.rows, optional=True) for c in names}, plan.entries_read
+
+
+def friend_chunk(
+    plan: Plan,
+    friend: Friend,
+    keys: Mapping[str, Any],
+    *,
+    chunk_file: int,
+    chunk_start: int,
+    wanted: Sequence[str],
+    cache: ColumnCache | None = None,
+) -> FriendRows:
+    """The friend columns ``wanted`` (request names) for one primary chunk.
+
+    Args:
+        plan: the request's plan.
+        friend: the friend.
+        keys: the primary chunk's key columns (primary names, primary rows).
+        chunk_file: the chunk's file number in the primary dataset.
+        chunk_start: the chunk's first entry in that file.
+        wanted: friend columns to provide, by their names in the request
+            (``<name>.matched`` included).
+        cache: where key indexes are kept.
+    """
+    spec = friend.spec
+    columns = {spec.output_name(c): c for c in spec.columns}
+    names = [columns[w] for w in wanted if w in columns]
+    primary_keys = [np.asarray(ak.to_numpy(keys[k])) for k in plan.request.dataset.keys]
+    n = len(primary_keys[0])
+    if spec.match == "aligned":
+        info = friend.dataset.files[chunk_file]
+        read = sources.read(
+            info,
+            friend.dataset.spec,
+            [*spec.friend_keys, *[c for c in names if c not in spec.friend_keys]],
+            start=chunk_start,
+            stop=chunk_start + n,
+        )
+        check_aligned(
+            dict(zip(plan.request.dataset.keys, primary_keys, strict=True)),
+            {k: np.asarray(ak.to_numpy(read[k])) for k in spec.friend_keys},
+            primary_file=plan.dataset.files[chunk_file].path,
+            primary_start=chunk_start,
+            friend_file=info.path,
+            friend_start=chunk_start,
+        )
+        out = {w: read[columns[w]] for w in wanted if w in columns}
+        rows = np.arange(n, dtype=np.int64)
+        result = FriendRows(Match(rows, rows, primary_identity=True), out, n)
+    else:
+        index = dataset_index(friend.dataset, spec.friend_keys, cache=cache)
+        m = match(
+            dict(zip(spec.friend_keys, primary_keys, strict=True)),
+            index,
+            how="left",
+            validate=spec.validate_,
+        )
+        fetched, read_n = _fetch(friend, index, m.friend_rows, names)
+        out = {spec.output_name(c): a for c, a in fetched.items()}
+        result = FriendRows(m, out, read_n)
+    if spec.matched_name in wanted:
+        result.columns[spec.matched_name] = ak.Array(result.match.friend_rows >= 0)
+    return result
+
+
+def tail_rows(
+    plan: Plan, friend: Friend, *, wanted: Sequence[str], cache: ColumnCache | None = None
+) -> tuple[dict[str, ak.Array], dict[str, ak.Array]]:
+    """Friend rows with no primary partner (right and outer joins).
+
+    Returns:
+        ``(keys, columns)``: the rows' keys under the *primary* key names, and
+        the wanted friend columns (request names, ``matched`` all false).
+    """
+    spec = friend.spec
+    index = dataset_index(friend.dataset, spec.friend_keys, cache=cache)
+    primary = dataset_index(plan.dataset, plan.request.dataset.keys, cache=cache)
+    friend_keys = index.key_columns()
+    rows = unmatched_rows(friend_keys, primary)
+    keys = {
+        p: ak.Array(friend_keys[f][rows])
+        for p, f in zip(plan.request.dataset.keys, spec.friend_keys, strict=True)
+    }
+    columns = {spec.output_name(c): c for c in spec.columns}
+    names = [columns[w] for w in wanted if w in columns]
+    fetched, _ = _fetch(friend, index, rows, names)
+    out = {spec.output_name(c): a for c, a in fetched.items()}
+    if spec.matched_name in wanted:
+        out[spec.matched_name] = ak.Array(np.zeros(len(rows), dtype=bool))
+    return keys, out
