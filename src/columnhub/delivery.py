@@ -131,6 +131,7 @@ def _result_key(plan: Plan) -> str:
         request=plan.request.hash,
         inputs=plan.dataset.identity,
         friends=[f.fingerprint for f in plan.friends],
+        models=sorted({c.model.card.identity for c in plan.columns.values() if c.model}),
         version=_version(),
     )
 
@@ -198,6 +199,7 @@ def _execute(
     report = _progress(progress, total=plan.dataset.entries)
     chunks: list[dict[str, Any]] = []
     hits = misses = events = 0
+    inference: Any = None
     t_run = time.perf_counter()
     done = 0
     if plan.friends:
@@ -217,6 +219,11 @@ def _execute(
             chunks.append(_chunk_record(plan, result))
             hits += result.hits
             misses += result.misses
+            if result.details.get("inference") is not None:
+                if inference is None:
+                    inference = result.details["inference"]
+                else:
+                    inference.merge(result.details["inference"])
             events += result.table.num_rows
             done += result.rows_in
             if report is not None:
@@ -246,6 +253,11 @@ def _execute(
         "inputs": plan.dataset.identity,
         "friends": {f.spec.name: f.dataset.identity for f in plan.friends},
         "chunks": chunks,
+        "inference": inference.snapshot() if inference is not None else {},
+        "models": {
+            f"{m.card.name}@{m.card.version}": m.card.identity
+            for m in {id(c.model): c.model for c in plan.columns.values() if c.model}.values()
+        },
         "timing": {"run_s": round(time.perf_counter() - t_run, 6)},
     }
 

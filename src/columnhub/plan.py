@@ -21,7 +21,7 @@ from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, S
 from columnhub.expressions import Expression, parse
 from columnhub.spec import FriendSpec, Request
 
-__all__ = ["Chunk", "ColumnDef", "Friend", "Plan", "make_plan", "split_entries"]
+__all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
@@ -64,6 +64,24 @@ class ColumnDef:
     fingerprint: str
     expression: Expression | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    model: Model | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model of the request with its card and parsed input expressions.
+
+    Attributes:
+        card: the model card (picklable).
+        inputs: the card's input expressions, parsed.
+        columns: card output name -> column name in the request.
+        backend: ``auto``, ``local`` or ``remote``.
+    """
+
+    card: Any
+    inputs: tuple[Expression, ...]
+    columns: dict[str, str]
+    backend: str
 
 
 @dataclass(frozen=True)
@@ -182,7 +200,8 @@ def make_plan(request: Request) -> Plan:
     dataset = resolve(request.dataset)
     friends = tuple(_resolve_friend(request, dataset, spec) for spec in request.friends)
     _check_friends(request, dataset, friends)
-    resolver = _Resolver(request, dataset, friends)
+    models = _load_models(request)
+    resolver = _Resolver(request, dataset, friends, models)
     for name in request.dataset.keys:
         if name not in dataset.columns:
             hint = closest(name, dataset.columns)
@@ -220,6 +239,38 @@ def make_plan(request: Request) -> Plan:
         where=where,
         friends=friends,
     )
+
+
+def _load_models(request: Request) -> tuple[Model, ...]:
+    if not request.models:
+        return ()
+    import os
+
+    from columnhub.inference import ModelRegistry
+
+    location = request.registry or os.environ.get("COLUMNHUB_MODELS")
+    if not location:
+        msg = (
+            "the request uses models but names no model registry; set 'registry' in the "
+            "request (a directory of model cards) or the COLUMNHUB_MODELS environment variable"
+        )
+        raise SpecError(msg)
+    registry = ModelRegistry(location)
+    models = []
+    for spec in request.models:
+        card = registry.get(spec.model, spec.version)
+        names = {o.name: o.name for o in card.outputs}
+        for output, column in (spec.outputs or {}).items():
+            if output not in names:
+                msg = (
+                    f"model {spec.model!r} version {spec.version!r} has no output {output!r}; "
+                    f"its outputs are: {', '.join(names)}"
+                )
+                raise SpecError(msg)
+            names[output] = column
+        inputs = tuple(parse(text) for text in card.inputs)
+        models.append(Model(card=card, inputs=inputs, columns=names, backend=spec.backend))
+    return tuple(models)
 
 
 def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec) -> Friend:
@@ -286,10 +337,24 @@ class _Resolver:
     """Depth-first resolution of column names to providers (dependencies first)."""
 
     def __init__(
-        self, request: Request, dataset: ResolvedDataset, friends: tuple[Friend, ...]
+        self,
+        request: Request,
+        dataset: ResolvedDataset,
+        friends: tuple[Friend, ...],
+        models: tuple[Model, ...] = (),
     ) -> None:
         self.request = request
         self.dataset = dataset
+        self.model_columns: dict[str, tuple[Model, str]] = {}
+        for model in models:
+            for output, column in model.columns.items():
+                if column in self.model_columns or column in dataset.columns or column in request.define:
+                    msg = (
+                        f"model {model.card.name!r}: output column {column!r} clashes with another "
+                        "column; rename it in the request's models: outputs: {output: new_name}"
+                    )
+                    raise SpecError(msg)
+                self.model_columns[column] = (model, output)
         self.friend_columns: dict[str, tuple[Friend, str | None]] = {}
         for friend in friends:
             for column in friend.spec.columns:
@@ -299,7 +364,12 @@ class _Resolver:
         self.active: list[str] = []
 
     def known_names(self) -> list[str]:
-        return [*self.request.define, *self.friend_columns, *self.dataset.columns]
+        return [
+            *self.request.define,
+            *self.model_columns,
+            *self.friend_columns,
+            *self.dataset.columns,
+        ]
 
     def resolve(self, name: str, *, context: str) -> ColumnDef:
         if name in self.done:
@@ -324,6 +394,16 @@ class _Resolver:
             dep_prints = [self.resolve(d, context=f"define {name!r}").fingerprint for d in deps]
             fp = fingerprint("define", PROVIDER_VERSIONS["define"], expr.canonical, dep_prints)
             return ColumnDef(name, "define", deps, fp, expression=expr)
+        if name in self.model_columns:
+            model, output = self.model_columns[name]
+            label = f"model {model.card.name!r} input"
+            deps = tuple(sorted({n for e in model.inputs for n in e.names}))
+            dep_prints = {d: self.resolve(d, context=label).fingerprint for d in deps}
+            inputs = [e.canonical for e in model.inputs]
+            fp = fingerprint(
+                "model", PROVIDER_VERSIONS["model"], model.card.identity, output, inputs, dep_prints
+            )
+            return ColumnDef(name, "model", deps, fp, source={"output": output}, model=model)
         if name in self.friend_columns:
             friend, column = self.friend_columns[name]
             keys = [self.resolve(k, context=context).fingerprint for k in request.dataset.keys]
@@ -336,7 +416,7 @@ class _Resolver:
         hint = closest(name, self.known_names())
         msg = (
             f"{context}: column {name!r} is neither a branch of dataset "
-            f"{request.dataset.name!r}, nor a friend's column, nor defined in 'define'"
+            f"{request.dataset.name!r}, nor a friend's or model's column, nor defined in 'define'"
         )
         msg += f"; closest names: {', '.join(hint)}" if hint else ""
         raise ColumnNotFoundError(msg)

@@ -138,8 +138,8 @@ class ModelSpec(_Frozen):
     Attributes:
         model: the model's name in the registry.
         version: its explicit version.
-        outputs: model output name -> column name; by default every output is
-            named ``<model>_<output>``.
+        outputs: the card's output name -> column name in the request; by
+            default each output keeps the name its card gives it.
         backend: ``auto`` (remote when the card names servers, else local),
             ``local`` or ``remote``.
     """

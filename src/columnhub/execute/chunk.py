@@ -19,7 +19,7 @@ from columnhub import sources
 from columnhub.cache import ColumnCache
 from columnhub.errors import CacheError, ColumnhubError, ExpressionError
 from columnhub.join.gather import gather
-from columnhub.plan import Chunk, Plan
+from columnhub.plan import Chunk, ColumnDef, Plan
 
 __all__ = ["ChunkResult", "run_chunk", "to_arrow_table"]
 
@@ -80,6 +80,7 @@ def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> 
             "read": sorted(work.to_read),
             "friend_entries_read": work.friend_entries_read,
             "cache_errors": work.cache_errors,
+            "inference": work.metrics,
         },
     )
 
@@ -100,6 +101,7 @@ class _ChunkWork:
         self.to_compute: list[str] = []
         self.primary_space: set[str] = set()  # values with one row per primary event
         self.hits = self.misses = self.cache_errors = self.friend_entries_read = 0
+        self.metrics: Any = None  # InferenceMetrics, when the chunk runs a model
         file = plan.dataset.files[chunk.file_index]
         self._address = {
             "file": file.identity_dict,
@@ -114,7 +116,7 @@ class _ChunkWork:
         if name == WHERE:
             return entry_key(**self._address, column=self.plan.where_fingerprint, rows=self.plan.rows_tag)
         column = self.plan.columns[name]
-        if column.kind == "define":
+        if column.kind in ("define", "model"):
             return entry_key(**self._address, column=column.fingerprint, rows=self.plan.rows_tag)
         return entry_key(**self._address, column=column.fingerprint)
 
@@ -191,10 +193,28 @@ class _ChunkWork:
                 assert plan.where is not None
                 result = plan.where.evaluate(self.values)
                 self._store(name, selection_mask(result, text=plan.where.text))
+            elif name in self.values:
+                continue  # a model output computed together with a sibling output
+            elif plan.columns[name].kind == "model":
+                self._predict(plan.columns[name])
             else:
                 column = plan.columns[name]
                 assert column.expression is not None
                 self._store(name, column.expression.evaluate(self.values))
+
+    def _predict(self, column: ColumnDef) -> None:
+        """Run a model once for the chunk; store every output the request uses."""
+        from columnhub.inference import InferenceMetrics, predict
+
+        model = column.model
+        assert model is not None
+        if self.metrics is None:
+            self.metrics = InferenceMetrics()
+        inputs = [e.evaluate(self.values) for e in model.inputs]
+        outputs = predict(model.card, inputs, backend=model.backend, metrics=self.metrics)
+        for output, name in model.columns.items():
+            if name in self.plan.columns and name not in self.values:
+                self._store(name, outputs[output])
 
     def _join(self) -> np.ndarray | None:
         """Friend columns for this chunk; returns the row expansion of a one-to-many join."""
