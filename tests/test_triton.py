@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import onnxruntime as ort
 import pytest
 import uproot
 
+import columnhub
 from columnhub.errors import InferenceServerError, ModelInputError
 from columnhub.inference import InferenceMetrics, ModelCard, RemoteConfig, load_card, predict
 from columnhub.inference.testing import make_mlp_onnx, write_card
@@ -332,3 +334,32 @@ def test_failover_when_a_server_dies_mid_request(
     finally:
         killer.join(timeout=60)
         victim.kill()  # the `servers` fixture restarts it for the next test
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_deliver_with_remote_model_matches_local(
+    servers: list[TritonServer], models_dir: Path, shared_data: Path, tmp_path: Path, protocol: str
+) -> None:
+    """A request whose model card names the two servers: same columns as local inference."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    shutil.copy(models_dir / "jet_mlp.onnx", registry / "jet_mlp.onnx")
+    card = {
+        "name": "jet_mlp", "version": 1, "file": "jet_mlp.onnx", "granularity": "object",
+        "collection": "Jet", "inputs": JET_INPUTS, "outputs": [{"name": "score"}],
+        "remote": {"servers": [s.url(protocol) for s in servers], "protocol": protocol,
+                   "model_name": "jet_mlp", "model_version": "1", "max_batch_rows": 256},
+    }
+    write_card(registry / "jet_mlp.yaml", card)
+    request = {
+        "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
+        "registry": str(registry), "columns": ["score"], "chunk_size": 50,
+        "models": [{"model": "jet_mlp", "version": 1, "backend": "remote"}],
+    }
+    remote = columnhub.deliver(request, output=tmp_path / "remote", cache=False)
+    request["models"] = [{"model": "jet_mlp", "version": 1, "backend": "local"}]
+    local = columnhub.deliver(request, output=tmp_path / "local", cache=False)
+    got, want = remote.to_awkward().score, local.to_awkward().score
+    assert ak.num(got).tolist() == ak.num(want).tolist()
+    np.testing.assert_allclose(ak.to_numpy(ak.flatten(got)), ak.to_numpy(ak.flatten(want)), rtol=1e-5)
+    assert remote.manifest["inference"]["jet_mlp@1"]["backends"] == {"remote": 4}
