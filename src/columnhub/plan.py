@@ -318,7 +318,7 @@ def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Fr
         msg = "at most one friend may use validate: one_to_many (several would multiply rows)"
         raise JoinError(msg)
     if sum(f.has_tail for f in friends) > 1 or (
-        any(f.has_tail for f in friends) and any(f.expands for f in friends)
+        any(f.has_tail for f in friends) and any(f.expands and not f.has_tail for f in friends)
     ):
         msg = (
             "a request may have at most one right/outer friend, and not together with a "

@@ -314,7 +314,7 @@ def _optional(name: str, array: Any, plan: Plan) -> ak.Array:
     always = {*plan.request.dataset.keys, *(f.spec.matched_name for f in plan.friends)}
     if layout.is_option or name in always:
         return ak.Array(layout)
-    return ak.Array(ak.contents.UnmaskedArray(layout))
+    return ak.Array(ak.contents.UnmaskedArray.simplified(layout))
 
 
 def selection_mask(result: Any, *, text: str) -> np.ndarray:
