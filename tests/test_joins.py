@@ -191,3 +191,61 @@ def test_join_matches_brute_force(how: str, validate: str, case: dict[str, Any])
             rows_of(result, [*KEYS, "x", "j", "fr.fx", "fr.fj", "fr.matched"])
         )
     assert got == reference_join(case["primary"], case["friend"], how=how)
+
+
+# ---------------------------------------------------------------------------
+# real NanoAOD schema: split a file in two, shuffle/regroup/thin one half, join back
+
+PRIMARY_BRANCHES = ["Jet_pt", "Jet_eta", "MET_pt"]
+FRIEND_BRANCHES = ["Muon_pt", "Muon_charge", "Electron_pt", "PV_npvs"]
+
+
+@pytest.fixture(scope="module")
+def split_nano(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Any]:
+    source = shared_data / "nano_tt_v12.root"
+    d = tmp_path_factory.mktemp("split_nano")
+    primary = regroup(source, output=d / "primary.root", branches=["Jet_*", "MET_pt"])
+    friends = regroup(
+        source,
+        output=d / "friend",
+        files=3,
+        shuffle=True,
+        subset=0.9,
+        seed=7,
+        branches=["Muon_*", "Electron_pt", "PV_npvs"],
+    )
+    with uproot.open(source) as f:
+        original = f["Events"].arrays([*KEYS, *PRIMARY_BRANCHES, *FRIEND_BRANCHES], library="ak")
+    kept = set()
+    for path in friends:
+        with uproot.open(path) as f:
+            keys = f["Events"].arrays(list(KEYS), library="np")
+        kept.update(zip(*(keys[k].tolist() for k in KEYS), strict=True))
+    return {"primary": primary, "friends": friends, "original": original, "kept": kept}
+
+
+@pytest.mark.parametrize("how", ["left", "inner"])
+def test_real_schema_split_and_joined_back(split_nano: dict[str, Any], tmp_path: Path, how: str) -> None:
+    original = split_nano["original"]
+    kept = split_nano["kept"]
+    n = len(original)
+    assert 0 < len(kept) < n  # some events were really dropped
+    req = request(
+        split_nano["primary"],
+        [*PRIMARY_BRANCHES, *(f"mu.{b}" for b in FRIEND_BRANCHES), "mu.matched"],
+        chunk_size=37,
+        friends=[friend("mu", split_nano["friends"], FRIEND_BRANCHES, how=how)],
+    )
+    out = columnhub.deliver(req, output=tmp_path / "out", cache=False).to_awkward().to_list()
+    events = original.to_list()
+    expected = [e for e in events if how == "left" or tuple(e[k] for k in KEYS) in kept]
+    assert len(out) == len(expected)
+    for got, want in zip(out, expected, strict=True):
+        key = tuple(want[k] for k in KEYS)
+        assert tuple(got[k] for k in KEYS) == key
+        for b in PRIMARY_BRANCHES:
+            assert got[b] == want[b], (b, key)
+        present = key in kept
+        assert got["mu.matched"] is present
+        for b in FRIEND_BRANCHES:  # None exactly where the event was dropped from the friend
+            assert got[f"mu.{b}"] == (want[b] if present else None), (b, key)
