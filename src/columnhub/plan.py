@@ -9,6 +9,7 @@ ranges aligned to basket boundaries). It reads metadata only.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ class Model:
     card: Any
     inputs: tuple[Expression, ...]
     columns: dict[str, str]
-    backend: str
+    backend: Literal["auto", "local", "remote"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
             out.append((lo, hi))
         else:
             edges = np.linspace(lo, hi, n + 1).round().astype(np.int64)
-            out.extend((int(a), int(c)) for a, c in zip(edges[:-1], edges[1:], strict=True))
+            out.extend((int(a), int(c)) for a, c in itertools.pairwise(edges))
     return [r for r in out if r[1] > r[0]]
 
 
@@ -398,10 +399,10 @@ class _Resolver:
             model, output = self.model_columns[name]
             label = f"model {model.card.name!r} input"
             deps = tuple(sorted({n for e in model.inputs for n in e.names}))
-            dep_prints = {d: self.resolve(d, context=label).fingerprint for d in deps}
+            by_dep = {d: self.resolve(d, context=label).fingerprint for d in deps}
             inputs = [e.canonical for e in model.inputs]
             fp = fingerprint(
-                "model", PROVIDER_VERSIONS["model"], model.card.identity, output, inputs, dep_prints
+                "model", PROVIDER_VERSIONS["model"], model.card.identity, output, inputs, by_dep
             )
             return ColumnDef(name, "model", deps, fp, source={"output": output}, model=model)
         if name in self.friend_columns:

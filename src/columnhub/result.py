@@ -86,7 +86,7 @@ class Result:
             msg = "to_dask() needs dask-awkward: pip install 'columnhub[dask]'"
             raise ModuleNotFoundError(msg) from err
         self._check()
-        return dak.from_parquet([str(f) for f in self.files])
+        return dak.from_parquet([str(f) for f in self.files])  # type: ignore[attr-defined]
 
     def _check(self) -> None:
         if not self.complete:

@@ -308,7 +308,7 @@ class Request(_Frozen):
 
     def to_yaml(self) -> str:
         """The request as YAML text."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def replace(self, **changes: Any) -> Request:
         """A copy with some fields changed (validated again)."""

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from columnhub.errors import ColumnhubError
 
@@ -21,7 +22,7 @@ COMMANDS = ("deliver", "synth", "cache")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 on usage errors too
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 on usage errors too
         self.print_usage(sys.stderr)
         self.exit(2, f"columnhub: error: {message}\n")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,7 +38,7 @@ class PartWriter:
         self.schema: pa.Schema | None = None
         self.parts: list[PartInfo] = []
         self._writer: pq.ParquetWriter | None = None
-        self._sink: object | None = None
+        self._sink: Any = None
         self._tmp: Path | None = None
         self._rows = 0
 
@@ -55,7 +56,7 @@ class PartWriter:
         if self._writer is None:
             return
         self._writer.close()
-        self._sink.close()  # type: ignore[attr-defined]
+        self._sink.close()
         assert self._tmp is not None
         final = self._tmp.parent / self._tmp.name[1:].rsplit(".tmp-", 1)[0]
         os.replace(self._tmp, final)
@@ -82,7 +83,7 @@ class PartWriter:
         assert self._writer is not None
         self._writer.write_table(table)
         self._rows += table.num_rows
-        if self._sink.tell() >= self.target_bytes:  # type: ignore[attr-defined]
+        if self._sink.tell() >= self.target_bytes:
             self._finish()
 
     def close(self) -> list[PartInfo]:
@@ -97,7 +98,7 @@ class PartWriter:
         if self._writer is not None:
             try:
                 self._writer.close()
-                self._sink.close()  # type: ignore[attr-defined]
+                self._sink.close()
             finally:
                 if self._tmp is not None:
                     self._tmp.unlink(missing_ok=True)

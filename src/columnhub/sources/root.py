@@ -117,7 +117,7 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
             columns = {b.name: b.typename for b in tree.itervalues(recursive=True)}
         else:  # RNTuple
             boundaries = (0, entries)
-            columns = {name: str(tree[name].typename) for name in tree.keys()}
+            columns = {name: str(tree[name].typename) for name in tree.keys()}  # noqa: SIM118
     except ColumnhubError:
         raise
     except Exception as err:
