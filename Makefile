@@ -19,7 +19,7 @@ demo: install
 
 ## Test suite: install test dependencies and real servers, run every test.
 install-test: install system-deps triton-venv
-	$(PIP) install -q --group test --group bench -e '.[all]'
+	$(PIP) install -q --group test -e '.[all]'
 
 system-deps:
 	bash scripts/install-system-deps.sh
@@ -31,6 +31,7 @@ test: install-test
 	$(PY) -m pytest
 
 bench: install-test
+	$(PIP) install -q --group bench coffea
 	$(PY) benchmarks/run_all.py
 
 clean:
