@@ -249,3 +249,201 @@ def test_real_schema_split_and_joined_back(split_nano: dict[str, Any], tmp_path:
         assert got["mu.matched"] is present
         for b in FRIEND_BRANCHES:  # None exactly where the event was dropped from the friend
             assert got[f"mu.{b}"] == (want[b] if present else None), (b, key)
+
+
+# ---------------------------------------------------------------------------
+# synthetic NanoAOD: aligned friends, systematics friends, define/where, augmentation
+
+LIKE = "nano_tt_v12.root"
+N_SYNTH = 1200
+
+
+def read(files: list[Path], branches: list[str]) -> dict[str, Any]:
+    """Branches of ``files`` concatenated, straight from uproot (the reference)."""
+    parts = []
+    for path in files:
+        with uproot.open(path) as f:
+            parts.append(f["Events"].arrays(branches, library="ak"))
+    joined = ak.concatenate(parts)
+    return {b: joined[b] for b in branches}
+
+
+def by_key(columns: dict[str, Any], value: str) -> dict[tuple[int, int, int], Any]:
+    keys = zip(*(np.asarray(columns[k]).tolist() for k in KEYS), strict=True)
+    return dict(zip(keys, ak.to_list(columns[value]), strict=True))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, list[Path]]:
+    """A primary, an aligned friend, shuffled / thinned friends: same event keys."""
+    d = tmp_path_factory.mktemp("synth")
+    like = shared_data / LIKE
+    common = {"events": N_SYNTH, "files": 2, "basket_events": 400}
+    return {
+        "primary": synthesize(like, output=d / "primary", branches=["Jet_pt", "MET_pt"], **common),
+        "aligned": synthesize(like, output=d / "aligned", branches=["MET_pt"], seed=1, **common),
+        "up": synthesize(like, output=d / "up", branches=["MET_pt"], seed=2, shuffle=True, **common),
+        "down": synthesize(
+            like, output=d / "down", branches=["MET_pt"], seed=3, subset=0.8, shuffle=True,
+            events=N_SYNTH, files=3,
+        ),
+        "thinned": synthesize(like, output=d / "thinned", branches=["MET_pt"], seed=1, subset=0.9, **common),
+    }
+
+
+def test_aligned_friend_on_identical_layout(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    req = request(
+        synth["primary"],
+        ["MET_pt", "sys.MET_pt"],
+        chunk_size=250,
+        friends=[friend("sys", synth["aligned"], ["MET_pt"], match="aligned")],
+    )
+    out = columnhub.deliver(req, output=tmp_path / "out", cache=False).to_awkward()
+    primary = read(synth["primary"], [*KEYS, "MET_pt"])
+    aligned = read(synth["aligned"], [*KEYS, "MET_pt"])
+    for k in KEYS:  # the synthetic keys agree entry by entry
+        assert out[k].to_list() == primary[k].to_list() == aligned[k].to_list()
+    assert out["MET_pt"].to_list() == primary["MET_pt"].to_list()
+    assert out["sys.MET_pt"].to_list() == aligned["MET_pt"].to_list()
+    assert out["sys.MET_pt"].to_list() != out["MET_pt"].to_list()  # another seed: other values
+
+
+def test_aligned_friend_out_of_order_names_file_entry_and_keys(
+    synth: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    req = request(
+        synth["primary"],
+        ["sys.MET_pt"],
+        chunk_size=10_000,
+        friends=[friend("sys", synth["up"], ["MET_pt"], match="aligned")],
+    )
+    primary = read(synth["primary"][:1], list(KEYS))
+    shuffled = read(synth["up"][:1], list(KEYS))
+    differ = np.zeros(len(primary["event"]), dtype=bool)
+    for k in KEYS:
+        differ |= np.asarray(primary[k]) != np.asarray(shuffled[k])
+    i = int(np.flatnonzero(differ)[0])
+    with pytest.raises(KeyMismatchError) as err:
+        columnhub.deliver(req, output=tmp_path / "out", cache=False, workers=1)
+    text = str(err.value)
+    assert str(synth["primary"][0]) in text
+    assert str(synth["up"][0]) in text
+    assert f"entry {i}" in text
+    for side in (primary, shuffled):
+        assert f"event={int(side['event'][i])}" in text
+        assert f"luminosityBlock={int(side['luminosityBlock'][i])}" in text
+    assert "match: keyed" in text
+
+
+def test_aligned_friend_with_other_entry_counts(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    req = request(
+        synth["primary"],
+        ["sys.MET_pt"],
+        friends=[friend("sys", synth["thinned"], ["MET_pt"], match="aligned")],
+    )
+    counts = [uproot.open(p)["Events"].num_entries for p in synth["thinned"]]
+    with pytest.raises(KeyMismatchError, match="aligned") as err:
+        columnhub.deliver(req, output=tmp_path / "out", cache=False)
+    assert str(counts) in str(err.value)
+
+
+def test_systematics_friends_in_define_and_where(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    req = request(
+        synth["primary"],
+        ["MET_pt", "up_MET_pt", "down_MET_pt", "down_matched", "shift", "ht"],
+        define={"shift": "up_MET_pt - nom.MET_pt", "ht": "sum(Jet_pt)"},
+        where="up_MET_pt > 30",
+        chunk_size=300,
+        friends=[
+            friend("nom", synth["aligned"], ["MET_pt"], match="aligned"),
+            friend("up", synth["up"], ["MET_pt"], prefix="up_"),
+            friend("down", synth["down"], ["MET_pt"], prefix="down_"),
+        ],
+    )
+    out = columnhub.deliver(req, output=tmp_path / "out", cache=False).to_awkward().to_list()
+    primary = read(synth["primary"], [*KEYS, "MET_pt", "Jet_pt"])
+    nom = by_key(read(synth["aligned"], [*KEYS, "MET_pt"]), "MET_pt")
+    up = by_key(read(synth["up"], [*KEYS, "MET_pt"]), "MET_pt")
+    down = by_key(read(synth["down"], [*KEYS, "MET_pt"]), "MET_pt")
+    jets = by_key(primary, "Jet_pt")
+    met = by_key(primary, "MET_pt")
+    expected = [k for k in zip(*(primary[k].to_list() for k in KEYS), strict=True) if up[k] > 30]
+    assert 0 < len(expected) < N_SYNTH
+    assert [tuple(r[k] for k in KEYS) for r in out] == expected
+    for row in out:
+        key = tuple(row[k] for k in KEYS)
+        assert row["MET_pt"] == met[key]
+        assert row["up_MET_pt"] == up[key]
+        assert row["down_MET_pt"] == down.get(key)
+        assert row["down_matched"] is (key in down)
+        assert row["shift"] == pytest.approx(np.float32(up[key]) - np.float32(nom[key]))
+        assert row["ht"] == pytest.approx(sum(jets[key]), rel=1e-5)
+
+
+def test_augmentation_loop_output_as_friend(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    """Deliver derived columns once (with keys); join them into a later request."""
+    first = columnhub.deliver(
+        request(synth["primary"], ["ht", "njet"], define={"ht": "sum(Jet_pt)", "njet": "num(Jet_pt)"}),
+        output=tmp_path / "derived",
+        cache=False,
+    )
+    assert first.manifest["keys"] == list(KEYS)
+    later = request(
+        synth["down"],  # another layout: 3 shuffled files holding 80% of the events
+        ["MET_pt", "aug.ht", "aug.njet"],
+        friends=[friend("aug", [tmp_path / "derived"], ["ht", "njet"], validate="many_to_one")],
+    )
+    out = columnhub.deliver(later, output=tmp_path / "later", cache=False).to_awkward().to_list()
+    jets = by_key(read(synth["primary"], [*KEYS, "Jet_pt"]), "Jet_pt")
+    assert len(out) == sum(uproot.open(p)["Events"].num_entries for p in synth["down"])
+    for row in out:
+        key = tuple(row[k] for k in KEYS)
+        assert row["aug.njet"] == len(jets[key])
+        assert row["aug.ht"] == pytest.approx(sum(jets[key]), rel=1e-5)
+
+
+def test_name_clash_needs_a_prefix(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    clash_primary = request(
+        synth["primary"], ["MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"], prefix="")]
+    )
+    with pytest.raises(JoinError, match="prefix") as err:
+        columnhub.deliver(clash_primary, output=tmp_path / "a", cache=False)
+    assert "'MET_pt'" in str(err.value)
+    clash_define = request(
+        synth["primary"],
+        ["up.MET_pt"],
+        define={"up.MET_pt": "MET_pt * 2"},
+        friends=[friend("up", synth["up"], ["MET_pt"])],
+    )
+    with pytest.raises(JoinError, match="define"):
+        columnhub.deliver(clash_define, output=tmp_path / "b", cache=False)
+    two_friends = request(
+        synth["primary"],
+        ["sys_MET_pt"],
+        friends=[
+            friend("up", synth["up"], ["MET_pt"], prefix="sys_"),
+            friend("down", synth["down"], ["MET_pt"], prefix="sys_"),
+        ],
+    )
+    with pytest.raises(JoinError, match="friend 'up'"):
+        columnhub.deliver(two_friends, output=tmp_path / "c", cache=False)
+
+
+def test_missing_friend_columns_suggest_closest(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    bad_column = request(
+        synth["primary"], ["sys.MET_pt"], friends=[friend("sys", synth["up"], ["MET_ptt"])]
+    )
+    with pytest.raises(ColumnNotFoundError, match="'MET_ptt'") as err:
+        columnhub.deliver(bad_column, output=tmp_path / "a", cache=False)
+    assert "closest names: MET_pt" in str(err.value)
+    bad_key = request(
+        synth["primary"],
+        ["sys.MET_pt"],
+        friends=[friend("sys", synth["up"], ["MET_pt"], on=["run", "luminosityBlock", "evnt"])],
+    )
+    with pytest.raises(ColumnNotFoundError, match="'evnt'") as err:
+        columnhub.deliver(bad_key, output=tmp_path / "b", cache=False)
+    assert "closest names: event" in str(err.value)
+    unknown = request(synth["primary"], ["sys.MET_px"], friends=[friend("sys", synth["up"], ["MET_pt"])])
+    with pytest.raises(ColumnNotFoundError, match="sys.MET_pt"):
+        columnhub.deliver(unknown, output=tmp_path / "c", cache=False)
