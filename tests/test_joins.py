@@ -447,3 +447,95 @@ def test_missing_friend_columns_suggest_closest(synth: dict[str, list[Path]], tm
     unknown = request(synth["primary"], ["sys.MET_px"], friends=[friend("sys", synth["up"], ["MET_pt"])])
     with pytest.raises(ColumnNotFoundError, match="sys.MET_pt"):
         columnhub.deliver(unknown, output=tmp_path / "c", cache=False)
+
+
+# ---------------------------------------------------------------------------
+# key types, one_to_many expansion, right/outer tails
+
+
+def write_keys(path: Path, keys: dict[str, np.ndarray], x: np.ndarray) -> Path:
+    with uproot.recreate(path) as f:
+        f["Events"] = {**keys, "x": x}
+    return path
+
+
+def cms_keys(event: np.ndarray, *, event_dtype: Any = np.uint64) -> dict[str, np.ndarray]:
+    n = len(event)
+    return {
+        "run": np.ones(n, dtype=np.uint32),
+        "luminosityBlock": np.ones(n, dtype=np.uint32),
+        "event": np.asarray(event, dtype=event_dtype),
+    }
+
+
+def test_bad_key_types(tmp_path: Path) -> None:
+    good = write_keys(tmp_path / "good.root", cms_keys(np.arange(5)), np.arange(5.0))
+    floats = write_keys(
+        tmp_path / "float.root", cms_keys(np.arange(5), event_dtype=np.float64), np.arange(5.0)
+    )
+    negative = write_keys(
+        tmp_path / "negative.root", cms_keys(np.array([3, 1, -7, 0, 2]), event_dtype=np.int64),
+        np.arange(5.0),
+    )
+    float_friend = request([good], ["f.x"], friends=[friend("f", [floats], ["x"])])
+    with pytest.raises(KeyTypeError, match="'event'") as err:
+        columnhub.deliver(float_friend, output=tmp_path / "a", cache=False)
+    assert "float" in str(err.value)
+    negative_primary = request([negative], ["f.x"], friends=[friend("f", [good], ["x"])])
+    with pytest.raises(KeyTypeError, match="'event'") as err:
+        columnhub.deliver(negative_primary, output=tmp_path / "b", cache=False)
+    assert "-7" in str(err.value)
+
+
+def test_one_to_many_expands_rows(tmp_path: Path) -> None:
+    """One primary event, several friend rows (e.g. per-object records): one row per pair."""
+    primary = write_keys(tmp_path / "p.root", cms_keys(np.array([10, 11, 12])), np.array([1.0, 2.0, 3.0]))
+    objects = write_keys(
+        tmp_path / "o.root",
+        cms_keys(np.array([12, 10, 12, 13, 12])),
+        np.array([120.0, 100.0, 121.0, 130.0, 122.0]),
+    )
+    req = request(
+        [primary],
+        ["x", "obj.x", "obj.matched"],
+        friends=[friend("obj", [objects], ["x"], validate="one_to_many")],
+    )
+    rows = rows_of(columnhub.deliver(req, output=tmp_path / "left", cache=False), ["event", "x", "obj.x", "obj.matched"])
+    assert sorted(rows, key=repr) == sorted(
+        [
+            (10, 1.0, 100.0, True),
+            (11, 2.0, None, False),
+            (12, 3.0, 120.0, True),
+            (12, 3.0, 121.0, True),
+            (12, 3.0, 122.0, True),
+        ],
+        key=repr,
+    )
+    inner = dict(req, friends=[friend("obj", [objects], ["x"], validate="one_to_many", how="inner")])
+    rows = rows_of(columnhub.deliver(inner, output=tmp_path / "inner", cache=False), ["event", "obj.x"])
+    assert sorted(rows) == [(10, 100.0), (12, 120.0), (12, 121.0), (12, 122.0)]
+    # the primary's duplicates are refused: one_to_many needs unique primary keys
+    dup_primary = write_keys(tmp_path / "dp.root", cms_keys(np.array([10, 10])), np.array([1.0, 2.0]))
+    with pytest.raises(DuplicateKeyError, match="primary"):
+        columnhub.deliver(dict(req, dataset={"name": "dp", "files": [str(dup_primary)]}), output=tmp_path / "d", cache=False)
+
+
+@pytest.mark.parametrize("how", ["right", "outer"])
+def test_tail_rows_carry_keys_and_none(tmp_path: Path, how: str) -> None:
+    primary = write_keys(tmp_path / "p.root", cms_keys(np.array([1, 2, 3])), np.array([1.0, 2.0, 3.0]))
+    other = write_keys(tmp_path / "f.root", cms_keys(np.array([4, 2, 9])), np.array([40.0, 20.0, 90.0]))
+    req = request(
+        [primary],
+        ["x", "twice", "f.x", "f.matched"],
+        define={"twice": "x * 2"},
+        friends=[friend("f", [other], ["x"], how=how)],
+    )
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=False)
+    rows = rows_of(result, [*KEYS, "x", "twice", "f.x", "f.matched"])
+    expected = [(1, 1, 2, 2.0, 4.0, 20.0, True), (1, 1, 4, None, None, 40.0, False), (1, 1, 9, None, None, 90.0, False)]
+    if how == "outer":
+        expected += [(1, 1, 1, 1.0, 2.0, None, False), (1, 1, 3, 3.0, 6.0, None, False)]
+    assert sorted(rows, key=repr) == sorted(expected, key=repr)
+    schema = result.to_arrow().schema
+    assert not schema.field("event").nullable  # keys are never missing
+    assert schema.field("x").nullable
