@@ -8,6 +8,7 @@ direct uproot read of the original file.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def jagged(lists: list[tuple[float, ...]]) -> ak.Array:
     return ak.unflatten(flat, counts)
 
 
-def friend(name: str, files: list[Path] | list[str], columns: list[str], **extra: Any) -> dict[str, Any]:
+def friend(
+    name: str, files: list[Path] | list[str], columns: list[str], **extra: Any
+) -> dict[str, Any]:
     return {
         "name": name,
         "dataset": {"name": name, "files": [str(f) for f in files]},
@@ -73,7 +76,11 @@ def friend(name: str, files: list[Path] | list[str], columns: list[str], **extra
 
 
 def request(files: list[Path] | list[str], columns: list[str], **extra: Any) -> dict[str, Any]:
-    return {"dataset": {"name": "primary", "files": [str(f) for f in files]}, "columns": columns, **extra}
+    return {
+        "dataset": {"name": "primary", "files": [str(f) for f in files]},
+        "columns": columns,
+        **extra,
+    }
 
 
 def rows_of(result: columnhub.Result, names: list[str]) -> list[tuple[Any, ...]]:
@@ -123,7 +130,7 @@ def violates(primary: list[Row], friend_rows: list[Row], validate: str) -> bool:
 def split(rows: list[Row], cuts: list[int]) -> list[list[Row]]:
     """``rows`` cut into non-empty pieces at the (sorted, distinct) positions ``cuts``."""
     edges = [0, *sorted({c for c in cuts if 0 < c < len(rows)}), len(rows)]
-    return [rows[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [rows[a:b] for a, b in itertools.pairwise(edges)]
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +232,9 @@ def split_nano(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> d
 
 
 @pytest.mark.parametrize("how", ["left", "inner"])
-def test_real_schema_split_and_joined_back(split_nano: dict[str, Any], tmp_path: Path, how: str) -> None:
+def test_real_schema_split_and_joined_back(
+    split_nano: dict[str, Any], tmp_path: Path, how: str
+) -> None:
     original = split_nano["original"]
     kept = split_nano["kept"]
     n = len(original)
@@ -282,12 +291,22 @@ def synth(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[s
     return {
         "primary": synthesize(like, output=d / "primary", branches=["Jet_pt", "MET_pt"], **common),
         "aligned": synthesize(like, output=d / "aligned", branches=["MET_pt"], seed=1, **common),
-        "up": synthesize(like, output=d / "up", branches=["MET_pt"], seed=2, shuffle=True, **common),
-        "down": synthesize(
-            like, output=d / "down", branches=["MET_pt"], seed=3, subset=0.8, shuffle=True,
-            events=N_SYNTH, files=3,
+        "up": synthesize(
+            like, output=d / "up", branches=["MET_pt"], seed=2, shuffle=True, **common
         ),
-        "thinned": synthesize(like, output=d / "thinned", branches=["MET_pt"], seed=1, subset=0.9, **common),
+        "down": synthesize(
+            like,
+            output=d / "down",
+            branches=["MET_pt"],
+            seed=3,
+            subset=0.8,
+            shuffle=True,
+            events=N_SYNTH,
+            files=3,
+        ),
+        "thinned": synthesize(
+            like, output=d / "thinned", branches=["MET_pt"], seed=1, subset=0.9, **common
+        ),
     }
 
 
@@ -335,7 +354,9 @@ def test_aligned_friend_out_of_order_names_file_entry_and_keys(
     assert "match: keyed" in text
 
 
-def test_aligned_friend_with_other_entry_counts(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+def test_aligned_friend_with_other_entry_counts(
+    synth: dict[str, list[Path]], tmp_path: Path
+) -> None:
     req = request(
         synth["primary"],
         ["sys.MET_pt"],
@@ -347,7 +368,9 @@ def test_aligned_friend_with_other_entry_counts(synth: dict[str, list[Path]], tm
     assert str(counts) in str(err.value)
 
 
-def test_systematics_friends_in_define_and_where(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+def test_systematics_friends_in_define_and_where(
+    synth: dict[str, list[Path]], tmp_path: Path
+) -> None:
     req = request(
         synth["primary"],
         ["MET_pt", "up_MET_pt", "down_MET_pt", "down_matched", "shift", "ht"],
@@ -383,7 +406,9 @@ def test_systematics_friends_in_define_and_where(synth: dict[str, list[Path]], t
 def test_augmentation_loop_output_as_friend(synth: dict[str, list[Path]], tmp_path: Path) -> None:
     """Deliver derived columns once (with keys); join them into a later request."""
     first = columnhub.deliver(
-        request(synth["primary"], ["ht", "njet"], define={"ht": "sum(Jet_pt)", "njet": "num(Jet_pt)"}),
+        request(
+            synth["primary"], ["ht", "njet"], define={"ht": "sum(Jet_pt)", "njet": "num(Jet_pt)"}
+        ),
         output=tmp_path / "derived",
         cache=False,
     )
@@ -429,7 +454,9 @@ def test_name_clash_needs_a_prefix(synth: dict[str, list[Path]], tmp_path: Path)
         columnhub.deliver(two_friends, output=tmp_path / "c", cache=False)
 
 
-def test_missing_friend_columns_suggest_closest(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+def test_missing_friend_columns_suggest_closest(
+    synth: dict[str, list[Path]], tmp_path: Path
+) -> None:
     bad_column = request(
         synth["primary"], ["sys.MET_pt"], friends=[friend("sys", synth["up"], ["MET_ptt"])]
     )
@@ -444,8 +471,10 @@ def test_missing_friend_columns_suggest_closest(synth: dict[str, list[Path]], tm
     with pytest.raises(ColumnNotFoundError, match="'evnt'") as err:
         columnhub.deliver(bad_key, output=tmp_path / "b", cache=False)
     assert "closest names: event" in str(err.value)
-    unknown = request(synth["primary"], ["sys.MET_px"], friends=[friend("sys", synth["up"], ["MET_pt"])])
-    with pytest.raises(ColumnNotFoundError, match="sys.MET_pt"):
+    unknown = request(
+        synth["primary"], ["sys.MET_px"], friends=[friend("sys", synth["up"], ["MET_pt"])]
+    )
+    with pytest.raises(ColumnNotFoundError, match=r"sys\.MET_pt"):
         columnhub.deliver(unknown, output=tmp_path / "c", cache=False)
 
 
@@ -474,7 +503,8 @@ def test_bad_key_types(tmp_path: Path) -> None:
         tmp_path / "float.root", cms_keys(np.arange(5), event_dtype=np.float64), np.arange(5.0)
     )
     negative = write_keys(
-        tmp_path / "negative.root", cms_keys(np.array([3, 1, -7, 0, 2]), event_dtype=np.int64),
+        tmp_path / "negative.root",
+        cms_keys(np.array([3, 1, -7, 0, 2]), event_dtype=np.int64),
         np.arange(5.0),
     )
     float_friend = request([good], ["f.x"], friends=[friend("f", [floats], ["x"])])
@@ -489,7 +519,9 @@ def test_bad_key_types(tmp_path: Path) -> None:
 
 def test_one_to_many_expands_rows(tmp_path: Path) -> None:
     """One primary event, several friend rows (e.g. per-object records): one row per pair."""
-    primary = write_keys(tmp_path / "p.root", cms_keys(np.array([10, 11, 12])), np.array([1.0, 2.0, 3.0]))
+    primary = write_keys(
+        tmp_path / "p.root", cms_keys(np.array([10, 11, 12])), np.array([1.0, 2.0, 3.0])
+    )
     objects = write_keys(
         tmp_path / "o.root",
         cms_keys(np.array([12, 10, 12, 13, 12])),
@@ -500,7 +532,10 @@ def test_one_to_many_expands_rows(tmp_path: Path) -> None:
         ["x", "obj.x", "obj.matched"],
         friends=[friend("obj", [objects], ["x"], validate="one_to_many")],
     )
-    rows = rows_of(columnhub.deliver(req, output=tmp_path / "left", cache=False), ["event", "x", "obj.x", "obj.matched"])
+    rows = rows_of(
+        columnhub.deliver(req, output=tmp_path / "left", cache=False),
+        ["event", "x", "obj.x", "obj.matched"],
+    )
     assert sorted(rows, key=repr) == sorted(
         [
             (10, 1.0, 100.0, True),
@@ -511,19 +546,33 @@ def test_one_to_many_expands_rows(tmp_path: Path) -> None:
         ],
         key=repr,
     )
-    inner = dict(req, friends=[friend("obj", [objects], ["x"], validate="one_to_many", how="inner")])
-    rows = rows_of(columnhub.deliver(inner, output=tmp_path / "inner", cache=False), ["event", "obj.x"])
+    inner = dict(
+        req, friends=[friend("obj", [objects], ["x"], validate="one_to_many", how="inner")]
+    )
+    rows = rows_of(
+        columnhub.deliver(inner, output=tmp_path / "inner", cache=False), ["event", "obj.x"]
+    )
     assert sorted(rows) == [(10, 100.0), (12, 120.0), (12, 121.0), (12, 122.0)]
     # the primary's duplicates are refused: one_to_many needs unique primary keys
-    dup_primary = write_keys(tmp_path / "dp.root", cms_keys(np.array([10, 10])), np.array([1.0, 2.0]))
+    dup_primary = write_keys(
+        tmp_path / "dp.root", cms_keys(np.array([10, 10])), np.array([1.0, 2.0])
+    )
     with pytest.raises(DuplicateKeyError, match="primary"):
-        columnhub.deliver(dict(req, dataset={"name": "dp", "files": [str(dup_primary)]}), output=tmp_path / "d", cache=False)
+        columnhub.deliver(
+            dict(req, dataset={"name": "dp", "files": [str(dup_primary)]}),
+            output=tmp_path / "d",
+            cache=False,
+        )
 
 
 @pytest.mark.parametrize("how", ["right", "outer"])
 def test_tail_rows_carry_keys_and_none(tmp_path: Path, how: str) -> None:
-    primary = write_keys(tmp_path / "p.root", cms_keys(np.array([1, 2, 3])), np.array([1.0, 2.0, 3.0]))
-    other = write_keys(tmp_path / "f.root", cms_keys(np.array([4, 2, 9])), np.array([40.0, 20.0, 90.0]))
+    primary = write_keys(
+        tmp_path / "p.root", cms_keys(np.array([1, 2, 3])), np.array([1.0, 2.0, 3.0])
+    )
+    other = write_keys(
+        tmp_path / "f.root", cms_keys(np.array([4, 2, 9])), np.array([40.0, 20.0, 90.0])
+    )
     req = request(
         [primary],
         ["x", "twice", "f.x", "f.matched"],
@@ -532,10 +581,102 @@ def test_tail_rows_carry_keys_and_none(tmp_path: Path, how: str) -> None:
     )
     result = columnhub.deliver(req, output=tmp_path / "out", cache=False)
     rows = rows_of(result, [*KEYS, "x", "twice", "f.x", "f.matched"])
-    expected = [(1, 1, 2, 2.0, 4.0, 20.0, True), (1, 1, 4, None, None, 40.0, False), (1, 1, 9, None, None, 90.0, False)]
+    expected = [
+        (1, 1, 2, 2.0, 4.0, 20.0, True),
+        (1, 1, 4, None, None, 40.0, False),
+        (1, 1, 9, None, None, 90.0, False),
+    ]
     if how == "outer":
         expected += [(1, 1, 1, 1.0, 2.0, None, False), (1, 1, 3, 3.0, 6.0, None, False)]
     assert sorted(rows, key=repr) == sorted(expected, key=repr)
     schema = result.to_arrow().schema
     assert not schema.field("event").nullable  # keys are never missing
     assert schema.field("x").nullable
+
+
+# ---------------------------------------------------------------------------
+# cache: a rewritten friend never serves stale columns
+
+
+def test_changed_friend_invalidates_only_friend_columns(tmp_path: Path) -> None:
+    events = np.arange(40)
+    primary = write_keys(tmp_path / "p.root", cms_keys(events), events * 1.0)
+    friend_file = tmp_path / "f.root"
+    write_keys(friend_file, cms_keys(events[::-1]), events[::-1] * 10.0)
+    req = request(
+        [primary], ["x", "f.x"], chunk_size=10, friends=[friend("f", [friend_file], ["x"])]
+    )
+    cache = tmp_path / "cache"
+    first = columnhub.deliver(req, output=tmp_path / "one", cache=cache)
+    assert rows_of(first, ["event", "f.x"]) == [(e, e * 10.0) for e in events]
+    chunks = len(first.manifest["chunks"])
+    write_keys(friend_file, cms_keys(events[::-1]), events[::-1] * -3.0)  # same keys, new values
+    second = columnhub.deliver(req, output=tmp_path / "two", cache=cache)
+    assert rows_of(second, ["event", "x", "f.x"]) == [(e, e * 1.0, e * -3.0) for e in events]
+    assert second.manifest["cache"].get("reused_result") is None
+    for chunk in second.manifest["chunks"]:
+        assert chunk["cache_hits"] == 4  # run, luminosityBlock, event, x
+        assert chunk["cache_misses"] == 1  # f.x
+    assert len(second.manifest["chunks"]) == chunks
+    third = columnhub.deliver(req, output=tmp_path / "three", cache=cache)  # unchanged: all hits
+    assert rows_of(third, ["event", "f.x"]) == [(e, e * -3.0) for e in events]
+    assert third.manifest["cache"]["misses"] == 0
+
+
+# ---------------------------------------------------------------------------
+# CLI: every join error exits 2 with one clear message, no traceback
+
+
+def test_cli_join_errors_exit_2(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    dup = write_keys(tmp_path / "dup.root", cms_keys(np.array([1, 1, 2])), np.arange(3.0))
+    floats = write_keys(
+        tmp_path / "float.root", cms_keys(np.arange(3), event_dtype=np.float32), np.arange(3.0)
+    )
+    cases = {
+        "duplicate": (
+            request(synth["primary"], ["d.x"], friends=[friend("d", [dup], ["x"])]),
+            "duplicated event key",
+        ),
+        "mismatch": (
+            request(
+                synth["primary"],
+                ["s.MET_pt"],
+                friends=[friend("s", synth["up"], ["MET_pt"], match="aligned")],
+            ),
+            "aligned join: keys differ",
+        ),
+        "clash": (
+            request(
+                synth["primary"],
+                ["MET_pt"],
+                friends=[friend("s", synth["up"], ["MET_pt"], prefix="")],
+            ),
+            "give the friend a 'prefix'",
+        ),
+        "missing": (
+            request(
+                synth["primary"], ["s.MET_pt"], friends=[friend("s", synth["up"], ["MET_ptt"])]
+            ),
+            "closest names: MET_pt",
+        ),
+        "key_type": (
+            request(synth["primary"], ["f.x"], friends=[friend("f", [floats], ["x"])]),
+            "'event'",
+        ),
+    }
+    procs = {}
+    for name, (req, _) in cases.items():
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(json.dumps(req))  # JSON is YAML
+        procs[name] = subprocess.Popen(
+            [str(CLI), "deliver", str(spec), "-o", str(tmp_path / f"out-{name}"), "--no-cache"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, err)
+        assert err.startswith("columnhub: error: "), (name, err)
+        assert cases[name][1] in err, (name, err)
+        assert "Traceback" not in err, (name, err)
