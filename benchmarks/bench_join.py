@@ -11,14 +11,42 @@ than 64 bits with the row number and columnhub takes its general path).
 ``how=left, validate=one_to_one``. Outputs are checked to agree on the flat
 column before timing; best of ``--repeat``.
 
+Two more figures go through the whole delivery path (``columnhub.deliver``,
+no column cache, Parquet written):
+
+- **aligned** (``--parts aligned``): the overhead of an aligned friend (a
+  ROOT friend tree: same files, same order, keys still compared chunk by
+  chunk). ``friend-alone`` delivers the friend columns from the friend file
+  as a primary dataset; ``aligned`` delivers the same columns as an aligned
+  friend of a primary with the same layout. Both write the same keys and
+  columns, so the difference is what the join costs: reading the primary's
+  key columns and comparing them. The friend is the primary file itself (an
+  aligned friend needs the same layout; the bytes read are the same as from
+  a twin file). Two friend widths: a systematics-like friend (MET + jets,
+  jagged) and a single flat column. Target: <= 5 % extra.
+- **memory** (``--parts memory``): a keyed left join of a 2M-event primary
+  against a 20M-event friend (``columnhub synth --branches MET_pt``, 4
+  files, kept in ``--data``), run in a child process; peak RSS from
+  ``getrusage(RUSAGE_SELF).ru_maxrss`` of that child, next to the same
+  delivery without the friend. Target: < 2 GB.
+
+Input files are made once in ``--data`` (default ``bench-data/``) and reused.
+
     python benchmarks/bench_join.py --events 2000000
+    python benchmarks/bench_join.py --parts aligned memory --json join.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import awkward as ak
@@ -30,6 +58,11 @@ from columnhub.join import KeyIndex, join_arrays
 __all__ = ["main"]
 
 ON = ["run", "luminosityBlock", "event"]
+ROOT = Path(__file__).resolve().parents[1]
+LIKE = ROOT.parent / "shared" / "data" / "nano_tt_v12.root"
+#: a systematics-like aligned friend: MET and jet kinematics (jagged)
+WIDE_FRIEND = ["MET_pt", "MET_phi", "Jet_pt", "Jet_eta", "Jet_phi", "Jet_mass"]
+NARROW_FRIEND = ["MET_pt"]
 
 
 def make_data(n: int, *, seed: int = 42, wide_events: bool = False) -> dict[str, Any]:
@@ -72,19 +105,13 @@ def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return best, out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=2_000_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--wide-events", action="store_true")
-    args = parser.parse_args(argv)
-    n = args.events
-
+def bench_in_memory(n: int, *, repeat: int, wide_events: bool) -> dict[str, Any]:
+    """The in-memory left join, columnhub vs pandas, polars and DuckDB."""
     import duckdb
     import pandas as pd
     import polars as pl
 
-    data = make_data(n, wide_events=args.wide_events)
+    data = make_data(n, wide_events=wide_events)
     primary, friend, x_expected = data["primary"], data["friend"], data["x_expected"]
 
     # --- inputs in each engine's native in-memory form (built outside the timing)
@@ -156,15 +183,218 @@ def main(argv: list[str] | None = None) -> None:
         ("polars join (with list column)", run_polars),
         ("duckdb LEFT JOIN via Arrow (with list column)", run_duckdb),
     ]
-    times = {name: best_of(fn, args.repeat)[0] for name, fn in rows}
+    times = {name: best_of(fn, repeat)[0] for name, fn in rows}
     peers = {k: v for k, v in times.items() if not k.startswith("columnhub")}
     fastest_peer = min(peers, key=peers.__getitem__)
-    mode = "wide (uniform 63-bit) event numbers" if args.wide_events else "CMS-like event numbers"
-    print(f"left join, validate=one_to_one, {n:,} events, {mode}, best of {args.repeat}")
+    mode = "wide (uniform 63-bit) event numbers" if wide_events else "CMS-like event numbers"
+    print(f"left join, validate=one_to_one, {n:,} events, {mode}, best of {repeat}")
     print(f"{'engine':66s} {'time [s]':>9s} {'Mrows/s':>8s} {'vs ' + fastest_peer.split()[0]:>12s}")
     for name, t in times.items():
         ratio = times[fastest_peer] / t
         print(f"{name:66s} {t:9.3f} {n / t / 1e6:8.2f} {ratio:11.2f}x")
+    return {
+        "events": n,
+        "mode": mode,
+        "seconds": times,
+        "fastest_peer": fastest_peer,
+        "speedup_vs_fastest_peer": {k: times[fastest_peer] / t for k, t in times.items()},
+    }
+
+
+# ---------------------------------------------------------------------------
+# through delivery
+
+
+def synth_file(data: Path, events: int) -> Path:
+    """A synthetic NanoAOD file of ``events`` events (default branches), made once."""
+    path = data / f"synth-{events}.root"
+    if not path.exists():
+        from columnhub.synth import synthesize
+
+        print(f"making {path} (once) ...", flush=True)
+        data.mkdir(parents=True, exist_ok=True)
+        synthesize(LIKE, events=events, output=path)
+    return path
+
+
+def big_friend(data: Path, events: int) -> Path:
+    """A ``events``-event friend holding only MET_pt (4 files), made once."""
+    path = data / f"friend-{events}-MET_pt"
+    if not (path / "part-00003.root").exists():
+        from columnhub.synth import synthesize
+
+        print(f"making {path} (once) ...", flush=True)
+        synthesize(LIKE, events=events, output=path, files=4, seed=5, branches=["MET_pt"])
+    return path
+
+
+def _deliver_seconds(request: dict[str, Any], *, repeat: int) -> tuple[float, int]:
+    import columnhub
+
+    best, rows = float("inf"), 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeat + 1):  # the first run warms the page cache, untimed
+            out = Path(tmp) / f"out{i}"
+            t0 = time.perf_counter()
+            result = columnhub.deliver(request, output=out, cache=False, workers=1, progress=False)
+            seconds = time.perf_counter() - t0
+            rows = result.events
+            shutil.rmtree(out)
+            if i:
+                best = min(best, seconds)
+    return best, rows
+
+
+def bench_aligned(path: Path, *, repeat: int) -> dict[str, Any]:
+    """Aligned friend vs the same friend columns delivered alone."""
+    files = [str(path)]
+    out: dict[str, Any] = {"file": str(path)}
+    print(f"\naligned friend overhead, {path.name}, workers=1, no cache, best of {repeat}")
+    print(f"{'friend columns':40s} {'alone [s]':>10s} {'aligned [s]':>12s} {'extra':>8s}")
+    for label, columns in (
+        ("systematics-like (MET + jets)", WIDE_FRIEND),
+        ("one flat column", NARROW_FRIEND),
+    ):
+        alone = {"dataset": {"name": "friend", "files": files}, "columns": columns}
+        aligned = {
+            "dataset": {"name": "primary", "files": files},
+            "columns": [f"f.{c}" for c in columns],
+            "friends": [
+                {
+                    "name": "f",
+                    "dataset": {"name": "friend", "files": files},
+                    "columns": columns,
+                    "match": "aligned",
+                }
+            ],
+        }
+        t_alone, n_alone = _deliver_seconds(alone, repeat=repeat)
+        t_aligned, n_aligned = _deliver_seconds(aligned, repeat=repeat)
+        if n_alone != n_aligned:
+            msg = f"aligned delivery gave {n_aligned} rows, the friend alone {n_alone}"
+            raise SystemExit(msg)
+        extra = t_aligned / t_alone - 1
+        print(f"{label:40s} {t_alone:10.3f} {t_aligned:12.3f} {extra:+8.1%}")
+        out[label] = {
+            "columns": columns,
+            "alone_s": t_alone,
+            "aligned_s": t_aligned,
+            "extra": extra,
+        }
+    return out
+
+
+_CHILD = """
+import json, resource, sys, time
+import columnhub
+request = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+result = columnhub.deliver(request, output=sys.argv[2], cache=False, progress=False)
+seconds = time.perf_counter() - t0
+matched = None
+if request.get("friends"):
+    import pyarrow.parquet as pq
+    name = request["friends"][0]["name"] + ".matched"
+    matched = sum(pq.read_table(f, columns=[name]).column(0).to_numpy().sum() for f in result.files)
+print(json.dumps({
+    "seconds": seconds,
+    "rows": result.events,
+    "matched": None if matched is None else int(matched),
+    "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+
+def _child(request: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(request), str(Path(tmp) / "out")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def bench_memory(primary: Path, friend: Path) -> dict[str, Any]:
+    """Peak memory of a keyed left join against a large friend (child processes)."""
+    friend_files = sorted(str(p) for p in friend.glob("*.root"))
+    import uproot
+
+    friend_events = sum(uproot.open(f)["Events"].num_entries for f in friend_files)
+    base = {"dataset": {"name": "primary", "files": [str(primary)]}, "columns": ["MET_pt"]}
+    joined = {
+        **base,
+        "columns": ["MET_pt", "big.MET_pt", "big.matched"],
+        "friends": [
+            {
+                "name": "big",
+                "dataset": {"name": "big", "files": friend_files},
+                "columns": ["MET_pt"],
+            }
+        ],
+    }
+    alone = _child(base)
+    join = _child(joined)
+    if join["rows"] != alone["rows"] or join["matched"] != alone["rows"]:
+        msg = f"keyed join: {join['rows']} rows, {join['matched']} matched; expected {alone['rows']} of each"
+        raise SystemExit(msg)
+    gib = 1024**3
+    print(f"\nkeyed left join against a {friend_events:,}-event friend ({len(friend_files)} files)")
+    print(f"{'delivery':50s} {'time [s]':>9s} {'peak RSS [GiB]':>15s}")
+    print(
+        f"{'primary alone (' + format(alone['rows'], ',') + ' events, MET_pt)':50s} "
+        f"{alone['seconds']:9.2f} {alone['max_rss_bytes'] / gib:15.2f}"
+    )
+    print(
+        f"{'with keyed friend (index built, left join)':50s} "
+        f"{join['seconds']:9.2f} {join['max_rss_bytes'] / gib:15.2f}"
+    )
+    print(f"target < 2 GiB: {'met' if join['max_rss_bytes'] < 2 * gib else 'MISSED'}")
+    return {
+        "primary": str(primary),
+        "friend": str(friend),
+        "friend_events": friend_events,
+        "alone": alone,
+        "joined": join,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=2_000_000, help="in-memory join events")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--wide-events", action="store_true")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["in-memory", "aligned", "memory"],
+        default=["in-memory", "aligned", "memory"],
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT / "bench-data", help="input files (reused)"
+    )
+    parser.add_argument("--aligned-events", type=int, default=2_000_000)
+    parser.add_argument("--friend-events", type=int, default=20_000_000)
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    figures: dict[str, Any] = {}
+    if "in-memory" in args.parts:
+        figures["in_memory"] = bench_in_memory(
+            args.events, repeat=args.repeat, wide_events=args.wide_events
+        )
+    if "aligned" in args.parts:
+        figures["aligned"] = bench_aligned(
+            synth_file(args.data, args.aligned_events), repeat=args.repeat
+        )
+    if "memory" in args.parts:
+        figures["memory"] = bench_memory(
+            synth_file(args.data, args.aligned_events), big_friend(args.data, args.friend_events)
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
