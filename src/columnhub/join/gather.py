@@ -57,7 +57,12 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
             msg = f"gather row {bad} out of range for {len(layout)} rows (allowed {allowed})"
             raise IndexError(msg)
     index = ak.index.Index64(idx)
-    if optional and len(layout) == 0 and idx.size:
+    if (
+        optional
+        and len(layout) == 0
+        and idx.size
+        and not isinstance(layout, ak.contents.EmptyArray)
+    ):
         # every row is None: point at a one-row placeholder of the same type, since
         # ak.to_arrow fails on an IndexedOptionArray over an empty list content
         layout = layout.form.length_one_array(highlevel=False)

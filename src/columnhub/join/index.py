@@ -50,7 +50,8 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
             comp = words << np.uint64(rowbits)
             comp |= np.arange(n, dtype=np.uint64)
             comp.sort()
-            order = (comp & np.uint64((1 << rowbits) - 1)).astype(np.int64)
+            order = comp & np.uint64((1 << rowbits) - 1)
+            order = order.view(np.int64)  # row numbers < 2**63: same bits
             comp >>= np.uint64(rowbits)
             return order, comp
         order = np.argsort(words, kind="stable" if stable else None).astype(np.int64, copy=False)
@@ -165,7 +166,6 @@ class KeyIndex:
             JoinError: lengths differ, or a key lies outside ``packing``.
         """
         norm = normalize_keys(keys)
-        n = len(next(iter(norm.values())))
         if packing is None:
             packing = KeyPacking.fit(norm)
         words, fits = packing.pack(norm)
@@ -177,11 +177,30 @@ class KeyIndex:
                 f"packing {packing}; fit the packing over every side (KeyPacking.fit)."
             )
             raise JoinError(msg)
+        del norm
+        return cls._from_words(words, packing, file=file, entry=entry, file_names=file_names)
+
+    @classmethod
+    def _from_words(
+        cls,
+        words: np.ndarray,
+        packing: KeyPacking,
+        *,
+        file: npt.ArrayLike | None,
+        entry: npt.ArrayLike | None,
+        file_names: Sequence[str],
+    ) -> KeyIndex:
+        """The index of keys already packed with ``packing``."""
+        n = len(words)
         file_arr = (
-            np.zeros(n, dtype=np.int32) if file is None else np.asarray(file).astype(np.int32)
+            np.zeros(n, dtype=np.int32)
+            if file is None
+            else np.asarray(file).astype(np.int32, copy=False)
         )
         entry_arr = (
-            np.arange(n, dtype=np.int64) if entry is None else np.asarray(entry).astype(np.int64)
+            np.arange(n, dtype=np.int64)
+            if entry is None
+            else np.asarray(entry).astype(np.int64, copy=False)
         )
         if len(file_arr) != n or len(entry_arr) != n:
             msg = (
@@ -214,21 +233,39 @@ class KeyIndex:
         if not parts:
             msg = "KeyIndex.from_files needs the key columns of at least one file"
             raise JoinError(msg)
-        normed = [normalize_keys(p) for p in parts]
-        names = list(normed[0])
-        for p in normed[1:]:
-            if len(p) != len(names):
-                msg = f"files have different key columns: {names} vs {list(p)}"
+        # Memory-lean for large datasets: validate and summarise each file (min, max),
+        # fit the packing on the summaries, then pack file by file; the key columns
+        # are never widened to uint64 all at once.
+        names: list[str] = []
+        summaries: list[dict[str, np.ndarray]] = []
+        lengths: list[int] = []
+        for part in parts:
+            norm = normalize_keys(part)
+            if not names:
+                names = list(norm)
+            elif len(norm) != len(names):
+                msg = f"files have different key columns: {names} vs {list(norm)}"
                 raise JoinError(msg)
-        lengths = [len(next(iter(p.values()))) for p in normed]
-        keys = {
-            name: np.concatenate([list(p.values())[i] for p in normed])
-            for i, name in enumerate(names)
-        }
+            n = len(next(iter(norm.values())))
+            lengths.append(n)
+            summaries.append(
+                {
+                    k: np.array([c.min(), c.max()], dtype=np.uint64)
+                    if n
+                    else np.zeros(0, np.uint64)
+                    for k, c in norm.items()
+                }
+            )
+        packing = KeyPacking.fit(*summaries, names=names)
+        words_parts = []
+        for part in parts:
+            words, _ = packing.pack(normalize_keys(part))  # every key fits: fitted on all
+            words_parts.append(words)
+        words = np.concatenate(words_parts) if len(words_parts) > 1 else words_parts[0]
+        del words_parts
         file = np.repeat(np.arange(len(parts), dtype=np.int32), lengths)
-        starts = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
-        entry = np.arange(len(file), dtype=np.int64) - starts
-        return cls.build(keys, file=file, entry=entry, file_names=file_names)
+        entry = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+        return cls._from_words(words, packing, file=file, entry=entry, file_names=file_names)
 
     # ------------------------------------------------------------ properties
     def __len__(self) -> int:
