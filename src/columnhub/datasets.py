@@ -61,7 +61,8 @@ class ResolvedDataset:
     Attributes:
         spec: the dataset as requested.
         files: its files in a stable order.
-        columns: column name -> type string, from the first file.
+        columns: column name -> type string (Parquet; empty for ROOT, where
+            a type per branch is costly), from the first file.
     """
 
     spec: DatasetSpec

@@ -47,8 +47,15 @@ class PartWriter:
         name = f"part-{len(self.parts):05d}.parquet"
         self._tmp = self.directory / f".{name}.tmp-{os.getpid()}"
         self._sink = open(self._tmp, "wb")  # noqa: SIM115  (closed in _finish)
+        # Dictionary encoding pays for integer columns (run, lumi: few values),
+        # not for floats, where it is tried and abandoned at a cost.
+        integers = [f.name for f in self.schema if pa.types.is_integer(f.type)]
         self._writer = pq.ParquetWriter(
-            self._sink, self.schema, compression=self.compression, write_statistics=True
+            self._sink,
+            self.schema,
+            compression=self.compression,
+            use_dictionary=integers,
+            write_statistics=True,
         )
         self._rows = 0
 
