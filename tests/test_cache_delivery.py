@@ -47,6 +47,7 @@ def test_repeat_is_a_full_hit_with_byte_identical_parts(sample: Path, tmp_path: 
     for warm in (same_dir, other_dir):
         assert warm.manifest["cache"]["misses"] == 0
         assert warm.manifest["cache"]["hits"] == entries
+        assert all(c["read"] == [] for c in warm.manifest["chunks"])
         assert [f.name for f in warm.files] == [f.name for f in cold.files]
         for a, b in zip(cold.files, warm.files, strict=True):
             assert a.read_bytes() == b.read_bytes()

@@ -180,6 +180,12 @@ def _reuse(
     entries = manifest["cache"]["hits"] + manifest["cache"]["misses"]
     reused = dict(manifest)
     reused["cache"] = {"hits": entries, "misses": 0, "reused_result": str(where)}
+    reused["chunks"] = [  # nothing was read or computed this time
+        {**c, "read": [], "friend_entries_read": 0, "cache_misses": 0,
+         "cache_hits": c.get("cache_hits", 0) + c.get("cache_misses", 0)}
+        if "read" in c else c
+        for c in manifest["chunks"]
+    ]
     reused["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return reused
 
