@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from columnhub.delivery import deliver
+from columnhub.delivery import arrays, deliver
 from columnhub.errors import ColumnhubError
 from columnhub.result import Result
 from columnhub.spec import DatasetSpec, FriendSpec, ModelSpec, OutputSpec, Request, load_request
@@ -23,6 +23,7 @@ __all__ = [
     "Request",
     "Result",
     "__version__",
+    "arrays",
     "deliver",
     "load_request",
 ]

@@ -15,6 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import awkward as ak
+import pyarrow as pa
+
 from columnhub.cache import ColumnCache, default_location, entry_key
 from columnhub.errors import ColumnhubError, OutputError, SpecError
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
@@ -25,7 +28,7 @@ from columnhub.plan import Plan, make_plan
 from columnhub.result import Result
 from columnhub.spec import Request, load_request
 
-__all__ = ["default_output_directory", "deliver"]
+__all__ = ["arrays", "default_output_directory", "deliver"]
 
 Progress = Callable[[int, int], None]
 
@@ -112,6 +115,47 @@ def deliver(
     if store is not None and not store.read_only:
         store.put_bytes(identity, json.dumps({"directory": str(directory.resolve())}).encode())
     return Result(directory, manifest)
+
+
+def arrays(
+    request: Request | dict[str, Any] | str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = False,
+) -> ak.Array:
+    """The columns of ``request`` as one in-memory awkward array, no files written.
+
+    For a quick look in a notebook (the counterpart of uproot's
+    ``TTree.arrays``): the same plan, chunk tasks and cache as :func:`deliver`,
+    but the selected rows are concatenated in memory instead of written.
+
+    Args:
+        request: a :class:`Request`, a dictionary, or a YAML/JSON spec path.
+        workers: chunk tasks run at once (default: the number of CPUs, at most 8).
+        chunk_size: events per chunk (default: ``request.chunk_size``).
+        cache: the column cache, as for :func:`deliver`; off by default.
+
+    Returns:
+        A record array, one field per output column.
+    """
+    req = load_request(request)
+    if chunk_size is not None:
+        req = req.replace(chunk_size=chunk_size)
+    plan = make_plan(req)
+    store = _open_cache(cache)
+    workers = min(8, os.cpu_count() or 1) if workers is None else max(1, workers)
+    if plan.friends:
+        from columnhub.join.provider import prepare
+
+        prepare(plan, cache=store)
+    tables = [r.table for r in run_ordered(lambda c: run_chunk(plan, c, cache=store), plan.chunks, workers=workers)]
+    tail = run_tail(plan, cache=store)
+    if tail is not None:
+        tables.append(tail.table.cast(tables[0].schema) if tables else tail.table)
+    if not tables:
+        return ak.Array([])
+    return ak.from_arrow(pa.concat_tables(tables), generate_bitmasks=False)
 
 
 def _open_cache(cache: Any) -> ColumnCache | None:

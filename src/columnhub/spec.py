@@ -191,7 +191,9 @@ class Request(_Frozen):
         friends: datasets joined event by event.
         models: ML models whose outputs become columns.
         registry: the model registry directory (default ``$COLUMNHUB_MODELS``).
-        chunk_size: events per chunk task.
+        chunk_size: events per chunk task; by default (``None``) chosen so a
+            chunk holds about 64 MB of the columns read (uproot's
+            ``step_size`` idea), aligned to basket boundaries.
         output: how the result is written.
     """
 
@@ -202,7 +204,7 @@ class Request(_Frozen):
     friends: tuple[FriendSpec, ...] = ()
     models: tuple[ModelSpec, ...] = ()
     registry: str | None = None
-    chunk_size: int = Field(default=250_000, gt=0)
+    chunk_size: int | None = Field(default=None, gt=0)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("columns", mode="before")

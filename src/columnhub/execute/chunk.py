@@ -18,6 +18,7 @@ import pyarrow as pa
 from columnhub import sources
 from columnhub.cache import ColumnCache
 from columnhub.errors import CacheError, ColumnhubError, ExpressionError
+from columnhub.execute._select import select
 from columnhub.join.gather import gather
 from columnhub.plan import Chunk, ColumnDef, Plan
 
@@ -65,7 +66,7 @@ def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> 
     outputs = {name: work.values[name] for name in plan.outputs}
     mask = work.mask()
     if mask is not None:
-        outputs = {name: array[mask] for name, array in outputs.items()}
+        outputs = _select_all(outputs, mask)
     if any(f.has_tail for f in plan.friends):  # tail rows lack primary values
         outputs = {name: _optional(name, a, plan) for name, a in outputs.items()}
     table = to_arrow_table(outputs)
@@ -303,6 +304,21 @@ def run_tail(plan: Plan, *, cache: ColumnCache | None = None) -> ChunkResult | N
         seconds=time.perf_counter() - t0,
         details={"tail": friend.spec.name, "friend_rows": n},
     )
+
+
+def _select_all(columns: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
+    """Apply the selection to every column, columns in parallel on the read pool.
+
+    The work is numpy copying, which releases the GIL: one chunk task uses
+    every core for it, as it does for decompression.
+    """
+    from columnhub.sources.root import read_executor
+
+    pool = read_executor()
+    if pool is None or len(columns) < 2:
+        return {name: select(array, mask) for name, array in columns.items()}
+    names = list(columns)
+    return dict(zip(names, pool.map(lambda n: select(columns[n], mask), names), strict=True))
 
 
 def _optional(name: str, array: Any, plan: Plan) -> ak.Array:
