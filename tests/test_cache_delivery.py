@@ -195,3 +195,26 @@ def test_cli_cache_stats_and_gc(sample: Path, tmp_path: Path) -> None:
     bad = run("cache", "gc", "--max-bytes", "lots", "--cache", cache)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
+
+
+def test_read_only_cache_is_used_but_never_written(sample: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "r.json"
+    spec.write_text(json.dumps(request([sample], ["Jet_pt"])))
+    exe = Path(sys.executable).parent / "columnhub"
+    cache = tmp_path / "cache"
+    first = subprocess.run([str(exe), "deliver", str(spec), "-o", str(tmp_path / "a"), "--cache",
+                            str(cache)], capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(tmp_path / "a")
+    before = sorted(p.name for p in (cache / "objects").rglob("*") if p.is_file())
+    other = request([sample], ["Jet_pt", "MET_pt"])
+    spec.write_text(json.dumps(other))
+    done = subprocess.run([str(exe), "deliver", str(spec), "-o", str(tmp_path / "b"), "--cache",
+                           str(cache), "--cache-read-only"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    m = columnhub.Result.open(tmp_path / "b").manifest
+    assert m["cache"]["hits"] > 0  # keys and Jet_pt served from the shared cache
+    assert m["cache"]["misses"] > 0  # MET_pt computed...
+    after = sorted(p.name for p in (cache / "objects").rglob("*") if p.is_file())
+    assert after == before  # ...but not written

@@ -21,6 +21,11 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="chunk tasks at once")
     p.add_argument("--chunk-size", type=int, metavar="N", help="events per chunk")
     p.add_argument("--cache", metavar="PATH_OR_URL", help="column cache (default: per-user)")
+    p.add_argument(
+        "--cache-read-only",
+        action="store_true",
+        help="use the cache's entries but never write to it (a shared facility cache)",
+    )
     p.add_argument("--no-cache", action="store_true", help="read and compute everything")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -29,14 +34,18 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Deliver and print what was delivered."""
+    from columnhub.cache import ColumnCache
     from columnhub.delivery import deliver
 
+    cache: ColumnCache | str | bool | None = False if args.no_cache else args.cache
+    if args.cache_read_only and not args.no_cache:
+        cache = ColumnCache(args.cache, read_only=True)
     result = deliver(
         args.spec,
         output=args.output,
         workers=args.workers,
         chunk_size=args.chunk_size,
-        cache=False if args.no_cache else args.cache,
+        cache=cache,
         progress=False if args.no_progress else None,
     )
     m = result.manifest
