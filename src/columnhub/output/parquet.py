@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from columnhub.errors import OutputError
 
-__all__ = ["PartInfo", "PartWriter"]
+__all__ = ["PartInfo", "PartWriter", "part_path", "publish_part"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,18 @@ class PartInfo:
     name: str
     rows: int
     bytes: int
+
+
+def part_path(directory: Path, number: int, suffix: str) -> Path:
+    """The hidden temporary path a part is written under (``.part-NNNNN.<suffix>.tmp-PID``)."""
+    return directory / f".part-{number:05d}.{suffix}.tmp-{os.getpid()}"
+
+
+def publish_part(tmp: Path, rows: int) -> PartInfo:
+    """Rename a finished part from its temporary name to its final one (atomic)."""
+    final = tmp.parent / tmp.name[1:].rsplit(".tmp-", 1)[0]
+    os.replace(tmp, final)
+    return PartInfo(final.name, rows, final.stat().st_size)
 
 
 class PartWriter:
@@ -44,8 +56,7 @@ class PartWriter:
 
     def _open(self) -> None:
         assert self.schema is not None
-        name = f"part-{len(self.parts):05d}.parquet"
-        self._tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+        self._tmp = part_path(self.directory, len(self.parts), "parquet")
         self._sink = open(self._tmp, "wb")  # noqa: SIM115  (closed in _finish)
         # Dictionary encoding pays for integer columns (run, lumi: few values),
         # not for floats, where it is tried and abandoned at a cost.
@@ -65,9 +76,7 @@ class PartWriter:
         self._writer.close()
         self._sink.close()
         assert self._tmp is not None
-        final = self._tmp.parent / self._tmp.name[1:].rsplit(".tmp-", 1)[0]
-        os.replace(self._tmp, final)
-        self.parts.append(PartInfo(final.name, self._rows, final.stat().st_size))
+        self.parts.append(publish_part(self._tmp, self._rows))
         self._writer = None
         self._tmp = None
 

@@ -6,7 +6,6 @@ left join) must be delivered as Parquet, and the error says so.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pyarrow as pa
 import uproot
 
 from columnhub.errors import OutputError
-from columnhub.output.parquet import PartInfo
+from columnhub.output.parquet import PartInfo, part_path, publish_part
 
 __all__ = ["RootPartWriter"]
 
@@ -55,8 +54,7 @@ class RootPartWriter:
             return
         branches = self._branches(table)
         if self._file is None:
-            name = f"part-{len(self.parts):05d}.root"
-            self._tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+            self._tmp = part_path(self.directory, len(self.parts), "root")
             self._file = uproot.recreate(self._tmp)
             self._file[self.tree_name] = branches
         else:
@@ -70,9 +68,7 @@ class RootPartWriter:
             return
         self._file.close()
         assert self._tmp is not None
-        final = self._tmp.parent / self._tmp.name[1:].rsplit(".tmp-", 1)[0]
-        os.replace(self._tmp, final)
-        self.parts.append(PartInfo(final.name, self._rows, final.stat().st_size))
+        self.parts.append(publish_part(self._tmp, self._rows))
         self._file = None
         self._rows = 0
 
