@@ -24,7 +24,7 @@ def call_with_timeout(fn: Callable[[], T], *, seconds: float, what: str) -> T:
     def target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as err:  # handed to the caller below
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller thread)
             box["error"] = err
 
     thread = threading.Thread(target=target, daemon=True, name="columnhub-remote")
