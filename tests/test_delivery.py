@@ -374,3 +374,24 @@ def test_cli_missing_spec_file_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_rntuple_source(tmp_path: Path) -> None:
+    path = tmp_path / "rntuple.root"
+    jets = ak.Array([[50.0, 20.0], [], [31.0], [40.0, 35.0, 10.0], [70.0]])
+    with uproot.recreate(path) as f:
+        f.mkrntuple("Events", {
+            "run": np.ones(5, np.uint32), "luminosityBlock": np.ones(5, np.uint32),
+            "event": np.arange(1, 6, dtype=np.uint64), "Jet_pt": jets,
+        })
+    result = columnhub.deliver(
+        {"dataset": {"name": "rnt", "files": [str(path)]}, "columns": ["Jet_pt", "n"],
+         "define": {"n": "num(Jet_pt[Jet_pt > 30])"}, "where": "num(Jet_pt) > 0",
+         "chunk_size": 2},
+        output=tmp_path / "out", cache=False,
+    )
+    got = result.to_awkward()
+    keep = ak.num(jets) > 0
+    assert ak.to_list(got.Jet_pt) == ak.to_list(jets[keep])
+    assert ak.to_list(got.n) == ak.to_list(ak.num(jets[jets > 30])[keep])
+    assert got.event.tolist() == [1, 3, 4, 5]
