@@ -196,26 +196,6 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     return [r for r in out if r[1] > r[0]]
 
 
-#: Uncompressed bytes of the columns read per chunk when ``chunk_size`` is not set.
-CHUNK_BYTES = 64 * 1024**2
-_MIN_CHUNK, _MAX_CHUNK = 10_000, 5_000_000
-
-
-def auto_chunk_size(dataset: ResolvedDataset, columns: dict[str, ColumnDef]) -> int:
-    """Events per chunk so that a chunk holds about :data:`CHUNK_BYTES` of input.
-
-    Big enough that a task does real work (Dask costs ~1 ms per task), small
-    enough that memory stays bounded by chunk size x workers.
-    """
-    from columnhub.sources import bytes_per_event
-
-    branches = [n for n, c in columns.items() if c.kind == "source"]
-    per_event = bytes_per_event(dataset.files[0], dataset.spec, branches)
-    if per_event <= 0:
-        return 250_000
-    return int(min(_MAX_CHUNK, max(_MIN_CHUNK, CHUNK_BYTES // per_event)))
-
-
 def make_plan(request: Request) -> Plan:
     """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
     dataset = resolve(request.dataset)
@@ -247,10 +227,9 @@ def make_plan(request: Request) -> Plan:
         where = parse(request.where)
         for name in sorted(where.names):
             resolver.resolve(name, context="where")
-    chunk_size = request.chunk_size or auto_chunk_size(dataset, resolver.done)
     chunks: list[Chunk] = []
     for i, info in enumerate(dataset.files):
-        for start, stop in split_entries(info.boundaries, chunk_size):
+        for start, stop in split_entries(info.boundaries, request.chunk_size):
             chunks.append(Chunk(index=len(chunks), file_index=i, start=start, stop=stop))
     return Plan(
         request=request,

@@ -191,9 +191,10 @@ class Request(_Frozen):
         friends: datasets joined event by event.
         models: ML models whose outputs become columns.
         registry: the model registry directory (default ``$COLUMNHUB_MODELS``).
-        chunk_size: events per chunk task; by default (``None``) chosen so a
-            chunk holds about 64 MB of the columns read (uproot's
-            ``step_size`` idea), aligned to basket boundaries.
+        chunk_size: events per chunk task (chunks start on basket
+            boundaries). The chunk grid is also the cache's grid: requests with
+            the same ``chunk_size`` share cached column chunks, so the default is
+            one fixed number rather than one derived from the columns read.
         output: how the result is written.
     """
 
@@ -204,7 +205,7 @@ class Request(_Frozen):
     friends: tuple[FriendSpec, ...] = ()
     models: tuple[ModelSpec, ...] = ()
     registry: str | None = None
-    chunk_size: int | None = Field(default=None, gt=0)
+    chunk_size: int = Field(default=500_000, gt=0)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("columns", mode="before")

@@ -15,7 +15,7 @@ import awkward as ak
 from columnhub.datasets import FileInfo
 from columnhub.spec import DatasetSpec
 
-__all__ = ["bytes_per_event", "describe", "read"]
+__all__ = ["describe", "read"]
 
 
 def describe(path: str, fmt: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
@@ -46,14 +46,3 @@ def read(
     from columnhub.sources import root
 
     return root.read(file, spec, columns, start=start, stop=stop)
-
-
-def bytes_per_event(file: FileInfo, spec: DatasetSpec, columns: Sequence[str]) -> float:
-    """Uncompressed bytes per event of ``columns`` in ``file`` (0 when unknown)."""
-    if file.format == "parquet":
-        from columnhub.sources import parquet
-
-        return parquet.bytes_per_event(file, columns)
-    from columnhub.sources import root
-
-    return root.bytes_per_event(file, spec, columns)

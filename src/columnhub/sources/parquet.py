@@ -14,7 +14,7 @@ from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import CorruptFileError, DatasetFileNotFoundError
 from columnhub.spec import DatasetSpec
 
-__all__ = ["bytes_per_event", "describe", "read"]
+__all__ = ["describe", "read"]
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -73,19 +73,3 @@ def read(
         msg = f"reading rows {start}-{stop} of {file.path!r} failed ({err})"
         raise CorruptFileError(msg) from err
     return {name: ak.from_arrow(table.column(name)) for name in columns}
-
-
-def bytes_per_event(file: FileInfo, columns: Sequence[str]) -> float:
-    """Uncompressed bytes per row of some columns (from the Parquet footer)."""
-    if not file.entries:
-        return 0.0
-    md = _open(file.path).metadata
-    wanted = set(columns)
-    total = 0
-    for g in range(md.num_row_groups):
-        group = md.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            if column.path_in_schema.split(".")[0] in wanted:
-                total += column.total_uncompressed_size
-    return total / file.entries

@@ -28,7 +28,7 @@ from columnhub.errors import (
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = ["bytes_per_event", "describe", "open_tree", "read", "read_executor"]
+__all__ = ["describe", "open_tree", "read", "read_executor"]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 _OPEN_FILES = 16
@@ -211,14 +211,3 @@ def read(
             "the file may be truncated or corrupt"
         )
         raise CorruptFileError(msg) from err
-
-
-def bytes_per_event(file: FileInfo, spec: DatasetSpec, columns: Sequence[str]) -> float:
-    """Uncompressed bytes per event of some branches (from basket metadata)."""
-    if not file.entries:
-        return 0.0
-    tree = _cached_tree(file, spec)
-    if not isinstance(tree, uproot.TTree):
-        return 0.0
-    total = sum(tree[name].uncompressed_bytes for name in columns if name in tree)
-    return float(total) / file.entries
