@@ -348,6 +348,10 @@ def test_cli_delivers_and_summarises(shared_data: Path, tmp_path: Path) -> None:
     n = int(ak.sum(ref > 50))
     assert f"delivered {n:,} of 200 events" in done.stdout
     assert columnhub.Result.open(tmp_path / "out").events == n
+    again = columnhub_cli("deliver", str(spec), "-o", str(tmp_path / "out"), "--chunk-size", "64")
+    assert again.returncode == 0, again.stderr  # a full cache hit summarises too
+    assert "whole result reused" in again.stdout
+    assert "ht: float32" in again.stdout
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,13 @@ def deliver(
     identity = _result_key(plan)
     reused = _reuse(identity, directory, previous, store)
     if reused is not None:
-        reused["timing"] = {"plan_s": round(t_plan, 6), "total_s": round(time.perf_counter() - t0, 6)}
+        total = time.perf_counter() - t0
+        reused["timing"] = {
+            "plan_s": round(t_plan, 6),
+            "run_s": 0.0,
+            "total_s": round(total, 6),
+            "events_per_s": round(reused.get("events_read", 0) / total, 1) if total else 0.0,
+        }
         write_manifest(directory, reused)
         return Result(directory, reused)
     staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
@@ -297,7 +303,7 @@ def _execute(
         "events_read": plan.dataset.entries,
         "files": [p.name for p in parts],
         "parts": [{"name": p.name, "rows": p.rows, "bytes": p.bytes} for p in parts],
-        "columns": {f.name: str(f.type) for f in schema} if schema is not None else {},
+        "columns": _column_types(schema),
         "keys": list(req.dataset.keys) if req.output.include_keys else [],
         "cache": {"hits": hits, "misses": misses, "location": cache.location if cache else None},
         "inputs": plan.dataset.identity,
@@ -310,6 +316,14 @@ def _execute(
         },
         "timing": {"run_s": round(time.perf_counter() - t_run, 6)},
     }
+
+
+def _column_types(schema: pa.Schema | None) -> dict[str, str]:
+    """Column name -> awkward type string (``var * float32``, ``?float32``)."""
+    if schema is None:
+        return {}
+    form = ak.from_arrow_schema(schema)
+    return {name: str(form.content(name).type) for name in form.fields}
 
 
 def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
