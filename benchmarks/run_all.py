@@ -144,6 +144,13 @@ TARGETS: dict[str, list[Target]] = {
             r"^columnhub join_arrays \(from scratch[^\n]*?([\d.]+)x\s*$",
         ),
         Target(
+            "columnhub chunked on 2 workers (index built in the timing) vs fastest peer",
+            ">=",
+            2.0,
+            ("columnhub_chunked_vs_fastest_peer",),
+            r"^columnhub chunked[^\n]*?([\d.]+)x\s*$",
+        ),
+        Target(
             "columnhub (friend key index cached, as in delivery) vs fastest peer",
             ">=",
             2.0,
