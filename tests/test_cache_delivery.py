@@ -218,3 +218,17 @@ def test_read_only_cache_is_used_but_never_written(sample: Path, tmp_path: Path)
     assert m["cache"]["misses"] > 0  # MET_pt computed...
     after = sorted(p.name for p in (cache / "objects").rglob("*") if p.is_file())
     assert after == before  # ...but not written
+
+
+def test_edited_result_is_not_reused(sample: Path, tmp_path: Path) -> None:
+    cache = ColumnCache(tmp_path / "cache")
+    req = request([sample], ["MET_pt"])
+    first = columnhub.deliver(req, output=tmp_path / "a", cache=cache)
+    part = first.files[0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, different bytes
+    part.write_bytes(bytes(data))
+    again = columnhub.deliver(req, output=tmp_path / "b", cache=cache)
+    assert "reused_result" not in again.manifest["cache"]  # rebuilt from the column cache
+    ref = uproot.open(sample)["Events"]["MET_pt"].array()
+    assert ak.to_list(again.to_awkward().MET_pt) == ak.to_list(ref)

@@ -23,7 +23,7 @@ from columnhub.errors import ColumnhubError, OutputError, SpecError
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.execute.local import run_ordered
 from columnhub.output.manifest import read_manifest, write_manifest
-from columnhub.output.parquet import PartWriter
+from columnhub.output.parquet import PartWriter, file_checksum
 from columnhub.plan import Plan, make_plan
 from columnhub.result import Result
 from columnhub.spec import Request, load_request
@@ -187,12 +187,14 @@ def _result_key(plan: Plan) -> str:
 
 
 def _intact(directory: Path, manifest: dict[str, Any]) -> bool:
-    """True when every part a complete manifest lists is there with its size."""
+    """True when every part a complete manifest lists is there, unchanged (size, checksum)."""
     if not manifest.get("complete"):
         return False
     for part in manifest.get("parts", []):
         path = directory / part["name"]
         if not path.is_file() or path.stat().st_size != part["bytes"]:
+            return False
+        if file_checksum(path) != part.get("xxh3"):
             return False
     return True
 
@@ -302,7 +304,9 @@ def _execute(
         "events": events,
         "events_read": plan.dataset.entries,
         "files": [p.name for p in parts],
-        "parts": [{"name": p.name, "rows": p.rows, "bytes": p.bytes} for p in parts],
+        "parts": [
+            {"name": p.name, "rows": p.rows, "bytes": p.bytes, "xxh3": p.xxh3} for p in parts
+        ],
         "columns": _column_types(schema),
         "keys": list(req.dataset.keys) if req.output.include_keys else [],
         "cache": {"hits": hits, "misses": misses, "location": cache.location if cache else None},

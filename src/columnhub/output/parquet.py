@@ -12,16 +12,28 @@ import pyarrow.parquet as pq
 
 from columnhub.errors import OutputError
 
-__all__ = ["PartInfo", "PartWriter", "part_path", "publish_part"]
+__all__ = ["PartInfo", "PartWriter", "file_checksum", "part_path", "publish_part"]
 
 
 @dataclass(frozen=True)
 class PartInfo:
-    """One finished part file."""
+    """One finished part file, with its size and content checksum (xxh3-64, hex)."""
 
     name: str
     rows: int
     bytes: int
+    xxh3: str
+
+
+def file_checksum(path: Path) -> str:
+    """The xxh3-64 digest of a file's bytes (hex), read in 16 MiB blocks."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def part_path(directory: Path, number: int, suffix: str) -> Path:
@@ -33,7 +45,7 @@ def publish_part(tmp: Path, rows: int) -> PartInfo:
     """Rename a finished part from its temporary name to its final one (atomic)."""
     final = tmp.parent / tmp.name[1:].rsplit(".tmp-", 1)[0]
     os.replace(tmp, final)
-    return PartInfo(final.name, rows, final.stat().st_size)
+    return PartInfo(final.name, rows, final.stat().st_size, file_checksum(final))
 
 
 class PartWriter:
