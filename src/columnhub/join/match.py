@@ -228,13 +228,15 @@ def match_unique_words(
     np.left_shift(primary_words, sh, out=tail)
     tail |= np.arange(1 << rb, (1 << rb) + n_p, dtype=np.uint64)  # side bit set
     comp.sort()
-    key = comp >> sh
-    same = key[1:] == key[:-1]
-    del key
-    is_primary = (comp & np.uint64(1 << rb)).astype(bool)
+    # neighbours share a key when they differ only in the low (side | row) bits
+    diff = np.bitwise_xor(comp[1:], comp[:-1])
+    same = diff < (np.uint64(1) << sh)
+    del diff
+    side = np.uint64(1 << rb)
+    is_primary = (comp & side) != 0
     if bool((same & (is_primary[1:] == is_primary[:-1])).any()):
         return None
-    rows = (comp & np.uint64((1 << rb) - 1)).astype(np.int64)
+    rows = np.bitwise_and(comp, np.uint64((1 << rb) - 1), out=comp).view(np.int64)
     pair = np.flatnonzero(same)  # friend at pair, primary at pair + 1
     friend = np.full(n_p, -1, dtype=np.int64)
     friend[rows[pair + 1]] = rows[pair]
