@@ -151,7 +151,14 @@ TARGETS: dict[str, list[Target]] = {
             r"^columnhub chunked[^\n]*?([\d.]+)x\s*$",
         ),
         Target(
-            "columnhub (friend key index cached, as in delivery) vs fastest peer",
+            "columnhub chunked on 2 workers, friend key index cached (delivery's steady state)",
+            ">=",
+            2.0,
+            ("columnhub_chunked_cached_vs_fastest_peer",),
+            r"^columnhub chunked, 2 workers \(cached[^\n]*?([\d.]+)x\s*$",
+        ),
+        Target(
+            "columnhub one thread, friend key index cached vs fastest peer",
             ">=",
             2.0,
             ("columnhub_prebuilt_vs_fastest_peer",),
