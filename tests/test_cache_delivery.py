@@ -225,9 +225,11 @@ def test_edited_result_is_not_reused(sample: Path, tmp_path: Path) -> None:
     req = request([sample], ["MET_pt"])
     first = columnhub.deliver(req, output=tmp_path / "a", cache=cache)
     part = first.files[0]
+    stat = part.stat()
     data = bytearray(part.read_bytes())
-    data[len(data) // 2] ^= 0x01  # same size, different bytes
+    data[len(data) // 2] ^= 0x01  # same size, different bytes...
     part.write_bytes(bytes(data))
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and the old time: the checksum catches it
     again = columnhub.deliver(req, output=tmp_path / "b", cache=cache)
     assert "reused_result" not in again.manifest["cache"]  # rebuilt from the column cache
     ref = uproot.open(sample)["Events"]["MET_pt"].array()

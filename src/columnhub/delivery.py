@@ -187,14 +187,18 @@ def _result_key(plan: Plan) -> str:
 
 
 def _intact(directory: Path, manifest: dict[str, Any]) -> bool:
-    """True when every part a complete manifest lists is there, unchanged (size, checksum)."""
+    """True when every part a complete manifest lists is there, untouched since written.
+
+    A cheap check (size and modification time); copies verify the checksum too.
+    """
     if not manifest.get("complete"):
         return False
     for part in manifest.get("parts", []):
         path = directory / part["name"]
-        if not path.is_file() or path.stat().st_size != part["bytes"]:
+        if not path.is_file():
             return False
-        if file_checksum(path) != part.get("xxh3"):
+        stat = path.stat()
+        if stat.st_size != part["bytes"] or stat.st_mtime_ns != part.get("mtime_ns"):
             return False
     return True
 
@@ -226,9 +230,15 @@ def _reuse(
     if where != directory:
         staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
         staging.mkdir(parents=True)
-        for name in manifest["files"]:
-            shutil.copyfile(where / name, staging / name)
+        parts = []
+        for part in manifest["parts"]:  # copied and verified in one pass
+            copy = staging / part["name"]
+            if file_checksum(where / part["name"], copy_to=copy) != part["xxh3"]:
+                shutil.rmtree(staging, ignore_errors=True)
+                return None
+            parts.append({**part, "mtime_ns": copy.stat().st_mtime_ns})
         _publish(staging, directory, previous, manifest["files"])
+        manifest = {**manifest, "parts": parts}
     entries = manifest["cache"]["hits"] + manifest["cache"]["misses"]
     reused = dict(manifest)
     reused["cache"] = {"hits": entries, "misses": 0, "reused_result": str(where)}
@@ -305,7 +315,8 @@ def _execute(
         "events_read": plan.dataset.entries,
         "files": [p.name for p in parts],
         "parts": [
-            {"name": p.name, "rows": p.rows, "bytes": p.bytes, "xxh3": p.xxh3} for p in parts
+            {"name": p.name, "rows": p.rows, "bytes": p.bytes, "xxh3": p.xxh3, "mtime_ns": p.mtime_ns}
+            for p in parts
         ],
         "columns": _column_types(schema),
         "keys": list(req.dataset.keys) if req.output.include_keys else [],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,23 @@ class PartInfo:
     rows: int
     bytes: int
     xxh3: str
+    mtime_ns: int
 
 
-def file_checksum(path: Path) -> str:
-    """The xxh3-64 digest of a file's bytes (hex), read in 16 MiB blocks."""
+def file_checksum(path: Path, *, copy_to: Path | None = None) -> str:
+    """The xxh3-64 digest of a file's bytes (hex), read in 16 MiB blocks.
+
+    With ``copy_to``, the bytes are also written there: a copy and its
+    verification in one pass.
+    """
     import xxhash
 
     digest = xxhash.xxh3_64()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, open(copy_to, "wb") if copy_to else nullcontext() as out:
         while block := f.read(16 * 1024 * 1024):
             digest.update(block)
+            if out is not None:
+                out.write(block)
     return digest.hexdigest()
 
 
@@ -45,7 +53,8 @@ def publish_part(tmp: Path, rows: int) -> PartInfo:
     """Rename a finished part from its temporary name to its final one (atomic)."""
     final = tmp.parent / tmp.name[1:].rsplit(".tmp-", 1)[0]
     os.replace(tmp, final)
-    return PartInfo(final.name, rows, final.stat().st_size, file_checksum(final))
+    stat = final.stat()
+    return PartInfo(final.name, rows, stat.st_size, file_checksum(final), stat.st_mtime_ns)
 
 
 class PartWriter:
