@@ -109,7 +109,7 @@ class PartWriter:
             return
         try:
             table = table.cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        except pa.ArrowException as err:  # invalid or unsupported cast
             msg = (
                 f"a chunk's columns have types {table.schema} that differ from the first "
                 f"chunk's {self.schema}; this is a bug in a column provider ({err})"
