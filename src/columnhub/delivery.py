@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +75,10 @@ def deliver(
             output directory then holds no result that looks complete.
     """
     t0 = time.perf_counter()
-    req = load_request(request)
-    if chunk_size is not None:
-        req = req.replace(chunk_size=chunk_size)
+    req = _load(request, chunk_size=chunk_size)
     if output is not None:
         req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-    if workers < 1:
-        msg = f"workers must be at least 1, got {workers}"
-        raise SpecError(msg)
+    workers = _workers(workers)
     directory = Path(req.output.directory) if req.output.directory else None
     directory = directory or default_output_directory(req)
     plan = make_plan(req)  # user errors surface here, before anything is written
@@ -145,23 +139,42 @@ def arrays(
     Returns:
         A record array, one field per output column.
     """
-    req = load_request(request)
-    if chunk_size is not None:
-        req = req.replace(chunk_size=chunk_size)
-    plan = make_plan(req)
-    store = _open_cache(cache)
-    workers = min(8, os.cpu_count() or 1) if workers is None else max(1, workers)
-    if plan.friends:
-        from columnhub.join.provider import prepare
-
-        prepare(plan, cache=store)
-    tables = [r.table for r in run_ordered(lambda c: run_chunk(plan, c, cache=store), plan.chunks, workers=workers)]
-    tail = run_tail(plan, cache=store)
-    if tail is not None:
-        tables.append(tail.table.cast(tables[0].schema) if tables else tail.table)
+    plan = make_plan(_load(request, chunk_size=chunk_size))
+    results = _chunk_results(plan, workers=_workers(workers), cache=_open_cache(cache))
+    tables = [r.table for r in results]
+    # one schema, as the writer does (a right/outer tail has null-typed columns)
+    tables = [t.cast(tables[0].schema) for t in tables]
     if not tables:
         return ak.Array([])
     return ak.from_arrow(pa.concat_tables(tables), generate_bitmasks=False)
+
+
+def _load(request: Any, *, chunk_size: int | None) -> Request:
+    req = load_request(request)
+    return req if chunk_size is None else req.replace(chunk_size=chunk_size)
+
+
+def _workers(workers: int | None) -> int:
+    if workers is None:
+        return min(8, os.cpu_count() or 1)
+    if workers < 1:
+        msg = f"workers must be at least 1, got {workers}"
+        raise SpecError(msg)
+    return workers
+
+
+def _chunk_results(
+    plan: Plan, *, workers: int, cache: ColumnCache | None
+) -> Iterator[ChunkResult]:
+    """Every chunk's result in order, then the right/outer tail if there is one."""
+    if plan.friends:
+        from columnhub.join.provider import prepare
+
+        prepare(plan, cache=cache)  # key indexes built once; duplicates reported before work
+    yield from run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers)
+    tail = run_tail(plan, cache=cache)
+    if tail is not None:
+        yield tail
 
 
 def _open_cache(cache: Any) -> ColumnCache | None:
@@ -270,19 +283,8 @@ def _execute(
     inference: Any = None
     t_run = time.perf_counter()
     done = 0
-    if plan.friends:
-        from columnhub.join.provider import prepare
-
-        prepare(plan, cache=cache)  # key indexes built once; duplicates reported before work
-
-    def results() -> Any:
-        yield from run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers)
-        tail = run_tail(plan, cache=cache)
-        if tail is not None:
-            yield tail
-
     try:
-        for result in results():
+        for result in _chunk_results(plan, workers=workers, cache=cache):
             writer.write(result.table)
             chunks.append(_chunk_record(plan, result))
             hits += result.hits
