@@ -732,7 +732,11 @@ def _split(n: int, files: int) -> list[int]:
     return [n // files + (1 if k < n % files else 0) for k in range(files)]
 
 
-def _check_layout(files: int, subset: float, basket_events: int) -> None:
+def _check_layout(files: int, subset: float, basket_events: int, *, seed: int) -> None:
+    """Validate the options ``synthesize`` and ``regroup`` share (SpecError naming the bad one)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        msg = f"seed must be an integer >= 0, got {seed!r}"
+        raise SpecError(msg)
     if isinstance(files, bool) or not isinstance(files, int) or files < 1:
         msg = f"files must be an integer >= 1, got {files!r}"
         raise SpecError(msg)
@@ -799,10 +803,7 @@ def synthesize(
     if isinstance(first_event, bool) or not isinstance(first_event, int) or first_event < 0:
         msg = f"first_event must be an integer >= 0, got {first_event!r}"
         raise SpecError(msg)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        msg = f"seed must be an integer >= 0, got {seed!r}"
-        raise SpecError(msg)
-    _check_layout(files, subset, basket_events)
+    _check_layout(files, subset, basket_events, seed=seed)
     comp = _compression(compression)
     tpl = read_template(like)
     if tpl.num_entries == 0:
@@ -943,10 +944,7 @@ def regroup(
     if not paths_in:
         msg = "regroup needs at least one input file"
         raise SpecError(msg)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        msg = f"seed must be an integer >= 0, got {seed!r}"
-        raise SpecError(msg)
-    _check_layout(files, subset, basket_events)
+    _check_layout(files, subset, basket_events, seed=seed)
     comp = _compression(compression)
     out_resolved = {p.resolve() for p in _planned_outputs(output, files)}
     clash = [str(p) for p in paths_in if p.resolve() in out_resolved]
