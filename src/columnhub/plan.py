@@ -8,9 +8,7 @@ ranges aligned to basket boundaries). It reads metadata only.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -329,9 +327,10 @@ def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Fr
 
 
 def fingerprint(*parts: Any) -> str:
-    """A short stable digest of JSON-able parts."""
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    """A short stable digest of JSON-able parts (the cache's own key function)."""
+    from columnhub.cache import entry_key
+
+    return entry_key(parts=list(parts))
 
 
 class _Resolver:
