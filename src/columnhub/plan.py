@@ -155,10 +155,6 @@ class Plan:
         deps = [self.columns[n].fingerprint for n in sorted(self.where.names)]
         return fingerprint("where", PROVIDER_VERSIONS["where"], self.where.canonical, deps)
 
-    @property
-    def source_columns(self) -> tuple[str, ...]:
-        return tuple(n for n, c in self.columns.items() if c.kind == "source")
-
 
 def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int, int]]:
     """Entry ranges of about ``chunk_size`` entries that start on ``boundaries``.
@@ -348,7 +344,11 @@ class _Resolver:
         self.model_columns: dict[str, tuple[Model, str]] = {}
         for model in models:
             for output, column in model.columns.items():
-                if column in self.model_columns or column in dataset.columns or column in request.define:
+                if (
+                    column in self.model_columns
+                    or column in dataset.columns
+                    or column in request.define
+                ):
                     msg = (
                         f"model {model.card.name!r}: output column {column!r} clashes with another "
                         "column; rename it in the request's models: outputs: {output: new_name}"
