@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,15 @@ import pyarrow.parquet as pq
 
 from columnhub.errors import OutputError
 
-__all__ = ["PartInfo", "PartWriter", "file_checksum", "part_path", "publish_part"]
+__all__ = [
+    "PartInfo",
+    "PartWriter",
+    "file_checksum",
+    "float_leaves",
+    "part_path",
+    "publish_part",
+    "writer_options",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,42 @@ def publish_part(tmp: Path, rows: int) -> PartInfo:
     return PartInfo(final.name, rows, stat.st_size, file_checksum(final), stat.st_mtime_ns)
 
 
+def writer_options(schema: pa.Schema, compression: str | None) -> dict[str, Any]:
+    """The ``pq.ParquetWriter`` options every part is written with.
+
+    Dictionary encoding pays for top-level integer columns (run, lumi: few
+    values), not for floats, where it is tried and abandoned at a cost. Every
+    float32/float64 leaf (flat, or the ``.list.element`` of a jagged column, at
+    any depth) is written BYTE_STREAM_SPLIT: its bytes regrouped by position
+    before compression, which encodes faster and compresses physics floats
+    much better than PLAIN. It is a standard Parquet encoding (pyarrow,
+    awkward, polars, DuckDB and Spark read it).
+    """
+    integers = [f.name for f in schema if pa.types.is_integer(f.type)]
+    return {
+        "compression": compression,
+        "use_dictionary": integers,
+        "column_encoding": {path: "BYTE_STREAM_SPLIT" for path in float_leaves(schema, integers)}
+        or None,
+        "write_statistics": True,
+    }
+
+
+def float_leaves(schema: pa.Schema, exclude: Collection[str] = ()) -> list[str]:
+    """The Parquet paths (``Jet_pt.list.element``) of ``schema``'s FLOAT/DOUBLE leaves.
+
+    Taken from the Parquet schema pyarrow itself derives (an empty file
+    written to memory), so nested names are exactly the writer's.
+    """
+    sink = pa.BufferOutputStream()
+    pq.ParquetWriter(sink, schema).close()
+    parquet_schema = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    columns = (parquet_schema.column(i) for i in range(len(parquet_schema)))
+    return [
+        c.path for c in columns if c.physical_type in ("FLOAT", "DOUBLE") and c.path not in exclude
+    ]
+
+
 class PartWriter:
     """Writes tables in order into ``part-NNNNN.parquet`` files of about ``target_bytes``.
 
@@ -79,15 +124,8 @@ class PartWriter:
         assert self.schema is not None
         self._tmp = part_path(self.directory, len(self.parts), "parquet")
         self._sink = open(self._tmp, "wb")  # noqa: SIM115  (closed in _finish)
-        # Dictionary encoding pays for integer columns (run, lumi: few values),
-        # not for floats, where it is tried and abandoned at a cost.
-        integers = [f.name for f in self.schema if pa.types.is_integer(f.type)]
         self._writer = pq.ParquetWriter(
-            self._sink,
-            self.schema,
-            compression=self.compression,
-            use_dictionary=integers,
-            write_statistics=True,
+            self._sink, self.schema, **writer_options(self.schema, self.compression)
         )
         self._rows = 0
 
