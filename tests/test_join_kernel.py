@@ -308,9 +308,16 @@ def test_gather_flat_jagged_records_and_zero_copy() -> None:
     jag = ak.Array([[1.0, 2.0], [], [3.0]])
     out = gather(jag, [2, -1, 0, 0])
     assert out.tolist() == [[3.0], None, [1.0, 2.0], [1.0, 2.0]]
-    assert out.layout.content is jag.layout  # a view, not a copy
+    assert str(out.type) == "4 * option[var * float64]"
+    # lists of numbers are copied into a packed column (compiled kernel) ...
+    assert isinstance(out.layout.content, ak.contents.ListOffsetArray)
+    assert out.layout.content.offsets.data.tolist() == [0, 1, 1, 3, 5]
+    # ... a column with no missing row keeps its option type
+    assert str(gather(jag, [1, 0]).type) == "2 * option[var * float64]"
     rec = ak.zip({"pt": jag, "eta": jag * 2})
-    assert gather(rec, [-1, 1]).tolist() == [None, []]
+    view = gather(rec, [-1, 1])
+    assert view.tolist() == [None, []]
+    assert view.layout.content is rec.layout  # anything else is a view, not a copy
     flat = np.array([1.5, 2.5])
     assert gather(flat, np.array([1, -1])).tolist() == [2.5, None]
     plain = gather(flat, [1, 0], optional=False)
@@ -382,3 +389,38 @@ def test_one_sort_unique_join_equals_index_join(n_p: int, n_f: int, seed: int, d
     assert inner is not None
     assert inner.primary_rows.tolist() == [i for i, k in enumerate(pw) if int(k) in where]
     assert match_unique_words(pw, fw, total_bits=63, how="left") is None  # does not fit
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), max_size=60),
+    rows=st.lists(st.integers(-1, 59), max_size=80),
+    optional=st.booleans(),
+    dtype=st.sampled_from(["float32", "float64", "int32", "uint64", "bool"]),
+)
+def test_gather_matches_python_lists(
+    lengths: list[int], rows: list[int], optional: bool, dtype: str
+) -> None:
+    """The compiled gather (flat and jagged, sliced inputs too) against plain lists."""
+    import columnhub._kernels as kernels
+
+    rows = [r for r in rows if r < len(lengths)]
+    if not optional:
+        rows = [r for r in rows if r >= 0]
+    rng = np.random.default_rng(len(lengths) + 7 * len(rows))
+    content = (rng.random(sum(lengths)) * 100).astype(dtype)
+    jag = ak.unflatten(content, np.asarray(lengths, dtype=np.int64))[1:]  # non-zero starts
+    flat = (rng.random(len(lengths)) * 100).astype(dtype)[1:]
+    rows = [r for r in rows if r < len(jag)]
+    ref_jag = [jag.tolist()[r] if r >= 0 else None for r in rows]
+    ref_flat = [flat.tolist()[r] if r >= 0 else None for r in rows]
+    for threshold in (1 << 18, 1):  # serial, then split over the kernel pool
+        old, kernels.PARALLEL_MIN_ROWS = kernels.PARALLEL_MIN_ROWS, threshold
+        try:
+            got_jag = gather(jag, np.asarray(rows, dtype=np.int64), optional=optional)
+            got_flat = gather(flat, np.asarray(rows, dtype=np.int64), optional=optional)
+        finally:
+            kernels.PARALLEL_MIN_ROWS = old
+        assert got_jag.tolist() == ref_jag
+        assert got_flat.tolist() == ref_flat
+        assert ("?" in str(got_flat.type)) == optional

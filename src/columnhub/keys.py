@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from columnhub._kernels import minmax, or_shifted
 from columnhub.errors import JoinError, KeyTypeError
 
 __all__ = [
@@ -261,8 +262,9 @@ class KeyPacking:
                 offsets.append(0)
                 widths.append(0)
                 continue
-            lo = min(int(c.min()) for c in nonempty)
-            hi = max(int(c.max()) for c in nonempty)
+            bounds = [minmax(c) for c in nonempty]
+            lo = min(b[0] for b in bounds)
+            hi = max(b[1] for b in bounds)
             offsets.append(lo)
             widths.append((hi - lo).bit_length())
         return cls(key_names, tuple(offsets), tuple(widths))
@@ -321,7 +323,8 @@ class KeyPacking:
         fits: np.ndarray | None = None
         total = nw * 64
         for col, off, w, p in zip(cols, self.offsets, self.widths, self._positions(), strict=True):
-            if n and (int(col.min()) < off or int(col.max()) - off >= 1 << w):
+            lo, hi = minmax(col) if n else (off, off)
+            if lo < off or hi - off >= 1 << w:
                 # some keys lie outside the packing's range: mask them
                 bad = col < np.uint64(off)
                 val = col - np.uint64(off)  # wraps for `bad` rows, zeroed below
@@ -330,6 +333,9 @@ class KeyPacking:
                 fits = ~bad if fits is None else (fits & ~bad)
                 val[bad] = 0
             elif w == 0:
+                continue
+            elif nw == 1:
+                or_shifted(words, col, off, p)
                 continue
             else:
                 val = np.subtract(col, np.uint64(off)) if off else col.copy()

@@ -1,8 +1,10 @@
 """Gathering columns by joined row indices, and the whole in-memory join.
 
-:func:`gather` never copies the content of a column: it wraps it in an
+:func:`gather` copies flat numeric columns and lists of numbers (the columns of
+NanoAOD and PHYSLITE) with compiled, parallel loops into packed arrays, ready
+for Arrow; any other layout (records, nested lists, options) is wrapped in an
 awkward ``IndexedOptionArray`` (rows ``-1`` become ``None``) or
-``IndexedArray``, so a jagged column costs one index array, whatever its size.
+``IndexedArray`` without copying.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from columnhub.errors import ColumnNotFoundError, JoinError, closest
+from columnhub._kernels import gather_flat, gather_lists
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, match, match_indexes, match_unique_words, unmatched_rows
 from columnhub.join.validate import check_how, check_unique, needs_unique
@@ -24,7 +27,7 @@ __all__ = ["gather", "join_arrays"]
 
 
 def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Array:
-    """Rows of ``array`` (flat, jagged or record) selected by ``rows``, without copying.
+    """Rows of ``array`` (flat, jagged or record) selected by ``rows``.
 
     Args:
         array: an awkward array or anything ``ak.to_layout`` accepts (numpy).
@@ -35,7 +38,8 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
             request has the same type.
 
     Returns:
-        An ``ak.Array`` of ``len(rows)`` rows, a view over ``array``'s content.
+        An ``ak.Array`` of ``len(rows)`` rows: a packed copy for numbers and
+        lists of numbers, else a view over ``array``'s content.
 
     Raises:
         IndexError: a row is out of range, or ``-1`` with ``optional=False``.
@@ -56,6 +60,9 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
             allowed = f"-1..{len(layout) - 1}" if optional else f"0..{len(layout) - 1}"
             msg = f"gather row {bad} out of range for {len(layout)} rows (allowed {allowed})"
             raise IndexError(msg)
+    fast = _gather_packed(layout, idx, optional=optional)
+    if fast is not None:
+        return ak.Array(fast)
     index = ak.index.Index64(idx)
     if (
         optional
@@ -71,6 +78,42 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
     else:
         out = ak.contents.IndexedArray.simplified(index, layout)
     return ak.Array(out)
+
+
+def _gather_packed(
+    layout: ak.contents.Content, rows: np.ndarray, *, optional: bool
+) -> ak.contents.Content | None:
+    """Copy the rows of a flat numeric or list-of-numeric column (compiled, parallel).
+
+    Returns ``None`` for other layouts (records, options, nested lists), which
+    :func:`gather` then wraps in an index without copying.
+    """
+    if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
+        values, valid, missing = gather_flat(np.asarray(layout.data), rows)
+        out: ak.contents.Content = ak.contents.NumpyArray(values, parameters=layout.parameters)
+    elif (
+        isinstance(layout, ak.contents.ListOffsetArray | ak.contents.ListArray)
+        and isinstance(layout.content, ak.contents.NumpyArray)
+        and layout.content.data.ndim == 1
+    ):
+        starts = np.asarray(layout.starts.data)
+        stops = np.asarray(layout.stops.data)
+        content = layout.content
+        offsets, values, valid, missing = gather_lists(
+            starts, stops, np.asarray(content.data), rows
+        )
+        out = ak.contents.ListOffsetArray(
+            ak.index.Index64(offsets),
+            ak.contents.NumpyArray(values, parameters=content.parameters),
+            parameters=layout.parameters,
+        )
+    else:
+        return None
+    if not optional:
+        return out
+    if not missing:
+        return ak.contents.UnmaskedArray(out)
+    return ak.contents.ByteMaskedArray(ak.index.Index8(valid.view(np.int8)), out, valid_when=True)
 
 
 def _as_array(values: Any) -> ak.Array:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from columnhub.errors import DuplicateKeyError
+from columnhub._kernels import compose_rows, pair_sorted
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
 from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
@@ -220,26 +221,13 @@ def match_unique_words(
     rb = max(1, (max(n_p, n_f) - 1).bit_length())
     if total_bits + 1 + rb > 64:
         return None
-    sh = np.uint64(rb + 1)
     comp = np.empty(n_f + n_p, dtype=np.uint64)
-    head, tail = comp[:n_f], comp[n_f:]
-    np.left_shift(friend_words, sh, out=head)
-    head |= np.arange(n_f, dtype=np.uint64)
-    np.left_shift(primary_words, sh, out=tail)
-    tail |= np.arange(1 << rb, (1 << rb) + n_p, dtype=np.uint64)  # side bit set
+    compose_rows(friend_words, rb + 1, 0, comp[:n_f])
+    compose_rows(primary_words, rb + 1, 1 << rb, comp[n_f:])  # side bit set
     comp.sort()
-    # neighbours share a key when they differ only in the low (side | row) bits
-    diff = np.bitwise_xor(comp[1:], comp[:-1])
-    same = diff < (np.uint64(1) << sh)
-    del diff
-    side = np.uint64(1 << rb)
-    is_primary = (comp & side) != 0
-    if bool((same & (is_primary[1:] == is_primary[:-1])).any()):
+    friend = pair_sorted(comp, rb, n_p)
+    if friend is None:  # a key repeats on one side
         return None
-    rows = np.bitwise_and(comp, np.uint64((1 << rb) - 1), out=comp).view(np.int64)
-    pair = np.flatnonzero(same)  # friend at pair, primary at pair + 1
-    friend = np.full(n_p, -1, dtype=np.int64)
-    friend[rows[pair + 1]] = rows[pair]
     if how == "left":
         return Match(np.arange(n_p, dtype=np.int64), friend, primary_identity=True)
     keep = np.flatnonzero(friend >= 0)

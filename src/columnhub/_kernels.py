@@ -1,0 +1,194 @@
+"""Compiled loops of the join: packing keys, pairing sorted keys, gathering columns.
+
+numpy alone needs one full pass (and one temporary array) per step of these
+loops; compiled with numba, each is one pass. Every kernel is compiled with
+``nogil=True``, so the large ones are split into row ranges and run on
+:func:`kernel_pool` threads in parallel (plain Python threads: safe to call
+from several chunk tasks at once, unlike numba's own ``parallel=True``
+threading layers). Kernels are compiled on first use and cached on disk
+(``cache=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numba
+import numpy as np
+
+__all__ = ["gather_flat", "gather_lists", "compose_rows", "kernel_pool", "minmax", "or_shifted", "pair_sorted"]
+
+#: below this many rows a kernel runs in the calling thread
+PARALLEL_MIN_ROWS = 1 << 18
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def kernel_pool() -> ThreadPoolExecutor:
+    """The process's pool for join kernels (one thread per core, at most 8)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            n = max(1, min(8, len(os.sched_getaffinity(0))))
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="columnhub-join")
+        return _pool
+
+
+def _ranges(n: int) -> list[tuple[int, int]]:
+    parts = 1 if n < PARALLEL_MIN_ROWS else kernel_pool()._max_workers  # noqa: SLF001
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _split(fn: Callable[[int, int], Any], n: int) -> list[Any]:
+    """``fn(start, stop)`` over row ranges covering ``0..n``, in parallel when large."""
+    ranges = _ranges(n)
+    if len(ranges) <= 1:
+        return [fn(a, b) for a, b in ranges]
+    futures = [kernel_pool().submit(fn, a, b) for a, b in ranges]
+    return [f.result() for f in futures]
+
+
+@numba.njit(nogil=True, cache=True)
+def _minmax(values, start, stop):  # pragma: no cover - compiled
+    lo = values[start]
+    hi = lo
+    for i in range(start + 1, stop):
+        v = values[i]
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+def minmax(values: np.ndarray) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer array, in one pass."""
+    parts = _split(lambda a, b: _minmax(values, a, b), len(values))
+    return min(int(lo) for lo, _ in parts), max(int(hi) for _, hi in parts)
+
+
+@numba.njit(nogil=True, cache=True)
+def _or_shifted(words, column, offset, shift, start, stop):  # pragma: no cover - compiled
+    for i in range(start, stop):
+        words[i] |= (np.uint64(column[i]) - offset) << shift
+
+
+def or_shifted(words: np.ndarray, column: np.ndarray, offset: int, shift: int) -> None:
+    """``words |= (column - offset) << shift`` in place, in one pass (``uint64``)."""
+    off, sh = np.uint64(offset), np.uint64(shift)
+    _split(lambda a, b: _or_shifted(words, column, off, sh, a, b), len(words))
+
+
+@numba.njit(nogil=True, cache=True)
+def _compose_rows(words, shift, base, out, start, stop):  # pragma: no cover - compiled
+    for i in range(start, stop):
+        out[i] = (words[i] << shift) | (base + np.uint64(i))
+
+
+def compose_rows(words: np.ndarray, shift: int, base: int, out: np.ndarray) -> None:
+    """``out[i] = (words[i] << shift) | (base + i)``: keys with their row numbers below."""
+    sh, b = np.uint64(shift), np.uint64(base)
+    _split(lambda a, c: _compose_rows(words, sh, b, out, a, c), len(words))
+
+
+@numba.njit(nogil=True, cache=True)
+def _pair_sorted(comp, rowbits, n_primary):  # pragma: no cover - compiled
+    friend = np.full(n_primary, -1, dtype=np.int64)
+    one = np.uint64(1)
+    side = one << np.uint64(rowbits)
+    rowmask = side - one
+    limit = side << one
+    prev = comp[0]
+    for i in range(1, comp.shape[0]):
+        cur = comp[i]
+        if (cur ^ prev) < limit:
+            if (cur & side) == (prev & side):
+                return friend, False
+            friend[np.int64(cur & rowmask)] = np.int64(prev & rowmask)
+        prev = cur
+    return friend, True
+
+
+def pair_sorted(comp: np.ndarray, rowbits: int, n_primary: int) -> np.ndarray | None:
+    """Friend row per primary row from sorted composites ``key | side | row``.
+
+    ``side`` (bit ``rowbits``) is 0 for friend rows and 1 for primary rows, so
+    a matched primary row sorts right after its friend row. Returns ``None``
+    when a key repeats on one side (the caller takes the general path).
+    """
+    if comp.size == 0:
+        return np.full(n_primary, -1, dtype=np.int64)
+    friend, ok = _pair_sorted(comp, rowbits, n_primary)
+    return friend if ok else None
+
+
+@numba.njit(nogil=True, cache=True)
+def _take(values, rows, out, valid, start, stop):  # pragma: no cover - compiled
+    missing = 0
+    for i in range(start, stop):
+        r = rows[i]
+        if r >= 0:
+            out[i] = values[r]
+            valid[i] = True
+        else:
+            valid[i] = False
+            missing += 1
+    return missing
+
+
+def gather_flat(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(values[rows], valid, n_missing)``; rows ``-1`` give ``valid=False`` (value 0)."""
+    n = len(rows)
+    out = np.zeros(n, dtype=values.dtype) if n and (rows < 0).any() else np.empty(n, values.dtype)
+    valid = np.empty(n, dtype=np.bool_)
+    missing = _split(lambda a, b: _take(values, rows, out, valid, a, b), n)
+    return out, valid, int(sum(missing))
+
+
+@numba.njit(nogil=True, cache=True)
+def _list_counts(starts, stops, rows, counts, valid, start, stop):  # pragma: no cover - compiled
+    missing = 0
+    for i in range(start, stop):
+        r = rows[i]
+        if r >= 0:
+            counts[i + 1] = stops[r] - starts[r]
+            valid[i] = True
+        else:
+            counts[i + 1] = 0
+            valid[i] = False
+            missing += 1
+    return missing
+
+
+@numba.njit(nogil=True, cache=True)
+def _list_copy(starts, content, rows, offsets, out, start, stop):  # pragma: no cover - compiled
+    for i in range(start, stop):
+        r = rows[i]
+        if r >= 0:
+            src = starts[r]
+            dst = offsets[i]
+            for j in range(offsets[i + 1] - dst):
+                out[dst + j] = content[src + j]
+
+
+def gather_lists(
+    starts: np.ndarray, stops: np.ndarray, content: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Lists ``rows`` of a list column given by ``starts``/``stops`` into ``content``.
+
+    Returns ``(offsets, new_content, valid, n_missing)``: a packed list column
+    (rows ``-1`` become empty lists with ``valid=False``).
+    """
+    n = len(rows)
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0] = 0
+    valid = np.empty(n, dtype=np.bool_)
+    missing = _split(lambda a, b: _list_counts(starts, stops, rows, offsets, valid, a, b), n)
+    np.cumsum(offsets, out=offsets)
+    out = np.empty(int(offsets[-1]), dtype=content.dtype)
+    _split(lambda a, b: _list_copy(starts, content, rows, offsets, out, a, b), n)
+    return offsets, out, valid, int(sum(missing))
