@@ -20,7 +20,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["gather_flat", "gather_lists", "compose_rows", "kernel_pool", "minmax", "or_shifted", "pair_sorted"]
+__all__ = ["gather_flat", "gather_lists", "compose_rows", "kernel_pool", "minmax", "select_lists", "or_shifted", "pair_sorted"]
 
 #: below this many rows a kernel runs in the calling thread
 PARALLEL_MIN_ROWS = 1 << 18
@@ -199,3 +199,42 @@ def gather_lists(
     out = np.empty(int(offsets[-1]), dtype=content.dtype)
     _split(lambda a, b: _list_copy(sources, content, offsets, out, a, b), n)
     return offsets, out, valid, int(sum(missing))
+
+
+@numba.njit(nogil=True, cache=True)
+def _kept_counts(offsets, mask, counts, start, stop):  # pragma: no cover - compiled
+    total = 0
+    for i in range(start, stop):
+        c = offsets[i + 1] - offsets[i] if mask[i] else 0
+        counts[i + 1] = c
+        total += c
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _copy_kept(offsets, content, mask, new_offsets, out, start, stop):  # pragma: no cover
+    for i in range(start, stop):
+        if mask[i]:
+            src = offsets[i]
+            dst = new_offsets[i]
+            for j in range(new_offsets[i + 1] - dst):
+                out[dst + j] = content[src + j]
+
+
+def select_lists(
+    offsets: np.ndarray, content: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lists of a list column (``offsets`` into ``content``) where ``mask`` is true.
+
+    Returns packed ``(new_offsets, new_content)``; two sequential passes (count,
+    copy), split over the kernel pool for large columns.
+    """
+    n = len(mask)
+    ends = np.empty(n + 1, dtype=np.int64)
+    ends[0] = 0
+    _split(lambda a, b: _kept_counts(offsets, mask, ends, a, b), n)
+    np.cumsum(ends, out=ends)
+    out = np.empty(int(ends[-1]), dtype=content.dtype)
+    _split(lambda a, b: _copy_kept(offsets, content, mask, ends, out, a, b), n)
+    # the kept rows' new offsets (a row's end is the next kept row's start)
+    return np.concatenate([[0], ends[1:][mask]]).astype(np.int64, copy=False), out

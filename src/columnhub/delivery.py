@@ -146,7 +146,8 @@ def arrays(
     tables = [t.cast(tables[0].schema) for t in tables]
     if not tables:
         return ak.Array([])
-    return ak.from_arrow(pa.concat_tables(tables), generate_bitmasks=False)
+    # one contiguous table first: awkward concatenates chunked columns slowly
+    return ak.from_arrow(pa.concat_tables(tables).combine_chunks(), generate_bitmasks=False)
 
 
 def _load(request: Any, *, chunk_size: int | None) -> Request:

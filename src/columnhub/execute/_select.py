@@ -3,8 +3,9 @@
 ``array[mask]`` on a jagged awkward array returns a ``ListArray`` (starts and
 stops into the old content) that every writer must then compact, a slow
 generic path. For the layouts sources produce (numpy arrays and lists of
-numbers, possibly nested) compacting directly with numpy is several times
-faster; anything else falls back to awkward.
+numbers, possibly nested) compacting directly is several times faster: lists
+of numbers with a compiled two-pass kernel (:func:`columnhub._kernels.select_lists`),
+nested lists with numpy; anything else falls back to awkward.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import awkward as ak
 import numpy as np
+
+from columnhub._kernels import select_lists
 
 __all__ = ["select"]
 
@@ -29,6 +32,18 @@ def select(array: Any, mask: np.ndarray) -> ak.Array:
 def _select(layout: Any, mask: np.ndarray) -> Any:
     if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
         return ak.contents.NumpyArray(np.asarray(layout.data)[mask], parameters=layout.parameters)
+    if (
+        isinstance(layout, ak.contents.ListOffsetArray)
+        and isinstance(layout.content, ak.contents.NumpyArray)
+        and layout.content.data.ndim == 1
+    ):
+        new_offsets, values = select_lists(
+            np.asarray(layout.offsets.data), np.asarray(layout.content.data), mask
+        )
+        content = ak.contents.NumpyArray(values, parameters=layout.content.parameters)
+        return ak.contents.ListOffsetArray(
+            ak.index.Index64(new_offsets), content, parameters=layout.parameters
+        )
     if isinstance(layout, ak.contents.ListOffsetArray):
         offsets = np.asarray(layout.offsets.data)
         start, stop = int(offsets[0]), int(offsets[-1])
