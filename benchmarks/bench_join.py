@@ -41,7 +41,6 @@ Input files are made once in ``--data`` (default ``bench-data/``) and reused.
 from __future__ import annotations
 
 import argparse
-from concurrent.futures import ThreadPoolExecutor
 import json
 import shutil
 import subprocess
@@ -49,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 

@@ -11,6 +11,7 @@ threading layers). Kernels are compiled on first use and cached on disk
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -20,7 +21,16 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["gather_flat", "gather_lists", "compose_rows", "kernel_pool", "minmax", "select_lists", "or_shifted", "pair_sorted"]
+__all__ = [
+    "compose_rows",
+    "gather_flat",
+    "gather_lists",
+    "kernel_pool",
+    "minmax",
+    "or_shifted",
+    "pair_sorted",
+    "select_lists",
+]
 
 #: below this many rows a kernel runs in the calling thread
 PARALLEL_MIN_ROWS = 1 << 18
@@ -40,9 +50,9 @@ def kernel_pool() -> ThreadPoolExecutor:
 
 
 def _ranges(n: int) -> list[tuple[int, int]]:
-    parts = 1 if n < PARALLEL_MIN_ROWS else kernel_pool()._max_workers  # noqa: SLF001
+    parts = 1 if n < PARALLEL_MIN_ROWS else kernel_pool()._max_workers
     bounds = np.linspace(0, n, parts + 1).astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _split(fn: Callable[[int, int], Any], n: int) -> list[Any]:

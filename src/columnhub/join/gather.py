@@ -16,8 +16,8 @@ import awkward as ak
 import numpy as np
 import numpy.typing as npt
 
-from columnhub.errors import ColumnNotFoundError, JoinError, closest
 from columnhub._kernels import gather_flat, gather_lists
+from columnhub.errors import ColumnNotFoundError, JoinError, closest
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, match, match_indexes, match_unique_words, unmatched_rows
 from columnhub.join.validate import check_how, check_unique, needs_unique

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from columnhub.errors import DuplicateKeyError
 from columnhub._kernels import compose_rows, pair_sorted
+from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
 from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys

@@ -139,7 +139,9 @@ def _read_ranges(
     }
 
 
-def _fetch(friend: Friend, index: KeyIndex, rows: np.ndarray, names: list[str]) -> tuple[dict[str, ak.Array], int]:
+def _fetch(
+    friend: Friend, index: KeyIndex, rows: np.ndarray, names: list[str]
+) -> tuple[dict[str, ak.Array], int]:
     # Friend columns are always option-typed (None where a row has no partner),
     # whatever ``how`` and whatever the chunk: one schema for every part.
     if not names:
