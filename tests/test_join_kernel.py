@@ -424,3 +424,25 @@ def test_gather_matches_python_lists(
         assert got_jag.tolist() == ref_jag
         assert got_flat.tolist() == ref_flat
         assert ("?" in str(got_flat.type)) == optional
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    keys=st.lists(st.integers(0, 50), max_size=80, unique=True),
+    queries=st.lists(st.integers(0, 55), min_size=1, max_size=80),
+)
+def test_merge_sorted_matches_searchsorted(keys: list[int], queries: list[int]) -> None:
+    import columnhub._kernels as kernels
+
+    s = np.sort(np.asarray(keys, dtype=np.uint64))
+    q = np.sort(np.asarray(queries, dtype=np.uint64))
+    expected_lo = np.searchsorted(s, q)
+    expected_found = np.isin(q, s)
+    for threshold in (1 << 18, 1):  # serial, then split over the kernel pool
+        old, kernels.PARALLEL_MIN_ROWS = kernels.PARALLEL_MIN_ROWS, threshold
+        try:
+            lo, found = kernels.merge_sorted(s, q)
+        finally:
+            kernels.PARALLEL_MIN_ROWS = old
+        assert lo.tolist() == expected_lo.tolist()
+        assert found.tolist() == expected_found.tolist()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from columnhub._kernels import compose_rows, pair_sorted
+from columnhub._kernels import compose_rows, merge_sorted, pair_sorted
 from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
@@ -96,12 +96,18 @@ def _merge(
     s = index.search_keys
     m = len(s)
     q = searchable(q_sorted)
-    lo = np.searchsorted(s, q, side="left")
-    if m:
+    if n and m <= 16 * n and q.ndim == 1 and q.dtype == np.uint64 and s.dtype == np.uint64:
+        # both sides sorted and of similar size: one linear walk beats a binary
+        # search per query (a few query keys against a huge index: the search)
+        lo, found = merge_sorted(s, q)
+        lo_c = np.minimum(lo, m - 1)
+    elif m:
+        lo = np.searchsorted(s, q, side="left")
         # a key above every index key gets lo == m; clamped, it compares unequal
         lo_c = np.minimum(lo, m - 1)
         found = np.asarray(s[lo_c] == q, dtype=bool)
     else:
+        lo = np.searchsorted(s, q, side="left")
         lo_c = lo
         found = np.zeros(n, dtype=bool)
     if fits is not None:
