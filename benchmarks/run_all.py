@@ -158,7 +158,7 @@ TARGETS: dict[str, list[Target]] = {
             r"^columnhub chunked, 2 workers \(cached[^\n]*?([\d.]+)x\s*$",
         ),
         Target(
-            "columnhub one thread, friend key index cached vs fastest peer",
+            "columnhub join_arrays with a prebuilt friend key index vs fastest peer",
             ">=",
             2.0,
             ("columnhub_prebuilt_vs_fastest_peer",),
