@@ -7,7 +7,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import columnhub._kernels as kernels
 from columnhub.execute._select import select
 
 
@@ -29,13 +28,8 @@ def test_select_matches_awkward(lengths: list[int], seed: int, skip: int, dtype:
     nested = ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets), singles))[skip:]
     flat = (rng.random(len(lengths)) * 50).astype(dtype)[skip:]
     mask = rng.random(len(jagged)) < 0.6
-    for threshold in (1 << 18, 1):  # serial, then split over the kernel pool
-        old, kernels.PARALLEL_MIN_ROWS = kernels.PARALLEL_MIN_ROWS, threshold
-        try:
-            for column in (jagged, nested, flat):
-                got = select(column, mask)
-                expected = ak.Array(column)[mask]
-                assert got.tolist() == expected.tolist()
-                assert got.type == expected.type
-        finally:
-            kernels.PARALLEL_MIN_ROWS = old
+    for column in (jagged, nested, flat):
+        got = select(column, mask)
+        expected = ak.Array(column)[mask]
+        assert got.tolist() == expected.tolist()
+        assert got.type == expected.type

@@ -212,23 +212,37 @@ def gather_lists(
 
 
 @numba.njit(nogil=True, cache=True)
-def _kept_counts(offsets, mask, counts, start, stop):  # pragma: no cover - compiled
-    total = 0
-    for i in range(start, stop):
-        c = offsets[i + 1] - offsets[i] if mask[i] else 0
-        counts[i + 1] = c
-        total += c
-    return total
+def _kept_sizes(offsets, mask):  # pragma: no cover - compiled
+    rows = 0
+    items = 0
+    for i in range(mask.shape[0]):
+        if mask[i]:
+            rows += 1
+            items += offsets[i + 1] - offsets[i]
+    return rows, items
 
 
 @numba.njit(nogil=True, cache=True)
-def _copy_kept(offsets, content, mask, new_offsets, out, start, stop):  # pragma: no cover
-    for i in range(start, stop):
-        if mask[i]:
-            src = offsets[i]
-            dst = new_offsets[i]
-            for j in range(new_offsets[i + 1] - dst):
-                out[dst + j] = content[src + j]
+def _copy_kept_runs(offsets, content, mask, new_offsets, out):  # pragma: no cover - compiled
+    n = mask.shape[0]
+    new_offsets[0] = 0
+    k = 0
+    dst = 0
+    i = 0
+    while i < n:
+        if not mask[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and mask[j]:  # a run of kept rows: contiguous in content
+            k += 1
+            new_offsets[k] = dst + offsets[j + 1] - offsets[i]
+            j += 1
+        src = offsets[i]
+        size = offsets[j] - src
+        out[dst : dst + size] = content[src : src + size]
+        dst += size
+        i = j
 
 
 def select_lists(
@@ -236,18 +250,15 @@ def select_lists(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The lists of a list column (``offsets`` into ``content``) where ``mask`` is true.
 
-    Returns packed ``(new_offsets, new_content)``; two sequential passes (count,
-    copy), split over the kernel pool for large columns.
+    Returns packed ``(new_offsets, new_content)``. One pass sizes the result,
+    one copies each run of consecutive kept rows as a block (callers select
+    several columns at once, one per thread).
     """
-    n = len(mask)
-    ends = np.empty(n + 1, dtype=np.int64)
-    ends[0] = 0
-    _split(lambda a, b: _kept_counts(offsets, mask, ends, a, b), n)
-    np.cumsum(ends, out=ends)
-    out = np.empty(int(ends[-1]), dtype=content.dtype)
-    _split(lambda a, b: _copy_kept(offsets, content, mask, ends, out, a, b), n)
-    # the kept rows' new offsets (a row's end is the next kept row's start)
-    return np.concatenate([[0], ends[1:][mask]]).astype(np.int64, copy=False), out
+    rows, items = _kept_sizes(offsets, mask)
+    new_offsets = np.empty(rows + 1, dtype=np.int64)
+    out = np.empty(items, dtype=content.dtype)
+    _copy_kept_runs(offsets, content, mask, new_offsets, out)
+    return new_offsets, out
 
 
 @numba.njit(nogil=True, cache=True)
