@@ -20,6 +20,11 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = [
     "compose_rows",
@@ -34,6 +39,31 @@ __all__ = [
 
 #: below this many rows a kernel runs in the calling thread
 PARALLEL_MIN_ROWS = 1 << 18
+#: how many rows ahead the random-access kernels prefetch
+PREFETCH_DISTANCE = 16
+
+_PREFETCH = "llvm.prefetch.p0" if llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):  # pragma: no cover - compiled
+    """A hint to load ``array[index]`` into the cache (LLVM's ``prefetch``; never faults)."""
+    sig = types.void(array, index)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH)
+        # read, keep in all cache levels, data cache
+        builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -137,9 +167,11 @@ def pair_sorted(comp: np.ndarray, rowbits: int, n_primary: int) -> np.ndarray | 
 
 
 @numba.njit(nogil=True, cache=True)
-def _take(values, rows, out, valid, start, stop):  # pragma: no cover - compiled
+def _take(values, rows, out, valid, start, stop, ahead):  # pragma: no cover - compiled
     missing = 0
     for i in range(start, stop):
+        if i + ahead < stop and rows[i + ahead] >= 0:
+            _prefetch(values, rows[i + ahead])
         r = rows[i]
         if r >= 0:
             out[i] = values[r]
@@ -155,14 +187,18 @@ def gather_flat(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     n = len(rows)
     out = np.zeros(n, dtype=values.dtype) if n and (rows < 0).any() else np.empty(n, values.dtype)
     valid = np.empty(n, dtype=np.bool_)
-    missing = _split(lambda a, b: _take(values, rows, out, valid, a, b), n)
+    missing = _split(lambda a, b: _take(values, rows, out, valid, a, b, PREFETCH_DISTANCE), n)
     return out, valid, int(sum(missing))
 
 
 @numba.njit(nogil=True, cache=True)
-def _list_counts(starts, stops, rows, counts, sources, valid, start, stop):  # pragma: no cover
+def _list_counts(
+    starts, stops, rows, counts, sources, valid, start, stop, ahead
+):  # pragma: no cover
     missing = 0
     for i in range(start, stop):
+        if i + ahead < stop and rows[i + ahead] >= 0:
+            _prefetch(starts, rows[i + ahead])
         r = rows[i]
         if r >= 0:
             s = starts[r]
@@ -178,8 +214,10 @@ def _list_counts(starts, stops, rows, counts, sources, valid, start, stop):  # p
 
 
 @numba.njit(nogil=True, cache=True)
-def _list_copy(sources, content, offsets, out, start, stop):  # pragma: no cover - compiled
+def _list_copy(sources, content, offsets, out, start, stop, ahead):  # pragma: no cover - compiled
     for i in range(start, stop):
+        if i + ahead < stop and offsets[i + ahead + 1] > offsets[i + ahead]:
+            _prefetch(content, sources[i + ahead])
         src = sources[i]
         dst = offsets[i]
         for j in range(offsets[i + 1] - dst):
@@ -203,11 +241,14 @@ def gather_lists(
     sources = np.empty(n, dtype=np.int64)
     valid = np.empty(n, dtype=np.bool_)
     missing = _split(
-        lambda a, b: _list_counts(starts, stops, rows, offsets, sources, valid, a, b), n
+        lambda a, b: _list_counts(
+            starts, stops, rows, offsets, sources, valid, a, b, PREFETCH_DISTANCE
+        ),
+        n,
     )
     np.cumsum(offsets, out=offsets)
     out = np.empty(int(offsets[-1]), dtype=content.dtype)
-    _split(lambda a, b: _list_copy(sources, content, offsets, out, a, b), n)
+    _split(lambda a, b: _list_copy(sources, content, offsets, out, a, b, PREFETCH_DISTANCE), n)
     return offsets, out, valid, int(sum(missing))
 
 
