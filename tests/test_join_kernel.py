@@ -369,7 +369,7 @@ def test_check_aligned_names_file_entry_and_both_keys() -> None:
 
 @settings(deadline=None, max_examples=60)
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**20), st.booleans())
-def test_one_sort_unique_join_equals_index_join(n_p: int, n_f: int, seed: int, dup: bool) -> None:
+def test_sort_and_walk_unique_join_equals_dict_join(n_p: int, n_f: int, seed: int, dup: bool) -> None:
     from columnhub.join.match import match_unique_words
 
     rng = np.random.default_rng(seed)
@@ -388,7 +388,7 @@ def test_one_sort_unique_join_equals_index_join(n_p: int, n_f: int, seed: int, d
     inner = match_unique_words(pw, fw, total_bits=30, how="inner")
     assert inner is not None
     assert inner.primary_rows.tolist() == [i for i, k in enumerate(pw) if int(k) in where]
-    assert match_unique_words(pw, fw, total_bits=63, how="left") is None  # does not fit
+    assert match_unique_words(pw, fw, total_bits=64, how="left") is None  # does not fit
 
 
 @settings(max_examples=60, deadline=None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from columnhub._kernels import compose_rows, merge_sorted, pair_sorted
+from columnhub._kernels import compose_rows, merge_sorted, pair_sorted, sort_each
 from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
@@ -213,25 +213,26 @@ def match_indexes(primary: KeyIndex, friend: KeyIndex, *, how: str = "left") -> 
 def match_unique_words(
     primary_words: np.ndarray, friend_words: np.ndarray, *, total_bits: int, how: str = "left"
 ) -> Match | None:
-    """One-sort join of two single-word key sets that should both be unique.
+    """Sort-and-walk join of two single-word key sets that should both be unique.
 
-    Both sides go into one array of composite values ``key | side | row``
-    (when ``total_bits`` + 1 + row bits fit in 64), sorted once: a matched
-    primary key sits right after its friend key. Returns ``None`` when the
-    composite does not fit or either side has duplicates (the caller then
-    takes the general path, which also builds the error message).
+    Each side becomes composite values ``key | row`` (when ``total_bits`` +
+    row bits fit in 64), the two sorted at once (two threads), then paired in
+    one linear walk. Returns ``None`` when the composite does not fit or
+    either side has duplicates (the caller then takes the general path,
+    which also builds the error message).
     """
     n_p, n_f = len(primary_words), len(friend_words)
     if primary_words.ndim != 1 or friend_words.ndim != 1 or not n_p or not n_f:
         return None
     rb = max(1, (max(n_p, n_f) - 1).bit_length())
-    if total_bits + 1 + rb > 64:
+    if total_bits + rb > 64:
         return None
-    comp = np.empty(n_f + n_p, dtype=np.uint64)
-    compose_rows(friend_words, rb + 1, 0, comp[:n_f])
-    compose_rows(primary_words, rb + 1, 1 << rb, comp[n_f:])  # side bit set
-    comp.sort()
-    friend = pair_sorted(comp, rb, n_p)
+    friend_comp = np.empty(n_f, dtype=np.uint64)
+    primary_comp = np.empty(n_p, dtype=np.uint64)
+    compose_rows(friend_words, rb, 0, friend_comp)
+    compose_rows(primary_words, rb, 0, primary_comp)
+    sort_each(friend_comp, primary_comp)  # the two sides at once
+    friend = pair_sorted(friend_comp, primary_comp, rb)
     if friend is None:  # a key repeats on one side
         return None
     if how == "left":
