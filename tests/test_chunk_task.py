@@ -8,6 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 import columnhub
 from columnhub.cache import ColumnCache
@@ -49,3 +50,30 @@ def test_chunk_tasks_run_unchanged_in_other_processes(shared_data: Path, tmp_pat
         assert a.equals(c)
         assert a.equals(d)
     assert sum(t.num_rows for t in here) > 0
+
+
+def test_forked_children_get_their_own_pools_and_files(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process forked after columnhub ran (its thread pools and open files
+    exist) runs chunk tasks, joins included, with the same results, no hang."""
+    import columnhub._kernels as kernels
+
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ROWS", 1)  # every kernel uses the pool
+    request = columnhub.Request.from_dict({
+        "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
+        "columns": ["Jet_pt", "f.Jet_eta"],
+        "friends": [{"name": "f", "dataset": {"name": "same",
+                                               "files": [str(shared_data / "nano_tt_v12.root")]},
+                     "columns": ["Jet_eta"]}],
+        "chunk_size": 50,
+    })
+    plan = make_plan(request)
+    blob = pickle.dumps(plan)
+    here = [run_chunk(plan, c).table for c in plan.chunks]  # pools and the open file exist now
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(2, mp_context=fork) as pool:
+        futures = [pool.submit(_run, (blob, i, None)) for i in range(len(plan.chunks))]
+        there = [f.result(timeout=60) for f in futures]
+    for a, b in zip(here, there, strict=True):
+        assert a.equals(b)

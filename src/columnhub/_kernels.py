@@ -70,6 +70,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_after_fork() -> None:
+    # a forked child inherits the pool object but not its threads
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def kernel_pool() -> ThreadPoolExecutor:
     """The process's pool for join kernels (one thread per core, at most 8)."""
     global _pool

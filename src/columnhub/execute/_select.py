@@ -49,7 +49,9 @@ def _select(layout: Any, mask: np.ndarray) -> Any:
         start, stop = int(offsets[0]), int(offsets[-1])
         counts = np.diff(offsets)
         inner_mask = np.repeat(mask, counts)
-        content = layout.content[start:stop] if (start or stop != len(layout.content)) else layout.content
+        content = (
+            layout.content[start:stop] if (start or stop != len(layout.content)) else layout.content
+        )
         inner = _select(content, inner_mask)
         if inner is None:
             return None

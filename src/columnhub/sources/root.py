@@ -38,6 +38,23 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_after_fork() -> None:
+    """A forked child starts without the parent's pool threads and open files.
+
+    The child inherits the pool object but not its threads (work submitted
+    to it would never run), and open files share their read offsets with
+    the parent.
+    """
+    global _pool, _pool_lock, _open_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+    _open_lock = threading.Lock()
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def read_executor() -> ThreadPoolExecutor | None:
     """The process's thread pool for basket decompression and interpretation.
 
