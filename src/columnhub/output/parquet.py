@@ -1,28 +1,33 @@
 """Parquet writer: parts sized by bytes, written atomically (temp file + rename).
 
-Encoding runs in background threads, so the stream of chunk results never
-waits for it, and two parts are encoded at once when the output spans several
-(the encoder releases the GIL). Which table goes to which part depends only on
-the sequence of tables, never on timing: the same rows give the same bytes.
+pyarrow encodes one file on one thread, and encoding Parquet costs more CPU
+than reading the ROOT input. So every table (a chunk's rows) is encoded on
+its own, in a pool of threads (pyarrow releases the GIL), into a complete
+in-memory Parquet file; the writer then appends those files' row groups, in
+order, to the part being written, moving their byte offsets and merging
+their footers (:mod:`columnhub.output._thrift`, checked to round-trip every
+footer byte for byte). A part is cut after the table that takes it to
+``target_bytes``, by its real size, so the same rows always give the same
+bytes, however many threads encode.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
+import struct
 from collections import deque
 from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from columnhub.errors import OutputError
+from columnhub.output import _thrift
 
 __all__ = [
     "PartInfo",
@@ -31,7 +36,6 @@ __all__ = [
     "float_leaves",
     "part_path",
     "publish_part",
-    "table_bytes",
     "writer_options",
 ]
 
@@ -95,6 +99,7 @@ def writer_options(schema: pa.Schema, compression: str | None) -> dict[str, Any]
         "column_encoding": {path: "BYTE_STREAM_SPLIT" for path in float_leaves(schema, integers)}
         or None,
         "write_statistics": True,
+        "write_page_index": False,  # page indexes hold file offsets the stitching cannot move
     }
 
 
@@ -113,93 +118,146 @@ def float_leaves(schema: pa.Schema, exclude: Collection[str] = ()) -> list[str]:
     ]
 
 
-def table_bytes(table: pa.Table) -> int:
-    """The size of ``table``'s values in bytes, whatever its buffer layout.
+_MAGIC = b"PAR1"
+# FileMetaData, RowGroup, ColumnChunk and ColumnMetaData field ids (parquet.thrift)
+_FMD_NUM_ROWS, _FMD_ROW_GROUPS, _FMD_ENCRYPTION = 3, 4, 8
+_RG_COLUMNS, _RG_FILE_OFFSET, _RG_ORDINAL = 1, 5, 7
+_CC_FILE_OFFSET, _CC_META = 2, 3
+_CC_UNMOVABLE = {4: "an offset index", 6: "a column index", 8: "encryption", 9: "encryption"}
+#: ColumnMetaData offsets: data, index and dictionary pages, bloom filter
+_CMD_OFFSETS = (9, 10, 11, 14)
 
-    A sum over rows (values and offsets; validity bitmaps left out), so the
-    offsets of slices and the split into chunks change nothing: the same rows
-    always give the same number, which later parts are cut by.
-    """
-    return sum(_bits(chunk) for column in table.columns for chunk in column.chunks) // 8
+
+@dataclass
+class _Encoded:
+    """One table encoded as a complete Parquet file in memory."""
+
+    buffer: pa.Buffer
+    body: memoryview  # between the leading magic and the footer: the row groups
+    meta: _thrift.Struct  # the FileMetaData
+    rows: int
 
 
-def _bits(array: pa.Array) -> int:
-    kind = array.type
-    n = len(array)
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return n * (64 if pa.types.is_large_list(kind) else 32) + _bits(array.flatten())
-    if pa.types.is_fixed_size_list(kind):
-        return _bits(array.flatten())
-    if pa.types.is_struct(kind):
-        return sum(_bits(array.field(i)) for i in range(kind.num_fields))
-    if pa.types.is_string(kind) or pa.types.is_binary(kind):
-        return n * 32 + 8 * int(pc.sum(pc.binary_length(array)).as_py() or 0)
-    if pa.types.is_large_string(kind) or pa.types.is_large_binary(kind):
-        return n * 64 + 8 * int(pc.sum(pc.binary_length(array)).as_py() or 0)
+def _encode(table: pa.Table, schema: pa.Schema, options: dict[str, Any]) -> _Encoded:
+    """Encode ``table`` alone (a pool thread): one row group per million rows."""
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema, **options) as writer:
+        writer.write_table(table)
+    buffer = sink.getvalue()
+    data = memoryview(buffer).cast("B")
+    n = struct.unpack("<i", data[-8:-4])[0]
+    if data[:4] != _MAGIC or data[-4:] != _MAGIC or not 0 < n <= len(data) - 12:
+        msg = "pyarrow wrote a Parquet file without the expected magic bytes"
+        raise OutputError(msg)
     try:
-        return n * int(kind.bit_width)
-    except ValueError:  # maps, unions, ...: Arrow's own count, which honours slices
-        return 8 * int(array.nbytes)
+        meta = _thrift.decode(data[-8 - n : -8], verify=True)
+    except _thrift.ThriftError as err:
+        msg = (
+            f"cannot read back the footer pyarrow {pa.__version__} wrote ({err}); the part "
+            "writer needs it to join row groups. Please report this with your pyarrow version"
+        )
+        raise OutputError(msg) from err
+    if meta.get(_FMD_ENCRYPTION) is not None:
+        msg = "encrypted Parquet footers cannot be joined"
+        raise OutputError(msg)
+    return _Encoded(buffer, data[4 : len(data) - 8 - n], meta, table.num_rows)
 
 
-_END = object()  # the end of the tables, for a part or for the writer
+def _row_groups(meta: _thrift.Struct) -> list[_thrift.Struct]:
+    groups = meta.get(_FMD_ROW_GROUPS)
+    return [] if groups is None else list(groups.value.values)
+
+
+def _move(group: _thrift.Struct, delta: int, ordinal: int) -> None:
+    """Shift every file offset in one row group's metadata by ``delta`` bytes."""
+    for f in group.fields:
+        if f.id == _RG_FILE_OFFSET:
+            f.value += delta
+        elif f.id == _RG_ORDINAL:
+            f.value = ordinal
+    columns = group.get(_RG_COLUMNS)
+    for chunk in [] if columns is None else columns.value.values:
+        for f in chunk.fields:
+            if f.id in _CC_UNMOVABLE:
+                msg = f"a column chunk with {_CC_UNMOVABLE[f.id]} cannot be moved to another file"
+                raise OutputError(msg)
+            if f.id == _CC_FILE_OFFSET and f.value:  # deprecated; pyarrow writes 0
+                f.value += delta
+            elif f.id == _CC_META:
+                for g in f.value.fields:
+                    if g.id in _CMD_OFFSETS:
+                        g.value += delta
 
 
 class _Part:
-    """One part being written: its hidden temporary file and its ParquetWriter."""
+    """One part being written: a hidden temporary file the row groups are appended to."""
 
-    def __init__(self, directory: Path, number: int, schema: pa.Schema, options: dict[str, Any]):
+    def __init__(self, directory: Path, number: int) -> None:
         self.number = number
         self.tmp = part_path(directory, number, "parquet")
         self.rows = 0
-        self._sink = pa.OSFile(str(self.tmp), "wb")  # native file: writes without the GIL
+        self.size = len(_MAGIC)
+        self._meta: _thrift.Struct | None = None
+        self._schema_bytes = b""
+        self._groups: list[_thrift.Struct] = []
+        self._file = open(self.tmp, "wb")  # noqa: SIM115  (closed in finish/discard)
         try:
-            self._writer = pq.ParquetWriter(self._sink, schema, **options)
+            self._file.write(_MAGIC)
         except BaseException:
-            self._sink.close()
-            self.tmp.unlink(missing_ok=True)
+            self.discard()
             raise
 
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-        self.rows += table.num_rows
-
-    def tell(self) -> int:
-        return int(self._sink.tell())
+    def append(self, encoded: _Encoded) -> None:
+        """Append one encoded table's row groups."""
+        schema = encoded.meta.get(2)
+        schema_bytes = _thrift.encode(_thrift.Struct([schema])) if schema else b""
+        if self._meta is None:
+            self._meta, self._schema_bytes = encoded.meta, schema_bytes
+        elif schema_bytes != self._schema_bytes:
+            msg = "tables with different Parquet schemas cannot share a part"
+            raise OutputError(msg)
+        delta = self.size - len(_MAGIC)
+        for group in _row_groups(encoded.meta):
+            _move(group, delta, len(self._groups))
+            self._groups.append(group)
+        self._file.write(encoded.body)
+        self.size += len(encoded.body)
+        self.rows += encoded.rows
 
     def finish(self) -> PartInfo:
-        self._writer.close()
-        self._sink.close()
+        """Write the merged footer, close and publish the part."""
+        assert self._meta is not None
+        fields = []
+        for f in self._meta.fields:
+            if f.id == _FMD_NUM_ROWS:
+                f = _thrift.Field(f.id, f.type, self.rows, f.long_header)
+            elif f.id == _FMD_ROW_GROUPS:
+                groups = _thrift.Container(_thrift.LIST, _thrift.STRUCT, self._groups)
+                f = _thrift.Field(f.id, f.type, groups, f.long_header)
+            fields.append(f)
+        footer = _thrift.encode(_thrift.Struct(fields))
+        self._file.write(footer + struct.pack("<i", len(footer)) + _MAGIC)
+        self._file.close()
         return publish_part(self.tmp, self.rows)
 
     def discard(self) -> None:
-        try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001, S110  (the file is deleted anyway)
-            pass
-        finally:
-            self._sink.close()
-            self.tmp.unlink(missing_ok=True)
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class PartWriter:
     """Writes tables in order into ``part-NNNNN.parquet`` files of about ``target_bytes``.
 
     Each part is written under a hidden temporary name and renamed when
-    complete, so a reader never sees a half-written part.
+    complete, so a reader never sees a half-written part. A part is cut after
+    the table that takes it past ``target_bytes``.
 
-    :meth:`write` only checks a table's types and queues it; a background
-    thread encodes. The first part is written table by table and cut at its
-    real size, as a single-threaded writer would; it also measures how many
-    file bytes a byte of Arrow values takes. Each later part is cut once that
-    ratio says it reached ``target_bytes`` (the ratio taken from the parts
-    finished before, in a fixed way), and is encoded in a thread of its own,
-    at most ``parallel`` parts at once. At most ``queued`` tables wait to be
-    encoded: :meth:`write` blocks while they do, so memory stays bounded.
-
-    An error while encoding is raised by the next :meth:`write` or by
-    :meth:`close`; :meth:`abort` deletes every unfinished part. Neither leaves
-    a thread running.
+    :meth:`write` hands each table to a pool of ``threads`` encoder threads
+    and appends the encoded tables, in order, as they are ready; at most
+    ``queued`` tables are being encoded or waiting (memory stays bounded):
+    beyond that, :meth:`write` waits for the oldest. An encoding error is
+    raised by :meth:`write` or :meth:`close`; :meth:`abort` deletes the
+    unfinished part. Neither leaves a thread running.
     """
 
     def __init__(
@@ -208,34 +266,29 @@ class PartWriter:
         *,
         target_bytes: int,
         compression: str = "zstd",
-        parallel: int = 2,
-        queued: int = 2,
+        threads: int | None = None,
+        queued: int | None = None,
     ) -> None:
         self.directory = directory
         self.target_bytes = target_bytes
         self.compression = None if compression == "none" else compression
-        self.parallel = max(1, parallel)
+        self.threads = threads or max(1, min(8, len(os.sched_getaffinity(0))))
+        self.queued = max(1, queued or self.threads + 1)
         self.schema: pa.Schema | None = None
         self.parts: list[PartInfo] = []
         self._options: dict[str, Any] = {}
-        self._empty_bytes = 0  # the size of a part without rows: its fixed cost
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[_Encoded]] = deque()
+        self._part: _Part | None = None
         self._accepted = 0
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._room = threading.Semaphore(max(1, queued))  # tables queued and not yet encoding
-        self._stop = threading.Event()  # an error, or abort(): drop what is left
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._open: dict[int, _Part] = {}  # being written
-        self._done: dict[int, tuple[PartInfo, int]] = {}  # finished: info, table_bytes
-
-    # -- the driver's side --------------------------------------------------
+        self._aborted = False
 
     def write(self, table: pa.Table) -> None:
         """Queue ``table`` to be appended; a new part starts once the current one is big enough."""
-        self._raise_error()
+        self._check_open()
         if self.schema is None:
             self.schema = table.schema
+            self._options = writer_options(self.schema, self.compression)
         if table.num_rows == 0 and self._accepted:
             return
         try:
@@ -246,201 +299,70 @@ class PartWriter:
                 f"chunk's {self.schema}; this is a bug in a column provider ({err})"
             )
             raise OutputError(msg) from err
-        if self._thread is None:
-            self._start()
-        self._room.acquire()  # an encoding error releases it too
-        self._raise_error()
-        self._inbox.put(table)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="columnhub-parquet")
+        self._pending.append(self._pool.submit(_encode, table, self.schema, self._options))
         self._accepted += 1
+        # append what is ready, in order; wait for the oldest when too many are queued
+        while self._pending and (len(self._pending) > self.queued or self._pending[0].done()):
+            self._append(self._pending.popleft())
 
     def close(self) -> list[PartInfo]:
         """Finish the last part; returns every part written."""
-        if self._thread is not None:
-            self._inbox.put(_END)
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
+        self._check_open()
+        try:
+            while self._pending:
+                self._append(self._pending.popleft())
+            if self.schema is not None and not self._accepted:
+                # an empty result still has its columns
+                self._accepted = 1
+                self._append_encoded(_encode(self.schema.empty_table(), self.schema, self._options))
+            if self._part is not None:
+                part, self._part = self._part, None
+                self.parts.append(part.finish())
+        except BaseException:
             self.abort()
-            raise self._error
-        self._raise_error()  # aborted before
-        if self.schema is not None and not self._accepted and not self._done:
-            self._options = writer_options(self.schema, self.compression)
-            self._finish(self._open_part(0))  # an empty result still has its columns
-        self.parts = self._finished()
+            raise
+        self._shutdown()
         return self.parts
 
     def abort(self) -> None:
-        """Stop, deleting every unfinished part (finished ones stay, listed in :attr:`parts`)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._inbox.put(_END)
-            self._thread.join()
-            self._thread = None
-        while True:  # tables nobody will encode
-            try:
-                self._inbox.get_nowait()
-            except queue.Empty:
-                break
-        with self._lock:
-            unfinished = list(self._open.values())
-            self._open.clear()
-        for part in unfinished:
-            part.discard()
-        self.parts = self._finished()
+        """Stop, deleting the unfinished part (finished ones stay, listed in :attr:`parts`)."""
+        self._aborted = True
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._shutdown()
+        if self._part is not None:
+            self._part.discard()
+            self._part = None
 
-    def _start(self) -> None:
-        assert self.schema is not None
-        self._options = writer_options(self.schema, self.compression)
-        sink = pa.BufferOutputStream()
-        pq.ParquetWriter(sink, self.schema, **self._options).close()
-        self._empty_bytes = sink.getvalue().size
-        self._thread = threading.Thread(
-            target=self._dispatch, name="columnhub-parquet-writer", daemon=True
-        )
-        self._thread.start()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._stop.is_set():
+    def _check_open(self) -> None:
+        if self._aborted:
             msg = "this part writer was aborted; it writes nothing more"
             raise OutputError(msg)
 
-    def _finished(self) -> list[PartInfo]:
-        with self._lock:
-            return [self._done[n][0] for n in sorted(self._done)]
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
-    # -- the background side ------------------------------------------------
-
-    def _dispatch(self) -> None:
-        """Deal the queued tables out to parts, in order (the writer thread)."""
-        first: _Part | None = None  # part 0, written here and cut at its real size
-        first_bytes = 0
-        cut_first = False
-        current: tuple[int, threading.Thread, queue.SimpleQueue[Any]] | None = None
-        current_bytes = 0
-        ratio = 1.0
-        number = 1  # of the next later part
-        active: deque[tuple[int, threading.Thread]] = deque()
+    def _append(self, future: Future[_Encoded]) -> None:
         try:
-            while (table := self._inbox.get()) is not _END:
-                if self._stop.is_set():
-                    self._room.release()
-                    continue
-                size = table_bytes(table)
-                if not cut_first:
-                    self._room.release()
-                    if first is None:
-                        first = self._open_part(0)
-                    first.write(table)
-                    del table
-                    first_bytes += size
-                    if first.tell() >= self.target_bytes:
-                        self._finish(first, first_bytes)
-                        first, cut_first = None, True
-                    continue
-                if current is None:
-                    # parts up to number - parallel are finished before this one
-                    # starts, so the ratio comes from the same parts in every run
-                    while active and active[0][0] <= number - self.parallel:
-                        active.popleft()[1].join()
-                    if self._stop.is_set():  # that part failed
-                        self._room.release()
-                        continue
-                    ratio = self._ratio(max(0, number - self.parallel))
-                    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-                    thread = threading.Thread(
-                        target=self._encode,
-                        args=(number, inbox),
-                        name=f"columnhub-parquet-part-{number}",
-                        daemon=True,
-                    )
-                    thread.start()
-                    active.append((number, thread))
-                    current, current_bytes = (number, thread, inbox), 0
-                    number += 1
-                current[2].put(table)
-                del table
-                current_bytes += size
-                if self._empty_bytes + ratio * current_bytes >= self.target_bytes:
-                    self._close_part(current, current_bytes)
-                    current = None
-            if first is not None and not self._stop.is_set():
-                self._finish(first, first_bytes)
-                first = None
-        except BaseException as err:  # noqa: BLE001  (raised in the driver)
-            self._fail(err)
-        finally:
-            if current is not None:
-                self._close_part(current, current_bytes)
-            if first is not None:
-                self._discard(first)
-            for _, thread in active:
-                thread.join()
+            encoded = future.result()
+        except BaseException:
+            self.abort()
+            raise
+        self._append_encoded(encoded)
 
-    @staticmethod
-    def _close_part(part: tuple[int, threading.Thread, queue.SimpleQueue[Any]], size: int) -> None:
-        """No more tables for ``part``; its Arrow values came to ``size`` bytes."""
-        part[2].put((_END, size))
-
-    def _encode(self, number: int, inbox: queue.SimpleQueue[Any]) -> None:
-        """Write the tables of one later part (a part thread)."""
-        part: _Part | None = None
-        end: tuple[object, int] | None = None
+    def _append_encoded(self, encoded: _Encoded) -> None:
         try:
-            while not isinstance(item := inbox.get(), tuple):
-                self._room.release()
-                if self._stop.is_set():
-                    continue
-                if part is None:
-                    part = self._open_part(number)
-                part.write(item)
-                del item
-            end = item
-            if part is not None and not self._stop.is_set():
-                self._finish(part, end[1])
-                part = None
-        except BaseException as err:  # noqa: BLE001  (raised in the driver)
-            self._fail(err)
-            while end is None:  # the rest of this part's tables: free their room
-                if isinstance(item := inbox.get(), tuple):
-                    end = item
-                else:
-                    self._room.release()
-        finally:
-            if part is not None:
-                self._discard(part)
-
-    def _ratio(self, upto: int) -> float:
-        """File bytes per byte of Arrow values, beyond a part's fixed cost, in parts 0..upto."""
-        with self._lock:
-            done = [self._done[n] for n in range(upto + 1)]
-        written = sum(info.bytes - self._empty_bytes for info, _ in done)
-        values = sum(size for _, size in done)
-        return max(written, 1) / max(values, 1)
-
-    def _open_part(self, number: int) -> _Part:
-        assert self.schema is not None
-        part = _Part(self.directory, number, self.schema, self._options)
-        with self._lock:
-            self._open[number] = part
-        return part
-
-    def _finish(self, part: _Part, size: int = 0) -> None:
-        info = part.finish()
-        with self._lock:
-            self._open.pop(part.number, None)
-            self._done[part.number] = (info, size)
-
-    def _discard(self, part: _Part) -> None:
-        with self._lock:
-            mine = self._open.pop(part.number, None) is not None
-        if mine:  # abort() may have discarded it already
-            part.discard()
-
-    def _fail(self, err: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = err
-        self._stop.set()
-        self._room.release()  # a write() waiting for room wakes up and raises
+            if self._part is None:
+                self._part = _Part(self.directory, len(self.parts))
+            self._part.append(encoded)
+            if self._part.size >= self.target_bytes:
+                part, self._part = self._part, None
+                self.parts.append(part.finish())
+        except BaseException:
+            self.abort()
+            raise
