@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from columnhub.errors import ModelError, ModelInputError, ModelNotFoundError
-from columnhub.inference import InferenceMetrics, ModelRegistry, load_card, predict
+from columnhub.inference import InferenceMetrics, ModelCard, ModelRegistry, load_card, predict
 from columnhub.inference.batching import batch_rows, batch_slices
 from columnhub.inference.testing import make_mlp_onnx, make_xgboost_json, write_card
 
@@ -397,3 +397,21 @@ def test_local_batches_are_stitched_in_order(
     expected = _ort(card.model_path(), _stack_jagged(inputs))[:, 0]
     np.testing.assert_allclose(ak.to_numpy(ak.flatten(out)), expected, rtol=1e-5)
     assert metrics.snapshot()["jet_mlp@1"]["batches"] == -(-len(expected) // 97)
+
+
+def _predict_in_child(args: tuple[ModelCard, list[ak.Array]]) -> np.ndarray:
+    card, inputs = args
+    return ak.to_numpy(ak.flatten(predict(card, inputs, backend="local")["score"]))
+
+
+def test_forked_child_runs_the_local_backend(registry: ModelRegistry, tt_events: ak.Array) -> None:
+    """A child forked after this process opened the ONNX Runtime session opens its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    card = registry.get("jet_mlp", 1)
+    inputs = [tt_events[n] for n in JET_INPUTS]
+    here = ak.to_numpy(ak.flatten(predict(card, inputs, backend="local")["score"]))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        there = pool.submit(_predict_in_child, (card, inputs)).result(timeout=60)
+    np.testing.assert_array_equal(here, there)

@@ -11,6 +11,7 @@ never wait forever.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -155,6 +156,16 @@ class ServerPool:
 
 _pools_lock = threading.Lock()
 _pools: dict[tuple[object, ...], ServerPool] = {}
+
+
+def _forget_after_fork() -> None:
+    # a forked child must not inherit locks another thread may hold at the fork
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def pool_for(

@@ -6,6 +6,7 @@ model once (thread-safe) and reuses it for every chunk.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,22 @@ LOCAL_BATCH_ROWS = 4096
 
 _lock = threading.Lock()
 _sessions: dict[str, Any] = {}
+
+
+def _forget_after_fork() -> None:
+    """A forked child opens its own sessions (ONNX Runtime's threads do not survive a fork).
+
+    The parent's sessions are kept referenced, never used: destroying one in
+    the child would wait forever for threads that exist only in the parent.
+    """
+    global _lock, _sessions
+    _inherited.append(_sessions)
+    _lock = threading.Lock()
+    _sessions = {}
+
+
+_inherited: list[dict[str, Any]] = []
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _onnxruntime() -> Any:

@@ -22,6 +22,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import gc
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -301,6 +302,27 @@ def _send(
 
 _executors_lock = threading.Lock()
 _executors: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _forget_after_fork() -> None:
+    """A forked child starts with no request threads and no connections of its parent.
+
+    Its copies of the parent's pools have no threads (work would never run),
+    and gRPC channels and HTTP connections must not be shared across a fork.
+    """
+    global _executors_lock, _open_lock, _local, _info_lock, _executors, _client_dicts
+    # kept referenced, never used: closing the parent's connections here could block
+    _inherited.append((_executors, _client_dicts, _local))
+    _executors = {}
+    _info_lock = threading.Lock()
+    _executors_lock = threading.Lock()
+    _open_lock = threading.Lock()
+    _local = threading.local()
+    _client_dicts = []
+
+
+_inherited: list[Any] = []
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _executor(size: int) -> concurrent.futures.ThreadPoolExecutor:

@@ -45,11 +45,15 @@ def _forget_after_fork() -> None:
     to it would never run), and open files share their read offsets with
     the parent.
     """
-    global _pool, _pool_lock, _open_lock
+    global _pool, _pool_lock, _open_lock, _open
+    _inherited.append((_pool, _open))  # kept, never used: closing them could block
     _pool = None
     _pool_lock = threading.Lock()
     _open_lock = threading.Lock()
-    _open.clear()
+    _open = OrderedDict()
+
+
+_inherited: list[Any] = []
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
