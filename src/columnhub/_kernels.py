@@ -1,4 +1,4 @@
-"""Compiled loops of the join: packing keys, pairing sorted keys, gathering columns.
+"""Compiled loops: packing and joining event keys, gathering and selecting columns.
 
 numpy alone needs one full pass (and one temporary array) per step of these
 loops; compiled with numba, each is one pass. Every kernel is compiled with
@@ -67,6 +67,7 @@ def _prefetch(typingctx, array, index):  # pragma: no cover - compiled
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 1
 _pool_lock = threading.Lock()
 
 
@@ -81,17 +82,21 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def kernel_pool() -> ThreadPoolExecutor:
-    """The process's pool for join kernels (one thread per core, at most 8)."""
-    global _pool
+    """The process's pool for the kernels (one thread per core, at most 8)."""
+    global _pool, _pool_size
     with _pool_lock:
         if _pool is None:
-            n = max(1, min(8, len(os.sched_getaffinity(0))))
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="columnhub-join")
+            _pool_size = max(1, min(8, len(os.sched_getaffinity(0))))
+            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="columnhub-kernel")
         return _pool
 
 
 def _ranges(n: int) -> list[tuple[int, int]]:
-    parts = 1 if n < PARALLEL_MIN_ROWS else kernel_pool()._max_workers
+    if n < PARALLEL_MIN_ROWS:
+        parts = 1
+    else:
+        kernel_pool()
+        parts = _pool_size
     bounds = np.linspace(0, n, parts + 1).astype(np.int64)
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 

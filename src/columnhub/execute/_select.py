@@ -35,7 +35,9 @@ def _select(layout: Any, mask: np.ndarray) -> Any:
     if (
         isinstance(layout, ak.contents.ListOffsetArray)
         and isinstance(layout.content, ak.contents.NumpyArray)
+        and isinstance(layout.content.data, np.ndarray)
         and layout.content.data.ndim == 1
+        and layout.content.data.dtype.isnative
     ):
         new_offsets, values = select_lists(
             np.asarray(layout.offsets.data), np.asarray(layout.content.data), mask

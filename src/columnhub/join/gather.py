@@ -88,13 +88,13 @@ def _gather_packed(
     Returns ``None`` for other layouts (records, options, nested lists), which
     :func:`gather` then wraps in an index without copying.
     """
-    if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
+    if isinstance(layout, ak.contents.NumpyArray) and _plain(layout.data):
         values, valid, missing = gather_flat(np.asarray(layout.data), rows)
         out: ak.contents.Content = ak.contents.NumpyArray(values, parameters=layout.parameters)
     elif (
         isinstance(layout, ak.contents.ListOffsetArray | ak.contents.ListArray)
         and isinstance(layout.content, ak.contents.NumpyArray)
-        and layout.content.data.ndim == 1
+        and _plain(layout.content.data)
     ):
         starts = np.asarray(layout.starts.data)
         stops = np.asarray(layout.stops.data)
@@ -114,6 +114,11 @@ def _gather_packed(
     if not missing:
         return ak.contents.UnmaskedArray(out)
     return ak.contents.ByteMaskedArray(ak.index.Index8(valid.view(np.int8)), out, valid_when=True)
+
+
+def _plain(data: Any) -> bool:
+    """A 1-d numpy array of native byte order: what the compiled kernels take."""
+    return isinstance(data, np.ndarray) and data.ndim == 1 and data.dtype.isnative
 
 
 def _as_array(values: Any) -> ak.Array:
