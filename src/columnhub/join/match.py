@@ -3,7 +3,8 @@
 Joins are done on *row indices* first (this module), columns are gathered
 after (:mod:`columnhub.join.gather`). A primary chunk's keys are packed with
 the friend index's packing, sorted (one vectorised sort), and merged into the
-index's sorted keys with one ``searchsorted``.
+index's sorted keys (one compiled linear walk, or ``searchsorted`` when the
+index is far larger than the chunk).
 """
 
 from __future__ import annotations
