@@ -3,7 +3,7 @@
 A :class:`KeyIndex` is built once per dataset (from all its key columns, in
 file order) and stored in the column cache (:meth:`KeyIndex.to_bytes`). It
 keeps the packed keys sorted, with the dataset row of each, so that a chunk of
-keys is looked up by sorting the chunk and one merge-like ``searchsorted``;
+keys is looked up by sorting the chunk and one linear merge with these keys;
 uniqueness is known at build time and the first duplicate keys (with their
 files and entries) are available for error messages.
 """
