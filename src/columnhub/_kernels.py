@@ -208,6 +208,7 @@ def _take(values, rows, out, valid, start, stop, ahead):  # pragma: no cover - c
             out[i] = values[r]
             valid[i] = True
         else:
+            out[i] = 0
             valid[i] = False
             missing += 1
     return missing
@@ -216,7 +217,7 @@ def _take(values, rows, out, valid, start, stop, ahead):  # pragma: no cover - c
 def gather_flat(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """``(values[rows], valid, n_missing)``; rows ``-1`` give ``valid=False`` (value 0)."""
     n = len(rows)
-    out = np.zeros(n, dtype=values.dtype) if n and (rows < 0).any() else np.empty(n, values.dtype)
+    out = np.empty(n, dtype=values.dtype)
     valid = np.empty(n, dtype=np.bool_)
     missing = _split(lambda a, b: _take(values, rows, out, valid, a, b, PREFETCH_DISTANCE), n)
     return out, valid, int(sum(missing))
