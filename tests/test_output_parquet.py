@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import uproot
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import columnhub
@@ -370,6 +370,7 @@ def test_empty_writer_has_its_columns(tmp_path: Path) -> None:
     queued=st.integers(1, 4),
     compression=st.sampled_from(["zstd", "none"]),
 )
+@example(sizes=[0, 1], target=1, threads=1, queued=1, compression="zstd")  # an empty chunk first
 def test_parts_concatenate_to_the_input(
     tmp_path_factory: pytest.TempPathFactory,
     sizes: list[int],

@@ -289,8 +289,8 @@ class PartWriter:
         if self.schema is None:
             self.schema = table.schema
             self._options = writer_options(self.schema, self.compression)
-        if table.num_rows == 0 and self._accepted:
-            return
+        if table.num_rows == 0:
+            return  # no rows, no row group; close() writes the columns of an empty result
         try:
             table = table.cast(self.schema)
         except pa.ArrowException as err:  # invalid or unsupported cast
