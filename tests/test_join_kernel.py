@@ -446,3 +446,69 @@ def test_merge_sorted_matches_searchsorted(keys: list[int], queries: list[int]) 
             kernels.PARALLEL_MIN_ROWS = old
         assert lo.tolist() == expected_lo.tolist()
         assert found.tolist() == expected_found.tolist()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    primary=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40)), max_size=60),
+    friend=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40)), max_size=60),
+    sort_primary=st.booleans(),
+    sort_friend=st.booleans(),
+    threads=st.integers(1, 4),
+    run_dtype=st.sampled_from(["uint32", "uint64", "int32", "int64"]),
+)
+def test_unique_key_match_from_columns_equals_dict_join(
+    primary: list[tuple[int, int]],
+    friend: list[tuple[int, int]],
+    sort_primary: bool,
+    sort_friend: bool,
+    threads: int,
+    run_dtype: str,
+) -> None:
+    """Packing straight from the key columns, friend sorted in pieces merged while pairing.
+
+    The kernel pool is told to cut work into ``threads`` pieces even for a few
+    rows, so sorted runs, key-range pieces and their boundaries are all hit;
+    repeated keys anywhere (also in different runs, also unmatched) give ``None``.
+    """
+    import columnhub._kernels as kernels
+    from columnhub.join.match import match_unique_keys
+    from columnhub.keys import KeyPacking
+
+    if sort_primary:
+        primary = sorted(primary)
+    if sort_friend:
+        friend = sorted(friend)
+
+    def columns(rows: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        return {
+            "run": np.array([r for r, _ in rows], dtype=run_dtype),
+            "event": np.array([e for _, e in rows], dtype=np.uint64),
+        }
+
+    pk, fk = columns(primary), columns(friend)
+    kernels.kernel_pool()
+    old = kernels.PARALLEL_MIN_ROWS, kernels._pool_size
+    kernels.PARALLEL_MIN_ROWS, kernels._pool_size = 2, threads
+    try:
+        packing = KeyPacking.fit(pk, fk, names=["run", "event"]) if primary or friend else None
+        got = {
+            how: match_unique_keys(pk, fk, packing, how=how) if packing else None
+            for how in ("left", "inner")
+        }
+    finally:
+        kernels.PARALLEL_MIN_ROWS, kernels._pool_size = old
+    if not primary or not friend:
+        assert got == {"left": None, "inner": None}
+        return
+    if len(set(primary)) < len(primary) or len(set(friend)) < len(friend):
+        assert got == {"left": None, "inner": None}
+        return
+    where = {key: j for j, key in enumerate(friend)}
+    left, inner = got["left"], got["inner"]
+    assert left is not None
+    assert inner is not None
+    assert left.primary_identity
+    assert left.friend_rows.tolist() == [where.get(key, -1) for key in primary]
+    assert inner.primary_rows.tolist() == [i for i, key in enumerate(primary) if key in where]
+    assert inner.friend_rows.tolist() == [where[key] for key in primary if key in where]

@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from columnhub._kernels import minmax, or_shifted
+from columnhub._kernels import compose_keys, minmax, or_shifted
 from columnhub.errors import JoinError, KeyTypeError
 
 __all__ = [
     "KeyColumns",
     "KeyPacking",
     "format_key",
+    "integer_keys",
     "normalize_key_column",
     "normalize_keys",
 ]
@@ -181,6 +182,25 @@ def normalize_keys(keys: KeyColumns) -> dict[str, np.ndarray]:
     return out
 
 
+def integer_keys(keys: KeyColumns) -> dict[str, np.ndarray]:
+    """Key columns checked like :func:`normalize_keys`, unsigned ones left in their own type.
+
+    Packing reads ``uint32`` run and lumi columns as they are; a ``uint64``
+    copy of them would cost a pass over memory for nothing. Signed columns
+    are converted (and checked for negative values) by
+    :func:`normalize_key_column`.
+    """
+    if not keys:
+        return normalize_keys(keys)  # raises the message for "no key columns"
+    out: dict[str, np.ndarray] = {}
+    for name, values in keys.items():
+        arr = _to_numpy(str(name), values)
+        out[str(name)] = arr if arr.dtype.kind == "u" else normalize_key_column(str(name), arr)
+    if len({len(a) for a in out.values()}) > 1:
+        normalize_keys(out)  # raises the message for different lengths
+    return out
+
+
 def format_key(names: Sequence[str], values: Sequence[int]) -> str:
     """A key tuple for messages: ``(run=1, luminosityBlock=2, event=3)``."""
     return "(" + ", ".join(f"{n}={int(v)}" for n, v in zip(names, values, strict=True)) + ")"
@@ -239,7 +259,7 @@ class KeyPacking:
         if not key_sets:
             msg = "KeyPacking.fit needs at least one set of key columns"
             raise JoinError(msg)
-        normalized = [normalize_keys(ks) for ks in key_sets]
+        normalized = [integer_keys(ks) for ks in key_sets]
         ncol = len(normalized[0])
         for ks in normalized[1:]:
             if len(ks) != ncol:
@@ -355,6 +375,39 @@ class KeyPacking:
                 part = val << np.uint64(shift) if shift >= 0 else val >> np.uint64(-shift)
                 words[:, j] |= part
         return words, fits
+
+    def compose(self, keys: KeyColumns, rowbits: int) -> tuple[np.ndarray, bool]:
+        """One ``uint64`` per row: the packed key above, the row number in the low ``rowbits``.
+
+        One pass over the key columns, in their own integer types. Sorting
+        these composites sorts rows by key, and equal keys by row. Only for
+        keys inside the packing's range (the keys it was fitted on) when
+        :attr:`total_bits` + ``rowbits`` <= 64.
+
+        Returns:
+            ``(composites, ascending)``: ``ascending`` tells whether the rows
+            already come in key order.
+
+        Raises:
+            JoinError: the composite does not fit in 64 bits.
+        """
+        cols = list(integer_keys(keys).values())
+        if len(cols) != len(self.names) or self.total_bits + rowbits > 64:
+            msg = f"cannot compose {len(cols)} key columns with {rowbits} row bits under {self!r}"
+            raise JoinError(msg)
+        n = len(cols[0])
+        if n and rowbits < 64 and n - 1 >> rowbits:
+            msg = f"{n} rows do not fit in {rowbits} row bits"
+            raise JoinError(msg)
+        out = np.empty(n, dtype=U64)
+        columns = [
+            (col, off, p)
+            for col, off, w, p in zip(
+                cols, self.offsets, self.widths, self._positions(), strict=True
+            )
+            if w
+        ]
+        return out, compose_keys(columns, rowbits, out)
 
     def unpack(self, words: npt.ArrayLike) -> dict[str, np.ndarray]:
         """The key columns (``uint64``) of packed words; inverse of :meth:`pack`."""

@@ -16,12 +16,12 @@ import awkward as ak
 import numpy as np
 import numpy.typing as npt
 
-from columnhub._kernels import gather_flat, gather_lists
+from columnhub._kernels import gather_flat, gather_lists, minmax
 from columnhub.errors import ColumnNotFoundError, JoinError, closest
 from columnhub.join.index import KeyIndex
-from columnhub.join.match import Match, match, match_indexes, match_unique_words, unmatched_rows
+from columnhub.join.match import Match, match, match_indexes, match_unique_keys, unmatched_rows
 from columnhub.join.validate import check_how, check_unique, needs_unique
-from columnhub.keys import KeyPacking, normalize_keys
+from columnhub.keys import KeyPacking, integer_keys
 
 __all__ = ["gather", "join_arrays"]
 
@@ -53,8 +53,7 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
         msg = f"gather rows must be 1-dimensional, got shape {idx.shape}"
         raise IndexError(msg)
     if idx.size:
-        hi = int(idx.max())
-        lo = int(idx.min())
+        lo, hi = minmax(idx)
         if hi >= len(layout) or lo < -1 or (lo < 0 and not optional):
             bad = hi if hi >= len(layout) else lo
             allowed = f"-1..{len(layout) - 1}" if optional else f"0..{len(layout) - 1}"
@@ -200,8 +199,8 @@ def join_arrays(
         raise JoinError(msg)
     _require(primary, on_, "primary")
     _require(friend, fon, "friend")
-    pkeys = normalize_keys({k: primary[k] for k in on_})
-    fkeys = normalize_keys({k: friend[k] for k in fon})
+    pkeys = integer_keys({k: primary[k] for k in on_})
+    fkeys = integer_keys({k: friend[k] for k in fon})
 
     pre = prefix or ""
     friend_cols = [c for c in friend if c not in fon]
@@ -220,10 +219,8 @@ def join_arrays(
     fast: Match | None = None
     if friend_index is None:
         packing = KeyPacking.fit(pkeys, fkeys, names=on_)
-        if validate == "one_to_one" and how in ("left", "inner") and packing.nwords == 1:
-            pw, _ = packing.pack(pkeys)
-            fw, _ = packing.pack(fkeys)
-            fast = match_unique_words(pw, fw, total_bits=packing.total_bits, how=how)
+        if validate == "one_to_one" and how in ("left", "inner"):
+            fast = match_unique_keys(pkeys, fkeys, packing, how=how)
     if fast is not None:
         m = fast
     elif friend_index is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from columnhub._kernels import compose_rows, merge_sorted, pair_sorted, sort_each
+from columnhub._kernels import compose_rows, kernel_pool_size, merge_sorted, pair_runs, sort_runs
 from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
@@ -25,7 +25,9 @@ __all__ = [
     "fetch_plan",
     "match",
     "match_indexes",
+    "match_unique_keys",
     "match_unique_words",
+    "pair_composites",
     "unmatched_rows",
 ]
 
@@ -211,33 +213,86 @@ def match_indexes(primary: KeyIndex, friend: KeyIndex, *, how: str = "left") -> 
     return _merge(primary.order, primary.sorted_words, None, friend, how=how)
 
 
+def _row_bits(n_p: int, n_f: int) -> int:
+    return max(1, (max(n_p, n_f) - 1).bit_length())
+
+
 def match_unique_words(
     primary_words: np.ndarray, friend_words: np.ndarray, *, total_bits: int, how: str = "left"
 ) -> Match | None:
     """Sort-and-walk join of two single-word key sets that should both be unique.
 
     Each side becomes composite values ``key | row`` (when ``total_bits`` +
-    row bits fit in 64), the two sorted at once (two threads), then paired in
-    one linear walk. Returns ``None`` when the composite does not fit or
-    either side has duplicates (the caller then takes the general path,
-    which also builds the error message).
+    row bits fit in 64), then :func:`pair_composites`. Returns ``None`` when
+    the composite does not fit or either side has duplicates (the caller then
+    takes the general path, which also builds the error message).
     """
     n_p, n_f = len(primary_words), len(friend_words)
     if primary_words.ndim != 1 or friend_words.ndim != 1 or not n_p or not n_f:
         return None
-    rb = max(1, (max(n_p, n_f) - 1).bit_length())
+    rb = _row_bits(n_p, n_f)
     if total_bits + rb > 64:
         return None
     friend_comp = np.empty(n_f, dtype=np.uint64)
     primary_comp = np.empty(n_p, dtype=np.uint64)
     compose_rows(friend_words, rb, 0, friend_comp)
     compose_rows(primary_words, rb, 0, primary_comp)
-    sort_each(friend_comp, primary_comp)  # the two sides at once
-    friend = pair_sorted(friend_comp, primary_comp, rb)
+    return pair_composites(primary_comp, friend_comp, rb, how=how)
+
+
+def match_unique_keys(
+    primary_keys: KeyColumns, friend_keys: KeyColumns, packing: KeyPacking, *, how: str = "left"
+) -> Match | None:
+    """:func:`match_unique_words` straight from key columns fitted by ``packing``.
+
+    Packing and adding row numbers is one pass per side
+    (:meth:`KeyPacking.compose`), and a side found already in key order is
+    not sorted again. ``None`` as for :func:`match_unique_words`.
+    """
+    n_p = len(next(iter(primary_keys.values())))
+    n_f = len(next(iter(friend_keys.values())))
+    if packing.nwords != 1 or not n_p or not n_f:
+        return None
+    rb = _row_bits(n_p, n_f)
+    if packing.total_bits + rb > 64:
+        return None
+    primary_comp, primary_sorted = packing.compose(primary_keys, rb)
+    friend_comp, friend_sorted = packing.compose(friend_keys, rb)
+    return pair_composites(
+        primary_comp,
+        friend_comp,
+        rb,
+        how=how,
+        primary_sorted=primary_sorted,
+        friend_sorted=friend_sorted,
+    )
+
+
+def pair_composites(
+    primary_comp: np.ndarray,
+    friend_comp: np.ndarray,
+    rowbits: int,
+    *,
+    how: str,
+    primary_sorted: bool = False,
+    friend_sorted: bool = False,
+) -> Match | None:
+    """The unique-key left or inner match of two composite arrays (sorted in place).
+
+    The friend is sorted in one piece per core and the primary, unless
+    already in order, as one piece, all at once; :func:`pair_runs` then
+    merges the friend's pieces while walking the primary.
+    """
+    jobs = [] if friend_sorted else [(friend_comp, kernel_pool_size())]
+    if not primary_sorted:
+        jobs.append((primary_comp, 1))
+    bounds = sort_runs(*jobs)
+    friend_bounds = np.array([0, len(friend_comp)]) if friend_sorted else bounds[0]
+    friend = pair_runs(friend_comp, friend_bounds, primary_comp, rowbits)
     if friend is None:  # a key repeats on one side
         return None
     if how == "left":
-        return Match(np.arange(n_p, dtype=np.int64), friend, primary_identity=True)
+        return Match(np.arange(len(primary_comp), dtype=np.int64), friend, primary_identity=True)
     keep = np.flatnonzero(friend >= 0)
     return Match(keep, friend[keep])
 
