@@ -101,6 +101,9 @@ def triton_server(
     args += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     args += ["--model", f"jet_mlp:1={model}", "--max-batch-size", str(max_batch)]
     args += ["--instances", str(instances), "--ready-file", str(ready)]
+    workspace = workdir / f"pytriton-{max_batch}-{instances}"
+    shutil.rmtree(workspace, ignore_errors=True)
+    args += ["--workspace", str(workspace)]  # removed with workdir, even after SIGKILL
     shm = Path("/dev/shm")
     shm_before = {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
     log = (workdir / "server.log").open("wb")

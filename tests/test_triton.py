@@ -77,6 +77,9 @@ class TritonServer:
         args += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
         args += ["--metrics-port", str(self.metrics_port), "--max-batch-size", str(MAX_BATCH)]
         args += ["--ready-file", str(self.ready_file)]
+        workspace = self.workdir / f"pytriton-{self.http_port}"
+        shutil.rmtree(workspace, ignore_errors=True)  # pytriton wants a new directory
+        args += ["--workspace", str(workspace)]
         for m in self.models:
             args += ["--model", m]
         with self.log.open("ab") as log:

@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per instance")
     parser.add_argument("--queue-delay-us", type=int, default=100)
     parser.add_argument("--ready-file", type=Path)
-    parser.add_argument("--workspace", type=Path, help="pytriton model repository directory")
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        help="a new directory for pytriton's workspace (its model store and server files); "
+        "default: one under ~/.cache/pytriton, left behind if the server is killed",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -88,12 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         allow_gpu_metrics=False,
         exit_timeout_secs=2,
         log_verbose=0,
-        model_repository=args.workspace,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with Triton(config=config) as triton:
+    with Triton(config=config, workspace=args.workspace) as triton:
         for spec in args.model:
             name_version, _, path = spec.partition("=")
             name, _, version = name_version.partition(":")

@@ -36,9 +36,7 @@ __all__ = [
     "minmax",
     "or_shifted",
     "pair_runs",
-    "pair_sorted",
     "select_lists",
-    "sort_each",
     "sort_runs",
 ]
 
@@ -332,52 +330,6 @@ def pair_runs(
         ]
         ok = [f.result() for f in futures]
     return friend if all(ok) else None
-
-
-@numba.njit(nogil=True, cache=True)
-def _pair_sorted(friend_comp, primary_comp, rowbits, friend):  # pragma: no cover - compiled
-    shift = np.uint64(rowbits)
-    rowmask = (np.uint64(1) << shift) - np.uint64(1)
-    nf = friend_comp.shape[0]
-    for i in range(1, nf):  # a repeated friend key
-        if (friend_comp[i] >> shift) == (friend_comp[i - 1] >> shift):
-            return False
-    j = 0
-    prev = np.uint64(0)
-    for i in range(primary_comp.shape[0]):
-        c = primary_comp[i]
-        key = c >> shift
-        if i and key == prev:  # a repeated primary key
-            return False
-        prev = key
-        while j < nf and (friend_comp[j] >> shift) < key:
-            j += 1
-        if j < nf and (friend_comp[j] >> shift) == key:
-            friend[np.int64(c & rowmask)] = np.int64(friend_comp[j] & rowmask)
-    return True
-
-
-def pair_sorted(
-    friend_comp: np.ndarray, primary_comp: np.ndarray, rowbits: int
-) -> np.ndarray | None:
-    """Friend row per primary row from each side's sorted composites ``key | row``.
-
-    ``row`` takes the low ``rowbits`` bits. One linear walk over both sorted
-    sides; returns ``None`` when a key repeats on one side (the caller takes
-    the general path).
-    """
-    friend = np.full(len(primary_comp), -1, dtype=np.int64)
-    ok = _pair_sorted(friend_comp, primary_comp, rowbits, friend)
-    return friend if ok else None
-
-
-def sort_each(*arrays: np.ndarray) -> None:
-    """Sort several arrays in place at once (numpy's sort releases the GIL)."""
-    if len(arrays) < 2 or sum(len(a) for a in arrays) < PARALLEL_MIN_ROWS:
-        for a in arrays:
-            a.sort()
-        return
-    list(kernel_pool().map(np.ndarray.sort, arrays))
 
 
 @numba.njit(nogil=True, cache=True)
