@@ -512,3 +512,34 @@ def test_unique_key_match_from_columns_equals_dict_join(
     assert left.friend_rows.tolist() == [where.get(key, -1) for key in primary]
     assert inner.primary_rows.tolist() == [i for i, key in enumerate(primary) if key in where]
     assert inner.friend_rows.tolist() == [where[key] for key in primary if key in where]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    keys=st.lists(st.integers(0, 50), max_size=80, unique=True),
+    queries=st.lists(st.integers(0, 55), max_size=80, unique=True),
+    presorted=st.booleans(),
+)
+def test_sort_words_and_merge_unique_match_numpy(
+    keys: list[int], queries: list[int], presorted: bool
+) -> None:
+    """Composite sort (skipped for keys already in order) and the one-pass unique merge."""
+    import columnhub._kernels as kernels
+    from columnhub.join import sort_words
+
+    words = np.asarray(sorted(keys) if presorted else keys, dtype=np.uint64)
+    q = np.asarray(queries, dtype=np.uint64)
+    rows = np.arange(len(q), dtype=np.int64)[::-1].copy()  # any row per query
+    for threshold in (1 << 18, 1):  # serial, then split over the kernel pool
+        old, kernels.PARALLEL_MIN_ROWS = kernels.PARALLEL_MIN_ROWS, threshold
+        try:
+            order, sorted_words = sort_words(words)
+            q_order, q_sorted = sort_words(q)
+            friend = kernels.merge_unique(sorted_words, order, q_sorted, rows[q_order])
+        finally:
+            kernels.PARALLEL_MIN_ROWS = old
+        expected = np.argsort(words, kind="stable")
+        assert order.tolist() == expected.tolist()
+        assert sorted_words.tolist() == words[expected].tolist()
+        where = {int(k): i for i, k in enumerate(words)}
+        assert friend.tolist() == [where.get(int(v), -1) for v in q[::-1]]

@@ -28,16 +28,18 @@ from numba.extending import intrinsic
 
 __all__ = [
     "compose_keys",
-    "compose_rows",
     "gather_flat",
     "gather_lists",
     "kernel_pool",
     "kernel_pool_size",
+    "merge_sorted",
+    "merge_unique",
     "minmax",
     "or_shifted",
     "pair_runs",
     "select_lists",
     "sort_runs",
+    "split_composites",
 ]
 
 #: below this many rows a kernel runs in the calling thread
@@ -151,18 +153,6 @@ def or_shifted(words: np.ndarray, column: np.ndarray, offset: int, shift: int) -
 
 
 @numba.njit(nogil=True, cache=True)
-def _compose_rows(words, shift, base, out, start, stop):  # pragma: no cover - compiled
-    for i in range(start, stop):
-        out[i] = (words[i] << shift) | (base + np.uint64(i))
-
-
-def compose_rows(words: np.ndarray, shift: int, base: int, out: np.ndarray) -> None:
-    """``out[i] = (words[i] << shift) | (base + i)``: keys with their row numbers below."""
-    sh, b = np.uint64(shift), np.uint64(base)
-    _split(lambda a, c: _compose_rows(words, sh, b, out, a, c), len(words))
-
-
-@numba.njit(nogil=True, cache=True)
 def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - compiled
     ascending = True
     prev = np.uint64(0)
@@ -201,6 +191,25 @@ def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: 
         futures = [kernel_pool().submit(_compose_keys, packed, rb, out, a, b) for a, b in ranges]
         parts = [f.result() for f in futures]
     return all(parts) and all(out[a - 1] <= out[a] for a, _ in ranges[1:])
+
+
+@numba.njit(nogil=True, cache=True)
+def _split_composites(comp, rowbits, order, keys, start, stop):  # pragma: no cover - compiled
+    rowmask = (np.uint64(1) << rowbits) - np.uint64(1)
+    for i in range(start, stop):
+        c = comp[i]
+        order[i] = np.int64(c & rowmask)
+        keys[i] = c >> rowbits
+
+
+def split_composites(comp: np.ndarray, rowbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, keys)`` of composites ``key << rowbits | row``, in one pass."""
+    n = len(comp)
+    order = np.empty(n, dtype=np.int64)
+    keys = np.empty(n, dtype=np.uint64)
+    rb = np.uint64(rowbits)
+    _split(lambda a, b: _split_composites(comp, rb, order, keys, a, b), n)
+    return order, keys
 
 
 def sort_runs(*arrays: tuple[np.ndarray, int]) -> list[np.ndarray]:
@@ -492,6 +501,40 @@ def _merge_sorted(keys, queries, lo, found, start, stop):  # pragma: no cover - 
             j += 1
         lo[i] = j
         found[i] = j < m and keys[j] == v
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_unique(keys, rows, queries, query_rows, friend, start, stop):  # pragma: no cover
+    m = keys.shape[0]
+    a, b = 0, m
+    v0 = queries[start]
+    while a < b:
+        mid = (a + b) >> 1
+        if keys[mid] < v0:
+            a = mid + 1
+        else:
+            b = mid
+    j = a
+    for i in range(start, stop):
+        v = queries[i]
+        while j < m and keys[j] < v:
+            j += 1
+        friend[query_rows[i]] = rows[j] if j < m and keys[j] == v else -1
+
+
+def merge_unique(
+    keys: np.ndarray, rows: np.ndarray, queries: np.ndarray, query_rows: np.ndarray
+) -> np.ndarray:
+    """Per query row, the row of its key among unique sorted ``keys`` (``-1``: absent).
+
+    ``friend[query_rows[i]] = rows[k]`` where ``keys[k] == queries[i]``; both
+    ``keys`` and ``queries`` sorted ``uint64``. One linear walk per row range
+    (what :func:`merge_sorted` does), writing the answer in place.
+    """
+    n = len(queries)
+    friend = np.empty(n, dtype=np.int64)
+    _split(lambda a, b: _merge_unique(keys, rows, queries, query_rows, friend, a, b), n)
+    return friend
 
 
 def merge_sorted(keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from columnhub._kernels import compose_keys, minmax, split_composites
 from columnhub.errors import JoinError
 from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
 
@@ -32,7 +33,7 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
 
     Single-word keys narrow enough to share a ``uint64`` with the row number are
     sorted as one composite value (a plain, vectorised ``np.sort``, stable by
-    construction); other single-word keys use ``np.argsort``; multi-word keys
+    construction, skipped when the keys come in order); other single-word keys use ``np.argsort``; multi-word keys
     ``np.lexsort`` (stable).
 
     Args:
@@ -45,15 +46,12 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
     n = len(words)
     if words.ndim == 1:
         rowbits = max(1, (n - 1).bit_length()) if n else 1
-        top = int(words.max()).bit_length() if n else 0
+        top = minmax(words)[1].bit_length() if n else 0
         if top + rowbits <= 64:
-            comp = words << np.uint64(rowbits)
-            comp |= np.arange(n, dtype=np.uint64)
-            comp.sort()
-            order = comp & np.uint64((1 << rowbits) - 1)
-            order = order.view(np.int64)  # row numbers < 2**63: same bits
-            comp >>= np.uint64(rowbits)
-            return order, comp
+            comp = np.empty(n, dtype=np.uint64)
+            if not compose_keys([(words, 0, 0)], rowbits, comp):  # not already in order
+                comp.sort()
+            return split_composites(comp, rowbits)
         order = np.argsort(words, kind="stable" if stable else None).astype(np.int64, copy=False)
         return order, words[order]
     if words.shape[1] == 0 or n == 0:
@@ -165,9 +163,24 @@ class KeyIndex:
             KeyTypeError: a key column is invalid.
             JoinError: lengths differ, or a key lies outside ``packing``.
         """
-        norm = normalize_keys(keys)
         if packing is None:
-            packing = KeyPacking.fit(norm)
+            packing = KeyPacking.fit(keys)
+            n = len(next(iter(keys.values())))
+            rowbits = max(1, (n - 1).bit_length())
+            if packing.nwords == 1 and packing.total_bits + rowbits <= 64:
+                # the usual case: pack with row numbers in one pass, sort once
+                comp, ascending = packing.compose(keys, rowbits)
+                if not ascending:
+                    comp.sort()
+                return cls._from_words(
+                    comp,
+                    packing,
+                    file=file,
+                    entry=entry,
+                    file_names=file_names,
+                    sorted_=split_composites(comp, rowbits),
+                )
+        norm = normalize_keys(keys)
         words, fits = packing.pack(norm)
         if fits is not None:
             bad = int(np.flatnonzero(~fits)[0])
@@ -189,8 +202,13 @@ class KeyIndex:
         file: npt.ArrayLike | None,
         entry: npt.ArrayLike | None,
         file_names: Sequence[str],
+        sorted_: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> KeyIndex:
-        """The index of keys already packed with ``packing``."""
+        """The index of keys already packed with ``packing``.
+
+        ``sorted_``: ``(order, sorted_words)`` when the caller has sorted them
+        (stably); ``words`` then only gives the row count.
+        """
         n = len(words)
         file_arr = (
             np.zeros(n, dtype=np.int32)
@@ -208,10 +226,10 @@ class KeyIndex:
                 "entries; give one file number and entry per key row."
             )
             raise JoinError(msg)
-        order, sorted_words = sort_words(words)
+        order, sorted_words = sort_words(words) if sorted_ is None else sorted_
         s = searchable(sorted_words)
         unique = not bool(_equal_neighbours(s).any())
-        if not unique and words.ndim == 1:
+        if not unique and words.ndim == 1 and sorted_ is None:
             # duplicates keep their row order (argsort is not stable by default)
             order, sorted_words = sort_words(words, stable=True)
         index = cls(

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from columnhub._kernels import compose_rows, kernel_pool_size, merge_sorted, pair_runs, sort_runs
+from columnhub._kernels import (
+    compose_keys,
+    kernel_pool_size,
+    merge_sorted,
+    merge_unique,
+    pair_runs,
+    sort_runs,
+)
 from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
@@ -99,7 +106,15 @@ def _merge(
     s = index.search_keys
     m = len(s)
     q = searchable(q_sorted)
-    if n and m <= 16 * n and q.ndim == 1 and q.dtype == np.uint64 and s.dtype == np.uint64:
+    linear = bool(n) and m <= 16 * n and q.ndim == 1 and q.dtype == np.uint64 and s.dtype == np.uint64
+    if linear and index.is_unique and fits is None:
+        # the common case in one pass: walk both sorted sides, write each row's partner
+        friend = merge_unique(s, index.order, q, q_order)
+        if how == "left":
+            return Match(np.arange(n, dtype=np.int64), friend, primary_identity=True)
+        keep = np.flatnonzero(friend >= 0)
+        return Match(keep, friend[keep])
+    if linear:
         # both sides sorted and of similar size: one linear walk beats a binary
         # search per query (a few query keys against a huge index: the search)
         lo, found = merge_sorted(s, q)
@@ -235,9 +250,16 @@ def match_unique_words(
         return None
     friend_comp = np.empty(n_f, dtype=np.uint64)
     primary_comp = np.empty(n_p, dtype=np.uint64)
-    compose_rows(friend_words, rb, 0, friend_comp)
-    compose_rows(primary_words, rb, 0, primary_comp)
-    return pair_composites(primary_comp, friend_comp, rb, how=how)
+    friend_sorted = compose_keys([(friend_words, 0, 0)], rb, friend_comp)
+    primary_sorted = compose_keys([(primary_words, 0, 0)], rb, primary_comp)
+    return pair_composites(
+        primary_comp,
+        friend_comp,
+        rb,
+        how=how,
+        primary_sorted=primary_sorted,
+        friend_sorted=friend_sorted,
+    )
 
 
 def match_unique_keys(
