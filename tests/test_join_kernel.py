@@ -346,6 +346,9 @@ def test_join_arrays_names_prefix_and_key_errors() -> None:
         join_arrays(primary, friend, on="event", how="cross", prefix="f_")
     with pytest.raises(KeyError, match=r"'evnt'.*closest: event"):
         join_arrays(primary, friend, on="evnt", prefix="f_")
+    short = {"event": friend["event"], "pt": np.array([20.0])}
+    with pytest.raises(JoinError, match=r"friend columns must all have the 2 rows.*'pt': 1"):
+        join_arrays(primary, short, on="event", prefix="f_")
     # a prebuilt friend index gives the same result
     index = KeyIndex.build({"event": friend["event"]})
     again = join_arrays(primary, friend, on="event", prefix="f_", friend_index=index)

@@ -59,6 +59,11 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
             allowed = f"-1..{len(layout) - 1}" if optional else f"0..{len(layout) - 1}"
             msg = f"gather row {bad} out of range for {len(layout)} rows (allowed {allowed})"
             raise IndexError(msg)
+    return _gather_checked(layout, idx, optional=optional)
+
+
+def _gather_checked(layout: ak.contents.Content, idx: np.ndarray, *, optional: bool) -> ak.Array:
+    """:func:`gather` for ``int64`` rows known to be in range (``-1`` only if ``optional``)."""
     fast = _gather_packed(layout, idx, optional=optional)
     if fast is not None:
         return ak.Array(fast)
@@ -133,6 +138,17 @@ def _require(columns: Mapping[str, Any], names: Sequence[str], side: str) -> Non
             raise ColumnNotFoundError(msg)
 
 
+def _check_lengths(columns: Mapping[str, Any], n: int, side: str) -> None:
+    wrong = {name: len(values) for name, values in columns.items() if len(values) != n}
+    if wrong:
+        shown = ", ".join(f"{name!r}: {length}" for name, length in wrong.items())
+        msg = (
+            f"{side} columns must all have the {n} rows of its key columns, but {shown}; "
+            "give every column of one side for the same events"
+        )
+        raise JoinError(msg)
+
+
 def _key_dtype(a: np.dtype[Any], b: np.dtype[Any]) -> np.dtype[Any]:
     dt = np.result_type(a, b)
     return dt if dt.kind in "ui" else np.dtype(np.uint64)
@@ -201,6 +217,8 @@ def join_arrays(
     _require(friend, fon, "friend")
     pkeys = integer_keys({k: primary[k] for k in on_})
     fkeys = integer_keys({k: friend[k] for k in fon})
+    _check_lengths(primary, len(next(iter(pkeys.values()))), "primary")
+    _check_lengths(friend, len(next(iter(fkeys.values()))), "friend")
 
     pre = prefix or ""
     friend_cols = [c for c in friend if c not in fon]
@@ -273,7 +291,9 @@ def join_arrays(
             out[col] = gather(values, prow, optional=not keep_plain)
     friend_optional = how in ("left", "outer")
     for out_name, col in out_names.items():
-        out[out_name] = gather(friend[col], frow, optional=friend_optional)
+        # the match made these rows: in range, -1 only where a friend is optional
+        layout = ak.to_layout(friend[col], allow_record=False)
+        out[out_name] = _gather_checked(layout, frow, optional=friend_optional)
     if how != "inner":
         matched = frow >= 0 if identity else (prow >= 0) & (frow >= 0)
         out[matched_name] = ak.Array(matched)
