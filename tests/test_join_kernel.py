@@ -391,7 +391,10 @@ def test_sort_and_walk_unique_join_equals_dict_join(n_p: int, n_f: int, seed: in
     inner = match_unique_words(pw, fw, total_bits=30, how="inner")
     assert inner is not None
     assert inner.primary_rows.tolist() == [i for i, k in enumerate(pw) if int(k) in where]
-    assert match_unique_words(pw, fw, total_bits=64, how="left") is None  # does not fit
+    # keys too wide to share a word with the row number: sorted apart, same answer
+    wide = match_unique_words(pw, fw, total_bits=64, how="left")
+    assert wide is not None
+    assert wide.friend_rows.tolist() == fast.friend_rows.tolist()
 
 
 @settings(max_examples=60, deadline=None)
@@ -459,6 +462,7 @@ def test_merge_sorted_matches_searchsorted(keys: list[int], queries: list[int]) 
     sort_friend=st.booleans(),
     threads=st.integers(1, 4),
     run_dtype=st.sampled_from(["uint32", "uint64", "int32", "int64"]),
+    wide=st.booleans(),
 )
 def test_unique_key_match_from_columns_equals_dict_join(
     primary: list[tuple[int, int]],
@@ -467,15 +471,18 @@ def test_unique_key_match_from_columns_equals_dict_join(
     sort_friend: bool,
     threads: int,
     run_dtype: str,
+    wide: bool,
 ) -> None:
     """Packing straight from the key columns, friend sorted in pieces merged while pairing.
 
     The kernel pool is told to cut work into ``threads`` pieces even for a few
     rows, so sorted runs, key-range pieces and their boundaries are all hit;
     repeated keys anywhere (also in different runs, also unmatched) give ``None``.
+    ``wide`` pairs the keys as if they left no room for the row number in
+    their word (keys and rows sorted apart, what wide real event numbers get).
     """
     import columnhub._kernels as kernels
-    from columnhub.join.match import match_unique_keys
+    from columnhub.join.match import Match, match_unique_keys, pair_unique
     from columnhub.keys import KeyPacking
 
     if sort_primary:
@@ -495,10 +502,21 @@ def test_unique_key_match_from_columns_equals_dict_join(
     kernels.PARALLEL_MIN_ROWS, kernels._pool_size = 2, threads
     try:
         packing = KeyPacking.fit(pk, fk, names=["run", "event"]) if primary or friend else None
-        got = {
-            how: match_unique_keys(pk, fk, packing, how=how) if packing else None
-            for how in ("left", "inner")
-        }
+
+        def unique_match(how: str) -> Match | None:
+            if packing is None:
+                return None
+            if not wide:
+                return match_unique_keys(pk, fk, packing, how=how)
+            if not primary or not friend:
+                return None
+            pw, p_sorted = packing.compose(pk, 0)  # keys alone
+            fw, f_sorted = packing.compose(fk, 0)
+            return pair_unique(
+                pw, fw, 0, how=how, primary_sorted=p_sorted, friend_sorted=f_sorted
+            )
+
+        got = {how: unique_match(how) for how in ("left", "inner")}
     finally:
         kernels.PARALLEL_MIN_ROWS, kernels._pool_size = old
     if not primary or not friend:
@@ -522,16 +540,22 @@ def test_unique_key_match_from_columns_equals_dict_join(
     keys=st.lists(st.integers(0, 50), max_size=80, unique=True),
     queries=st.lists(st.integers(0, 55), max_size=80, unique=True),
     presorted=st.booleans(),
+    wide=st.booleans(),
 )
 def test_sort_words_and_merge_unique_match_numpy(
-    keys: list[int], queries: list[int], presorted: bool
+    keys: list[int], queries: list[int], presorted: bool, wide: bool
 ) -> None:
-    """Composite sort (skipped for keys already in order) and the one-pass unique merge."""
+    """Sorting packed keys (skipped for keys already in order) and the one-pass unique merge.
+
+    ``wide`` keys leave no room for the row number in a word (from 5 rows
+    on): they are arg-sorted in pieces and the pieces merged.
+    """
     import columnhub._kernels as kernels
     from columnhub.join import sort_words
 
-    words = np.asarray(sorted(keys) if presorted else keys, dtype=np.uint64)
-    q = np.asarray(queries, dtype=np.uint64)
+    scale = 2**62 // 56 if wide else 1
+    words = np.asarray(sorted(keys) if presorted else keys, dtype=np.uint64) * np.uint64(scale)
+    q = np.asarray(queries, dtype=np.uint64) * np.uint64(scale)
     rows = np.arange(len(q), dtype=np.int64)[::-1].copy()  # any row per query
     for threshold in (1 << 18, 1):  # serial, then split over the kernel pool
         old, kernels.PARALLEL_MIN_ROWS = kernels.PARALLEL_MIN_ROWS, threshold

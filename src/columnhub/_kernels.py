@@ -27,11 +27,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
+    "Sorted",
+    "argsort_runs",
     "compose_keys",
     "gather_flat",
     "gather_lists",
     "kernel_pool",
     "kernel_pool_size",
+    "merge_runs",
     "merge_sorted",
     "merge_unique",
     "minmax",
@@ -154,6 +157,7 @@ def or_shifted(words: np.ndarray, column: np.ndarray, offset: int, shift: int) -
 
 @numba.njit(nogil=True, cache=True)
 def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - compiled
+    rowmask = (np.uint64(1) << rowbits) - np.uint64(1)  # 0: no row numbers
     ascending = True
     prev = np.uint64(0)
     for i in range(start, stop):
@@ -161,7 +165,7 @@ def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - com
         for column in literal_unroll(columns):
             values, offset, shift = column
             word |= (np.uint64(values[i]) - offset) << shift
-        word = (word << rowbits) | np.uint64(i)
+        word = (word << rowbits) | (np.uint64(i) & rowmask)
         out[i] = word
         if i > start and word < prev:
             ascending = False
@@ -172,7 +176,7 @@ def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - com
 def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: np.ndarray) -> bool:
     """``out[i] = (key of row i) << rowbits | i`` in one pass over the key columns.
 
-    ``columns`` are ``(values, offset, shift)``: the key is the OR of every
+    With ``rowbits`` 0, ``out`` holds the packed keys alone. ``columns`` are ``(values, offset, shift)``: the key is the OR of every
     ``(values - offset) << shift``. ``values`` keep their own integer type (no
     ``uint64`` copy is made); the caller guarantees that everything fits.
     Returns whether ``out`` came out sorted (a primary in key order then needs
@@ -180,7 +184,7 @@ def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: 
     """
     n = len(out)
     if not columns:  # every key column is constant: the row number alone
-        out[:] = np.arange(n, dtype=np.uint64)
+        out[:] = np.arange(n, dtype=np.uint64) if rowbits else 0
         return True
     packed = tuple((values, np.uint64(off), np.uint64(shift)) for values, off, shift in columns)
     rb = np.uint64(rowbits)
@@ -223,7 +227,7 @@ def sort_runs(*arrays: tuple[np.ndarray, int]) -> list[np.ndarray]:
     bounds = []
     jobs = []
     for a, runs in arrays:
-        k = max(1, min(runs, len(a) // (PARALLEL_MIN_ROWS // 2)))
+        k = max(1, min(runs, len(a) // max(1, PARALLEL_MIN_ROWS // 2)))
         b = np.linspace(0, len(a), k + 1).astype(np.int64)
         bounds.append(b)
         jobs.extend(a[x:y] for x, y in itertools.pairwise(b) if y > x)
@@ -250,10 +254,8 @@ def _first_at_least(values, start, stop, target):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _pair_runs(
-    friend_comp, heads, stops, primary_comp, pstart, pstop, rowbits, friend
+    fkeys, frows, heads, stops, pkeys, prows, pstart, pstop, keyshift, rowmask, friend
 ):  # pragma: no cover - compiled
-    shift = np.uint64(rowbits)
-    rowmask = (np.uint64(1) << shift) - np.uint64(1)
     nruns = heads.shape[0]
     j = pstart
     pprev = np.uint64(0)
@@ -265,7 +267,7 @@ def _pair_runs(
         bkey = np.uint64(0)
         for r in range(nruns):
             if heads[r] < stops[r]:
-                k = friend_comp[heads[r]] >> shift
+                k = fkeys[heads[r]] >> keyshift
                 if best < 0 or k < bkey:
                     best = r
                     bkey = k
@@ -275,21 +277,20 @@ def _pair_runs(
             return False
         first = False
         fprev = bkey
-        frow = np.int64(friend_comp[heads[best]] & rowmask)
+        frow = np.int64(frows[heads[best]] & rowmask)
         heads[best] += 1
         while j < pstop:
-            c = primary_comp[j]
-            key = c >> shift
+            key = pkeys[j] >> keyshift
             if key > bkey:
                 break
             if j > pstart and key == pprev:  # a repeated primary key
                 return False
             pprev = key
             if key == bkey:
-                friend[np.int64(c & rowmask)] = frow
+                friend[np.int64(prows[j] & rowmask)] = frow
             j += 1
     while j < pstop:
-        key = primary_comp[j] >> shift
+        key = pkeys[j] >> keyshift
         if j > pstart and key == pprev:
             return False
         pprev = key
@@ -297,48 +298,165 @@ def _pair_runs(
     return True
 
 
-def pair_runs(
-    friend_comp: np.ndarray, friend_bounds: np.ndarray, primary_comp: np.ndarray, rowbits: int
-) -> np.ndarray | None:
+#: sorted keys and their rows: ``(keys, rows, rowbits)``. With ``rowbits`` > 0
+#: ``keys`` and ``rows`` are one array of composites ``key << rowbits | row``;
+#: with 0 they are separate ``uint64`` arrays.
+Sorted = tuple[np.ndarray, np.ndarray, int]
+#: words sorted in pieces: ``(sorted_words, rows, bounds)``
+Sorted_runs = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def pair_runs(friend: Sorted, friend_bounds: np.ndarray, primary: Sorted) -> np.ndarray | None:
     """Friend row per primary row; the friend in sorted runs, the primary sorted.
 
-    Both sides hold composites ``key | row`` (``row`` in the low ``rowbits``
-    bits). The friend's runs are merged on the fly while walking the
-    primary; large inputs are split into key ranges, one per thread (a key
-    never straddles two ranges). Returns ``None`` when a key repeats on
-    either side (the caller takes the general path).
+    The friend's runs are merged on the fly while walking the primary; large
+    inputs are split into key ranges, one per thread (a key never straddles
+    two ranges). Returns ``None`` when a key repeats on either side (the
+    caller takes the general path).
     """
-    friend = np.full(len(primary_comp), -1, dtype=np.int64)
+    fkeys, frows, rowbits = friend
+    pkeys, prows, prowbits = primary
+    if rowbits != prowbits:
+        msg = "pair_runs: both sides need the same row bits"
+        raise ValueError(msg)
+    shift = np.uint64(rowbits)
+    rowmask = (np.uint64(1) << shift) - np.uint64(1) if rowbits else np.uint64(2**64 - 1)
+    out = np.full(len(pkeys), -1, dtype=np.int64)
     starts = np.asarray(friend_bounds[:-1], dtype=np.int64)
     stops = np.asarray(friend_bounds[1:], dtype=np.int64)
-    np_ = len(primary_comp)
-    pieces = _ranges(max(np_, len(friend_comp)))
+    np_ = len(pkeys)
+    pieces = _ranges(max(np_, len(fkeys)))
 
     def first_at_least(values: np.ndarray, a: int, b: int, bound: int | None) -> int:
         return b if bound is None else int(_first_at_least(values, a, b, np.uint64(bound)))
 
     # cut at keys (a key never straddles two pieces): the key at each piece's start
-    rb = np.uint64(rowbits)
     cuts: list[int | None] = [0]
-    cuts += [int(primary_comp[a] >> rb) << rowbits for a, _ in pieces[1:] if a < np_]
+    cuts += [int(pkeys[a] >> shift) << rowbits for a, _ in pieces[1:] if a < np_]
     cuts.append(None)
     jobs = []
     for lo, hi in itertools.pairwise(cuts):
         runs = list(zip(starts, stops, strict=True))
-        h = np.array([first_at_least(friend_comp, a, b, lo) for a, b in runs], dtype=np.int64)
-        e = np.array([first_at_least(friend_comp, a, b, hi) for a, b in runs], dtype=np.int64)
-        pa = first_at_least(primary_comp, 0, np_, lo)
-        jobs.append((h, e, pa, first_at_least(primary_comp, pa, np_, hi)))
+        h = np.array([first_at_least(fkeys, a, b, lo) for a, b in runs], dtype=np.int64)
+        e = np.array([first_at_least(fkeys, a, b, hi) for a, b in runs], dtype=np.int64)
+        pa = first_at_least(pkeys, 0, np_, lo)
+        jobs.append((h, e, pa, first_at_least(pkeys, pa, np_, hi)))
+
+    def run(h: np.ndarray, e: np.ndarray, a: int, b: int) -> bool:
+        return bool(_pair_runs(fkeys, frows, h, e, pkeys, prows, a, b, shift, rowmask, out))
+
     if len(jobs) == 1:
-        h, e, a, b = jobs[0]
-        ok = [_pair_runs(friend_comp, h, e, primary_comp, a, b, rowbits, friend)]
+        ok = [run(*jobs[0])]
+    else:
+        futures = [kernel_pool().submit(run, *job) for job in jobs]
+        ok = [f.result() for f in futures]
+    return out if all(ok) else None
+
+
+def argsort_runs(*arrays: tuple[np.ndarray, int]) -> list[Sorted_runs]:
+    """Arg-sort words, each ``(words, runs)`` in up to ``runs`` pieces, all at once.
+
+    For keys too wide to carry their row number in the same ``uint64``.
+    Returns per array ``(sorted_words, rows, bounds)``: ``rows`` (``uint64``)
+    are the original row of each sorted word, ``bounds`` the pieces' limits.
+    The pieces are arg-sorted by numpy's vectorised ``argsort`` (which
+    releases the GIL) on the kernel pool, the largest first.
+    """
+    results: list[Sorted_runs] = []
+    jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]] = []
+    for words, runs in arrays:
+        n = len(words)
+        k = max(1, min(runs, n // max(1, PARALLEL_MIN_ROWS // 2)))
+        bounds = np.linspace(0, n, k + 1).astype(np.int64)
+        keys = np.empty(n, dtype=np.uint64)
+        rows = np.empty(n, dtype=np.uint64)
+        results.append((keys, rows, bounds))
+        jobs += [
+            (words, keys, rows, int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a
+        ]
+
+    def one(words: np.ndarray, keys: np.ndarray, rows: np.ndarray, a: int, b: int) -> None:
+        order = np.argsort(words[a:b])
+        np.take(words[a:b], order, out=keys[a:b])
+        np.add(order.view(np.uint64), np.uint64(a), out=rows[a:b])
+
+    jobs.sort(key=lambda job: job[4] - job[3], reverse=True)
+    if len(jobs) <= 1 or sum(job[4] - job[3] for job in jobs) < PARALLEL_MIN_ROWS:
+        for job in jobs:
+            one(*job)
+    else:
+        for f in [kernel_pool().submit(one, *job) for job in jobs]:
+            f.result()
+    return results
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_runs(keys, rows, heads, stops, out_keys, out_rows, pos):  # pragma: no cover
+    nruns = heads.shape[0]
+    while True:
+        best = -1
+        bkey = np.uint64(0)
+        for r in range(nruns):  # ties: the earlier run first
+            if heads[r] < stops[r]:
+                k = keys[heads[r]]
+                if best < 0 or k < bkey:
+                    best = r
+                    bkey = k
+        if best < 0:
+            return
+        out_keys[pos] = bkey
+        out_rows[pos] = rows[heads[best]]
+        heads[best] += 1
+        pos += 1
+
+
+def merge_runs(
+    keys: np.ndarray, rows: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge sorted runs ``keys[bounds[i]:bounds[i + 1]]`` (with their ``rows``) into one.
+
+    Cut into key ranges, one per thread: each range of the output is merged
+    from the same key range of every run. Equal keys come run by run.
+    """
+    n = len(keys)
+    out_keys = np.empty(n, dtype=keys.dtype)
+    out_rows = np.empty(n, dtype=rows.dtype)
+    starts = np.asarray(bounds[:-1], dtype=np.int64)
+    stops = np.asarray(bounds[1:], dtype=np.int64)
+    pieces = _ranges(n)
+    a0, b0 = int(starts[0]), int(stops[0])
+    cuts: list[np.uint64 | None] = [None]
+    for a, _ in pieces[1:]:  # cut keys taken evenly from the first run
+        cuts.append(keys[a0 + (b0 - a0) * a // n] if b0 > a0 else None)
+    cuts = [cuts[0], *[c for c in cuts[1:] if c is not None]]
+    jobs = []
+    for i in range(len(cuts)):
+        lo, hi = cuts[i], cuts[i + 1] if i + 1 < len(cuts) else None
+        h = np.array(
+            [
+                a if lo is None else _first_at_least(keys, a, b, lo)
+                for a, b in zip(starts, stops, strict=True)
+            ],
+            dtype=np.int64,
+        )
+        e = np.array(
+            [
+                b if hi is None else _first_at_least(keys, a, b, hi)
+                for a, b in zip(starts, stops, strict=True)
+            ],
+            dtype=np.int64,
+        )
+        jobs.append((h, e, int((h - starts).sum())))
+    if len(jobs) == 1:
+        _merge_runs(keys, rows, *jobs[0][:2], out_keys, out_rows, jobs[0][2])
     else:
         futures = [
-            kernel_pool().submit(_pair_runs, friend_comp, h, e, primary_comp, a, b, rowbits, friend)
-            for h, e, a, b in jobs
+            kernel_pool().submit(_merge_runs, keys, rows, h, e, out_keys, out_rows, pos)
+            for h, e, pos in jobs
         ]
-        ok = [f.result() for f in futures]
-    return friend if all(ok) else None
+        for f in futures:
+            f.result()
+    return out_keys, out_rows
 
 
 @numba.njit(nogil=True, cache=True)

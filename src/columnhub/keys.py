@@ -379,6 +379,9 @@ class KeyPacking:
     def compose(self, keys: KeyColumns, rowbits: int) -> tuple[np.ndarray, bool]:
         """One ``uint64`` per row: the packed key above, the row number in the low ``rowbits``.
 
+        ``rowbits=0`` gives the packed keys alone (what :meth:`pack` gives for
+        one-word keys, in one pass).
+
         One pass over the key columns, in their own integer types. Sorting
         these composites sorts rows by key, and equal keys by row. Only for
         keys inside the packing's range (the keys it was fitted on) when
@@ -396,7 +399,7 @@ class KeyPacking:
             msg = f"cannot compose {len(cols)} key columns with {rowbits} row bits under {self!r}"
             raise JoinError(msg)
         n = len(cols[0])
-        if n and rowbits < 64 and n - 1 >> rowbits:
+        if n and 0 < rowbits < 64 and n - 1 >> rowbits:
             msg = f"{n} rows do not fit in {rowbits} row bits"
             raise JoinError(msg)
         out = np.empty(n, dtype=U64)

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from columnhub._kernels import compose_keys, minmax, split_composites
+from columnhub._kernels import (
+    argsort_runs,
+    compose_keys,
+    kernel_pool_size,
+    merge_runs,
+    minmax,
+    split_composites,
+)
 from columnhub.errors import JoinError
 from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
 
@@ -33,8 +40,9 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
 
     Single-word keys narrow enough to share a ``uint64`` with the row number are
     sorted as one composite value (a plain, vectorised ``np.sort``, stable by
-    construction, skipped when the keys come in order); other single-word keys use ``np.argsort``; multi-word keys
-    ``np.lexsort`` (stable).
+    construction). Other single-word keys are arg-sorted in a piece per core
+    and the pieces merged (``stable``: one stable ``np.argsort``). Keys
+    already in order are not sorted. Multi-word keys: ``np.lexsort`` (stable).
 
     Args:
         words: ``uint64`` packed keys, shape ``(n,)`` or ``(n, nwords)``.
@@ -52,8 +60,17 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
             if not compose_keys([(words, 0, 0)], rowbits, comp):  # not already in order
                 comp.sort()
             return split_composites(comp, rowbits)
-        order = np.argsort(words, kind="stable" if stable else None).astype(np.int64, copy=False)
-        return order, words[order]
+        if stable:
+            order = np.argsort(words, kind="stable").astype(np.int64, copy=False)
+            return order, words[order]
+        copy = np.empty(n, dtype=np.uint64)
+        if compose_keys([(words, 0, 0)], 0, copy):  # already in order
+            return np.arange(n, dtype=np.int64), copy
+        # too wide to carry the row: arg-sort a piece per core, then merge the pieces
+        [(keys, rows, bounds)] = argsort_runs((words, kernel_pool_size()))
+        if len(bounds) > 2:
+            keys, rows = merge_runs(keys, rows, bounds)
+        return rows.view(np.int64), keys
     if words.shape[1] == 0 or n == 0:
         return np.arange(n, dtype=np.int64), words
     order = np.lexsort(words.T[::-1]).astype(np.int64, copy=False)
@@ -179,6 +196,11 @@ class KeyIndex:
                     entry=entry,
                     file_names=file_names,
                     sorted_=split_composites(comp, rowbits),
+                )
+            if packing.nwords == 1:  # one word, no room for the row: pack in one pass
+                words, _ = packing.compose(keys, 0)
+                return cls._from_words(
+                    words, packing, file=file, entry=entry, file_names=file_names
                 )
         norm = normalize_keys(keys)
         words, fits = packing.pack(norm)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from columnhub._kernels import (
+    argsort_runs,
     compose_keys,
     kernel_pool_size,
     merge_sorted,
@@ -34,7 +35,7 @@ __all__ = [
     "match_indexes",
     "match_unique_keys",
     "match_unique_words",
-    "pair_composites",
+    "pair_unique",
     "unmatched_rows",
 ]
 
@@ -237,28 +238,22 @@ def match_unique_words(
 ) -> Match | None:
     """Sort-and-walk join of two single-word key sets that should both be unique.
 
-    Each side becomes composite values ``key | row`` (when ``total_bits`` +
-    row bits fit in 64), then :func:`pair_composites`. Returns ``None`` when
-    the composite does not fit or either side has duplicates (the caller then
-    takes the general path, which also builds the error message).
+    Returns ``None`` when either side has duplicates (the caller then takes
+    the general path, which also builds the error message); see
+    :func:`pair_unique`.
     """
     n_p, n_f = len(primary_words), len(friend_words)
     if primary_words.ndim != 1 or friend_words.ndim != 1 or not n_p or not n_f:
         return None
     rb = _row_bits(n_p, n_f)
     if total_bits + rb > 64:
-        return None
-    friend_comp = np.empty(n_f, dtype=np.uint64)
-    primary_comp = np.empty(n_p, dtype=np.uint64)
-    friend_sorted = compose_keys([(friend_words, 0, 0)], rb, friend_comp)
-    primary_sorted = compose_keys([(primary_words, 0, 0)], rb, primary_comp)
-    return pair_composites(
-        primary_comp,
-        friend_comp,
-        rb,
-        how=how,
-        primary_sorted=primary_sorted,
-        friend_sorted=friend_sorted,
+        rb = 0  # no room for the row number: keys and rows apart
+    friend = np.empty(n_f, dtype=np.uint64)
+    primary = np.empty(n_p, dtype=np.uint64)
+    friend_sorted = compose_keys([(friend_words, 0, 0)], rb, friend)
+    primary_sorted = compose_keys([(primary_words, 0, 0)], rb, primary)
+    return pair_unique(
+        primary, friend, rb, how=how, primary_sorted=primary_sorted, friend_sorted=friend_sorted
     )
 
 
@@ -267,9 +262,9 @@ def match_unique_keys(
 ) -> Match | None:
     """:func:`match_unique_words` straight from key columns fitted by ``packing``.
 
-    Packing and adding row numbers is one pass per side
-    (:meth:`KeyPacking.compose`), and a side found already in key order is
-    not sorted again. ``None`` as for :func:`match_unique_words`.
+    Packing (with the row number, when it fits) is one pass per side
+    (:meth:`KeyPacking.compose`). ``None`` for keys of several words, or as
+    for :func:`match_unique_words`.
     """
     n_p = len(next(iter(primary_keys.values())))
     n_f = len(next(iter(friend_keys.values())))
@@ -277,46 +272,61 @@ def match_unique_keys(
         return None
     rb = _row_bits(n_p, n_f)
     if packing.total_bits + rb > 64:
-        return None
-    primary_comp, primary_sorted = packing.compose(primary_keys, rb)
-    friend_comp, friend_sorted = packing.compose(friend_keys, rb)
-    return pair_composites(
-        primary_comp,
-        friend_comp,
-        rb,
-        how=how,
-        primary_sorted=primary_sorted,
-        friend_sorted=friend_sorted,
+        rb = 0
+    primary, primary_sorted = packing.compose(primary_keys, rb)
+    friend, friend_sorted = packing.compose(friend_keys, rb)
+    return pair_unique(
+        primary, friend, rb, how=how, primary_sorted=primary_sorted, friend_sorted=friend_sorted
     )
 
 
-def pair_composites(
-    primary_comp: np.ndarray,
-    friend_comp: np.ndarray,
+def pair_unique(
+    primary: np.ndarray,
+    friend: np.ndarray,
     rowbits: int,
     *,
     how: str,
     primary_sorted: bool = False,
     friend_sorted: bool = False,
 ) -> Match | None:
-    """The unique-key left or inner match of two composite arrays (sorted in place).
+    """The unique-key left or inner match of two sides of packed keys.
 
-    The friend is sorted in one piece per core and the primary, unless
-    already in order, as one piece, all at once; :func:`pair_runs` then
-    merges the friend's pieces while walking the primary.
+    With ``rowbits`` > 0 each side holds composites ``key << rowbits | row``
+    and is sorted in place (``np.sort``); with 0 it holds the keys alone and
+    is arg-sorted. The friend is sorted in one piece per core and the
+    primary, unless already in order, as one piece, all at once;
+    :func:`~columnhub._kernels.pair_runs` then merges the friend's pieces
+    while walking the primary. ``None`` when a key repeats on either side.
     """
-    jobs = [] if friend_sorted else [(friend_comp, kernel_pool_size())]
-    if not primary_sorted:
-        jobs.append((primary_comp, 1))
-    bounds = sort_runs(*jobs)
-    friend_bounds = np.array([0, len(friend_comp)]) if friend_sorted else bounds[0]
-    friend = pair_runs(friend_comp, friend_bounds, primary_comp, rowbits)
-    if friend is None:  # a key repeats on one side
+    runs = kernel_pool_size()
+    whole_friend = np.array([0, len(friend)], dtype=np.int64)
+    if rowbits:
+        jobs = [] if friend_sorted else [(friend, runs)]
+        if not primary_sorted:
+            jobs.append((primary, 1))
+        bounds = sort_runs(*jobs)
+        friend_bounds = whole_friend if friend_sorted else bounds[0]
+        partners = pair_runs((friend, friend, rowbits), friend_bounds, (primary, primary, rowbits))
+    else:
+        wanted = [] if friend_sorted else [(friend, runs)]
+        if not primary_sorted:
+            wanted.append((primary, 1))
+        done = argsort_runs(*wanted)
+        if friend_sorted:
+            fkeys, frows, friend_bounds = friend, np.arange(len(friend), dtype=np.uint64), whole_friend
+        else:
+            fkeys, frows, friend_bounds = done.pop(0)
+        if primary_sorted:
+            pkeys, prows = primary, np.arange(len(primary), dtype=np.uint64)
+        else:
+            pkeys, prows, _ = done.pop(0)
+        partners = pair_runs((fkeys, frows, 0), friend_bounds, (pkeys, prows, 0))
+    if partners is None:  # a key repeats on one side
         return None
     if how == "left":
-        return Match(np.arange(len(primary_comp), dtype=np.int64), friend, primary_identity=True)
-    keep = np.flatnonzero(friend >= 0)
-    return Match(keep, friend[keep])
+        return Match(np.arange(len(primary), dtype=np.int64), partners, primary_identity=True)
+    keep = np.flatnonzero(partners >= 0)
+    return Match(keep, partners[keep])
 
 
 def unmatched_rows(keys: KeyColumns, primary_index: KeyIndex) -> np.ndarray:
