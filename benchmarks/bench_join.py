@@ -2,11 +2,18 @@
 
 A primary of N events and a shuffled friend (same events) with one flat float
 column and one jagged float column (~5 items per event, Poisson); keys
-(run, luminosityBlock, event): one run per 50M events, one lumi block per 1000
-events; event numbers increase with the lumi block (each lumi block keeps 1000
-of ~20000 event numbers, as a skim of a primary dataset does) unless
-``--wide-events`` draws them uniformly from [0, 2**63) (keys then need more
-than 64 bits with the row number and columnhub takes its general path).
+(run, luminosityBlock, event), the primary in key order. ``--keys`` picks
+their shapes (default ``mc data``, each a table of its own):
+
+- ``mc`` (the headline): one run, one lumi block per 1000 events, event
+  numbers increasing with the lumi block (each lumi block keeps 1000 of ~20000
+  event numbers, as a skim does): 37 bits, so key and row number share one
+  64-bit word.
+- ``data``: collision data of a whole era: runs 355100-362760, lumi blocks
+  below 3000, event numbers below 5e9: 58 bits, one word without room for the
+  row number (keys and rows are sorted apart).
+- ``wide``: event numbers uniform in [0, 2**63): keys of two words,
+  columnhub's general (slow) path.
 
 ``how=left, validate=one_to_one``. Every engine returns a materialised table:
 DuckDB an Arrow table, polars and pandas data frames, columnhub its joined
@@ -68,13 +75,27 @@ WIDE_FRIEND = ["MET_pt", "MET_phi", "Jet_pt", "Jet_eta", "Jet_phi", "Jet_mass"]
 NARROW_FRIEND = ["MET_pt"]
 
 
-def make_data(n: int, *, seed: int = 42, wide_events: bool = False) -> dict[str, Any]:
-    """Primary keys, and a shuffled friend with a flat and a jagged column."""
+#: event-key shapes: ``mc`` one run, sequential lumi blocks, event numbers
+#: below 2**26 (a simulation sample: key + row number share one 64-bit word);
+#: ``data`` collision data of a whole era (runs 355100-362760, lumi < 3000,
+#: event numbers to 5e9: 58 bits, one word but no room for the row number);
+#: ``wide`` uniformly random 63-bit event numbers (two words).
+KEY_MODES = ("mc", "data", "wide")
+
+
+def make_data(n: int, *, seed: int = 42, keys: str = "mc") -> dict[str, Any]:
+    """Primary keys (in key order), and a shuffled friend with a flat and a jagged column."""
     rng = np.random.default_rng(seed)
     i = np.arange(n, dtype=np.int64)
     run = (316000 + i // 50_000_000).astype(np.uint32)
     lumi = (1 + (i % 50_000_000) // 1000).astype(np.uint32)
-    if wide_events:
+    if keys == "data":
+        run = np.sort(rng.integers(355100, 362760, n)).astype(np.uint32)
+        lumi = rng.integers(1, 3000, n).astype(np.uint32)
+        event = rng.integers(0, 5_000_000_000, n).astype(np.uint64)
+        order = np.lexsort((event, lumi, run))  # a repeated key (p ~ 1e-5) fails validation
+        run, lumi, event = run[order], lumi[order], event[order]
+    elif keys == "wide":
         event = np.unique(rng.integers(0, 2**63, size=n + n // 100, dtype=np.uint64))
         event = rng.permutation(event)[:n]
     else:
@@ -108,13 +129,13 @@ def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return best, out
 
 
-def bench_in_memory(n: int, *, repeat: int, wide_events: bool) -> dict[str, Any]:
+def bench_in_memory(n: int, *, repeat: int, keys: str) -> dict[str, Any]:
     """The in-memory left join, columnhub vs pandas, polars and DuckDB."""
     import duckdb
     import pandas as pd
     import polars as pl
 
-    data = make_data(n, wide_events=wide_events)
+    data = make_data(n, keys=keys)
     primary, friend, x_expected = data["primary"], data["friend"], data["x_expected"]
 
     # --- inputs in each engine's native in-memory form (built outside the timing)
@@ -186,9 +207,13 @@ def bench_in_memory(n: int, *, repeat: int, wide_events: bool) -> dict[str, Any]
         ).to_arrow_table()
 
     # --- correctness: every engine gives the primary's x per event
-    def check(name: str, x: np.ndarray, keys: dict[str, np.ndarray]) -> None:
-        ref = dict(zip(primary["event"].tolist(), x_expected.tolist(), strict=True))
-        got = dict(zip(np.asarray(keys["event"]).tolist(), np.asarray(x).tolist(), strict=True))
+    def key_tuples(columns: Any) -> list[tuple[int, int, int]]:
+        return list(zip(*(np.asarray(columns[k]).tolist() for k in ON), strict=True))
+
+    ref = dict(zip(key_tuples(primary), x_expected.tolist(), strict=True))
+
+    def check(name: str, x: np.ndarray, keys: Any) -> None:
+        got = dict(zip(key_tuples(keys), np.asarray(x).tolist(), strict=True))
         if got != ref:
             msg = f"{name} disagrees with the expected flat column"
             raise SystemExit(msg)
@@ -198,7 +223,7 @@ def bench_in_memory(n: int, *, repeat: int, wide_events: bool) -> dict[str, Any]
         ("columnhub (prebuilt index)", run_columnhub_prebuilt()),
         ("columnhub (chunked)", pa.concat_tables(run_columnhub_chunked())),
     ):
-        check(label, table["x"].to_numpy(), {"event": table["event"].to_numpy()})
+        check(label, table["x"].to_numpy(), {k: table[k].to_numpy() for k in ON})
         jets = ak.from_arrow(table["jets"])
         if ak.any(ak.is_none(jets)) or not ak.array_equal(
             ak.drop_none(jets), data["jets_expected"]
@@ -206,11 +231,11 @@ def bench_in_memory(n: int, *, repeat: int, wide_events: bool) -> dict[str, Any]
             msg = f"{label} disagrees with the expected jagged column"
             raise SystemExit(msg)
     r = run_pandas()
-    check("pandas", r["x"].to_numpy(), {"event": r["event"].to_numpy()})
+    check("pandas", r["x"].to_numpy(), {k: r[k].to_numpy() for k in ON})
     r = run_polars()
-    check("polars", r["x"].to_numpy(), {"event": r["event"].to_numpy()})
+    check("polars", r["x"].to_numpy(), {k: r[k].to_numpy() for k in ON})
     r = run_duckdb()
-    check("duckdb", r["x"].to_numpy(), {"event": r["event"].to_numpy()})
+    check("duckdb", r["x"].to_numpy(), {k: r[k].to_numpy() for k in ON})
 
     rows = [
         ("columnhub join_arrays (from scratch: keys packed+sorted+validated)", run_columnhub),
@@ -224,7 +249,11 @@ def bench_in_memory(n: int, *, repeat: int, wide_events: bool) -> dict[str, Any]
     times = {name: best_of(fn, repeat)[0] for name, fn in rows}
     peers = {k: v for k, v in times.items() if not k.startswith("columnhub")}
     fastest_peer = min(peers, key=peers.__getitem__)
-    mode = "wide (uniform 63-bit) event numbers" if wide_events else "CMS-like event numbers"
+    mode = {
+        "mc": "simulation-like keys (1 run, event < 2**26)",
+        "data": "collision-data-like keys (an era of runs, event < 5e9)",
+        "wide": "uniform 63-bit event numbers (two-word keys)",
+    }[keys]
     print(f"left join, validate=one_to_one, {n:,} events, {mode}, best of {repeat}")
     print(f"{'engine':66s} {'time [s]':>9s} {'Mrows/s':>8s} {'vs ' + fastest_peer.split()[0]:>12s}")
     for name, t in times.items():
@@ -411,8 +440,14 @@ def bench_memory(primary: Path, friend: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2_000_000, help="in-memory join events")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--wide-events", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--keys",
+        nargs="+",
+        choices=KEY_MODES,
+        default=["mc", "data"],
+        help="event-key shapes of the in-memory join (see KEY_MODES); the first is the headline",
+    )
     parser.add_argument(
         "--parts",
         nargs="+",
@@ -429,9 +464,10 @@ def main(argv: list[str] | None = None) -> None:
 
     figures: dict[str, Any] = {}
     if "in-memory" in args.parts:
-        figures["in_memory"] = bench_in_memory(
-            args.events, repeat=args.repeat, wide_events=args.wide_events
-        )
+        figures["in_memory_by_keys"] = {
+            keys: bench_in_memory(args.events, repeat=args.repeat, keys=keys) for keys in args.keys
+        }
+        figures["in_memory"] = figures["in_memory_by_keys"][args.keys[0]]
     if "aligned" in args.parts:
         figures["aligned"] = bench_aligned(
             synth_file(args.data, args.aligned_events), repeat=args.repeat
@@ -455,6 +491,12 @@ def main(argv: list[str] | None = None) -> None:
         figures["columnhub_chunked_cached_vs_fastest_peer"] = speedups[
             "columnhub chunked, 2 workers (cached friend index)"
         ]
+        for keys, result in figures["in_memory_by_keys"].items():
+            for label, ratio in result["speedup_vs_fastest_peer"].items():
+                if label.startswith("columnhub join_arrays (from scratch"):
+                    figures[f"{keys}_keys_columnhub_vs_fastest_peer"] = ratio
+                elif label.startswith("columnhub join_arrays (prebuilt"):
+                    figures[f"{keys}_keys_columnhub_prebuilt_vs_fastest_peer"] = ratio
     if "aligned" in figures:
         figures["aligned_overhead"] = figures["aligned"]["systematics-like (MET + jets)"]["extra"]
     if "memory" in figures:
