@@ -604,15 +604,7 @@ def select_lists(
 def _merge_sorted(keys, queries, lo, found, start, stop):  # pragma: no cover - compiled
     m = keys.shape[0]
     # the first position of this range by binary search, then one linear walk
-    a, b = 0, m
-    v0 = queries[start]
-    while a < b:
-        mid = (a + b) >> 1
-        if keys[mid] < v0:
-            a = mid + 1
-        else:
-            b = mid
-    j = a
+    j = _first_at_least(keys, 0, m, queries[start])
     for i in range(start, stop):
         v = queries[i]
         while j < m and keys[j] < v:
@@ -624,15 +616,7 @@ def _merge_sorted(keys, queries, lo, found, start, stop):  # pragma: no cover - 
 @numba.njit(nogil=True, cache=True)
 def _merge_unique(keys, rows, queries, query_rows, friend, start, stop):  # pragma: no cover
     m = keys.shape[0]
-    a, b = 0, m
-    v0 = queries[start]
-    while a < b:
-        mid = (a + b) >> 1
-        if keys[mid] < v0:
-            a = mid + 1
-        else:
-            b = mid
-    j = a
+    j = _first_at_least(keys, 0, m, queries[start])
     for i in range(start, stop):
         v = queries[i]
         while j < m and keys[j] < v:
