@@ -276,19 +276,36 @@ def test_duplicate_error_lists_keys_files_and_entries() -> None:
 def test_key_index_serialisation_roundtrip_and_locate() -> None:
     keys = _cms(1000, 3)
     index = KeyIndex.from_files(
-        [{k: v[:400] for k, v in keys.items()}, {k: v[400:] for k, v in keys.items()}],
-        file_names=["f0.root", "f1.root"],
+        [
+            {k: v[:400] for k, v in keys.items()},
+            {k: v[:0] for k, v in keys.items()},  # an empty file
+            {k: v[400:] for k, v in keys.items()},
+        ],
+        file_names=["f0.root", "empty.root", "f2.root"],
     )
-    for other in (KeyIndex.from_bytes(index.to_bytes()), pickle.loads(pickle.dumps(index))):
+    # the same rows with file and entry given per row
+    file_of = np.repeat(np.array([0, 2], dtype=np.int32), [400, 600])
+    entry_of = np.concatenate([np.arange(400), np.arange(600)])
+    explicit = KeyIndex.build(keys, file=file_of, entry=entry_of)
+    assert index.file_starts is not None
+    assert explicit.file_starts is None
+    assert index.file.tolist() == file_of.tolist()
+    assert index.entry.tolist() == entry_of.tolist()
+    rows = [0, 399, 400, 999, -1]
+    for other in (
+        KeyIndex.from_bytes(index.to_bytes()),
+        pickle.loads(pickle.dumps(index)),
+        KeyIndex.from_bytes(explicit.to_bytes()),
+    ):
         assert other.packing == index.packing
         assert other.is_unique
-        assert other.file_names == ("f0.root", "f1.root")
         assert np.array_equal(other.sorted_words, index.sorted_words)
         q = {k: v[::-7] for k, v in keys.items()}
         assert np.array_equal(match(q, other).friend_rows, np.arange(1000)[::-7])
-    file, entry = index.locate([0, 399, 400, 999, -1])
-    assert file.tolist() == [0, 0, 1, 1, -1]
-    assert entry.tolist() == [0, 399, 0, 599, -1]
+        file, entry = other.locate(rows)
+        assert file.tolist() == [0, 0, 2, 2, -1]
+        assert entry.tolist() == [0, 399, 0, 599, -1]
+    assert KeyIndex.from_bytes(index.to_bytes()).file_names == index.file_names
     cols = index.key_columns([5, 450])
     assert cols["event"].tolist() == [int(keys["event"][5]), int(keys["event"][450])]
     with pytest.raises(JoinError, match="not a serialised"):

@@ -376,7 +376,9 @@ class KeyPacking:
                 words[:, j] |= part
         return words, fits
 
-    def compose(self, keys: KeyColumns, rowbits: int) -> tuple[np.ndarray, bool]:
+    def compose(
+        self, keys: KeyColumns, rowbits: int, *, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, bool]:
         """One ``uint64`` per row: the packed key above, the row number in the low ``rowbits``.
 
         ``rowbits=0`` gives the packed keys alone (what :meth:`pack` gives for
@@ -386,6 +388,11 @@ class KeyPacking:
         these composites sorts rows by key, and equal keys by row. Only for
         keys inside the packing's range (the keys it was fitted on) when
         :attr:`total_bits` + ``rowbits`` <= 64.
+
+        Args:
+            keys: key columns, in key order.
+            rowbits: bits for the row number (0: the packed keys alone).
+            out: a ``uint64`` array of one row per key to write into.
 
         Returns:
             ``(composites, ascending)``: ``ascending`` tells whether the rows
@@ -402,7 +409,11 @@ class KeyPacking:
         if n and 0 < rowbits < 64 and n - 1 >> rowbits:
             msg = f"{n} rows do not fit in {rowbits} row bits"
             raise JoinError(msg)
-        out = np.empty(n, dtype=U64)
+        if out is None:
+            out = np.empty(n, dtype=U64)
+        elif out.shape != (n,) or out.dtype != U64:
+            msg = f"compose: out must be a uint64 array of {n} rows, not {out.dtype} {out.shape}"
+            raise JoinError(msg)
         columns = [
             (col, off, p)
             for col, off, w, p in zip(

@@ -32,10 +32,14 @@ from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
 
 __all__ = ["Duplicate", "KeyIndex", "sort_words"]
 
-_FORMAT = "columnhub-keyindex-1"
+_FORMAT = "columnhub-keyindex-2"
+#: formats read: 1 kept file and entry per row, 2 may keep file_starts instead
+_FORMATS = ("columnhub-keyindex-1", _FORMAT)
 
 
-def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def sort_words(
+    words: np.ndarray, *, stable: bool = False, overwrite: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Sort packed keys: ``(order, sorted_words)`` with ``words[order] == sorted_words``.
 
     Single-word keys narrow enough to share a ``uint64`` with the row number are
@@ -47,6 +51,8 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
     Args:
         words: ``uint64`` packed keys, shape ``(n,)`` or ``(n, nwords)``.
         stable: equal keys keep their row order.
+        overwrite: ``words`` may be overwritten (single-word keys are then
+            sorted in its memory: one array fewer for a large index).
 
     Returns:
         ``order`` (``int64`` rows) and the sorted words.
@@ -56,7 +62,8 @@ def sort_words(words: np.ndarray, *, stable: bool = False) -> tuple[np.ndarray, 
         rowbits = max(1, (n - 1).bit_length()) if n else 1
         top = minmax(words)[1].bit_length() if n else 0
         if top + rowbits <= 64:
-            comp = np.empty(n, dtype=np.uint64)
+            writable = overwrite and words.dtype == np.uint64 and words.flags.writeable
+            comp = words if writable and words.flags.c_contiguous else np.empty(n, dtype=np.uint64)
             if not compose_keys([(words, 0, 0)], rowbits, comp):  # not already in order
                 comp.sort()
             return split_composites(comp, rowbits)
@@ -122,11 +129,16 @@ class KeyIndex:
     entry). A *row* of the index is the dataset row number, ``0..len-1``;
     :meth:`locate` turns rows into ``(file, entry)``.
 
+    Where each row lies is kept as ``file_starts`` (the first row of every
+    file) when the rows are the files' entries in order, as for a dataset
+    read file by file; only an index built with explicit ``file`` and
+    ``entry`` per row keeps those arrays (12 bytes a row more).
+
     Attributes:
         packing: how keys are packed (keys outside its range are not in the
             index by construction).
-        file: ``int32`` file number per row.
-        entry: ``int64`` entry within its file, per row.
+        file_starts: ``int64`` first row of each file, then the row count;
+            ``None`` when ``file``/``entry`` were given per row.
         file_names: optional names of the files (for messages), by file number.
         is_unique: whether every key occurs once.
     """
@@ -137,19 +149,44 @@ class KeyIndex:
         packing: KeyPacking,
         order: np.ndarray,
         sorted_words: np.ndarray,
-        file: np.ndarray,
-        entry: np.ndarray,
         is_unique: bool,
+        file: np.ndarray | None = None,
+        entry: np.ndarray | None = None,
+        file_starts: np.ndarray | None = None,
         file_names: Sequence[str] = (),
     ) -> None:
+        if (file is None) != (entry is None) or (file is None) == (file_starts is None):
+            msg = "a key index needs either file and entry per row, or file_starts"
+            raise JoinError(msg)
         self.packing = packing
         self.order = order
         self.sorted_words = sorted_words
-        self.file = file
-        self.entry = entry
+        self._file = file
+        self._entry = entry
+        self.file_starts = file_starts
         self.is_unique = bool(is_unique)
         self.file_names = tuple(file_names)
         self._search: np.ndarray | None = None
+
+    @property
+    def file(self) -> np.ndarray:
+        """``int32`` file number per row."""
+        if self._file is not None:
+            return self._file
+        assert self.file_starts is not None
+        sizes = np.diff(self.file_starts)
+        return np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+
+    @property
+    def entry(self) -> np.ndarray:
+        """``int64`` entry within its file, per row."""
+        if self._entry is not None:
+            return self._entry
+        assert self.file_starts is not None
+        n = int(self.file_starts[-1])
+        return np.arange(n, dtype=np.int64) - np.repeat(
+            self.file_starts[:-1], np.diff(self.file_starts)
+        )
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -225,6 +262,7 @@ class KeyIndex:
         entry: npt.ArrayLike | None,
         file_names: Sequence[str],
         sorted_: tuple[np.ndarray, np.ndarray] | None = None,
+        file_starts: np.ndarray | None = None,
     ) -> KeyIndex:
         """The index of keys already packed with ``packing``.
 
@@ -232,36 +270,44 @@ class KeyIndex:
         (stably); ``words`` then only gives the row count.
         """
         n = len(words)
-        file_arr = (
-            np.zeros(n, dtype=np.int32)
-            if file is None
-            else np.asarray(file).astype(np.int32, copy=False)
-        )
-        entry_arr = (
-            np.arange(n, dtype=np.int64)
-            if entry is None
-            else np.asarray(entry).astype(np.int64, copy=False)
-        )
-        if len(file_arr) != n or len(entry_arr) != n:
-            msg = (
-                f"key index: {n} keys but {len(file_arr)} file numbers and {len(entry_arr)} "
-                "entries; give one file number and entry per key row."
+        where: dict[str, np.ndarray | None] = {"file_starts": None, "file": None, "entry": None}
+        if file is None and entry is None:  # rows are entries, file by file
+            starts = np.array([0, n]) if file_starts is None else np.asarray(file_starts)
+            where["file_starts"] = starts.astype(np.int64, copy=False)
+        else:
+            file_arr = (
+                np.zeros(n, dtype=np.int32)
+                if file is None
+                else np.asarray(file).astype(np.int32, copy=False)
             )
-            raise JoinError(msg)
-        order, sorted_words = sort_words(words) if sorted_ is None else sorted_
+            entry_arr = (
+                np.arange(n, dtype=np.int64)
+                if entry is None
+                else np.asarray(entry).astype(np.int64, copy=False)
+            )
+            if len(file_arr) != n or len(entry_arr) != n:
+                msg = (
+                    f"key index: {n} keys but {len(file_arr)} file numbers and "
+                    f"{len(entry_arr)} entries; give one file number and entry per key row."
+                )
+                raise JoinError(msg)
+            where["file"], where["entry"] = file_arr, entry_arr
+        order, sorted_words = sort_words(words, overwrite=True) if sorted_ is None else sorted_
         s = searchable(sorted_words)
         unique = not bool(_equal_neighbours(s).any())
         if not unique and words.ndim == 1 and sorted_ is None:
-            # duplicates keep their row order (argsort is not stable by default)
-            order, sorted_words = sort_words(words, stable=True)
+            # duplicates keep their row order (argsort is not stable by default);
+            # ``words`` may have been sorted in place: rebuild it from the sort
+            original = np.empty_like(sorted_words)
+            original[order] = sorted_words
+            order, sorted_words = sort_words(original, stable=True)
         index = cls(
             packing=packing,
             order=order,
             sorted_words=sorted_words,
-            file=file_arr,
-            entry=entry_arr,
             is_unique=unique,
             file_names=file_names,
+            **where,
         )
         if sorted_words.ndim == 1:
             index._search = sorted_words
@@ -297,15 +343,25 @@ class KeyIndex:
                 }
             )
         packing = KeyPacking.fit(*summaries, names=names)
-        words_parts = []
-        for part in parts:
-            words, _ = packing.pack(normalize_keys(part))  # every key fits: fitted on all
-            words_parts.append(words)
-        words = np.concatenate(words_parts) if len(words_parts) > 1 else words_parts[0]
-        del words_parts
-        file = np.repeat(np.arange(len(parts), dtype=np.int32), lengths)
-        entry = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-        return cls._from_words(words, packing, file=file, entry=entry, file_names=file_names)
+        if packing.nwords == 1:  # pack file by file into one array
+            words = np.empty(sum(lengths), dtype=np.uint64)
+            start = 0
+            for part, n in zip(parts, lengths, strict=True):
+                packing.compose(part, 0, out=words[start : start + n])  # fitted on all: fits
+                start += n
+        else:
+            words_parts = [packing.pack(normalize_keys(part))[0] for part in parts]
+            words = np.concatenate(words_parts) if len(words_parts) > 1 else words_parts[0]
+            del words_parts
+        file_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return cls._from_words(
+            words,
+            packing,
+            file=None,
+            entry=None,
+            file_names=file_names,
+            file_starts=file_starts,
+        )
 
     # ------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -338,12 +394,14 @@ class KeyIndex:
         r = np.asarray(rows, dtype=np.int64)
         ok = r >= 0
         safe = np.where(ok, r, 0)
-        if len(self.file) == 0:
+        if len(self) == 0:
             return np.full(len(r), -1, dtype=np.int32), np.full(len(r), -1, dtype=np.int64)
-        return (
-            np.where(ok, self.file[safe], -1).astype(np.int32),
-            np.where(ok, self.entry[safe], -1),
-        )
+        if self.file_starts is not None:
+            file = np.searchsorted(self.file_starts, safe, side="right") - 1
+            entry = safe - self.file_starts[file]
+        else:
+            file, entry = self.file[safe], self.entry[safe]
+        return np.where(ok, file, -1).astype(np.int32), np.where(ok, entry, -1)
 
     def key_columns(self, rows: npt.ArrayLike | None = None) -> dict[str, np.ndarray]:
         """The original key columns (``uint64``) of some rows (default: all, in row order)."""
@@ -379,13 +437,15 @@ class KeyIndex:
         for g in pick:
             lo, hi = int(starts[g]), int(ends[g]) + 1
             rows = self.order[lo : min(hi, lo + per_key)]
+            files, entries = self.locate(rows)
             key = self.packing.unpack(self.sorted_words[lo : lo + 1])
             out.append(
                 Duplicate(
                     key={k: int(v[0]) for k, v in key.items()},
                     count=hi - lo,
                     locations=tuple(
-                        (self.file_label(int(self.file[r])), int(self.entry[r])) for r in rows
+                        (self.file_label(int(f)), int(e))
+                        for f, e in zip(files, entries, strict=True)
                     ),
                 )
             )
@@ -407,14 +467,18 @@ class KeyIndex:
             "is_unique": self.is_unique,
             "file_names": list(self.file_names),
         }
+        where = (
+            {"file_starts": self.file_starts}
+            if self.file_starts is not None
+            else {"row_file": self.file, "row_entry": self.entry}
+        )
         buf = io.BytesIO()
         np.savez(
             buf,
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             order=self.order,
             sorted_words=self.sorted_words,
-            row_file=self.file,
-            row_entry=self.entry,
+            **where,
         )
         return buf.getvalue()
 
@@ -428,22 +492,28 @@ class KeyIndex:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 meta: dict[str, Any] = json.loads(npz["meta"].tobytes().decode())
-                arrays = {k: npz[k] for k in ("order", "sorted_words", "row_file", "row_entry")}
+                names = ("order", "sorted_words", "row_file", "row_entry", "file_starts")
+                arrays = {k: npz[k] for k in names if k in npz.files}
         except (OSError, ValueError, KeyError) as err:
             msg = f"not a serialised columnhub key index ({len(data)} bytes): {err}"
             raise JoinError(msg) from err
-        if meta.get("format") != _FORMAT:
+        if meta.get("format") not in _FORMATS:
             msg = f"unsupported key index format {meta.get('format')!r}; expected {_FORMAT!r}"
             raise JoinError(msg)
-        index = cls(
-            packing=KeyPacking.from_dict(meta["packing"]),
-            order=arrays["order"],
-            sorted_words=arrays["sorted_words"],
-            file=arrays["row_file"],
-            entry=arrays["row_entry"],
-            is_unique=bool(meta["is_unique"]),
-            file_names=meta["file_names"],
-        )
+        try:
+            index = cls(
+                packing=KeyPacking.from_dict(meta["packing"]),
+                order=arrays["order"],
+                sorted_words=arrays["sorted_words"],
+                file=arrays.get("row_file"),
+                entry=arrays.get("row_entry"),
+                file_starts=arrays.get("file_starts"),
+                is_unique=bool(meta["is_unique"]),
+                file_names=meta["file_names"],
+            )
+        except KeyError as err:
+            msg = f"a serialised key index lacks {err}"
+            raise JoinError(msg) from err
         return index
 
     def __getstate__(self) -> dict[str, Any]:

@@ -202,7 +202,7 @@ def match(
     check_unique(index, side="friend", validate=validate)
     norm = normalize_keys(keys)
     words, fits = _pack_query(norm, index)
-    q_order, q_sorted = sort_words(words)
+    q_order, q_sorted = sort_words(words, overwrite=True)
     if needs_unique("primary", validate) and len(q_order) > 1:
         # keys outside the index's packing share dummy words: check those chunks
         # with a packing of their own
@@ -210,7 +210,7 @@ def match(
             c_order, q = q_order, searchable(q_sorted)
         else:
             own, _ = KeyPacking.fit(norm).pack(norm)
-            c_order, c_sorted = sort_words(own)
+            c_order, c_sorted = sort_words(own, overwrite=True)
             q = searchable(c_sorted)
         if bool(np.asarray(q[1:] == q[:-1], dtype=bool).any()):
             raise _primary_dup_error(norm, q, c_order, validate)
@@ -344,7 +344,7 @@ def unmatched_rows(keys: KeyColumns, primary_index: KeyIndex) -> np.ndarray:
         Sorted ``int64`` row numbers into ``keys``.
     """
     words, fits = _pack_query(normalize_keys(keys), primary_index)
-    q_order, q_sorted = sort_words(words)
+    q_order, q_sorted = sort_words(words, overwrite=True)
     s = primary_index.search_keys
     q = searchable(q_sorted)
     m = len(s)
