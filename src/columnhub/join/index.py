@@ -28,7 +28,7 @@ from columnhub._kernels import (
     split_composites,
 )
 from columnhub.errors import JoinError
-from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
+from columnhub.keys import KeyColumns, KeyPacking, format_key, integer_keys, normalize_keys
 
 __all__ = ["Duplicate", "KeyIndex", "sort_words"]
 
@@ -326,20 +326,18 @@ class KeyIndex:
         summaries: list[dict[str, np.ndarray]] = []
         lengths: list[int] = []
         for part in parts:
-            norm = normalize_keys(part)
+            cols = integer_keys(part)  # checked, in their own integer types
             if not names:
-                names = list(norm)
-            elif len(norm) != len(names):
-                msg = f"files have different key columns: {names} vs {list(norm)}"
+                names = list(cols)
+            elif len(cols) != len(names):
+                msg = f"files have different key columns: {names} vs {list(cols)}"
                 raise JoinError(msg)
-            n = len(next(iter(norm.values())))
+            n = len(next(iter(cols.values())))
             lengths.append(n)
             summaries.append(
                 {
-                    k: np.array([c.min(), c.max()], dtype=np.uint64)
-                    if n
-                    else np.zeros(0, np.uint64)
-                    for k, c in norm.items()
+                    k: np.array(minmax(c), dtype=np.uint64) if n else np.zeros(0, np.uint64)
+                    for k, c in cols.items()
                 }
             )
         packing = KeyPacking.fit(*summaries, names=names)
