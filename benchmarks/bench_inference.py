@@ -302,7 +302,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n{'case':<48} {'seconds':>9} {'rows':>10} {'rows/s':>12} {'client CPU':>11} {'busy':>6}")
+    header = f"{'case':<48} {'seconds':>9} {'rows':>10} {'rows/s':>12}"
+    print(f"\n{header} {'client CPU':>11} {'busy':>6}")
     for label, t, n in rows:
         cpu, busy = USAGE.get(label, (float("nan"), float("nan")))
         usage = f" {cpu:>10.2f}s {busy:>6.0%}" if label in USAGE else ""

@@ -144,7 +144,8 @@ TARGETS: dict[str, list[Target]] = {
             r"^columnhub join_arrays \(from scratch[^\n]*?([\d.]+)x\s*$",
         ),
         Target(
-            "simulation-like keys: chunked on 2 workers (index built in the timing) vs fastest peer",
+            "simulation-like keys: chunked on 2 workers (index built in the timing) vs fastest"
+            " peer",
             ">=",
             2.0,
             ("columnhub_chunked_vs_fastest_peer",),

@@ -389,7 +389,9 @@ def test_check_aligned_names_file_entry_and_both_keys() -> None:
 
 @settings(deadline=None, max_examples=60)
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**20), st.booleans())
-def test_sort_and_walk_unique_join_equals_dict_join(n_p: int, n_f: int, seed: int, dup: bool) -> None:
+def test_sort_and_walk_unique_join_equals_dict_join(
+    n_p: int, n_f: int, seed: int, dup: bool
+) -> None:
     from columnhub.join.match import match_unique_words
 
     rng = np.random.default_rng(seed)

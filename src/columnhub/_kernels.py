@@ -176,11 +176,12 @@ def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - com
 def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: np.ndarray) -> bool:
     """``out[i] = (key of row i) << rowbits | i`` in one pass over the key columns.
 
-    With ``rowbits`` 0, ``out`` holds the packed keys alone. ``columns`` are ``(values, offset, shift)``: the key is the OR of every
-    ``(values - offset) << shift``. ``values`` keep their own integer type (no
-    ``uint64`` copy is made); the caller guarantees that everything fits.
-    Returns whether ``out`` came out sorted (a primary in key order then needs
-    no sort).
+    With ``rowbits`` 0, ``out`` holds the packed keys alone. ``columns`` are
+    ``(values, offset, shift)``: the key is the OR of every ``(values -
+    offset) << shift``. ``values`` keep their own integer type (no ``uint64``
+    copy is made); the caller guarantees that everything fits. Returns
+    whether ``out`` came out sorted (a primary in key order then needs no
+    sort).
     """
     n = len(out)
     if not columns:  # every key column is constant: the row number alone

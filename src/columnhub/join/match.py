@@ -107,7 +107,8 @@ def _merge(
     s = index.search_keys
     m = len(s)
     q = searchable(q_sorted)
-    linear = bool(n) and m <= 16 * n and q.ndim == 1 and q.dtype == np.uint64 and s.dtype == np.uint64
+    one_word = q.ndim == 1 and q.dtype == np.uint64 and s.dtype == np.uint64
+    linear = bool(n) and m <= 16 * n and one_word
     if linear and index.is_unique and fits is None:
         # the common case in one pass: walk both sorted sides, write each row's partner
         friend = merge_unique(s, index.order, q, q_order)
@@ -313,7 +314,8 @@ def pair_unique(
             wanted.append((primary, 1))
         done = argsort_runs(*wanted)
         if friend_sorted:
-            fkeys, frows, friend_bounds = friend, np.arange(len(friend), dtype=np.uint64), whole_friend
+            fkeys, friend_bounds = friend, whole_friend
+            frows = np.arange(len(friend), dtype=np.uint64)
         else:
             fkeys, frows, friend_bounds = done.pop(0)
         if primary_sorted:
