@@ -399,3 +399,36 @@ def test_rntuple_source(tmp_path: Path) -> None:
     assert ak.to_list(got.Jet_pt) == ak.to_list(jets[keep])
     assert ak.to_list(got.n) == ak.to_list(ak.num(jets[jets > 30])[keep])
     assert got.event.tolist() == [1, 3, 4, 5]
+
+
+def test_file_descriptions_are_reused_until_the_file_changes(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second request does not re-read a file's metadata; a replaced file is read again."""
+    from columnhub.sources import root as root_source
+
+    path = tmp_path / "sample.root"
+    shutil.copyfile(shared_data / "nano_dy.root", path)
+    request = {"dataset": {"name": "s", "files": [str(path)]}, "columns": ["MET_pt"]}
+    first = columnhub.deliver(request, output=tmp_path / "a", cache=False, progress=False)
+    opened: list[str] = []
+    real_open = root_source.open_tree
+
+    def counting_open(p: str, spec: object) -> object:
+        opened.append(p)
+        return real_open(p, spec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(root_source, "open_tree", counting_open)
+    again = columnhub.deliver(request, output=tmp_path / "b", cache=False, progress=False)
+    assert again.to_arrow().equals(first.to_arrow())
+    assert opened == []  # described and opened by the first request, in this process
+
+    # replaced by another file (a rename, as writers do): described again, new contents
+    other = tmp_path / "other.root"
+    shutil.copyfile(shared_data / "nano_dimuon.root", other)
+    other.replace(path)
+    third = columnhub.deliver(request, output=tmp_path / "c", cache=False, progress=False)
+    assert opened == [str(path)]
+    with uproot.open(shared_data / "nano_dimuon.root") as f:
+        expected = f["Events"]["MET_pt"].array(library="np")
+    assert np.array_equal(third.to_arrow()["MET_pt"].to_numpy(), expected)

@@ -589,3 +589,32 @@ def test_sort_words_and_merge_unique_match_numpy(
         assert sorted_words.tolist() == words[expected].tolist()
         where = {int(k): i for i, k in enumerate(words)}
         assert friend.tolist() == [where.get(int(v), -1) for v in q[::-1]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    flips=st.lists(st.integers(0, 39), max_size=3),
+    dtype=st.sampled_from(["uint32", "uint64", "int64"]),
+    threshold=st.sampled_from([1 << 18, 2]),
+)
+def test_first_difference_matches_numpy(
+    n: int, flips: list[int], dtype: str, threshold: int
+) -> None:
+    """The aligned-join key check against numpy, columns of different types side by side."""
+    import columnhub._kernels as kernels
+
+    rng = np.random.default_rng(n)
+    run = rng.integers(0, 5, n).astype(dtype)
+    event = rng.integers(0, 2**40, n).astype(np.uint64)
+    other = event.copy()
+    for i in flips:
+        if i < n:
+            other[i] += np.uint64(1)
+    expected = np.flatnonzero(event != other)
+    old, kernels.PARALLEL_MIN_ROWS = kernels.PARALLEL_MIN_ROWS, threshold
+    try:
+        got = kernels.first_difference([(run, run.astype(np.uint64)), (event, other)])
+    finally:
+        kernels.PARALLEL_MIN_ROWS = old
+    assert got == (int(expected[0]) if expected.size else -1)

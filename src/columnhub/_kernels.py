@@ -30,6 +30,7 @@ __all__ = [
     "Sorted",
     "argsort_runs",
     "compose_keys",
+    "first_difference",
     "gather_flat",
     "gather_lists",
     "kernel_pool",
@@ -196,6 +197,35 @@ def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: 
         futures = [kernel_pool().submit(_compose_keys, packed, rb, out, a, b) for a, b in ranges]
         parts = [f.result() for f in futures]
     return all(parts) and all(out[a - 1] <= out[a] for a, _ in ranges[1:])
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_difference(pairs, start, stop):  # pragma: no cover - compiled
+    for i in range(start, stop):
+        for pair in literal_unroll(pairs):
+            a, b = pair
+            if np.uint64(a[i]) != np.uint64(b[i]):
+                return i
+    return -1
+
+
+def first_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """The first row where any pair of integer columns differs, or ``-1``.
+
+    One pass over every pair at once, columns in their own integer types
+    (non-negative values: they are compared as ``uint64``).
+    """
+    if not pairs:
+        return -1
+    packed = tuple((np.asarray(a), np.asarray(b)) for a, b in pairs)
+    n = len(packed[0][0])
+    ranges = _ranges(n)
+    if len(ranges) <= 1:
+        found = [_first_difference(packed, a, b) for a, b in ranges]
+    else:
+        futures = [kernel_pool().submit(_first_difference, packed, a, b) for a, b in ranges]
+        found = [f.result() for f in futures]
+    return next((int(i) for i in found if i >= 0), -1)
 
 
 @numba.njit(nogil=True, cache=True)

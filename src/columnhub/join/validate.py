@@ -6,9 +6,10 @@ from typing import Literal
 
 import numpy as np
 
+from columnhub._kernels import first_difference
 from columnhub.errors import DuplicateKeyError, JoinError, KeyMismatchError
 from columnhub.join.index import KeyIndex
-from columnhub.keys import KeyColumns, format_key, normalize_keys
+from columnhub.keys import KeyColumns, format_key, integer_keys
 
 __all__ = [
     "HOWS",
@@ -117,8 +118,8 @@ def check_aligned(
         KeyMismatchError: lengths differ, or the first row whose keys differ
             (with file, entry and both keys).
     """
-    p = normalize_keys(primary)
-    f = normalize_keys(friend)
+    p = integer_keys(primary)
+    f = integer_keys(friend)
     if len(p) != len(f):
         msg = f"aligned join: primary key {list(p)} and friend key {list(f)} differ in length"
         raise KeyMismatchError(msg)
@@ -132,11 +133,11 @@ def check_aligned(
             "differ."
         )
         raise KeyMismatchError(msg)
-    bad = np.zeros(np_, dtype=bool)
-    for a, b in zip(p.values(), f.values(), strict=True):
-        bad |= a != b
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    i = first_difference(list(zip(p.values(), f.values(), strict=True)))
+    if i >= 0:
+        bad = np.zeros(np_, dtype=bool)
+        for a, b in zip(p.values(), f.values(), strict=True):
+            bad |= a.astype(np.uint64) != b.astype(np.uint64)
         pk = format_key(list(p), [int(c[i]) for c in p.values()])
         fk = format_key(list(f), [int(c[i]) for c in f.values()])
         msg = (
