@@ -28,7 +28,7 @@ from columnhub.errors import (
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "open_tree", "read", "read_executor"]
+__all__ = ["describe", "forget_files", "open_tree", "read", "read_executor"]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 _OPEN_FILES = 16
@@ -64,6 +64,18 @@ _inherited: list[Any] = []
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def forget_files() -> None:
+    """Forget every open tree and file description of this process.
+
+    The next request opens and describes its files again, as a new process
+    would (benchmarks use it to time a first request).
+    """
+    with _open_lock:
+        _open.clear()
+    with _described_lock:
+        _described.clear()
 
 
 def read_executor() -> ThreadPoolExecutor | None:
