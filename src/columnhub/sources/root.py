@@ -37,9 +37,13 @@ _open_lock = threading.Lock()
 #: what describe() found per local file, by (path, tree, size, mtime): a
 #: NanoAOD file takes 0.2-0.3 s to describe, every request of a dataset
 #: describes every file, and the answer only changes with the file
-_DESCRIBED = 4096
+_DESCRIBED = 1024
 _described: OrderedDict[Any, tuple[FileInfo, dict[str, str]]] = OrderedDict()
 _described_lock = threading.Lock()
+#: one column list per distinct schema (the files of a dataset share one:
+#: ~1,500 names of NanoAOD are kept once, not once per file)
+_SCHEMAS = 64
+_schemas: OrderedDict[tuple[tuple[str, str], ...], dict[str, str]] = OrderedDict()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -76,6 +80,7 @@ def forget_files() -> None:
         _open.clear()
     with _described_lock:
         _described.clear()
+        _schemas.clear()
 
 
 def read_executor() -> ThreadPoolExecutor | None:
@@ -204,8 +209,13 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
                     return info, dict(columns)
     info, columns = _describe(path, spec)
     if key is not None and dict(info.identity).get("mtime_ns") == key[-1]:
+        schema = tuple(columns.items())
         with _described_lock:
-            _described[key] = (info, dict(columns))
+            shared = _schemas.setdefault(schema, dict(columns))
+            _schemas.move_to_end(schema)
+            while len(_schemas) > _SCHEMAS:
+                _schemas.popitem(last=False)
+            _described[key] = (info, shared)
             while len(_described) > _DESCRIBED:
                 _described.popitem(last=False)
     return info, columns
