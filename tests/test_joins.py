@@ -680,3 +680,23 @@ def test_cli_join_errors_exit_2(synth: dict[str, list[Path]], tmp_path: Path) ->
         assert err.startswith("columnhub: error: "), (name, err)
         assert cases[name][1] in err, (name, err)
         assert "Traceback" not in err, (name, err)
+
+
+def test_key_index_build_shows_progress(
+    synth: dict[str, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Building a friend's key index reads every file's keys: with bars on, one bar shows it."""
+    req = request(synth["primary"], ["up.MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"])])
+    columnhub.deliver(req, output=tmp_path / "bars", cache=False, progress=True)
+    err = capsys.readouterr().err
+    assert "key index of 'up'" in err
+    assert f"{len(synth['up'])}/{len(synth['up'])}" in err
+    # a progress callable hears of events only, as before
+    calls: list[tuple[int, int]] = []
+    columnhub.deliver(
+        req, output=tmp_path / "calls", cache=False, progress=lambda d, t: calls.append((d, t))
+    )
+    total = sum(uproot.open(p)["Events"].num_entries for p in synth["primary"])
+    assert calls
+    assert calls[-1] == (total, total)
+    assert "key index" not in capsys.readouterr().err

@@ -165,13 +165,14 @@ def _workers(workers: int | None) -> int:
 
 
 def _chunk_results(
-    plan: Plan, *, workers: int, cache: ColumnCache | None
+    plan: Plan, *, workers: int, cache: ColumnCache | None, index_report: Any = None
 ) -> Iterator[ChunkResult]:
     """Every chunk's result in order, then the right/outer tail if there is one."""
     if plan.friends:
         from columnhub.join.provider import prepare
 
-        prepare(plan, cache=cache)  # key indexes built once; duplicates reported before work
+        # key indexes built once; duplicates reported before work
+        prepare(plan, cache=cache, report=index_report)
     yield from run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers)
     tail = run_tail(plan, cache=cache)
     if tail is not None:
@@ -279,13 +280,16 @@ def _execute(
             staging, target_bytes=req.output.target_part_bytes, compression=req.output.compression
         )
     report = _progress(progress, total=plan.dataset.entries)
+    index_report = _index_progress(progress)
     chunks: list[dict[str, Any]] = []
     hits = misses = events = 0
     inference: Any = None
     t_run = time.perf_counter()
     done = 0
     try:
-        for result in _chunk_results(plan, workers=workers, cache=cache):
+        for result in _chunk_results(
+            plan, workers=workers, cache=cache, index_report=index_report
+        ):
             writer.write(result.table)
             chunks.append(_chunk_record(plan, result))
             hits += result.hits
@@ -304,8 +308,9 @@ def _execute(
         writer.abort()
         raise
     finally:
-        if report is not None and hasattr(report, "close"):
-            report.close()
+        for bar in (report, index_report):
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
     schema = writer.schema
     return {
         "columnhub": _version(),
@@ -434,6 +439,35 @@ def _progress(progress: Any, *, total: int) -> Any:
         bar.update(done - bar.n)
 
     report.close = bar.close  # type: ignore[attr-defined]
+    return report
+
+
+def _index_progress(progress: Any) -> Any:
+    """A bar per key index being built (reading every file's keys), when bars are on."""
+    if callable(progress) or progress is False:
+        return None
+    if progress is None and not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+    bars: dict[str, Any] = {}
+
+    def report(dataset: str, done: int, total: int) -> None:
+        bar = bars.get(dataset)
+        if bar is None:
+            bar = bars[dataset] = tqdm(
+                total=total, unit="file", desc=f"key index of {dataset!r}", leave=False
+            )
+        bar.update(done - bar.n)
+        bar.refresh()  # one update per file read: show each
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    report.close = close  # type: ignore[attr-defined]
     return report
 
 

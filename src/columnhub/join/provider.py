@@ -9,7 +9,7 @@ read the same entry range of the friend and verify the keys row by row.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,12 +47,21 @@ def _index_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
     )
 
 
+#: ``report(dataset_name, files_read, files)`` while a key index is built
+IndexProgress = Callable[[str, int, int], None]
+
+
 def dataset_index(
-    dataset: ResolvedDataset, keys: Sequence[str], *, cache: ColumnCache | None = None
+    dataset: ResolvedDataset,
+    keys: Sequence[str],
+    *,
+    cache: ColumnCache | None = None,
+    report: IndexProgress | None = None,
 ) -> KeyIndex:
     """The key index of a whole dataset: from memory, else the cache, else built.
 
-    Building reads only the key columns, file by file.
+    Building reads only the key columns, file by file (``report`` hears of
+    each file read).
     """
     key = _index_key(dataset, keys)
     with _memo_lock:
@@ -69,9 +78,11 @@ def dataset_index(
                 index = KeyIndex.from_bytes(blob)
         if index is None:
             parts = []
-            for file in dataset.files:
+            for i, file in enumerate(dataset.files):
                 read = sources.read(file, dataset.spec, list(keys), start=0, stop=file.entries)
                 parts.append({k: np.asarray(ak.to_numpy(read[k])) for k in keys})
+                if report is not None:
+                    report(dataset.spec.name, i + 1, len(dataset.files))
             index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
             if cache is not None:
                 cache.put_bytes(key, index.to_bytes())
@@ -82,11 +93,14 @@ def dataset_index(
         return index
 
 
-def prepare(plan: Plan, *, cache: ColumnCache | None = None) -> None:
+def prepare(
+    plan: Plan, *, cache: ColumnCache | None = None, report: IndexProgress | None = None
+) -> None:
     """Build (or load) every key index the request needs and validate duplicates.
 
     Run once per request before the chunk tasks, so a cardinality violation is
     reported before any work and the indexes are warm for the tasks.
+    ``report`` hears of every file read while an index is built.
     """
     primary_needed = any(
         f.has_tail or f.spec.validate_ in ("one_to_one", "one_to_many")
@@ -96,10 +110,14 @@ def prepare(plan: Plan, *, cache: ColumnCache | None = None) -> None:
     for friend in plan.friends:
         if friend.spec.match != "keyed":
             continue
-        index = dataset_index(friend.dataset, friend.spec.friend_keys, cache=cache)
+        index = dataset_index(
+            friend.dataset, friend.spec.friend_keys, cache=cache, report=report
+        )
         check_unique(index, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
     if primary_needed:
-        primary = dataset_index(plan.dataset, plan.request.dataset.keys, cache=cache)
+        primary = dataset_index(
+            plan.dataset, plan.request.dataset.keys, cache=cache, report=report
+        )
         for friend in plan.friends:
             check_unique(
                 primary,
