@@ -700,3 +700,25 @@ def test_key_index_build_shows_progress(
     assert calls
     assert calls[-1] == (total, total)
     assert "key index" not in capsys.readouterr().err
+
+
+def test_key_indexes_in_memory_are_bounded_by_bytes(
+    synth: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process keeps key indexes up to COLUMNHUB_INDEX_MEMORY bytes, the newest always."""
+    from collections import OrderedDict
+
+    from columnhub.datasets import resolve
+    from columnhub.join import provider
+    from columnhub.spec import DatasetSpec
+
+    monkeypatch.setattr(provider, "_memo", OrderedDict())
+    up = resolve(DatasetSpec(name="up", files=[str(p) for p in synth["up"]]))
+    down = resolve(DatasetSpec(name="down", files=[str(p) for p in synth["down"]]))
+    first = provider.dataset_index(up, list(KEYS))
+    assert provider.dataset_index(up, list(KEYS)) is first  # kept: built once
+    monkeypatch.setattr(provider, "_MEMO_BYTES", first.nbytes + 1)
+    second = provider.dataset_index(down, list(KEYS))
+    assert list(provider._memo.values()) == [second]  # both do not fit: the older went
+    assert provider.dataset_index(up, list(KEYS)) is not first  # built again
+    assert first.nbytes >= len(first) * 16  # packed key and row per event at least

@@ -362,6 +362,12 @@ class KeyIndex:
         )
 
     # ------------------------------------------------------------ properties
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays the index holds."""
+        arrays = [self.order, self.sorted_words, self._file, self._entry, self.file_starts]
+        return sum(a.nbytes for a in arrays if a is not None)
+
     def __len__(self) -> int:
         return len(self.order)
 

@@ -8,7 +8,9 @@ read the same entry range of the friend and verify the keys row by row.
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,10 @@ if TYPE_CHECKING:
 __all__ = ["FriendRows", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
 
 _INDEX_VERSION = 1
-_memo: dict[str, KeyIndex] = {}
+#: key indexes kept in memory by a process, least recently used out first,
+#: at most this many bytes together (the newest is always kept)
+_MEMO_BYTES = int(os.environ.get("COLUMNHUB_INDEX_MEMORY", str(1 << 30)))
+_memo: OrderedDict[str, KeyIndex] = OrderedDict()
 _memo_lock = threading.Lock()
 _build_locks: dict[str, threading.Lock] = {}
 
@@ -66,6 +71,7 @@ def dataset_index(
     key = _index_key(dataset, keys)
     with _memo_lock:
         if key in _memo:
+            _memo.move_to_end(key)
             return _memo[key]
         lock = _build_locks.setdefault(key, threading.Lock())
     with lock:  # one build per process even when many chunk tasks ask at once
@@ -87,9 +93,10 @@ def dataset_index(
             if cache is not None:
                 cache.put_bytes(key, index.to_bytes())
         with _memo_lock:
-            if len(_memo) >= 8:
-                _memo.pop(next(iter(_memo)))
             _memo[key] = index
+            while len(_memo) > 1 and sum(i.nbytes for i in _memo.values()) > _MEMO_BYTES:
+                _memo.popitem(last=False)
+            _build_locks.pop(key, None)
         return index
 
 
