@@ -40,6 +40,17 @@ _memo_lock = threading.Lock()
 _build_locks: dict[str, threading.Lock] = {}
 
 
+def _forget_after_fork() -> None:
+    # a lock held by another thread at the fork would never be released in the
+    # child; the indexes themselves are plain arrays, kept
+    global _memo_lock, _build_locks
+    _memo_lock = threading.Lock()
+    _build_locks = {}
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _index_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
     from columnhub.cache import entry_key
 
