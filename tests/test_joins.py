@@ -683,9 +683,17 @@ def test_cli_join_errors_exit_2(synth: dict[str, list[Path]], tmp_path: Path) ->
 
 
 def test_key_index_build_shows_progress(
-    synth: dict[str, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    synth: dict[str, list[Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Building a friend's key index reads every file's keys: with bars on, one bar shows it."""
+    from collections import OrderedDict
+
+    from columnhub.join import provider
+
+    monkeypatch.setattr(provider, "_memo", OrderedDict())  # built here, not by another test
     req = request(synth["primary"], ["up.MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"])])
     columnhub.deliver(req, output=tmp_path / "bars", cache=False, progress=True)
     err = capsys.readouterr().err
