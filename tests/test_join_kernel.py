@@ -306,6 +306,23 @@ def test_key_index_serialisation_roundtrip_and_locate() -> None:
         assert file.tolist() == [0, 0, 2, 2, -1]
         assert entry.tolist() == [0, 399, 0, 599, -1]
     assert KeyIndex.from_bytes(index.to_bytes()).file_names == index.file_names
+    # a blob of the first format (file and entry per row), as older caches hold
+    import io
+    import json
+
+    meta = json.loads(np.load(io.BytesIO(explicit.to_bytes()))["meta"].tobytes())
+    meta["format"] = "columnhub-keyindex-1"
+    old = io.BytesIO()
+    np.savez(
+        old,
+        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        order=explicit.order,
+        sorted_words=explicit.sorted_words,
+        row_file=explicit.file,
+        row_entry=explicit.entry,
+    )
+    legacy = KeyIndex.from_bytes(old.getvalue())
+    assert legacy.locate(rows)[1].tolist() == [0, 399, 0, 599, -1]
     cols = index.key_columns([5, 450])
     assert cols["event"].tolist() == [int(keys["event"][5]), int(keys["event"][450])]
     with pytest.raises(JoinError, match="not a serialised"):
