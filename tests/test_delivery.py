@@ -432,3 +432,31 @@ def test_file_descriptions_are_reused_until_the_file_changes(
     with uproot.open(shared_data / "nano_dimuon.root") as f:
         expected = f["Events"]["MET_pt"].array(library="np")
     assert np.array_equal(third.to_arrow()["MET_pt"].to_numpy(), expected)
+
+
+def test_file_rewritten_in_place_with_same_size_and_mtime_is_described_again(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Size, mtime and inode unchanged but a new ROOT UUID: not the file described before."""
+    import os
+    import uuid
+
+    from columnhub.sources import root as root_source
+    from columnhub.spec import DatasetSpec
+
+    path = tmp_path / "sample.root"
+    shutil.copyfile(shared_data / "nano_dy.root", path)
+    spec = DatasetSpec(name="s", files=[str(path)])
+    before, _ = root_source.describe(str(path), spec)
+    old = uuid.UUID(dict(before.identity)["uuid"]).bytes
+    new = bytes([*old[:15], old[15] ^ 0xFF])
+    stat = path.stat()
+    with path.open("r+b") as f:  # the same inode, bytes changed in place
+        head = f.read(4096)
+        assert head.count(old) >= 1
+        f.seek(0)
+        f.write(head.replace(old, new))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after, _ = root_source.describe(str(path), spec)
+    assert dict(after.identity)["uuid"] == str(uuid.UUID(bytes=new))

@@ -183,8 +183,9 @@ def _open_tree(path: str, spec: DatasetSpec) -> Any:
 def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     """File identity, entry count, basket boundaries and columns of one ROOT file.
 
-    A local file already described in this process, with the same size and
-    modification time, is not opened again.
+    A local file already described in this process, with the same size,
+    modification time and inode, and the same ROOT UUID in its header (a
+    read of a few hundred bytes), is not described again.
     """
     key = None
     if not is_url(path):
@@ -205,8 +206,9 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
                 known = _described.get(key)
                 if known is not None:
                     _described.move_to_end(key)
-                    info, columns = known
-                    return info, dict(columns)
+            if known is not None and _uuid(path) == dict(known[0].identity).get("uuid"):
+                info, columns = known
+                return info, dict(columns)
     info, columns = _describe(path, spec)
     if key is not None and dict(info.identity).get("mtime_ns") == key[-1]:
         schema = tuple(columns.items())
@@ -219,6 +221,15 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
             while len(_described) > _DESCRIBED:
                 _described.popitem(last=False)
     return info, columns
+
+
+def _uuid(path: str) -> str | None:
+    """The UUID in a local ROOT file's header (``None`` if it cannot be read)."""
+    try:
+        with uproot.open(path) as file:
+            return str(file.file.uuid)
+    except Exception:  # noqa: BLE001 - describing it again names the problem
+        return None
 
 
 def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
