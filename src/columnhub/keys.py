@@ -330,13 +330,17 @@ class KeyPacking:
             KeyTypeError: a key column is invalid.
             JoinError: wrong number of key columns or different lengths.
         """
+        if self.nwords == 1:
+            # the usual case: every key in range, packed in one pass (no uint64 copies)
+            own = list(integer_keys(keys).values())
+            self._check_count(own, keys)
+            if all(
+                self._inside(c, off, w)
+                for c, off, w in zip(own, self.offsets, self.widths, strict=True)
+            ):
+                return self.compose(keys, 0)[0], None
         cols = list(normalize_keys(keys).values())
-        if len(cols) != len(self.names):
-            msg = (
-                f"{len(cols)} key columns {list(keys)} given; this key has {len(self.names)}: "
-                f"{list(self.names)}"
-            )
-            raise JoinError(msg)
+        self._check_count(cols, keys)
         n = len(cols[0])
         nw = self.nwords
         words = np.zeros((n, nw) if nw > 1 else n, dtype=U64)
@@ -422,6 +426,22 @@ class KeyPacking:
             if w
         ]
         return out, compose_keys(columns, rowbits, out)
+
+    def _check_count(self, cols: Sequence[np.ndarray], keys: KeyColumns) -> None:
+        if len(cols) != len(self.names):
+            msg = (
+                f"{len(cols)} key columns {list(keys)} given; this key has {len(self.names)}: "
+                f"{list(self.names)}"
+            )
+            raise JoinError(msg)
+
+    @staticmethod
+    def _inside(column: np.ndarray, offset: int, width: int) -> bool:
+        """Whether every value of ``column`` lies in ``offset .. offset + 2**width - 1``."""
+        if not len(column):
+            return True
+        lo, hi = minmax(column)
+        return lo >= offset and hi - offset < 1 << width
 
     def unpack(self, words: npt.ArrayLike) -> dict[str, np.ndarray]:
         """The key columns (``uint64``) of packed words; inverse of :meth:`pack`."""

@@ -25,7 +25,7 @@ from columnhub._kernels import (
 from columnhub.errors import DuplicateKeyError
 from columnhub.join.index import KeyIndex, searchable, sort_words
 from columnhub.join.validate import check_how, check_unique, needs_unique
-from columnhub.keys import KeyColumns, KeyPacking, format_key, normalize_keys
+from columnhub.keys import KeyColumns, KeyPacking, format_key, integer_keys
 
 __all__ = [
     "FetchPlan",
@@ -201,7 +201,7 @@ def match(
     """
     check_how(how, validate)
     check_unique(index, side="friend", validate=validate)
-    norm = normalize_keys(keys)
+    norm = integer_keys(keys)
     words, fits = _pack_query(norm, index)
     q_order, q_sorted = sort_words(words, overwrite=True)
     if needs_unique("primary", validate) and len(q_order) > 1:
@@ -345,7 +345,7 @@ def unmatched_rows(keys: KeyColumns, primary_index: KeyIndex) -> np.ndarray:
     Returns:
         Sorted ``int64`` row numbers into ``keys``.
     """
-    words, fits = _pack_query(normalize_keys(keys), primary_index)
+    words, fits = _pack_query(integer_keys(keys), primary_index)
     q_order, q_sorted = sort_words(words, overwrite=True)
     s = primary_index.search_keys
     q = searchable(q_sorted)
