@@ -320,14 +320,15 @@ def _pair_runs(
             if j > pstart and key == pprev:  # a repeated primary key
                 return False
             pprev = key
-            if key == bkey:
-                friend[np.int64(prows[j] & rowmask)] = frow
+            # every primary row is passed once: its partner, or -1
+            friend[np.int64(prows[j] & rowmask)] = frow if key == bkey else -1
             j += 1
     while j < pstop:
         key = pkeys[j] >> keyshift
         if j > pstart and key == pprev:
             return False
         pprev = key
+        friend[np.int64(prows[j] & rowmask)] = -1
         j += 1
     return True
 
@@ -355,7 +356,7 @@ def pair_runs(friend: Sorted, friend_bounds: np.ndarray, primary: Sorted) -> np.
         raise ValueError(msg)
     shift = np.uint64(rowbits)
     rowmask = (np.uint64(1) << shift) - np.uint64(1) if rowbits else np.uint64(2**64 - 1)
-    out = np.full(len(pkeys), -1, dtype=np.int64)
+    out = np.empty(len(pkeys), dtype=np.int64)  # the walk writes every row
     starts = np.asarray(friend_bounds[:-1], dtype=np.int64)
     stops = np.asarray(friend_bounds[1:], dtype=np.int64)
     np_ = len(pkeys)
