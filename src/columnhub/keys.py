@@ -332,13 +332,13 @@ class KeyPacking:
         """
         if self.nwords == 1:
             # the usual case: every key in range, packed in one pass (no uint64 copies)
-            own = list(integer_keys(keys).values())
-            self._check_count(own, keys)
+            own = integer_keys(keys)
+            self._check_count(list(own.values()), keys)
             if all(
                 self._inside(c, off, w)
-                for c, off, w in zip(own, self.offsets, self.widths, strict=True)
+                for c, off, w in zip(own.values(), self.offsets, self.widths, strict=True)
             ):
-                return self.compose(keys, 0)[0], None
+                return self.compose(own, 0)[0], None
         cols = list(normalize_keys(keys).values())
         self._check_count(cols, keys)
         n = len(cols[0])
