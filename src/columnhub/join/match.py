@@ -2,9 +2,11 @@
 
 Joins are done on *row indices* first (this module), columns are gathered
 after (:mod:`columnhub.join.gather`). A primary chunk's keys are packed with
-the friend index's packing, sorted (one vectorised sort), and merged into the
-index's sorted keys (one compiled linear walk, or ``searchsorted`` when the
-index is far larger than the chunk).
+the friend index's packing, sorted (one vectorised sort, none when the chunk
+already comes in key order), and merged into the index's sorted keys (one
+compiled linear walk that writes each row's partner, or ``searchsorted`` when
+the index is far larger than the chunk). Two in-memory tables with unique
+keys are joined without an index: :func:`pair_unique`.
 """
 
 from __future__ import annotations
