@@ -424,14 +424,22 @@ def _failed_manifest(req: Request, err: BaseException) -> dict[str, Any]:
     }
 
 
-def _progress(progress: Any, *, total: int) -> Any:
-    if callable(progress):
-        return progress
-    if progress is False or (progress is None and not sys.stderr.isatty()):
+def _tqdm(progress: Any) -> Any:
+    """tqdm when bars are on (``progress=True``, or a terminal by default), else ``None``."""
+    if callable(progress) or progress is False or (progress is None and not sys.stderr.isatty()):
         return None
     try:
         from tqdm import tqdm
     except ModuleNotFoundError:
+        return None
+    return tqdm
+
+
+def _progress(progress: Any, *, total: int) -> Any:
+    if callable(progress):
+        return progress
+    tqdm = _tqdm(progress)
+    if tqdm is None:
         return None
     bar = tqdm(total=total, unit="ev", unit_scale=True, desc="columnhub", leave=False)
 
@@ -444,13 +452,8 @@ def _progress(progress: Any, *, total: int) -> Any:
 
 def _index_progress(progress: Any) -> Any:
     """A bar per key index being built (reading every file's keys), when bars are on."""
-    if callable(progress) or progress is False:
-        return None
-    if progress is None and not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ModuleNotFoundError:
+    tqdm = _tqdm(progress)
+    if tqdm is None:
         return None
     bars: dict[str, Any] = {}
 

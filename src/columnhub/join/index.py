@@ -219,22 +219,7 @@ class KeyIndex:
         """
         if packing is None:
             packing = KeyPacking.fit(keys)
-            n = len(next(iter(keys.values())))
-            rowbits = max(1, (n - 1).bit_length())
-            if packing.nwords == 1 and packing.total_bits + rowbits <= 64:
-                # the usual case: pack with row numbers in one pass, sort once
-                comp, ascending = packing.compose(keys, rowbits)
-                if not ascending:
-                    comp.sort()
-                return cls._from_words(
-                    comp,
-                    packing,
-                    file=file,
-                    entry=entry,
-                    file_names=file_names,
-                    sorted_=split_composites(comp, rowbits),
-                )
-            if packing.nwords == 1:  # one word, no room for the row: pack in one pass
+            if packing.nwords == 1:  # the usual case: fitted on these keys, packed in one pass
                 words, _ = packing.compose(keys, 0)
                 return cls._from_words(
                     words, packing, file=file, entry=entry, file_names=file_names
@@ -261,14 +246,9 @@ class KeyIndex:
         file: npt.ArrayLike | None,
         entry: npt.ArrayLike | None,
         file_names: Sequence[str],
-        sorted_: tuple[np.ndarray, np.ndarray] | None = None,
         file_starts: np.ndarray | None = None,
     ) -> KeyIndex:
-        """The index of keys already packed with ``packing``.
-
-        ``sorted_``: ``(order, sorted_words)`` when the caller has sorted them
-        (stably); ``words`` then only gives the row count.
-        """
+        """The index of keys already packed with ``packing`` (``words`` is sorted in place)."""
         n = len(words)
         where: dict[str, np.ndarray | None] = {"file_starts": None, "file": None, "entry": None}
         if file is None and entry is None:  # rows are entries, file by file
@@ -292,10 +272,10 @@ class KeyIndex:
                 )
                 raise JoinError(msg)
             where["file"], where["entry"] = file_arr, entry_arr
-        order, sorted_words = sort_words(words, overwrite=True) if sorted_ is None else sorted_
+        order, sorted_words = sort_words(words, overwrite=True)
         s = searchable(sorted_words)
         unique = not bool(_equal_neighbours(s).any())
-        if not unique and words.ndim == 1 and sorted_ is None:
+        if not unique and words.ndim == 1:
             # duplicates keep their row order (argsort is not stable by default);
             # ``words`` may have been sorted in place: rebuild it from the sort
             original = np.empty_like(sorted_words)
