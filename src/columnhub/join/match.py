@@ -301,20 +301,16 @@ def pair_unique(
     :func:`~columnhub._kernels.pair_runs` then merges the friend's pieces
     while walking the primary. ``None`` when a key repeats on either side.
     """
-    runs = kernel_pool_size()
     whole_friend = np.array([0, len(friend)], dtype=np.int64)
+    jobs = [] if friend_sorted else [(friend, kernel_pool_size())]
+    if not primary_sorted:
+        jobs.append((primary, 1))
     if rowbits:
-        jobs = [] if friend_sorted else [(friend, runs)]
-        if not primary_sorted:
-            jobs.append((primary, 1))
-        bounds = sort_runs(*jobs)
+        bounds = sort_runs(*jobs)  # in place
         friend_bounds = whole_friend if friend_sorted else bounds[0]
         partners = pair_runs((friend, friend, rowbits), friend_bounds, (primary, primary, rowbits))
     else:
-        wanted = [] if friend_sorted else [(friend, runs)]
-        if not primary_sorted:
-            wanted.append((primary, 1))
-        done = argsort_runs(*wanted)
+        done = argsort_runs(*jobs)
         if friend_sorted:
             fkeys, friend_bounds = friend, whole_friend
             frows = np.arange(len(friend), dtype=np.uint64)

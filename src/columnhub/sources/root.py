@@ -34,7 +34,8 @@ _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 _OPEN_FILES = 16
 _open: OrderedDict[Any, Any] = OrderedDict()
 _open_lock = threading.Lock()
-#: what describe() found per local file, by (path, tree, size, mtime): a
+#: what describe() found per local file, by (path, tree, device, inode, size,
+#: mtime), reused while the header's ROOT UUID matches too: a
 #: NanoAOD file takes 0.2-0.3 s to describe, every request of a dataset
 #: describes every file, and the answer only changes with the file
 _DESCRIBED = 1024
