@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -118,13 +118,19 @@ def _ranges(n: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
+def _run_all(
+    fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], *, parallel: bool = True
+) -> list[Any]:
+    """``fn(*job)`` for every job, in order; on the kernel pool when there are several."""
+    if len(jobs) <= 1 or not parallel:
+        return [fn(*job) for job in jobs]
+    futures = [kernel_pool().submit(fn, *job) for job in jobs]
+    return [f.result() for f in futures]
+
+
 def _split(fn: Callable[[int, int], Any], n: int) -> list[Any]:
     """``fn(start, stop)`` over row ranges covering ``0..n``, in parallel when large."""
-    ranges = _ranges(n)
-    if len(ranges) <= 1:
-        return [fn(a, b) for a, b in ranges]
-    futures = [kernel_pool().submit(fn, a, b) for a, b in ranges]
-    return [f.result() for f in futures]
+    return _run_all(fn, _ranges(n))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -191,11 +197,7 @@ def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: 
     packed = tuple((values, np.uint64(off), np.uint64(shift)) for values, off, shift in columns)
     rb = np.uint64(rowbits)
     ranges = _ranges(n)
-    if len(ranges) <= 1:
-        parts = [_compose_keys(packed, rb, out, a, b) for a, b in ranges]
-    else:
-        futures = [kernel_pool().submit(_compose_keys, packed, rb, out, a, b) for a, b in ranges]
-        parts = [f.result() for f in futures]
+    parts = _run_all(lambda a, b: _compose_keys(packed, rb, out, a, b), ranges)
     return all(parts) and all(out[a - 1] <= out[a] for a, _ in ranges[1:])
 
 
@@ -218,13 +220,7 @@ def first_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> int:
     if not pairs:
         return -1
     packed = tuple((np.asarray(a), np.asarray(b)) for a, b in pairs)
-    n = len(packed[0][0])
-    ranges = _ranges(n)
-    if len(ranges) <= 1:
-        found = [_first_difference(packed, a, b) for a, b in ranges]
-    else:
-        futures = [kernel_pool().submit(_first_difference, packed, a, b) for a, b in ranges]
-        found = [f.result() for f in futures]
+    found = _split(lambda a, b: _first_difference(packed, a, b), len(packed[0][0]))
     return next((int(i) for i in found if i >= 0), -1)
 
 
@@ -266,11 +262,8 @@ def sort_runs(*arrays: tuple[np.ndarray, int]) -> list[np.ndarray]:
         bounds.append(b)
         jobs.extend(a[x:y] for x, y in itertools.pairwise(b) if y > x)
     jobs.sort(key=len, reverse=True)
-    if len(jobs) <= 1 or sum(len(j) for j in jobs) < PARALLEL_MIN_ROWS:
-        for j in jobs:
-            j.sort()
-    else:
-        list(kernel_pool().map(np.ndarray.sort, jobs))
+    big = sum(len(j) for j in jobs) >= PARALLEL_MIN_ROWS
+    _run_all(np.ndarray.sort, [(j,) for j in jobs], parallel=big)
     return bounds
 
 
@@ -380,12 +373,7 @@ def pair_runs(friend: Sorted, friend_bounds: np.ndarray, primary: Sorted) -> np.
     def run(h: np.ndarray, e: np.ndarray, a: int, b: int) -> bool:
         return bool(_pair_runs(fkeys, frows, h, e, pkeys, prows, a, b, shift, rowmask, out))
 
-    if len(jobs) == 1:
-        ok = [run(*jobs[0])]
-    else:
-        futures = [kernel_pool().submit(run, *job) for job in jobs]
-        ok = [f.result() for f in futures]
-    return out if all(ok) else None
+    return out if all(_run_all(run, jobs)) else None
 
 
 def argsort_runs(*arrays: tuple[np.ndarray, int]) -> list[Sorted_runs]:
@@ -416,12 +404,8 @@ def argsort_runs(*arrays: tuple[np.ndarray, int]) -> list[Sorted_runs]:
         np.add(order.view(np.uint64), np.uint64(a), out=rows[a:b])
 
     jobs.sort(key=lambda job: job[4] - job[3], reverse=True)
-    if len(jobs) <= 1 or sum(job[4] - job[3] for job in jobs) < PARALLEL_MIN_ROWS:
-        for job in jobs:
-            one(*job)
-    else:
-        for f in [kernel_pool().submit(one, *job) for job in jobs]:
-            f.result()
+    big = sum(job[4] - job[3] for job in jobs) >= PARALLEL_MIN_ROWS
+    _run_all(one, jobs, parallel=big)
     return results
 
 
@@ -482,15 +466,7 @@ def merge_runs(
             dtype=np.int64,
         )
         jobs.append((h, e, int((h - starts).sum())))
-    if len(jobs) == 1:
-        _merge_runs(keys, rows, *jobs[0][:2], out_keys, out_rows, jobs[0][2])
-    else:
-        futures = [
-            kernel_pool().submit(_merge_runs, keys, rows, h, e, out_keys, out_rows, pos)
-            for h, e, pos in jobs
-        ]
-        for f in futures:
-            f.result()
+    _run_all(lambda h, e, pos: _merge_runs(keys, rows, h, e, out_keys, out_rows, pos), jobs)
     return out_keys, out_rows
 
 
