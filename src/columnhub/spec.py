@@ -318,7 +318,7 @@ _SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 #: Request fields a multi-sample spec shares between its samples (all but ``dataset``).
 _SHARED = ("columns", "define", "where", "friends", "models", "registry", "chunk_size", "output")
 #: Keys of a coffea fileset entry that say nothing about which events are read.
-_FILESET_EXTRAS = ("metadata", "form")
+_FILESET_EXTRAS = ("metadata", "form", "compressed_form", "did", "format")
 
 
 class Samples(_Frozen):
@@ -403,7 +403,7 @@ class Samples(_Frozen):
                 "move the dataset into 'samples' under a name"
             )
             raise SpecError(msg)
-        entries = data.pop("samples") if "samples" in data else data.pop("dataset")
+        entries = _plain(data.pop("samples") if "samples" in data else data.pop("dataset"))
         unknown = sorted(set(data) - set(_SHARED))
         if unknown:
             msg = (
@@ -532,6 +532,7 @@ def _merge(name: str, shared: dict[str, Any], entry: Any) -> dict[str, Any]:
 
 def _sample_dataset(name: str, entry: Any) -> Any:
     """A sample's dataset as :class:`DatasetSpec` data, from any of the accepted forms."""
+    entry = _plain(entry)
     if isinstance(entry, DatasetSpec):
         return entry
     if isinstance(entry, str | os.PathLike) or (
@@ -553,7 +554,9 @@ def _sample_dataset(name: str, entry: Any) -> Any:
         paths = []
         for path, where in files.items():
             paths.append(os.fspath(path))
-            trees.add(_fileset_tree(name, path, where))
+            tree = _fileset_tree(name, path, where)
+            if tree is not None:  # None: a Parquet file (no tree)
+                trees.add(tree)
         data["files"] = paths
     if treename is not None:
         trees.add(treename)
@@ -570,11 +573,11 @@ def _sample_dataset(name: str, entry: Any) -> Any:
     return data
 
 
-def _fileset_tree(name: str, path: Any, where: Any) -> str:
+def _fileset_tree(name: str, path: Any, where: Any) -> str | None:
     """The tree of one file of a coffea fileset: ``{path: treename}`` or a preprocessed entry."""
     if isinstance(where, str):
         return where
-    if isinstance(where, Mapping) and isinstance(where.get("object_path"), str):
+    if isinstance(where, Mapping) and isinstance(where.get("object_path", 0), str | None):
         steps = where.get("steps")
         if steps is not None and not _whole_file(steps, where.get("num_entries")):
             msg = (
@@ -583,7 +586,8 @@ def _fileset_tree(name: str, path: Any, where: Any) -> str:
                 "give the fileset from before coffea's preprocess/max_chunks)"
             )
             raise SpecError(msg)
-        return str(where["object_path"])
+        tree = where.get("object_path")
+        return None if tree is None else str(tree)
     msg = (
         f"sample {name!r}: file {os.fspath(path)!r} maps to {where!r}; a coffea fileset maps "
         "each file to its tree name (or to a preprocessed entry with 'object_path')"
@@ -603,13 +607,21 @@ def _whole_file(steps: Any, entries: Any) -> bool:
     return stop == entries
 
 
+def _plain(value: Any) -> Any:
+    """Another library's pydantic model (coffea's ``DataGroupSpec``) as plain data."""
+    if isinstance(value, BaseModel) and not isinstance(value, _Frozen):
+        return value.model_dump()
+    return value
+
+
 def _is_fileset(value: Any) -> bool:
     """True when ``value`` looks like a coffea fileset (name -> entry), not one dataset."""
+    value = _plain(value)
     return (
         isinstance(value, Mapping)
         and bool(value)
         and not set(value) & set(DatasetSpec.model_fields)
-        and all(isinstance(v, Mapping | list | tuple) for v in value.values())
+        and all(isinstance(_plain(v), Mapping | list | tuple) for v in value.values())
     )
 
 
