@@ -317,6 +317,8 @@ class Request(_Frozen):
 _SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 #: Request fields a multi-sample spec shares between its samples (all but ``dataset``).
 _SHARED = ("columns", "define", "where", "friends", "models", "registry", "chunk_size", "output")
+#: Fields a sample merges name by name over the shared ones (any other replaces).
+_MERGED = ("define", "output")
 #: Keys of a coffea fileset entry that say nothing about which events are read.
 _FILESET_EXTRAS = ("metadata", "form", "compressed_form", "did", "format")
 
@@ -511,8 +513,7 @@ def _merge(name: str, shared: dict[str, Any], entry: Any) -> dict[str, Any]:
     merged = dict(shared)
     for field, value in overrides.items():
         base = merged.get(field)
-        mergeable = isinstance(value, Mapping) and isinstance(base, Mapping)
-        if field in ("define", "output") and mergeable:
+        if field in _MERGED and isinstance(value, Mapping) and isinstance(base, Mapping):
             merged[field] = {**base, **value}  # name by name over the shared ones
         else:
             merged[field] = value
