@@ -6,6 +6,7 @@ single-sample request gives, and what a direct uproot read gives.
 
 from __future__ import annotations
 
+import doctest
 import os
 import shutil
 import subprocess
@@ -242,6 +243,7 @@ def test_coffea_preprocessed_fileset_object(shared_data: Path) -> None:
         ),
         ({"dy": {"files": {"a.root": 3}}}, "maps each file to its tree name"),
         ({"dy": 3}, "is no dataset"),
+        ({"dy": {"files": ["a.root"], "where": "nJet > 2"}}, "put its dataset under 'dataset'"),
         ({}, "no sample given"),
     ],
 )
@@ -291,6 +293,14 @@ def test_accepted_names_are_one_folder_below_the_output(names: list[str]) -> Non
         assert not name.startswith(".")
         assert os.path.normpath(folder) == str(folder)
     assert len({str(f).casefold() for f in folders}) == len(folders)
+
+
+def test_docstring_examples() -> None:
+    import columnhub.spec
+
+    failures, attempted = doctest.testmod(columnhub.spec)
+    assert attempted > 0
+    assert failures == 0
 
 
 def test_list_of_named_samples_and_round_trip(shared_data: Path) -> None:

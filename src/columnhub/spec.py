@@ -546,6 +546,14 @@ def _sample_dataset(name: str, entry: Any) -> Any:
             "(files, tree, keys) or a coffea fileset entry ({'files': {path: treename}})"
         )
         raise SpecError(msg)
+    misplaced = sorted(set(entry) & set(_SHARED))
+    if misplaced:
+        msg = (
+            f"sample {name!r}: {', '.join(misplaced)} next to its files; to override shared "
+            "fields for one sample, put its dataset under 'dataset' "
+            "({dataset: {files: [...]}, where: ...})"
+        )
+        raise SpecError(msg)
     data = {k: v for k, v in entry.items() if k not in _FILESET_EXTRAS}
     data.setdefault("name", name)
     treename = data.pop("treename", None)
