@@ -93,8 +93,10 @@ def deliver(
 
     Several samples (:class:`~columnhub.spec.Samples`, or a spec with
     ``samples:`` or a coffea fileset) give ``{sample: Result}`` in the order
-    given, each delivered as its own single-sample request (see
-    :func:`_deliver_samples` for what happens when one fails).
+    given, each delivered as its own single-sample request. All are planned
+    before any is delivered; a sample that fails while delivering leaves its
+    folder marked incomplete and the others are still delivered, then a
+    :class:`~columnhub.errors.SampleError` names each failed sample.
 
     Args:
         request: a :class:`Request`, :class:`Samples`, a dictionary, or the path
@@ -116,6 +118,8 @@ def deliver(
     Raises:
         ColumnhubError: for anything wrong with the request or its inputs; the
             output directory then holds no result that looks complete.
+        SampleError: with several samples, when some failed (``.errors``: each
+            one's error; ``.results``: the samples delivered).
     """
     t0 = time.perf_counter()
     req = _load(request, chunk_size=chunk_size)
@@ -206,7 +210,8 @@ def arrays(
     but the selected rows are concatenated in memory instead of written.
 
     Args:
-        request: a :class:`Request`, a dictionary, or a YAML/JSON spec path.
+        request: a :class:`Request`, :class:`Samples`, a dictionary, or a
+            YAML/JSON spec path.
         workers: chunk tasks run at once (default: the number of CPUs, at most 8).
         chunk_size: events per chunk (default: ``request.chunk_size``).
         cache: the column cache, as for :func:`deliver`; off by default.
