@@ -7,6 +7,7 @@ single-sample request gives, and what a direct uproot read gives.
 from __future__ import annotations
 
 import doctest
+import json
 import os
 import shutil
 import subprocess
@@ -103,6 +104,41 @@ def test_arrays_per_sample(shared_data: Path) -> None:
         )
 
 
+def test_arrays_of_a_failing_sample_name_it_and_keep_the_others(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    spec = {
+        "columns": ["MET_pt"],
+        "samples": {
+            "gone": str(tmp_path / "missing.root"),
+            "dy": str(shared_data / "nano_dy.root"),
+        },
+    }
+    with pytest.raises(SampleError, match="sample 'gone'") as info:
+        columnhub.arrays(spec)
+    assert list(info.value.errors) == ["gone"]
+    want = read(shared_data / "nano_dy.root", ["MET_pt"])["MET_pt"]
+    assert ak.to_list(info.value.results["dy"].MET_pt) == ak.to_list(want)
+
+
+def test_chunk_size_argument_applies_to_every_sample(shared_data: Path, tmp_path: Path) -> None:
+    results = columnhub.deliver(
+        multi(shared_data), output=tmp_path / "out", chunk_size=7, progress=False
+    )
+    for name, file in SAMPLES.items():
+        single = Request.from_dict(
+            {
+                "dataset": {"name": name, "files": [str(shared_data / file)]},
+                **SHARED,
+                "chunk_size": 7,
+            }
+        )
+        assert results[name].manifest["request_hash"] == single.hash
+        assert {
+            c["entry_stop"] - c["entry_start"] for c in results[name].manifest["chunks"]
+        } <= set(range(1, 8))
+
+
 def test_per_sample_overrides(shared_data: Path, tmp_path: Path) -> None:
     spec = {
         **SHARED,
@@ -174,9 +210,16 @@ def fileset_forms(shared_data: Path) -> dict[str, Any]:
         },
         "preprocessed": {
             "dy": {
-                "files": {dy: {"object_path": "Events", "steps": [[0, 14], [14, 40]],
-                               "num_entries": 40, "uuid": "x"}},
-                "metadata": {}, "form": None,
+                "files": {
+                    dy: {
+                        "object_path": "Events",
+                        "steps": [[0, 14], [14, 40]],
+                        "num_entries": 40,
+                        "uuid": "x",
+                    }
+                },
+                "metadata": {},
+                "form": None,
             },
             "tt": {"files": {tt: {"object_path": "Events", "steps": None}}},
         },
@@ -232,13 +275,27 @@ def test_coffea_preprocessed_fileset_object(shared_data: Path) -> None:
         ({"dy": {"files": {"a.root": "Events", "b.root": "Other"}}}, "several trees"),
         ({"dy": {"files": {"a.root": "Events"}, "treename": "T"}}, "several trees"),
         (
-            {"dy": {"files": {"a.root": {"object_path": "Events", "steps": [[0, 10]],
-                                         "num_entries": 40}}}},
+            {
+                "dy": {
+                    "files": {
+                        "a.root": {"object_path": "Events", "steps": [[0, 10]], "num_entries": 40}
+                    }
+                }
+            },
             "do not cover the whole file",
         ),
         (
-            {"dy": {"files": {"a.root": {"object_path": "Events", "steps": [[0, 10], [20, 40]],
-                                         "num_entries": 40}}}},
+            {
+                "dy": {
+                    "files": {
+                        "a.root": {
+                            "object_path": "Events",
+                            "steps": [[0, 10], [20, 40]],
+                            "num_entries": 40,
+                        }
+                    }
+                }
+            },
             "do not cover the whole file",
         ),
         ({"dy": {"files": {"a.root": 3}}}, "maps each file to its tree name"),
@@ -303,43 +360,61 @@ def test_docstring_examples() -> None:
     assert failures == 0
 
 
-def test_list_of_named_samples_and_round_trip(shared_data: Path) -> None:
+def test_list_of_named_samples_and_round_trip(shared_data: Path, tmp_path: Path) -> None:
     dy = str(shared_data / "nano_dy.root")
-    as_list = Samples.from_dict({
-        "samples": [
-            {"name": "dy", "files": [dy]},
-            {"name": "dy2", "dataset": [dy], "where": "nJet > 3"},
-        ],
-        "columns": ["MET_pt"],
-    })
+    as_list = Samples.from_dict(
+        {
+            "samples": [
+                {"name": "dy", "files": [dy]},
+                {"name": "dy2", "dataset": [dy], "where": "nJet > 3"},
+            ],
+            "columns": ["MET_pt"],
+        }
+    )
     assert list(as_list.requests()) == ["dy", "dy2"]
     assert as_list.requests()["dy2"].where == "nJet > 3"
     assert Samples.from_dict(as_list.to_dict()) == as_list
     assert Samples.from_yaml(as_list.to_yaml()) == as_list
+    (tmp_path / "s.json").write_text(json.dumps(as_list.to_dict()))
+    (tmp_path / "s.yaml").write_text(as_list.to_yaml())
+    assert columnhub.load_request(tmp_path / "s.json") == as_list
+    assert columnhub.load_request(tmp_path / "s.yaml") == as_list
     with pytest.raises(SpecError, match="given twice"):
-        Samples.from_dict({"samples": [{"name": "a", "files": dy}, {"name": "a", "files": dy}],
-                           "columns": ["MET_pt"]})
+        Samples.from_dict(
+            {
+                "samples": [{"name": "a", "files": dy}, {"name": "a", "files": dy}],
+                "columns": ["MET_pt"],
+            }
+        )
 
 
 def test_spec_mistakes_name_the_sample() -> None:
     with pytest.raises(SpecError, match=r"(?s)sample 'tt': .*where"):
-        Samples.from_dict({"samples": {"dy": ["a.root"], "tt": {"dataset": ["b.root"],
-                                                                "where": "nJet >"}},
-                           "columns": ["MET_pt"]})
+        Samples.from_dict(
+            {
+                "samples": {"dy": ["a.root"], "tt": {"dataset": ["b.root"], "where": "nJet >"}},
+                "columns": ["MET_pt"],
+            }
+        )
     with pytest.raises(SpecError, match="colums: unknown field"):
         Samples.from_dict({"samples": {"dy": ["a.root"]}, "colums": ["MET_pt"]})
     with pytest.raises(SpecError, match="not both"):
-        Samples.from_dict({"samples": {"dy": ["a.root"]}, "dataset": {"files": "a"},
-                           "columns": ["x"]})
+        Samples.from_dict(
+            {"samples": {"dy": ["a.root"]}, "dataset": {"files": "a"}, "columns": ["x"]}
+        )
 
 
 def test_two_samples_never_share_a_directory(shared_data: Path, tmp_path: Path) -> None:
     spec = {
         "samples": {
-            "dy": {"dataset": [str(shared_data / "nano_dy.root")],
-                   "output": {"directory": str(tmp_path / "same")}},
-            "tt": {"dataset": [str(shared_data / "nano_tt_v12.root")],
-                   "output": {"directory": str(tmp_path / "same")}},
+            "dy": {
+                "dataset": [str(shared_data / "nano_dy.root")],
+                "output": {"directory": str(tmp_path / "same")},
+            },
+            "tt": {
+                "dataset": [str(shared_data / "nano_tt_v12.root")],
+                "output": {"directory": str(tmp_path / "same")},
+            },
         },
         "columns": ["MET_pt"],
     }
@@ -383,7 +458,8 @@ def test_a_sample_failing_while_delivering_leaves_the_others_delivered(
     dy = str(shared_data / "nano_dy.root")
     shutil.copyfile(dy, tmp_path / "copy.root")
     duplicated = {  # the same events twice: validate=one_to_one fails once the data is read
-        "name": "f", "columns": ["MET_pt"],
+        "name": "f",
+        "columns": ["MET_pt"],
         "dataset": {"name": "twice", "files": [dy, str(tmp_path / "copy.root")]},
     }
     spec = {
@@ -478,9 +554,7 @@ def test_cli_sample_mistakes_exit_2(tmp_path: Path, samples: str, fragment: str)
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_missing_file_of_one_sample_exits_2(
-    shared_data: Path, tmp_path: Path
-) -> None:
+def test_cli_missing_file_of_one_sample_exits_2(shared_data: Path, tmp_path: Path) -> None:
     spec = tmp_path / "samples.yaml"
     spec.write_text(
         "samples:\n"
