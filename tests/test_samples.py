@@ -186,6 +186,23 @@ def test_shared_output_directory_gives_one_folder_per_sample(
         assert columnhub.Result.open(tmp_path / "here" / name).complete
 
 
+def test_output_given_as_an_object_is_merged_too(shared_data: Path, tmp_path: Path) -> None:
+    spec = {
+        **multi(shared_data),
+        "output": columnhub.OutputSpec(directory=str(tmp_path / "here")),
+    }
+    spec["samples"]["tt"] = {
+        "dataset": spec["samples"]["tt"],
+        "output": columnhub.OutputSpec(compression="lz4"),
+    }
+    requests = Samples.from_dict(spec).requests()
+    assert {n: r.output.directory for n, r in requests.items()} == {
+        n: str(tmp_path / "here" / n) for n in SAMPLES
+    }
+    assert requests["tt"].output.compression == "lz4"
+    assert requests["dy"].output.compression == "zstd"
+
+
 def test_default_output_directory_per_sample(shared_data: Path) -> None:
     results = columnhub.deliver(multi(shared_data), progress=False)
     for name, result in results.items():

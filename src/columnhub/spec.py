@@ -510,6 +510,8 @@ def _merge(name: str, shared: dict[str, Any], entry: Any) -> dict[str, Any]:
             f"'dataset' and overrides only {', '.join(_SHARED)}"
         )
         raise SpecError(msg)
+    shared = {k: _set_fields(v) if k in _MERGED else v for k, v in shared.items()}
+    overrides = {k: _set_fields(v) if k in _MERGED else v for k, v in overrides.items()}
     merged = dict(shared)
     for field, value in overrides.items():
         base = merged.get(field)
@@ -529,6 +531,13 @@ def _merge(name: str, shared: dict[str, Any], entry: Any) -> dict[str, Any]:
         out["directory"] = os.path.join(os.fspath(shared_output["directory"]), name)
         merged["output"] = out
     return merged
+
+
+def _set_fields(value: Any) -> Any:
+    """An :class:`OutputSpec` given as an object: the fields it sets, as a mapping."""
+    if isinstance(value, _Frozen):
+        return value.model_dump(by_alias=True, exclude_unset=True)
+    return value
 
 
 def _sample_dataset(name: str, entry: Any) -> Any:
