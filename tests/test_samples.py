@@ -415,6 +415,8 @@ def test_spec_mistakes_name_the_sample() -> None:
         )
     with pytest.raises(SpecError, match="colums: unknown field"):
         Samples.from_dict({"samples": {"dy": ["a.root"]}, "colums": ["MET_pt"]})
+    with pytest.raises(SpecError, match="samples: required field is missing"):
+        Samples.from_dict({"dataset": {"files": ["a.root"]}, "columns": ["x"]})
     with pytest.raises(SpecError, match="not both"):
         Samples.from_dict(
             {"samples": {"dy": ["a.root"]}, "dataset": {"files": "a"}, "columns": ["x"]}

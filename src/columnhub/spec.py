@@ -354,11 +354,7 @@ class Samples(_Frozen):
             _check_sample_name(name)
             other = folded.setdefault(name.casefold(), name)
             if other != name:
-                msg = (
-                    f"sample names {other!r} and {name!r} differ only in case; their output "
-                    "directories would be one on case-insensitive filesystems: rename one"
-                )
-                raise ValueError(msg)
+                raise ValueError(_case_clash(other, name))
         return self
 
     def requests(self) -> dict[str, Request]:
@@ -405,6 +401,12 @@ class Samples(_Frozen):
                 "move the dataset into 'samples' under a name"
             )
             raise SpecError(msg)
+        if "samples" not in data and not _is_fileset(data.get("dataset")):
+            msg = (
+                "the request is invalid:\n  - samples: required field is missing (sample name "
+                "-> dataset, or a coffea fileset as 'dataset'); one dataset is a Request"
+            )
+            raise SpecError(msg)
         entries = _plain(data.pop("samples") if "samples" in data else data.pop("dataset"))
         unknown = sorted(set(data) - set(_SHARED))
         if unknown:
@@ -414,11 +416,15 @@ class Samples(_Frozen):
             )
             raise SpecError(msg)
         requests: dict[str, Request] = {}
+        folded: dict[str, str] = {}
         for name, entry in _sample_entries(entries):
             if name in requests:
                 msg = f"sample {name!r} is given twice; give each sample one name"
                 raise SpecError(msg)
             _check_sample_name_spec(name)
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise SpecError(_case_clash(other, name))
             merged = _merge(name, data, entry)
             try:
                 requests[name] = Request.from_dict(merged)
@@ -447,6 +453,13 @@ class Samples(_Frozen):
     def to_yaml(self) -> str:
         """The samples as YAML text."""
         return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _case_clash(one: str, other: str) -> str:
+    return (
+        f"sample names {one!r} and {other!r} differ only in case; their output directories "
+        "would be one on case-insensitive filesystems: rename one"
+    )
 
 
 def _check_sample_name(name: str) -> None:
