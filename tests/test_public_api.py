@@ -16,7 +16,7 @@ def public(module: object) -> list[str]:
 def test_top_level() -> None:
     assert sorted(columnhub.__all__) == [
         "ColumnhubError", "DatasetSpec", "FriendSpec", "ModelSpec", "OutputSpec", "Request",
-        "Result", "__version__", "arrays", "deliver", "load_request",
+        "Result", "Samples", "__version__", "arrays", "deliver", "load_request",
     ]
     for name in columnhub.__all__:
         assert hasattr(columnhub, name)

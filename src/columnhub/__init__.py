@@ -10,7 +10,15 @@ from __future__ import annotations
 from columnhub.delivery import arrays, deliver
 from columnhub.errors import ColumnhubError
 from columnhub.result import Result
-from columnhub.spec import DatasetSpec, FriendSpec, ModelSpec, OutputSpec, Request, load_request
+from columnhub.spec import (
+    DatasetSpec,
+    FriendSpec,
+    ModelSpec,
+    OutputSpec,
+    Request,
+    Samples,
+    load_request,
+)
 
 __version__ = "0.1.0"
 
@@ -22,6 +30,7 @@ __all__ = [
     "OutputSpec",
     "Request",
     "Result",
+    "Samples",
     "__version__",
     "arrays",
     "deliver",

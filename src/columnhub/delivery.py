@@ -13,20 +13,20 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import awkward as ak
 import pyarrow as pa
 
 from columnhub.cache import ColumnCache, default_location, entry_key
-from columnhub.errors import ColumnhubError, OutputError, SpecError
+from columnhub.errors import ColumnhubError, OutputError, SampleError, SpecError
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.execute.local import run_ordered
 from columnhub.output.manifest import read_manifest, write_manifest
 from columnhub.output.parquet import PartWriter, file_checksum
 from columnhub.plan import Plan, make_plan
 from columnhub.result import Result
-from columnhub.spec import Request, load_request
+from columnhub.spec import Request, Samples, load_request
 
 __all__ = ["arrays", "default_output_directory", "deliver"]
 
@@ -44,21 +44,66 @@ def default_output_directory(request: Request) -> Path:
     return Path(root) / "results" / request.hash
 
 
+@overload
 def deliver(
-    request: Request | dict[str, Any] | str | os.PathLike[str],
+    request: Request,
     *,
     output: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     chunk_size: int | None = None,
     cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
     progress: bool | Progress | None = None,
-) -> Result:
+) -> Result: ...
+
+
+@overload
+def deliver(
+    request: Samples,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
+    progress: bool | Progress | None = None,
+) -> dict[str, Result]: ...
+
+
+@overload
+def deliver(
+    request: dict[str, Any] | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
+    progress: bool | Progress | None = None,
+) -> Result | dict[str, Result]: ...
+
+
+def deliver(
+    request: Request | Samples | dict[str, Any] | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
+    progress: bool | Progress | None = None,
+) -> Result | dict[str, Result]:
     """Deliver the columns of ``request`` and return the :class:`Result`.
 
+    Several samples (:class:`~columnhub.spec.Samples`, or a spec with
+    ``samples:`` or a coffea fileset) give ``{sample: Result}`` in the order
+    given, each delivered as its own single-sample request. All are planned
+    before any is delivered; a sample that fails while delivering leaves its
+    folder marked incomplete and the others are still delivered, then a
+    :class:`~columnhub.errors.SampleError` names each failed sample.
+
     Args:
-        request: a :class:`Request`, a dictionary, or the path of a YAML/JSON spec.
+        request: a :class:`Request`, :class:`Samples`, a dictionary, or the path
+            of a YAML/JSON spec.
         output: the output directory (default: ``request.output.directory``, else
-            a per-request folder in the columnhub cache).
+            a per-request folder in the columnhub cache); with several samples,
+            each goes to ``output/<sample>/``.
         workers: chunk tasks run at once (default: the number of CPUs, at most 8).
         chunk_size: events per chunk (default: ``request.chunk_size``).
         cache: the column cache: ``None``/``True`` for the default one
@@ -73,9 +118,13 @@ def deliver(
     Raises:
         ColumnhubError: for anything wrong with the request or its inputs; the
             output directory then holds no result that looks complete.
+        SampleError: with several samples, when some failed (``.errors``: each
+            one's error; ``.results``: the samples delivered).
     """
     t0 = time.perf_counter()
     req = _load(request, chunk_size=chunk_size)
+    if isinstance(req, Samples):
+        return _deliver_samples(req, output=output, workers=workers, cache=cache, progress=progress)
     if output is not None:
         req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
     workers = _workers(workers)
@@ -117,13 +166,43 @@ def deliver(
     return Result(directory, manifest)
 
 
+@overload
 def arrays(
-    request: Request | dict[str, Any] | str | os.PathLike[str],
+    request: Request,
     *,
     workers: int | None = None,
     chunk_size: int | None = None,
     cache: ColumnCache | str | os.PathLike[str] | bool | None = False,
-) -> ak.Array:
+) -> ak.Array: ...
+
+
+@overload
+def arrays(
+    request: Samples,
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = False,
+) -> dict[str, ak.Array]: ...
+
+
+@overload
+def arrays(
+    request: dict[str, Any] | str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = False,
+) -> ak.Array | dict[str, ak.Array]: ...
+
+
+def arrays(
+    request: Request | Samples | dict[str, Any] | str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    cache: ColumnCache | str | os.PathLike[str] | bool | None = False,
+) -> ak.Array | dict[str, ak.Array]:
     """The columns of ``request`` as one in-memory awkward array, no files written.
 
     For a quick look in a notebook (the counterpart of uproot's
@@ -131,15 +210,22 @@ def arrays(
     but the selected rows are concatenated in memory instead of written.
 
     Args:
-        request: a :class:`Request`, a dictionary, or a YAML/JSON spec path.
+        request: a :class:`Request`, :class:`Samples`, a dictionary, or a
+            YAML/JSON spec path.
         workers: chunk tasks run at once (default: the number of CPUs, at most 8).
         chunk_size: events per chunk (default: ``request.chunk_size``).
         cache: the column cache, as for :func:`deliver`; off by default.
 
     Returns:
-        A record array, one field per output column.
+        A record array, one field per output column; for several samples
+        ``{sample: array}`` in the order given.
     """
-    plan = make_plan(_load(request, chunk_size=chunk_size))
+    req = _load(request, chunk_size=chunk_size)
+    if isinstance(req, Samples):
+        store = _open_cache(cache)
+        shared = store if store is not None else False
+        return _each_sample(req.requests(), lambda r: arrays(r, workers=workers, cache=shared))
+    plan = make_plan(req)
     results = _chunk_results(plan, workers=_workers(workers), cache=_open_cache(cache))
     tables = [r.table for r in results]
     # one schema, as the writer does (a right/outer tail has null-typed columns)
@@ -150,9 +236,106 @@ def arrays(
     return ak.from_arrow(pa.concat_tables(tables).combine_chunks(), generate_bitmasks=False)
 
 
-def _load(request: Any, *, chunk_size: int | None) -> Request:
+def _load(request: Any, *, chunk_size: int | None) -> Request | Samples:
     req = load_request(request)
-    return req if chunk_size is None else req.replace(chunk_size=chunk_size)
+    if chunk_size is None:
+        return req
+    if isinstance(req, Samples):
+        changed = {name: r.replace(chunk_size=chunk_size) for name, r in req.samples.items()}
+        return Samples(samples=changed)
+    return req.replace(chunk_size=chunk_size)
+
+
+def _deliver_samples(
+    samples: Samples,
+    *,
+    output: str | os.PathLike[str] | None,
+    workers: int | None,
+    cache: Any,
+    progress: Any,
+) -> dict[str, Result]:
+    """Deliver each sample as its own request; ``{sample: Result}`` in order.
+
+    Every sample is planned first, so a mistake any plan can show (a missing
+    file or column, a bad friend) stops all of them before anything is
+    written. A sample that fails while delivering (what only its data can
+    show) leaves its own directory marked incomplete, as a single request
+    does; the other samples are still delivered, then a :class:`SampleError`
+    names each failed sample and holds the delivered results.
+    """
+    requests = samples.requests()
+    if output is not None:
+        requests = {
+            name: req.replace(
+                output={**req.output.model_dump(), "directory": os.fspath(Path(output) / name)}
+            )
+            for name, req in requests.items()
+        }
+    _check_directories(requests)
+    store = _open_cache(cache)
+    shared = store if store is not None else False
+    failed: dict[str, Exception] = {}
+    for name, req in requests.items():
+        try:
+            make_plan(req)
+        except ColumnhubError as err:
+            failed[name] = err
+    if failed:
+        raise _sample_error(failed, {}, total=len(requests), planning=True) from next(
+            iter(failed.values())
+        )
+    return _each_sample(
+        requests,
+        lambda r: deliver(r, workers=workers, cache=shared, progress=progress),
+    )
+
+
+def _each_sample(requests: dict[str, Request], run: Callable[[Request], Any]) -> dict[str, Any]:
+    """``run`` on every sample's request; user errors of some are raised after the others ran."""
+    done: dict[str, Any] = {}
+    failed: dict[str, Exception] = {}
+    for name, req in requests.items():
+        try:
+            done[name] = run(req)
+        except ColumnhubError as err:
+            failed[name] = err
+    if failed:
+        raise _sample_error(failed, done, total=len(requests), planning=False) from next(
+            iter(failed.values())
+        )
+    return done
+
+
+def _sample_error(
+    failed: dict[str, Exception], done: dict[str, Any], *, total: int, planning: bool
+) -> SampleError:
+    lines = [
+        f"{len(failed)} of {total} sample(s) failed"
+        + (" while planning; nothing was delivered" if planning else "")
+        + (f" (delivered: {', '.join(done)})" if done else "")
+        + ":"
+    ]
+    for name, err in failed.items():
+        text = str(err).replace("\n", "\n    ")
+        lines.append(f"  sample {name!r}: {text}")
+    return SampleError("\n".join(lines), errors=failed, results=done)
+
+
+def _check_directories(requests: dict[str, Request]) -> None:
+    """Two samples never write into one directory (unless they are the same request)."""
+    seen: dict[Path, tuple[str, str]] = {}
+    for name, req in requests.items():
+        directory = (
+            Path(req.output.directory) if req.output.directory else default_output_directory(req)
+        )
+        key = directory.resolve()
+        other = seen.setdefault(key, (name, req.hash))
+        if other[1] != req.hash:
+            msg = (
+                f"samples {other[0]!r} and {name!r} would both write to {directory}; give "
+                "each sample its own output.directory (or leave it to the default)"
+            )
+            raise SpecError(msg)
 
 
 def _workers(workers: int | None) -> int:

@@ -8,6 +8,7 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
 
     ColumnhubError
     ├── SpecError (ValueError)                 invalid request / configuration
+    ├── SampleError                            samples of a multi-sample request failed
     ├── ExpressionError (ValueError)           bad expression text (with position)
     ├── ColumnNotFoundError (KeyError)         unknown column (with closest names)
     ├── DatasetError                           a dataset cannot be read
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "CacheError",
@@ -49,6 +51,7 @@ __all__ = [
     "ModelInputError",
     "ModelNotFoundError",
     "OutputError",
+    "SampleError",
     "SourceTimeoutError",
     "SpecError",
     "TreeNotFoundError",
@@ -65,6 +68,23 @@ class ColumnhubError(Exception):
 
 class SpecError(ColumnhubError, ValueError):
     """The request (spec) is invalid."""
+
+
+class SampleError(ColumnhubError):
+    """Some samples of a multi-sample request failed (each sample's own error inside).
+
+    Attributes:
+        errors: sample name -> the error that stopped it.
+        results: sample name -> the result of each sample that was delivered
+            (a :class:`~columnhub.Result`, or an awkward array for ``arrays``).
+    """
+
+    def __init__(
+        self, message: str, *, errors: dict[str, Exception], results: dict[str, Any]
+    ) -> None:
+        super().__init__(message)
+        self.errors = errors
+        self.results = results
 
 
 class ExpressionError(ColumnhubError, ValueError):

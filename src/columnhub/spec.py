@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ __all__ = [
     "ModelSpec",
     "OutputSpec",
     "Request",
+    "Samples",
     "load_request",
 ]
 
@@ -260,22 +263,12 @@ class Request(_Frozen):
     @classmethod
     def from_yaml(cls, text: str) -> Request:
         """Build a request from YAML (or JSON, which is YAML) text."""
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            msg = f"the request is not valid YAML/JSON: {err}"
-            raise SpecError(msg) from None
-        return cls.from_dict(data)
+        return cls.from_dict(_parse_yaml(text))
 
     @classmethod
     def from_json(cls, text: str) -> Request:
         """Build a request from JSON text."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            msg = f"the request is not valid JSON: {err}"
-            raise SpecError(msg) from None
-        return cls.from_dict(data)
+        return cls.from_dict(_parse_json(text))
 
     # -- canonical form ----------------------------------------------------------
 
@@ -320,20 +313,396 @@ class Request(_Frozen):
         return Request.from_dict(data)
 
 
-def load_request(source: str | os.PathLike[str] | dict[str, Any] | Request) -> Request:
-    """A request from a YAML/JSON file path, a dictionary or a :class:`Request`."""
-    if isinstance(source, Request):
+#: A sample name: a safe directory name on every filesystem (``DIR/<sample>/``).
+_SAMPLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+#: Request fields a multi-sample spec shares between its samples (all but ``dataset``).
+_SHARED = ("columns", "define", "where", "friends", "models", "registry", "chunk_size", "output")
+#: Fields a sample merges name by name over the shared ones (any other replaces).
+_MERGED = ("define", "output")
+#: Keys of a coffea fileset entry that say nothing about which events are read.
+_FILESET_EXTRAS = ("metadata", "form", "compressed_form", "did", "format")
+
+
+class Samples(_Frozen):
+    """Several samples delivered with one spec: each an ordinary :class:`Request`.
+
+    Built from a mapping with ``samples:`` (sample name -> dataset, with the
+    shared request fields and per-sample overrides) or with a coffea fileset as
+    its ``dataset``; see :meth:`from_dict`. Each sample's request is exactly the
+    single-sample request one would write by hand, so the column cache, the
+    reuse of whole results and :attr:`Request.hash` work per sample unchanged.
+
+    >>> multi = Samples.from_dict({
+    ...     "samples": {"dy": ["dy.root"], "tt": {"files": {"tt.root": "Events"}}},
+    ...     "columns": ["MET_pt"],
+    ... })
+    >>> list(multi.requests())
+    ['dy', 'tt']
+    >>> multi.requests()["tt"].dataset.files
+    ('tt.root',)
+
+    Attributes:
+        samples: sample name -> its request, in the order given.
+    """
+
+    samples: dict[str, Request] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Samples:
+        folded: dict[str, str] = {}
+        for name in self.samples:
+            _check_sample_name(name)
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise ValueError(_case_clash(other, name))
+        return self
+
+    def requests(self) -> dict[str, Request]:
+        """Sample name -> its single-sample :class:`Request`, in the order given."""
+        return dict(self.samples)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The sample names, in order."""
+        return tuple(self.samples)
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Samples:
+        """Build the samples from a mapping, with a clear :class:`SpecError` if invalid.
+
+        The mapping has the fields of a :class:`Request` shared by every sample
+        (``columns``, ``define``, ``where``, ``friends``, ``models``,
+        ``registry``, ``chunk_size``, ``output``) and either ``samples`` or a
+        coffea fileset as ``dataset``. ``samples`` maps each name to one of:
+
+        - a file list (or one path): the dataset's files (coffea's ``{name: [paths]}``);
+        - a dataset mapping (``files``, ``tree``, ``keys``, ``name``,
+          ``timeout``), or a coffea fileset entry (``files`` as
+          ``{path: treename}``, with ``metadata``, ``treename``);
+        - a mapping with ``dataset`` and per-sample overrides of the shared
+          fields: ``define`` and ``output`` are merged name by name over the
+          shared ones, any other field replaces the shared value.
+
+        ``samples`` may also be a list of such mappings, each with its ``name``
+        (as ServiceX's ``Sample:`` list). A dataset's ``name`` defaults to the
+        sample's name; a shared ``output.directory`` gives ``<directory>/<sample>``.
+        """
+        if isinstance(data, Samples):
+            return data
+        if not isinstance(data, Mapping):
+            msg = f"a request must be a mapping (YAML/JSON object), got {type(data).__name__}"
+            raise SpecError(msg)
+        data = dict(data)
+        if "samples" in data and "dataset" in data:
+            msg = (
+                "give either 'samples' (several samples) or 'dataset' (one), not both; "
+                "move the dataset into 'samples' under a name"
+            )
+            raise SpecError(msg)
+        if "samples" not in data and not _is_fileset(data.get("dataset")):
+            msg = (
+                "the request is invalid:\n  - samples: required field is missing (sample name "
+                "-> dataset, or a coffea fileset as 'dataset'); one dataset is a Request"
+            )
+            raise SpecError(msg)
+        entries = _plain(data.pop("samples") if "samples" in data else data.pop("dataset"))
+        unknown = sorted(set(data) - set(_SHARED))
+        if unknown:
+            msg = (
+                f"the request is invalid:\n  - {', '.join(unknown)}: unknown field; a multi-sample "
+                f"request shares only {', '.join(_SHARED)} (see docs/spec.md)"
+            )
+            raise SpecError(msg)
+        requests: dict[str, Request] = {}
+        folded: dict[str, str] = {}
+        for name, entry in _sample_entries(entries):
+            if name in requests:
+                msg = f"sample {name!r} is given twice; give each sample one name"
+                raise SpecError(msg)
+            _check_sample_name_spec(name)
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise SpecError(_case_clash(other, name))
+            merged = _merge(name, data, entry)
+            try:
+                requests[name] = Request.from_dict(merged)
+            except SpecError as err:
+                msg = f"sample {name!r}: {err}"
+                raise SpecError(msg) from None
+        try:
+            return cls(samples=requests)
+        except ValidationError as err:
+            raise SpecError(_describe(err)) from None
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Samples:
+        """Build the samples from YAML (or JSON) text."""
+        return cls.from_dict(_parse_yaml(text))
+
+    @classmethod
+    def from_json(cls, text: str) -> Samples:
+        """Build the samples from JSON text."""
+        return cls.from_dict(_parse_json(text))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, every sample written out whole (round-trips through :meth:`from_dict`)."""
+        return {"samples": {name: req.to_dict() for name, req in self.samples.items()}}
+
+    def to_yaml(self) -> str:
+        """The samples as YAML text."""
+        return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _case_clash(one: str, other: str) -> str:
+    return (
+        f"sample names {one!r} and {other!r} differ only in case; their output directories "
+        "would be one on case-insensitive filesystems: rename one"
+    )
+
+
+def _check_sample_name(name: str) -> None:
+    if not _SAMPLE_NAME.match(name):
+        msg = (
+            f"sample name {name!r} is not a safe directory name: use 1-128 letters, digits "
+            "and '_', '.', '+', '-', starting with a letter or digit (a DAS path such as "
+            "'/DYJets/.../NANOAODSIM' needs a short name, e.g. 'DYJets')"
+        )
+        raise ValueError(msg)
+
+
+def _check_sample_name_spec(name: Any) -> None:
+    if not isinstance(name, str):
+        msg = f"sample name {name!r} is not text; name each sample with a string"
+        raise SpecError(msg)
+    try:
+        _check_sample_name(name)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+
+
+def _sample_entries(entries: Any) -> list[tuple[Any, Any]]:
+    """(name, entry) pairs from ``samples`` as a mapping or a list of named mappings."""
+    if isinstance(entries, Mapping):
+        if not entries:
+            msg = "samples: no sample given; name at least one (sample name -> dataset)"
+            raise SpecError(msg)
+        return list(entries.items())
+    if isinstance(entries, list | tuple) and entries:
+        pairs = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping) or "name" not in entry:
+                msg = (
+                    f"samples[{i}]: a sample in a list is a mapping with its 'name' "
+                    f"(got {entry!r}); or write samples as a mapping name -> dataset"
+                )
+                raise SpecError(msg)
+            rest = dict(entry)
+            pairs.append((rest.pop("name"), rest))
+        return pairs
+    msg = (
+        f"samples must map sample names to datasets (or be a list of named samples), got "
+        f"{entries!r}"
+    )
+    raise SpecError(msg)
+
+
+def _merge(name: str, shared: dict[str, Any], entry: Any) -> dict[str, Any]:
+    """The request of sample ``name``: the shared fields, its dataset, its overrides."""
+    if isinstance(entry, Mapping) and "dataset" in entry:
+        overrides = dict(entry)
+        dataset = overrides.pop("dataset")
+    else:
+        overrides = {}
+        dataset = entry
+    unknown = sorted(set(overrides) - set(_SHARED))
+    if unknown:
+        msg = (
+            f"sample {name!r}: {', '.join(unknown)}: unknown field; a sample has its "
+            f"'dataset' and overrides only {', '.join(_SHARED)}"
+        )
+        raise SpecError(msg)
+    shared = {k: _set_fields(v) if k in _MERGED else v for k, v in shared.items()}
+    overrides = {k: _set_fields(v) if k in _MERGED else v for k, v in overrides.items()}
+    merged = dict(shared)
+    for field, value in overrides.items():
+        base = merged.get(field)
+        if field in _MERGED and isinstance(value, Mapping) and isinstance(base, Mapping):
+            merged[field] = {**base, **value}  # name by name over the shared ones
+        else:
+            merged[field] = value
+    merged["dataset"] = _sample_dataset(name, dataset)
+    shared_output = shared.get("output")
+    own_output = overrides.get("output")
+    if (
+        isinstance(shared_output, Mapping)
+        and shared_output.get("directory") is not None
+        and not (isinstance(own_output, Mapping) and "directory" in own_output)
+    ):
+        out = dict(merged["output"])
+        out["directory"] = os.path.join(os.fspath(shared_output["directory"]), name)
+        merged["output"] = out
+    return merged
+
+
+def _set_fields(value: Any) -> Any:
+    """An :class:`OutputSpec` given as an object: the fields it sets, as a mapping."""
+    if isinstance(value, _Frozen):
+        return value.model_dump(by_alias=True, exclude_unset=True)
+    return value
+
+
+def _sample_dataset(name: str, entry: Any) -> Any:
+    """A sample's dataset as :class:`DatasetSpec` data, from any of the accepted forms."""
+    entry = _plain(entry)
+    if isinstance(entry, DatasetSpec):
+        return entry
+    if isinstance(entry, str | os.PathLike) or (
+        isinstance(entry, list | tuple) and all(isinstance(f, str | os.PathLike) for f in entry)
+    ):
+        return {"name": name, "files": entry}
+    if not isinstance(entry, Mapping):
+        msg = (
+            f"sample {name!r}: {entry!r} is no dataset; give a file list, a dataset mapping "
+            "(files, tree, keys) or a coffea fileset entry ({'files': {path: treename}})"
+        )
+        raise SpecError(msg)
+    misplaced = sorted(set(entry) & set(_SHARED))
+    if misplaced:
+        msg = (
+            f"sample {name!r}: {', '.join(misplaced)} next to its files; to override shared "
+            "fields for one sample, put its dataset under 'dataset' "
+            "({dataset: {files: [...]}, where: ...})"
+        )
+        raise SpecError(msg)
+    data = {k: v for k, v in entry.items() if k not in _FILESET_EXTRAS}
+    data.setdefault("name", name)
+    treename = data.pop("treename", None)
+    files = data.get("files")
+    trees: set[str] = set()
+    if isinstance(files, Mapping):
+        paths = []
+        for path, where in files.items():
+            paths.append(os.fspath(path))
+            tree = _fileset_tree(name, path, where)
+            if tree is not None:  # None: a Parquet file (no tree)
+                trees.add(tree)
+        data["files"] = paths
+    if treename is not None:
+        trees.add(treename)
+    if "tree" in data and trees:
+        trees.add(data["tree"])
+    if len(trees) > 1:
+        msg = (
+            f"sample {name!r}: its files name several trees {sorted(trees)}; columnhub reads "
+            "one tree per sample: split the files into one sample per tree"
+        )
+        raise SpecError(msg)
+    if trees:
+        data["tree"] = trees.pop()
+    return data
+
+
+def _fileset_tree(name: str, path: Any, where: Any) -> str | None:
+    """The tree of one file of a coffea fileset: ``{path: treename}`` or a preprocessed entry."""
+    if isinstance(where, str):
+        return where
+    if isinstance(where, Mapping) and isinstance(where.get("object_path", 0), str | None):
+        steps = where.get("steps")
+        if steps is not None and not _whole_file(steps, where.get("num_entries")):
+            msg = (
+                f"sample {name!r}: file {os.fspath(path)!r} has steps {steps!r} that do not cover "
+                "the whole file; columnhub delivers every entry of a file: drop 'steps' (or "
+                "give the fileset from before coffea's preprocess/max_chunks)"
+            )
+            raise SpecError(msg)
+        tree = where.get("object_path")
+        return None if tree is None else str(tree)
+    msg = (
+        f"sample {name!r}: file {os.fspath(path)!r} maps to {where!r}; a coffea fileset maps "
+        "each file to its tree name (or to a preprocessed entry with 'object_path')"
+    )
+    raise SpecError(msg)
+
+
+def _whole_file(steps: Any, entries: Any) -> bool:
+    """True when coffea ``steps`` cover ``[0, entries)`` exactly, in order."""
+    if not isinstance(entries, int) or not isinstance(steps, list | tuple):
+        return False
+    stop = 0
+    for step in steps:
+        if not isinstance(step, list | tuple) or len(step) != 2 or step[0] != stop:
+            return False
+        stop = step[1]
+    return stop == entries
+
+
+def _plain(value: Any) -> Any:
+    """Another library's pydantic model (coffea's ``DataGroupSpec``) as plain data."""
+    if isinstance(value, BaseModel) and not isinstance(value, _Frozen):
+        return value.model_dump()
+    return value
+
+
+def _is_fileset(value: Any) -> bool:
+    """True when ``value`` looks like a coffea fileset (name -> entry), not one dataset."""
+    value = _plain(value)
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and not set(value) & set(DatasetSpec.model_fields)
+        and all(isinstance(_plain(v), Mapping | list | tuple) for v in value.values())
+    )
+
+
+def load_request(
+    source: str | os.PathLike[str] | dict[str, Any] | Request | Samples,
+) -> Request | Samples:
+    """A request from a YAML/JSON file path, a dictionary, a :class:`Request` or :class:`Samples`.
+
+    A spec with ``samples:``, or whose ``dataset`` is a coffea fileset, gives
+    :class:`Samples`; any other gives a :class:`Request`.
+    """
+    if isinstance(source, Request | Samples):
         return source
     if isinstance(source, dict):
-        return Request.from_dict(source)
+        return _from_data(source)
     path = Path(source)
     if not path.is_file():
         msg = f"request file {str(path)!r} does not exist; give the path of a YAML or JSON spec"
         raise SpecError(msg)
     text = path.read_text()
     if path.suffix == ".json":
-        return Request.from_json(text)
-    return Request.from_yaml(text)
+        return _from_data(_parse_json(text))
+    return _from_data(_parse_yaml(text))
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        msg = f"the request is not valid YAML/JSON: {err}"
+        raise SpecError(msg) from None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        msg = f"the request is not valid JSON: {err}"
+        raise SpecError(msg) from None
+
+
+def _from_data(data: Any) -> Request | Samples:
+    """One place that decides between a single request and several samples."""
+    if _is_multi(data):
+        return Samples.from_dict(data)
+    return Request.from_dict(data)
+
+
+def _is_multi(data: Any) -> bool:
+    return isinstance(data, Mapping) and ("samples" in data or _is_fileset(data.get("dataset")))
 
 
 def _describe(err: ValidationError) -> str:

@@ -1,4 +1,8 @@
-"""``columnhub deliver SPEC -o DIR``: run a request embedded and print a summary."""
+"""``columnhub deliver SPEC -o DIR``: run a request embedded and print a summary.
+
+A spec with several samples writes ``DIR/<sample>/`` for each and prints one
+summary per sample.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "deliver",
         help="deliver the columns of a request (YAML/JSON spec) into a directory",
-        description="Deliver the columns of a request into DIR as Parquet parts + manifest.json.",
+        description=(
+            "Deliver the columns of a request into DIR as Parquet parts + manifest.json "
+            "(a spec with several samples: DIR/<sample>/ for each)."
+        ),
     )
     p.add_argument("spec", help="request file (YAML or JSON)")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
@@ -33,38 +40,62 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Deliver and print what was delivered."""
+    """Deliver and print what was delivered (one summary per sample for several)."""
     from columnhub.cache import ColumnCache
     from columnhub.delivery import deliver
+    from columnhub.errors import SampleError
+    from columnhub.spec import Samples, load_request
 
     cache: ColumnCache | str | bool | None = False if args.no_cache else args.cache
     if args.cache_read_only and not args.no_cache:
         cache = ColumnCache(args.cache, read_only=True)
-    result = deliver(
-        args.spec,
-        output=args.output,
-        workers=args.workers,
-        chunk_size=args.chunk_size,
-        cache=cache,
-        progress=False if args.no_progress else None,
-    )
-    m = result.manifest
-    if args.json:
-        print(json.dumps(m, indent=2))
+    spec = load_request(args.spec)
+    options: dict[str, Any] = {
+        "output": args.output,
+        "workers": args.workers,
+        "chunk_size": args.chunk_size,
+        "cache": cache,
+        "progress": False if args.no_progress else None,
+    }
+    if not isinstance(spec, Samples):
+        _summarise(deliver(spec, **options), json_out=args.json)
         return 0
+    try:
+        results = deliver(spec, **options)
+    except SampleError as err:
+        results = err.results  # the samples that were delivered are summarised first
+        _summarise_samples(results, json_out=args.json)
+        raise
+    _summarise_samples(results, json_out=args.json)
+    return 0
+
+
+def _summarise_samples(results: dict[str, Any], *, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps({name: r.manifest for name, r in results.items()}, indent=2))
+        return
+    for name, result in results.items():
+        print(f"sample {name}:")
+        _summarise(result, json_out=False, indent="  ")
+
+
+def _summarise(result: Any, *, json_out: bool, indent: str = "") -> None:
+    m = result.manifest
+    if json_out:
+        print(json.dumps(m, indent=2))
+        return
     timing = m["timing"]
     size = sum(p["bytes"] for p in m["parts"])
     print(
-        f"delivered {m['events']:,} of {m['events_read']:,} events, "
+        f"{indent}delivered {m['events']:,} of {m['events_read']:,} events, "
         f"{len(m['columns'])} columns, {len(m['files'])} file(s), {size / 1e6:.2f} MB "
         f"in {timing['total_s']:.2f} s ({timing['events_per_s']:,.0f} events/s) "
         f"-> {result.directory}"
     )
     reused = m["cache"].get("reused_result")
     print(
-        f"cache: {m['cache']['hits']} hits, {m['cache']['misses']} misses"
+        f"{indent}cache: {m['cache']['hits']} hits, {m['cache']['misses']} misses"
         + (f" (whole result reused from {reused})" if reused else "")
     )
     for name, kind in m["columns"].items():
-        print(f"  {name}: {kind}")
-    return 0
+        print(f"{indent}  {name}: {kind}")
