@@ -116,7 +116,7 @@ def unwritable_columns(table: pa.Table) -> dict[str, str]:
                 "(rename it in a define)"
             )
         elif (reason := _type_problem(column.type)) is not None:
-            problems[name] = f"{column.type}: {reason}"
+            problems[name] = f"{_type_name(table.schema.field(name))}: {reason}"
         elif column.null_count:
             problems[name] = (
                 f"{column.null_count} rows are missing (None), which a TTree cannot store "
@@ -129,6 +129,14 @@ def unwritable_columns(table: pa.Table) -> dict[str, str]:
                 "(select only rows that have values with where, or use how: inner)"
             )
     return problems
+
+
+def _type_name(field: pa.Field) -> str:
+    """The awkward type of a column (``var * var * float64``), as the manifest writes it."""
+    try:
+        return str(ak.from_arrow_schema(pa.schema([field])).content(0).type)
+    except (TypeError, ValueError, NotImplementedError):  # a type awkward has no name for
+        return str(field.type)
 
 
 def _strict(t: pa.DataType) -> pa.DataType:
@@ -217,9 +225,6 @@ class RootPartWriter:
         """Append ``table`` (one basket per call); roll over to a new part by size."""
         if self._first is None:
             self._first = table.schema
-            problems = unwritable_columns(table.slice(0, 0))
-            if problems:
-                raise OutputError(_refusal(problems))
             self.schema = table.schema
         table = self._conform(table)
         if table.num_rows == 0:
@@ -246,12 +251,15 @@ class RootPartWriter:
         return table
 
     def _written_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The columns as the TTree holds them: never missing, counters ``int32``."""
         assert self._layout is not None
-        for counter in self._layout.counters:
-            if counter in schema.names and pa.types.is_integer(schema.field(counter).type):
-                i = schema.get_field_index(counter)
-                schema = schema.set(i, schema.field(counter).with_type(pa.int32()))
-        return schema
+        fields = []
+        for field in schema:
+            t = _strict(field.type)
+            if field.name in self._layout.counters and pa.types.is_integer(t):
+                t = pa.int32()
+            fields.append(pa.field(field.name, t, nullable=False))
+        return pa.schema(fields, metadata=schema.metadata)
 
     def _check(self, table: pa.Table) -> None:
         """Refuse a counter a delivered column contradicts, or members whose lengths differ."""
@@ -301,7 +309,7 @@ class RootPartWriter:
             if name in self._layout.counters and name not in counted:
                 out[name] = np.asarray(column.to_numpy(zero_copy_only=False), np.int32)
             else:
-                out[name] = ak.from_arrow(column.cast(_strict(column.type)))
+                out[name] = ak.from_arrow(column.cast(_strict(column.type)).combine_chunks())
         return out
 
     def _append(self, table: pa.Table) -> None:
