@@ -81,7 +81,7 @@ def _type_problem(t: pa.DataType) -> str | None:
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         inner = t.value_type
         if pa.types.is_list(inner) or pa.types.is_large_list(inner):
-            return "lists of lists (doubly jagged) need a TTree of split objects uproot cannot write"
+            return "lists of lists (doubly jagged) need split objects, which uproot cannot write"
         if pa.types.is_fixed_size_list(inner):
             return "uproot writes lists of fixed-size arrays wrongly, so they are not written"
         if pa.types.is_string(inner) or pa.types.is_large_string(inner):
