@@ -35,6 +35,7 @@ from typing import Any
 
 import awkward as ak
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import uproot
@@ -153,7 +154,7 @@ def _is_jagged(t: pa.DataType) -> bool:
     return bool(pa.types.is_list(t) or pa.types.is_large_list(t))
 
 
-def _lengths(column: pa.ChunkedArray) -> np.ndarray:
+def _lengths(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
     return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False), np.int64)
 
 
@@ -172,7 +173,7 @@ def _plan_layout(table: pa.Table) -> _Layout:
     """Group ``table``'s jagged columns by collection, splitting off disagreeing lengths."""
     names = set(table.column_names)
     counters: dict[str, list[str]] = {}
-    lengths: dict[str, np.ndarray] = {}
+    lengths: dict[str, npt.NDArray[np.int64]] = {}
     for name in table.column_names:
         column = table.column(name)
         if not _is_jagged(column.type):
@@ -319,9 +320,7 @@ class RootPartWriter:
             if self._file is None:
                 self._tmp = part_path(self.directory, len(self.parts), "root")
                 self._file = uproot.recreate(self._tmp)
-                self._file.mktree(
-                    self.tree_name, branches, counter_name=self._layout.counter_of()
-                )
+                self._file.mktree(self.tree_name, branches, counter_name=self._layout.counter_of())
             else:
                 self._file[self.tree_name].extend(branches)
         except (ValueError, TypeError) as err:  # checked above: a case this writer missed
