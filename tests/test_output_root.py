@@ -513,3 +513,39 @@ def test_coffea_reads_the_tree_as_nanoaod(shared_data: Path, tmp_path: Path) -> 
     pairs = ak.num(ak.combinations(events.Muon, 2)).tolist()
     assert pairs == [n * (n - 1) // 2 for n in ak.num(ref["Muon_pt"]).tolist()]
     assert ak.to_list(events.MET.pt) == ak.to_list(ref["MET_pt"])
+
+
+def test_a_left_joined_friend_without_partners_is_refused_until_inner(
+    typed_input: dict[str, Path], tmp_path: Path
+) -> None:
+    full = uproot.open(typed_input["friend"])["Events"].arrays()
+    half = full[full["event"] % 2 == 0]  # every odd event has no partner
+    path = write_root(tmp_path / "half.root", {k: half[k] for k in [*KEYS, "syst", "Jet_w"]})
+    friend = {
+        "name": "sys",
+        "prefix": "sys_",
+        "dataset": {"name": "half", "files": [str(path)]},
+        "columns": ["syst"],
+    }
+    request = {
+        "dataset": {"name": "typed", "files": [str(typed_input["primary"])]},
+        "columns": ["f32", "sys_syst"],
+        "friends": [friend],
+        "output": {"format": "root"},
+    }
+    with pytest.raises(OutputError, match=r"'sys_syst': .*rows are missing") as info:
+        columnhub.deliver(request, output=tmp_path / "left", cache=False, progress=False)
+    assert "'f32'" not in str(info.value)
+
+    inner = {**request, "friends": [{**friend, "how": "inner"}]}
+    result = columnhub.deliver(inner, output=tmp_path / "inner", cache=False, progress=False)
+    got = result.to_awkward()
+    ref = uproot.open(typed_input["primary"])["Events"].arrays([*KEYS, "f32"])
+    ref = ref[ref["event"] % 2 == 0]
+    by_key = {
+        tuple(int(half[k][i]) for k in KEYS): float(half["syst"][i]) for i in range(len(half))
+    }
+    assert ak.to_list(got["f32"]) == ak.to_list(ref["f32"])
+    assert ak.to_list(got["sys_syst"]) == [
+        by_key[tuple(int(ref[k][i]) for k in KEYS)] for i in range(len(ref))
+    ]
