@@ -16,9 +16,12 @@ coffea's ``NanoAODSchema`` read it as they read NanoAOD):
   its own, ``n`` + its name (``nJet_ptgood``), never forced into ``nJet``.
   Which columns share a counter is decided on the first rows written and kept
   for every part; a later event where they disagree is an error.
-- a delivered column that has a counter's name (``nJet``) is that counter: it
-  must be an integer column equal to the lists' lengths in every event, and
-  is written as the ``int32`` counter (the manifest says so).
+- a delivered integer column that has a counter's name (``nJet``) and equals
+  the lists' lengths on the first rows is that counter, written as ``int32``
+  (the manifest says so); one that differs stays a branch of its own and the
+  lists take the other counter name. A counter never silently replaces a
+  column: a later event where they disagree, or a non-integer column under a
+  counter's name, is an error.
 
 What a TTree cannot hold is refused with one :class:`OutputError` that names
 every such column, the reason and the fix (deliver as Parquet): missing values
