@@ -70,7 +70,12 @@ class Result:
             import uproot
 
             self._check()
-            arrays = [uproot.open(f)["Events"].arrays(library="ak") for f in self.files]
+            # the delivered columns, in order (not the counter branches nJet the TTree adds)
+            columns = list(self.manifest["columns"])
+            arrays = []
+            for f in self.files:
+                with uproot.open(f) as file:
+                    arrays.append(file["Events"].arrays(columns, library="ak"))
             return ak.concatenate(arrays) if arrays else ak.Array([])
         return ak.from_arrow(self.to_arrow())
 
