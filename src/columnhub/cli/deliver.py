@@ -54,13 +54,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     timing = m["timing"]
     size = sum(p["bytes"] for p in m["parts"])
+    reused = m["cache"].get("reused_result")
+    read = (  # a reused result read nothing this time
+        "events (nothing read)" if reused else f"of {m['events_read']:,} events"
+    )
     print(
-        f"delivered {m['events']:,} of {m['events_read']:,} events, "
+        f"delivered {m['events']:,} {read}, "
         f"{len(m['columns'])} columns, {len(m['files'])} file(s), {size / 1e6:.2f} MB "
         f"in {timing['total_s']:.2f} s ({timing['events_per_s']:,.0f} events/s) "
         f"-> {result.directory}"
     )
-    reused = m["cache"].get("reused_result")
     print(
         f"cache: {m['cache']['hits']} hits, {m['cache']['misses']} misses"
         + (f" (whole result reused from {reused})" if reused else "")
