@@ -125,7 +125,7 @@ def _expand(spec: DatasetSpec) -> list[tuple[str, Format]]:
         try:
             out.extend(_expand_local(entry, spec))
         except PermissionError as err:
-            where = err.filename or entry
+            where = _denied(Path(os.path.expanduser(err.filename or entry)))
             msg = (
                 f"dataset {spec.name!r}: permission denied reading {str(where)!r} while listing "
                 f"{entry!r}; make it readable by this user (uid {os.getuid()}) or remove it "
@@ -156,6 +156,16 @@ def _expand_local(entry: str, spec: DatasetSpec) -> list[tuple[str, Format]]:
     else:
         raise DatasetFileNotFoundError(_missing_message(spec, path))
     return out
+
+
+def _denied(path: Path) -> Path:
+    """The first directory on the way to ``path`` this user may not enter or list, else ``path``."""
+    for parent in reversed(path.parents):
+        if not os.access(parent, os.X_OK):
+            return parent
+        if not os.access(parent, os.R_OK) and glob.has_magic(path.name):
+            return parent
+    return path
 
 
 def _check_readable(directory: Path) -> None:
