@@ -102,21 +102,21 @@ def deliver(
         staging = _new_staging(directory)
         try:
             manifest = _execute(plan, staging, workers=workers, progress=progress, cache=store)
-        except BaseException as err:
+            _pause_at("staged")
+            total = time.perf_counter() - t0
+            manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
+            manifest["timing"]["events_per_s"] = (
+                round(manifest["events_read"] / total, 1) if total else 0.0
+            )
+            manifest["result_key"] = identity
+            _record(store, identity, directory, manifest)
+        except BaseException as err:  # Ctrl-C and SIGTERM (the CLI) too: no staging left
             shutil.rmtree(staging, ignore_errors=True)
             if previous is None or not previous.get("complete"):
                 with contextlib.suppress(OSError):  # a full disk: the error below says so
                     write_manifest(directory, _failed_manifest(req, err))
             raise
-        _pause_at("staged")
-        total = time.perf_counter() - t0
-        manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
-        manifest["timing"]["events_per_s"] = (
-            round(manifest["events_read"] / total, 1) if total else 0.0
-        )
-        manifest["result_key"] = identity
-        _record(store, identity, directory, manifest)
-        manifest = _publish(staging, directory, previous, manifest)
+        manifest = _publish(staging, directory, previous, manifest)  # cleans up after itself
     return Result(directory, manifest)
 
 
@@ -279,6 +279,7 @@ def _reuse(
                 parts.append({**part, "mtime_ns": copy.stat().st_mtime_ns})
                 if i == 0:
                     _pause_at("copying")
+            _pause_at("staged")
         except BaseException:
             shutil.rmtree(copied, ignore_errors=True)
             raise
@@ -311,7 +312,6 @@ def _reuse(
     if copied is None:
         write_manifest(directory, reused)  # one atomic rename; the parts stay as they are
         return reused
-    _pause_at("staged")
     return _publish(copied, directory, previous, reused)
 
 
@@ -514,8 +514,9 @@ def _locked(directory: Path) -> Iterator[None]:
             break
         os.close(fd)  # the holder before us removed it on release: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message (a full disk: no matter)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):
