@@ -227,7 +227,8 @@ def test_second_request_waits_for_the_lock_then_fails_clearly(
     holder = start_stopped("staged", json.dumps(request(shared_data, SMALL)), str(out), str(cache))
     monkeypatch.setenv("COLUMNHUB_OUTPUT_LOCK_TIMEOUT", "0.3")
     try:
-        with pytest.raises(OutputError, match=rf"in use by another delivery \(process {holder.pid}\)"):
+        busy = rf"in use by another delivery \(process {holder.pid}\)"
+        with pytest.raises(OutputError, match=busy):
             deliver(request(shared_data, LARGE), out, cache)
     finally:
         os.kill(holder.pid, signal.SIGCONT)
@@ -341,7 +342,8 @@ def test_full_disk_while_a_reused_result_is_copied(
 ) -> None:
     cache = str(tmp_path / "cache")
     large = spec_file(tmp_path, request(shared_data, LARGE))
-    assert cli("deliver", large, "-o", str(tmp_path / "elsewhere"), "--cache", cache).returncode == 0
+    first = cli("deliver", large, "-o", str(tmp_path / "elsewhere"), "--cache", cache)
+    assert first.returncode == 0, first.stderr
     with small_disk(tmp_path / "disk") as mounted:
         out = tmp_path / "disk" / "out"
         done = cli("deliver", spec_file(tmp_path, request(shared_data, SMALL)), "-o", str(out),
@@ -514,19 +516,22 @@ def test_delivering_into_the_input_dataset_is_refused(
     suffix=st.sampled_from(["parquet", "root"]),
     taken=st.sets(st.text("part-0123456789.parquetroo", max_size=24), max_size=40),
     clash=st.lists(st.integers(0, 29), max_size=10),
+    copied=st.booleans(),
 )
 def test_fresh_part_names_never_clash_and_stay_part_names(
-    n: int, suffix: str, taken: set[str], clash: list[int]
+    n: int, suffix: str, taken: set[str], clash: list[int], copied: bool
 ) -> None:
+    """Whatever the directory holds; ``copied``: names of a reused result that had variants."""
     from columnhub.delivery import _PART_NAME, _fresh_names
 
-    names = [f"part-{i:05d}.{suffix}" for i in range(n)]
-    taken = taken | {names[i] for i in clash if i < n}
-    taken |= {name.replace(".", ".1.", 1) for name in names[: len(clash)]}
+    names = [f"part-{i:05d}{'.3' if copied else ''}.{suffix}" for i in range(n)]
+    plain = [f"part-{i:05d}.{suffix}" for i in range(n)]
+    taken = taken | {plain[i] for i in clash if i < n}  # the previous result's names
+    taken |= {f"part-{i:05d}.1.{suffix}" for i in clash[:3] if i < n}
     fresh = _fresh_names(names, taken)
     assert not taken.intersection(fresh)
     assert len(set(fresh)) == n
     assert all(_PART_NAME.match(f) and f.endswith(f".{suffix}") for f in fresh)
     assert _fresh_names(names, taken) == fresh  # deterministic
-    if not taken.intersection(names):
-        assert fresh == names
+    if not taken.intersection(plain):
+        assert fresh == plain

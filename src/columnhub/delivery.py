@@ -261,7 +261,11 @@ def _reuse(
         if blob is not None and Path(json.loads(blob)["directory"]) != here:
             where = Path(json.loads(blob)["directory"])
             manifest = read_manifest(where) if where.is_dir() else None
-            if manifest is not None and manifest.get("result_key") == identity and _intact(where, manifest):
+            if (
+                manifest is not None
+                and manifest.get("result_key") == identity
+                and _intact(where, manifest)
+            ):
                 source = (where, manifest)
     if source is None:
         return None
@@ -428,6 +432,7 @@ _JOURNAL = ".columnhub-publish.json"
 LOCK_TIMEOUT_ENV = "COLUMNHUB_OUTPUT_LOCK_TIMEOUT"
 _LOCK_TIMEOUT_DEFAULT = 600.0
 _PART_NAME = re.compile(r"^part-\d{5,}(?:\.\d+)?\.(?:parquet|root)$")
+_VARIANT = re.compile(r"^(part-\d+)(?:\.\d+)?\.")
 _STAGING = re.compile(r"^\.staging-(\d+)-\d+$")
 _MANIFEST_TMP = re.compile(rf"^\.(?:{re.escape(MANIFEST)}|{re.escape(_JOURNAL[1:])})\.tmp-(\d+)$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -482,7 +487,10 @@ def _locked(directory: Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            msg = f"cannot create the lock file {path} ({err.strerror}); check the directory's permissions"
+            msg = (
+                f"cannot create the lock file {path} ({err.strerror}); "
+                "check the directory's permissions"
+            )
             raise OutputError(msg) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -607,7 +615,9 @@ def _prepare_directory(directory: Path) -> dict[str, Any] | None:
             raise OutputError(msg)
         return None
     listed = set(previous.get("files", []))
-    strays = sorted(p.name for p in directory.iterdir() if _PART_NAME.match(p.name) and p.name not in listed)
+    strays = sorted(
+        p.name for p in directory.iterdir() if _PART_NAME.match(p.name) and p.name not in listed
+    )
     if strays:
         msg = (
             f"output directory {directory} holds {', '.join(strays[:5])}, named like a part but "
@@ -645,7 +655,9 @@ def _check_not_input(directory: Path, plan: Plan) -> None:
                 raise OutputError(msg)
 
 
-def _record(store: ColumnCache | None, identity: str, directory: Path, manifest: dict[str, Any]) -> None:
+def _record(
+    store: ColumnCache | None, identity: str, directory: Path, manifest: dict[str, Any]
+) -> None:
     """Record where the whole result is, so the same request is reused next time.
 
     A cache that cannot take it (a full disk) costs only that reuse: a
@@ -666,14 +678,16 @@ def _record(store: ColumnCache | None, identity: str, directory: Path, manifest:
 
 
 def _fresh_names(names: list[str], taken: set[str]) -> list[str]:
-    """``names`` (``part-NNNNN.ext``), or ``part-NNNNN.<k>.ext`` for the first ``k`` that clashes with none of ``taken``.
+    """The names to publish parts under: ``part-NNNNN.ext``, else ``part-NNNNN.<k>.ext``.
 
-    The previous result's parts keep their names until the new manifest is in
-    place, so the new parts must not share one.
+    ``k`` is the first that gives names no file in the directory (``taken``)
+    has: the previous result's parts keep their names until the new manifest
+    is in place, so the new parts must not share one.
     """
+    bases = [_VARIANT.sub(r"\1.", n) for n in names]  # a copied result may have variants
     k = 0
     while True:
-        fresh = [n if k == 0 else n.replace(".", f".{k}.", 1) for n in names]
+        fresh = [b if k == 0 else _VARIANT.sub(rf"\1.{k}.", b) for b in bases]
         if not taken.intersection(fresh):
             return fresh
         k += 1
