@@ -378,6 +378,13 @@ def test_full_cache_disk_at_the_result_record_warns_and_delivers(
         assert result.manifest["cache"]["partial"] is True
         holds(tmp_path / "out", clean["small"], tidy=True)
         assert columnhub.Result.open(tmp_path / "out").manifest["cache"]["partial"] is True
+        # the CLI: one warning line, exit 0
+        spec = spec_file(tmp_path, request(shared_data, ["Jet_eta"]))
+        done = cli("deliver", spec, "-o", str(tmp_path / "cli"), "--cache", str(cache))
+        assert done.returncode == 0, done.stderr
+        assert "columnhub: warning: the result in" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert columnhub.Result.open(tmp_path / "cli").manifest["cache"]["partial"] is True
 
 
 # -- left-overs, signals, refusals ----------------------------------------------------------
