@@ -540,10 +540,11 @@ def _disk_full_is_output_error(directory: Path) -> Iterator[None]:
     except OSError as err:
         if isinstance(err, ColumnhubError) or err.errno not in _DISK_FULL:
             raise
+        what = "hit a file size limit" if err.errno == errno.EFBIG else "ran out of space"
         msg = (
-            f"the output directory {directory} ran out of space ({err.strerror}) while the "
-            "result was written; nothing was published and any previous result there is "
-            "unchanged. Free some space or deliver into another directory"
+            f"the output directory {directory} {what} ({err.strerror}) while the result was "
+            "written; nothing was published and any previous result there is unchanged. "
+            "Free some space or deliver into another directory"
         )
         raise OutputError(msg) from err
 
