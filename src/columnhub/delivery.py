@@ -78,7 +78,12 @@ def deliver(
 
     Raises:
         ColumnhubError: for anything wrong with the request or its inputs; the
-            output directory then holds no result that looks complete.
+            output directory then holds no result that looks complete, or
+            still the complete previous one.
+        OutputError: the output directory is refused (not a columnhub result,
+            an input of the request, or holding a part-named file its manifest
+            does not list), is full, or is held by another delivery for longer
+            than ``$COLUMNHUB_OUTPUT_LOCK_TIMEOUT`` seconds (default 600).
     """
     t0 = time.perf_counter()
     req = _load(request, chunk_size=chunk_size)
@@ -429,7 +434,7 @@ _LOCK = ".columnhub.lock"
 #: the publish journal: part names coming in and going out while a result is published
 _JOURNAL = ".columnhub-publish.json"
 #: how long a delivery waits for another one holding the output directory (seconds)
-LOCK_TIMEOUT_ENV = "COLUMNHUB_OUTPUT_LOCK_TIMEOUT"
+_LOCK_TIMEOUT_ENV = "COLUMNHUB_OUTPUT_LOCK_TIMEOUT"
 _LOCK_TIMEOUT_DEFAULT = 600.0
 _PART_NAME = re.compile(r"^part-\d{5,}(?:\.\d+)?\.(?:parquet|root)$")
 _VARIANT = re.compile(r"^(part-\d+)(?:\.\d+)?\.")
@@ -474,11 +479,11 @@ def _locked(directory: Path) -> Iterator[None]:
     """
     import fcntl
 
-    raw = os.environ.get(LOCK_TIMEOUT_ENV)
+    raw = os.environ.get(_LOCK_TIMEOUT_ENV)
     try:
         timeout = _LOCK_TIMEOUT_DEFAULT if raw is None else float(raw)
     except ValueError as err:
-        msg = f"${LOCK_TIMEOUT_ENV} must be a number of seconds, got {raw!r}"
+        msg = f"${_LOCK_TIMEOUT_ENV} must be a number of seconds, got {raw!r}"
         raise OutputError(msg) from err
     path = directory / _LOCK
     deadline = time.monotonic() + timeout
@@ -501,7 +506,7 @@ def _locked(directory: Path) -> Iterator[None]:
                 msg = (
                     f"output directory {directory} is in use by another delivery (process "
                     f"{holder}); waited {timeout:g} s for it to finish. Wait for it, deliver into "
-                    f"another directory, or set ${LOCK_TIMEOUT_ENV} to wait longer"
+                    f"another directory, or set ${_LOCK_TIMEOUT_ENV} to wait longer"
                 )
                 raise OutputError(msg) from None
             time.sleep(pause)
