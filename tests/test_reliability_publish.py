@@ -337,6 +337,31 @@ def test_full_output_disk_is_one_clear_error_and_keeps_the_previous_result(
         holds(out, clean["large"], tidy=True)
 
 
+def test_disk_full_at_the_manifest_switch_undoes_the_publish(
+    shared_data: Path, tmp_path: Path, clean: dict[str, list[bytes]]
+) -> None:
+    """The new parts are in, the disk fills before the manifest's rename: the old result stays."""
+    cache = str(tmp_path / "cache")
+    with small_disk(tmp_path / "disk") as mounted:
+        if not mounted:
+            pytest.skip("mount -t tmpfs is not allowed here (needs root)")
+        out = tmp_path / "disk" / "out"
+        done = cli("deliver", spec_file(tmp_path, request(shared_data, SMALL)), "-o", str(out),
+                   "--cache", cache)
+        assert done.returncode == 0, done.stderr
+        large = spec_file(tmp_path, request(shared_data, LARGE))
+        child = start_stopped("moved", "deliver", large, "-o", str(out), "--cache", cache,
+                              cli=True)
+        filler = fill(tmp_path / "disk", leave=0)
+        os.kill(child.pid, signal.SIGCONT)
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 2, err.decode()
+        assert "ran out of space" in err.decode()
+        assert "Traceback" not in err.decode()
+        holds(out, clean["small"], tidy=True)  # the moved-in parts are gone again
+        filler.unlink()
+
+
 def test_full_disk_while_a_reused_result_is_copied(
     shared_data: Path, tmp_path: Path, clean: dict[str, list[bytes]]
 ) -> None:
