@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from columnhub.errors import ColumnNotFoundError, DatasetFileNotFoundError, closest
+from columnhub.errors import ColumnNotFoundError, DatasetError, DatasetFileNotFoundError, closest
 from columnhub.spec import DatasetSpec
 
 __all__ = ["FileInfo", "ResolvedDataset", "is_url", "resolve"]
@@ -122,23 +122,60 @@ def _expand(spec: DatasetSpec) -> list[tuple[str, Format]]:
         if is_url(entry):
             out.append((entry, _format_of(entry)))
             continue
-        local = entry.removeprefix("file://")
-        path = Path(local).expanduser()
-        if path.is_dir():
-            out.extend(_directory(path, spec))
-        elif glob.has_magic(local):
-            found = sorted(glob.glob(os.path.expanduser(local)))
-            if not found:
-                msg = f"dataset {spec.name!r}: no file matches the pattern {entry!r}"
-                raise DatasetFileNotFoundError(msg)
-            out.extend((str(Path(f).resolve()), _format_of(f)) for f in found)
-        elif path.is_file():
-            out.append((str(path.resolve()), _format_of(local)))
-        else:
-            raise DatasetFileNotFoundError(_missing_message(spec, path))
+        try:
+            out.extend(_expand_local(entry, spec))
+        except PermissionError as err:
+            where = _denied(Path(os.path.expanduser(err.filename or entry)))
+            msg = (
+                f"dataset {spec.name!r}: permission denied reading {str(where)!r} while listing "
+                f"{entry!r}; make it readable by this user (uid {os.getuid()}) or remove it "
+                "from the dataset's files"
+            )
+            raise DatasetError(msg) from err
     seen: set[str] = set()
     unique = [(p, f) for p, f in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
     return unique
+
+
+def _expand_local(entry: str, spec: DatasetSpec) -> list[tuple[str, Format]]:
+    """The files of one local entry: a directory, a glob or a file."""
+    out: list[tuple[str, Format]] = []
+    local = entry.removeprefix("file://")
+    path = Path(local).expanduser()
+    if path.is_dir():
+        out.extend(_directory(path, spec))
+    elif glob.has_magic(local):
+        found = sorted(glob.glob(os.path.expanduser(local)))
+        if not found:
+            _check_readable(Path(os.path.expanduser(local)).parent)  # glob hides EACCES
+            msg = f"dataset {spec.name!r}: no file matches the pattern {entry!r}"
+            raise DatasetFileNotFoundError(msg)
+        out.extend((str(Path(f).resolve()), _format_of(f)) for f in found)
+    elif path.is_file():
+        out.append((str(path.resolve()), _format_of(local)))
+    else:
+        raise DatasetFileNotFoundError(_missing_message(spec, path))
+    return out
+
+
+def _denied(path: Path) -> Path:
+    """The first directory on the way to ``path`` this user may not enter or list, else ``path``."""
+    for parent in reversed(path.parents):
+        if not os.access(parent, os.X_OK):
+            return parent
+        if not os.access(parent, os.R_OK) and glob.has_magic(path.name):
+            return parent
+    return path
+
+
+def _check_readable(directory: Path) -> None:
+    """Raise :class:`PermissionError` for the first non-magic directory this user cannot list."""
+    for parent in [directory, *directory.parents]:
+        if glob.has_magic(str(parent)) or not parent.is_dir():
+            continue
+        if not os.access(parent, os.R_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(parent))
+        return
 
 
 def _directory(path: Path, spec: DatasetSpec) -> list[tuple[str, Format]]:

@@ -5,12 +5,17 @@ The service runs exactly this code for each request it accepts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, overload
@@ -19,10 +24,11 @@ import awkward as ak
 import pyarrow as pa
 
 from columnhub.cache import ColumnCache, default_location, entry_key
-from columnhub.errors import ColumnhubError, OutputError, SampleError, SpecError
+from columnhub.datasets import is_url
+from columnhub.errors import CacheError, ColumnhubError, OutputError, SampleError, SpecError
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.execute.local import run_ordered
-from columnhub.output.manifest import read_manifest, write_manifest
+from columnhub.output.manifest import MANIFEST, read_manifest, write_manifest
 from columnhub.output.parquet import PartWriter, file_checksum
 from columnhub.plan import Plan, make_plan
 from columnhub.result import Result
@@ -117,7 +123,12 @@ def deliver(
 
     Raises:
         ColumnhubError: for anything wrong with the request or its inputs; the
-            output directory then holds no result that looks complete.
+            output directory then holds no result that looks complete, or
+            still the complete previous one.
+        OutputError: the output directory is refused (not a columnhub result,
+            an input of the request, or holding a part-named file its manifest
+            does not list), is full, or is held by another delivery for longer
+            than ``$COLUMNHUB_OUTPUT_LOCK_TIMEOUT`` seconds (default 600).
         SampleError: with several samples, when some failed (``.errors``: each
             one's error; ``.results``: the samples delivered).
     """
@@ -132,37 +143,34 @@ def deliver(
     directory = directory or default_output_directory(req)
     plan = make_plan(req)  # user errors surface here, before anything is written
     t_plan = time.perf_counter() - t0
+    _check_not_input(directory, plan)
     store = _open_cache(cache)
-    previous = _prepare_directory(directory)
-    identity = _result_key(plan)
-    reused = _reuse(identity, directory, previous, store)
-    if reused is not None:
-        total = time.perf_counter() - t0
-        reused["timing"] = {
-            "plan_s": round(t_plan, 6),
-            "run_s": 0.0,
-            "total_s": round(total, 6),
-            "events_per_s": round(reused.get("events_read", 0) / total, 1) if total else 0.0,
-        }
-        write_manifest(directory, reused)
-        return Result(directory, reused)
-    staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
-    staging.mkdir(parents=True)
-    try:
-        manifest = _execute(plan, staging, workers=workers, progress=progress, cache=store)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if previous is None:
-            write_manifest(directory, _failed_manifest(req, err))
-        raise
-    _publish(staging, directory, previous, manifest["files"])
-    total = time.perf_counter() - t0
-    manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
-    manifest["timing"]["events_per_s"] = round(manifest["events_read"] / total, 1) if total else 0.0
-    manifest["result_key"] = identity
-    write_manifest(directory, manifest)
-    if store is not None and not store.read_only:
-        store.put_bytes(identity, json.dumps({"directory": str(directory.resolve())}).encode())
+    _make_directory(directory)
+    with _locked(directory), _disk_full_is_output_error(directory):
+        previous = _prepare_directory(directory)
+        _pause_at("locked")
+        identity = _result_key(plan)
+        reused = _reuse(identity, directory, previous, store, t0=t0, t_plan=t_plan)
+        if reused is not None:
+            return Result(directory, reused)
+        staging = _new_staging(directory)
+        try:
+            manifest = _execute(plan, staging, workers=workers, progress=progress, cache=store)
+            _pause_at("staged")
+            total = time.perf_counter() - t0
+            manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
+            manifest["timing"]["events_per_s"] = (
+                round(manifest["events_read"] / total, 1) if total else 0.0
+            )
+            manifest["result_key"] = identity
+            _record(store, identity, directory, manifest)
+        except BaseException as err:  # Ctrl-C and SIGTERM (the CLI) too: no staging left
+            shutil.rmtree(staging, ignore_errors=True)
+            if previous is None or not previous.get("complete"):
+                with contextlib.suppress(OSError):  # a full disk: the error below says so
+                    write_manifest(directory, _failed_manifest(req, err))
+            raise
+        manifest = _publish(staging, directory, previous, manifest)  # cleans up after itself
     return Result(directory, manifest)
 
 
@@ -384,10 +392,12 @@ def _result_key(plan: Plan) -> str:
     )
 
 
-def _intact(directory: Path, manifest: dict[str, Any]) -> bool:
+def _intact(directory: Path, manifest: dict[str, Any], *, verify: bool = False) -> bool:
     """True when every part a complete manifest lists is there, untouched since written.
 
-    A cheap check (size and modification time); copies verify the checksum too.
+    A cheap check (size and modification time); with ``verify``, each part's
+    xxh3 checksum too (a flipped bit with its mtime restored is caught). Copies
+    verify the checksum as they copy.
     """
     if not manifest.get("complete"):
         return False
@@ -398,56 +408,103 @@ def _intact(directory: Path, manifest: dict[str, Any]) -> bool:
         stat = path.stat()
         if stat.st_size != part["bytes"] or stat.st_mtime_ns != part.get("mtime_ns"):
             return False
+    if verify:
+        return all(
+            file_checksum(directory / part["name"]) == part["xxh3"]
+            for part in manifest.get("parts", [])
+        )
     return True
 
 
 def _reuse(
-    identity: str, directory: Path, previous: dict[str, Any] | None, store: ColumnCache | None
+    identity: str,
+    directory: Path,
+    previous: dict[str, Any] | None,
+    store: ColumnCache | None,
+    *,
+    t0: float,
+    t_plan: float,
 ) -> dict[str, Any] | None:
     """A full hit: the same request on unchanged inputs was delivered before.
 
-    The result already in ``directory`` is kept as it is; one delivered
-    elsewhere (found through the cache) has its parts copied, byte for byte.
-    Returns the new manifest, or ``None`` when the result must be computed.
+    The result already in ``directory`` is kept as it is once its parts'
+    checksums are verified; one delivered elsewhere (found through the cache)
+    has its parts copied, byte for byte, and verified as they are copied, then
+    published as a new result is. Returns the published manifest (it reports
+    what this run did: nothing read or computed), or ``None`` when the result
+    must be computed.
     """
     if store is None:
         return None
     source: tuple[Path, dict[str, Any]] | None = None
-    if previous is not None and previous.get("result_key") == identity and _intact(directory, previous):
+    if (
+        previous is not None
+        and previous.get("result_key") == identity
+        and _intact(directory, previous, verify=True)
+    ):
         source = (directory, previous)
     else:
         blob = store.get_bytes(identity)
-        if blob is not None:
+        here = directory.resolve()
+        if blob is not None and Path(json.loads(blob)["directory"]) != here:
             where = Path(json.loads(blob)["directory"])
             manifest = read_manifest(where) if where.is_dir() else None
-            if manifest is not None and manifest.get("result_key") == identity and _intact(where, manifest):
+            if (
+                manifest is not None
+                and manifest.get("result_key") == identity
+                and _intact(where, manifest)
+            ):
                 source = (where, manifest)
     if source is None:
         return None
     where, manifest = source
+    copied: Path | None = None
     if where != directory:
-        staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
-        staging.mkdir(parents=True)
-        parts = []
-        for part in manifest["parts"]:  # copied and verified in one pass
-            copy = staging / part["name"]
-            if file_checksum(where / part["name"], copy_to=copy) != part["xxh3"]:
-                shutil.rmtree(staging, ignore_errors=True)
-                return None
-            parts.append({**part, "mtime_ns": copy.stat().st_mtime_ns})
-        _publish(staging, directory, previous, manifest["files"])
+        copied = _new_staging(directory)
+        try:
+            parts = []
+            for i, part in enumerate(manifest["parts"]):  # copied and verified in one pass
+                copy = copied / part["name"]
+                if file_checksum(where / part["name"], copy_to=copy) != part["xxh3"]:
+                    shutil.rmtree(copied, ignore_errors=True)
+                    return None
+                parts.append({**part, "mtime_ns": copy.stat().st_mtime_ns})
+                if i == 0:
+                    _pause_at("copying")
+            _pause_at("staged")
+        except BaseException:
+            shutil.rmtree(copied, ignore_errors=True)
+            raise
         manifest = {**manifest, "parts": parts}
-    entries = manifest["cache"]["hits"] + manifest["cache"]["misses"]
     reused = dict(manifest)
-    reused["cache"] = {"hits": entries, "misses": 0, "reused_result": str(where)}
-    reused["chunks"] = [  # nothing was read or computed this time
-        {**c, "read": [], "friend_entries_read": 0, "cache_misses": 0,
+    entries = manifest["cache"]["hits"] + manifest["cache"]["misses"]
+    # what this run did: every column chunk served (by the stored result), nothing read
+    reused["cache"] = {
+        "hits": entries,
+        "misses": 0,
+        "location": store.location,
+        "reused_result": str(where),
+    }
+    reused["events_read"] = 0
+    reused["chunks"] = [
+        {**c, "read": [], "friend_entries_read": 0, "cache_misses": 0, "seconds": 0.0,
          "cache_hits": c.get("cache_hits", 0) + c.get("cache_misses", 0)}
-        if "read" in c else c
+        if "read" in c else {**c, "seconds": 0.0}
         for c in manifest["chunks"]
     ]
+    reused["inference"] = {}  # no model was run this time
     reused["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    return reused
+    total = time.perf_counter() - t0
+    reused["timing"] = {
+        "plan_s": round(t_plan, 6),
+        "run_s": 0.0,
+        "total_s": round(total, 6),
+        "events_per_s": 0.0,
+    }
+    if copied is None:
+        write_manifest(directory, reused)  # one atomic rename; the parts stay as they are
+        return reused
+    return _publish(copied, directory, previous, reused)
 
 
 def _execute(
@@ -555,39 +612,341 @@ def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
     }
 
 
-def _prepare_directory(directory: Path) -> dict[str, Any] | None:
-    """Check the output directory; returns the manifest of a result already there."""
+#: the advisory lock file of an output directory (``fcntl.flock``), held for a whole delivery
+_LOCK = ".columnhub.lock"
+#: the publish journal: part names coming in and going out while a result is published
+_JOURNAL = ".columnhub-publish.json"
+#: how long a delivery waits for another one holding the output directory (seconds)
+_LOCK_TIMEOUT_ENV = "COLUMNHUB_OUTPUT_LOCK_TIMEOUT"
+_LOCK_TIMEOUT_DEFAULT = 600.0
+_PART_NAME = re.compile(r"^part-\d{5,}(?:\.\d+)?\.(?:parquet|root)$")
+_VARIANT = re.compile(r"^(part-\d+)(?:\.\d+)?\.")
+_STAGING = re.compile(r"^\.staging-(\d+)-\d+$")
+_MANIFEST_TMP = re.compile(rf"^\.(?:{re.escape(MANIFEST)}|{re.escape(_JOURNAL[1:])})\.tmp-(\d+)$")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _pause_at(step: str) -> None:
+    """Test-only hook: stop this process (SIGSTOP) at the named publish step.
+
+    Set ``COLUMNHUB_TEST_PAUSE_AT`` to one of ``locked``, ``copying``,
+    ``staged``, ``journal``, ``moving``, ``moved``, ``published``, ``cleaned``
+    and the process stops itself there, so a test can look at the output
+    directory and kill it (``SIGKILL``) at exactly that point. Never set it
+    outside tests.
+    """
+    if os.environ.get("COLUMNHUB_TEST_PAUSE_AT") == step:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _make_directory(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         msg = f"output {directory} exists and is not a directory; choose another path"
         raise OutputError(msg)
-    if not directory.exists():
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        msg = f"cannot create the output directory {directory} ({err.strerror})"
+        raise OutputError(msg) from err
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold the output directory's advisory lock (``.columnhub.lock``) for a delivery.
+
+    A second delivery into the same directory waits for the first to finish,
+    at most ``$COLUMNHUB_OUTPUT_LOCK_TIMEOUT`` seconds (default 600), then
+    fails with an :class:`OutputError` naming the process that holds it. The
+    kernel releases the lock when its holder dies, however it dies. The file
+    is removed on release; a waiter that locked a removed file tries again.
+    """
+    import fcntl
+
+    raw = os.environ.get(_LOCK_TIMEOUT_ENV)
+    try:
+        timeout = _LOCK_TIMEOUT_DEFAULT if raw is None else float(raw)
+    except ValueError as err:
+        msg = f"${_LOCK_TIMEOUT_ENV} must be a number of seconds, got {raw!r}"
+        raise OutputError(msg) from err
+    path = directory / _LOCK
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
         try:
-            directory.mkdir(parents=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            msg = f"cannot create the output directory {directory} ({err.strerror})"
+            msg = (
+                f"cannot create the lock file {path} ({err.strerror}); "
+                "check the directory's permissions"
+            )
             raise OutputError(msg) from err
-        return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                msg = (
+                    f"output directory {directory} is in use by another delivery (process "
+                    f"{holder}); waited {timeout:g} s for it to finish. Wait for it, deliver into "
+                    f"another directory, or set ${_LOCK_TIMEOUT_ENV} to wait longer"
+                )
+                raise OutputError(msg) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+            continue
+        except OSError as err:
+            os.close(fd)
+            msg = (
+                f"cannot lock {path} ({err.strerror}): the file system does not support "
+                "flock; deliver into a directory on a local or flock-capable file system"
+            )
+            raise OutputError(msg) from err
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed it on release: lock the new one
+    try:
+        with contextlib.suppress(OSError):  # who holds it, for the message (a full disk: no matter)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still locked: whoever opens it next sees a removed file
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _disk_full_is_output_error(directory: Path) -> Iterator[None]:
+    """A full output disk (or quota, or file size limit) becomes one clear :class:`OutputError`."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, ColumnhubError) or err.errno not in _DISK_FULL:
+            raise
+        what = "hit a file size limit" if err.errno == errno.EFBIG else "ran out of space"
+        msg = (
+            f"the output directory {directory} {what} ({err.strerror}) while the result was "
+            "written; nothing was published and any previous result there is unchanged. "
+            "Free some space or deliver into another directory"
+        )
+        raise OutputError(msg) from err
+
+
+def _new_staging(directory: Path) -> Path:
+    """A fresh hidden directory the parts are written to: ``.staging-<pid>-<ns>``."""
+    staging = directory / f".staging-{os.getpid()}-{time.time_ns()}"
+    staging.mkdir()
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _recover(directory: Path) -> None:
+    """Finish or undo what a killed delivery left (called with the lock held).
+
+    The publish journal lists the parts a publish was moving in and the ones
+    it was replacing; the manifest says which of the two sets is the result.
+    The other set goes. Staging directories and manifest temporaries of
+    processes that are gone go too.
+    """
+    journal_path = directory / _JOURNAL
+    if journal_path.is_file():
+        try:
+            journal = json.loads(journal_path.read_text())
+        except ValueError:  # written by rename, so never torn: not ours
+            msg = f"{journal_path} is not a columnhub publish journal; remove it and deliver again"
+            raise OutputError(msg) from None
+        manifest = read_manifest(directory)
+        live = set(manifest.get("files", [])) if manifest else set()
+        for name in [*journal.get("incoming", []), *journal.get("replaces", [])]:
+            if name not in live and _PART_NAME.match(name):
+                (directory / name).unlink(missing_ok=True)
+        journal_path.unlink()
+    for entry in directory.iterdir():
+        match = _STAGING.match(entry.name) or _MANIFEST_TMP.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _prepare_directory(directory: Path) -> dict[str, Any] | None:
+    """Check the (locked) output directory; returns the manifest of a result already there.
+
+    What a killed delivery left is cleaned up first. A directory without a
+    manifest must be empty; one with a manifest must hold no part-named file
+    the manifest does not list (a user's file is never overwritten).
+    """
+    _recover(directory)
     previous = read_manifest(directory)
+    ours = (".staging-", _LOCK, _JOURNAL, f".{MANIFEST}.tmp-")
     if previous is None:
-        others = [p.name for p in directory.iterdir() if not p.name.startswith(".staging-")]
+        others = [p.name for p in directory.iterdir() if not p.name.startswith(ours)]
         if others:
             msg = (
                 f"output directory {directory} is not empty and holds no columnhub result "
                 f"(it has {', '.join(sorted(others)[:5])}); choose an empty or new directory"
             )
             raise OutputError(msg)
+        return None
+    listed = set(previous.get("files", []))
+    strays = sorted(
+        p.name for p in directory.iterdir() if _PART_NAME.match(p.name) and p.name not in listed
+    )
+    if strays:
+        msg = (
+            f"output directory {directory} holds {', '.join(strays[:5])}, named like a part but "
+            "not part of the columnhub result there; it would be overwritten. Move it away or "
+            "deliver into another directory"
+        )
+        raise OutputError(msg)
     return previous
 
 
-def _publish(staging: Path, directory: Path, previous: dict[str, Any] | None, files: list[str]) -> None:
-    """Move the new parts in place of the previous result's."""
-    if previous is not None:
-        (directory / "manifest.json").unlink(missing_ok=True)
-        for name in previous.get("files", []):
-            (directory / name).unlink(missing_ok=True)
-    for name in files:
-        os.replace(staging / name, directory / name)
+def _check_not_input(directory: Path, plan: Plan) -> None:
+    """Refuse an output directory that is, holds or lies inside an input dataset's files."""
+    out = directory.resolve()
+    for dataset in [plan.dataset, *(f.dataset for f in plan.friends)]:
+        for entry in dataset.spec.files:
+            if is_url(entry):
+                continue
+            path = Path(entry.removeprefix("file://")).expanduser().resolve()
+            inside = path.is_dir() and out.is_relative_to(path)
+            if path == out or path.is_relative_to(out) or inside:
+                where = "inside" if inside and path != out else "the directory of"
+                msg = (
+                    f"output directory {directory} is {where} the input dataset "
+                    f"{dataset.spec.name!r} ({entry}); delivering there would overwrite or mix "
+                    "with its files. Choose another output directory"
+                )
+                raise OutputError(msg)
+        for info in dataset.files:
+            if not is_url(info.path) and Path(info.path).resolve().is_relative_to(out):
+                msg = (
+                    f"output directory {directory} holds {info.path}, a file of the input "
+                    f"dataset {dataset.spec.name!r}; delivering there would overwrite it. "
+                    "Choose another output directory"
+                )
+                raise OutputError(msg)
+
+
+def _record(
+    store: ColumnCache | None, identity: str, directory: Path, manifest: dict[str, Any]
+) -> None:
+    """Record where the whole result is, so the same request is reused next time.
+
+    A cache that cannot take it (a full disk) costs only that reuse: a
+    warning, and the manifest says caching was partial.
+    """
+    if store is None or store.read_only:
+        return
+    try:
+        store.put_bytes(identity, json.dumps({"directory": str(directory.resolve())}).encode())
+    except CacheError as err:
+        manifest["cache"]["partial"] = True
+        manifest["cache"]["error"] = str(err)
+        msg = (
+            f"the result in {directory} is complete, but the cache could not record it ({err}); "
+            "the same request will be computed again instead of reused"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _fresh_names(names: list[str], taken: set[str]) -> list[str]:
+    """The names to publish parts under: ``part-NNNNN.ext``, else ``part-NNNNN.<k>.ext``.
+
+    ``k`` is the first that gives names no file in the directory (``taken``)
+    has: the previous result's parts keep their names until the new manifest
+    is in place, so the new parts must not share one.
+    """
+    bases = [_VARIANT.sub(r"\1.", n) for n in names]  # a copied result may have variants
+    k = 0
+    while True:
+        fresh = [b if k == 0 else _VARIANT.sub(rf"\1.{k}.", b) for b in bases]
+        if not taken.intersection(fresh):
+            return fresh
+        k += 1
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(
+    staging: Path, directory: Path, previous: dict[str, Any] | None, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Publish the parts in ``staging`` and ``manifest`` in place of the previous result.
+
+    Crash-safe at every instant (the lock is held): the new parts get names
+    no file in the directory has; a journal naming them and the parts they
+    replace is written (atomically) first; the parts are moved in; one atomic
+    rename of ``manifest.json`` switches from the previous result to the new
+    one; then the previous parts and the journal go. A kill anywhere leaves
+    the complete previous or the complete new result, and the journal tells
+    the next delivery (:func:`_recover`) which files are left over.
+
+    Returns:
+        ``manifest`` with the names the parts were published under.
+    """
+    original = [p["name"] for p in manifest["parts"]]
+    names = _fresh_names(original, {p.name for p in directory.iterdir()})
+    renamed = dict(zip(original, names, strict=True))
+    manifest = {
+        **manifest,
+        "files": [renamed[n] for n in manifest["files"]],
+        "parts": [{**p, "name": renamed[p["name"]]} for p in manifest["parts"]],
+    }
+    old = [n for n in (previous or {}).get("files", []) if n not in renamed.values()]
+    for name in original:  # on disk before anything points at it
+        _fsync(staging / name)
+    journal = {"pid": os.getpid(), "incoming": names, "replaces": old}
+    tmp = directory / f".{_JOURNAL}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(journal) + "\n")
+        os.replace(tmp, directory / _JOURNAL)
+        _pause_at("journal")
+        for i, (src, dst) in enumerate(renamed.items()):
+            os.replace(staging / src, directory / dst)
+            if i == 0:
+                _pause_at("moving")
+        _pause_at("moved")
+        write_manifest(directory, manifest)  # the switch: one atomic rename
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        current = read_manifest(directory) if (directory / MANIFEST).is_file() else None
+        if current is None or current.get("files") != manifest["files"]:
+            # not switched: the previous result is still the one; take the new parts away
+            for name in names:
+                (directory / name).unlink(missing_ok=True)
+            (directory / _JOURNAL).unlink(missing_ok=True)
+        # else switched just before the interrupt: the journal lets the next delivery finish
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _pause_at("published")
+    for name in old:
+        (directory / name).unlink(missing_ok=True)
+    _pause_at("cleaned")
+    (directory / _JOURNAL).unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _failed_manifest(req: Request, err: BaseException) -> dict[str, Any]:

@@ -86,13 +86,16 @@ def _summarise(result: Any, *, json_out: bool, indent: str = "") -> None:
         return
     timing = m["timing"]
     size = sum(p["bytes"] for p in m["parts"])
+    reused = m["cache"].get("reused_result")
+    read = (  # a reused result read nothing this time
+        "events (nothing read)" if reused else f"of {m['events_read']:,} events"
+    )
     print(
-        f"{indent}delivered {m['events']:,} of {m['events_read']:,} events, "
+        f"{indent}delivered {m['events']:,} {read}, "
         f"{len(m['columns'])} columns, {len(m['files'])} file(s), {size / 1e6:.2f} MB "
         f"in {timing['total_s']:.2f} s ({timing['events_per_s']:,.0f} events/s) "
         f"-> {result.directory}"
     )
-    reused = m["cache"].get("reused_result")
     print(
         f"{indent}cache: {m['cache']['hits']} hits, {m['cache']['misses']} misses"
         + (f" (whole result reused from {reused})" if reused else "")

@@ -2,21 +2,29 @@
 
 Errors are mapped to exit codes here and only here: user errors
 (:class:`~columnhub.errors.ColumnhubError`) print one clear message and exit 2;
-an interrupt exits 130. Users never see a traceback for their own mistakes.
+an interrupt exits 130, and SIGTERM (a batch system or ``kill``) exits 143
+after the same clean-up as Ctrl-C (it is raised as :class:`Terminated`, a
+``KeyboardInterrupt``, in the main thread). Warnings print as one line
+(``columnhub: warning: ...``). Users never see a traceback for their own mistakes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import Any, NoReturn
 
 from columnhub.errors import ColumnhubError
 
-__all__ = ["main"]
+__all__ = ["Terminated", "main"]
 
 #: modules under ``columnhub.cli`` that add sub-commands, in help order.
 COMMANDS = ("deliver", "synth", "cache")
@@ -44,6 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` cleans up (staging too)."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread while a command runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _format_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> str:
+    return f"columnhub: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -51,17 +85,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_unwinds():
+            return int(args.func(args) or 0)
     except ColumnhubError as err:
         print(f"columnhub: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("columnhub: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("columnhub: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
