@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,11 +35,39 @@ __all__ = [
     "ModelSpec",
     "OutputSpec",
     "Request",
+    "default_dataset_name",
     "load_request",
 ]
 
 CMS_KEYS: tuple[str, ...] = ("run", "luminosityBlock", "event")
 _DEFAULT_PART_BYTES = 256 * 1024**2
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema booleans.
+
+    PyYAML implements YAML 1.1, where ``on``, ``off``, ``yes``, ``no``, ``y``
+    and ``n`` are booleans, so a friend's ``on: [run, event]`` would become the
+    key ``True``. In YAML 1.2 only ``true`` and ``false`` are; everything else
+    stays a string. A resolver on the safe loader is enough for that (no
+    second YAML library to install).
+    """
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML's class-level table
+        first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML (or JSON) text as plain data, with YAML 1.2 booleans (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Frozen(BaseModel):
@@ -49,7 +78,10 @@ class DatasetSpec(_Frozen):
     """Where the events are.
 
     Attributes:
-        name: a short name, used in messages and provenance.
+        name: a short name, used in messages and provenance; by default derived
+            from the files (their common file-name stem, else their folder; see
+            :func:`default_dataset_name`). A friend's dataset defaults to the
+            friend's name.
         files: local paths, glob patterns, ``root://`` or ``https://`` URLs, or
             a columnhub output directory (Parquet parts with key columns).
         tree: the TTree (or RNTuple) name in ROOT files.
@@ -63,6 +95,18 @@ class DatasetSpec(_Frozen):
     tree: str = "Events"
     keys: tuple[str, ...] = Field(default=CMS_KEYS, min_length=1)
     timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None and data.get("files"):
+            files = data["files"]
+            files = [files] if isinstance(files, str | os.PathLike) else files
+            if isinstance(files, list | tuple) and all(
+                isinstance(f, str | os.PathLike) for f in files
+            ):
+                data = {**data, "name": default_dataset_name([os.fspath(f) for f in files])}
+        return data
 
     @field_validator("files", mode="before")
     @classmethod
@@ -109,6 +153,18 @@ class FriendSpec(_Frozen):
     prefix: str | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_named_after_friend(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("dataset"), dict)
+            and data["dataset"].get("name") is None
+            and isinstance(data.get("name"), str)
+        ):
+            data = {**data, "dataset": {**data["dataset"], "name": data["name"]}}
+        return data
 
     @property
     def friend_keys(self) -> tuple[str, ...]:
@@ -261,7 +317,7 @@ class Request(_Frozen):
     def from_yaml(cls, text: str) -> Request:
         """Build a request from YAML (or JSON, which is YAML) text."""
         try:
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         except yaml.YAMLError as err:
             msg = f"the request is not valid YAML/JSON: {err}"
             raise SpecError(msg) from None
@@ -334,6 +390,38 @@ def load_request(source: str | os.PathLike[str] | dict[str, Any] | Request) -> R
     if path.suffix == ".json":
         return Request.from_json(text)
     return Request.from_yaml(text)
+
+
+def default_dataset_name(files: list[str]) -> str:
+    """A dataset name derived from its files, for a dataset that gives none.
+
+    The longest common beginning of the file names without their suffix
+    (``dy_1.root``, ``dy_2.root`` -> ``dy``), else the name of the folder they
+    share, else ``dataset``. Glob characters and URL queries are left out.
+
+    >>> default_dataset_name(["data/dy_1.root", "data/dy_2.root"])
+    'dy'
+    >>> default_dataset_name(["mc/ttbar/a.root", "mc/ttbar/b.root"])
+    'ttbar'
+    >>> default_dataset_name(["root://eos.example//store/nano_dy.root?svcClass=x"])
+    'nano_dy'
+    """
+    paths = [re.split(r"[?#]", f, maxsplit=1)[0].rstrip("/") for f in files]
+    paths = [p.split("://", 1)[-1] for p in paths]
+    stems = []
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        stem = name.split(".", 1)[0] if "." in name else name
+        stems.append(re.split(r"[*?\[]", stem, maxsplit=1)[0])
+    name = os.path.commonprefix(stems).rstrip("_-. ")
+    if name:
+        return name
+    parents = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}
+    if len(parents) == 1:
+        folder = parents.pop().rstrip("/").rsplit("/", 1)[-1]
+        if folder and folder not in (".", "..") and not re.search(r"[*?\[]", folder):
+            return folder
+    return "dataset"
 
 
 def _describe(err: ValidationError) -> str:
