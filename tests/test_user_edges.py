@@ -147,3 +147,83 @@ def test_dataset_name_defaults_and_explicit_hash_unchanged(shared_data: Path) ->
 def test_unnamed_dataset_named_in_messages(tmp_path: Path) -> None:
     with pytest.raises(columnhub.errors.DatasetFileNotFoundError, match="'ttbar_2024'"):
         columnhub.arrays({"dataset": {"files": [str(tmp_path / "ttbar_2024.root")]}, "columns": ["x"]})
+
+
+# ---------------------------------------------------------------------------
+# relative paths in a spec file resolve against the spec file's folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+    exe = Path(sys.executable).parent / "columnhub"
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+    )
+
+
+def test_spec_file_paths_are_relative_to_its_folder(shared_data: Path, tmp_path: Path) -> None:
+    specs = tmp_path / "analysis" / "specs"
+    data = tmp_path / "analysis" / "data"
+    data.mkdir(parents=True)
+    specs.mkdir()
+    shutil.copyfile(shared_data / SAMPLE, data / "dy_1.root")
+    (specs / "req.yaml").write_text(
+        textwrap.dedent(
+            """
+            dataset: {files: [../data/dy_1.root]}
+            columns: [MET_pt, sys_Jet_pt]
+            friends:
+              - name: sys
+                dataset: {files: ../data/*.root}
+                columns: [Jet_pt]
+                match: aligned
+                prefix: sys_
+            registry: ../models
+            output: {directory: ../out}
+            """
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    request = load_request(specs / "req.yaml")
+    assert request.dataset.files == (str(data / "dy_1.root"),)
+    assert request.friends[0].dataset.files == (str(data / "*.root"),)
+    assert request.registry == str(tmp_path / "analysis" / "models")
+    assert request.output.directory == str(tmp_path / "analysis" / "out")
+    assert request.dataset.name == "dy_1"
+
+    done = _cli("deliver", str(specs / "req.yaml"), cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    result = columnhub.Result.open(tmp_path / "analysis" / "out")
+    got = result.to_awkward()
+    with uproot.open(shared_data / SAMPLE) as file:
+        expected = file["Events"].arrays(["MET_pt", "Jet_pt"])
+    assert ak.to_list(got.MET_pt) == ak.to_list(expected.MET_pt)
+    assert ak.to_list(got.sys_Jet_pt) == ak.to_list(expected.Jet_pt)
+    assert not list(elsewhere.iterdir())  # nothing written relative to the cwd
+
+
+def test_dict_and_request_paths_stay_relative_to_cwd(tmp_path: Path) -> None:
+    data = {"dataset": {"files": ["d/a.root"]}, "columns": ["x"], "output": {"directory": "o"}}
+    assert load_request(data).dataset.files == ("d/a.root",)
+    assert load_request(data).output.directory == "o"
+    assert load_request(Request.from_dict(data)).dataset.files == ("d/a.root",)
+    (tmp_path / "r.json").write_text(
+        '{"dataset": {"files": ["d/a.root", "root://h//x.root", "/abs/b.root"]}, "columns": ["x"],'
+        ' "define": {"files": "x + 1"}}'
+    )
+    from_file = load_request(tmp_path / "r.json")
+    assert sorted(from_file.dataset.files) == sorted(
+        [str(tmp_path / "d" / "a.root"), "root://h//x.root", "/abs/b.root"]
+    )
+    assert from_file.define == {"files": "x + 1"}  # expressions are never paths
+
+
+def test_demo_spec_runs_from_the_repository_root(shared_data: Path, tmp_path: Path) -> None:
+    done = _cli("deliver", "examples/demo.yaml", "-o", str(tmp_path / "demo"), cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    result = columnhub.Result.open(tmp_path / "demo")
+    with uproot.open(shared_data / "nano_tt_v12.root") as file:
+        ev = file["Events"].arrays(["nJet", "MET_pt"])
+    assert result.events == int(ak.sum((ev.nJet >= 4) & (ev.MET_pt > 30)))

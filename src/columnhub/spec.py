@@ -37,6 +37,7 @@ __all__ = [
     "Request",
     "default_dataset_name",
     "load_request",
+    "rebase_paths",
 ]
 
 CMS_KEYS: tuple[str, ...] = ("run", "luminosityBlock", "event")
@@ -377,7 +378,13 @@ class Request(_Frozen):
 
 
 def load_request(source: str | os.PathLike[str] | dict[str, Any] | Request) -> Request:
-    """A request from a YAML/JSON file path, a dictionary or a :class:`Request`."""
+    """A request from a YAML/JSON file path, a dictionary or a :class:`Request`.
+
+    Relative paths in a spec *file* (dataset and friend ``files``, ``registry``,
+    ``output.directory``) are relative to the file's folder, so a spec works
+    from any working directory; in a dictionary or a :class:`Request` they stay
+    relative to the working directory.
+    """
     if isinstance(source, Request):
         return source
     if isinstance(source, dict):
@@ -388,8 +395,69 @@ def load_request(source: str | os.PathLike[str] | dict[str, Any] | Request) -> R
         raise SpecError(msg)
     text = path.read_text()
     if path.suffix == ".json":
-        return Request.from_json(text)
-    return Request.from_yaml(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            msg = f"the request file {str(path)!r} is not valid JSON: {err}"
+            raise SpecError(msg) from None
+    else:
+        try:
+            data = _load_yaml(text)
+        except yaml.YAMLError as err:
+            msg = f"the request file {str(path)!r} is not valid YAML/JSON: {err}"
+            raise SpecError(msg) from None
+    return Request.from_dict(rebase_paths(data, path.resolve().parent))
+
+
+#: fields that hold text of the user's own (column names, expressions, model
+#: names), never paths: not looked into by :func:`rebase_paths`
+_NOT_PATHS = frozenset({"columns", "define", "where", "models", "keys", "on"})
+
+
+def rebase_paths(data: Any, base: str | os.PathLike[str]) -> Any:
+    """A copy of request data with its relative local paths made relative to ``base``.
+
+    Wherever it appears in the request (the primary dataset, friends, and any
+    nesting of them such as several samples), a ``files`` entry (text, a list,
+    or a mapping path -> tree as in a coffea fileset) and a ``registry`` are
+    rebased, as is ``directory`` in an ``output``. URLs (``scheme://``),
+    absolute paths and ``~`` paths are left as they are.
+
+    >>> rebase_paths({"dataset": {"files": ["a.root", "/x/b.root"]}}, "/specs")
+    {'dataset': {'files': ['/specs/a.root', '/x/b.root']}}
+    """
+    root = os.fspath(base)
+
+    def one(value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return value
+        if "://" in value or os.path.isabs(value) or value.startswith("~"):
+            return value
+        return os.path.normpath(os.path.join(root, value))
+
+    def walk(node: Any, field: str | None) -> Any:
+        if isinstance(node, list):
+            return [walk(item, field) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[Any, Any] = {}
+        for key, value in node.items():
+            if key in _NOT_PATHS:
+                out[key] = value
+            elif key == "files":
+                if isinstance(value, dict):
+                    out[key] = {one(k): v for k, v in value.items()}
+                elif isinstance(value, list):
+                    out[key] = [one(v) for v in value]
+                else:
+                    out[key] = one(value)
+            elif key == "registry" or (key == "directory" and field == "output"):
+                out[key] = one(value)
+            else:
+                out[key] = walk(value, key if isinstance(key, str) else None)
+        return out
+
+    return walk(data, None)
 
 
 def default_dataset_name(files: list[str]) -> str:
