@@ -227,3 +227,24 @@ def test_demo_spec_runs_from_the_repository_root(shared_data: Path, tmp_path: Pa
     with uproot.open(shared_data / "nano_tt_v12.root") as file:
         ev = file["Events"].arrays(["nJet", "MET_pt"])
     assert result.events == int(ak.sum((ev.nJet >= 4) & (ev.MET_pt > 30)))
+
+
+# ---------------------------------------------------------------------------
+# progress bars: tqdm.auto (widgets in Jupyter)
+
+
+def test_progress_bars_use_tqdm_auto(shared_data: Path, tmp_path: Path) -> None:
+    import tqdm.auto
+
+    from columnhub.delivery import _tqdm
+
+    assert _tqdm(True) is tqdm.auto.tqdm
+    assert _tqdm(False) is None
+    seen: list[tuple[int, int]] = []
+    result = columnhub.deliver(
+        {"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["MET_pt"]},
+        output=tmp_path / "o",
+        progress=lambda done, total: seen.append((done, total)),
+        chunk_size=10,
+    )
+    assert seen and seen[-1] == (result.events, result.events)
