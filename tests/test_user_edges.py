@@ -248,3 +248,47 @@ def test_progress_bars_use_tqdm_auto(shared_data: Path, tmp_path: Path) -> None:
         chunk_size=10,
     )
     assert seen and seen[-1] == (result.events, result.events)
+
+
+# ---------------------------------------------------------------------------
+# a long chain of define
+
+
+def test_chain_of_1000_defines_delivered(shared_data: Path, tmp_path: Path) -> None:
+    n = 1000
+    define = {"d0": "nJet"}
+    for i in range(1, n):
+        define[f"d{i}"] = f"d{i - 1} + 1"
+    define["j0"] = "Jet_pt"
+    for i in range(1, 50):
+        define[f"j{i}"] = f"j{i - 1} * 2"
+    request = {
+        "dataset": {"files": [str(shared_data / "nano_tt_v12.root")]},
+        "columns": ["nJet", f"d{n - 1}", "j49"],
+        "define": define,
+        "where": f"d{n - 1} > {n + 3}",
+    }
+    result = columnhub.deliver(request, output=tmp_path / "o", chunk_size=100)
+    assert result.complete
+    with uproot.open(shared_data / "nano_tt_v12.root") as file:
+        ev = file["Events"].arrays(["nJet", "Jet_pt"])
+    njet = ak.to_numpy(ev.nJet).astype(np.int64)
+    keep = njet + (n - 1) > n + 3
+    got = result.to_awkward()
+    np.testing.assert_array_equal(ak.to_numpy(got[f"d{n - 1}"]), (njet + (n - 1))[keep])
+    jets = ev.Jet_pt[keep]
+    for _ in range(49):
+        jets = jets * 2
+    assert ak.to_list(got.j49) == ak.to_list(jets)
+    # the second time every column comes from the cache, through the same chain
+    again = columnhub.arrays(request, cache=True, chunk_size=100)
+    np.testing.assert_array_equal(ak.to_numpy(again[f"d{n - 1}"]), (njet + (n - 1))[keep])
+
+
+def test_long_cycle_still_named(shared_data: Path) -> None:
+    define = {f"d{i}": f"d{i + 1} + 1" for i in range(600)}
+    define["d600"] = "d0 * 2"
+    with pytest.raises(SpecError, match="circular .*d0 -> d1 -> d2 .* -> d600 -> d0"):
+        columnhub.arrays(
+            {"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["d0"], "define": define}
+        )

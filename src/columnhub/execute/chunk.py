@@ -143,9 +143,25 @@ class _ChunkWork:
         return np.logical_and.reduce(masks) if len(masks) > 1 else masks[0]
 
     def resolve(self, names: list[str]) -> None:
-        """Find, depth first, what must be read and computed (dependencies first)."""
+        """Find, depth first, what must be read and computed (dependencies first).
+
+        An explicit stack, not recursion: a chain of thousands of ``define`` s
+        works like a short one. A name is looked up in the cache when first
+        met; one that must be computed or joined is queued after its
+        dependencies.
+        """
         joining = {n for names_ in self.to_join.values() for n in names_}
-        for name in names:
+        stack: list[tuple[str, bool]] = [(n, False) for n in reversed(names)]
+        while stack:
+            name, deps_done = stack.pop()
+            if deps_done:
+                column = self.plan.columns[name] if name != WHERE else None
+                if column is not None and column.kind == "friend":
+                    self.to_join[column.source["friend"]].append(name)
+                    joining.add(name)
+                else:
+                    self.to_compute.append(name)
+                continue
             if name in self.values or name in self.to_read or name in self.to_compute:
                 continue
             if name in joining:
@@ -161,19 +177,15 @@ class _ChunkWork:
                 self.misses += 1
             if name == WHERE:
                 assert self.plan.where is not None
-                self.resolve(sorted(self.plan.where.names))
-                self.to_compute.append(name)
-                continue
-            column = self.plan.columns[name]
-            if column.kind == "source":
-                self.to_read.append(name)
-            elif column.kind == "friend":
-                self.resolve(list(column.deps))
-                self.to_join[column.source["friend"]].append(name)
-                joining.add(name)
+                deps = sorted(self.plan.where.names)
             else:
-                self.resolve(list(column.deps))
-                self.to_compute.append(name)
+                column = self.plan.columns[name]
+                if column.kind == "source":
+                    self.to_read.append(name)
+                    continue
+                deps = list(column.deps)
+            stack.append((name, True))
+            stack.extend((d, False) for d in reversed(deps))
 
     def compute(self) -> None:
         plan, chunk = self.plan, self.chunk
