@@ -292,3 +292,136 @@ def test_long_cycle_still_named(shared_data: Path) -> None:
         columnhub.arrays(
             {"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["d0"], "define": define}
         )
+
+
+# ---------------------------------------------------------------------------
+# a missing optional dependency names its extra (no traceback through the CLI)
+
+_BLOCKER = '''
+import os
+import sys
+
+_BLOCKED = set(os.environ.get("COLUMNHUB_TEST_BLOCK", "").split(","))
+
+
+class _Unimportable:
+    """Makes the named top-level modules (and their submodules) unimportable."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".", 1)[0] in _BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Unimportable())
+'''
+
+
+def _without(modules: str, tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python cannot import ``modules`` (comma separated)."""
+    shim = tmp_path / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(_BLOCKER)
+    path = [str(shim), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
+            "COLUMNHUB_TEST_BLOCK": modules}
+
+
+def test_blocker_really_blocks(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import onnxruntime"],
+        env=_without("onnxruntime", tmp_path), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert "No module named 'onnxruntime'" in done.stderr
+
+
+def _model_spec(shared_data: Path, tmp_path: Path, kind: str) -> Path:
+    from columnhub.inference.testing import make_mlp_onnx, make_xgboost_json, write_card
+
+    root = tmp_path / "models"
+    card: dict[str, object] = {"name": "m", "version": 1, "inputs": ["MET_pt", "num(Jet_pt)"],
+                               "outputs": [{"name": "score"}]}
+    if kind == "xgboost":
+        make_xgboost_json(root / "m.json", n_features=2, seed=1)
+        card["file"] = "m.json"
+    else:
+        make_mlp_onnx(root / "m.onnx", n_features=2, hidden=(4,), seed=1)
+        card["file"] = "m.onnx"
+    if kind == "triton":
+        card["remote"] = {"servers": ["127.0.0.1:1"], "protocol": "http", "model_name": "m",
+                          "model_version": 1, "fallback_local": False, "timeout_s": 1}
+    write_card(root / "m.yaml", card)
+    spec = tmp_path / "req.yaml"
+    backend = "remote" if kind == "triton" else "local"
+    spec.write_text(
+        f"dataset: {{files: {shared_data / SAMPLE}}}\ncolumns: [score]\nregistry: models\n"
+        f"models: [{{model: m, version: 1, backend: {backend}}}]\n"
+    )
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("kind", "blocked", "extra"),
+    [
+        ("onnx", "onnxruntime", "ml"),
+        ("xgboost", "xgboost", "ml"),
+        ("triton", "tritonclient", "ml"),
+    ],
+)
+def test_missing_model_dependency_names_the_extra(
+    shared_data: Path, tmp_path: Path, kind: str, blocked: str, extra: str
+) -> None:
+    spec = _model_spec(shared_data, tmp_path, kind)
+    ok = _cli("deliver", str(spec), "-o", str(tmp_path / "ok"), "--no-cache")
+    if kind == "triton":  # with tritonclient it gets as far as asking the (absent) server
+        assert ok.returncode == 2
+        assert "Connection refused" in ok.stderr
+    else:
+        assert ok.returncode == 0, ok.stderr  # the spec itself is fine
+    done = _cli("deliver", str(spec), "-o", str(tmp_path / "o"), "--no-cache",
+                env=_without(blocked, tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"pip install 'columnhub[{extra}]'" in done.stderr
+    assert repr(blocked) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "blocked", "extra"),
+    [
+        ("root://127.0.0.1:1//data/x.root", "fsspec_xrootd,XRootD", "xrootd"),
+        ("http://127.0.0.1:1/x.root", "aiohttp", "http"),
+        ("http://127.0.0.1:1/x.parquet", "aiohttp", "http"),
+    ],
+)
+def test_missing_storage_dependency_names_the_extra(
+    tmp_path: Path, url: str, blocked: str, extra: str
+) -> None:
+    spec = tmp_path / "req.yaml"
+    spec.write_text(f"dataset: {{files: '{url}', timeout: 5}}\ncolumns: [MET_pt]\n")
+    done = _cli("deliver", str(spec), "-o", str(tmp_path / "o"), env=_without(blocked, tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"pip install 'columnhub[{extra}]'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "corrupt" not in done.stderr
+
+
+def test_missing_dask_awkward_names_the_extra(shared_data: Path, tmp_path: Path) -> None:
+    columnhub.deliver({"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["MET_pt"]},
+                      output=tmp_path / "o")
+    script = textwrap.dedent(
+        f"""
+        import columnhub
+        from columnhub.errors import ColumnhubError
+        try:
+            columnhub.Result.open({str(tmp_path / "o")!r}).to_dask()
+        except ModuleNotFoundError as err:
+            assert isinstance(err, ColumnhubError), type(err).__mro__
+            print(err)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=_without("dask_awkward", tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'columnhub[dask]'" in done.stdout

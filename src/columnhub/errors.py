@@ -20,6 +20,7 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     │   ├── DuplicateKeyError                  ``validate`` violated
     │   └── KeyTypeError (TypeError)           float / negative key columns
     ├── CacheError                             column cache misuse
+    ├── MissingDependencyError (ModuleNotFoundError)  an optional extra is not installed
     ├── ModelError                             ML inference
     │   ├── ModelNotFoundError (KeyError)
     │   ├── ModelInputError (ValueError)
@@ -45,6 +46,7 @@ __all__ = [
     "JoinError",
     "KeyMismatchError",
     "KeyTypeError",
+    "MissingDependencyError",
     "ModelError",
     "ModelInputError",
     "ModelNotFoundError",
@@ -126,6 +128,10 @@ class KeyTypeError(JoinError, TypeError):
 
 class CacheError(ColumnhubError):
     """The column cache cannot be used as asked."""
+
+
+class MissingDependencyError(ColumnhubError, ModuleNotFoundError):
+    """An optional dependency is not installed (the message names the extra to install)."""
 
 
 class ModelError(ColumnhubError):

@@ -10,8 +10,9 @@ import awkward as ak
 import numpy as np
 import pyarrow.parquet as pq
 
+from columnhub._extras import missing_dependency
 from columnhub.datasets import FileInfo, is_url
-from columnhub.errors import CorruptFileError, DatasetFileNotFoundError
+from columnhub.errors import ColumnhubError, CorruptFileError, DatasetFileNotFoundError
 from columnhub.spec import DatasetSpec
 
 __all__ = ["describe", "read"]
@@ -21,7 +22,14 @@ def _open(path: str) -> pq.ParquetFile:
     if is_url(path):
         import fsspec
 
-        return pq.ParquetFile(fsspec.open(path, "rb").open())
+        try:
+            handle = fsspec.open(path, "rb").open()
+        except ImportError as err:  # fsspec-xrootd / aiohttp for root:// and http(s)://
+            found = missing_dependency(err, what=f"reading {path}")
+            if found is None:
+                raise
+            raise found from err
+        return pq.ParquetFile(handle)
     return pq.ParquetFile(path)
 
 
@@ -32,6 +40,8 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     except FileNotFoundError as err:
         msg = f"dataset {spec.name!r}: file {path!r} does not exist"
         raise DatasetFileNotFoundError(msg) from err
+    except ColumnhubError:
+        raise
     except Exception as err:
         msg = f"dataset {spec.name!r}: {path!r} is not a readable Parquet file ({err})"
         raise CorruptFileError(msg) from err
@@ -69,6 +79,8 @@ def read(
         table = meta.read_row_groups(groups, columns=list(columns))
         offset = start - int(bounds[first])
         table = table.slice(offset, stop - start)
+    except ColumnhubError:
+        raise
     except Exception as err:
         msg = f"reading rows {start}-{stop} of {file.path!r} failed ({err})"
         raise CorruptFileError(msg) from err

@@ -16,6 +16,7 @@ from typing import Any
 import awkward as ak
 import uproot
 
+from columnhub._extras import missing_dependency
 from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import (
     ColumnhubError,
@@ -147,6 +148,11 @@ def _open_tree(path: str, spec: DatasetSpec) -> Any:
         raise DatasetFileNotFoundError(msg) from err
     except ColumnhubError:
         raise
+    except ImportError as err:  # fsspec-xrootd / aiohttp for root:// and http(s)://
+        found = missing_dependency(err, what=f"dataset {spec.name!r}: reading {path}")
+        if found is None:
+            raise
+        raise found from err
     except Exception as err:
         text = str(err).lower()
         if isinstance(err, TimeoutError) or (
