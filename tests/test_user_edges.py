@@ -12,6 +12,7 @@ the real thing (loopback servers, subprocesses, the installed CLI).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 import columnhub
 from columnhub.errors import SpecError
+from columnhub.plan import make_plan
 from columnhub.spec import Request, default_dataset_name, load_request
 
 SAMPLE = "nano_dy.root"
@@ -425,3 +427,90 @@ def test_missing_dask_awkward_names_the_extra(shared_data: Path, tmp_path: Path)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "pip install 'columnhub[dask]'" in done.stdout
+
+
+# ---------------------------------------------------------------------------
+# key columns are checked when a dataset is delivered, not only when joined
+
+_KEY_DTYPES = ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+               "float32", "float64", "bool"]
+
+
+def _write_root(path: Path, branches: dict[str, object], *, rntuple: bool = False) -> Path:
+    """A ROOT file with a TTree ``Events`` (as NanoAOD has), or an RNTuple."""
+    with uproot.recreate(path) as file:
+        if rntuple:
+            file["Events"] = branches
+        else:
+            file.mktree("Events", {k: ak.Array(v).type.content if isinstance(v, ak.Array)
+                                   else np.asarray(v).dtype for k, v in branches.items()})
+            file["Events"].extend(branches)
+    return path
+
+
+@given(
+    dtype=st.sampled_from(_KEY_DTYPES),
+    values=st.lists(st.integers(-3, 100), min_size=1, max_size=30),
+    chunk_size=st.integers(1, 40),
+    rntuple=st.booleans(),
+)
+def test_key_column_types_checked_on_delivery(
+    dtype: str, values: list[int], chunk_size: int, rntuple: bool
+) -> None:
+    import tempfile
+
+    from columnhub.errors import KeyTypeError
+
+    event = np.asarray(values).astype(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _write_root(
+            Path(tmp) / "k.root", {"event": event, "x": np.arange(len(values))}, rntuple=rntuple
+        )
+        request = {"dataset": {"files": [str(path)], "keys": ["event"]}, "columns": ["x"],
+                   "chunk_size": chunk_size}
+        # the reference: what a key column may be
+        integer = np.dtype(dtype).kind in "iu"
+        negative = [i for i, v in enumerate(event.tolist()) if integer and v < 0]
+        if not integer:
+            with pytest.raises(KeyTypeError, match=rf"'event'.* has type {np.dtype(dtype).name}"):
+                make_plan(Request.from_dict(request))
+            with pytest.raises(KeyTypeError, match="dataset.keys"):
+                columnhub.deliver(request, output=Path(tmp) / "o", cache=False)
+            assert not (Path(tmp) / "o").exists()  # failed while planning: nothing written
+        elif negative:
+            with pytest.raises(KeyTypeError, match=r"k\.root: .*'event' has a negative value") as err:
+                columnhub.arrays(request)
+            found = re.search(r"negative value (-\d+) at entry (\d+);", str(err.value))
+            assert found is not None
+            value, entry = int(found.group(1)), int(found.group(2))
+            assert event[entry] == value < 0  # the entry named holds the value named
+        else:
+            got = columnhub.arrays(request)
+            assert ak.to_list(got.event) == event.tolist()
+            assert ak.to_list(got.x) == list(range(len(values)))
+
+
+def test_jagged_and_parquet_keys_checked_on_delivery(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from columnhub.errors import KeyTypeError
+
+    jagged = _write_root(
+        tmp_path / "j.root",
+        {"event": ak.Array([[1, 2], [3], []]), "x": np.arange(3)},
+    )
+    with pytest.raises(KeyTypeError, match=r"'event'.*\[\].*jagged"):
+        columnhub.arrays({"dataset": {"files": [str(jagged)], "keys": ["event"]}, "columns": ["x"]})
+    table = pa.table({"run": pa.array([1, 1, 1], pa.uint32()), "event": pa.array([1.0, 2.0, 3.0]),
+                      "x": pa.array([1, 2, 3])})
+    pq.write_table(table, tmp_path / "f.parquet")
+    with pytest.raises(KeyTypeError, match=r"'event'.*has type double"):
+        columnhub.arrays({"dataset": {"files": [str(tmp_path / "f.parquet")], "keys": ["run", "event"]},
+                          "columns": ["x"]})
+    # a second file with negative keys: named with its file and entry
+    good = _write_root(tmp_path / "a.root", {"event": np.array([5, 6], np.int64), "x": np.arange(2)})
+    bad = _write_root(tmp_path / "b.root", {"event": np.array([7, 8, -9], np.int64), "x": np.arange(3)})
+    with pytest.raises(KeyTypeError, match=r"b\.root.*negative value -9 at entry 2"):
+        columnhub.arrays({"dataset": {"files": [str(good), str(bad)], "keys": ["event"]},
+                          "columns": ["x"]})

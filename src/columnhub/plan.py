@@ -18,6 +18,7 @@ import numpy as np
 from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
+from columnhub.keys import check_key_type
 from columnhub.spec import FriendSpec, Request
 
 __all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
@@ -206,6 +207,7 @@ def make_plan(request: Request) -> Plan:
                 + "; set dataset.keys to the dataset's key columns"
             )
             raise ColumnNotFoundError(msg)
+    _check_key_types(request.dataset.name, dataset, request.dataset.keys)
     wanted = list(request.columns)
     if request.output.include_keys:
         wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
@@ -279,6 +281,7 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
         )
         raise JoinError(msg)
     dataset.require(keys, what=f"friend {spec.name!r} key column")
+    _check_key_types(spec.dataset.name, dataset, keys)
     dataset.require(spec.columns, what=f"friend {spec.name!r} column")
     if spec.match == "aligned":
         counts = [f.entries for f in dataset.files]
@@ -292,6 +295,20 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
             raise KeyMismatchError(msg)
     fp = fingerprint("friend", PROVIDER_VERSIONS["friend"], spec.canonical(), dataset.identity)
     return Friend(spec=spec, dataset=dataset, fingerprint=fp)
+
+
+def _check_key_types(name: str, dataset: ResolvedDataset, keys: tuple[str, ...]) -> None:
+    """Key columns of a type that cannot be a key fail here, before any data is read.
+
+    From the first file's branch or Parquet types: float, boolean and jagged
+    key columns are a :class:`KeyTypeError` whether or not the dataset is
+    joined. Negative values are found when the keys are read.
+    """
+    from columnhub.sources import column_types
+
+    first = dataset.files[0]
+    for column, type_name in column_types(first, dataset.spec, keys).items():
+        check_key_type(column, type_name, where=f"dataset {name!r} ({first.path})")
 
 
 def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Friend, ...]) -> None:

@@ -17,9 +17,10 @@ import pyarrow as pa
 
 from columnhub import sources
 from columnhub.cache import ColumnCache
-from columnhub.errors import CacheError, ColumnhubError, ExpressionError
+from columnhub.errors import CacheError, ColumnhubError, ExpressionError, KeyTypeError
 from columnhub.execute._select import select
 from columnhub.join.gather import gather
+from columnhub.keys import integer_keys
 from columnhub.plan import Chunk, ColumnDef, Plan
 
 __all__ = ["ChunkResult", "run_chunk", "to_arrow_table"]
@@ -194,6 +195,7 @@ class _ChunkWork:
             read = sources.read(
                 file, plan.request.dataset, self.to_read, start=chunk.start, stop=chunk.stop
             )
+            self._check_keys(read, file.path)
             for name in self.to_read:
                 self._store(name, read[name])
                 self.primary_space.add(name)
@@ -214,6 +216,21 @@ class _ChunkWork:
                 column = plan.columns[name]
                 assert column.expression is not None
                 self._store(name, column.expression.evaluate(self.values))
+
+    def _check_keys(self, read: dict[str, Any], path: str) -> None:
+        """Key columns just read hold valid keys (no negative values, one integer per event).
+
+        Checked whenever they are read, so a result is never delivered with
+        keys that could not be joined later.
+        """
+        keys = {k: read[k] for k in self.plan.request.dataset.keys if k in read}
+        if not keys:
+            return
+        try:
+            integer_keys(keys, offset=self.chunk.start)
+        except KeyTypeError as err:
+            msg = f"dataset {self.plan.request.dataset.name!r}, file {path}: {err}"
+            raise KeyTypeError(msg) from err
 
     def _predict(self, column: ColumnDef) -> None:
         """Run a model once for the chunk; store every output the request uses."""

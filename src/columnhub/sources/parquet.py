@@ -15,7 +15,7 @@ from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import ColumnhubError, CorruptFileError, DatasetFileNotFoundError
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "read"]
+__all__ = ["column_types", "describe", "read"]
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -62,6 +62,12 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
         boundaries=boundaries if len(boundaries) > 1 else (0, md.num_rows),
     )
     return info, columns
+
+
+def column_types(file: FileInfo, names: Sequence[str]) -> dict[str, str]:
+    """Arrow type names of ``names`` (``uint32``, ``double``, ``list<element: int64>``)."""
+    schema = _open(file.path).schema_arrow
+    return {name: str(schema.field(name).type) for name in names}
 
 
 def read(

@@ -29,7 +29,7 @@ from columnhub.errors import (
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "forget_files", "open_tree", "read", "read_executor"]
+__all__ = ["column_types", "describe", "forget_files", "open_tree", "read", "read_executor"]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 _OPEN_FILES = 16
@@ -273,6 +273,28 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     )
     _remember((info.path, info.identity, spec.tree), tree)
     return info, columns
+
+
+def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dict[str, str]:
+    """The type of each branch in ``names``: a numpy name for one number per entry
+    (``uint32``, ``float32``, ``bool``), else the branch's C++ type (``int32_t[]``).
+    """
+    tree = _cached_tree(file, spec)
+    out: dict[str, str] = {}
+    for name in names:
+        field = tree[name]
+        interpretation = getattr(field, "interpretation", None)
+        to_dtype = getattr(interpretation, "to_dtype", None)
+        if isinstance(interpretation, uproot.AsDtype) and to_dtype is not None and to_dtype.shape == ():
+            out[name] = to_dtype.name
+        else:  # jagged, strings, objects; RNTuple fields: std::uint32_t -> uint32
+            text = str(field.typename)
+            text = _CXX_NUMBERS.get(text, text)
+            out[name] = text.removeprefix("std::").removesuffix("_t") if "::" in text else text
+    return out
+
+
+_CXX_NUMBERS = {"float": "float32", "double": "float64", "bool": "bool"}
 
 
 def read(
