@@ -514,3 +514,181 @@ def test_jagged_and_parquet_keys_checked_on_delivery(tmp_path: Path) -> None:
     with pytest.raises(KeyTypeError, match=r"b\.root.*negative value -9 at entry 2"):
         columnhub.arrays({"dataset": {"files": [str(good), str(bad)], "keys": ["event"]},
                           "columns": ["x"]})
+
+
+# ---------------------------------------------------------------------------
+# errors named as what they are, not as a corrupt file
+
+
+class _Serving:
+    """A loopback HTTP server for one file that misbehaves on purpose.
+
+    ``mode``: ``no-ranges`` answers every request with the whole file (200);
+    ``stall`` answers byte ranges that start inside ``stall_range`` with
+    nothing at all (until the test ends), every other range properly.
+    """
+
+    def __init__(self, data: bytes, *, mode: str, stall_range: tuple[int, int] = (0, 0)) -> None:
+        import http.server
+        import threading
+
+        self.stop = threading.Event()
+        self.stalled = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Quiet."""
+
+            def do_HEAD(self) -> None:
+                self._answer(head=True)
+
+            def do_GET(self) -> None:
+                self._answer(head=False)
+
+            def _answer(self, *, head: bool) -> None:
+                header = self.headers.get("Range")
+                if mode == "no-ranges" or header is None:
+                    self._send(200, data, head=head)
+                    return
+                first_text, _, last_text = header.split("=", 1)[1].split(",")[0].partition("-")
+                first = int(first_text)
+                last = int(last_text) if last_text else len(data) - 1
+                if mode == "stall" and stall_range[0] <= first < stall_range[1]:
+                    outer.stalled += 1
+                    outer.stop.wait(30)  # say nothing until the test is over (bounded)
+                    return
+                self._send(206, data[first : last + 1], head=head,
+                           extra={"Content-Range": f"bytes {first}-{last}/{len(data)}"})
+
+            def _send(self, status: int, body: bytes, *, head: bool,
+                      extra: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (extra or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                """Clients that hang up on a stalled answer are expected."""
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Serving:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("scheme", ["http", "root"])
+def test_connection_refused_is_named(scheme: str) -> None:
+    from columnhub.errors import CorruptFileError, SourceConnectionError
+
+    port = _closed_port()
+    url = f"http://127.0.0.1:{port}/x.root" if scheme == "http" else f"root://127.0.0.1:{port}//x.root"
+    with pytest.raises(SourceConnectionError, match="refused the connection") as err:
+        columnhub.arrays({"dataset": {"files": [url], "timeout": 2}, "columns": ["MET_pt"]})
+    assert url in str(err.value)
+    assert not isinstance(err.value, CorruptFileError)
+    assert "corrupt" not in str(err.value)
+
+
+def test_server_without_ranges_is_named(shared_data: Path) -> None:
+    from columnhub.errors import SourceProtocolError
+
+    with _Serving((shared_data / SAMPLE).read_bytes(), mode="no-ranges") as server:
+        with pytest.raises(SourceProtocolError, match="does not support byte-range requests") as err:
+            columnhub.arrays({"dataset": {"files": [server.url(SAMPLE)], "timeout": 5},
+                              "columns": ["MET_pt"]})
+    assert server.url(SAMPLE) in str(err.value)
+    assert "corrupt" not in str(err.value)
+
+
+def test_stall_in_the_middle_of_a_read_is_named(shared_data: Path, http_server) -> None:
+    from columnhub.errors import SourceTimeoutError
+
+    path = shared_data / SAMPLE
+    with uproot.open(path) as file:  # where the baskets are: before the tree's metadata
+        tree = file["Events"]
+        branch = tree["Jet_pt"]
+        baskets = (int(branch.member("fBasketSeek")[0]), int(file.key("Events").fSeekKey))
+        expected = tree["MET_pt"].array(library="np")
+    assert baskets[0] < baskets[1]
+    with _Serving(path.read_bytes(), mode="stall", stall_range=baskets) as server:
+        request = {"dataset": {"files": [server.url(SAMPLE)], "timeout": 1}, "columns": ["Jet_pt"]}
+        make_plan(Request.from_dict(request))  # the metadata is served: planning works
+        with pytest.raises(SourceTimeoutError, match="stopped answering|did not answer") as err:
+            columnhub.arrays(request)
+        assert server.stalled >= 1  # it really was the basket read that stalled
+    text = str(err.value)
+    assert server.url(SAMPLE) in text
+    assert "not subscriptable" not in text and "corrupt" not in text
+    # the same file through a well-behaved server reads as it does locally
+    got = columnhub.arrays({"dataset": {"files": [http_server.put(path, name="ok.root")]},
+                            "columns": ["MET_pt"]})
+    np.testing.assert_array_equal(ak.to_numpy(got.MET_pt), expected)
+
+
+def test_branch_uproot_cannot_interpret_is_named(tmp_path: Path) -> None:
+    from columnhub.errors import UnreadableBranchError
+
+    n = 7
+    good = tmp_path / "good.root"
+    with uproot.recreate(good, compression=None) as file:
+        file.mktree("Events", {"run": np.uint32, "luminosityBlock": np.uint32,
+                               "event": np.uint64, "weird": np.float64, "y": np.float32})
+        file["Events"].extend({"run": np.ones(n, np.uint32), "luminosityBlock": np.ones(n, np.uint32),
+                               "event": np.arange(n, dtype=np.uint64), "weird": np.arange(n) * 1.5,
+                               "y": np.arange(n, dtype=np.float32)})
+    data = good.read_bytes()
+    assert data.count(b"TLeafD") == 2  # its streamer and its class tag: the only float64 leaf
+    bad = tmp_path / "bad.root"
+    bad.write_bytes(data.replace(b"TLeafD", b"TLeafX"))  # a leaf class uproot does not know
+    with uproot.open(bad) as file:  # the reference: uproot itself cannot read it
+        with pytest.raises(Exception, match="none of the rules matched"):
+            file["Events"]["weird"].array()
+    with pytest.raises(UnreadableBranchError, match=r"branch 'weird' of .*bad\.root.*TLeafX"):
+        columnhub.arrays({"dataset": {"files": [str(bad)]}, "columns": ["y", "weird"]})
+    got = columnhub.arrays({"dataset": {"files": [str(bad)]}, "columns": ["y"]})
+    assert ak.to_list(got.y) == list(range(n))  # the other branches read as they are
+
+
+def test_branch_missing_from_one_file_names_it(tmp_path: Path) -> None:
+    keys = {"run": np.ones(3, np.uint32), "luminosityBlock": np.ones(3, np.uint32)}
+    files = []
+    for i in range(3):
+        branches = {**keys, "event": np.arange(3, dtype=np.uint64) + 3 * i, "y": np.arange(3.0)}
+        if i != 1:
+            branches["x"] = np.arange(3.0) * i
+        files.append(str(_write_root(tmp_path / f"part{i}.root", branches)))
+    with pytest.raises(columnhub.errors.ColumnNotFoundError) as err:
+        columnhub.arrays({"dataset": {"files": files}, "columns": ["x"]})
+    text = str(err.value)
+    assert "'x'" in text and files[1] in text and "1 of the 3 files" in text
+    assert files[0] in text.split("it is in", 1)[1]  # and which files have it
+    got = columnhub.arrays({"dataset": {"files": files}, "columns": ["y"]})
+    assert ak.to_list(got.y) == [0.0, 1.0, 2.0] * 3

@@ -14,7 +14,10 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     │   ├── DatasetFileNotFoundError (FileNotFoundError)
     │   ├── TreeNotFoundError (KeyError)
     │   ├── CorruptFileError                   truncated / damaged file
-    │   └── SourceTimeoutError (TimeoutError)  remote storage did not answer
+    │   ├── UnreadableBranchError (TypeError)  a branch of a type uproot cannot read
+    │   ├── SourceTimeoutError (TimeoutError)  remote storage did not answer
+    │   ├── SourceConnectionError (ConnectionError)  remote storage refused the connection
+    │   └── SourceProtocolError                remote storage cannot serve byte ranges
     ├── JoinError                              event-key joins
     │   ├── KeyMismatchError                   aligned friends disagree
     │   ├── DuplicateKeyError                  ``validate`` violated
@@ -51,9 +54,12 @@ __all__ = [
     "ModelInputError",
     "ModelNotFoundError",
     "OutputError",
+    "SourceConnectionError",
+    "SourceProtocolError",
     "SourceTimeoutError",
     "SpecError",
     "TreeNotFoundError",
+    "UnreadableBranchError",
     "closest",
 ]
 
@@ -106,8 +112,20 @@ class CorruptFileError(DatasetError):
     """A file is truncated or damaged."""
 
 
+class UnreadableBranchError(DatasetError, TypeError):
+    """A branch has a type that uproot cannot read as an array."""
+
+
 class SourceTimeoutError(DatasetError, TimeoutError):
     """Remote storage did not answer in time."""
+
+
+class SourceConnectionError(DatasetError, ConnectionError):
+    """Remote storage refused (or reset) the connection."""
+
+
+class SourceProtocolError(DatasetError):
+    """Remote storage answers, but not as reading needs (e.g. no HTTP byte ranges)."""
 
 
 class JoinError(ColumnhubError):

@@ -223,6 +223,13 @@ def make_plan(request: Request) -> Plan:
         where = parse(request.where)
         for name in sorted(where.names):
             resolver.resolve(name, context="where")
+    from columnhub.sources import check_readable
+
+    check_readable(
+        dataset.files[0],
+        request.dataset,
+        [n for n, c in resolver.done.items() if c.kind == "source"],
+    )
     chunks: list[Chunk] = []
     for i, info in enumerate(dataset.files):
         for start, stop in split_entries(info.boundaries, request.chunk_size):
@@ -461,6 +468,7 @@ class _Resolver:
             source = {"friend": friend.spec.name, "column": column}
             return ColumnDef(name, "friend", tuple(request.dataset.keys), fp, source=source)
         if name in self.dataset.columns:
+            self.dataset.require_everywhere(name, what=f"{context}: branch")
             fp = fingerprint("source", PROVIDER_VERSIONS["source"], name)
             return ColumnDef(name, "source", (), fp, source={"branch": name})
         hint = closest(name, self.known_names())

@@ -15,7 +15,7 @@ import awkward as ak
 from columnhub.datasets import FileInfo
 from columnhub.spec import DatasetSpec
 
-__all__ = ["column_types", "describe", "read"]
+__all__ = ["check_readable", "column_types", "describe", "read"]
 
 
 def describe(path: str, fmt: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
@@ -42,6 +42,18 @@ def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dic
     from columnhub.sources import root
 
     return root.column_types(file, spec, names)
+
+
+def check_readable(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> None:
+    """Raise :class:`~columnhub.errors.UnreadableBranchError` for a branch uproot cannot read.
+
+    Metadata only (the branches' types), so a request fails while planning
+    rather than in the middle of delivering.
+    """
+    if file.format == "root":
+        from columnhub.sources import root
+
+        root.check_readable(file, spec, names)
 
 
 def read(
