@@ -604,12 +604,14 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("scheme", ["http", "root"])
-def test_connection_refused_is_named(scheme: str) -> None:
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:{port}/x.root", "root://127.0.0.1:{port}//x.root",
+            "http://127.0.0.1:{port}/x.parquet"]
+)
+def test_connection_refused_is_named(url: str) -> None:
     from columnhub.errors import CorruptFileError, SourceConnectionError
 
-    port = _closed_port()
-    url = f"http://127.0.0.1:{port}/x.root" if scheme == "http" else f"root://127.0.0.1:{port}//x.root"
+    url = url.format(port=_closed_port())
     with pytest.raises(SourceConnectionError, match="refused the connection") as err:
         columnhub.arrays({"dataset": {"files": [url], "timeout": 2}, "columns": ["MET_pt"]})
     assert url in str(err.value)

@@ -103,7 +103,14 @@ def _serves_ranges(url: str, *, timeout: float) -> bool | None:
 
 
 def classify(
-    err: BaseException, *, dataset: str, path: str, doing: str, timeout: float, remote: bool
+    err: BaseException,
+    *,
+    dataset: str,
+    path: str,
+    doing: str,
+    timeout: float,
+    remote: bool,
+    fmt: str = "ROOT",
 ) -> DatasetError:
     """The :class:`DatasetError` that names what ``err`` (raised while ``doing``) means.
 
@@ -114,6 +121,7 @@ def classify(
         doing: what was being done, e.g. ``"reading ['Jet_pt'] of entries 0-100"``.
         timeout: the dataset's timeout in seconds (for the message, and the range probe).
         remote: whether ``path`` is a URL.
+        fmt: the file format, for the message when the file itself is the problem.
     """
     where = f"dataset {dataset!r}"
     chain = list(_chain(err))
@@ -146,13 +154,13 @@ def classify(
         if "range request" in text or _serves_ranges(path, timeout=timeout) is False:
             msg = (
                 f"{where}: the HTTP server of {path} does not support byte-range requests "
-                "(it answers a Range request with the whole file), and reading ROOT files "
+                f"(it answers a Range request with the whole file), and reading {fmt} files "
                 "needs them; serve the file from a server that supports ranges (XRootD, "
                 "nginx, Apache, S3, ...) or copy it to a local disk"
             )
             return SourceProtocolError(msg)
     msg = (
         f"{where}: {doing} of {path!r} failed ({type(err).__name__}: {err}); "
-        "the file may be truncated, corrupt or not ROOT at all"
+        f"the file may be truncated, corrupt or not {fmt} at all"
     )
     return CorruptFileError(msg)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from columnhub._extras import missing_dependency
 from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import ColumnhubError, CorruptFileError, DatasetFileNotFoundError
+from columnhub.sources._errors import classify
 from columnhub.spec import DatasetSpec
 
 __all__ = ["column_types", "describe", "read"]
@@ -37,12 +38,22 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     """Identity, rows, row-group boundaries and columns of one Parquet file."""
     try:
         meta = _open(path)
-    except FileNotFoundError as err:
-        msg = f"dataset {spec.name!r}: file {path!r} does not exist"
-        raise DatasetFileNotFoundError(msg) from err
     except ColumnhubError:
         raise
     except Exception as err:
+        found = None
+        if is_url(path):  # fsspec reports a refused connection as a missing file
+            found = classify(
+                err, dataset=spec.name, path=path, doing="reading its Parquet footer",
+                timeout=spec.timeout, remote=True, fmt="Parquet",
+            )
+            if isinstance(found, CorruptFileError) and isinstance(err, FileNotFoundError):
+                found = None
+        if found is not None:
+            raise found from err
+        if isinstance(err, FileNotFoundError):
+            msg = f"dataset {spec.name!r}: file {path!r} does not exist"
+            raise DatasetFileNotFoundError(msg) from err
         msg = f"dataset {spec.name!r}: {path!r} is not a readable Parquet file ({err})"
         raise CorruptFileError(msg) from err
     md = meta.metadata
