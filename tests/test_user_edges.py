@@ -694,3 +694,38 @@ def test_branch_missing_from_one_file_names_it(tmp_path: Path) -> None:
     assert files[0] in text.split("it is in", 1)[1]  # and which files have it
     got = columnhub.arrays({"dataset": {"files": files}, "columns": ["y"]})
     assert ak.to_list(got.y) == [0.0, 1.0, 2.0] * 3
+
+
+# ---------------------------------------------------------------------------
+# docs/spec.md matches the code on model output names
+
+
+def test_model_outputs_keep_the_card_names_as_documented(shared_data: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from columnhub.inference.testing import make_mlp_onnx, write_card
+
+    root = tmp_path / "models"
+    make_mlp_onnx(root / "evt.onnx", n_features=2, hidden=(4,), n_outputs=2, seed=2)
+    write_card(root / "evt.yaml", {
+        "name": "evtclass", "version": 1, "file": "evt.onnx", "inputs": ["MET_pt", "MET_phi"],
+        "outputs": [{"name": "p_sig", "tensor": "score", "index": 0},
+                    {"name": "p_bkg", "tensor": "score", "index": 1}],
+    })
+    got = columnhub.arrays({
+        "dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["p_sig", "p_bkg"],
+        "registry": str(root), "models": [{"model": "evtclass", "version": 1}],
+    })
+    assert got.fields == ["run", "luminosityBlock", "event", "p_sig", "p_bkg"]
+    with uproot.open(shared_data / SAMPLE) as file:
+        x = file["Events"].arrays(["MET_pt", "MET_phi"], library="np")
+    session = ort.InferenceSession(str(root / "evt.onnx"), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"features": np.column_stack([x["MET_pt"], x["MET_phi"]])})[0]
+    np.testing.assert_allclose(ak.to_numpy(got.p_sig), want[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(ak.to_numpy(got.p_bkg), want[:, 1], rtol=1e-5)
+    # what docs/spec.md says the default is
+    doc = (REPO / "docs" / "spec.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `outputs` |"))
+    default = row.split("|")[3]
+    assert "<model>_" not in default
+    assert "card" in default

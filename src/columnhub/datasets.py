@@ -108,14 +108,20 @@ class ResolvedDataset:
         if not lacking:
             return
         having = [f.path for f in self.files if f.path not in set(lacking)]
-        shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
-        has = ", ".join(having[:3]) + (f" and {len(having) - 3} more" if len(having) > 3 else "")
+        shown = _some(lacking, 5)
+        has = _some(having, 3)
         msg = (
             f"{what} {name!r} is missing from {len(lacking)} of the {len(self.files)} files of "
             f"dataset {self.spec.name!r}: {shown} (tree {self.spec.tree!r}); it is in {has}. "
             "Leave those files out of the dataset, or the column out of the request"
         )
         raise ColumnNotFoundError(msg)
+
+
+def _some(paths: Sequence[str], n: int) -> str:
+    """The first ``n`` of ``paths``, and how many more there are."""
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more
 
 
 def is_url(path: str) -> bool:

@@ -93,7 +93,7 @@ def refuses_connections(url: str) -> bool:
 
 
 def _serves_ranges(url: str, *, timeout: float) -> bool | None:
-    """Whether the HTTP server of ``url`` answers a byte-range request with 206 (``None``: unknown)."""
+    """Whether the server of ``url`` answers a byte-range request with 206 (``None``: unknown)."""
     request = urllib.request.Request(url, headers={"Range": "bytes=0-15"})
     try:
         with urllib.request.urlopen(request, timeout=min(timeout, 10.0)) as response:  # noqa: S310
@@ -135,15 +135,15 @@ def classify(
             "out of define/where), or convert it to a plain numeric branch"
         )
         return UnreadableBranchError(msg)
-    if remote and (
-        any(isinstance(e, ConnectionRefusedError) for e in chain) or any(w in text for w in _REFUSED)
-    ):
+    refused = any(isinstance(e, ConnectionRefusedError) for e in chain)
+    if remote and (refused or any(w in text for w in _REFUSED)):
         msg = (
             f"{where}: the server of {path} refused the connection while {doing}; check the "
             "host name and port, that the server is running, and that this machine may reach it"
         )
         return SourceConnectionError(msg)
-    if remote and (any(isinstance(e, TimeoutError) for e in chain) or any(w in text for w in _TIMEOUT)):
+    stalled = any(isinstance(e, TimeoutError) for e in chain)
+    if remote and (stalled or any(w in text for w in _TIMEOUT)):
         msg = (
             f"{where}: the server of {path} stopped answering while {doing} (no data within "
             f"{timeout:g} s); check that the server is up and not overloaded, or raise the "

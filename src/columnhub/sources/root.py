@@ -32,7 +32,15 @@ from columnhub.sources._errors import classify
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = ["check_readable", "column_types", "describe", "forget_files", "open_tree", "read", "read_executor"]
+__all__ = [
+    "check_readable",
+    "column_types",
+    "describe",
+    "forget_files",
+    "open_tree",
+    "read",
+    "read_executor",
+]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 _OPEN_FILES = 16
@@ -287,7 +295,8 @@ def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dic
         field = tree[name]
         interpretation = getattr(field, "interpretation", None)
         to_dtype = getattr(interpretation, "to_dtype", None)
-        if isinstance(interpretation, uproot.AsDtype) and to_dtype is not None and to_dtype.shape == ():
+        plain = isinstance(interpretation, uproot.AsDtype) and to_dtype is not None
+        if plain and to_dtype.shape == ():
             out[name] = to_dtype.name
         else:  # jagged, strings, objects; RNTuple fields: std::uint32_t -> uint32
             text = str(field.typename)
