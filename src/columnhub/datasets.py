@@ -101,7 +101,6 @@ class ResolvedDataset:
                 msg += f"; closest names: {', '.join(hint)}" if hint else ""
                 raise ColumnNotFoundError(msg)
 
-
     def require_everywhere(self, name: str, *, what: str = "column") -> None:
         """Raise :class:`ColumnNotFoundError` if some files have ``name`` and others lack it."""
         lacking = self.absent.get(name)

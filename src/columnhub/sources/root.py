@@ -286,8 +286,10 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
 
 
 def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dict[str, str]:
-    """The type of each branch in ``names``: a numpy name for one number per entry
-    (``uint32``, ``float32``, ``bool``), else the branch's C++ type (``int32_t[]``).
+    """The stored type of each branch in ``names`` (metadata only).
+
+    A numpy name for one number per entry (``uint32``, ``float32``, ``bool``),
+    else the branch's C++ type (``int32_t[]``).
     """
     tree = _cached_tree(file, spec)
     out: dict[str, str] = {}
