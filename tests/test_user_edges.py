@@ -77,7 +77,7 @@ def test_yaml_11_booleans_are_strings(word: str) -> None:
 def test_yaml_12_booleans_stay_booleans() -> None:
     for text, value in [("true", True), ("false", False), ("True", True), ("FALSE", False)]:
         request = Request.from_yaml(
-            f"dataset: {{files: a.root}}\ncolumns: [x]\noutput: {{include_keys: {text}}}\n"
+            f"dataset: {{name: d, files: a.root}}\ncolumns: [x]\noutput: {{include_keys: {text}}}\n"
         )
         assert request.output.include_keys is value
 
@@ -207,12 +207,12 @@ def test_spec_file_paths_are_relative_to_its_folder(shared_data: Path, tmp_path:
 
 
 def test_dict_and_request_paths_stay_relative_to_cwd(tmp_path: Path) -> None:
-    data = {"dataset": {"files": ["d/a.root"]}, "columns": ["x"], "output": {"directory": "o"}}
+    data = {"dataset": {"name": "d", "files": ["d/a.root"]}, "columns": ["x"], "output": {"directory": "o"}}
     assert load_request(data).dataset.files == ("d/a.root",)
     assert load_request(data).output.directory == "o"
     assert load_request(Request.from_dict(data)).dataset.files == ("d/a.root",)
     (tmp_path / "r.json").write_text(
-        '{"dataset": {"files": ["d/a.root", "root://h//x.root", "/abs/b.root"]}, "columns": ["x"],'
+        '{"dataset": {"name": "d", "files": ["d/a.root", "root://h//x.root", "/abs/b.root"]}, "columns": ["x"],'
         ' "define": {"files": "x + 1"}}'
     )
     from_file = load_request(tmp_path / "r.json")
@@ -244,7 +244,7 @@ def test_progress_bars_use_tqdm_auto(shared_data: Path, tmp_path: Path) -> None:
     assert _tqdm(False) is None
     seen: list[tuple[int, int]] = []
     result = columnhub.deliver(
-        {"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["MET_pt"]},
+        {"dataset": {"name": "d", "files": [str(shared_data / SAMPLE)]}, "columns": ["MET_pt"]},
         output=tmp_path / "o",
         progress=lambda done, total: seen.append((done, total)),
         chunk_size=10,
@@ -265,7 +265,7 @@ def test_chain_of_1000_defines_delivered(shared_data: Path, tmp_path: Path) -> N
     for i in range(1, 50):
         define[f"j{i}"] = f"j{i - 1} * 2"
     request = {
-        "dataset": {"files": [str(shared_data / "nano_tt_v12.root")]},
+        "dataset": {"name": "d", "files": [str(shared_data / "nano_tt_v12.root")]},
         "columns": ["nJet", f"d{n - 1}", "j49"],
         "define": define,
         "where": f"d{n - 1} > {n + 3}",
@@ -292,7 +292,7 @@ def test_long_cycle_still_named(shared_data: Path) -> None:
     define["d600"] = "d0 * 2"
     with pytest.raises(SpecError, match="circular .*d0 -> d1 -> d2 .* -> d600 -> d0"):
         columnhub.arrays(
-            {"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["d0"], "define": define}
+            {"dataset": {"name": "d", "files": [str(shared_data / SAMPLE)]}, "columns": ["d0"], "define": define}
         )
 
 
@@ -357,7 +357,7 @@ def _model_spec(shared_data: Path, tmp_path: Path, kind: str) -> Path:
     spec = tmp_path / "req.yaml"
     backend = "remote" if kind == "triton" else "local"
     spec.write_text(
-        f"dataset: {{files: {shared_data / SAMPLE}}}\ncolumns: [score]\nregistry: models\n"
+        f"dataset: {{name: d, files: {shared_data / SAMPLE}}}\ncolumns: [score]\nregistry: models\n"
         f"models: [{{model: m, version: 1, backend: {backend}}}]\n"
     )
     return spec
@@ -401,7 +401,7 @@ def test_missing_storage_dependency_names_the_extra(
     tmp_path: Path, url: str, blocked: str, extra: str
 ) -> None:
     spec = tmp_path / "req.yaml"
-    spec.write_text(f"dataset: {{files: '{url}', timeout: 5}}\ncolumns: [MET_pt]\n")
+    spec.write_text(f"dataset: {{name: d, files: '{url}', timeout: 5}}\ncolumns: [MET_pt]\n")
     done = _cli("deliver", str(spec), "-o", str(tmp_path / "o"), env=_without(blocked, tmp_path))
     assert done.returncode == 2, done.stderr
     assert f"pip install 'columnhub[{extra}]'" in done.stderr
@@ -410,7 +410,7 @@ def test_missing_storage_dependency_names_the_extra(
 
 
 def test_missing_dask_awkward_names_the_extra(shared_data: Path, tmp_path: Path) -> None:
-    columnhub.deliver({"dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["MET_pt"]},
+    columnhub.deliver({"dataset": {"name": "d", "files": [str(shared_data / SAMPLE)]}, "columns": ["MET_pt"]},
                       output=tmp_path / "o")
     script = textwrap.dedent(
         f"""
@@ -466,7 +466,7 @@ def test_key_column_types_checked_on_delivery(
         path = _write_root(
             Path(tmp) / "k.root", {"event": event, "x": np.arange(len(values))}, rntuple=rntuple
         )
-        request = {"dataset": {"files": [str(path)], "keys": ["event"]}, "columns": ["x"],
+        request = {"dataset": {"name": "d", "files": [str(path)], "keys": ["event"]}, "columns": ["x"],
                    "chunk_size": chunk_size}
         # the reference: what a key column may be
         integer = np.dtype(dtype).kind in "iu"
@@ -501,18 +501,18 @@ def test_jagged_and_parquet_keys_checked_on_delivery(tmp_path: Path) -> None:
         {"event": ak.Array([[1, 2], [3], []]), "x": np.arange(3)},
     )
     with pytest.raises(KeyTypeError, match=r"'event'.*\[\].*jagged"):
-        columnhub.arrays({"dataset": {"files": [str(jagged)], "keys": ["event"]}, "columns": ["x"]})
+        columnhub.arrays({"dataset": {"name": "d", "files": [str(jagged)], "keys": ["event"]}, "columns": ["x"]})
     table = pa.table({"run": pa.array([1, 1, 1], pa.uint32()), "event": pa.array([1.0, 2.0, 3.0]),
                       "x": pa.array([1, 2, 3])})
     pq.write_table(table, tmp_path / "f.parquet")
     with pytest.raises(KeyTypeError, match=r"'event'.*has type double"):
-        columnhub.arrays({"dataset": {"files": [str(tmp_path / "f.parquet")], "keys": ["run", "event"]},
+        columnhub.arrays({"dataset": {"name": "d", "files": [str(tmp_path / "f.parquet")], "keys": ["run", "event"]},
                           "columns": ["x"]})
     # a second file with negative keys: named with its file and entry
     good = _write_root(tmp_path / "a.root", {"event": np.array([5, 6], np.int64), "x": np.arange(2)})
     bad = _write_root(tmp_path / "b.root", {"event": np.array([7, 8, -9], np.int64), "x": np.arange(3)})
     with pytest.raises(KeyTypeError, match=r"b\.root.*negative value -9 at entry 2"):
-        columnhub.arrays({"dataset": {"files": [str(good), str(bad)], "keys": ["event"]},
+        columnhub.arrays({"dataset": {"name": "d", "files": [str(good), str(bad)], "keys": ["event"]},
                           "columns": ["x"]})
 
 
@@ -613,7 +613,7 @@ def test_connection_refused_is_named(url: str) -> None:
 
     url = url.format(port=_closed_port())
     with pytest.raises(SourceConnectionError, match="refused the connection") as err:
-        columnhub.arrays({"dataset": {"files": [url], "timeout": 2}, "columns": ["MET_pt"]})
+        columnhub.arrays({"dataset": {"name": "d", "files": [url], "timeout": 2}, "columns": ["MET_pt"]})
     assert url in str(err.value)
     assert not isinstance(err.value, CorruptFileError)
     assert "corrupt" not in str(err.value)
@@ -624,7 +624,7 @@ def test_server_without_ranges_is_named(shared_data: Path) -> None:
 
     with _Serving((shared_data / SAMPLE).read_bytes(), mode="no-ranges") as server:
         with pytest.raises(SourceProtocolError, match="does not support byte-range requests") as err:
-            columnhub.arrays({"dataset": {"files": [server.url(SAMPLE)], "timeout": 5},
+            columnhub.arrays({"dataset": {"name": "d", "files": [server.url(SAMPLE)], "timeout": 5},
                               "columns": ["MET_pt"]})
     assert server.url(SAMPLE) in str(err.value)
     assert "corrupt" not in str(err.value)
@@ -641,7 +641,7 @@ def test_stall_in_the_middle_of_a_read_is_named(shared_data: Path, http_server) 
         expected = tree["MET_pt"].array(library="np")
     assert baskets[0] < baskets[1]
     with _Serving(path.read_bytes(), mode="stall", stall_range=baskets) as server:
-        request = {"dataset": {"files": [server.url(SAMPLE)], "timeout": 1}, "columns": ["Jet_pt"]}
+        request = {"dataset": {"name": "d", "files": [server.url(SAMPLE)], "timeout": 1}, "columns": ["Jet_pt"]}
         make_plan(Request.from_dict(request))  # the metadata is served: planning works
         with pytest.raises(SourceTimeoutError, match="stopped answering|did not answer") as err:
             columnhub.arrays(request)
@@ -650,7 +650,7 @@ def test_stall_in_the_middle_of_a_read_is_named(shared_data: Path, http_server) 
     assert server.url(SAMPLE) in text
     assert "not subscriptable" not in text and "corrupt" not in text
     # the same file through a well-behaved server reads as it does locally
-    got = columnhub.arrays({"dataset": {"files": [http_server.put(path, name="ok.root")]},
+    got = columnhub.arrays({"dataset": {"name": "d", "files": [http_server.put(path, name="ok.root")]},
                             "columns": ["MET_pt"]})
     np.testing.assert_array_equal(ak.to_numpy(got.MET_pt), expected)
 
@@ -674,8 +674,8 @@ def test_branch_uproot_cannot_interpret_is_named(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="none of the rules matched"):
             file["Events"]["weird"].array()
     with pytest.raises(UnreadableBranchError, match=r"branch 'weird' of .*bad\.root.*TLeafX"):
-        columnhub.arrays({"dataset": {"files": [str(bad)]}, "columns": ["y", "weird"]})
-    got = columnhub.arrays({"dataset": {"files": [str(bad)]}, "columns": ["y"]})
+        columnhub.arrays({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y", "weird"]})
+    got = columnhub.arrays({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y"]})
     assert ak.to_list(got.y) == list(range(n))  # the other branches read as they are
 
 
@@ -688,11 +688,11 @@ def test_branch_missing_from_one_file_names_it(tmp_path: Path) -> None:
             branches["x"] = np.arange(3.0) * i
         files.append(str(_write_root(tmp_path / f"part{i}.root", branches)))
     with pytest.raises(columnhub.errors.ColumnNotFoundError) as err:
-        columnhub.arrays({"dataset": {"files": files}, "columns": ["x"]})
+        columnhub.arrays({"dataset": {"name": "d", "files": files}, "columns": ["x"]})
     text = str(err.value)
     assert "'x'" in text and files[1] in text and "1 of the 3 files" in text
     assert files[0] in text.split("it is in", 1)[1]  # and which files have it
-    got = columnhub.arrays({"dataset": {"files": files}, "columns": ["y"]})
+    got = columnhub.arrays({"dataset": {"name": "d", "files": files}, "columns": ["y"]})
     assert ak.to_list(got.y) == [0.0, 1.0, 2.0] * 3
 
 
@@ -713,7 +713,7 @@ def test_model_outputs_keep_the_card_names_as_documented(shared_data: Path, tmp_
                     {"name": "p_bkg", "tensor": "score", "index": 1}],
     })
     got = columnhub.arrays({
-        "dataset": {"files": [str(shared_data / SAMPLE)]}, "columns": ["p_sig", "p_bkg"],
+        "dataset": {"name": "d", "files": [str(shared_data / SAMPLE)]}, "columns": ["p_sig", "p_bkg"],
         "registry": str(root), "models": [{"model": "evtclass", "version": 1}],
     })
     assert got.fields == ["run", "luminosityBlock", "event", "p_sig", "p_bkg"]
