@@ -729,3 +729,24 @@ def test_model_outputs_keep_the_card_names_as_documented(shared_data: Path, tmp_
     default = row.split("|")[3]
     assert "<model>_" not in default
     assert "card" in default
+
+
+def test_missing_dependency_of_an_optional_module_names_the_extra(tmp_path: Path) -> None:
+    # tritonclient.http itself is installed, the HTTP client library it imports is not
+    script = textwrap.dedent(
+        """
+        from columnhub._extras import require
+        from columnhub.errors import ColumnhubError
+        try:
+            require("tritonclient.http", what="remote inference")
+        except ModuleNotFoundError as err:
+            assert isinstance(err, ColumnhubError), type(err).__mro__
+            print(err)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script],
+                          env=_without("geventhttpclient", tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'geventhttpclient'" in done.stdout
+    assert "pip install 'columnhub[ml]'" in done.stdout
