@@ -203,14 +203,15 @@ def test_empty_selection_still_has_columns(shared_data: Path, tmp_path: Path) ->
 
 def test_yaml_json_python_build_the_same_request(tmp_path: Path) -> None:
     data = {
-        "dataset": {"name": "d", "files": ["b.root", "a.root"]},
+        # absolute: relative paths in a spec file are relative to its folder
+        "dataset": {"name": "d", "files": [str(tmp_path / "b.root"), str(tmp_path / "a.root")]},
         "columns": ["x"],
         "define": {"x": "Jet_pt[Jet_pt>30]"},
         "where": "MET_pt>3",
     }
     spaced = {
         **data,
-        "dataset": {"name": "d", "files": ["a.root", "b.root"]},
+        "dataset": {"name": "d", "files": [str(tmp_path / "a.root"), str(tmp_path / "b.root")]},
         "define": {"x": "Jet_pt[ Jet_pt > 30 ]"},
         "where": " MET_pt >  3",
     }

@@ -63,11 +63,13 @@ class ResolvedDataset:
         files: its files in a stable order.
         columns: column name -> type string (Parquet; empty for ROOT, where
             a type per branch is costly), from the first file.
+        absent: column of the first file -> the later files that lack it.
     """
 
     spec: DatasetSpec
     files: tuple[FileInfo, ...]
     columns: dict[str, str] = field(repr=False)
+    absent: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def entries(self) -> int:
@@ -84,8 +86,12 @@ class ResolvedDataset:
         return [{"path": f.path, **f.identity_dict} for f in self.files]
 
     def require(self, names: Sequence[str], *, what: str = "column") -> None:
-        """Raise :class:`ColumnNotFoundError` for the first name the dataset lacks."""
+        """Raise :class:`ColumnNotFoundError` for the first name the dataset lacks.
+
+        A column that some files of the dataset lack is an error too, naming them.
+        """
         for name in names:
+            self.require_everywhere(name, what=what)
             if name not in self.columns:
                 hint = closest(name, self.columns)
                 msg = (
@@ -94,6 +100,27 @@ class ResolvedDataset:
                 )
                 msg += f"; closest names: {', '.join(hint)}" if hint else ""
                 raise ColumnNotFoundError(msg)
+
+    def require_everywhere(self, name: str, *, what: str = "column") -> None:
+        """Raise :class:`ColumnNotFoundError` if some files have ``name`` and others lack it."""
+        lacking = self.absent.get(name)
+        if not lacking:
+            return
+        having = [f.path for f in self.files if f.path not in set(lacking)]
+        shown = _some(lacking, 5)
+        has = _some(having, 3)
+        msg = (
+            f"{what} {name!r} is missing from {len(lacking)} of the {len(self.files)} files of "
+            f"dataset {self.spec.name!r}: {shown} (tree {self.spec.tree!r}); it is in {has}. "
+            "Leave those files out of the dataset, or the column out of the request"
+        )
+        raise ColumnNotFoundError(msg)
+
+
+def _some(paths: Sequence[str], n: int) -> str:
+    """The first ``n`` of ``paths``, and how many more there are."""
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more
 
 
 def is_url(path: str) -> bool:
@@ -113,7 +140,19 @@ def resolve(spec: DatasetSpec) -> ResolvedDataset:
         with ThreadPoolExecutor(workers) as pool:
             described = list(pool.map(lambda pf: describe(pf[0], pf[1], spec), paths))
     files = tuple(info for info, _ in described)
-    return ResolvedDataset(spec=spec, files=files, columns=described[0][1])
+    first = described[0][1]
+    absent: dict[str, list[str]] = {}
+    for info, columns in described[1:]:
+        if columns is first or columns.keys() == first.keys():
+            continue  # the usual case: one schema for every file
+        for name in first.keys() - columns.keys():
+            absent.setdefault(name, []).append(info.path)
+    return ResolvedDataset(
+        spec=spec,
+        files=files,
+        columns=first,
+        absent={name: tuple(paths) for name, paths in absent.items()},
+    )
 
 
 def _expand(spec: DatasetSpec) -> list[tuple[str, Format]]:

@@ -967,11 +967,14 @@ def _failed_manifest(req: Request, err: BaseException) -> dict[str, Any]:
 
 
 def _tqdm(progress: Any) -> Any:
-    """tqdm when bars are on (``progress=True``, or a terminal by default), else ``None``."""
+    """tqdm when bars are on (``progress=True``, or a terminal by default), else ``None``.
+
+    ``tqdm.auto``: widgets in Jupyter, text bars in a terminal.
+    """
     if callable(progress) or progress is False or (progress is None and not sys.stderr.isatty()):
         return None
     try:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
     except ModuleNotFoundError:
         return None
     return tqdm

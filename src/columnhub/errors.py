@@ -15,12 +15,16 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     │   ├── DatasetFileNotFoundError (FileNotFoundError)
     │   ├── TreeNotFoundError (KeyError)
     │   ├── CorruptFileError                   truncated / damaged file
-    │   └── SourceTimeoutError (TimeoutError)  remote storage did not answer
+    │   ├── UnreadableBranchError (TypeError)  a branch of a type uproot cannot read
+    │   ├── SourceTimeoutError (TimeoutError)  remote storage did not answer
+    │   ├── SourceConnectionError (ConnectionError)  remote storage refused the connection
+    │   └── SourceProtocolError                remote storage cannot serve byte ranges
     ├── JoinError                              event-key joins
     │   ├── KeyMismatchError                   aligned friends disagree
     │   ├── DuplicateKeyError                  ``validate`` violated
     │   └── KeyTypeError (TypeError)           float / negative key columns
     ├── CacheError                             column cache misuse
+    ├── MissingDependencyError (ModuleNotFoundError)  an optional extra is not installed
     ├── ModelError                             ML inference
     │   ├── ModelNotFoundError (KeyError)
     │   ├── ModelInputError (ValueError)
@@ -47,14 +51,18 @@ __all__ = [
     "JoinError",
     "KeyMismatchError",
     "KeyTypeError",
+    "MissingDependencyError",
     "ModelError",
     "ModelInputError",
     "ModelNotFoundError",
     "OutputError",
     "SampleError",
+    "SourceConnectionError",
+    "SourceProtocolError",
     "SourceTimeoutError",
     "SpecError",
     "TreeNotFoundError",
+    "UnreadableBranchError",
     "closest",
 ]
 
@@ -124,8 +132,20 @@ class CorruptFileError(DatasetError):
     """A file is truncated or damaged."""
 
 
+class UnreadableBranchError(DatasetError, TypeError):
+    """A branch has a type that uproot cannot read as an array."""
+
+
 class SourceTimeoutError(DatasetError, TimeoutError):
     """Remote storage did not answer in time."""
+
+
+class SourceConnectionError(DatasetError, ConnectionError):
+    """Remote storage refused (or reset) the connection."""
+
+
+class SourceProtocolError(DatasetError):
+    """Remote storage answers, but not as reading needs (e.g. no HTTP byte ranges)."""
 
 
 class JoinError(ColumnhubError):
@@ -146,6 +166,10 @@ class KeyTypeError(JoinError, TypeError):
 
 class CacheError(ColumnhubError):
     """The column cache cannot be used as asked."""
+
+
+class MissingDependencyError(ColumnhubError, ModuleNotFoundError):
+    """An optional dependency is not installed (the message names the extra to install)."""
 
 
 class ModelError(ColumnhubError):

@@ -29,6 +29,7 @@ that can be sorted, compared and looked up:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from columnhub.errors import JoinError, KeyTypeError
 __all__ = [
     "KeyColumns",
     "KeyPacking",
+    "check_key_type",
     "format_key",
     "integer_keys",
     "normalize_key_column",
@@ -96,12 +98,13 @@ def _to_numpy(name: str, values: Any) -> np.ndarray:
     return np.asarray(arr)
 
 
-def normalize_key_column(name: str, values: Any) -> np.ndarray:
+def normalize_key_column(name: str, values: Any, *, offset: int = 0) -> np.ndarray:
     """One key column as a ``uint64`` array, never truncated.
 
     Args:
         name: the column's name (for error messages).
         values: a 1-d array of unsigned or non-negative signed integers.
+        offset: the entry number of ``values[0]`` (for error messages).
 
     Returns:
         The values as a 1-d ``uint64`` array (no copy when already ``uint64``).
@@ -119,11 +122,13 @@ def normalize_key_column(name: str, values: Any) -> np.ndarray:
         return arr.astype(U64, copy=False)
     if kind == "i":
         if arr.size:
-            first = int(np.argmin(arr))
-            low = int(arr[first])
-            if low < 0:
+            low = int(arr[int(np.argmin(arr))])
+            if low < 0:  # name the first negative value
+                first = int(np.flatnonzero(arr < 0)[0])
+                low = int(arr[first])
                 msg = (
-                    f"event-key column {name!r} has a negative value {low} at entry {first}; "
+                    f"event-key column {name!r} has a negative value {low} at entry "
+                    f"{first + offset}; "
                     "event keys must be non-negative integers. Check that the right branch "
                     "is used as key (or cast it to an unsigned type if negative values are "
                     "an artefact of a signed read)."
@@ -135,9 +140,9 @@ def normalize_key_column(name: str, values: Any) -> np.ndarray:
         if arr.size:
             frac = np.flatnonzero(~np.isfinite(arr) | (arr != np.trunc(arr)))
             if frac.size:
-                bad = f"; entry {int(frac[0])} is {float(arr[frac[0]])!r}"
+                bad = f"; entry {int(frac[0]) + offset} is {float(arr[frac[0]])!r}"
             else:
-                bad = f"; e.g. entry 0 is {float(arr[0])!r}"
+                bad = f"; e.g. entry {offset} is {float(arr[0])!r}"
         msg = (
             f"event-key column {name!r} has floating-point type {arr.dtype}{bad}. Floats "
             "cannot be event keys (they lose precision above 2**53). Use the integer "
@@ -182,23 +187,68 @@ def normalize_keys(keys: KeyColumns) -> dict[str, np.ndarray]:
     return out
 
 
-def integer_keys(keys: KeyColumns) -> dict[str, np.ndarray]:
+def integer_keys(keys: KeyColumns, *, offset: int = 0) -> dict[str, np.ndarray]:
     """Key columns checked like :func:`normalize_keys`, unsigned ones left in their own type.
 
     Packing reads ``uint32`` run and lumi columns as they are; a ``uint64``
     copy of them would cost a pass over memory for nothing. Signed columns
     are converted (and checked for negative values) by
-    :func:`normalize_key_column`.
+    :func:`normalize_key_column`. ``offset`` is the entry number of the first
+    value, for messages.
     """
     if not keys:
         return normalize_keys(keys)  # raises the message for "no key columns"
     out: dict[str, np.ndarray] = {}
     for name, values in keys.items():
         arr = _to_numpy(str(name), values)
-        out[str(name)] = arr if arr.dtype.kind == "u" else normalize_key_column(str(name), arr)
+        out[str(name)] = (
+            arr if arr.dtype.kind == "u" else normalize_key_column(str(name), arr, offset=offset)
+        )
     if len({len(a) for a in out.values()}) > 1:
         normalize_keys(out)  # raises the message for different lengths
     return out
+
+
+_INTEGER_TYPE = re.compile(r"^u?int(8|16|32|64)$")
+
+
+def check_key_type(name: str, type_name: str, *, where: str) -> None:
+    """Raise :class:`KeyTypeError` when a stored column type cannot hold an event key.
+
+    Used while planning, from the branch or Parquet type alone (no data read),
+    so a dataset with float, boolean or jagged key columns fails before any
+    work starts, whether or not it is joined.
+
+    Args:
+        name: the key column.
+        type_name: its type, numpy/Arrow style (``uint32``, ``float64``, ``bool``,
+            ``list<item: int64>``) or ROOT style (``int32_t[]``).
+        where: the dataset and file, for the message.
+
+    >>> check_key_type("event", "uint64", where="dataset 'dy'")
+    >>> check_key_type("event", "double", where="dataset 'dy'")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    columnhub.errors.KeyTypeError: event-key column 'event' of dataset 'dy' has type double ...
+    """
+    if _INTEGER_TYPE.match(type_name):
+        return
+    text = type_name.lower()
+    if "[" in text or "vector" in text or "list" in text or "var" in text:
+        why = "is jagged (a list per event); a key column holds one integer per event"
+    elif text.startswith("bool"):
+        why = "is boolean; it cannot tell events apart"
+    elif "float" in text or "double" in text or "half" in text:
+        why = "is floating point; floats lose precision above 2**53 and cannot be keys"
+    else:
+        why = "is not an integer type"
+    msg = (
+        f"event-key column {name!r} of {where} has type {type_name} ({why}); allowed are "
+        "integer types (uint8..uint64, or int8..int64 with non-negative values). Set "
+        "dataset.keys to the integer key branches, e.g. [run, luminosityBlock, event] "
+        "(ATLAS: [EventInfoAuxDyn.runNumber, EventInfoAuxDyn.eventNumber])."
+    )
+    raise KeyTypeError(msg)
 
 
 def format_key(names: Sequence[str], values: Sequence[int]) -> str:

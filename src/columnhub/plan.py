@@ -9,7 +9,7 @@ ranges aligned to basket boundaries). It reads metadata only.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ import numpy as np
 from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
+from columnhub.keys import check_key_type
 from columnhub.spec import FriendSpec, Request
 
 __all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
@@ -206,6 +207,7 @@ def make_plan(request: Request) -> Plan:
                 + "; set dataset.keys to the dataset's key columns"
             )
             raise ColumnNotFoundError(msg)
+    _check_key_types(request.dataset.name, dataset, request.dataset.keys)
     wanted = list(request.columns)
     if request.output.include_keys:
         wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
@@ -221,6 +223,13 @@ def make_plan(request: Request) -> Plan:
         where = parse(request.where)
         for name in sorted(where.names):
             resolver.resolve(name, context="where")
+    from columnhub.sources import check_readable
+
+    check_readable(
+        dataset.files[0],
+        request.dataset,
+        [n for n, c in resolver.done.items() if c.kind == "source"],
+    )
     chunks: list[Chunk] = []
     for i, info in enumerate(dataset.files):
         for start, stop in split_entries(info.boundaries, request.chunk_size):
@@ -279,6 +288,7 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
         )
         raise JoinError(msg)
     dataset.require(keys, what=f"friend {spec.name!r} key column")
+    _check_key_types(spec.dataset.name, dataset, keys)
     dataset.require(spec.columns, what=f"friend {spec.name!r} column")
     if spec.match == "aligned":
         counts = [f.entries for f in dataset.files]
@@ -292,6 +302,20 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
             raise KeyMismatchError(msg)
     fp = fingerprint("friend", PROVIDER_VERSIONS["friend"], spec.canonical(), dataset.identity)
     return Friend(spec=spec, dataset=dataset, fingerprint=fp)
+
+
+def _check_key_types(name: str, dataset: ResolvedDataset, keys: tuple[str, ...]) -> None:
+    """Key columns of a type that cannot be a key fail here, before any data is read.
+
+    From the first file's branch or Parquet types: float, boolean and jagged
+    key columns are a :class:`KeyTypeError` whether or not the dataset is
+    joined. Negative values are found when the keys are read.
+    """
+    from columnhub.sources import column_types
+
+    first = dataset.files[0]
+    for column, type_name in column_types(first, dataset.spec, keys).items():
+        check_key_type(column, type_name, where=f"dataset {name!r} ({first.path})")
 
 
 def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Friend, ...]) -> None:
@@ -372,19 +396,52 @@ class _Resolver:
         ]
 
     def resolve(self, name: str, *, context: str) -> ColumnDef:
+        """The definition of ``name``, with every column it depends on resolved first.
+
+        Depth first with an explicit stack, not recursion: a chain of
+        thousands of ``define`` s resolves like a short one.
+        """
         if name in self.done:
             return self.done[name]
-        if name in self.active:
-            cycle = " -> ".join([*self.active[self.active.index(name) :], name])
-            msg = f"define: the definitions are circular ({cycle}); break the cycle"
-            raise SpecError(msg)
-        self.active.append(name)
+        depth = len(self.active)
+        path: list[tuple[str, str, Iterator[tuple[str, str]]]] = []
+
+        def enter(column: str, where: str) -> None:
+            if column in self.active:
+                cycle = " -> ".join([*self.active[self.active.index(column) :], column])
+                msg = f"define: the definitions are circular ({cycle}); break the cycle"
+                raise SpecError(msg)
+            self.active.append(column)
+            path.append((column, where, iter(self._deps(column, context=where))))
+
         try:
-            column = self._make(name, context=context)
+            enter(name, context)
+            while path:
+                current, where, deps = path[-1]
+                for dep, dep_context in deps:
+                    if dep not in self.done:
+                        enter(dep, dep_context)
+                        break
+                else:  # every dependency is resolved: _make finds them in self.done
+                    path.pop()
+                    self.active.pop()
+                    self.done[current] = self._make(current, context=where)
         finally:
-            self.active.pop()
-        self.done[name] = column
-        return column
+            del self.active[depth:]
+        return self.done[name]
+
+    def _deps(self, name: str, *, context: str) -> list[tuple[str, str]]:
+        """The columns ``name`` is made from, each with the context for its messages."""
+        if name in self.request.define:
+            label = f"define {name!r}"
+            return [(d, label) for d in sorted(parse(self.request.define[name]).names)]
+        if name in self.model_columns:
+            model, _ = self.model_columns[name]
+            label = f"model {model.card.name!r} input"
+            return [(d, label) for d in sorted({n for e in model.inputs for n in e.names})]
+        if name in self.friend_columns:
+            return [(k, context) for k in self.request.dataset.keys]
+        return []
 
     def _make(self, name: str, *, context: str) -> ColumnDef:
         request = self.request
@@ -411,6 +468,7 @@ class _Resolver:
             source = {"friend": friend.spec.name, "column": column}
             return ColumnDef(name, "friend", tuple(request.dataset.keys), fp, source=source)
         if name in self.dataset.columns:
+            self.dataset.require_everywhere(name, what=f"{context}: branch")
             fp = fingerprint("source", PROVIDER_VERSIONS["source"], name)
             return ColumnDef(name, "source", (), fp, source={"branch": name})
         hint = closest(name, self.known_names())

@@ -85,11 +85,9 @@ class Result:
 
     def to_dask(self) -> Any:
         """A lazy dask-awkward array over the parts (one partition per part)."""
-        try:
-            import dask_awkward as dak
-        except ModuleNotFoundError as err:
-            msg = "to_dask() needs dask-awkward: pip install 'columnhub[dask]'"
-            raise ModuleNotFoundError(msg) from err
+        from columnhub._extras import require
+
+        dak = require("dask_awkward", what="Result.to_dask()")
         self._check()
         return dak.from_parquet([str(f) for f in self.files])  # type: ignore[attr-defined]
 

@@ -37,11 +37,40 @@ __all__ = [
     "OutputSpec",
     "Request",
     "Samples",
+    "default_dataset_name",
     "load_request",
+    "rebase_paths",
 ]
 
 CMS_KEYS: tuple[str, ...] = ("run", "luminosityBlock", "event")
 _DEFAULT_PART_BYTES = 256 * 1024**2
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema booleans.
+
+    PyYAML implements YAML 1.1, where ``on``, ``off``, ``yes``, ``no``, ``y``
+    and ``n`` are booleans, so a friend's ``on: [run, event]`` would become the
+    key ``True``. In YAML 1.2 only ``true`` and ``false`` are; everything else
+    stays a string. A resolver on the safe loader is enough for that (no
+    second YAML library to install).
+    """
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML's class-level table
+        first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML (or JSON) text as plain data, with YAML 1.2 booleans (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Frozen(BaseModel):
@@ -52,7 +81,10 @@ class DatasetSpec(_Frozen):
     """Where the events are.
 
     Attributes:
-        name: a short name, used in messages and provenance.
+        name: a short name, used in messages and provenance; by default derived
+            from the files (their common file-name stem, else their folder; see
+            :func:`default_dataset_name`). A friend's dataset defaults to the
+            friend's name.
         files: local paths, glob patterns, ``root://`` or ``https://`` URLs, or
             a columnhub output directory (Parquet parts with key columns).
         tree: the TTree (or RNTuple) name in ROOT files.
@@ -66,6 +98,18 @@ class DatasetSpec(_Frozen):
     tree: str = "Events"
     keys: tuple[str, ...] = Field(default=CMS_KEYS, min_length=1)
     timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None and data.get("files"):
+            files = data["files"]
+            files = [files] if isinstance(files, str | os.PathLike) else files
+            if isinstance(files, list | tuple) and all(
+                isinstance(f, str | os.PathLike) for f in files
+            ):
+                data = {**data, "name": default_dataset_name([os.fspath(f) for f in files])}
+        return data
 
     @field_validator("files", mode="before")
     @classmethod
@@ -112,6 +156,18 @@ class FriendSpec(_Frozen):
     prefix: str | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_named_after_friend(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("dataset"), dict)
+            and data["dataset"].get("name") is None
+            and isinstance(data.get("name"), str)
+        ):
+            data = {**data, "dataset": {**data["dataset"], "name": data["name"]}}
+        return data
 
     @property
     def friend_keys(self) -> tuple[str, ...]:
@@ -663,6 +719,11 @@ def load_request(
 
     A spec with ``samples:``, or whose ``dataset`` is a coffea fileset, gives
     :class:`Samples`; any other gives a :class:`Request`.
+
+    Relative paths in a spec *file* (dataset and friend ``files``, ``registry``,
+    ``output.directory``) are relative to the file's folder, so a spec works
+    from any working directory; in a dictionary or a :class:`Request` they stay
+    relative to the working directory.
     """
     if isinstance(source, Request | Samples):
         return source
@@ -674,13 +735,15 @@ def load_request(
         raise SpecError(msg)
     text = path.read_text()
     if path.suffix == ".json":
-        return _from_data(_parse_json(text))
-    return _from_data(_parse_yaml(text))
+        data = _parse_json(text)
+    else:
+        data = _parse_yaml(text)
+    return _from_data(rebase_paths(data, path.resolve().parent))
 
 
 def _parse_yaml(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError as err:
         msg = f"the request is not valid YAML/JSON: {err}"
         raise SpecError(msg) from None
@@ -703,6 +766,99 @@ def _from_data(data: Any) -> Request | Samples:
 
 def _is_multi(data: Any) -> bool:
     return isinstance(data, Mapping) and ("samples" in data or _is_fileset(data.get("dataset")))
+
+
+#: fields that hold text of the user's own (column names, expressions, model
+#: names), never paths: not looked into by :func:`rebase_paths`
+_NOT_PATHS = frozenset({"columns", "define", "where", "models", "keys", "on"})
+
+
+def rebase_paths(data: Any, base: str | os.PathLike[str]) -> Any:
+    """A copy of request data with its relative local paths made relative to ``base``.
+
+    Wherever it appears in the request (the primary dataset, friends, and any
+    nesting of them such as several samples), a ``files`` entry (text, a list,
+    or a mapping path -> tree as in a coffea fileset) and a ``registry`` are
+    rebased, as is ``directory`` in an ``output``. URLs (``scheme://``),
+    absolute paths and ``~`` paths are left as they are.
+
+    >>> rebase_paths({"dataset": {"files": ["a.root", "/x/b.root"]}}, "/specs")
+    {'dataset': {'files': ['/specs/a.root', '/x/b.root']}}
+    """
+    root = os.fspath(base)
+
+    def one(value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return value
+        if "://" in value or os.path.isabs(value) or value.startswith("~"):
+            return value
+        return os.path.normpath(os.path.join(root, value))
+
+    def walk(node: Any, field: str | None) -> Any:
+        if isinstance(node, list):
+            return [walk(item, field) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[Any, Any] = {}
+        for key, value in node.items():
+            if key in _NOT_PATHS:
+                out[key] = value
+            elif key == "files":
+                if isinstance(value, dict):
+                    out[key] = {one(k): v for k, v in value.items()}
+                elif isinstance(value, list):
+                    out[key] = [one(v) for v in value]
+                else:
+                    out[key] = one(value)
+            elif key == "registry" or (key == "directory" and field == "output"):
+                out[key] = one(value)
+            elif key == "dataset" and isinstance(value, str | list):
+                out[key] = [one(f) for f in value] if isinstance(value, list) else one(value)
+            elif key in ("samples", "dataset") and isinstance(value, dict):
+                # a sample (or coffea fileset entry) given as its bare file list
+                out[key] = {
+                    k: [one(f) for f in v] if isinstance(v, list)
+                    else one(v) if isinstance(v, str) and key == "samples"
+                    else walk(v, k if isinstance(k, str) else None)
+                    for k, v in value.items()
+                }
+            else:
+                out[key] = walk(value, key if isinstance(key, str) else None)
+        return out
+
+    return walk(data, None)
+
+
+def default_dataset_name(files: list[str]) -> str:
+    """A dataset name derived from its files, for a dataset that gives none.
+
+    The longest common beginning of the file names without their suffix
+    (``dy_1.root``, ``dy_2.root`` -> ``dy``), else the name of the folder they
+    share, else ``dataset``. Glob characters and URL queries are left out.
+
+    >>> default_dataset_name(["data/dy_1.root", "data/dy_2.root"])
+    'dy'
+    >>> default_dataset_name(["mc/ttbar/a.root", "mc/ttbar/b.root"])
+    'ttbar'
+    >>> default_dataset_name(["root://eos.example//store/nano_dy.root?svcClass=x"])
+    'nano_dy'
+    """
+    paths = [re.split(r"[?#]", f, maxsplit=1)[0].rstrip("/") for f in files]
+    paths = [p.split("://", 1)[-1] for p in paths]
+    stems = []
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        stem = name.split(".", 1)[0] if "." in name else name
+        stems.append(re.split(r"[*?\[]", stem, maxsplit=1)[0])
+    name = os.path.commonprefix(stems).rstrip("_-. ")
+    if name:
+        return name
+    parents = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}
+    if len(parents) == 1:
+        folder = parents.pop().rstrip("/").rsplit("/", 1)[-1]
+        if folder and folder not in (".", "..") and not re.search(r"[*?\[]", folder):
+            return folder
+    return "dataset"
 
 
 def _describe(err: ValidationError) -> str:

@@ -17,9 +17,10 @@ import pyarrow as pa
 
 from columnhub import sources
 from columnhub.cache import ColumnCache
-from columnhub.errors import CacheError, ColumnhubError, ExpressionError
+from columnhub.errors import CacheError, ColumnhubError, ExpressionError, KeyTypeError
 from columnhub.execute._select import select
 from columnhub.join.gather import gather
+from columnhub.keys import integer_keys
 from columnhub.plan import Chunk, ColumnDef, Plan
 
 __all__ = ["ChunkResult", "run_chunk", "to_arrow_table"]
@@ -143,9 +144,25 @@ class _ChunkWork:
         return np.logical_and.reduce(masks) if len(masks) > 1 else masks[0]
 
     def resolve(self, names: list[str]) -> None:
-        """Find, depth first, what must be read and computed (dependencies first)."""
+        """Find, depth first, what must be read and computed (dependencies first).
+
+        An explicit stack, not recursion: a chain of thousands of ``define`` s
+        works like a short one. A name is looked up in the cache when first
+        met; one that must be computed or joined is queued after its
+        dependencies.
+        """
         joining = {n for names_ in self.to_join.values() for n in names_}
-        for name in names:
+        stack: list[tuple[str, bool]] = [(n, False) for n in reversed(names)]
+        while stack:
+            name, deps_done = stack.pop()
+            if deps_done:
+                column = self.plan.columns[name] if name != WHERE else None
+                if column is not None and column.kind == "friend":
+                    self.to_join[column.source["friend"]].append(name)
+                    joining.add(name)
+                else:
+                    self.to_compute.append(name)
+                continue
             if name in self.values or name in self.to_read or name in self.to_compute:
                 continue
             if name in joining:
@@ -161,19 +178,15 @@ class _ChunkWork:
                 self.misses += 1
             if name == WHERE:
                 assert self.plan.where is not None
-                self.resolve(sorted(self.plan.where.names))
-                self.to_compute.append(name)
-                continue
-            column = self.plan.columns[name]
-            if column.kind == "source":
-                self.to_read.append(name)
-            elif column.kind == "friend":
-                self.resolve(list(column.deps))
-                self.to_join[column.source["friend"]].append(name)
-                joining.add(name)
+                deps = sorted(self.plan.where.names)
             else:
-                self.resolve(list(column.deps))
-                self.to_compute.append(name)
+                column = self.plan.columns[name]
+                if column.kind == "source":
+                    self.to_read.append(name)
+                    continue
+                deps = list(column.deps)
+            stack.append((name, True))
+            stack.extend((d, False) for d in reversed(deps))
 
     def compute(self) -> None:
         plan, chunk = self.plan, self.chunk
@@ -182,6 +195,7 @@ class _ChunkWork:
             read = sources.read(
                 file, plan.request.dataset, self.to_read, start=chunk.start, stop=chunk.stop
             )
+            self._check_keys(read, file.path)
             for name in self.to_read:
                 self._store(name, read[name])
                 self.primary_space.add(name)
@@ -202,6 +216,21 @@ class _ChunkWork:
                 column = plan.columns[name]
                 assert column.expression is not None
                 self._store(name, column.expression.evaluate(self.values))
+
+    def _check_keys(self, read: dict[str, Any], path: str) -> None:
+        """Key columns just read hold valid keys (no negative values, one integer per event).
+
+        Checked whenever they are read, so a result is never delivered with
+        keys that could not be joined later.
+        """
+        keys = {k: read[k] for k in self.plan.request.dataset.keys if k in read}
+        if not keys:
+            return
+        try:
+            integer_keys(keys, offset=self.chunk.start)
+        except KeyTypeError as err:
+            msg = f"dataset {self.plan.request.dataset.name!r}, file {path}: {err}"
+            raise KeyTypeError(msg) from err
 
     def _predict(self, column: ColumnDef) -> None:
         """Run a model once for the chunk; store every output the request uses."""

@@ -49,14 +49,9 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ModuleNotFoundError as err:
-        msg = (
-            "ONNX models need onnxruntime: pip install 'columnhub[ml]' (or pip install onnxruntime)"
-        )
-        raise ModuleNotFoundError(msg) from err
-    return onnxruntime
+    from columnhub._extras import require
+
+    return require("onnxruntime", what="ONNX models")
 
 
 def session_for(card: ModelCard) -> Any:

@@ -72,18 +72,10 @@ def server_address(url: str) -> str:
 
 
 def _tritonclient(protocol: str) -> Any:
-    try:
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-    except ModuleNotFoundError as err:
-        msg = (
-            "remote inference needs tritonclient: pip install 'columnhub[ml]' "
-            "(or pip install 'tritonclient[http,grpc]')"
-        )
-        raise ModuleNotFoundError(msg) from err
-    return module
+    from columnhub._extras import require
+
+    module = "tritonclient.grpc" if protocol == "grpc" else "tritonclient.http"
+    return require(module, what="remote inference (Triton / KServe v2)")
 
 
 _local = threading.local()

@@ -22,12 +22,9 @@ _boosters: dict[str, Any] = {}
 
 
 def _xgboost() -> Any:
-    try:
-        import xgboost
-    except ModuleNotFoundError as err:
-        msg = "XGBoost models need xgboost: pip install 'columnhub[ml]' (or pip install xgboost)"
-        raise ModuleNotFoundError(msg) from err
-    return xgboost
+    from columnhub._extras import require
+
+    return require("xgboost", what="XGBoost models")
 
 
 def booster_for(card: ModelCard) -> Any:

@@ -15,7 +15,7 @@ import awkward as ak
 from columnhub.datasets import FileInfo
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "read"]
+__all__ = ["check_readable", "column_types", "describe", "read"]
 
 
 def describe(path: str, fmt: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
@@ -27,6 +27,33 @@ def describe(path: str, fmt: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str
     from columnhub.sources import root
 
     return root.describe(path, spec)
+
+
+def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dict[str, str]:
+    """The stored type of each of ``names`` in ``file`` (metadata only).
+
+    Numpy/Arrow spelling for plain numbers (``uint32``, ``float64``, ``bool``),
+    the format's own for anything else (``int32_t[]``, ``list<element: int64>``).
+    """
+    if file.format == "parquet":
+        from columnhub.sources import parquet
+
+        return parquet.column_types(file, names)
+    from columnhub.sources import root
+
+    return root.column_types(file, spec, names)
+
+
+def check_readable(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> None:
+    """Raise :class:`~columnhub.errors.UnreadableBranchError` for a branch uproot cannot read.
+
+    Metadata only (the branches' types), so a request fails while planning
+    rather than in the middle of delivering.
+    """
+    if file.format == "root":
+        from columnhub.sources import root
+
+        root.check_readable(file, spec, names)
 
 
 def read(

@@ -10,18 +10,27 @@ import awkward as ak
 import numpy as np
 import pyarrow.parquet as pq
 
+from columnhub._extras import missing_dependency
 from columnhub.datasets import FileInfo, is_url
-from columnhub.errors import CorruptFileError, DatasetFileNotFoundError
+from columnhub.errors import ColumnhubError, CorruptFileError, DatasetFileNotFoundError
+from columnhub.sources._errors import classify
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "read"]
+__all__ = ["column_types", "describe", "read"]
 
 
 def _open(path: str) -> pq.ParquetFile:
     if is_url(path):
         import fsspec
 
-        return pq.ParquetFile(fsspec.open(path, "rb").open())
+        try:
+            handle = fsspec.open(path, "rb").open()
+        except ImportError as err:  # fsspec-xrootd / aiohttp for root:// and http(s)://
+            found = missing_dependency(err, what=f"reading {path}")
+            if found is None:
+                raise
+            raise found from err
+        return pq.ParquetFile(handle)
     return pq.ParquetFile(path)
 
 
@@ -29,10 +38,22 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     """Identity, rows, row-group boundaries and columns of one Parquet file."""
     try:
         meta = _open(path)
-    except FileNotFoundError as err:
-        msg = f"dataset {spec.name!r}: file {path!r} does not exist"
-        raise DatasetFileNotFoundError(msg) from err
+    except ColumnhubError:
+        raise
     except Exception as err:
+        found = None
+        if is_url(path):  # fsspec reports a refused connection as a missing file
+            found = classify(
+                err, dataset=spec.name, path=path, doing="reading its Parquet footer",
+                timeout=spec.timeout, remote=True, fmt="Parquet",
+            )
+            if isinstance(found, CorruptFileError) and isinstance(err, FileNotFoundError):
+                found = None
+        if found is not None:
+            raise found from err
+        if isinstance(err, FileNotFoundError):
+            msg = f"dataset {spec.name!r}: file {path!r} does not exist"
+            raise DatasetFileNotFoundError(msg) from err
         msg = f"dataset {spec.name!r}: {path!r} is not a readable Parquet file ({err})"
         raise CorruptFileError(msg) from err
     md = meta.metadata
@@ -54,6 +75,12 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     return info, columns
 
 
+def column_types(file: FileInfo, names: Sequence[str]) -> dict[str, str]:
+    """Arrow type names of ``names`` (``uint32``, ``double``, ``list<element: int64>``)."""
+    schema = _open(file.path).schema_arrow
+    return {name: str(schema.field(name).type) for name in names}
+
+
 def read(
     file: FileInfo, columns: Sequence[str], *, start: int, stop: int
 ) -> dict[str, ak.Array]:
@@ -69,6 +96,8 @@ def read(
         table = meta.read_row_groups(groups, columns=list(columns))
         offset = start - int(bounds[first])
         table = table.slice(offset, stop - start)
+    except ColumnhubError:
+        raise
     except Exception as err:
         msg = f"reading rows {start}-{stop} of {file.path!r} failed ({err})"
         raise CorruptFileError(msg) from err

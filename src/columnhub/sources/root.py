@@ -16,19 +16,31 @@ from typing import Any
 import awkward as ak
 import uproot
 
+from columnhub._extras import missing_dependency
 from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import (
     ColumnhubError,
+    ColumnNotFoundError,
     CorruptFileError,
     DatasetFileNotFoundError,
     SourceTimeoutError,
     TreeNotFoundError,
+    UnreadableBranchError,
     closest,
 )
+from columnhub.sources._errors import classify
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "forget_files", "open_tree", "read", "read_executor"]
+__all__ = [
+    "check_readable",
+    "column_types",
+    "describe",
+    "forget_files",
+    "open_tree",
+    "read",
+    "read_executor",
+]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 _OPEN_FILES = 16
@@ -132,7 +144,8 @@ def open_tree(path: str, spec: DatasetSpec) -> Any:
     """The tree ``spec.tree`` of the ROOT file ``path``, with clear errors."""
     if is_url(path):
         return call_with_timeout(
-            lambda: _open_tree(path, spec), seconds=spec.timeout, what=f"storage for {path}"
+            lambda: _open_tree(path, spec), seconds=spec.timeout,
+            what=f"dataset {spec.name!r}: storage for {path}", url=path,
         )
     return _open_tree(path, spec)
 
@@ -147,21 +160,22 @@ def _open_tree(path: str, spec: DatasetSpec) -> Any:
         raise DatasetFileNotFoundError(msg) from err
     except ColumnhubError:
         raise
+    except ImportError as err:  # fsspec-xrootd / aiohttp for root:// and http(s)://
+        found = missing_dependency(err, what=f"dataset {spec.name!r}: reading {path}")
+        if found is None:
+            raise
+        raise found from err
     except Exception as err:
-        text = str(err).lower()
-        if isinstance(err, TimeoutError) or (
-            is_url(path) and any(w in text for w in ("timed out", "timeout", "expired"))
-        ):
+        if not is_url(path) and isinstance(err, TimeoutError):
             msg = (
                 f"dataset {spec.name!r}: storage for {path} timed out ({err}); check that "
-                "the server is up and reachable, or raise the dataset's 'timeout'"
+                "the file system answers, or raise the dataset's 'timeout'"
             )
             raise SourceTimeoutError(msg) from err
-        msg = (
-            f"dataset {spec.name!r}: {path!r} cannot be read as a ROOT file "
-            f"({type(err).__name__}: {err}); it may be truncated, corrupt or not ROOT at all"
-        )
-        raise CorruptFileError(msg) from err
+        raise classify(
+            err, dataset=spec.name, path=path, doing="opening it as a ROOT file",
+            timeout=spec.timeout, remote=is_url(path),
+        ) from err
     try:
         return file[spec.tree]
     except uproot.KeyInFileError as err:
@@ -247,8 +261,10 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     except ColumnhubError:
         raise
     except Exception as err:
-        msg = f"dataset {spec.name!r}: the metadata of {path!r} cannot be read ({err})"
-        raise CorruptFileError(msg) from err
+        raise classify(
+            err, dataset=spec.name, path=path, doing="reading its tree's metadata",
+            timeout=spec.timeout, remote=is_url(path),
+        ) from err
     identity: dict[str, Any] = {"uuid": str(tree.file.uuid)}
     if is_url(path):
         identity["size"] = int(getattr(tree.file.source, "num_bytes", 0) or 0)
@@ -267,6 +283,51 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     )
     _remember((info.path, info.identity, spec.tree), tree)
     return info, columns
+
+
+def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dict[str, str]:
+    """The stored type of each branch in ``names`` (metadata only).
+
+    A numpy name for one number per entry (``uint32``, ``float32``, ``bool``),
+    else the branch's C++ type (``int32_t[]``).
+    """
+    tree = _cached_tree(file, spec)
+    out: dict[str, str] = {}
+    for name in names:
+        field = tree[name]
+        interpretation = getattr(field, "interpretation", None)
+        to_dtype = getattr(interpretation, "to_dtype", None)
+        plain = isinstance(interpretation, uproot.AsDtype) and to_dtype is not None
+        if plain and to_dtype.shape == ():
+            out[name] = to_dtype.name
+        else:  # jagged, strings, objects; RNTuple fields: std::uint32_t -> uint32
+            text = str(field.typename)
+            text = _CXX_NUMBERS.get(text, text)
+            out[name] = text.removeprefix("std::").removesuffix("_t") if "::" in text else text
+    return out
+
+
+_CXX_NUMBERS = {"float": "float32", "double": "float64", "bool": "bool"}
+
+
+def check_readable(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> None:
+    """Raise :class:`UnreadableBranchError` for the first of ``names`` uproot cannot interpret."""
+    tree = _cached_tree(file, spec)
+    if not isinstance(tree, uproot.TTree):
+        return
+    unknown = uproot.interpretation.identify.UnknownInterpretation
+    for name in names:
+        branch = tree[name]
+        interpretation = branch.interpretation
+        if isinstance(interpretation, unknown):
+            msg = (
+                f"dataset {spec.name!r}: branch {name!r} of {file.path} has a type uproot cannot "
+                f"read as an array (type {branch.typename!r}, leaf class "
+                f"{', '.join(leaf.classname for leaf in branch.member('fLeaves')) or 'none'}: "
+                f"{interpretation.reason}); leave it out "
+                "of the request (and out of define/where), or convert it to a plain numeric branch"
+            )
+            raise UnreadableBranchError(msg)
 
 
 def read(
@@ -296,15 +357,22 @@ def read(
     try:
         if is_url(file.path):
             return call_with_timeout(
-                load, seconds=spec.timeout * 4, what=f"storage for {file.path}"
+                load, seconds=spec.timeout * 4,
+                what=f"dataset {spec.name!r}: storage for {file.path}", url=file.path,
             )
         return load()
     except ColumnhubError:
         raise
-    except Exception as err:
+    except uproot.KeyInFileError as err:  # the file lacks a branch its dataset's first file has
         msg = (
-            f"dataset {spec.name!r}: reading {sorted(wanted)} of entries {start}-{stop} "
-            f"of {file.path!r} failed ({type(err).__name__}: {err}); "
-            "the file may be truncated or corrupt"
+            f"dataset {spec.name!r}: file {file.path} has no branch {err.key!r} (tree "
+            f"{spec.tree!r}); every file of a dataset needs every requested branch: leave the "
+            "file out of the dataset or the branch out of the request"
         )
-        raise CorruptFileError(msg) from err
+        raise ColumnNotFoundError(msg) from err
+    except Exception as err:
+        raise classify(
+            err, dataset=spec.name, path=file.path,
+            doing=f"reading {sorted(wanted)} of entries {start}-{stop}",
+            timeout=spec.timeout, remote=is_url(file.path),
+        ) from err
