@@ -108,6 +108,82 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+# --------------------------------------------------------------------------- missing values
+#
+# Booleans with missing values (awkward option types, at any depth) follow SQL's
+# three-valued (Kleene) logic, as pandas' nullable booleans and Arrow's
+# and_kleene/or_kleene do. AND, OR, any() and all() are monotone, so their result
+# is known exactly where the two extreme completions of the missing items (every
+# None read as False, every None read as True) agree, and missing where they
+# differ. ``~``/``not`` and ``^`` of a missing value are missing, which is what
+# awkward's ufuncs already give.
+
+
+def _has_option(value: _Value) -> bool:
+    """Whether an array has missing values (an option type) at any depth."""
+    if _is_scalar(value):
+        return False
+    layout = ak.to_layout(value)
+    while True:
+        if layout.is_option:
+            return True
+        if not hasattr(layout, "content"):
+            return False
+        layout = layout.content
+
+
+def _is_boolean(value: _Value) -> bool:
+    """Whether ``value`` is a boolean scalar or a (possibly jagged, optional) boolean array."""
+    if _is_scalar(value):
+        return bool(value.dtype == np.bool_)
+    return _is_bool(value)
+
+
+def _fill_items(x: _Value, *, value: bool) -> _Value:
+    """Missing innermost items of ``x`` replaced by ``value``; missing lists stay missing."""
+    if _is_scalar(x):
+        return x
+    return ak.fill_none(x, value, axis=-1)
+
+
+def _unknown_where_differ(low: _Value, high: _Value) -> _Value:
+    """``low`` where it equals ``high``, None elsewhere."""
+    return ak.mask(low, low == high)
+
+
+def _kleene(func: np.ufunc, a: _Value, b: _Value) -> _Value:
+    """``&`` (``np.bitwise_and``) or ``|`` (``np.bitwise_or``) in three-valued logic.
+
+    Integers (and booleans without missing values) get the plain bitwise ufunc.
+
+    >>> a, b = ak.Array([True, False, None, None]), ak.Array([None, None, True, False])
+    >>> _kleene(np.bitwise_or, a, b).tolist()
+    [True, None, True, None]
+    >>> _kleene(np.bitwise_and, a, b).tolist()
+    [None, False, None, False]
+    """
+    if not (_has_option(a) or _has_option(b)) or not (_is_boolean(a) and _is_boolean(b)):
+        return _call_mixed(func, (a, b))
+    low = _call_mixed(func, (_fill_items(a, value=False), _fill_items(b, value=False)))
+    high = _call_mixed(func, (_fill_items(a, value=True), _fill_items(b, value=True)))
+    return _unknown_where_differ(low, high)
+
+
+def _kleene_reduce(func: Callable[..., Any], x: _Value) -> _Value:
+    """``ak.any``/``ak.all`` over each innermost list in three-valued logic.
+
+    ``any``: True if an item is True, else None if an item is None, else False;
+    ``all`` is its dual. An empty list gives False (any) and True (all).
+    """
+    if not _has_option(x):
+        return func(x, axis=-1)
+    if not _is_bool(x):
+        x = x != 0  # what any/all test of a number; None stays None
+    low = func(_fill_items(x, value=False), axis=-1)
+    high = func(_fill_items(x, value=True), axis=-1)
+    return _unknown_where_differ(low, high)
+
+
 # --------------------------------------------------------------------------- functions
 
 
@@ -252,8 +328,16 @@ FUNCTIONS: dict[str, _Function] = {
     "sum": _f(
         _reducer("sum", lambda x: ak.sum(x, axis=-1)), "sum(x)", "sum of each list (0 if empty)"
     ),
-    "any": _f(_reducer("any", lambda x: ak.any(x, axis=-1)), "any(x)", "any True in each list"),
-    "all": _f(_reducer("all", lambda x: ak.all(x, axis=-1)), "all(x)", "all True in each list"),
+    "any": _f(
+        _reducer("any", functools.partial(_kleene_reduce, ak.any)),
+        "any(x)",
+        "True if any item is True, else None if any is None, else False",
+    ),
+    "all": _f(
+        _reducer("all", functools.partial(_kleene_reduce, ak.all)),
+        "all(x)",
+        "False if any item is False, else None if any is None, else True",
+    ),
     "min": _f(
         _reducer("min", lambda x: ak.min(x, axis=-1, mask_identity=True)),
         "min(x)",
@@ -368,6 +452,8 @@ class _Apply(_Node):
 
 
 def _binary(func: np.ufunc) -> Callable[[_Value, _Value], _Value]:
+    if func is np.bitwise_and or func is np.bitwise_or:
+        return functools.partial(_kleene, func)
     return lambda a, b: _call_mixed(func, (a, b))
 
 
@@ -431,6 +517,10 @@ def _mask(x: _Value, mask: _Value) -> _Value:
     if not _is_bool(mask):
         msg = f"a mask must be boolean, got {ak.type(mask)}; compare it, e.g. x[x > 30]"
         raise TypeError(msg)
+    if _has_option(mask):
+        # As SQL's WHERE: an object whose mask item is missing is dropped (awkward
+        # alone would keep a None in its place). A missing list stays missing.
+        mask = _fill_items(mask, value=False)
     return x[mask]
 
 
