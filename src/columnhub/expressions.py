@@ -76,7 +76,7 @@ def _call_mixed(func: Callable[..., Any], args: tuple[_Value, ...]) -> _Value:
     if all(_is_scalar(a) for a in args):
         out = func(*args)
         return out[()] if isinstance(out, np.ndarray) else out
-    return func(*(_weak(a) for a in args))
+    return func(*(_weak(a) for a in _spread_missing(args)))
 
 
 def _ndim(value: _Value) -> int:
@@ -146,6 +146,31 @@ def _fill_items(x: _Value, *, value: bool) -> _Value:
     return ak.fill_none(x, value, axis=-1)
 
 
+def _spread_missing(values: tuple[_Value, ...]) -> tuple[_Value, ...]:
+    """A missing per-event value meets a list as a list of missing items.
+
+    awkward broadcasts a missing value into a missing *list*, which no ``|``
+    can recover; here ``Jet_pt > f.cut`` for an event without ``f.cut`` is one
+    missing item per jet, so ``(Jet_pt > f.cut) | (Jet_eta > 2)`` still selects
+    the forward jets. Only the outermost missing values of the shallower
+    operands are spread; a missing list of the deepest operand stays missing.
+    """
+    arrays = [v for v in values if isinstance(v, ak.Array)]
+    if len(arrays) < 2:
+        return values
+    deepest = max(arrays, key=lambda a: a.ndim)
+    out = []
+    for v in values:
+        if isinstance(v, ak.Array) and v.ndim < deepest.ndim and v.layout.is_option:
+            masked = v.layout.to_ByteMaskedArray(True)
+            content = ak.Array(masked.content)
+            valid = ak.Array(masked.mask_as_bool(valid_when=True))
+            content, valid, _ = ak.broadcast_arrays(content, valid, deepest)
+            v = ak.mask(content, valid)
+        out.append(v)
+    return tuple(out)
+
+
 def _unknown_where_differ(low: _Value, high: _Value) -> _Value:
     """``low`` where it equals ``high``, None elsewhere."""
     return ak.mask(low, low == high)
@@ -210,6 +235,7 @@ def _where(cond: _Value, a: _Value, b: _Value) -> _Value:
     if _is_scalar(cond):
         template = a if not _is_scalar(a) else b
         cond = ak.full_like(template, bool(cond), dtype=bool)
+    cond, a, b = _spread_missing((cond, a, b))
     return ak.where(cond, _weak(a), _weak(b))
 
 
