@@ -525,3 +525,47 @@ def test_a_missing_event_value_meets_each_object_as_a_missing_item(
     assert parse("where(pt > cut, 1, 0)").evaluate(columns).tolist() == [
         [None if cut is None else int(p > cut) for p, _ in jets] for cut, jets in events
     ]
+
+
+@pytest.mark.parametrize("how", ["right", "outer"])
+@pytest.mark.parametrize(
+    ("template", "by_hand"),
+    [
+        ("(~{matched}) | big", lambda r: k_or(not r["matched"], _cmp(r["x"], 2))),
+        ("big", lambda r: _cmp(r["x"], 2)),
+        ("({fx} > 50) | (x > 2)", lambda r: k_or(_cmp(r["fx"], 50), _cmp(r["x"], 2))),
+        ("({fx} > 50) & ~big", lambda r: k_and(_cmp(r["fx"], 50), k_not(_cmp(r["x"], 2)))),
+    ],
+)
+def test_friend_rows_without_primary_partner_follow_kleene(
+    tmp_path: Path, how: str, template: str, by_hand: Callable[[dict[str, Any]], Tri]
+) -> None:
+    """Right/outer tail rows have every primary column missing; the where still decides."""
+    def keys(events: list[int]) -> dict[str, np.ndarray]:
+        m = len(events)
+        return {"run": np.ones(m, np.uint32), "luminosityBlock": np.ones(m, np.uint32),
+                "event": np.array(events, np.uint64)}
+
+    p_events, f_events = [1, 2, 3, 5], [2, 3, 4, 6, 7, 8]
+    x = {1: 1.0, 2: 3.0, 3: 1.0, 5: 4.0}
+    fx = {2: 60.0, 3: 10.0, 4: 70.0, 6: 20.0, 7: 55.0, 8: 5.0}
+    _write(tmp_path / "p.root", {**keys(p_events), "x": np.array([x[e] for e in p_events])})
+    _write(tmp_path / "f.root", {**keys(f_events), "fx": np.array([fx[e] for e in f_events])})
+    spec: dict[str, Any] = {
+        "dataset": {"name": "p", "files": [str(tmp_path / "p.root")]},
+        "columns": ["event", "x"],
+        "define": {"big": "x > 2"},
+        "friends": [{"name": "f", "dataset": {"name": "f", "files": [str(tmp_path / "f.root")]},
+                     "columns": ["fx"], "how": how}],
+    }
+    fs = Request.from_dict(spec).friends[0]
+    names = {"matched": fs.matched_name, "fx": fs.output_name("fx")}
+    spec["where"] = template.format(**names)
+    spec["columns"] += [names["fx"], names["matched"]]
+    result = columnhub.deliver(spec, output=tmp_path / "out", cache=False)
+    got = sorted(r["event"] for r in result.to_arrow().to_pylist())
+
+    rows = [{"event": e, "x": x.get(e), "fx": fx.get(e), "matched": e in x and e in fx}
+            for e in sorted(set(f_events) | (set(p_events) if how == "outer" else set()))]
+    want = [r["event"] for r in rows if by_hand(r) is True]
+    assert got == want
