@@ -207,8 +207,14 @@ def test_chained_comparison_is_a_kleene_and(data: st.DataObject) -> None:
     a, b, c = (data.draw(ints, label=k) for k in "abc")
     columns = {k: optional_ints(v) for k, v in zip("abc", (a, b, c), strict=True)}
     text = data.draw(st.sampled_from(["a < b < c", "a <= b != c", "a == b == c", "c > a >= b"]))
-    ops = {"<": int.__lt__, "<=": int.__le__, "==": int.__eq__, "!=": int.__ne__,
-           ">": int.__gt__, ">=": int.__ge__}
+    ops = {
+        "<": int.__lt__,
+        "<=": int.__le__,
+        "==": int.__eq__,
+        "!=": int.__ne__,
+        ">": int.__gt__,
+        ">=": int.__ge__,
+    }
     parts = text.split()
     got = parse(text).evaluate(columns).tolist()
     want = []
@@ -227,8 +233,10 @@ def test_where_with_a_missing_condition_is_missing() -> None:
     cond = ak.Array([True, None, False, None])
     a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 30.0, 40.0])
     got = parse("where(c, a, b)").evaluate({"c": cond, "a": a, "b": b}).tolist()
-    assert got == [x if k else y if k is not None else None for k, x, y in zip(
-        cond.tolist(), a.tolist(), b.tolist(), strict=True)]
+    assert got == [
+        x if k else y if k is not None else None
+        for k, x, y in zip(cond.tolist(), a.tolist(), b.tolist(), strict=True)
+    ]
     assert parse("a if c else b").evaluate({"c": cond, "a": a, "b": b}).tolist() == got
 
 
@@ -244,8 +252,11 @@ def test_integer_bitwise_operators_keep_ordinary_semantics(
     n, m = n[:k], m[:k]
     columns = {"n": optional_ints(n), "m": ak.Array(np.array(m, dtype=np.int64))}
     for text, fn in [
-        ("n & m", int.__and__), ("n | m", int.__or__), ("n ^ m", int.__xor__),
-        ("(n | 5) & m", lambda x, y: (x | 5) & y), ("~n", lambda x, _: ~x),
+        ("n & m", int.__and__),
+        ("n | m", int.__or__),
+        ("n ^ m", int.__xor__),
+        ("(n | 5) & m", lambda x, y: (x | 5) & y),
+        ("~n", lambda x, _: ~x),
     ]:
         got = parse(text).evaluate(columns).tolist()
         want = [None if x is None else fn(x, y) for x, y in zip(n, m, strict=True)]
@@ -259,11 +270,23 @@ def test_issue_examples_keep_the_events_sql_keeps() -> None:
     njet = np.array([1, 9, 9, 1])
     columns = {"matched": matched, "MET_pt": met, "nJet": njet}
     assert parse("(~matched) | (MET_pt > 30)").evaluate(columns).tolist() == [
-        True, False, True, True]
+        True,
+        False,
+        True,
+        True,
+    ]
     assert parse("(MET_pt > 30) | (nJet > 8)").evaluate(columns).tolist() == [
-        True, True, True, None]
+        True,
+        True,
+        True,
+        None,
+    ]
     assert parse("(MET_pt > 30) & (nJet > 8)").evaluate(columns).tolist() == [
-        False, False, None, False]
+        False,
+        False,
+        None,
+        False,
+    ]
 
 
 # --------------------------------------------------------------------------- per object
@@ -302,14 +325,19 @@ def reference_lists(tree: Tree, case: dict[str, Any]) -> list[list[Tri] | None]:
         if any(items[name][i] is None for name in used):
             out.append(None)
             continue
-        out.append([
-            reference(tree, {
-                "j0": items["j0"][i][k] if items["j0"][i] is not None else None,
-                "j1": items["j1"][i][k] if items["j1"][i] is not None else None,
-                "f": items["f"][i],
-            })
-            for k in range(count)
-        ])
+        out.append(
+            [
+                reference(
+                    tree,
+                    {
+                        "j0": items["j0"][i][k] if items["j0"][i] is not None else None,
+                        "j1": items["j1"][i][k] if items["j1"][i] is not None else None,
+                        "f": items["f"][i],
+                    },
+                )
+                for k in range(count)
+            ]
+        )
     return out
 
 
@@ -346,10 +374,16 @@ def test_any_all_of_numbers_with_missing_items() -> None:
     """``any``/``all`` of numbers test ``!= 0``, with missing items as in Kleene logic."""
     lists = [[0.0, None], [1.0, None], [None], [], [0.0, 2.0], [np.nan, None]]
     x = ak.Array(lists)
+
     def tri(v: float | None) -> Tri:
         return None if v is None else bool(v != 0)
-    assert parse("any(x)").evaluate({"x": x}).tolist() == [k_any([tri(v) for v in r]) for r in lists]
-    assert parse("all(x)").evaluate({"x": x}).tolist() == [k_all([tri(v) for v in r]) for r in lists]
+
+    assert parse("any(x)").evaluate({"x": x}).tolist() == [
+        k_any([tri(v) for v in r]) for r in lists
+    ]
+    assert parse("all(x)").evaluate({"x": x}).tolist() == [
+        k_all([tri(v) for v in r]) for r in lists
+    ]
 
 
 def test_empty_list_first_and_an_or_keep_the_event() -> None:
@@ -389,12 +423,14 @@ def left_join_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     _write(d / "primary.root", primary)
     has = rng.random(n) < 0.65
     order = rng.permutation(np.flatnonzero(has))
-    friend = pa.table({
-        "run": pa.array(primary["run"][order]),
-        "luminosityBlock": pa.array(primary["luminosityBlock"][order]),
-        "event": pa.array(primary["event"][order]),
-        "fMET": pa.array(rng.uniform(0, 60, len(order))),
-    })
+    friend = pa.table(
+        {
+            "run": pa.array(primary["run"][order]),
+            "luminosityBlock": pa.array(primary["luminosityBlock"][order]),
+            "event": pa.array(primary["event"][order]),
+            "fMET": pa.array(rng.uniform(0, 60, len(order))),
+        }
+    )
     import pyarrow.parquet as pq
 
     pq.write_table(friend, d / "friend.parquet", row_group_size=50)
@@ -450,12 +486,14 @@ def test_left_joined_friend_selection_matches_direct_read(
         "dataset": {"name": "primary", "files": [str(left_join_inputs["primary"])]},
         "columns": [*KEYS, "MET_pt"],
         "chunk_size": 64,
-        "friends": [{
-            "name": "jes",
-            "dataset": {"name": "jes", "files": [str(left_join_inputs["friend"])]},
-            "columns": ["fMET"],
-            "how": "left",
-        }],
+        "friends": [
+            {
+                "name": "jes",
+                "dataset": {"name": "jes", "files": [str(left_join_inputs["friend"])]},
+                "columns": ["fMET"],
+                "how": "left",
+            }
+        ],
     }
     fs = Request.from_dict(spec).friends[0]
     names = {"matched": fs.matched_name, "fMET": fs.output_name("fMET")}
@@ -475,7 +513,9 @@ def test_left_joined_friend_selection_matches_direct_read(
     for r in rows:
         out = got_all[tuple(r[k] for k in KEYS)]
         assert (out["flag"], out[names["fMET"]], out[names["matched"]]) == (
-            by_hand(r), r["fMET"], r["matched"]
+            by_hand(r),
+            r["fMET"],
+            r["matched"],
         )
     assert {True, False} <= {by_hand(r) for r in rows}
 
@@ -490,7 +530,9 @@ def test_left_joined_friend_selection_matches_direct_read(
     for r in got:
         want = by_key[tuple(r[k] for k in KEYS)]
         assert (r[names["fMET"]], r[names["matched"]], r["MET_pt"]) == (
-            want["fMET"], want["matched"], want["MET_pt"]
+            want["fMET"],
+            want["matched"],
+            want["MET_pt"],
         )
 
 
@@ -511,16 +553,18 @@ def test_a_missing_event_value_meets_each_object_as_a_missing_item(
     counts = [len(jets) for _, jets in events]
     columns = {
         "cut": optional_ints([cut for cut, _ in events]),
-        "pt": jagged_of(ak.Array(np.array([p for _, j in events for p, _ in j], dtype=np.int64)),
-                        counts),
-        "fwd": jagged_of(ak.Array(np.array([f for _, j in events for _, f in j], dtype=np.bool_)),
-                         counts),
+        "pt": jagged_of(
+            ak.Array(np.array([p for _, j in events for p, _ in j], dtype=np.int64)), counts
+        ),
+        "fwd": jagged_of(
+            ak.Array(np.array([f for _, j in events for _, f in j], dtype=np.bool_)), counts
+        ),
     }
     want = [[k_or(None if cut is None else p > cut, f) for p, f in jets] for cut, jets in events]
     assert parse("(pt > cut) | fwd").evaluate(columns).tolist() == want
     assert parse("pt[(pt > cut) | fwd]").evaluate(columns).tolist() == [
-        [p for (p, _), keep in zip(jets, w, strict=True) if keep] for (_, jets), w in zip(
-            events, want, strict=True)
+        [p for (p, _), keep in zip(jets, w, strict=True) if keep]
+        for (_, jets), w in zip(events, want, strict=True)
     ]
     assert parse("where(pt > cut, 1, 0)").evaluate(columns).tolist() == [
         [None if cut is None else int(p > cut) for p, _ in jets] for cut, jets in events
@@ -541,10 +585,14 @@ def test_friend_rows_without_primary_partner_follow_kleene(
     tmp_path: Path, how: str, template: str, by_hand: Callable[[dict[str, Any]], Tri]
 ) -> None:
     """Right/outer tail rows have every primary column missing; the where still decides."""
+
     def keys(events: list[int]) -> dict[str, np.ndarray]:
         m = len(events)
-        return {"run": np.ones(m, np.uint32), "luminosityBlock": np.ones(m, np.uint32),
-                "event": np.array(events, np.uint64)}
+        return {
+            "run": np.ones(m, np.uint32),
+            "luminosityBlock": np.ones(m, np.uint32),
+            "event": np.array(events, np.uint64),
+        }
 
     p_events, f_events = [1, 2, 3, 5], [2, 3, 4, 6, 7, 8]
     x = {1: 1.0, 2: 3.0, 3: 1.0, 5: 4.0}
@@ -555,8 +603,14 @@ def test_friend_rows_without_primary_partner_follow_kleene(
         "dataset": {"name": "p", "files": [str(tmp_path / "p.root")]},
         "columns": ["event", "x"],
         "define": {"big": "x > 2"},
-        "friends": [{"name": "f", "dataset": {"name": "f", "files": [str(tmp_path / "f.root")]},
-                     "columns": ["fx"], "how": how}],
+        "friends": [
+            {
+                "name": "f",
+                "dataset": {"name": "f", "files": [str(tmp_path / "f.root")]},
+                "columns": ["fx"],
+                "how": how,
+            }
+        ],
     }
     fs = Request.from_dict(spec).friends[0]
     names = {"matched": fs.matched_name, "fx": fs.output_name("fx")}
@@ -565,7 +619,38 @@ def test_friend_rows_without_primary_partner_follow_kleene(
     result = columnhub.deliver(spec, output=tmp_path / "out", cache=False)
     got = sorted(r["event"] for r in result.to_arrow().to_pylist())
 
-    rows = [{"event": e, "x": x.get(e), "fx": fx.get(e), "matched": e in x and e in fx}
-            for e in sorted(set(f_events) | (set(p_events) if how == "outer" else set()))]
+    rows = [
+        {"event": e, "x": x.get(e), "fx": fx.get(e), "matched": e in x and e in fx}
+        for e in sorted(set(f_events) | (set(p_events) if how == "outer" else set()))
+    ]
     want = [r["event"] for r in rows if by_hand(r) is True]
     assert got == want
+
+
+@settings(deadline=None)
+@given(case=jagged_case(), data=st.data())
+def test_where_per_object_with_missing_items_and_lists(
+    case: dict[str, Any], data: st.DataObject
+) -> None:
+    """``where(cond, a, b)``: missing where cond is missing or the chosen value is; a missing
+    list stays one missing list (``ak.where`` alone makes it a list of one None)."""
+    tree = data.draw(trees(["j0", "j1", "f"]), label="tree")
+    if not names_in(tree) & {"j0", "j1"}:
+        tree = ("|", tree, "j1")
+    text = render(tree)
+    conds = reference_lists(tree, case)
+    items, columns = case["items"], case["columns"]
+    # the chosen values: x (never missing) where True, j0 as 0/1 (maybe missing) where False
+    got = parse(f"where({text}, x, where(j0, 1, 0))").evaluate(columns).tolist()
+    want: list[list[Any] | None] = []
+    for i, cond in enumerate(conds):
+        if cond is None or items["j0"][i] is None:
+            want.append(None)
+            continue
+        want.append(
+            [
+                None if c is None else x if c else (None if j is None else int(j))
+                for c, x, j in zip(cond, items["x"][i], items["j0"][i], strict=True)
+            ]
+        )
+    assert got == want, text

@@ -236,7 +236,67 @@ def _where(cond: _Value, a: _Value, b: _Value) -> _Value:
         template = a if not _is_scalar(a) else b
         cond = ak.full_like(template, bool(cond), dtype=bool)
     cond, a, b = _spread_missing((cond, a, b))
-    return ak.where(cond, _weak(a), _weak(b))
+    if not all(_plain_numbers(v) for v in (cond, a, b)):
+        return ak.where(cond, _weak(a), _weak(b))
+    return _where_numbers(cond, a, b)
+
+
+def _plain_numbers(value: _Value) -> bool:
+    """Whether ``value`` is a scalar or an array of (lists of, optional) numbers or booleans."""
+    if _is_scalar(value):
+        return True
+    layout = ak.to_layout(value)
+    while hasattr(layout, "content"):
+        if layout.parameter("__array__") is not None:  # strings, bytestrings
+            return False
+        layout = layout.content
+    return bool(layout.is_numpy) and layout.parameter("__array__") is None
+
+
+def _numbers_and_valid(layout: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A leaf's numbers and validity (None: all valid), or None above the leaves."""
+    if layout.is_numpy:
+        return layout.data, None
+    if layout.is_option and layout.content.is_numpy:
+        masked = layout.to_ByteMaskedArray(True)
+        return masked.content.data, masked.mask_as_bool(valid_when=True)
+    return None
+
+
+def _where_numbers(cond: _Value, a: _Value, b: _Value) -> _Value:
+    """``where`` on numbers, per item: missing where ``cond`` or the chosen value is missing.
+
+    Lists (and missing lists) are broadcast by awkward as for any ufunc;
+    ``ak.where`` itself turns a missing list into a list of one missing item.
+    """
+    operands = (cond, a, b)
+    is_array = [isinstance(v, ak.Array) for v in operands]
+
+    def at_leaves(layouts: Any, **_: Any) -> Any:
+        layouts = layouts if isinstance(layouts, list | tuple) else [layouts]
+        found = [_numbers_and_valid(layout) for layout in layouts]
+        leaves = [f for f in found if f is not None]
+        if len(leaves) < len(found):
+            return None  # not at the leaves yet: let awkward broadcast this level
+        parts = iter(leaves)
+        picked = [
+            next(parts) if array else (_weak(v), None)
+            for v, array in zip(operands, is_array, strict=True)
+        ]
+        (c, c_ok), (x, x_ok), (y, y_ok) = picked
+        n = len(layouts[0])
+        out = np.broadcast_to(np.where(c, x, y), (n,))
+        content = ak.contents.NumpyArray(np.ascontiguousarray(out))
+        if c_ok is None and x_ok is None and y_ok is None:
+            return content
+        every = np.ones(n, dtype=np.bool_)
+        chosen = np.where(c, every if x_ok is None else x_ok, every if y_ok is None else y_ok)
+        valid = (every if c_ok is None else c_ok) & chosen
+        return ak.contents.ByteMaskedArray(
+            ak.index.Index8(valid.view(np.int8)), content, valid_when=True
+        )
+
+    return ak.transform(at_leaves, *(v for v in operands if isinstance(v, ak.Array)))
 
 
 def _round(x: _Value, decimals: _Value = None) -> _Value:
