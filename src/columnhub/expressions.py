@@ -146,6 +146,18 @@ def _fill_items(x: _Value, *, value: bool) -> _Value:
     return ak.fill_none(x, value, axis=-1)
 
 
+def _option_parts(layout: Any) -> tuple[Any, np.ndarray]:
+    """An option-type layout as its content (same length) and where it is valid."""
+    n = len(layout)
+    if isinstance(layout.content, ak.contents.EmptyArray):  # all missing, of no type
+        return ak.contents.NumpyArray(np.zeros(n, dtype=np.bool_)), np.zeros(n, dtype=np.bool_)
+    if isinstance(layout, ak.contents.BitMaskedArray):
+        masked = layout.to_ByteMaskedArray()
+    else:
+        masked = layout.to_ByteMaskedArray(True)
+    return masked.content, np.asarray(masked.mask_as_bool(valid_when=True))
+
+
 def _spread_missing(values: tuple[_Value, ...]) -> tuple[_Value, ...]:
     """A missing per-event value meets a list as a list of missing items.
 
@@ -162,9 +174,8 @@ def _spread_missing(values: tuple[_Value, ...]) -> tuple[_Value, ...]:
     out = []
     for v in values:
         if isinstance(v, ak.Array) and v.ndim < deepest.ndim and v.layout.is_option:
-            masked = v.layout.to_ByteMaskedArray(True)
-            content = ak.Array(masked.content)
-            valid = ak.Array(masked.mask_as_bool(valid_when=True))
+            parts = _option_parts(v.layout)
+            content, valid = ak.Array(parts[0]), ak.Array(parts[1])
             content, valid, _ = ak.broadcast_arrays(content, valid, deepest)
             v = ak.mask(content, valid)
         out.append(v)
@@ -258,8 +269,8 @@ def _numbers_and_valid(layout: Any) -> tuple[np.ndarray, np.ndarray | None] | No
     if layout.is_numpy:
         return layout.data, None
     if layout.is_option and layout.content.is_numpy:
-        masked = layout.to_ByteMaskedArray(True)
-        return masked.content.data, masked.mask_as_bool(valid_when=True)
+        content, valid = _option_parts(layout)
+        return content.data, valid
     return None
 
 
