@@ -429,6 +429,10 @@ def left_join_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
             "luminosityBlock": pa.array(primary["luminosityBlock"][order]),
             "event": pa.array(primary["event"][order]),
             "fMET": pa.array(rng.uniform(0, 60, len(order))),
+            "fTau": pa.array(
+                [list(rng.uniform(0, 80, k)) for k in rng.integers(0, 4, len(order))],
+                type=pa.list_(pa.float64()),
+            ),
         }
     )
     import pyarrow.parquet as pq
@@ -444,11 +448,12 @@ def _direct(inputs: dict[str, Any]) -> list[dict[str, Any]]:
     with uproot.open(inputs["primary"]) as f:
         rows = f["Events"].arrays([*KEYS, "MET_pt", "Jet_pt"], library="ak").tolist()
     friend = pq.read_table(inputs["friend"]).to_pylist()
-    by_key = {tuple(r[k] for k in KEYS): r["fMET"] for r in friend}
+    by_key = {tuple(r[k] for k in KEYS): r for r in friend}
     for row in rows:
         key = tuple(row[k] for k in KEYS)
         row["matched"] = key in by_key
-        row["fMET"] = by_key.get(key)
+        partner = by_key.get(key, {})
+        row["fMET"], row["fTau"] = partner.get("fMET"), partner.get("fTau")
     return rows
 
 
@@ -470,6 +475,12 @@ SELECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], Tri]]] = {
         "not ({fMET} > 20) and any(Jet_pt > 50)",
         lambda r: k_and(k_not(_cmp(r["fMET"], 20)), k_any([p > 50 for p in r["Jet_pt"]])),
     ),
+    "friend_list_or_primary": (  # a friend's list column is one missing list without partner
+        "any({fTau} > 60) | (MET_pt > 40)",
+        lambda r: k_or(
+            None if r["fTau"] is None else k_any([t > 60 for t in r["fTau"]]), r["MET_pt"] > 40
+        ),
+    ),
     "leading_jet_or_none": (
         "(Jet_pt[:, 0] > 40) | (num(Jet_pt) == 0)",
         lambda r: k_or(_cmp(r["Jet_pt"][0] if r["Jet_pt"] else None, 40), not r["Jet_pt"]),
@@ -490,13 +501,13 @@ def test_left_joined_friend_selection_matches_direct_read(
             {
                 "name": "jes",
                 "dataset": {"name": "jes", "files": [str(left_join_inputs["friend"])]},
-                "columns": ["fMET"],
+                "columns": ["fMET", "fTau"],
                 "how": "left",
             }
         ],
     }
     fs = Request.from_dict(spec).friends[0]
-    names = {"matched": fs.matched_name, "fMET": fs.output_name("fMET")}
+    names = {n: fs.output_name(n) for n in ("fMET", "fTau")} | {"matched": fs.matched_name}
     flag = template.format(**names)
     spec["columns"] = [*spec["columns"], names["fMET"], names["matched"]]
     rows = _direct(left_join_inputs)
