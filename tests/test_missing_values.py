@@ -665,3 +665,30 @@ def test_where_per_object_with_missing_items_and_lists(
             ]
         )
     assert got == want, text
+
+
+def test_new_logic_never_reuses_results_or_columns_of_the_old(
+    left_join_inputs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kleene logic changed what a ``where``/``define`` gives for the same text: the provider
+    versions are part of every column key and of the whole-result key, so a cache filled by
+    the earlier code (here: another provider version) is never served."""
+    from columnhub import plan as plan_module
+
+    spec: dict[str, Any] = {
+        "dataset": {"name": "primary", "files": [str(left_join_inputs["primary"])]},
+        "columns": ["event", "MET_pt", "flag"],
+        "define": {"flag": "(MET_pt > 30) | (num(Jet_pt) > 2)"},
+        "where": "flag | (MET_pt < 5)",
+    }
+    cache = tmp_path / "cache"
+    monkeypatch.setitem(plan_module.PROVIDER_VERSIONS, "define", 1)
+    monkeypatch.setitem(plan_module.PROVIDER_VERSIONS, "where", 1)
+    first = columnhub.deliver(spec, output=tmp_path / "old", cache=cache)
+    same = columnhub.deliver(spec, output=tmp_path / "same", cache=cache)
+    assert same.manifest["cache"].get("reused_result")  # the control: same versions reuse
+    monkeypatch.undo()
+    newer = columnhub.deliver(spec, output=tmp_path / "new", cache=cache)
+    assert not newer.manifest["cache"].get("reused_result")
+    assert newer.manifest["cache"]["misses"] >= 2  # the define and the where, recomputed
+    assert newer.to_arrow().to_pylist() == first.to_arrow().to_pylist()  # (no NULLs here)
