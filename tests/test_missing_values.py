@@ -429,6 +429,7 @@ def left_join_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
             "luminosityBlock": pa.array(primary["luminosityBlock"][order]),
             "event": pa.array(primary["event"][order]),
             "fMET": pa.array(rng.uniform(0, 60, len(order))),
+            "fPass": pa.array(rng.random(len(order)) < 0.5),
             "fTau": pa.array(
                 [list(rng.uniform(0, 80, k)) for k in rng.integers(0, 4, len(order))],
                 type=pa.list_(pa.float64()),
@@ -454,6 +455,7 @@ def _direct(inputs: dict[str, Any]) -> list[dict[str, Any]]:
         row["matched"] = key in by_key
         partner = by_key.get(key, {})
         row["fMET"], row["fTau"] = partner.get("fMET"), partner.get("fTau")
+        row["fPass"] = partner.get("fPass")
     return rows
 
 
@@ -475,6 +477,8 @@ SELECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], Tri]]] = {
         "not ({fMET} > 20) and any(Jet_pt > 50)",
         lambda r: k_and(k_not(_cmp(r["fMET"], 20)), k_any([p > 50 for p in r["Jet_pt"]])),
     ),
+    "friend_flag": ("{fPass}", lambda r: r["fPass"]),  # the where is a ?bool column itself
+    "not_friend_flag": ("not {fPass}", lambda r: k_not(r["fPass"])),
     "friend_list_or_primary": (  # a friend's list column is one missing list without partner
         "any({fTau} > 60) | (MET_pt > 40)",
         lambda r: k_or(
@@ -501,13 +505,14 @@ def test_left_joined_friend_selection_matches_direct_read(
             {
                 "name": "jes",
                 "dataset": {"name": "jes", "files": [str(left_join_inputs["friend"])]},
-                "columns": ["fMET", "fTau"],
+                "columns": ["fMET", "fTau", "fPass"],
                 "how": "left",
             }
         ],
     }
     fs = Request.from_dict(spec).friends[0]
-    names = {n: fs.output_name(n) for n in ("fMET", "fTau")} | {"matched": fs.matched_name}
+    names = {n: fs.output_name(n) for n in ("fMET", "fTau", "fPass")}
+    names["matched"] = fs.matched_name
     flag = template.format(**names)
     spec["columns"] = [*spec["columns"], names["fMET"], names["matched"]]
     rows = _direct(left_join_inputs)
