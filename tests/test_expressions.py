@@ -303,7 +303,8 @@ def test_delta_phi_and_delta_r_match_direct_formula(rand: dict[str, Any]) -> Non
     for etas, phis, met_phi, mu_etas, mu_phis in rows:
         want_dphi.append([math.remainder(p - met_phi, 2 * math.pi) for p in phis])
         if not mu_etas:
-            want_dr.append(None)  # no muon: the whole event's list is None
+            # no muon: the missing per-event value meets each jet as a missing item
+            want_dr.append([None] * len(etas))
             continue
         want_dr.append(
             [

@@ -30,7 +30,7 @@ from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.execute.local import run_ordered
 from columnhub.output.manifest import MANIFEST, read_manifest, write_manifest
 from columnhub.output.parquet import PartWriter, file_checksum
-from columnhub.plan import Plan, make_plan
+from columnhub.plan import PROVIDER_VERSIONS, Plan, make_plan
 from columnhub.result import Result
 from columnhub.spec import Request, Samples, load_request
 
@@ -389,6 +389,7 @@ def _result_key(plan: Plan) -> str:
         friends=[f.fingerprint for f in plan.friends],
         models=sorted({c.model.card.identity for c in plan.columns.values() if c.model}),
         version=_version(),
+        providers=PROVIDER_VERSIONS,  # a provider whose output changed never reuses old results
     )
 
 

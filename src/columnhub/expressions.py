@@ -76,7 +76,7 @@ def _call_mixed(func: Callable[..., Any], args: tuple[_Value, ...]) -> _Value:
     if all(_is_scalar(a) for a in args):
         out = func(*args)
         return out[()] if isinstance(out, np.ndarray) else out
-    return func(*(_weak(a) for a in args))
+    return func(*(_weak(a) for a in _spread_missing(args)))
 
 
 def _ndim(value: _Value) -> int:
@@ -108,6 +108,118 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+# --------------------------------------------------------------------------- missing values
+#
+# Booleans with missing values (awkward option types, at any depth) follow SQL's
+# three-valued (Kleene) logic, as pandas' nullable booleans and Arrow's
+# and_kleene/or_kleene do. AND, OR, any() and all() are monotone, so their result
+# is known exactly where the two extreme completions of the missing items (every
+# None read as False, every None read as True) agree, and missing where they
+# differ. ``~``/``not`` and ``^`` of a missing value are missing, which is what
+# awkward's ufuncs already give.
+
+
+def _has_option(value: _Value) -> bool:
+    """Whether an array has missing values (an option type) at any depth."""
+    if _is_scalar(value):
+        return False
+    layout = ak.to_layout(value)
+    while True:
+        if layout.is_option:
+            return True
+        if not hasattr(layout, "content"):
+            return False
+        layout = layout.content
+
+
+def _is_boolean(value: _Value) -> bool:
+    """Whether ``value`` is a boolean scalar or a (possibly jagged, optional) boolean array."""
+    if _is_scalar(value):
+        return bool(value.dtype == np.bool_)
+    return _is_bool(value)
+
+
+def _fill_items(x: _Value, *, value: bool) -> _Value:
+    """Missing innermost items of ``x`` replaced by ``value``; missing lists stay missing."""
+    if _is_scalar(x):
+        return x
+    return ak.fill_none(x, value, axis=-1)
+
+
+def _option_parts(layout: Any) -> tuple[Any, np.ndarray]:
+    """An option-type layout as its content (same length) and where it is valid."""
+    n = len(layout)
+    if isinstance(layout.content, ak.contents.EmptyArray):  # all missing, of no type
+        return ak.contents.NumpyArray(np.zeros(n, dtype=np.bool_)), np.zeros(n, dtype=np.bool_)
+    if isinstance(layout, ak.contents.BitMaskedArray):
+        masked = layout.to_ByteMaskedArray()
+    else:
+        masked = layout.to_ByteMaskedArray(True)
+    return masked.content, np.asarray(masked.mask_as_bool(valid_when=True))
+
+
+def _spread_missing(values: tuple[_Value, ...]) -> tuple[_Value, ...]:
+    """A missing per-event value meets a list as a list of missing items.
+
+    awkward broadcasts a missing value into a missing *list*, which no ``|``
+    can recover; here ``Jet_pt > f.cut`` for an event without ``f.cut`` is one
+    missing item per jet, so ``(Jet_pt > f.cut) | (Jet_eta > 2)`` still selects
+    the forward jets. Only the outermost missing values of the shallower
+    operands are spread; a missing list of the deepest operand stays missing.
+    """
+    arrays = [v for v in values if isinstance(v, ak.Array)]
+    if len(arrays) < 2:
+        return values
+    deepest = max(arrays, key=lambda a: a.ndim)
+    out = []
+    for v in values:
+        if isinstance(v, ak.Array) and v.ndim < deepest.ndim and v.layout.is_option:
+            parts = _option_parts(v.layout)
+            content, valid = ak.Array(parts[0]), ak.Array(parts[1])
+            content, valid, _ = ak.broadcast_arrays(content, valid, deepest)
+            v = ak.mask(content, valid)
+        out.append(v)
+    return tuple(out)
+
+
+def _unknown_where_differ(low: _Value, high: _Value) -> _Value:
+    """``low`` where it equals ``high``, None elsewhere."""
+    return ak.mask(low, low == high)
+
+
+def _kleene(func: np.ufunc, a: _Value, b: _Value) -> _Value:
+    """``&`` (``np.bitwise_and``) or ``|`` (``np.bitwise_or``) in three-valued logic.
+
+    Integers (and booleans without missing values) get the plain bitwise ufunc.
+
+    >>> a, b = ak.Array([True, False, None, None]), ak.Array([None, None, True, False])
+    >>> _kleene(np.bitwise_or, a, b).tolist()
+    [True, None, True, None]
+    >>> _kleene(np.bitwise_and, a, b).tolist()
+    [None, False, None, False]
+    """
+    if not (_has_option(a) or _has_option(b)) or not (_is_boolean(a) and _is_boolean(b)):
+        return _call_mixed(func, (a, b))
+    low = _call_mixed(func, (_fill_items(a, value=False), _fill_items(b, value=False)))
+    high = _call_mixed(func, (_fill_items(a, value=True), _fill_items(b, value=True)))
+    return _unknown_where_differ(low, high)
+
+
+def _kleene_reduce(func: Callable[..., Any], x: _Value) -> _Value:
+    """``ak.any``/``ak.all`` over each innermost list in three-valued logic.
+
+    ``any``: True if an item is True, else None if an item is None, else False;
+    ``all`` is its dual. An empty list gives False (any) and True (all).
+    """
+    if not _has_option(x):
+        return func(x, axis=-1)
+    if not _is_bool(x):
+        x = x != 0  # what any/all test of a number; None stays None
+    low = func(_fill_items(x, value=False), axis=-1)
+    high = func(_fill_items(x, value=True), axis=-1)
+    return _unknown_where_differ(low, high)
+
+
 # --------------------------------------------------------------------------- functions
 
 
@@ -134,7 +246,68 @@ def _where(cond: _Value, a: _Value, b: _Value) -> _Value:
     if _is_scalar(cond):
         template = a if not _is_scalar(a) else b
         cond = ak.full_like(template, bool(cond), dtype=bool)
-    return ak.where(cond, _weak(a), _weak(b))
+    cond, a, b = _spread_missing((cond, a, b))
+    if not all(_plain_numbers(v) for v in (cond, a, b)):
+        return ak.where(cond, _weak(a), _weak(b))
+    return _where_numbers(cond, a, b)
+
+
+def _plain_numbers(value: _Value) -> bool:
+    """Whether ``value`` is a scalar or an array of (lists of, optional) numbers or booleans."""
+    if _is_scalar(value):
+        return True
+    layout = ak.to_layout(value)
+    while hasattr(layout, "content"):
+        if layout.parameter("__array__") is not None:  # strings, bytestrings
+            return False
+        layout = layout.content
+    return bool(layout.is_numpy) and layout.parameter("__array__") is None
+
+
+def _numbers_and_valid(layout: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A leaf's numbers and validity (None: all valid), or None above the leaves."""
+    if layout.is_numpy:
+        return layout.data, None
+    if layout.is_option and layout.content.is_numpy:
+        content, valid = _option_parts(layout)
+        return content.data, valid
+    return None
+
+
+def _where_numbers(cond: _Value, a: _Value, b: _Value) -> _Value:
+    """``where`` on numbers, per item: missing where ``cond`` or the chosen value is missing.
+
+    Lists (and missing lists) are broadcast by awkward as for any ufunc;
+    ``ak.where`` itself turns a missing list into a list of one missing item.
+    """
+    operands = (cond, a, b)
+    is_array = [isinstance(v, ak.Array) for v in operands]
+
+    def at_leaves(layouts: Any, **_: Any) -> Any:
+        layouts = layouts if isinstance(layouts, list | tuple) else [layouts]
+        found = [_numbers_and_valid(layout) for layout in layouts]
+        leaves = [f for f in found if f is not None]
+        if len(leaves) < len(found):
+            return None  # not at the leaves yet: let awkward broadcast this level
+        parts = iter(leaves)
+        picked = [
+            next(parts) if array else (_weak(v), None)
+            for v, array in zip(operands, is_array, strict=True)
+        ]
+        (c, c_ok), (x, x_ok), (y, y_ok) = picked
+        n = len(layouts[0])
+        out = np.broadcast_to(np.where(c, x, y), (n,))
+        content = ak.contents.NumpyArray(np.ascontiguousarray(out))
+        if c_ok is None and x_ok is None and y_ok is None:
+            return content
+        every = np.ones(n, dtype=np.bool_)
+        chosen = np.where(c, every if x_ok is None else x_ok, every if y_ok is None else y_ok)
+        valid = (every if c_ok is None else c_ok) & chosen
+        return ak.contents.ByteMaskedArray(
+            ak.index.Index8(valid.view(np.int8)), content, valid_when=True
+        )
+
+    return ak.transform(at_leaves, *(v for v in operands if isinstance(v, ak.Array)))
 
 
 def _round(x: _Value, decimals: _Value = None) -> _Value:
@@ -252,8 +425,16 @@ FUNCTIONS: dict[str, _Function] = {
     "sum": _f(
         _reducer("sum", lambda x: ak.sum(x, axis=-1)), "sum(x)", "sum of each list (0 if empty)"
     ),
-    "any": _f(_reducer("any", lambda x: ak.any(x, axis=-1)), "any(x)", "any True in each list"),
-    "all": _f(_reducer("all", lambda x: ak.all(x, axis=-1)), "all(x)", "all True in each list"),
+    "any": _f(
+        _reducer("any", functools.partial(_kleene_reduce, ak.any)),
+        "any(x)",
+        "True if any item is True, else None if any is None, else False",
+    ),
+    "all": _f(
+        _reducer("all", functools.partial(_kleene_reduce, ak.all)),
+        "all(x)",
+        "False if any item is False, else None if any is None, else True",
+    ),
     "min": _f(
         _reducer("min", lambda x: ak.min(x, axis=-1, mask_identity=True)),
         "min(x)",
@@ -368,6 +549,8 @@ class _Apply(_Node):
 
 
 def _binary(func: np.ufunc) -> Callable[[_Value, _Value], _Value]:
+    if func is np.bitwise_and or func is np.bitwise_or:
+        return functools.partial(_kleene, func)
     return lambda a, b: _call_mixed(func, (a, b))
 
 
@@ -431,6 +614,10 @@ def _mask(x: _Value, mask: _Value) -> _Value:
     if not _is_bool(mask):
         msg = f"a mask must be boolean, got {ak.type(mask)}; compare it, e.g. x[x > 30]"
         raise TypeError(msg)
+    if _has_option(mask):
+        # As SQL's WHERE: an object whose mask item is missing is dropped (awkward
+        # alone would keep a None in its place). A missing list stays missing.
+        mask = _fill_items(mask, value=False)
     return x[mask]
 
 

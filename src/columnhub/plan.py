@@ -25,7 +25,8 @@ __all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
-PROVIDER_VERSIONS = {"source": 1, "define": 1, "where": 1, "friend": 1, "model": 1}
+#: define/where 2: three-valued (Kleene) logic over missing values (issue 9.1).
+PROVIDER_VERSIONS = {"source": 1, "define": 2, "where": 2, "friend": 1, "model": 1}
 
 Kind = Literal["source", "define", "friend", "model"]
 

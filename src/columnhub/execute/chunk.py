@@ -289,7 +289,8 @@ def run_tail(plan: Plan, *, cache: ColumnCache | None = None) -> ChunkResult | N
 
     They carry their keys, the friend's columns and ``matched = false``;
     primary columns, and definitions computed from them, are missing (``None``),
-    and a ``where`` that reads primary columns does not select them (as in SQL).
+    and the ``where`` sees them missing too: three-valued logic decides, as in
+    SQL (``(~f.matched) | (x > 30)`` keeps them, ``x > 30`` drops them).
     """
     from columnhub.join.provider import tail_rows
 
@@ -310,10 +311,7 @@ def run_tail(plan: Plan, *, cache: ColumnCache | None = None) -> ChunkResult | N
             values[name] = column.expression.evaluate(values)
     mask = np.ones(n, dtype=bool)
     if plan.where is not None:
-        if all(d in values for d in plan.where.names):
-            mask &= selection_mask(plan.where.evaluate(values), text=plan.where.text)
-        else:
-            mask[:] = False
+        mask &= _tail_selection(plan, values, n)
     for other in plan.friends:
         if other is not friend and other.filters:
             mask[:] = False
@@ -348,6 +346,40 @@ def _select_all(columns: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
         return {name: select(array, mask) for name, array in columns.items()}
     names = list(columns)
     return dict(zip(names, pool.map(lambda n: select(columns[n], mask), names), strict=True))
+
+
+def _tail_selection(plan: Plan, values: dict[str, Any], n: int) -> np.ndarray:
+    """The ``where`` over ``n`` tail rows, with what they lack as missing values.
+
+    The primary's columns (and models) are all-missing arrays; definitions are
+    recomputed from them. A ``where`` that cannot be evaluated on missing
+    columns of unknown type (a jagged primary column reduced with ``any``)
+    selects none of the tail rows.
+    """
+    assert plan.where is not None
+    index = ak.index.Index64(np.full(n, -1, dtype=np.int64))
+    missing = ak.Array(ak.contents.IndexedOptionArray(index, ak.contents.EmptyArray()))
+    scratch = dict(values)
+    defines = []
+    for name, column in plan.columns.items():
+        if name in scratch:
+            continue
+        if column.kind == "define":
+            defines.append(column)
+        else:
+            scratch[name] = missing
+    try:
+        while defines:  # dependencies first, whatever their order in the plan
+            ready = [c for c in defines if all(d in scratch for d in c.deps)]
+            if not ready:
+                return np.zeros(n, dtype=bool)
+            for column in ready:
+                assert column.expression is not None
+                scratch[column.name] = column.expression.evaluate(scratch)
+            defines = [c for c in defines if c.name not in scratch]
+        return selection_mask(plan.where.evaluate(scratch), text=plan.where.text)
+    except ExpressionError:
+        return np.zeros(n, dtype=bool)
 
 
 def _optional(name: str, array: Any, plan: Plan) -> ak.Array:
