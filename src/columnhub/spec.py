@@ -814,7 +814,9 @@ def rebase_paths(data: Any, base: str | os.PathLike[str]) -> Any:
                 out[key] = one(value)
             elif key == "dataset" and isinstance(value, str | list):
                 out[key] = [one(f) for f in value] if isinstance(value, list) else one(value)
-            elif key in ("samples", "dataset") and isinstance(value, dict):
+            elif isinstance(value, dict) and (
+                key == "samples" or (key == "dataset" and _is_fileset(value))
+            ):
                 # a sample (or coffea fileset entry) given as its bare file list
                 out[key] = {
                     k: [one(f) for f in v] if isinstance(v, list)
