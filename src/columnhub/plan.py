@@ -194,8 +194,9 @@ def make_plan(request: Request) -> Plan:
     """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
     dataset = resolve(request.dataset)
     friends = tuple(_resolve_friend(request, dataset, spec) for spec in request.friends)
-    _check_friends(request, dataset, friends)
+    _check_defines(request, dataset)
     models = _load_models(request)
+    _check_friends(request, dataset, friends, models)
     resolver = _Resolver(request, dataset, friends, models)
     for name in request.dataset.keys:
         if name not in dataset.columns:
@@ -294,21 +295,47 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
     return Friend(spec=spec, dataset=dataset, fingerprint=fp)
 
 
-def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Friend, ...]) -> None:
-    owner: dict[str, str] = {name: "the primary dataset" for name in primary.columns}
-    owner.update({name: "define" for name in request.define})
+def _check_defines(request: Request, primary: ResolvedDataset) -> None:
+    """A ``define`` may not take the name of a branch of the primary dataset."""
+    for name in request.define:
+        if name in primary.columns:
+            msg = (
+                f"define {name!r}: {name!r} is already a branch of dataset "
+                f"{request.dataset.name!r}, and a definition may not replace a branch; "
+                f"choose another name (e.g. {name + '_new'!r})"
+            )
+            raise SpecError(msg)
+
+
+def _check_friends(
+    request: Request,
+    primary: ResolvedDataset,
+    friends: tuple[Friend, ...],
+    models: tuple[Model, ...] = (),
+) -> None:
+    owner: dict[str, str] = {name: f"dataset {request.dataset.name!r}" for name in primary.columns}
+    owner.update({name: f"define {name!r}" for name in request.define})
+    for model in models:
+        owner.update({column: f"model {model.card.name!r}" for column in model.columns.values()})
     for friend in friends:
-        names = [friend.spec.output_name(c) for c in friend.spec.columns]
-        names.append(friend.spec.matched_name)
-        for name in names:
+        spec = friend.spec
+        pairs = [(spec.output_name(c), f"column {c!r}", c) for c in spec.columns]
+        pairs.append((spec.matched_name, "match flag", None))
+        for name, what, column in pairs:
             if name in owner:
+                if column is None:
+                    fix = "give the friend another name (its match flag is '<name>_matched')"
+                else:
+                    fix = (
+                        f"give the friend a 'prefix' (e.g. prefix: {spec.name}_ names it "
+                        f"{spec.name + '_' + column!r})"
+                    )
                 msg = (
-                    f"friend {friend.spec.name!r}: column name {name!r} clashes with a column "
-                    f"of {owner[name]}; give the friend a 'prefix' (e.g. prefix: "
-                    f"{friend.spec.name}_) so its columns get other names"
+                    f"friend {spec.name!r}: its {what} is named {name!r}, a name already "
+                    f"taken by {owner[name]}; {fix}"
                 )
                 raise JoinError(msg)
-            owner[name] = f"friend {friend.spec.name!r}"
+            owner[name] = f"friend {spec.name!r}"
     if sum(f.expands for f in friends) > 1:
         msg = "at most one friend may use validate: one_to_many (several would multiply rows)"
         raise JoinError(msg)

@@ -207,7 +207,7 @@ def friend_chunk(
         chunk_file: the chunk's file number in the primary dataset.
         chunk_start: the chunk's first entry in that file.
         wanted: friend columns to provide, by their names in the request
-            (``<name>.matched`` included).
+            (``<name>_matched`` included).
         cache: where key indexes are kept.
     """
     spec = friend.spec
