@@ -18,13 +18,14 @@ import numpy as np
 from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
+from columnhub.join.collection import collection_of, counter_of
 from columnhub.spec import FriendSpec, Request
 
 __all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
-PROVIDER_VERSIONS = {"source": 1, "define": 1, "where": 1, "friend": 1, "model": 1}
+PROVIDER_VERSIONS = {"source": 1, "define": 1, "where": 1, "friend": 2, "model": 1}
 
 Kind = Literal["source", "define", "friend", "model"]
 
@@ -125,6 +126,10 @@ class Plan:
         columns: every column needed, in an order where dependencies come first.
         outputs: the columns written (keys first when requested).
         where: the selection, if any.
+        friends: the friends, resolved.
+        collections: NanoAOD collections among the outputs: counter name
+            (``nJet``) -> the output columns of the collection (``Jet_pt``...).
+            Every list among them has the counter's length in every event.
     """
 
     request: Request
@@ -134,6 +139,7 @@ class Plan:
     outputs: tuple[str, ...]
     where: Expression | None
     friends: tuple[Friend, ...] = ()
+    collections: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def rows_tag(self) -> str:
@@ -212,6 +218,7 @@ def make_plan(request: Request) -> Plan:
         wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
     for name in wanted:
         resolver.resolve(name, context="columns")
+    wanted, collections = _add_counters(wanted, resolver)
     for friend in friends:  # joins need the primary keys, inner/right their match flag
         for name in request.dataset.keys:
             resolver.resolve(name, context=f"friend {friend.spec.name!r}")
@@ -234,7 +241,41 @@ def make_plan(request: Request) -> Plan:
         outputs=tuple(wanted),
         where=where,
         friends=friends,
+        collections=collections,
     )
+
+
+def _add_counters(
+    wanted: list[str], resolver: _Resolver
+) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Every delivered NanoAOD collection with its counter, as NanoAOD writes it.
+
+    A collection's counter ``n<collection>`` is delivered even when not asked
+    for, just before the collection's first column (unless the request
+    lists it elsewhere): the column of that name when there is one (the
+    primary's ``nJet`` branch, a friend's or a definition), else, for a
+    collection that only a friend brings (``JetPFCands_*``, or a prefixed
+    friend's ``jesup_Jet_*``), computed from the friend's lists. Columns of
+    no collection, and collections of only flat columns (``MET_pt``), get none.
+    """
+    members: dict[str, list[str]] = {}
+    for name in wanted:
+        collection = collection_of(name)
+        if collection is not None:
+            members.setdefault(collection, []).append(name)
+        elif counter_of(name) in resolver.dataset.columns:  # a list singleton (LHEPdfWeight)
+            members.setdefault(name, []).append(name)
+    out = list(wanted)
+    collections: dict[str, tuple[str, ...]] = {}
+    for collection, names in members.items():
+        counter = counter_of(collection)
+        if counter not in resolver.known_names() and not resolver.add_counter(counter, names):
+            continue
+        if counter not in out:
+            out.insert(out.index(names[0]), counter)
+        resolver.resolve(counter, context=f"the counter of collection {collection!r}")
+        collections[counter] = tuple(names)
+    return out, collections
 
 
 def _load_models(request: Request) -> tuple[Model, ...]:
@@ -387,8 +428,41 @@ class _Resolver:
             for column in friend.spec.columns:
                 self.friend_columns[friend.spec.output_name(column)] = (friend, column)
             self.friend_columns[friend.spec.matched_name] = (friend, None)
+        self.counters: dict[str, str] = {}  # computed counter -> the list it counts
         self.done: dict[str, ColumnDef] = {}
         self.active: list[str] = []
+
+    def add_counter(self, counter: str, names: list[str]) -> bool:
+        """Compute ``counter`` from a friend's lists, when only a friend brings them.
+
+        Only for a collection whose columns all come from one friend and from
+        one of its collections (``JetPFCands_*``; ``jesup_Jet_*`` with
+        ``prefix: jesup_``), with at least one list among them.
+        """
+        origin = [self.friend_columns.get(n, (None, None)) for n in names]
+        if any(f is None or c is None for f, c in origin):
+            return False
+        friend = origin[0][0]
+        assert friend is not None
+        if any(f is not friend for f, _ in origin):
+            return False
+        if len({collection_of(c) or c for _, c in origin if c is not None}) != 1:
+            return False  # jesup_Jet_pt with jesup_Muon_pt: not one collection
+        for name in names:
+            column = self.friend_columns[name][1]
+            assert column is not None
+            if _is_list_column(friend.dataset, column):
+                self.counters[counter] = name
+                return True
+        return False
+
+    def primary_counter(self, friend: Friend, column: str) -> str | None:
+        """The primary's counter of the collection an unprefixed friend column joins."""
+        collection = collection_of(column)
+        if friend.spec.prefix is not None or collection is None:
+            return None
+        counter = counter_of(collection)
+        return counter if counter in self.dataset.columns else None
 
     def known_names(self) -> list[str]:
         return [
@@ -433,10 +507,20 @@ class _Resolver:
             return ColumnDef(name, "model", deps, fp, source={"output": output}, model=model)
         if name in self.friend_columns:
             friend, column = self.friend_columns[name]
-            keys = [self.resolve(k, context=context).fingerprint for k in request.dataset.keys]
+            deps = tuple(request.dataset.keys)
+            source: dict[str, Any] = {"friend": friend.spec.name, "column": column}
+            counter = self.primary_counter(friend, column) if column is not None else None
+            if counter is not None:  # joins a primary collection: checked, filled to nJet
+                deps = (*deps, counter)
+                source["counter"] = counter
+            keys = [self.resolve(k, context=context).fingerprint for k in deps]
             fp = fingerprint("friend", friend.fingerprint, column, keys)
-            source = {"friend": friend.spec.name, "column": column}
-            return ColumnDef(name, "friend", tuple(request.dataset.keys), fp, source=source)
+            return ColumnDef(name, "friend", deps, fp, source=source)
+        if name in self.counters:
+            expr = parse(f"num({self.counters[name]})")
+            dep = self.resolve(self.counters[name], context=context).fingerprint
+            fp = fingerprint("define", PROVIDER_VERSIONS["define"], expr.canonical, [dep])
+            return ColumnDef(name, "define", tuple(sorted(expr.names)), fp, expression=expr)
         if name in self.dataset.columns:
             fp = fingerprint("source", PROVIDER_VERSIONS["source"], name)
             return ColumnDef(name, "source", (), fp, source={"branch": name})
@@ -447,3 +531,27 @@ class _Resolver:
         )
         msg += f"; closest names: {', '.join(hint)}" if hint else ""
         raise ColumnNotFoundError(msg)
+
+
+def _is_list_column(dataset: ResolvedDataset, name: str) -> bool:
+    """True when column ``name`` of ``dataset`` holds a list per event (metadata only)."""
+    info = dataset.files[0]
+    if info.format == "parquet":
+        return dataset.columns.get(name, "").startswith(("list", "large_list"))
+    import awkward as ak
+
+    from columnhub.sources.root import _cached_tree  # the tree describe() opened
+
+    tree = _cached_tree(info, dataset.spec)
+    try:
+        branch = tree[name]
+        form = (
+            branch.interpretation.awkward_form(tree.file)
+            if hasattr(branch, "interpretation")
+            else branch.to_akform()[0]
+        )
+    except Exception:  # noqa: BLE001 - an unreadable type counts as no list
+        return False
+    while isinstance(form, ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm):
+        form = form.content
+    return isinstance(form, ak.forms.ListOffsetForm | ak.forms.ListForm)

@@ -20,6 +20,7 @@ import numpy as np
 
 from columnhub import sources
 from columnhub.datasets import ResolvedDataset
+from columnhub.join.collection import fill_to_counts
 from columnhub.join.gather import gather
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
@@ -273,6 +274,9 @@ def tail_rows(
     names = [columns[w] for w in wanted if w in columns]
     fetched, _ = _fetch(friend, index, rows, names)
     out = {spec.output_name(c): a for c, a in fetched.items()}
+    for name, array in out.items():  # the type a primary collection's member has in chunks
+        if plan.columns[name].source.get("counter") is not None:
+            out[name] = fill_to_counts(array, ak.fill_none(ak.num(array, axis=1), 0))
     if spec.matched_name in wanted:
         out[spec.matched_name] = ak.Array(np.zeros(len(rows), dtype=bool))
     return keys, out
