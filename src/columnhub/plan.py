@@ -253,10 +253,10 @@ def _add_counters(
     A collection's counter ``n<collection>`` is delivered even when not asked
     for, just before the collection's first column (unless the request
     lists it elsewhere): the column of that name when there is one (the
-    primary's ``nJet`` branch, a friend's or a definition), else, for a
-    collection that only a friend brings (``JetPFCands_*``, or a prefixed
-    friend's ``jesup_Jet_*``), computed from the friend's lists. Columns of
-    no collection, and collections of only flat columns (``MET_pt``), get none.
+    primary's ``nJet`` branch, a friend's or a definition), else, for the
+    lists of a file without counters or of one friend (``JetPFCands_*``, a
+    prefixed friend's ``jesup_Jet_*``), computed from the lists. Columns of
+    no collection, and collections of flat columns only (``MET_pt``), get none.
     """
     members: dict[str, list[str]] = {}
     for name in wanted:
@@ -433,28 +433,33 @@ class _Resolver:
         self.active: list[str] = []
 
     def add_counter(self, counter: str, names: list[str]) -> bool:
-        """Compute ``counter`` from a friend's lists, when only a friend brings them.
+        """Compute ``counter`` from the lists of a collection whose file lacks it.
 
-        Only for a collection whose columns all come from one friend and from
-        one of its collections (``JetPFCands_*``; ``jesup_Jet_*`` with
-        ``prefix: jesup_``), with at least one list among them.
+        Only for a collection whose columns all come from one place: branches
+        of the primary dataset, or one friend and one of its collections
+        (``JetPFCands_*``; ``jesup_Jet_*`` with ``prefix: jesup_``), with at
+        least one list among them. The count of its first list is the counter.
         """
-        origin = [self.friend_columns.get(n, (None, None)) for n in names]
-        if any(f is None or c is None for f, c in origin):
-            return False
-        friend = origin[0][0]
-        assert friend is not None
-        if any(f is not friend for f, _ in origin):
-            return False
-        if len({collection_of(c) or c for _, c in origin if c is not None}) != 1:
-            return False  # jesup_Jet_pt with jesup_Muon_pt: not one collection
-        for name in names:
-            column = self.friend_columns[name][1]
-            assert column is not None
-            if _is_list_column(friend.dataset, column):
+        if all(n in self.dataset.columns and self._plain_branch(n) for n in names):
+            dataset, columns = self.dataset, list(names)
+        else:
+            origin = [self.friend_columns.get(n, (None, None)) for n in names]
+            friend = origin[0][0]
+            if friend is None or any(f is not friend or c is None for f, c in origin):
+                return False
+            columns = [c for _, c in origin if c is not None]
+            if len({collection_of(c) or c for c in columns}) != 1:
+                return False  # jesup_Jet_pt with jesup_Muon_pt: not one collection
+            dataset = friend.dataset
+        for name, column in zip(names, columns, strict=True):
+            if _is_list_column(dataset, column):
                 self.counters[counter] = name
                 return True
         return False
+
+    def _plain_branch(self, name: str) -> bool:
+        """True when ``name`` is the primary's branch, not shadowed by another column."""
+        return name not in self.friend_columns and name not in self.model_columns
 
     def primary_counter(self, friend: Friend, column: str) -> str | None:
         """The primary's counter of the collection an unprefixed friend column joins."""
@@ -536,20 +541,18 @@ class _Resolver:
 def _is_list_column(dataset: ResolvedDataset, name: str) -> bool:
     """True when column ``name`` of ``dataset`` holds a list per event (metadata only)."""
     info = dataset.files[0]
+    typename = dataset.columns.get(name, "")
     if info.format == "parquet":
-        return dataset.columns.get(name, "").startswith(("list", "large_list"))
+        return typename.startswith(("list", "large_list"))
+    if typename:  # an RNTuple field's C++ type
+        return typename.startswith(("std::vector<", "ROOT::RVec<", "ROOT::VecOps::RVec<"))
     import awkward as ak
 
     from columnhub.sources.root import _cached_tree  # the tree describe() opened
 
     tree = _cached_tree(info, dataset.spec)
     try:
-        branch = tree[name]
-        form = (
-            branch.interpretation.awkward_form(tree.file)
-            if hasattr(branch, "interpretation")
-            else branch.to_akform()[0]
-        )
+        form = tree[name].interpretation.awkward_form(tree.file)
     except Exception:  # noqa: BLE001 - an unreadable type counts as no list
         return False
     while isinstance(form, ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm):

@@ -119,9 +119,20 @@ def fill_to_counts(array: Any, counter: Any) -> ak.Array:
     if len(content) != int(filled.sum()):
         msg = f"list lengths disagree with the counter ({len(content)} values, {filled.sum()} slots)"
         raise ValueError(msg)
-    if len(content) == 0 and not isinstance(content, ak.contents.EmptyArray):
-        content = content.form.length_one_array(highlevel=False)  # a typed placeholder
-    inner = ak.contents.IndexedOptionArray.simplified(ak.index.Index64(index), content)
+    inner: ak.contents.Content
+    if isinstance(content, ak.contents.NumpyArray) and content.data.ndim == 1:
+        # a plain buffer whose missing slots hold NaN (floats) or 0: readers that
+        # ignore Arrow's validity (coffea's Parquet mapping) see NaN, not garbage
+        data = np.asarray(content.data)
+        values = np.full(len(index), np.nan if data.dtype.kind == "f" else 0, dtype=data.dtype)
+        values[filled] = data
+        buffer = ak.contents.NumpyArray(values, parameters=content.parameters)
+        mask = ak.index.Index8(filled.view(np.int8))
+        inner = ak.contents.ByteMaskedArray(mask, buffer, valid_when=True)
+    else:
+        if len(content) == 0 and not isinstance(content, ak.contents.EmptyArray):
+            content = content.form.length_one_array(highlevel=False)  # a typed placeholder
+        inner = ak.contents.IndexedOptionArray.simplified(ak.index.Index64(index), content)
     out = ak.contents.ListOffsetArray(ak.index.Index64(offsets), inner)
     return ak.Array(out)
 
