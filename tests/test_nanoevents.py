@@ -421,3 +421,57 @@ def test_fill_to_counts_matches_brute_force(rows: list[list[float] | None], extr
         wrong = list(counts)
         wrong[i] += 1
         assert first_mismatch(array, wrong) == (i, counts[i], counts[i] + 1)
+
+
+# ---------------------------------------------------------------------------
+# ATLAS PHYSLITE: coffea's PHYSLITESchema groups the AuxDyn columns itself
+
+PHYSLITE_KEYS = ["EventInfoAuxDyn.runNumber", "EventInfoAuxDyn.eventNumber"]
+
+
+def test_physlite_like_delivery_opens_with_physlite_schema(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    n = 60
+    electrons = rng.integers(0, 4, n)
+    jets = rng.integers(0, 6, n)
+    branches: dict[str, Any] = {
+        "EventInfoAuxDyn.runNumber": np.full(n, 410470, dtype=np.uint32),
+        "EventInfoAuxDyn.eventNumber": rng.permutation(10 * n)[:n].astype(np.uint64),
+    }
+    for field in ("pt", "eta", "phi", "m", "charge"):
+        branches[f"AnalysisElectronsAuxDyn.{field}"] = lists(rng, electrons)
+    for field in ("pt", "eta", "phi", "m"):
+        branches[f"AnalysisJetsAuxDyn.{field}"] = lists(rng, jets)
+    with uproot.recreate(tmp_path / "physlite.root") as f:
+        f["CollectionTree"] = branches
+    columns = [b for b in branches if b not in PHYSLITE_KEYS]
+    result = columnhub.deliver(
+        {
+            "dataset": {
+                "name": "physlite",
+                "files": [str(tmp_path / "physlite.root")],
+                "tree": "CollectionTree",
+                "keys": PHYSLITE_KEYS,
+            },
+            "columns": columns,
+            "chunk_size": 25,
+            "output": {"target_part_bytes": 2000},
+        },
+        output=tmp_path / "out",
+        cache=False,
+    )
+    assert list(result.columns) == [*PHYSLITE_KEYS, *columns]  # no NanoAOD counters made up
+    physlite = coffea_nanoevents.PHYSLITESchema
+    for events in (
+        result.to_nanoevents(schema=physlite),
+        result.to_nanoevents(schema=physlite, mode="dask").compute(),
+    ):
+        assert ak.to_list(events.EventInfo.eventNumber) == branches[
+            "EventInfoAuxDyn.eventNumber"
+        ].tolist()
+        for field in ("pt", "eta", "phi", "charge"):
+            want = ak.to_list(branches[f"AnalysisElectronsAuxDyn.{field}"])
+            assert ak.to_list(events.Electrons[field]) == want
+        assert ak.to_list(events.Jets.pt) == ak.to_list(branches["AnalysisJetsAuxDyn.pt"])
+        pairs = ak.num(ak.combinations(events.Electrons, 2))
+        assert ak.to_list(pairs) == [k * (k - 1) // 2 for k in electrons.tolist()]
