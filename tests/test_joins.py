@@ -261,6 +261,29 @@ def test_real_schema_split_and_joined_back(
             assert got[b] == (want[b] if present else None), (b, key)
 
 
+def test_define_listed_before_the_friend_column_it_reads(
+    split_nano: dict[str, Any], tmp_path: Path
+) -> None:
+    """A friend column reached first as a dependency is joined once (it was read twice
+    into one array, and a keyed join over several friend files then gathered wrong rows)."""
+    original = split_nano["original"]
+    kept = split_nano["kept"]
+    req = request(
+        split_nano["primary"],
+        ["mu_sum", "Muon_pt", "Muon_charge"],
+        define={"mu_sum": "sum(Muon_pt)"},
+        chunk_size=37,
+        friends=[friend("mu", split_nano["friends"], ["Muon_pt", "Muon_charge"])],
+    )
+    out = columnhub.deliver(req, output=tmp_path / "out", cache=False).to_awkward().to_list()
+    for got, want in zip(out, original.to_list(), strict=True):
+        key = tuple(want[k] for k in KEYS)
+        present = key in kept
+        assert got["Muon_pt"] == (want["Muon_pt"] if present else None), key
+        assert got["Muon_charge"] == (want["Muon_charge"] if present else None), key
+        assert got["mu_sum"] == (pytest.approx(sum(want["Muon_pt"])) if present else None)
+
+
 # ---------------------------------------------------------------------------
 # synthetic NanoAOD: aligned friends, systematics friends, define/where, augmentation
 
@@ -738,7 +761,9 @@ def test_key_index_build_shows_progress(
 
     monkeypatch.setattr(provider, "_memo", OrderedDict())  # built here, not by another test
     req = request(
-        synth["primary"], ["up_MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"], prefix="up_")]
+        synth["primary"],
+        ["up_MET_pt"],
+        friends=[friend("up", synth["up"], ["MET_pt"], prefix="up_")],
     )
     columnhub.deliver(req, output=tmp_path / "bars", cache=False, progress=True)
     err = capsys.readouterr().err

@@ -141,7 +141,10 @@ def test_to_nanoevents_without_coffea_names_the_extra(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     result = columnhub.deliver(
-        {"dataset": {"name": "dy", "files": [str(shared_data / "nano_dy.root")]}, "columns": ["Jet_pt"]},
+        {
+            "dataset": {"name": "dy", "files": [str(shared_data / "nano_dy.root")]},
+            "columns": ["Jet_pt"],
+        },
         output=tmp_path / "out",
         cache=False,
     )
@@ -243,7 +246,8 @@ def test_lists_of_one_collection_with_other_lengths_are_refused(
     with pytest.raises(SpecError, match="define column 'Jet_hard'") as err:
         columnhub.deliver(nano, output=tmp_path / "out2", cache=False)
     ref = read(source, [*KEYS, "Jet_pt"])
-    first = int(np.flatnonzero(ak.to_numpy(ak.num(ref.Jet_pt[ref.Jet_pt > 30]) != ak.num(ref.Jet_pt)))[0])
+    fewer = ak.num(ref.Jet_pt[ref.Jet_pt > 30]) != ak.num(ref.Jet_pt)
+    first = int(np.flatnonzero(ak.to_numpy(fewer))[0])
     assert f"event={int(ref.event[first])}" in str(err.value)
     assert "does not start with 'Jet_'" in str(err.value)
     nano["define"] = {"hard_pt": "Jet_pt[Jet_pt > 30]"}  # another name: its own collection
@@ -318,8 +322,7 @@ def test_friend_column_joins_the_primary_collection(
     got = result.to_awkward()
     assert key_tuples(got) == [k for k, _, _ in expected]
     got_values = ak.to_list(got.Jet_btagNew)
-    for (key, want, _), values in zip(expected, got_values, strict=True):
-        assert values == pytest.approx(want, nan_ok=True) if None not in want else values == want
+    assert got_values == [want for _, want, _ in expected]
     assert ak.to_list(got.btag_matched) == [m for _, _, m in expected]
     # coffea: the new score is a field of events.Jet, jet by jet with Jet_pt
     events = result.to_nanoevents()
@@ -405,9 +408,14 @@ row_st = st.one_of(st.none(), st.lists(st.floats(-5, 5, allow_nan=False, width=3
 
 @settings(max_examples=50, deadline=None)
 @given(rows=st.lists(row_st, max_size=12), extra=st.lists(st.integers(0, 3), max_size=12))
-def test_fill_to_counts_matches_brute_force(rows: list[list[float] | None], extra: list[int]) -> None:
+def test_fill_to_counts_matches_brute_force(
+    rows: list[list[float] | None], extra: list[int]
+) -> None:
     """Present rows keep their lists; missing rows get counter-many None; lengths checked."""
-    counts = [len(r) if r is not None else (extra[i] if i < len(extra) else 2) for i, r in enumerate(rows)]
+    counts = [
+        len(r) if r is not None else (extra[i] if i < len(extra) else 2)
+        for i, r in enumerate(rows)
+    ]
     flat = np.array([v for r in rows if r is not None for v in r], dtype=np.float32)
     lengths = np.array([len(r) if r is not None else 0 for r in rows], dtype=np.int64)
     array = ak.mask(ak.unflatten(flat, lengths), np.array([r is not None for r in rows], bool))

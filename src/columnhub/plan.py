@@ -555,6 +555,7 @@ def _is_list_column(dataset: ResolvedDataset, name: str) -> bool:
         form = tree[name].interpretation.awkward_form(tree.file)
     except Exception:  # noqa: BLE001 - an unreadable type counts as no list
         return False
-    while isinstance(form, ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm):
+    options = ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm
+    while isinstance(form, options):
         form = form.content
     return isinstance(form, ak.forms.ListOffsetForm | ak.forms.ListForm)

@@ -102,6 +102,7 @@ class _ChunkWork:
         self.to_read: list[str] = []
         self.to_join: dict[str, list[str]] = {f.spec.name: [] for f in plan.friends}
         self.to_compute: list[str] = []
+        self._joining: set[str] = set()  # every name of to_join
         self.primary_space: set[str] = set()  # values with one row per primary event
         self.hits = self.misses = self.cache_errors = self.friend_entries_read = 0
         self.metrics: Any = None  # InferenceMetrics, when the chunk runs a model
@@ -146,7 +147,9 @@ class _ChunkWork:
 
     def resolve(self, names: list[str]) -> None:
         """Find, depth first, what must be read and computed (dependencies first)."""
-        joining = {n for names_ in self.to_join.values() for n in names_}
+        # a set shared with the nested calls: a friend column reached first as
+        # a dependency (of a define listed before it) must not be joined twice
+        joining = self._joining
         for name in names:
             if name in self.values or name in self.to_read or name in self.to_compute:
                 continue

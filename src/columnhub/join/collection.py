@@ -117,7 +117,10 @@ def fill_to_counts(array: Any, counter: Any) -> ak.Array:
     filled = np.repeat(present, counts)
     index[filled] = np.arange(int(filled.sum()), dtype=np.int64)
     if len(content) != int(filled.sum()):
-        msg = f"list lengths disagree with the counter ({len(content)} values, {filled.sum()} slots)"
+        msg = (
+            f"list lengths disagree with the counter "
+            f"({len(content)} values, {int(filled.sum())} slots)"
+        )
         raise ValueError(msg)
     inner: ak.contents.Content
     if isinstance(content, ak.contents.NumpyArray) and content.data.ndim == 1:

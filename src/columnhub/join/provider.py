@@ -213,7 +213,7 @@ def friend_chunk(
     """
     spec = friend.spec
     columns = {spec.output_name(c): c for c in spec.columns}
-    names = [columns[w] for w in wanted if w in columns]
+    names = list(dict.fromkeys(columns[w] for w in wanted if w in columns))  # each read once
     primary_keys = [np.asarray(ak.to_numpy(keys[k])) for k in plan.request.dataset.keys]
     n = len(primary_keys[0])
     if spec.match == "aligned":
