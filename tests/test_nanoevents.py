@@ -395,6 +395,16 @@ def test_to_dask_with_friends(btag: dict[str, Any], tmp_path: Path) -> None:
 # the pure functions, against brute force
 
 
+def test_collection_doctests() -> None:
+    import doctest
+
+    import columnhub.join.collection
+
+    failures, attempted = doctest.testmod(columnhub.join.collection)
+    assert attempted > 0
+    assert failures == 0
+
+
 def test_collection_names() -> None:
     assert collection_of("Jet_pt") == "Jet"
     assert collection_of("JetPFCands_pt") == "JetPFCands"

@@ -258,7 +258,7 @@ class _ChunkWork:
         keys = self.plan.request.dataset.keys
         if all(k in self.values for k in keys):
             at = int(rows[row]) if rows is not None else row
-            return describe_row({k: self.values[k] for k in keys}, at, entry=str)
+            return describe_row({k: self.values[k] for k in keys}, at)
         file = self.plan.dataset.files[self.chunk.file_index].path
         return f"entry {self.chunk.start + row} of {file}"
 

@@ -16,7 +16,7 @@ their new values do not), never a missing list.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import awkward as ak
@@ -54,7 +54,7 @@ def counter_of(collection: str) -> str:
 def is_list(array: Any) -> bool:
     """True for a column holding one list per row (``var * T``, option or not)."""
     layout = ak.to_layout(array)
-    while isinstance(layout, ak.contents.Content) and layout.is_option | layout.is_indexed:
+    while isinstance(layout, ak.contents.Content) and (layout.is_option or layout.is_indexed):
         layout = layout.content
     return isinstance(layout, ak.contents.ListOffsetArray | ak.contents.ListArray)
 
@@ -140,8 +140,11 @@ def fill_to_counts(array: Any, counter: Any) -> ak.Array:
     return ak.Array(out)
 
 
-def describe_row(keys: Mapping[str, Any], row: int, *, entry: Callable[[int], str]) -> str:
-    """The event of ``row``: its key values, else its entry."""
-    if keys:
-        return ", ".join(f"{k}={int(np.asarray(ak.to_numpy(v))[row])}" for k, v in keys.items())
-    return entry(row)
+def describe_row(keys: Mapping[str, Any], row: int) -> str:
+    """The event of ``row`` by its key values.
+
+    >>> describe_row({"run": [1, 1], "event": [7, 9]}, 1)
+    'run=1, event=9'
+    """
+    values = {k: np.asarray(ak.to_numpy(ak.Array(v)))[row] for k, v in keys.items()}
+    return ", ".join(f"{k}={int(v)}" for k, v in values.items())
