@@ -493,6 +493,34 @@ def test_name_clash_needs_a_prefix(synth: dict[str, list[Path]], tmp_path: Path)
     assert "define 'up_matched'" in str(err.value)
 
 
+def test_friend_column_named_like_a_model_output(shared_data: Path, tmp_path: Path) -> None:
+    from columnhub.inference.testing import make_mlp_onnx, write_card
+
+    make_mlp_onnx(tmp_path / "models" / "evt" / "evt-1.onnx", n_features=1, hidden=(4,), seed=1)
+    card = {"name": "evt", "version": 1, "file": "evt-1.onnx", "inputs": ["MET_pt"],
+            "outputs": [{"name": "score"}]}
+    write_card(tmp_path / "models" / "evt" / "1.yaml", card)
+    source = shared_data / "nano_tt_v12.root"
+    keys = uproot.open(source)["Events"].arrays(list(KEYS), library="np")
+    with uproot.recreate(tmp_path / "ore.root") as f:
+        f["Events"] = {**keys, "ore": np.arange(len(keys["event"]), dtype=np.float64)}
+    req = request(
+        [source],
+        ["score", "sc_ore"],
+        registry=str(tmp_path / "models"),
+        models=[{"model": "evt", "version": 1}],
+        friends=[friend("f", [tmp_path / "ore.root"], ["ore"], prefix="sc_")],
+    )
+    got = columnhub.deliver(req, output=tmp_path / "free", cache=False).to_awkward()
+    assert got.sc_ore.to_list() == list(range(len(keys["event"])))  # same file, same order
+    req["friends"][0]["prefix"] = "sc"  # 'sc' + 'ore' is the model's 'score'
+    req["columns"] = ["score"]
+    with pytest.raises(JoinError, match="'score'") as err:
+        columnhub.deliver(req, output=tmp_path / "clash", cache=False)
+    assert "model 'evt'" in str(err.value)
+    assert "friend 'f'" in str(err.value)
+
+
 def test_define_may_not_replace_a_branch(synth: dict[str, list[Path]], tmp_path: Path) -> None:
     """A define named like a primary branch is an error (it used to replace the branch)."""
     req = request(synth["primary"], ["MET_pt"], define={"MET_pt": "MET_pt * 2"})
