@@ -336,6 +336,18 @@ def test_friend_column_joins_the_primary_collection(
     same_lists(lead.btagNew, [v[:1] for v in nan_for_none])
 
 
+def test_friend_collection_columns_from_the_cache(btag: dict[str, Any], tmp_path: Path) -> None:
+    """Filled friend lists are cached as filled: a warm delivery gives the same result."""
+    req = btag_request(btag, ["Jet_pt", "Jet_btagNew", "btag_matched"])
+    cold = columnhub.deliver(req, output=tmp_path / "cold", cache=tmp_path / "cache")
+    req["output"] = {"compression": "lz4"}  # another request (no whole-result reuse), same columns
+    warm = columnhub.deliver(req, output=tmp_path / "warm", cache=tmp_path / "cache")
+    assert warm.manifest["cache"]["misses"] == 0
+    assert warm.manifest["cache"]["hits"] > 0
+    assert warm.to_arrow().equals(cold.to_arrow())
+    assert str(warm.to_awkward().Jet_btagNew.type) == str(cold.to_awkward().Jet_btagNew.type)
+
+
 def test_friend_collection_with_other_counts_is_an_error(
     btag: dict[str, Any], tmp_path: Path
 ) -> None:
