@@ -403,6 +403,73 @@ def test_to_dask_with_friends(btag: dict[str, Any], tmp_path: Path) -> None:
     assert ak.to_list(lazy.Jet_btagNew.compute()) == ak.to_list(eager.Jet_btagNew)
 
 
+@st.composite
+def collection_case(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(1, 25))
+    njet = draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    partners = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    order = draw(st.permutations(range(n)))
+    return {
+        "njet": njet,
+        "partners": partners,
+        "order": order,
+        "cut": draw(st.integers(0, n)),
+        "chunk_size": draw(st.integers(1, 9)),
+        "how": draw(st.sampled_from(["left", "inner"])),
+    }
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=collection_case())
+def test_friend_collection_join_matches_brute_force(case: dict[str, Any]) -> None:
+    """Random jets per event, random partners, shuffled over two friend files."""
+    import tempfile
+
+    njet = np.array(case["njet"], dtype=np.int32)
+    n = len(njet)
+    pt = ak.unflatten(np.arange(int(njet.sum()), dtype=np.float32), njet)
+    tag = ak.unflatten(1000 + np.arange(int(njet.sum()), dtype=np.float32), njet)
+    rows = [i for i in case["order"] if case["partners"][i]]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        primary = write_tree(d / "p.root", {**cms_keys(n), "nJet": njet, "Jet_pt": pt})
+        files = []
+        for part in (rows[: case["cut"]], rows[case["cut"] :]):
+            if part:
+                keys = {k: v[part] for k, v in cms_keys(n).items()}
+                files.append(write_tree(d / f"f{len(files)}.root", {**keys, "Jet_new": tag[part]}))
+        if not files:  # no partner at all: a friend file of no rows
+            empty = {k: v[:0] for k, v in cms_keys(n).items()}
+            files.append(write_tree(d / "f0.root", {**empty, "Jet_new": tag[:0]}))
+        result = columnhub.deliver(
+            {
+                "dataset": {"name": "p", "files": [str(primary)]},
+                "columns": ["Jet_pt", "Jet_new", "f_matched"],
+                "chunk_size": case["chunk_size"],
+                "friends": [
+                    {
+                        "name": "f",
+                        "dataset": {"name": "f", "files": [str(f) for f in files]},
+                        "columns": ["Jet_new"],
+                        "how": case["how"],
+                    }
+                ],
+            },
+            output=d / "out",
+            cache=False,
+        )
+        got = result.to_awkward()
+    want = [
+        (i, ak.to_list(tag[i]) if case["partners"][i] else [None] * int(njet[i]))
+        for i in range(n)
+        if case["partners"][i] or case["how"] == "left"
+    ]
+    assert ak.to_list(got.event) == [i for i, _ in want]
+    assert ak.to_list(got.Jet_new) == [values for _, values in want]
+    assert ak.to_list(got.nJet) == [int(njet[i]) for i, _ in want]
+    assert ak.to_list(ak.num(got.Jet_new)) == ak.to_list(got.nJet)
+
+
 # ---------------------------------------------------------------------------
 # the pure functions, against brute force
 
