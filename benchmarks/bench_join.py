@@ -339,13 +339,14 @@ def bench_aligned(path: Path, *, repeat: int) -> dict[str, Any]:
         alone = {"dataset": {"name": "friend", "files": files}, "columns": columns}
         aligned = {
             "dataset": {"name": "primary", "files": files},
-            "columns": [f"f.{c}" for c in columns],
+            "columns": [f"f_{c}" for c in columns],
             "friends": [
                 {
                     "name": "f",
                     "dataset": {"name": "friend", "files": files},
                     "columns": columns,
                     "match": "aligned",
+                    "prefix": "f_",
                 }
             ],
         }
@@ -383,7 +384,7 @@ seconds = time.perf_counter() - t0
 matched = None
 if request.get("friends"):
     import pyarrow.parquet as pq
-    name = request["friends"][0]["name"] + ".matched"
+    name = request["friends"][0]["name"] + "_matched"
     matched = sum(pq.read_table(f, columns=[name]).column(0).to_numpy().sum() for f in result.files)
 print(json.dumps({
     "seconds": seconds,
@@ -417,12 +418,13 @@ def bench_memory(primary: Path, friend: Path) -> dict[str, Any]:
     base = {"dataset": {"name": "primary", "files": [str(primary)]}, "columns": ["MET_pt"]}
     joined = {
         **base,
-        "columns": ["MET_pt", "big.MET_pt", "big.matched"],
+        "columns": ["MET_pt", "big_MET_pt", "big_matched"],
         "friends": [
             {
                 "name": "big",
                 "dataset": {"name": "big", "files": friend_files},
                 "columns": ["MET_pt"],
+                "prefix": "big_",
             }
         ],
     }

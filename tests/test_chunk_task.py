@@ -26,12 +26,12 @@ def _run(args: tuple[bytes, int, str | None]) -> pa.Table:
 def test_chunk_tasks_run_unchanged_in_other_processes(shared_data: Path, tmp_path: Path) -> None:
     request = columnhub.Request.from_dict({
         "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
-        "columns": ["MET_pt", "Jet_pt", "ht", "f.MET_pt"],
+        "columns": ["MET_pt", "Jet_pt", "ht", "f_MET_pt"],
         "define": {"ht": "sum(Jet_pt[Jet_pt > 30])"},
         "where": "ht > 100",
         "friends": [{"name": "f", "dataset": {"name": "same",
                                                "files": [str(shared_data / "nano_tt_v12.root")]},
-                     "columns": ["MET_pt"]}],
+                     "columns": ["MET_pt"], "prefix": "f_"}],
         "chunk_size": 50,
     })
     plan = make_plan(request)
@@ -62,10 +62,10 @@ def test_forked_children_get_their_own_pools_and_files(
     monkeypatch.setattr(kernels, "PARALLEL_MIN_ROWS", 1)  # every kernel uses the pool
     request = columnhub.Request.from_dict({
         "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
-        "columns": ["Jet_pt", "f.Jet_eta"],
+        "columns": ["Jet_pt", "f_Jet_eta"],
         "friends": [{"name": "f", "dataset": {"name": "same",
                                                "files": [str(shared_data / "nano_tt_v12.root")]},
-                     "columns": ["Jet_eta"]}],
+                     "columns": ["Jet_eta"], "prefix": "f_"}],
         "chunk_size": 50,
     })
     plan = make_plan(request)

@@ -125,7 +125,7 @@ def _rows_of(out: dict[str, ak.Array], on: list[str], how: str) -> list[tuple[An
     n = len(out["x"])
     assert all(len(v) == n for v in out.values())
     keys = list(zip(*[out[c].tolist() for c in on], strict=True)) if n else []
-    matched = out["friend.matched"].tolist() if how != "inner" else [True] * n
+    matched = out["friend_matched"].tolist() if how != "inner" else [True] * n
     return list(
         zip(
             keys,
@@ -246,7 +246,7 @@ def test_large_shuffled_left_join_matches_dict_reference() -> None:
         j = ref.get(e)
         assert y[i] == (None if j is None else 2.0 * perm[j])
         assert (jets[i] is None) if j is None else jets[i].tolist() == [float(perm[j])] * counts[j]
-    assert out["friend.matched"].to_numpy().sum() == len(perm)
+    assert out["friend_matched"].to_numpy().sum() == len(perm)
 
 
 def test_duplicate_error_lists_keys_files_and_entries() -> None:
@@ -373,7 +373,7 @@ def test_join_arrays_names_prefix_and_key_errors() -> None:
         join_arrays(primary, friend, on="event")
     out = join_arrays(primary, friend, on="event", prefix="up_", name="up")
     assert out["up_pt"].tolist() == [10.0, 20.0]
-    assert out["up.matched"].tolist() == [True, True]
+    assert out["up_matched"].tolist() == [True, True]
     with pytest.raises(KeyTypeError, match=r"'event'.*float"):
         join_arrays({"event": np.array([1.0])}, friend, on="event", prefix="f_")
     with pytest.raises(JoinError, match="unknown join how='cross'"):

@@ -30,6 +30,7 @@ from columnhub.errors import (
     JoinError,
     KeyMismatchError,
     KeyTypeError,
+    SpecError,
 )
 from columnhub.synth import regroup, synthesize
 
@@ -183,7 +184,7 @@ def test_join_matches_brute_force(how: str, validate: str, case: dict[str, Any])
             write_rows(f_files[-1], piece, x="fx", j="fj")
         req = request(
             p_files,
-            ["x", "j", "fr.fx", "fr.fj", "fr.matched"],
+            ["x", "j", "fx", "fj", "fr_matched"],
             chunk_size=case["chunk_size"],
             friends=[friend("fr", f_files, ["fx", "fj"], how=how, validate=validate)],
         )
@@ -195,7 +196,7 @@ def test_join_matches_brute_force(how: str, validate: str, case: dict[str, Any])
         event(f"joined ({how})")
         result = columnhub.deliver(req, output=d / "out", cache=False, workers=2)
         got = collections.Counter(
-            rows_of(result, [*KEYS, "x", "j", "fr.fx", "fr.fj", "fr.matched"])
+            rows_of(result, [*KEYS, "x", "j", "fx", "fj", "fr_matched"])
         )
     assert got == reference_join(case["primary"], case["friend"], how=how)
 
@@ -241,7 +242,7 @@ def test_real_schema_split_and_joined_back(
     assert 0 < len(kept) < n  # some events were really dropped
     req = request(
         split_nano["primary"],
-        [*PRIMARY_BRANCHES, *(f"mu.{b}" for b in FRIEND_BRANCHES), "mu.matched"],
+        [*PRIMARY_BRANCHES, *FRIEND_BRANCHES, "mu_matched"],
         chunk_size=37,
         friends=[friend("mu", split_nano["friends"], FRIEND_BRANCHES, how=how)],
     )
@@ -255,9 +256,32 @@ def test_real_schema_split_and_joined_back(
         for b in PRIMARY_BRANCHES:
             assert got[b] == want[b], (b, key)
         present = key in kept
-        assert got["mu.matched"] is present
+        assert got["mu_matched"] is present
         for b in FRIEND_BRANCHES:  # None exactly where the event was dropped from the friend
-            assert got[f"mu.{b}"] == (want[b] if present else None), (b, key)
+            assert got[b] == (want[b] if present else None), (b, key)
+
+
+def test_define_listed_before_the_friend_column_it_reads(
+    split_nano: dict[str, Any], tmp_path: Path
+) -> None:
+    """A friend column reached first as a dependency is joined once (it was read twice
+    into one array, and a keyed join over several friend files then gathered wrong rows)."""
+    original = split_nano["original"]
+    kept = split_nano["kept"]
+    req = request(
+        split_nano["primary"],
+        ["mu_sum", "Muon_pt", "Muon_charge"],
+        define={"mu_sum": "sum(Muon_pt)"},
+        chunk_size=37,
+        friends=[friend("mu", split_nano["friends"], ["Muon_pt", "Muon_charge"])],
+    )
+    out = columnhub.deliver(req, output=tmp_path / "out", cache=False).to_awkward().to_list()
+    for got, want in zip(out, original.to_list(), strict=True):
+        key = tuple(want[k] for k in KEYS)
+        present = key in kept
+        assert got["Muon_pt"] == (want["Muon_pt"] if present else None), key
+        assert got["Muon_charge"] == (want["Muon_charge"] if present else None), key
+        assert got["mu_sum"] == (pytest.approx(sum(want["Muon_pt"])) if present else None)
 
 
 # ---------------------------------------------------------------------------
@@ -313,9 +337,9 @@ def synth(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[s
 def test_aligned_friend_on_identical_layout(synth: dict[str, list[Path]], tmp_path: Path) -> None:
     req = request(
         synth["primary"],
-        ["MET_pt", "sys.MET_pt"],
+        ["MET_pt", "sys_MET_pt"],
         chunk_size=250,
-        friends=[friend("sys", synth["aligned"], ["MET_pt"], match="aligned")],
+        friends=[friend("sys", synth["aligned"], ["MET_pt"], match="aligned", prefix="sys_")],
     )
     out = columnhub.deliver(req, output=tmp_path / "out", cache=False).to_awkward()
     primary = read(synth["primary"], [*KEYS, "MET_pt"])
@@ -323,8 +347,8 @@ def test_aligned_friend_on_identical_layout(synth: dict[str, list[Path]], tmp_pa
     for k in KEYS:  # the synthetic keys agree entry by entry
         assert out[k].to_list() == primary[k].to_list() == aligned[k].to_list()
     assert out["MET_pt"].to_list() == primary["MET_pt"].to_list()
-    assert out["sys.MET_pt"].to_list() == aligned["MET_pt"].to_list()
-    assert out["sys.MET_pt"].to_list() != out["MET_pt"].to_list()  # another seed: other values
+    assert out["sys_MET_pt"].to_list() == aligned["MET_pt"].to_list()
+    assert out["sys_MET_pt"].to_list() != out["MET_pt"].to_list()  # another seed: other values
 
 
 def test_aligned_friend_out_of_order_names_file_entry_and_keys(
@@ -332,9 +356,9 @@ def test_aligned_friend_out_of_order_names_file_entry_and_keys(
 ) -> None:
     req = request(
         synth["primary"],
-        ["sys.MET_pt"],
+        ["sys_MET_pt"],
         chunk_size=10_000,
-        friends=[friend("sys", synth["up"], ["MET_pt"], match="aligned")],
+        friends=[friend("sys", synth["up"], ["MET_pt"], match="aligned", prefix="sys_")],
     )
     primary = read(synth["primary"][:1], list(KEYS))
     shuffled = read(synth["up"][:1], list(KEYS))
@@ -359,8 +383,8 @@ def test_aligned_friend_with_other_entry_counts(
 ) -> None:
     req = request(
         synth["primary"],
-        ["sys.MET_pt"],
-        friends=[friend("sys", synth["thinned"], ["MET_pt"], match="aligned")],
+        ["sys_MET_pt"],
+        friends=[friend("sys", synth["thinned"], ["MET_pt"], match="aligned", prefix="sys_")],
     )
     counts = [uproot.open(p)["Events"].num_entries for p in synth["thinned"]]
     with pytest.raises(KeyMismatchError, match="aligned") as err:
@@ -374,11 +398,11 @@ def test_systematics_friends_in_define_and_where(
     req = request(
         synth["primary"],
         ["MET_pt", "up_MET_pt", "down_MET_pt", "down_matched", "shift", "ht"],
-        define={"shift": "up_MET_pt - nom.MET_pt", "ht": "sum(Jet_pt)"},
+        define={"shift": "up_MET_pt - nom_MET_pt", "ht": "sum(Jet_pt)"},
         where="up_MET_pt > 30",
         chunk_size=300,
         friends=[
-            friend("nom", synth["aligned"], ["MET_pt"], match="aligned"),
+            friend("nom", synth["aligned"], ["MET_pt"], match="aligned", prefix="nom_"),
             friend("up", synth["up"], ["MET_pt"], prefix="up_"),
             friend("down", synth["down"], ["MET_pt"], prefix="down_"),
         ],
@@ -415,7 +439,7 @@ def test_augmentation_loop_output_as_friend(synth: dict[str, list[Path]], tmp_pa
     assert first.manifest["keys"] == list(KEYS)
     later = request(
         synth["down"],  # another layout: 3 shuffled files holding 80% of the events
-        ["MET_pt", "aug.ht", "aug.njet"],
+        ["MET_pt", "ht", "njet"],
         friends=[friend("aug", [tmp_path / "derived"], ["ht", "njet"], validate="many_to_one")],
     )
     out = columnhub.deliver(later, output=tmp_path / "later", cache=False).to_awkward().to_list()
@@ -423,24 +447,29 @@ def test_augmentation_loop_output_as_friend(synth: dict[str, list[Path]], tmp_pa
     assert len(out) == sum(uproot.open(p)["Events"].num_entries for p in synth["down"])
     for row in out:
         key = tuple(row[k] for k in KEYS)
-        assert row["aug.njet"] == len(jets[key])
-        assert row["aug.ht"] == pytest.approx(sum(jets[key]), rel=1e-5)
+        assert row["njet"] == len(jets[key])
+        assert row["ht"] == pytest.approx(sum(jets[key]), rel=1e-5)
 
 
 def test_name_clash_needs_a_prefix(synth: dict[str, list[Path]], tmp_path: Path) -> None:
-    clash_primary = request(
-        synth["primary"], ["MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"], prefix="")]
-    )
-    with pytest.raises(JoinError, match="prefix") as err:
-        columnhub.deliver(clash_primary, output=tmp_path / "a", cache=False)
-    assert "'MET_pt'" in str(err.value)
+    """A friend column keeps its own name; a name already taken names both owners."""
+    for prefix in ({}, {"prefix": ""}):  # no prefix, or an empty one: MET_pt is the primary's
+        clash_primary = request(
+            synth["primary"], ["MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"], **prefix)]
+        )
+        with pytest.raises(JoinError, match="prefix") as err:
+            columnhub.deliver(clash_primary, output=tmp_path / "a", cache=False)
+        assert "'MET_pt'" in str(err.value)
+        assert "friend 'up'" in str(err.value)
+        assert "dataset 'primary'" in str(err.value)
+        assert "up_MET_pt" in str(err.value)  # the name a prefix would give
     clash_define = request(
         synth["primary"],
-        ["up.MET_pt"],
-        define={"up.MET_pt": "MET_pt * 2"},
-        friends=[friend("up", synth["up"], ["MET_pt"])],
+        ["up_MET_pt"],
+        define={"up_MET_pt": "MET_pt * 2"},
+        friends=[friend("up", synth["up"], ["MET_pt"], prefix="up_")],
     )
-    with pytest.raises(JoinError, match="define"):
+    with pytest.raises(JoinError, match="define 'up_MET_pt'"):
         columnhub.deliver(clash_define, output=tmp_path / "b", cache=False)
     two_friends = request(
         synth["primary"],
@@ -450,31 +479,88 @@ def test_name_clash_needs_a_prefix(synth: dict[str, list[Path]], tmp_path: Path)
             friend("down", synth["down"], ["MET_pt"], prefix="sys_"),
         ],
     )
-    with pytest.raises(JoinError, match="friend 'up'"):
+    with pytest.raises(JoinError, match="friend 'up'") as err:
         columnhub.deliver(two_friends, output=tmp_path / "c", cache=False)
+    assert "friend 'down'" in str(err.value)
+    flag = request(  # the match flag is a name too
+        synth["primary"],
+        ["MET_pt"],
+        define={"up_matched": "MET_pt > 0"},
+        friends=[friend("up", synth["up"], ["MET_pt"], prefix="up_")],
+    )
+    with pytest.raises(JoinError, match="'up_matched'") as err:
+        columnhub.deliver(flag, output=tmp_path / "d", cache=False)
+    assert "define 'up_matched'" in str(err.value)
+
+
+def test_friend_column_named_like_a_model_output(shared_data: Path, tmp_path: Path) -> None:
+    from columnhub.inference.testing import make_mlp_onnx, write_card
+
+    make_mlp_onnx(tmp_path / "models" / "evt" / "evt-1.onnx", n_features=1, hidden=(4,), seed=1)
+    card = {"name": "evt", "version": 1, "file": "evt-1.onnx", "inputs": ["MET_pt"],
+            "outputs": [{"name": "score"}]}
+    write_card(tmp_path / "models" / "evt" / "1.yaml", card)
+    source = shared_data / "nano_tt_v12.root"
+    keys = uproot.open(source)["Events"].arrays(list(KEYS), library="np")
+    with uproot.recreate(tmp_path / "ore.root") as f:
+        f["Events"] = {**keys, "ore": np.arange(len(keys["event"]), dtype=np.float64)}
+    req = request(
+        [source],
+        ["score", "sc_ore"],
+        registry=str(tmp_path / "models"),
+        models=[{"model": "evt", "version": 1}],
+        friends=[friend("f", [tmp_path / "ore.root"], ["ore"], prefix="sc_")],
+    )
+    got = columnhub.deliver(req, output=tmp_path / "free", cache=False).to_awkward()
+    assert got.sc_ore.to_list() == list(range(len(keys["event"])))  # same file, same order
+    req["friends"][0]["prefix"] = "sc"  # 'sc' + 'ore' is the model's 'score'
+    req["columns"] = ["score"]
+    with pytest.raises(JoinError, match="'score'") as err:
+        columnhub.deliver(req, output=tmp_path / "clash", cache=False)
+    assert "model 'evt'" in str(err.value)
+    assert "friend 'f'" in str(err.value)
+
+
+def test_define_may_not_replace_a_branch(synth: dict[str, list[Path]], tmp_path: Path) -> None:
+    """A define named like a primary branch is an error (it used to replace the branch)."""
+    req = request(synth["primary"], ["MET_pt"], define={"MET_pt": "MET_pt * 2"})
+    with pytest.raises(SpecError, match="define 'MET_pt'") as err:
+        columnhub.deliver(req, output=tmp_path / "a", cache=False)
+    assert "choose another name" in str(err.value)
+    # the reference: an unused name works and holds twice the branch, read directly
+    ok = columnhub.deliver(
+        request(synth["primary"], ["MET_pt", "met2"], define={"met2": "MET_pt * 2"}),
+        output=tmp_path / "b",
+        cache=False,
+    ).to_awkward()
+    direct = read(synth["primary"], ["MET_pt"])["MET_pt"]
+    assert ok["MET_pt"].to_list() == direct.to_list()
+    assert ok["met2"].to_list() == (direct * 2).to_list()
 
 
 def test_missing_friend_columns_suggest_closest(
     synth: dict[str, list[Path]], tmp_path: Path
 ) -> None:
     bad_column = request(
-        synth["primary"], ["sys.MET_pt"], friends=[friend("sys", synth["up"], ["MET_ptt"])]
+        synth["primary"], ["sys_MET_pt"], friends=[friend("sys", synth["up"], ["MET_ptt"])]
     )
     with pytest.raises(ColumnNotFoundError, match="'MET_ptt'") as err:
         columnhub.deliver(bad_column, output=tmp_path / "a", cache=False)
     assert "closest names: MET_pt" in str(err.value)
     bad_key = request(
         synth["primary"],
-        ["sys.MET_pt"],
+        ["sys_MET_pt"],
         friends=[friend("sys", synth["up"], ["MET_pt"], on=["run", "luminosityBlock", "evnt"])],
     )
     with pytest.raises(ColumnNotFoundError, match="'evnt'") as err:
         columnhub.deliver(bad_key, output=tmp_path / "b", cache=False)
     assert "closest names: event" in str(err.value)
     unknown = request(
-        synth["primary"], ["sys.MET_px"], friends=[friend("sys", synth["up"], ["MET_pt"])]
+        synth["primary"],
+        ["sys_MET_px"],
+        friends=[friend("sys", synth["up"], ["MET_pt"], prefix="sys_")],
     )
-    with pytest.raises(ColumnNotFoundError, match=r"sys\.MET_pt"):
+    with pytest.raises(ColumnNotFoundError, match="closest names: sys_MET_pt"):
         columnhub.deliver(unknown, output=tmp_path / "c", cache=False)
 
 
@@ -507,11 +593,13 @@ def test_bad_key_types(tmp_path: Path) -> None:
         cms_keys(np.array([3, 1, -7, 0, 2]), event_dtype=np.int64),
         np.arange(5.0),
     )
-    float_friend = request([good], ["f.x"], friends=[friend("f", [floats], ["x"])])
+    float_friend = request([good], ["f_x"], friends=[friend("f", [floats], ["x"], prefix="f_")])
     with pytest.raises(KeyTypeError, match="'event'") as err:
         columnhub.deliver(float_friend, output=tmp_path / "a", cache=False)
     assert "float" in str(err.value)
-    negative_primary = request([negative], ["f.x"], friends=[friend("f", [good], ["x"])])
+    negative_primary = request(
+        [negative], ["f_x"], friends=[friend("f", [good], ["x"], prefix="f_")]
+    )
     with pytest.raises(KeyTypeError, match="'event'") as err:
         columnhub.deliver(negative_primary, output=tmp_path / "b", cache=False)
     assert "-7" in str(err.value)
@@ -529,12 +617,12 @@ def test_one_to_many_expands_rows(tmp_path: Path) -> None:
     )
     req = request(
         [primary],
-        ["x", "obj.x", "obj.matched"],
-        friends=[friend("obj", [objects], ["x"], validate="one_to_many")],
+        ["x", "obj_x", "obj_matched"],
+        friends=[friend("obj", [objects], ["x"], validate="one_to_many", prefix="obj_")],
     )
     rows = rows_of(
         columnhub.deliver(req, output=tmp_path / "left", cache=False),
-        ["event", "x", "obj.x", "obj.matched"],
+        ["event", "x", "obj_x", "obj_matched"],
     )
     assert sorted(rows, key=repr) == sorted(
         [
@@ -547,10 +635,13 @@ def test_one_to_many_expands_rows(tmp_path: Path) -> None:
         key=repr,
     )
     inner = dict(
-        req, friends=[friend("obj", [objects], ["x"], validate="one_to_many", how="inner")]
+        req,
+        friends=[
+            friend("obj", [objects], ["x"], validate="one_to_many", how="inner", prefix="obj_")
+        ],
     )
     rows = rows_of(
-        columnhub.deliver(inner, output=tmp_path / "inner", cache=False), ["event", "obj.x"]
+        columnhub.deliver(inner, output=tmp_path / "inner", cache=False), ["event", "obj_x"]
     )
     assert sorted(rows) == [(10, 100.0), (12, 120.0), (12, 121.0), (12, 122.0)]
     # the primary's duplicates are refused: one_to_many needs unique primary keys
@@ -575,12 +666,12 @@ def test_tail_rows_carry_keys_and_none(tmp_path: Path, how: str) -> None:
     )
     req = request(
         [primary],
-        ["x", "twice", "f.x", "f.matched"],
+        ["x", "twice", "f_x", "f_matched"],
         define={"twice": "x * 2"},
-        friends=[friend("f", [other], ["x"], how=how)],
+        friends=[friend("f", [other], ["x"], how=how, prefix="f_")],
     )
     result = columnhub.deliver(req, output=tmp_path / "out", cache=False)
-    rows = rows_of(result, [*KEYS, "x", "twice", "f.x", "f.matched"])
+    rows = rows_of(result, [*KEYS, "x", "twice", "f_x", "f_matched"])
     expected = [
         (1, 1, 2, 2.0, 4.0, 20.0, True),
         (1, 1, 4, None, None, 40.0, False),
@@ -604,22 +695,25 @@ def test_changed_friend_invalidates_only_friend_columns(tmp_path: Path) -> None:
     friend_file = tmp_path / "f.root"
     write_keys(friend_file, cms_keys(events[::-1]), events[::-1] * 10.0)
     req = request(
-        [primary], ["x", "f.x"], chunk_size=10, friends=[friend("f", [friend_file], ["x"])]
+        [primary],
+        ["x", "f_x"],
+        chunk_size=10,
+        friends=[friend("f", [friend_file], ["x"], prefix="f_")],
     )
     cache = tmp_path / "cache"
     first = columnhub.deliver(req, output=tmp_path / "one", cache=cache)
-    assert rows_of(first, ["event", "f.x"]) == [(e, e * 10.0) for e in events]
+    assert rows_of(first, ["event", "f_x"]) == [(e, e * 10.0) for e in events]
     chunks = len(first.manifest["chunks"])
     write_keys(friend_file, cms_keys(events[::-1]), events[::-1] * -3.0)  # same keys, new values
     second = columnhub.deliver(req, output=tmp_path / "two", cache=cache)
-    assert rows_of(second, ["event", "x", "f.x"]) == [(e, e * 1.0, e * -3.0) for e in events]
+    assert rows_of(second, ["event", "x", "f_x"]) == [(e, e * 1.0, e * -3.0) for e in events]
     assert second.manifest["cache"].get("reused_result") is None
     for chunk in second.manifest["chunks"]:
         assert chunk["cache_hits"] == 4  # run, luminosityBlock, event, x
-        assert chunk["cache_misses"] == 1  # f.x
+        assert chunk["cache_misses"] == 1  # f_x
     assert len(second.manifest["chunks"]) == chunks
     third = columnhub.deliver(req, output=tmp_path / "three", cache=cache)  # unchanged: all hits
-    assert rows_of(third, ["event", "f.x"]) == [(e, e * -3.0) for e in events]
+    assert rows_of(third, ["event", "f_x"]) == [(e, e * -3.0) for e in events]
     assert third.manifest["cache"]["misses"] == 0
 
 
@@ -634,14 +728,14 @@ def test_cli_join_errors_exit_2(synth: dict[str, list[Path]], tmp_path: Path) ->
     )
     cases = {
         "duplicate": (
-            request(synth["primary"], ["d.x"], friends=[friend("d", [dup], ["x"])]),
+            request(synth["primary"], ["x"], friends=[friend("d", [dup], ["x"])]),
             "duplicated event key",
         ),
         "mismatch": (
             request(
                 synth["primary"],
-                ["s.MET_pt"],
-                friends=[friend("s", synth["up"], ["MET_pt"], match="aligned")],
+                ["s_MET_pt"],
+                friends=[friend("s", synth["up"], ["MET_pt"], match="aligned", prefix="s_")],
             ),
             "aligned join: keys differ",
         ),
@@ -655,12 +749,12 @@ def test_cli_join_errors_exit_2(synth: dict[str, list[Path]], tmp_path: Path) ->
         ),
         "missing": (
             request(
-                synth["primary"], ["s.MET_pt"], friends=[friend("s", synth["up"], ["MET_ptt"])]
+                synth["primary"], ["s_MET_pt"], friends=[friend("s", synth["up"], ["MET_ptt"])]
             ),
             "closest names: MET_pt",
         ),
         "key_type": (
-            request(synth["primary"], ["f.x"], friends=[friend("f", [floats], ["x"])]),
+            request(synth["primary"], ["x"], friends=[friend("f", [floats], ["x"])]),
             "'event'",
         ),
     }
@@ -694,7 +788,11 @@ def test_key_index_build_shows_progress(
     from columnhub.join import provider
 
     monkeypatch.setattr(provider, "_memo", OrderedDict())  # built here, not by another test
-    req = request(synth["primary"], ["up.MET_pt"], friends=[friend("up", synth["up"], ["MET_pt"])])
+    req = request(
+        synth["primary"],
+        ["up_MET_pt"],
+        friends=[friend("up", synth["up"], ["MET_pt"], prefix="up_")],
+    )
     columnhub.deliver(req, output=tmp_path / "bars", cache=False, progress=True)
     err = capsys.readouterr().err
     assert "key index of 'up'" in err

@@ -524,7 +524,7 @@ class _Serving:
     """A loopback HTTP server for one file that misbehaves on purpose.
 
     ``mode``: ``no-ranges`` answers every request with the whole file (200);
-    ``stall`` answers byte ranges that start inside ``stall_range`` with
+    ``stall`` answers byte ranges that overlap ``stall_range`` with
     nothing at all (until the test ends), every other range properly.
     """
 
@@ -556,7 +556,7 @@ class _Serving:
                 first_text, _, last_text = header.split("=", 1)[1].split(",")[0].partition("-")
                 first = int(first_text)
                 last = int(last_text) if last_text else len(data) - 1
-                if mode == "stall" and stall_range[0] <= first < stall_range[1]:
+                if mode == "stall" and first < stall_range[1] and last >= stall_range[0]:
                     outer.stalled += 1
                     outer.stop.wait(30)  # say nothing until the test is over (bounded)
                     return

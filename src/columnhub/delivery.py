@@ -385,6 +385,7 @@ def _result_key(plan: Plan) -> str:
     return entry_key(
         kind="result",
         request=plan.request.hash,
+        outputs=list(plan.outputs),  # what is delivered (counters included), not only asked
         inputs=plan.dataset.identity,
         friends=[f.fingerprint for f in plan.friends],
         models=sorted({c.model.card.identity for c in plan.columns.values() if c.model}),

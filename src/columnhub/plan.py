@@ -19,14 +19,16 @@ from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
 from columnhub.keys import check_key_type
+from columnhub.join.collection import collection_of, counter_of
 from columnhub.spec import FriendSpec, Request
 
 __all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
-#: define/where 2: three-valued (Kleene) logic over missing values (issue 9.1).
-PROVIDER_VERSIONS = {"source": 1, "define": 2, "where": 2, "friend": 1, "model": 1}
+#: define/where 2: three-valued (Kleene) logic over missing values (issue 9.1);
+#: friend 2: friend columns keep their names and fill primary collections.
+PROVIDER_VERSIONS = {"source": 1, "define": 2, "where": 2, "friend": 2, "model": 1}
 
 Kind = Literal["source", "define", "friend", "model"]
 
@@ -127,6 +129,10 @@ class Plan:
         columns: every column needed, in an order where dependencies come first.
         outputs: the columns written (keys first when requested).
         where: the selection, if any.
+        friends: the friends, resolved.
+        collections: NanoAOD collections among the outputs: counter name
+            (``nJet``) -> the output columns of the collection (``Jet_pt``...).
+            Every list among them has the counter's length in every event.
     """
 
     request: Request
@@ -136,6 +142,7 @@ class Plan:
     outputs: tuple[str, ...]
     where: Expression | None
     friends: tuple[Friend, ...] = ()
+    collections: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def rows_tag(self) -> str:
@@ -196,8 +203,9 @@ def make_plan(request: Request) -> Plan:
     """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
     dataset = resolve(request.dataset)
     friends = tuple(_resolve_friend(request, dataset, spec) for spec in request.friends)
-    _check_friends(request, dataset, friends)
+    _check_defines(request, dataset)
     models = _load_models(request)
+    _check_friends(request, dataset, friends, models)
     resolver = _Resolver(request, dataset, friends, models)
     for name in request.dataset.keys:
         if name not in dataset.columns:
@@ -214,6 +222,7 @@ def make_plan(request: Request) -> Plan:
         wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
     for name in wanted:
         resolver.resolve(name, context="columns")
+    wanted, collections = _add_counters(wanted, resolver)
     for friend in friends:  # joins need the primary keys, inner/right their match flag
         for name in request.dataset.keys:
             resolver.resolve(name, context=f"friend {friend.spec.name!r}")
@@ -243,7 +252,41 @@ def make_plan(request: Request) -> Plan:
         outputs=tuple(wanted),
         where=where,
         friends=friends,
+        collections=collections,
     )
+
+
+def _add_counters(
+    wanted: list[str], resolver: _Resolver
+) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Every delivered NanoAOD collection with its counter, as NanoAOD writes it.
+
+    A collection's counter ``n<collection>`` is delivered even when not asked
+    for, just before the collection's first column (unless the request
+    lists it elsewhere): the column of that name when there is one (the
+    primary's ``nJet`` branch, a friend's or a definition), else, for the
+    lists of a file without counters or of one friend (``JetPFCands_*``, a
+    prefixed friend's ``jesup_Jet_*``), computed from the lists. Columns of
+    no collection, and collections of flat columns only (``MET_pt``), get none.
+    """
+    members: dict[str, list[str]] = {}
+    for name in wanted:
+        collection = collection_of(name)
+        if collection is not None:
+            members.setdefault(collection, []).append(name)
+        elif counter_of(name) in resolver.dataset.columns:  # a list singleton (LHEPdfWeight)
+            members.setdefault(name, []).append(name)
+    out = list(wanted)
+    collections: dict[str, tuple[str, ...]] = {}
+    for collection, names in members.items():
+        counter = counter_of(collection)
+        if counter not in resolver.known_names() and not resolver.add_counter(counter, names):
+            continue
+        if counter not in out:
+            out.insert(out.index(names[0]), counter)
+        resolver.resolve(counter, context=f"the counter of collection {collection!r}")
+        collections[counter] = tuple(names)
+    return out, collections
 
 
 def _load_models(request: Request) -> tuple[Model, ...]:
@@ -319,21 +362,47 @@ def _check_key_types(name: str, dataset: ResolvedDataset, keys: tuple[str, ...])
         check_key_type(column, type_name, where=f"dataset {name!r} ({first.path})")
 
 
-def _check_friends(request: Request, primary: ResolvedDataset, friends: tuple[Friend, ...]) -> None:
-    owner: dict[str, str] = {name: "the primary dataset" for name in primary.columns}
-    owner.update({name: "define" for name in request.define})
+def _check_defines(request: Request, primary: ResolvedDataset) -> None:
+    """A ``define`` may not take the name of a branch of the primary dataset."""
+    for name in request.define:
+        if name in primary.columns:
+            msg = (
+                f"define {name!r}: {name!r} is already a branch of dataset "
+                f"{request.dataset.name!r}, and a definition may not replace a branch; "
+                f"choose another name (e.g. {name + '_new'!r})"
+            )
+            raise SpecError(msg)
+
+
+def _check_friends(
+    request: Request,
+    primary: ResolvedDataset,
+    friends: tuple[Friend, ...],
+    models: tuple[Model, ...] = (),
+) -> None:
+    owner: dict[str, str] = {name: f"dataset {request.dataset.name!r}" for name in primary.columns}
+    owner.update({name: f"define {name!r}" for name in request.define})
+    for model in models:
+        owner.update({column: f"model {model.card.name!r}" for column in model.columns.values()})
     for friend in friends:
-        names = [friend.spec.output_name(c) for c in friend.spec.columns]
-        names.append(friend.spec.matched_name)
-        for name in names:
+        spec = friend.spec
+        pairs = [(spec.output_name(c), f"column {c!r}", c) for c in spec.columns]
+        pairs.append((spec.matched_name, "match flag", None))
+        for name, what, column in pairs:
             if name in owner:
+                if column is None:
+                    fix = "give the friend another name (its match flag is '<name>_matched')"
+                else:
+                    fix = (
+                        f"give the friend a 'prefix' (e.g. prefix: {spec.name}_ names it "
+                        f"{spec.name + '_' + column!r})"
+                    )
                 msg = (
-                    f"friend {friend.spec.name!r}: column name {name!r} clashes with a column "
-                    f"of {owner[name]}; give the friend a 'prefix' (e.g. prefix: "
-                    f"{friend.spec.name}_) so its columns get other names"
+                    f"friend {spec.name!r}: its {what} is named {name!r}, a name already "
+                    f"taken by {owner[name]}; {fix}"
                 )
                 raise JoinError(msg)
-            owner[name] = f"friend {friend.spec.name!r}"
+            owner[name] = f"friend {spec.name!r}"
     if sum(f.expands for f in friends) > 1:
         msg = "at most one friend may use validate: one_to_many (several would multiply rows)"
         raise JoinError(msg)
@@ -385,8 +454,46 @@ class _Resolver:
             for column in friend.spec.columns:
                 self.friend_columns[friend.spec.output_name(column)] = (friend, column)
             self.friend_columns[friend.spec.matched_name] = (friend, None)
+        self.counters: dict[str, str] = {}  # computed counter -> the list it counts
         self.done: dict[str, ColumnDef] = {}
         self.active: list[str] = []
+
+    def add_counter(self, counter: str, names: list[str]) -> bool:
+        """Compute ``counter`` from the lists of a collection whose file lacks it.
+
+        Only for a collection whose columns all come from one place: branches
+        of the primary dataset, or one friend and one of its collections
+        (``JetPFCands_*``; ``jesup_Jet_*`` with ``prefix: jesup_``), with at
+        least one list among them. The count of its first list is the counter.
+        """
+        if all(n in self.dataset.columns and self._plain_branch(n) for n in names):
+            dataset, columns = self.dataset, list(names)
+        else:
+            origin = [self.friend_columns.get(n, (None, None)) for n in names]
+            friend = origin[0][0]
+            if friend is None or any(f is not friend or c is None for f, c in origin):
+                return False
+            columns = [c for _, c in origin if c is not None]
+            if len({collection_of(c) or c for c in columns}) != 1:
+                return False  # jesup_Jet_pt with jesup_Muon_pt: not one collection
+            dataset = friend.dataset
+        for name, column in zip(names, columns, strict=True):
+            if _is_list_column(dataset, column):
+                self.counters[counter] = name
+                return True
+        return False
+
+    def _plain_branch(self, name: str) -> bool:
+        """True when ``name`` is the primary's branch, not shadowed by another column."""
+        return name not in self.friend_columns and name not in self.model_columns
+
+    def primary_counter(self, friend: Friend, column: str) -> str | None:
+        """The primary's counter of the collection an unprefixed friend column joins."""
+        collection = collection_of(column)
+        if friend.spec.prefix is not None or collection is None:
+            return None
+        counter = counter_of(collection)
+        return counter if counter in self.dataset.columns else None
 
     def known_names(self) -> list[str]:
         return [
@@ -464,10 +571,23 @@ class _Resolver:
             return ColumnDef(name, "model", deps, fp, source={"output": output}, model=model)
         if name in self.friend_columns:
             friend, column = self.friend_columns[name]
-            keys = [self.resolve(k, context=context).fingerprint for k in request.dataset.keys]
+            deps = tuple(request.dataset.keys)
+            source: dict[str, Any] = {"friend": friend.spec.name, "column": column}
+            counter = self.primary_counter(friend, column) if column is not None else None
+            if counter is not None:  # joins a primary collection: checked, filled to nJet
+                deps = (*deps, counter)
+                source["counter"] = counter
+            keys = [self.resolve(k, context=context).fingerprint for k in deps]
             fp = fingerprint("friend", friend.fingerprint, column, keys)
-            source = {"friend": friend.spec.name, "column": column}
-            return ColumnDef(name, "friend", tuple(request.dataset.keys), fp, source=source)
+            return ColumnDef(name, "friend", deps, fp, source=source)
+        if name in self.counters:
+            expr = parse(f"num({self.counters[name]})")
+            dep = self.resolve(self.counters[name], context=context).fingerprint
+            fp = fingerprint("define", PROVIDER_VERSIONS["define"], expr.canonical, [dep])
+            return ColumnDef(
+                name, "define", tuple(sorted(expr.names)), fp, expression=expr,
+                source={"counts": self.counters[name]},
+            )
         if name in self.dataset.columns:
             self.dataset.require_everywhere(name, what=f"{context}: branch")
             fp = fingerprint("source", PROVIDER_VERSIONS["source"], name)
@@ -479,3 +599,26 @@ class _Resolver:
         )
         msg += f"; closest names: {', '.join(hint)}" if hint else ""
         raise ColumnNotFoundError(msg)
+
+
+def _is_list_column(dataset: ResolvedDataset, name: str) -> bool:
+    """True when column ``name`` of ``dataset`` holds a list per event (metadata only)."""
+    info = dataset.files[0]
+    typename = dataset.columns.get(name, "")
+    if info.format == "parquet":
+        return typename.startswith(("list", "large_list"))
+    if typename:  # an RNTuple field's C++ type
+        return typename.startswith(("std::vector<", "ROOT::RVec<", "ROOT::VecOps::RVec<"))
+    import awkward as ak
+
+    from columnhub.sources.root import _cached_tree  # the tree describe() opened
+
+    tree = _cached_tree(info, dataset.spec)
+    try:
+        form = tree[name].interpretation.awkward_form(tree.file)
+    except Exception:  # noqa: BLE001 - an unreadable type counts as no list
+        return False
+    options = ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm
+    while isinstance(form, options):
+        form = form.content
+    return isinstance(form, ak.forms.ListOffsetForm | ak.forms.ListForm)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import awkward as ak
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -91,6 +92,64 @@ class Result:
         self._check()
         return dak.from_parquet([str(f) for f in self.files])  # type: ignore[attr-defined]
 
+    def to_nanoevents(self, *, schema: Any = None, mode: str = "eager") -> Any:
+        """The result as coffea NanoEvents (``events.Jet.pt``, ``events.Muon``...).
+
+        Every delivered NanoAOD collection carries its counter (``nJet``), so
+        coffea's ``NanoAODSchema`` builds it; friend columns of a collection
+        (``Jet_btagNew``) are fields of it (``events.Jet.btagNew``).
+
+        Args:
+            schema: a coffea schema class; default ``NanoAODSchema``
+                (``PHYSLITESchema`` for PHYSLITE-like columns, see docs/nanoevents.md).
+            mode: ``eager`` (every column in memory, one array over all parts)
+                or ``dask`` (a lazy dask-awkward array, one partition per part).
+
+        Raises:
+            ModuleNotFoundError: coffea is not installed (``pip install 'columnhub[coffea]'``).
+            OutputError: an incomplete or ROOT result, or an unknown ``mode``.
+        """
+        try:
+            from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
+        except ModuleNotFoundError as err:
+            msg = "to_nanoevents() needs coffea: pip install 'columnhub[coffea]'"
+            raise ModuleNotFoundError(msg) from err
+        if mode not in ("eager", "dask"):
+            msg = f"to_nanoevents(mode={mode!r}): mode must be 'eager' or 'dask'"
+            raise OutputError(msg)
+        self._check()
+        if self.manifest.get("format", "parquet") != "parquet":
+            msg = (
+                "to_nanoevents() reads Parquet results; this result is ROOT: open its files "
+                "with coffea's NanoEventsFactory.from_root"
+            )
+            raise OutputError(msg)
+        schema = NanoAODSchema if schema is None else schema
+        files = [str(f) for f in self.files]
+        if mode == "dask":
+            import dask_awkward as dak
+
+            opener = _NanoEventsPart(schema)
+            empty = opener(files[0], stop=0)
+            meta = ak.Array(
+                empty.layout.to_typetracer(forget_length=True),
+                behavior=empty.behavior,
+                attrs=empty.attrs,
+            )
+            rows = [int(p["rows"]) for p in self.manifest["parts"]]
+            divisions = tuple(int(x) for x in np.concatenate([[0], np.cumsum(rows)]))
+            return dak.from_map(
+                opener, files, label="columnhub-nanoevents", meta=meta, divisions=divisions
+            )
+        if len(files) == 1:
+            source: Any = Path(files[0])
+        else:  # one file over all parts: cross-references index the whole result
+            sink = pa.BufferOutputStream()
+            pq.write_table(self.to_arrow(), sink)
+            source = pa.BufferReader(sink.getvalue())
+        factory = NanoEventsFactory.from_parquet(source, schemaclass=schema, mode="eager")
+        return factory.events()
+
     def _check(self) -> None:
         if not self.complete:
             msg = (
@@ -104,3 +163,18 @@ class Result:
             f"<Result {self.directory} events={self.manifest.get('events')} "
             f"files={len(self.manifest.get('files', []))} complete={self.complete}>"
         )
+
+
+class _NanoEventsPart:
+    """Opens one Parquet part as eager NanoEvents (a dask-awkward partition)."""
+
+    def __init__(self, schema: Any) -> None:
+        self.schema = schema
+
+    def __call__(self, path: str, *, stop: int | None = None) -> Any:
+        from coffea.nanoevents import NanoEventsFactory
+
+        factory = NanoEventsFactory.from_parquet(
+            Path(path), schemaclass=self.schema, mode="eager", entry_stop=stop
+        )
+        return factory.events()

@@ -131,8 +131,7 @@ class FriendSpec(_Frozen):
     """Columns from another dataset, matched to the primary event by event.
 
     Attributes:
-        name: the friend's name; its columns are addressed as ``name.column``
-            unless ``prefix`` is given (then ``prefix + column``).
+        name: the friend's name; its match flag is ``<name>_matched``.
         dataset: where the friend's events are.
         columns: the friend columns to bring in.
         on: key columns of the friend (default: the friend dataset's keys); the
@@ -141,7 +140,10 @@ class FriendSpec(_Frozen):
             (same files and order, keys still verified).
         how: ``inner``, ``left`` (default), ``right`` or ``outer``.
         validate: ``one_to_one`` (default), ``many_to_one`` or ``one_to_many``.
-        prefix: optional prefix for the friend's column names.
+        prefix: optional prefix for the friend's column names. Without it a
+            friend column keeps its own name, as in a ROOT friend tree
+            (``Jet_btagNew``); with it, it is named ``prefix + column``
+            (``jesup_Jet_pt``).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -175,13 +177,16 @@ class FriendSpec(_Frozen):
         return self.on if self.on is not None else self.dataset.keys
 
     def output_name(self, column: str) -> str:
-        """The name a friend column has in the request."""
-        return f"{self.prefix}{column}" if self.prefix is not None else f"{self.name}.{column}"
+        """The name a friend column has in the request: its own, or ``prefix + column``."""
+        return f"{self.prefix}{column}" if self.prefix is not None else column
 
     @property
     def matched_name(self) -> str:
-        """The boolean column telling which rows found a partner (left/right/outer)."""
-        return f"{self.prefix}matched" if self.prefix is not None else f"{self.name}.matched"
+        """The boolean column telling which rows found a partner: ``<name>_matched``.
+
+        The friend's name, not its prefix, names it (with or without a prefix).
+        """
+        return f"{self.name}_matched"
 
     def canonical(self) -> dict[str, Any]:
         out = self.model_dump(mode="json", by_alias=True, exclude={"dataset"})
@@ -244,7 +249,7 @@ class Request(_Frozen):
     Attributes:
         dataset: the primary dataset; one output row per (selected) event of it.
         columns: the columns to deliver: raw branches, names from ``define``,
-            friend columns (``friend.column``) and model outputs.
+            friend columns (their own names, or ``prefix + column``) and model outputs.
         define: new columns as safe expressions, ``{name: expression}``.
         where: a boolean expression selecting events.
         friends: datasets joined event by event.

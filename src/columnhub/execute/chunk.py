@@ -17,8 +17,16 @@ import pyarrow as pa
 
 from columnhub import sources
 from columnhub.cache import ColumnCache
-from columnhub.errors import CacheError, ColumnhubError, ExpressionError, KeyTypeError
+from columnhub.errors import (
+    CacheError,
+    ColumnhubError,
+    ExpressionError,
+    JoinError,
+    KeyTypeError,
+    SpecError,
+)
 from columnhub.execute._select import select
+from columnhub.join.collection import describe_row, fill_to_counts, first_mismatch, is_list
 from columnhub.join.gather import gather
 from columnhub.keys import integer_keys
 from columnhub.plan import Chunk, ColumnDef, Plan
@@ -64,6 +72,7 @@ def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> 
             needed.append(friend.spec.matched_name)
     work.resolve(needed)
     work.compute()
+    work.check_collections()
     outputs = {name: work.values[name] for name in plan.outputs}
     mask = work.mask()
     if mask is not None:
@@ -101,6 +110,7 @@ class _ChunkWork:
         self.to_read: list[str] = []
         self.to_join: dict[str, list[str]] = {f.spec.name: [] for f in plan.friends}
         self.to_compute: list[str] = []
+        self._joining: set[str] = set()  # every name of to_join
         self.primary_space: set[str] = set()  # values with one row per primary event
         self.hits = self.misses = self.cache_errors = self.friend_entries_read = 0
         self.metrics: Any = None  # InferenceMetrics, when the chunk runs a model
@@ -151,7 +161,9 @@ class _ChunkWork:
         met; one that must be computed or joined is queued after its
         dependencies.
         """
-        joining = {n for names_ in self.to_join.values() for n in names_}
+        # shared by every call: a friend column reached first as a dependency
+        # (of a define listed before it) must not be joined twice
+        joining = self._joining
         stack: list[tuple[str, bool]] = [(n, False) for n in reversed(names)]
         while stack:
             name, deps_done = stack.pop()
@@ -267,12 +279,96 @@ class _ChunkWork:
             )
             self.friend_entries_read += got.entries_read
             for name in wanted:
-                self._store(name, got.columns[name])
+                value = got.columns[name]
+                if plan.columns[name].source.get("counter") is not None:
+                    value = self._join_collection(name, value, got.match, friend)
+                self._store(name, value)
                 if not friend.expands:
                     self.primary_space.add(name)
             if friend.expands and not got.match.primary_identity:
                 rows = got.match.primary_rows
         return rows
+
+    def _event(self, row: int, rows: np.ndarray | None = None) -> str:
+        """The event of chunk row ``row`` (before selection) by its keys, else its entry."""
+        keys = self.plan.request.dataset.keys
+        if all(k in self.values for k in keys):
+            at = int(rows[row]) if rows is not None else row
+            return describe_row({k: self.values[k] for k in keys}, at)
+        file = self.plan.dataset.files[self.chunk.file_index].path
+        return f"entry {self.chunk.start + row} of {file}"
+
+    def _join_collection(self, name: str, value: Any, match: Any, friend: Any) -> ak.Array:
+        """A friend list joining a primary collection: lengths checked, missing rows filled."""
+        column = self.plan.columns[name]
+        counter = column.source["counter"]
+        counts = self.values[counter]
+        rows = None
+        if friend.expands and not match.primary_identity:
+            rows = match.primary_rows
+            counts = ak.Array(counts)[rows]
+        bad = first_mismatch(value, counts)
+        if bad is not None:
+            row, length, count = bad
+            collection = name.split("_", 1)[0]
+            msg = (
+                f"friend {friend.spec.name!r}: column {name!r} joins the primary's collection "
+                f"{collection!r}, but at event {self._event(row, rows)} it holds {length} "
+                f"value(s) where the primary's {counter} is {count}; its objects are not the "
+                f"primary's (another selection or order), so it cannot be part of "
+                f"{collection!r}: give the friend a 'prefix' (e.g. prefix: "
+                f"{friend.spec.name}_) to deliver its columns as a collection of their own"
+            )
+            raise JoinError(msg)
+        if friend.spec.match == "aligned":
+            return ak.Array(value)  # every event has its partner: the type stays plain
+        return fill_to_counts(value, counts)
+
+    def check_collections(self) -> None:
+        """Every list of a delivered collection has its counter's length, in every event.
+
+        coffea zips a collection's lists with the counter's offsets: a list of
+        another length would silently pair values of different objects.
+        """
+        for counter, members in self.plan.collections.items():
+            counts = self.values[counter]
+            computed = "counts" in self.plan.columns[counter].source
+            for name in members:
+                column = self.plan.columns[name]
+                value = self.values[name]
+                if column.source.get("counter") is not None or not is_list(value):
+                    continue  # friend lists of a primary collection were checked joining
+                if computed and column.kind in ("source", "friend"):
+                    # a file without counters (not NanoAOD): lists that share a
+                    # name prefix need not share lengths, and the user cannot
+                    # rename a file's branches; the computed counter counts the
+                    # first list only (docs/nanoevents.md)
+                    continue
+                bad = first_mismatch(value, counts)
+                if bad is None:
+                    continue
+                row, length, count = bad
+                collection = counter[1:]
+                where = (
+                    f"at event {self._event(row)} it holds {length} value(s) where "
+                    f"{counter} is {count}"
+                )
+                if column.kind == "friend":
+                    friend = column.source["friend"]
+                    msg = (
+                        f"friend {friend!r}: column {name!r} is in collection {collection!r} "
+                        f"(NanoAOD names a collection by the text before the first '_'), but "
+                        f"{where}; give the friend a 'prefix' (e.g. prefix: {friend}_) or "
+                        "deliver these columns from separate friends"
+                    )
+                    raise JoinError(msg)
+                msg = (
+                    f"{column.kind} column {name!r} is in collection {collection!r} by its "
+                    f"name (NanoAOD names a collection by the text before the first '_'), but "
+                    f"{where}; coffea would pair its values with the wrong objects: choose "
+                    f"another name, one that does not start with {collection + '_'!r}"
+                )
+                raise SpecError(msg)
 
     def _store(self, name: str, value: Any) -> None:
         self.values[name] = value

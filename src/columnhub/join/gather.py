@@ -176,7 +176,7 @@ def join_arrays(
 
     Output columns: every primary column (key columns included), then every
     friend column except its key columns, named ``prefix + name``; for
-    ``left``/``right``/``outer`` a boolean ``"<name>.matched"`` (both sides
+    ``left``/``right``/``outer`` a boolean ``"<name>_matched"`` (both sides
     present). Missing values are ``None``: friend columns are option types
     for ``left``/``outer``, primary non-key columns for ``right``/``outer``;
     key columns are never ``None`` (unmatched friend rows carry the friend's
@@ -189,7 +189,7 @@ def join_arrays(
         friend_on: friend key columns (default: ``on``).
         how: ``inner``, ``left``, ``right`` or ``outer``.
         validate: ``one_to_one``, ``many_to_one`` or ``one_to_many``.
-        name: the friend's name (for the ``.matched`` column).
+        name: the friend's name (for the ``<name>_matched`` column).
         prefix: prepended to friend column names (needed on name clashes).
         friend_index: a prebuilt key index of ``friend`` (its rows must be
             ``friend``'s rows), e.g. from the cache.
@@ -222,7 +222,7 @@ def join_arrays(
 
     pre = prefix or ""
     friend_cols = [c for c in friend if c not in fon]
-    matched_name = f"{name}.matched"
+    matched_name = f"{name}_matched"
     out_names = {pre + c: c for c in friend_cols}
     clash = sorted(set(out_names) & (set(primary) | {matched_name}))
     if clash:

@@ -20,6 +20,7 @@ import numpy as np
 
 from columnhub import sources
 from columnhub.datasets import ResolvedDataset
+from columnhub.join.collection import fill_to_counts
 from columnhub.join.gather import gather
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
@@ -207,12 +208,12 @@ def friend_chunk(
         chunk_file: the chunk's file number in the primary dataset.
         chunk_start: the chunk's first entry in that file.
         wanted: friend columns to provide, by their names in the request
-            (``<name>.matched`` included).
+            (``<name>_matched`` included).
         cache: where key indexes are kept.
     """
     spec = friend.spec
     columns = {spec.output_name(c): c for c in spec.columns}
-    names = [columns[w] for w in wanted if w in columns]
+    names = list(dict.fromkeys(columns[w] for w in wanted if w in columns))  # each read once
     primary_keys = [np.asarray(ak.to_numpy(keys[k])) for k in plan.request.dataset.keys]
     n = len(primary_keys[0])
     if spec.match == "aligned":
@@ -273,6 +274,9 @@ def tail_rows(
     names = [columns[w] for w in wanted if w in columns]
     fetched, _ = _fetch(friend, index, rows, names)
     out = {spec.output_name(c): a for c, a in fetched.items()}
+    for name, array in out.items():  # the type a primary collection's member has in chunks
+        if plan.columns[name].source.get("counter") is not None:
+            out[name] = fill_to_counts(array, ak.fill_none(ak.num(array, axis=1), 0))
     if spec.matched_name in wanted:
         out[spec.matched_name] = ak.Array(np.zeros(len(rows), dtype=bool))
     return keys, out
