@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import columnhub
-from columnhub.errors import OutputError
+from columnhub.errors import OutputError, SpecError
 from columnhub.output.root import RootPartWriter
 
 KEYS = ["run", "luminosityBlock", "event"]
@@ -96,6 +96,24 @@ def data_branches(tree: Any) -> list[str]:
     return [k for k in branches if k not in counters]
 
 
+def with_counters(columns: list[str], counters: set[str]) -> list[str]:
+    """The delivered columns as docs/nanoevents.md orders them.
+
+    A column's collection is its name up to the first ``_``; a collection with
+    a counter (``counters``: the file's ``n<collection>`` branches, and those
+    computed for a prefixed friend's lists) delivers it just before its first
+    column, unless the request lists it.
+    """
+    out: list[str] = []
+    for name in columns:
+        head, sep, _ = name.partition("_")
+        counter = "n" + head
+        if sep and counter in counters and counter not in columns and counter not in out:
+            out.append(counter)
+        out.append(name)
+    return out
+
+
 def bare(t: Any) -> str:
     """An awkward type without option marks (Parquet marks every field nullable)."""
     return str(t).replace("?", "").replace("option[", "").replace("]", "")
@@ -103,7 +121,8 @@ def bare(t: Any) -> str:
 
 def test_every_column_type_round_trips(typed_input: dict[str, Path], tmp_path: Path) -> None:
     raw = [*FLAT, "flag", "label", "pos", "mat", "nJet", "Jet_pt", "Jet_id", "Jet_ok", "Muon_pt"]
-    defines = {"Jet_pt2": "Jet_pt * 2", "Jet_hard": "Jet_pt[Jet_pt > 1]", "ht": "sum(Jet_pt)"}
+    # a define of other lengths than Jet's is named outside Jet (Jet_hard is refused, #9.2)
+    defines = {"Jet_pt2": "Jet_pt * 2", "hard_pt": "Jet_pt[Jet_pt > 1]", "ht": "sum(Jet_pt)"}
     columns = [*raw[:5], "sys_syst", *raw[5:], *defines, "sys_Jet_w"]
     request = {
         "dataset": {"name": "typed", "files": [str(typed_input["primary"])]},
@@ -127,11 +146,11 @@ def test_every_column_type_round_trips(typed_input: dict[str, Path], tmp_path: P
 
     # the reference: uproot reads the input, awkward selects and computes, a dict joins
     tree = uproot.open(typed_input["primary"])["Events"]
-    ref = tree.arrays([*KEYS, *raw])
+    ref = tree.arrays([*KEYS, *raw, "nMuon"])
     ref = ref[ref["f64"] > -0.5]
     ref_defines = {
         "Jet_pt2": ref["Jet_pt"] * 2,
-        "Jet_hard": ref["Jet_pt"][ref["Jet_pt"] > 1],
+        "hard_pt": ref["Jet_pt"][ref["Jet_pt"] > 1],
         "ht": ak.sum(ref["Jet_pt"], axis=1),
     }
     friend = uproot.open(typed_input["friend"])["Events"].arrays()
@@ -145,41 +164,52 @@ def test_every_column_type_round_trips(typed_input: dict[str, Path], tmp_path: P
         "sys_Jet_w": [ak.to_list(by_key[k][1]) for k in keys],
     }
 
+    # the plan delivers the file's nMuon; the writer adds counter branches, not
+    # columns, for the define-only hard_pt and for the prefixed friend's sys_Jet_w
+    # (sys_syst and sys_Jet_w come from two of its collections: no computed nsys)
+    delivered = with_counters([*KEYS, *columns], counter_names(tree))
+    assert delivered.index("nMuon") + 1 == delivered.index("Muon_pt")
     assert result.manifest["format"] == "root"
+    assert list(result.manifest["columns"]) == delivered
     assert result.events == len(ref) > 0
     assert len(result.files) > 2
     parts = [uproot.open(f)["Events"] for f in result.files]
     for part in parts:
         assert part.classname == "TTree"  # not an RNTuple
         # every column under its name, in order; a counter just before the first list it counts
-        added = {"Muon_pt": "nMuon", "Jet_hard": "nJet_hard", "sys_Jet_w": "nsys"}
-        want = [x for c in [*KEYS, *columns] for x in ([added[c], c] if c in added else [c])]
+        added = {"hard_pt": "nhard", "sys_Jet_w": "nsys"}
+        want = [x for c in delivered for x in ([added[c], c] if c in added else [c])]
         assert part.keys() == want
-        assert counter_names(part) == {"nJet", "nMuon", "nJet_hard", "nsys"}
-        assert part["nJet"].typename == "int32_t"
+        assert counter_names(part) == {"nJet", "nMuon", "nhard", "nsys"}
+        for counter in ("nJet", "nMuon", "nhard", "nsys"):
+            assert part[counter].typename == "int32_t", counter
         for name in ("Jet_pt", "Jet_id", "Jet_ok", "Jet_pt2"):  # one collection, one counter
             assert part[name].count_branch.name == "nJet", name
-        assert part["Jet_hard"].count_branch.name == "nJet_hard"  # other lengths, own counter
-        assert part["Muon_pt"].count_branch.name == "nMuon"
+        assert part["hard_pt"].count_branch.name == "nhard"  # its own collection
+        assert part["Muon_pt"].count_branch.name == "nMuon"  # the delivered nMuon counts it
+        assert part["sys_Jet_w"].count_branch.name == "nsys"
     assert sum(p.num_entries for p in parts) == len(ref)
 
-    got = ak.concatenate([p.arrays([*KEYS, *columns]) for p in parts])
+    got = ak.concatenate([p.arrays(delivered) for p in parts])
     got_pq = parquet.to_awkward()
-    for name in [*KEYS, *raw]:
+    assert got_pq.fields == delivered
+    for name in [*KEYS, *raw, "nMuon"]:
         assert ak.to_list(got[name]) == ak.to_list(ref[name]), name
         assert str(got[name].type.content) == str(ref[name].type.content), name
     for name, want in ref_defines.items():
         assert ak.to_list(got[name]) == ak.to_list(want), name
     for name, want in ref_friend.items():
         assert ak.to_list(got[name]) == want, name
-    for name in [*KEYS, *columns]:  # the same values and types as the Parquet delivery
+    for name in delivered:  # the same values and types as the Parquet delivery
         assert ak.to_list(got[name]) == ak.to_list(got_pq[name]), name
-        assert str(got[name].type.content) == bare(got_pq[name].type.content), name
+        if name not in ("nJet", "nMuon"):  # counters: int32 in a TTree (NanoAOD's)
+            assert str(got[name].type.content) == bare(got_pq[name].type.content), name
     assert ak.to_list(got["nJet"]) == ak.to_list(ak.num(ref["Jet_pt"]))
+    assert all(result.manifest["columns"][c] == "int32" for c in ("nJet", "nMuon"))
 
-    # the package's own reader: the delivered columns, in order, without the added counters
+    # the package's own reader: the delivered columns, in order, without the writer's counters
     back = result.to_awkward()
-    assert back.fields == [*KEYS, *columns]
+    assert back.fields == delivered
     assert ak.to_list(back) == ak.to_list(got)
 
 
@@ -198,7 +228,11 @@ def test_empty_selection_keeps_the_branches(typed_input: dict[str, Path], tmp_pa
     ref = uproot.open(typed_input["primary"])["Events"].arrays(columns)
     for name in columns:
         assert str(part[name].array().type.content) == str(ref[name].type.content), name
-    assert result.to_awkward().fields == [*KEYS, *columns]
+    primary = uproot.open(typed_input["primary"])["Events"]
+    delivered = with_counters([*KEYS, *columns], counter_names(primary))
+    assert "nJet" in delivered  # the plan delivers Jet's counter; the tree holds it as one
+    assert part["Jet_ok"].count_branch.name == "nJet"
+    assert result.to_awkward().fields == delivered
 
 
 # -- the writer alone: random column sets and part sizes ----------------------------
@@ -415,17 +449,51 @@ def test_a_counter_column_that_agrees_is_the_counter(odd_input: Path, tmp_path: 
     assert result.to_awkward().fields == [*KEYS, "nJet", "Jet_pt"]
 
 
-def test_a_counter_column_that_disagrees_is_never_overwritten(
-    odd_input: Path, tmp_path: Path
+@pytest.mark.parametrize("fmt", ["root", "parquet"])
+@pytest.mark.parametrize(
+    "columns", [["Muon_pt", "nMuon"], ["nTau", "Tau_pt"], ["Jet_pt", "Jet_late"]]
+)
+def test_a_counter_column_that_disagrees_is_refused_in_every_format(
+    odd_input: Path, tmp_path: Path, columns: list[str], fmt: str
 ) -> None:
-    result = deliver_root(odd_input, ["Muon_pt", "nMuon"], tmp_path / "out")
-    ref = pq.read_table(odd_input, columns=["Muon_pt", "nMuon"])
-    [tree] = [uproot.open(f)["Events"] for f in result.files]
-    assert data_branches(tree) == [*KEYS, "Muon_pt", "nMuon"]
-    assert tree["nMuon"].array().tolist() == ref.column("nMuon").to_pylist()
+    # the file has nMuon, nTau, nJet: the plan delivers them as their collections' counters
+    # and checks every list against them (docs/nanoevents.md) before any writer sees a row;
+    # the reference: the first row where a list's length differs from its counter
+    lists = [c for c in columns if "_" in c]
+    ref = pq.read_table(odd_input).to_pydict()
+    bad = [
+        (i, c)
+        for c in lists
+        for i, items in enumerate(ref[c])
+        if len(items) != ref["n" + c.split("_")[0]][i]
+    ]
+    row, column = min(bad)
+    counter = "n" + column.split("_")[0]
+    pattern = (
+        rf"'{column}'.*event={row} it holds {len(ref[column][row])} value\(s\) where "
+        rf"{counter} is {ref[counter][row]}"
+    )
+    with pytest.raises(SpecError, match=pattern) as info:
+        deliver_root(odd_input, columns, tmp_path / "out", output={"format": fmt})
+    assert f"define: {{{column.replace('_', '', 1)}: {column}}}" in str(info.value)
+    assert columnhub.Result.open(tmp_path / "out").manifest["complete"] is False
+
+
+def test_the_writer_never_overwrites_a_counter_column_that_disagrees(tmp_path: Path) -> None:
+    # the writer alone (names the plan has no collection for reach it so): a column named
+    # like a counter that differs from the lists on the first rows stays a branch of its own
+    columns = odd_columns(60)
+    table = pa.table({k: columns[k] for k in ("Muon_pt", "nMuon")})
+    writer = RootPartWriter(tmp_path, target_bytes=1 << 20)
+    for start in range(0, 60, 10):
+        writer.write(table.slice(start, 10))
+    [part] = writer.close()
+    tree = uproot.open(tmp_path / part.name)["Events"]
+    assert data_branches(tree) == ["Muon_pt", "nMuon"]
+    assert tree["nMuon"].array().tolist() == table.column("nMuon").to_pylist()
     assert tree["nMuon"].typename == "int64_t"
     assert tree["Muon_pt"].count_branch.name == "nMuon_pt"
-    assert tree["Muon_pt"].array().tolist() == ref.column("Muon_pt").to_pylist()
+    assert tree["Muon_pt"].array().tolist() == table.column("Muon_pt").to_pylist()
 
 
 @pytest.mark.parametrize(
@@ -437,12 +505,44 @@ def test_a_counter_column_that_disagrees_is_never_overwritten(
                                   r"row 25 they hold 1 and 2 items.*'Jet_'")),
     ],
 )  # fmt: skip
-def test_lengths_that_disagree_later_are_refused(
-    odd_input: Path, tmp_path: Path, columns: list[str], pattern: str
+def test_the_writer_refuses_lengths_that_disagree_later(
+    tmp_path: Path, columns: list[str], pattern: str
 ) -> None:
+    table = pa.table({k: v for k, v in odd_columns(60).items() if k in columns})
+    writer = RootPartWriter(tmp_path, target_bytes=1 << 20)
     with pytest.raises(OutputError, match=pattern):
-        deliver_root(odd_input, columns, tmp_path / "out")
+        for start in range(0, 60, 10):
+            writer.write(table.slice(start, 10))
+    writer.abort()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def counterless_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lists sharing a name prefix and no counter column: not NanoAOD, delivered as they are."""
+    columns = odd_columns(60)
+    path = tmp_path_factory.mktemp("counterless") / "ntuple.parquet"
+    return write_parquet(path, {k: columns[k] for k in ("Jet_pt", "Jet_late")}, 60)
+
+
+def test_lists_of_a_file_without_counters_that_disagree_later_are_refused(
+    counterless_input: Path, tmp_path: Path
+) -> None:
+    # the plan computes nJet from Jet_pt and lets Jet_late be (docs/nanoevents.md); the
+    # writer shares nJet between them on the first rows, so row 25 would be overwritten
+    pattern = r"'Jet_pt' and 'Jet_late' share.*row 25 they hold 1 and 2"
+    with pytest.raises(OutputError, match=pattern):
+        deliver_root(counterless_input, ["Jet_pt", "Jet_late"], tmp_path / "out")
     assert columnhub.Result.open(tmp_path / "out").manifest["complete"] is False
+    # as Parquet, the same file delivers (the computed nJet counts Jet_pt)
+    result = deliver_root(
+        counterless_input, ["Jet_pt", "Jet_late"], tmp_path / "pq", output={"format": "parquet"}
+    )
+    got = result.to_awkward()
+    ref = pq.read_table(counterless_input).to_pydict()
+    assert got.fields == [*KEYS, "nJet", "Jet_pt", "Jet_late"]
+    assert ak.to_list(got["nJet"]) == [len(x) for x in ref["Jet_pt"]]
+    assert ak.to_list(got["Jet_late"]) == ref["Jet_late"]
 
 
 @pytest.mark.parametrize("name", ["a/b", "x[2]", ""])
@@ -458,16 +558,17 @@ def test_names_root_cannot_hold_are_refused(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("columns", "needle"),
+    ("columns", "needle", "fix"),
     [
-        (["Jet_pt", "dj", "rec"], "'dj'"),
-        (["holes"], "'holes'"),
-        (["nTau", "Tau_pt"], "'nTau'"),
-        (["Jet_pt", "Jet_late"], "'Jet_late'"),
+        (["Jet_pt", "dj", "rec"], "'dj'", "output.format: parquet"),
+        (["holes"], "'holes'", "output.format: parquet"),
+        # the plan refuses a list that disagrees with its collection's counter (every format)
+        (["nTau", "Tau_pt"], "'Tau_pt'", "define: {Taupt: Tau_pt}"),
+        (["Jet_pt", "Jet_late"], "'Jet_late'", "define: {Jetlate: Jet_late}"),
     ],
 )
 def test_cli_refuses_with_exit_2(
-    odd_input: Path, tmp_path: Path, columns: list[str], needle: str
+    odd_input: Path, tmp_path: Path, columns: list[str], needle: str, fix: str
 ) -> None:
     spec = tmp_path / "req.yaml"
     spec.write_text(
@@ -484,7 +585,7 @@ def test_cli_refuses_with_exit_2(
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr
-    assert "output.format: parquet" in done.stderr
+    assert fix in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
 
 

@@ -362,6 +362,15 @@ class _ChunkWork:
                         "deliver these columns from separate friends"
                     )
                     raise JoinError(msg)
+                if column.kind == "source":  # a file's branch cannot be renamed: copy it
+                    msg = (
+                        f"source column {name!r} is in collection {collection!r} by its name "
+                        f"(NanoAOD names a collection by the text before the first '_'), but "
+                        f"{where}; coffea would pair its values with the wrong objects: "
+                        f"deliver it under a name that does not start with {collection + '_'!r} "
+                        f"(define: {{{name.replace('_', '', 1)}: {name}}}), in every output format"
+                    )
+                    raise SpecError(msg)
                 msg = (
                     f"{column.kind} column {name!r} is in collection {collection!r} by its "
                     f"name (NanoAOD names a collection by the text before the first '_'), but "

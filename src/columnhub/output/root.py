@@ -11,11 +11,13 @@ coffea's ``NanoAODSchema`` read it as they read NanoAOD):
   branch (``int32``, as NanoAOD's) comes just before the first column it counts;
 - the jagged columns of one collection (``Jet_pt``, ``Jet_eta``: the name up to
   the first ``_``) share one counter, ``nJet``, when their lists have the same
-  lengths. A jagged column whose lengths differ from its collection's (a
-  ``define`` such as ``Jet_ptgood: Jet_pt[Jet_pt > 30]``) gets a counter of
-  its own, ``n`` + its name (``nJet_ptgood``), never forced into ``nJet``.
-  Which columns share a counter is decided on the first rows written and kept
-  for every part; a later event where they disagree is an error.
+  lengths; for a NanoAOD collection that is the ``nJet`` the plan delivers
+  (checked against every list before the writer sees it). A jagged column
+  whose lengths differ from its collection's (lists of a file without
+  counters: ``Jet_late`` beside ``Jet_pt``) gets a counter of its own, ``n`` +
+  its name (``nJet_late``), never forced into ``nJet``. Which columns share a
+  counter is decided on the first rows written and kept for every part; a
+  later event where they disagree is an error.
 - a delivered integer column that has a counter's name (``nJet``) and equals
   the lists' lengths on the first rows is that counter, written as ``int32``
   (the manifest says so); one that differs stays a branch of its own and the

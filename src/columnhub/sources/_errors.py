@@ -136,14 +136,19 @@ def classify(
         )
         return UnreadableBranchError(msg)
     refused = any(isinstance(e, ConnectionRefusedError) for e in chain)
-    if remote and (refused or any(w in text for w in _REFUSED)):
+    stalled = any(isinstance(e, TimeoutError) for e in chain)
+    timed_out = remote and (stalled or any(w in text for w in _TIMEOUT))
+    # the XRootD client retries a refused connection until its own timeout and then
+    # says "Operation expired": ask the port once before calling it a stall
+    if remote and (
+        refused or any(w in text for w in _REFUSED) or (timed_out and refuses_connections(path))
+    ):
         msg = (
             f"{where}: the server of {path} refused the connection while {doing}; check the "
             "host name and port, that the server is running, and that this machine may reach it"
         )
         return SourceConnectionError(msg)
-    stalled = any(isinstance(e, TimeoutError) for e in chain)
-    if remote and (stalled or any(w in text for w in _TIMEOUT)):
+    if timed_out:
         msg = (
             f"{where}: the server of {path} stopped answering while {doing} (no data within "
             f"{timeout:g} s); check that the server is up and not overloaded, or raise the "
