@@ -514,7 +514,7 @@ def render(
                     f"| {o.name} | {t.label} | {t.wanted()} | {t.show(value)} | {ok} | {cmd} |"
                 )
     scale = next((o for o in outcomes if o.name == "scaleout" and o.figures), None)
-    if scale is not None and scale.figures is not None:
+    if scale is not None and scale.figures is not None and "per_task" in scale.figures:
         lines += scaling_model(scale.figures)
     for o in outcomes:
         lines += ["", f"## {o.name}", ""]
