@@ -1,28 +1,34 @@
-"""Delivery throughput: columnhub vs the uproot ceiling vs func_adl_uproot (ServiceX's engine).
+"""Delivery: columnhub deliver vs the physicist's script vs ServiceX's engine, whole processes.
 
-One process, one worker, the same synthetic NanoAOD file for every peer:
-7 branches (keys, MET_pt, Jet_pt, Jet_eta, Muon_pt) with the selection
-``(nJet >= 4) & (MET_pt > 30)``.
+The same synthetic NanoAOD file for every side (``columnhub synth``, 2M
+events, default branch set), 7 branches (keys, MET_pt, Jet_pt, Jet_eta,
+Muon_pt) with the selection ``(nJet >= 4) & (MET_pt > 30)``, Parquet out
+(zstd).
 
-    python benchmarks/bench_delivery.py --events 2000000
+**Headline (``--parts process``): the user's job**, each a new process
+(start-up and imports timed), runs taking turns, best of ``--repeat``:
 
-- uproot: ``TTree.arrays(branches, cut=...)``, arrays in memory (the ceiling:
-  columnhub reads through uproot and also writes Parquet).
-- func_adl_uproot: the equivalent func_adl query (``Where`` + ``Select``),
-  the engine of ServiceX's uproot transformer, ``.value()`` in memory.
-- columnhub arrays: ``columnhub.arrays(..., workers=1)``, the selected rows in
-  memory like the two peers (the like-for-like comparison).
-- columnhub deliver: ``columnhub.deliver(..., workers=1)`` writing Parquet parts
-  (zstd) and the manifest; strictly more work than the peers do.
+- ``columnhub deliver SPEC -o DIR`` (the CLI), a fresh empty
+  ``COLUMNHUB_CACHE`` each run;
+- the script a physicist writes: ``uproot.open(f)["Events"].arrays(branches,
+  cut=...)`` then ``ak.to_parquet(arrays, out, compression="zstd")``;
+- ServiceX's engine: the equivalent ``func_adl_uproot`` query (``Where`` +
+  ``Select``, ``.value()``) and the same ``ak.to_parquet``;
+- the CPU floor: one process that reads (uproot, with the cut) and encodes
+  (pyarrow, zstd) the same table and reports the CPU seconds of each; floor =
+  start-up (a process importing uproot, awkward and pyarrow) + (read CPU +
+  encode CPU) / cores. Target: columnhub within 15 % of it.
 
-Both columnhub rows run cold (no column cache). CPU seconds are printed per
-engine, with the CPU of columnhub's Parquet writer alone on the delivered
-table, and the floor they set: a delivery must read and select (at least
-the uproot row's CPU) and encode, so on N cores it cannot take less than
-their CPU seconds over N.
+Every output is checked (first round) against a direct uproot read in this
+process: the same rows and, branch by branch, the same values.
 
-Best of ``--repeat`` runs, after one untimed warm-up each (so every peer
-reads from the page cache). Prints a table and the ratios.
+**Secondary (``--parts kernel``): kernel, warm process.** In one process
+after an untimed warm-up: ``uproot arrays(cut=)``, ``columnhub.arrays``,
+``columnhub.deliver`` and ``func_adl_uproot`` with arrays in memory (no
+Parquet), and columnhub's Parquet writer alone on the delivered table.
+
+    python benchmarks/bench_delivery.py                  # full size
+    python benchmarks/bench_delivery.py --quick          # a small smoke run
 """
 
 from __future__ import annotations
@@ -37,37 +43,209 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import awkward as ak
 import uproot
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from _common import (
+    DATA,
+    PageCache,
+    Run,
+    columnhub_cmd,
+    cores,
+    fresh,
+    python_script,
+    run_process,
+    scratch_dir,
+    synth_root,
+    write_json,
+)
+
+__all__ = ["main"]
+
 BRANCHES = ["run", "luminosityBlock", "event", "MET_pt", "Jet_pt", "Jet_eta", "Muon_pt"]
 CUT = "(nJet >= 4) & (MET_pt > 30)"
 
 
 def ensure_input(events: int, directory: Path) -> Path:
-    path = directory / f"synth-{events}.root"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "columnhub.cli.main",
-                "synth",
-                "--like",
-                str(SHARED / "nano_tt_v12.root"),
-                "--events",
-                str(events),
-                "-o",
-                str(path),
-                "--seed",
-                "1",
-            ],
-            check=True,
+    """The synthetic input file (``columnhub synth``, seed 1), made once."""
+    return synth_root(events, data=directory)
+
+
+# ---------------------------------------------------------------------------
+# the user's job: whole processes
+
+_SCRIPT = """
+import sys, uproot, awkward as ak
+path, out, branches, cut = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+arrays = uproot.open(path)["Events"].arrays(branches, cut=cut)
+ak.to_parquet(arrays, out, compression="zstd")
+"""
+
+_FUNC_ADL = """
+import sys, awkward as ak
+from func_adl_uproot import UprootDataset
+path, out, branches = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+fields = ", ".join(f"'{b}': e.{b}" for b in branches)
+query = (
+    UprootDataset(path, "Events")
+    .Where("lambda e: e.nJet >= 4 and e.MET_pt > 30")
+    .Select(f"lambda e: {{{fields}}}")
+)
+ak.to_parquet(query.value(), out, compression="zstd")
+"""
+
+_FLOOR = """
+import json, sys, time
+import uproot, awkward as ak, pyarrow.parquet as pq
+path, out, branches, cut = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+c0 = time.process_time()
+arrays = uproot.open(path)["Events"].arrays(branches, cut=cut)
+c1 = time.process_time()
+pq.write_table(ak.to_arrow_table(arrays, extensionarray=False), out, compression="zstd")
+c2 = time.process_time()
+print(json.dumps({"read_cpu": c1 - c0, "encode_cpu": c2 - c1}))
+"""
+
+_IMPORTS = "import uproot, awkward, pyarrow.parquet"
+
+PROCESS_LABELS = {
+    "columnhub": "columnhub deliver (CLI)",
+    "script": "physicist's script: uproot arrays(cut=) + ak.to_parquet",
+    "func_adl": "ServiceX engine: func_adl_uproot + ak.to_parquet",
+}
+
+
+def read_any(out: Path) -> ak.Array:
+    """An output file, or the parts of a columnhub output directory, as one array."""
+    import awkward as ak
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(out.glob("part-*.parquet")) if out.is_dir() else [out]
+    return ak.from_arrow(pa.concat_tables(pq.read_table(f) for f in files))
+
+
+def check_delivered(label: str, out: Path, reference: ak.Array) -> None:
+    """The delivered rows and values against a direct uproot read, branch by branch."""
+    import awkward as ak
+    import numpy as np
+
+    got = read_any(out)
+    if len(got) != len(reference):
+        msg = f"{label}: {len(got)} rows delivered, the direct uproot read selects {len(reference)}"
+        raise SystemExit(msg)
+    for b in BRANCHES:
+        mine, want = got[b], reference[b]
+        if want.ndim > 1 and not np.array_equal(
+            np.asarray(ak.num(mine)), np.asarray(ak.num(want))
+        ):
+            msg = f"{label}: the list lengths of {b} differ from the direct uproot read"
+            raise SystemExit(msg)
+        flat_mine = np.asarray(ak.flatten(mine, axis=None))
+        flat_want = np.asarray(ak.flatten(want, axis=None))
+        if not np.array_equal(flat_mine, flat_want):
+            msg = f"{label}: the values of {b} differ from the direct uproot read"
+            raise SystemExit(msg)
+
+
+def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str, Any]:
+    """Each side as a new process, Parquet out, runs taking turns; best of ``repeat``."""
+    import json as _json
+
+    reference = uproot.open(path)["Events"].arrays(BRANCHES, cut=CUT)
+    spec = {
+        "dataset": {"name": "bench", "files": [str(path)]},
+        "columns": BRANCHES,
+        "where": CUT,
+        "output": {"include_keys": False},
+    }
+    args = [str(path), "{out}", ",".join(BRANCHES), CUT]
+    runs: dict[str, list[Run]] = {k: [] for k in [*PROCESS_LABELS, "floor", "imports"]}
+    sizes: dict[str, int] = {}
+    floor_cpu: list[dict[str, float]] = []
+    with scratch_dir(path.parent) as tmp:
+        scratch = Path(tmp)
+        spec_file = write_json(scratch / "spec.json", spec)
+        for r in range(repeat):
+            cache = scratch / f"cache-{r}"
+            cmds = {
+                "columnhub": columnhub_cmd("deliver", str(spec_file), "-o", "{out}", "--no-progress"),
+                "script": python_script(_SCRIPT, *args),
+                "func_adl": python_script(_FUNC_ADL, *args[:3]),
+                "floor": python_script(_FLOOR, *args),
+                "imports": python_script(_IMPORTS),
+            }
+            for name, cmd in cmds.items():
+                out = scratch / f"out-{name}-{r}"
+                if name != "columnhub":
+                    out = out.with_suffix(".parquet")
+                cmd = [str(out) if c == "{out}" else c for c in cmd]
+                page_cache.prepare([path])
+                fresh(cache)
+                run = run_process(cmd, extra_env={"COLUMNHUB_CACHE": str(cache)}).check(name)
+                runs[name].append(run)
+                if name == "floor":
+                    floor_cpu.append(_json.loads(run.stdout.strip().splitlines()[-1]))
+                if out.exists():
+                    files = list(out.glob("*.parquet")) if out.is_dir() else [out]
+                    sizes[name] = sum(f.stat().st_size for f in files)
+                    if r == 0 and name in PROCESS_LABELS:
+                        check_delivered(PROCESS_LABELS[name], out, reference)
+                    if out.is_dir():
+                        shutil.rmtree(out)
+                    else:
+                        out.unlink()
+    n = uproot.open(path)["Events"].num_entries
+    best_runs = {k: min(v, key=lambda x: x.wall) for k, v in runs.items()}
+    ncores = cores()
+    read_cpu = min(f["read_cpu"] for f in floor_cpu)
+    encode_cpu = min(f["encode_cpu"] for f in floor_cpu)
+    startup = best_runs["imports"].wall
+    floor = startup + (read_cpu + encode_cpu) / ncores
+    ch = best_runs["columnhub"].wall
+    figures: dict[str, Any] = {
+        "events": n,
+        "selected": len(reference),
+        "repeat": repeat,
+        "cores": ncores,
+        "page_cache": page_cache.mode,
+        "seconds": {k: round(v.wall, 4) for k, v in best_runs.items()},
+        "cpu_seconds": {k: round(v.cpu, 4) for k, v in best_runs.items()},
+        "all_seconds": {k: [round(x.wall, 4) for x in v] for k, v in runs.items()},
+        "output_bytes": sizes,
+        "floor": {
+            "startup_s": round(startup, 4),
+            "read_cpu_s": round(read_cpu, 4),
+            "encode_cpu_s": round(encode_cpu, 4),
+            "seconds": round(floor, 4),
+        },
+        "deliver_vs_script": best_runs["script"].wall / ch,
+        "deliver_vs_func_adl": best_runs["func_adl"].wall / ch,
+        "deliver_over_floor": ch / floor - 1,
+    }
+    print(
+        f"delivery, user's job: {path.name} ({n:,} events), 7 branches, where {CUT}: "
+        f"{len(reference):,} selected; Parquet out (zstd); each a new process, best of {repeat}"
+    )
+    print(f"{'engine (whole process)':58s} {'seconds':>8s} {'CPU s':>7s} {'out MB':>7s}")
+    for k, label in PROCESS_LABELS.items():
+        print(
+            f"{label:58s} {best_runs[k].wall:8.3f} {best_runs[k].cpu:7.2f} {sizes.get(k, 0) / 1e6:7.1f}"
         )
-    return path
+    print(
+        f"{'CPU floor: start-up + (read + encode CPU) / cores':58s} {floor:8.3f}"
+        f"   ({startup:.3f} s start-up + ({read_cpu:.3f} + {encode_cpu:.3f}) CPU s / {ncores})"
+    )
+    print(f"columnhub deliver vs script          = {figures['deliver_vs_script']:.2f}x")
+    print(f"columnhub deliver vs func_adl_uproot = {figures['deliver_vs_func_adl']:.2f}x")
+    print(f"columnhub deliver over the CPU floor = {figures['deliver_over_floor']:+.1%}")
+    return figures
+
+
+# ---------------------------------------------------------------------------
+# kernel, warm process
 
 
 #: CPU seconds (user + system, every thread of this process) of the best run, by engine
@@ -168,14 +346,8 @@ def run_columnhub(path: Path, scratch: Path) -> int:
     return result.events
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=2_000_000)
-    parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    path = ensure_input(args.events, args.data)
+def bench_kernel(path: Path, repeat: int) -> dict[str, Any]:
+    """The in-process rows (kernel, warm process)."""
     n = uproot.open(path)["Events"].num_entries
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -186,36 +358,39 @@ def main() -> None:
             "ch": "columnhub deliver (1 worker, Parquet out)",
             "fa": "func_adl_uproot (ServiceX engine)",
         }
-        t_up, k_up = best(lambda: run_uproot(path), args.repeat, name=names["up"])
+        t_up, k_up = best(lambda: run_uproot(path), repeat, name=names["up"])
         rows[names["up"]] = (t_up, k_up)
-        t_mem, k_mem = best(lambda: run_columnhub_arrays(path), args.repeat, name=names["mem"])
+        t_mem, k_mem = best(lambda: run_columnhub_arrays(path), repeat, name=names["mem"])
         rows[names["mem"]] = (t_mem, k_mem)
-        t_ch, k_ch = best(lambda: run_columnhub(path, scratch), args.repeat, name=names["ch"])
+        t_ch, k_ch = best(lambda: run_columnhub(path, scratch), repeat, name=names["ch"])
         rows[names["ch"]] = (t_ch, k_ch)
-        t_enc, cpu_enc = encode_alone(scratch / "columnhub-out", scratch, args.repeat)
-        t_fa, k_fa = best(lambda: run_func_adl(path), args.repeat, name=names["fa"])
+        t_enc, cpu_enc = encode_alone(scratch / "columnhub-out", scratch, repeat)
+        t_fa, k_fa = best(lambda: run_func_adl(path), repeat, name=names["fa"])
         rows[names["fa"]] = (t_fa, k_fa)
     assert k_up == k_ch == k_fa == k_mem, f"peers disagree: {k_up}, {k_ch}, {k_fa}, {k_mem}"
-    print(f"input: {path} ({n:,} events), selected {k_up:,}; best of {args.repeat}")
+    print(
+        f"kernel, warm process: {path.name} ({n:,} events), selected {k_up:,}; in one process"
+        f" after a warm-up, best of {repeat}"
+    )
     print(f"{'engine':48s} {'seconds':>8s} {'events/s':>12s} {'CPU s':>7s}")
     for name, (t, _) in rows.items():
         print(f"{name:48s} {t:8.3f} {n / t:12,.0f} {CPU[name]:7.3f}")
     print(
         f"{'  of which: Parquet writing alone (same table)':48s} {t_enc:8.3f} {'':12s} {cpu_enc:7.3f}"
     )
-    cores = len(os.sched_getaffinity(0))
+    ncores = cores()
     # Any delivery through uproot and pyarrow must read and select (at least the
     # ceiling's CPU) and encode; on `cores` cores it cannot take less than those
     # CPU seconds spread over every core.
-    floor = (CPU[names["up"]] + cpu_enc) / cores
+    floor = (CPU[names["up"]] + cpu_enc) / ncores
     print(
-        f"CPU floor of any uproot+pyarrow delivery on {cores} cores: ({CPU[names['up']]:.3f} "
-        f"uproot read+cut + {cpu_enc:.3f} Parquet encode) / {cores} = {floor:.3f} s, "
+        f"CPU floor of any uproot+pyarrow delivery on {ncores} cores: ({CPU[names['up']]:.3f} "
+        f"uproot read+cut + {cpu_enc:.3f} Parquet encode) / {ncores} = {floor:.3f} s, "
         f"i.e. at best {t_up / floor:.2f}x the uproot ceiling"
     )
     print(
-        f"columnhub deliver used {CPU[names['ch']]:.3f} CPU s: on {cores} cores at best "
-        f"{t_up / (CPU[names['ch']] / cores):.2f}x the uproot ceiling"
+        f"columnhub deliver used {CPU[names['ch']]:.3f} CPU s: on {ncores} cores at best "
+        f"{t_up / (CPU[names['ch']] / ncores):.2f}x the uproot ceiling"
     )
     figures = {
         "events": n,
@@ -239,6 +414,40 @@ def main() -> None:
     )
     print(f"columnhub deliver / uproot ceiling  = {f['columnhub_vs_uproot']:.2f}x (target >= 0.9)")
     print(f"columnhub deliver / func_adl_uproot = {f['columnhub_vs_func_adl']:.2f}x (target >= 2)")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=2_000_000)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="200k events, one round")
+    parser.add_argument(
+        "--parts", nargs="+", choices=["process", "kernel"], default=["process", "kernel"]
+    )
+    parser.add_argument(
+        "--page-cache",
+        choices=["warm", "drop"],
+        default="warm",
+        help="warm: the input read once before each timed process; drop: sync + drop_caches"
+        " before each (root only; disturbs a shared machine)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.repeat = 200_000, 1
+    path = ensure_input(args.events, args.data)
+    page_cache = PageCache(args.page_cache)
+    figures: dict[str, Any] = {}
+    if "process" in args.parts:
+        print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")
+        figures["process"] = bench_process(path, repeat=args.repeat, page_cache=page_cache)
+        for key in ("deliver_vs_script", "deliver_vs_func_adl", "deliver_over_floor"):
+            figures[key] = figures["process"][key]
+        print()
+    if "kernel" in args.parts:
+        figures.update(bench_kernel(path, args.repeat))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -1,5 +1,35 @@
-"""Benchmark: in-memory left join on CMS event keys, columnhub vs pandas, polars, DuckDB.
+"""Keyed join: columnhub deliver vs DuckDB and polars, whole processes, Parquet in and out.
 
+**Headline (``--parts process``): the user's job.** A primary of
+``--events`` events (one Parquet file, keys + MET_pt, MET_phi, PV_npvs,
+genWeight) LEFT JOIN a friend holding the same events with one flat float
+(``x``) and one jagged float column (``jets``, Poisson(5) items an event), on
+(run, luminosityBlock, event); Parquet out (zstd for every engine). Each
+engine runs as a new process (start-up and imports timed), side by side in
+one run, runs taking turns:
+
+- ``columnhub deliver SPEC -o DIR`` (the CLI) with a fresh, empty
+  ``COLUMNHUB_CACHE`` directory for the *first* request (keys + MET_pt,
+  MET_phi + the friend's columns); then a *later* request over the same
+  friend with other primary columns (PV_npvs, genWeight), on the cache the
+  first one left (the friend's columns already there);
+- DuckDB: ``COPY (SELECT ... FROM read_parquet(primary, file_row_number=true)
+  LEFT JOIN read_parquet(friend) ... ORDER BY file_row_number) TO out.parquet``
+  through its Python API (the join happens again for the later request);
+- polars: ``scan_parquet(primary).join(scan_parquet(friend), how="left",
+  maintain_order="left").sink_parquet(out)``;
+- the floor: pyarrow alone reading both files and writing the columns side
+  by side without any join (not a correct result: what reading and writing
+  alone cost).
+
+Two friend layouts: ``shuffled`` (every event once, random order, one file)
+and ``regrouped`` (nearly the primary's order, 3 files with other
+boundaries: a re-processed tree). Every engine's output of every request is
+checked (first round) against the reference: the primary's rows in order and,
+for each event, the friend's values made from the event index
+(``_common.join_truth``). The page cache: see ``--page-cache``.
+
+**Secondary (``--parts in-memory aligned memory``): kernel, warm process.**
 A primary of N events and a shuffled friend (same events) with one flat float
 column and one jagged float column (~5 items per event, Poisson); keys
 (run, luminosityBlock, event), the primary in key order. ``--keys`` picks
@@ -41,8 +71,9 @@ no column cache, Parquet written):
 
 Input files are made once in ``--data`` (default ``bench-data/``) and reused.
 
-    python benchmarks/bench_join.py --events 2000000
-    python benchmarks/bench_join.py --parts aligned memory --json join.json
+    python benchmarks/bench_join.py                      # everything, full sizes
+    python benchmarks/bench_join.py --quick              # a small smoke run
+    python benchmarks/bench_join.py --parts process --json join.json
 """
 
 from __future__ import annotations
@@ -64,6 +95,24 @@ import awkward as ak
 import numpy as np
 import pyarrow as pa
 
+from _common import (
+    DATA,
+    FRIEND_FLAT,
+    FRIEND_JAGGED,
+    KEYS,
+    PageCache,
+    Run,
+    columnhub_cmd,
+    fresh,
+    gather_jagged,
+    join_inputs,
+    join_truth,
+    python_script,
+    run_process,
+    scratch_dir,
+    synth_root,
+    write_json,
+)
 from columnhub.join import KeyIndex, join_arrays
 
 __all__ = ["main"]
@@ -255,7 +304,10 @@ def bench_in_memory(n: int, *, repeat: int, keys: str) -> dict[str, Any]:
         "data": "collision-data-like keys (an era of runs, event < 5e9)",
         "wide": "uniform 63-bit event numbers (two-word keys)",
     }[keys]
-    print(f"left join, validate=one_to_one, {n:,} events, {mode}, best of {repeat}")
+    print(
+        f"kernel, warm process: in-memory left join, validate=one_to_one, {n:,} events, {mode},"
+        f" best of {repeat}"
+    )
     print(f"{'engine':66s} {'time [s]':>9s} {'Mrows/s':>8s} {'vs ' + fastest_peer.split()[0]:>12s}")
     for name, t in times.items():
         ratio = times[fastest_peer] / t
@@ -270,19 +322,212 @@ def bench_in_memory(n: int, *, repeat: int, keys: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# the user's job: whole processes, Parquet in, Parquet out
+
+#: primary columns of the first request and of the later one (same friend)
+REQUEST_COLUMNS = {"first": ["MET_pt", "MET_phi"], "later": ["PV_npvs", "genWeight"]}
+FRIEND_COLUMNS = [FRIEND_FLAT, FRIEND_JAGGED]
+
+_DUCKDB = """
+import sys, duckdb
+primary, out, cols = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+friend = sys.argv[4:]
+sel = ", ".join([f"p.{c}" for c in ["run", "luminosityBlock", "event", *cols]] + ["f.x", "f.jets"])
+files = "[" + ", ".join(repr(f) for f in friend) + "]"
+duckdb.sql(
+    f"COPY (SELECT {sel} FROM read_parquet({primary!r}, file_row_number=true) p "
+    f"LEFT JOIN read_parquet({files}) f "
+    "ON p.run = f.run AND p.luminosityBlock = f.luminosityBlock AND p.event = f.event "
+    f"ORDER BY p.file_row_number) TO {out!r} (FORMAT parquet, COMPRESSION zstd)"
+)
+"""
+
+_POLARS = """
+import sys, polars as pl
+primary, out, cols = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+friend = sys.argv[4:]
+keys = ["run", "luminosityBlock", "event"]
+p = pl.scan_parquet(primary).select([*keys, *cols])
+f = pl.scan_parquet(friend).select([*keys, "x", "jets"])
+p.join(f, on=keys, how="left", maintain_order="left").sink_parquet(out, compression="zstd")
+"""
+
+_PYARROW_FLOOR = """
+import sys, pyarrow as pa, pyarrow.parquet as pq
+primary, out, cols = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+friend = sys.argv[4:]
+p = pq.read_table(primary, columns=["run", "luminosityBlock", "event", *cols])
+f = pa.concat_tables(pq.read_table(x, columns=["x", "jets"]) for x in friend)
+table = p
+for name in f.column_names:  # no join: the friend's rows as they are, side by side
+    table = table.append_column(name, f[name])
+pq.write_table(table, out, compression="zstd")
+"""
+
+
+def join_spec(primary: list[Path], friend: list[Path], columns: list[str]) -> dict[str, Any]:
+    """The columnhub request of a keyed left join: keys, ``columns`` and the friend's."""
+    return {
+        "dataset": {"name": "primary", "files": [str(p) for p in primary]},
+        "columns": [*columns, *FRIEND_COLUMNS],
+        "friends": [
+            {
+                "name": "f",
+                "dataset": {"name": "friend", "files": [str(p) for p in friend]},
+                "columns": FRIEND_COLUMNS,
+                "how": "left",
+            }
+        ],
+    }
+
+
+def read_output(path: Path) -> pa.Table:
+    """A peer's output file, or the parts of a columnhub output directory, as one table."""
+    import pyarrow.parquet as pq
+
+    if path.is_dir():
+        parts = sorted(path.glob("part-*.parquet"))
+        return pa.concat_tables(pq.read_table(p) for p in parts)
+    return pq.read_table(path)
+
+
+def check_joined(
+    label: str, out: Path, primary: Path, columns: list[str], truth: dict[str, np.ndarray]
+) -> None:
+    """The output of a left join against the reference: the primary's rows in order,
+    its columns as in its file, the friend's values of each event's key."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = read_output(out)
+    ref = pq.read_table(primary, columns=[*KEYS, *columns])
+    problems = []
+    if table.num_rows != ref.num_rows:
+        problems.append(f"{table.num_rows} rows, the primary has {ref.num_rows}")
+    else:
+        for name in [*KEYS, *columns]:
+            if not np.array_equal(table[name].to_numpy(), ref[name].to_numpy()):
+                problems.append(f"column {name} differs from the primary's")
+        index = ref["event"].to_numpy().astype(np.int64) - 1
+        if not np.array_equal(table[FRIEND_FLAT].to_numpy(), truth["x"][index]):
+            problems.append(f"friend column {FRIEND_FLAT} differs from the reference")
+        jets = table[FRIEND_JAGGED].combine_chunks()
+        counts = pc.list_value_length(jets).to_numpy(zero_copy_only=False)
+        _, want_counts, want_values = gather_jagged(truth, index)
+        if not np.array_equal(counts, want_counts):
+            problems.append(f"friend column {FRIEND_JAGGED}: counts differ from the reference")
+        elif not np.array_equal(pc.list_flatten(jets).to_numpy(), want_values):
+            problems.append(f"friend column {FRIEND_JAGGED}: values differ from the reference")
+    if problems:
+        msg = f"{label}: " + "; ".join(problems)
+        raise SystemExit(msg)
+
+
+def bench_process(
+    events: int, *, data: Path, repeat: int, page_cache: PageCache, layouts: list[str]
+) -> dict[str, Any]:
+    """The headline: each engine as a new process, Parquet in and out, side by side."""
+    inputs = join_inputs(events, data=data)
+    truth = join_truth(events)
+    primary = inputs["primary"]
+    figures: dict[str, Any] = {"events": events, "repeat": repeat, "page_cache": page_cache.mode}
+    for layout in layouts:
+        friend = inputs[layout]
+        every = [*primary, *friend]
+        engines = ["columnhub", "duckdb", "polars", "pyarrow floor"]
+        runs: dict[str, dict[str, list[Run]]] = {e: {"first": [], "later": []} for e in engines}
+        with scratch_dir(data) as tmp:
+            scratch = Path(tmp)
+            specs = {}
+            for req, cols in REQUEST_COLUMNS.items():
+                specs[req] = write_json(scratch / f"{req}.json", join_spec(primary, friend, cols))
+            for r in range(repeat):
+                cache = fresh(scratch / f"cache-{r}")
+                for req, cols in REQUEST_COLUMNS.items():
+                    peer_args = [str(primary[0]), "", ",".join(cols), *map(str, friend)]
+                    cmds = {
+                        # the friend's cache entries of the first request serve the later one
+                        "columnhub": columnhub_cmd(
+                            "deliver", str(specs[req]), "-o", "{out}", "--no-progress"
+                        ),
+                        "duckdb": python_script(_DUCKDB, *peer_args),
+                        "polars": python_script(_POLARS, *peer_args),
+                        "pyarrow floor": python_script(_PYARROW_FLOOR, *peer_args),
+                    }
+                    for engine, cmd in cmds.items():
+                        out = scratch / f"out-{engine.replace(' ', '-')}-{req}-{r}"
+                        if engine != "columnhub":
+                            out = out.with_suffix(".parquet")
+                        fresh(out)
+                        cmd = [str(out) if c in ("{out}", "") else c for c in cmd]
+                        page_cache.prepare(every)
+                        run = run_process(cmd, extra_env={"COLUMNHUB_CACHE": str(cache)})
+                        runs[engine][req].append(run.check(f"{engine} ({layout}, {req})"))
+                        if r == 0 and engine != "pyarrow floor":
+                            check_joined(f"{engine} ({layout}, {req})", out, primary[0], cols, truth)
+                        if out.is_dir():
+                            shutil.rmtree(out)
+                        else:
+                            out.unlink()
+        figures[layout] = {
+            e: {
+                req: {
+                    "best_s": min(x.wall for x in rs),
+                    "cpu_s": min(rs, key=lambda x: x.wall).cpu,
+                    "all_s": [round(x.wall, 4) for x in rs],
+                }
+                for req, rs in by.items()
+            }
+            for e, by in runs.items()
+        }
+    print_process(figures, layouts)
+    return figures
+
+
+PROCESS_LABELS = {
+    "columnhub": "columnhub deliver (CLI)",
+    "duckdb": "DuckDB COPY (LEFT JOIN ... ORDER BY row) TO parquet",
+    "polars": "polars scan_parquet.join.sink_parquet",
+    "pyarrow floor": "pyarrow floor: read both, write unjoined",
+}
+
+
+def print_process(figures: dict[str, Any], layouts: list[str]) -> None:
+    n = figures["events"]
+    print(
+        f"keyed LEFT JOIN, user's job: {n:,}-event primary (Parquet) + friend (x, jets ~5/event),"
+        f" Parquet out (zstd); each a new process, best of {figures['repeat']}"
+    )
+    print(
+        "first: keys + MET_pt, MET_phi + friend, empty COLUMNHUB_CACHE; later: keys + PV_npvs,"
+        " genWeight + friend, columnhub's cache as the first request left it"
+    )
+    for layout in layouts:
+        f = figures[layout]
+        what = {
+            "shuffled": "shuffled friend (1 file)",
+            "regrouped": "regrouped friend (3 files, nearly the primary's order)",
+        }[layout]
+        print(f"\n{what}")
+        print(f"{'engine (whole process)':52s} {'first [s]':>9s} {'CPU s':>6s} {'later [s]':>9s} {'CPU s':>6s}")
+        for e, label in PROCESS_LABELS.items():
+            a, b = f[e]["first"], f[e]["later"]
+            print(f"{label:52s} {a['best_s']:9.3f} {a['cpu_s']:6.2f} {b['best_s']:9.3f} {b['cpu_s']:6.2f}")
+        ch = f["columnhub"]
+        for req, name in (("first", "cold"), ("later", "friend cached")):
+            for peer in ("duckdb", "polars", "pyarrow floor"):
+                ratio = f[peer][req]["best_s"] / ch[req]["best_s"]
+                f.setdefault("ratios", {})[f"{req}_vs_{peer.replace(' ', '_')}"] = ratio
+                print(f"{layout} {name}: columnhub vs {peer:14s} = {ratio:.2f}x")
+
+
+# ---------------------------------------------------------------------------
 # through delivery
 
 
 def synth_file(data: Path, events: int) -> Path:
     """A synthetic NanoAOD file of ``events`` events (default branches), made once."""
-    path = data / f"synth-{events}.root"
-    if not path.exists():
-        from columnhub.synth import synthesize
-
-        print(f"making {path} (once) ...", flush=True)
-        data.mkdir(parents=True, exist_ok=True)
-        synthesize(LIKE, events=events, output=path)
-    return path
+    return synth_root(events, data=data)
 
 
 def big_friend(data: Path, events: int) -> Path:
@@ -330,7 +575,10 @@ def bench_aligned(path: Path, *, repeat: int) -> dict[str, Any]:
     """Aligned friend vs the same friend columns delivered alone."""
     files = [str(path)]
     out: dict[str, Any] = {"file": str(path)}
-    print(f"\naligned friend overhead, {path.name}, workers=1, no cache, best of {repeat}")
+    print(
+        f"\nkernel, warm process: aligned friend overhead, {path.name}, workers=1, no cache,"
+        f" best of {repeat}"
+    )
     print(f"{'friend columns':40s} {'alone [s]':>10s} {'aligned [s]':>12s} {'extra':>8s}")
     for label, columns in (
         ("systematics-like (MET + jets)", WIDE_FRIEND),
@@ -434,7 +682,10 @@ def bench_memory(primary: Path, friend: Path) -> dict[str, Any]:
         msg = f"keyed join: {join['rows']} rows, {join['matched']} matched; expected {alone['rows']} of each"
         raise SystemExit(msg)
     gib = 1024**3
-    print(f"\nkeyed left join against a {friend_events:,}-event friend ({len(friend_files)} files)")
+    print(
+        f"\nmemory: keyed left join against a {friend_events:,}-event friend"
+        f" ({len(friend_files)} files), one child process each"
+    )
     print(f"{'delivery':50s} {'time [s]':>9s} {'peak RSS [GiB]':>15s}")
     print(
         f"{'primary alone (' + format(alone['rows'], ',') + ' events, MET_pt)':50s} "
@@ -456,8 +707,29 @@ def bench_memory(primary: Path, friend: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=2_000_000, help="in-memory join events")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--events", type=int, default=2_000_000, help="primary events")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N, whole processes")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small smoke run (200k events, one round)"
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=["shuffled", "regrouped"],
+        default=["shuffled", "regrouped"],
+        help="friend layouts of the process figures",
+    )
+    parser.add_argument(
+        "--page-cache",
+        choices=["warm", "drop"],
+        default="warm",
+        help="warm: inputs read once before each timed process (every side reads from memory);"
+        " drop: sync + drop_caches before each (root only; disturbs a shared machine)",
+    )
+    parser.add_argument(
+        "--kernel-events", type=int, default=2_000_000, help="in-memory join events"
+    )
+    parser.add_argument("--kernel-repeat", type=int, default=5)
     parser.add_argument(
         "--keys",
         nargs="+",
@@ -468,26 +740,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["in-memory", "aligned", "memory"],
-        default=["in-memory", "aligned", "memory"],
+        choices=["process", "in-memory", "aligned", "memory"],
+        default=["process", "in-memory", "aligned", "memory"],
     )
-    parser.add_argument(
-        "--data", type=Path, default=ROOT / "bench-data", help="input files (reused)"
-    )
+    parser.add_argument("--data", type=Path, default=DATA, help="input files (reused)")
     parser.add_argument("--aligned-events", type=int, default=2_000_000)
     parser.add_argument("--friend-events", type=int, default=20_000_000)
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.repeat = 200_000, 1
+        args.kernel_events, args.kernel_repeat = 200_000, 1
+        args.aligned_events, args.friend_events = 200_000, 2_000_000
 
+    page_cache = PageCache(args.page_cache)
     figures: dict[str, Any] = {}
+    if "process" in args.parts:
+        print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")
+        figures["process"] = bench_process(
+            args.events,
+            data=args.data,
+            repeat=args.repeat,
+            page_cache=page_cache,
+            layouts=args.layouts,
+        )
+        for layout in args.layouts:
+            for name, value in figures["process"][layout].get("ratios", {}).items():
+                figures[f"process_{layout}_{name}"] = value
+        print()
     if "in-memory" in args.parts:
         figures["in_memory_by_keys"] = {
-            keys: bench_in_memory(args.events, repeat=args.repeat, keys=keys) for keys in args.keys
+            keys: bench_in_memory(args.kernel_events, repeat=args.kernel_repeat, keys=keys)
+            for keys in args.keys
         }
         figures["in_memory"] = figures["in_memory_by_keys"][args.keys[0]]
     if "aligned" in args.parts:
         figures["aligned"] = bench_aligned(
-            synth_file(args.data, args.aligned_events), repeat=args.repeat
+            synth_file(args.data, args.aligned_events), repeat=args.kernel_repeat
         )
     if "memory" in args.parts:
         figures["memory"] = bench_memory(
