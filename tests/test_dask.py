@@ -137,7 +137,13 @@ def test_a_local_cluster_gives_the_local_executors_bytes(
 def test_a_killed_worker_has_its_task_retried(
     primary: list[Path], tmp_path: Path, client: Any
 ) -> None:
-    client.run(os.environ.__setitem__, "COLUMNHUB_TEST_PART_SLEEP", "1.5")
+    def slow(on: bool) -> None:  # run on each worker (a local function travels by value)
+        if on:
+            os.environ["COLUMNHUB_TEST_PART_SLEEP"] = "1.5"
+        else:
+            os.environ.pop("COLUMNHUB_TEST_PART_SLEEP", None)
+
+    client.run(slow, True)
     try:
         pids = client.run(os.getpid)
         outcome: dict[str, Any] = {}
@@ -162,11 +168,13 @@ def test_a_killed_worker_has_its_task_retried(
                 time.sleep(0.05)
         assert victim is not None, "no part task started"
         time.sleep(0.3)  # inside its task (sleeping in run_part)
+        running = client.processing()[victim]
+        assert any("-part-" in str(key) for key in running), running
         os.kill(pids[victim], signal.SIGKILL)
         thread.join(60)
         assert not thread.is_alive()
     finally:
-        client.run(os.environ.pop, "COLUMNHUB_TEST_PART_SLEEP", None)
+        client.run(slow, False)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
     assert result.complete
