@@ -263,6 +263,7 @@ def test_a_retried_part_replaces_its_own_file_only(tmp_path: Path) -> None:
         writer.write(first)
         writer.write(second)
         info = writer.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["part-00000.parquet", "part-00001.parquet"]
     assert (tmp_path / "part-00001.parquet").read_bytes() == neighbour
     assert pq.read_table(tmp_path / info.name).equals(pa.concat_tables([first, second]))

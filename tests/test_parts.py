@@ -166,8 +166,12 @@ def test_parts_concatenate_to_the_rows_of_arrays(
     assert sum(rows) == result.events == len(expected)
 
 
-def test_an_empty_result_keeps_one_part_with_the_columns(primary: list[Path], tmp_path: Path) -> None:
-    request = spec(primary, where="MET_pt < 0", chunk_size=500, output={"target_part_bytes": 5_000})
+def test_an_empty_result_keeps_one_part_with_the_columns(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    request = spec(
+        primary, where="MET_pt < 0", chunk_size=500, output={"target_part_bytes": 5_000}
+    )
     assert len(make_plan(load_request(request)).parts) > 1
     result = columnhub.deliver(request, output=tmp_path / "out", cache=False)
     assert [p["name"] for p in result.manifest["parts"]] == ["part-00000.parquet"]
@@ -235,8 +239,12 @@ def test_root_counters_come_from_the_plan_not_the_first_rows(tmp_path: Path) -> 
             "run": pa.array(np.ones(n, np.uint32)),
             "luminosityBlock": pa.array(np.ones(n, np.uint32)),
             "event": pa.array(np.arange(n, dtype=np.uint64)),
-            "A_x": pa.array([[float(i)] * int(c) for i, c in enumerate(x_counts)], pa.list_(pa.float32())),
-            "A_y": pa.array([[float(-i)] * int(c) for i, c in enumerate(y_counts)], pa.list_(pa.float32())),
+            "A_x": pa.array(
+                [[float(i)] * int(c) for i, c in enumerate(x_counts)], pa.list_(pa.float32())
+            ),
+            "A_y": pa.array(
+                [[float(-i)] * int(c) for i, c in enumerate(y_counts)], pa.list_(pa.float32())
+            ),
         }
     )
     source = tmp_path / "in.parquet"

@@ -31,8 +31,9 @@ def run_ordered(fn: Callable[[T], R], tasks: Iterable[T], *, workers: int = 1) -
     """``fn`` over ``tasks`` on ``workers`` threads, yielding results in task order.
 
     Even with one worker the task runs on a pool thread, so the caller (which
-    writes the output) overlaps with the next task's reading. The first failure is raised as soon as its result is due; queued tasks are
-    then cancelled.
+    writes the output) overlaps with the next task's reading. The first
+    failure is raised as soon as its result is due; queued tasks are then
+    cancelled.
     """
     items = iter(tasks)
     workers = max(1, workers)
