@@ -312,7 +312,9 @@ def make_plan(request: Request) -> Plan:
     for i, info in enumerate(dataset.files):
         for start, stop in split_entries(info.boundaries, request.chunk_size):
             chunks.append(Chunk(index=len(chunks), file_index=i, start=start, stop=stop))
-    per_event = _bytes_per_event(dataset, wanted, resolver.done)
+    per_event = _bytes_per_event(
+        dataset, wanted, resolver.done, compressed=request.output.compression != "none"
+    )
     grouped = group_parts(
         [c.entries for c in chunks],
         bytes_per_event=per_event,
@@ -341,12 +343,17 @@ _GUESS_BYTES = 4.0
 
 
 def _bytes_per_event(
-    dataset: ResolvedDataset, outputs: list[str], columns: dict[str, ColumnDef]
+    dataset: ResolvedDataset,
+    outputs: list[str],
+    columns: dict[str, ColumnDef],
+    *,
+    compressed: bool = True,
 ) -> float:
-    """Estimated output bytes per event: the compressed size of the outputs in the first file.
+    """Estimated output bytes per event: the size of the outputs in the first file.
 
     Branches of the primary count their compressed bytes per entry (ROOT
-    ``fBasketBytes``, Parquet column chunk sizes); other columns count as
+    ``fBasketBytes``, Parquet column chunk sizes), or their uncompressed
+    bytes for an output written without compression; other columns count as
     :data:`_GUESS_BYTES`. Metadata only; a file whose sizes cannot be read
     counts every column as a guess. The selection is not known yet, so a
     ``where`` that keeps few events gives smaller parts.
@@ -356,15 +363,17 @@ def _bytes_per_event(
     info = dataset.files[0]
     if branches and info.entries:
         try:
-            sized = _branch_bytes(dataset, branches)
+            sized = _branch_bytes(dataset, branches, compressed=compressed)
         except Exception:  # noqa: BLE001 - an estimate: sizes unknown count as guesses
             sized = {}
     total = sum(sized.get(n, _GUESS_BYTES) for n in outputs)
     return max(float(total), 1.0)
 
 
-def _branch_bytes(dataset: ResolvedDataset, names: list[str]) -> dict[str, float]:
-    """Compressed bytes per entry of each of ``names`` in the dataset's first file."""
+def _branch_bytes(
+    dataset: ResolvedDataset, names: list[str], *, compressed: bool
+) -> dict[str, float]:
+    """(Un)compressed bytes per entry of each of ``names`` in the dataset's first file."""
     info = dataset.files[0]
     if info.format == "parquet":
         from columnhub.sources.parquet import _open
@@ -377,12 +386,21 @@ def _branch_bytes(dataset: ResolvedDataset, names: list[str]) -> dict[str, float
                 column = group.column(c)
                 top = column.path_in_schema.split(".", 1)[0]
                 if top in names:
-                    totals[top] = totals.get(top, 0.0) + column.total_compressed_size
+                    size = (
+                        column.total_compressed_size
+                        if compressed
+                        else column.total_uncompressed_size
+                    )
+                    totals[top] = totals.get(top, 0.0) + size
         return {n: b / info.entries for n, b in totals.items()}
     from columnhub.sources.root import _cached_tree
 
     tree = _cached_tree(info, dataset.spec)
-    return {n: float(tree[n].compressed_bytes) / info.entries for n in names}
+    return {
+        n: float(tree[n].compressed_bytes if compressed else tree[n].uncompressed_bytes)
+        / info.entries
+        for n in names
+    }
 
 
 def _add_counters(
