@@ -244,7 +244,7 @@ def arrays(
     Args:
         request: a :class:`Request`, :class:`Samples`, a dictionary, or a
             YAML/JSON spec path.
-        workers: chunk tasks run at once (default: `$COLUMNHUB_THREADS`, else the CPUs).
+        workers: chunk tasks run at once (default: ``$COLUMNHUB_THREADS``, else the CPUs).
         chunk_size: events per chunk (default: ``request.chunk_size``).
         cache: the column cache, as for :func:`deliver`; off by default.
 
