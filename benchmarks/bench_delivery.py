@@ -275,7 +275,7 @@ def encode_alone(parts: Path, scratch: Path, repeat: int) -> tuple[float, float]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from columnhub.output.parquet import PartWriter
+    from columnhub.output.parquet import ParquetPart
 
     table = pa.concat_tables(pq.read_table(p) for p in sorted(parts.glob("part-*.parquet")))
     batches = table.to_batches(max_chunksize=500_000)
@@ -284,7 +284,7 @@ def encode_alone(parts: Path, scratch: Path, repeat: int) -> tuple[float, float]
         out = scratch / "encode-alone"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        writer = PartWriter(out, target_bytes=256 * 1024**2)
+        writer = ParquetPart(out, 0, schema=table.schema)
         for b in batches:
             writer.write(pa.Table.from_batches([b]))
         writer.close()

@@ -1,10 +1,9 @@
-"""The Parquet part writer: encodings, readers, part order and sizes."""
+"""The Parquet part writer: encodings, readers, part order, atomic parts."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import awkward as ak
@@ -13,12 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import uproot
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
 import columnhub
 from columnhub.errors import OutputError
-from columnhub.output.parquet import PartWriter, float_leaves
+from columnhub.output.parquet import ParquetPart, float_leaves
 
 KEYS = ["run", "luminosityBlock", "event"]
 
@@ -88,9 +85,9 @@ def test_byte_stream_split_reaches_nested_float_leaves(tmp_path: Path) -> None:
         "nested.list.element.list.element",
         "rec.a",
     ]
-    writer = PartWriter(tmp_path, target_bytes=1 << 20)
+    writer = ParquetPart(tmp_path, 0, schema=table.schema)
     writer.write(table)
-    [part] = writer.close()
+    part = writer.close()
     got = encodings(tmp_path / part.name)
     for path in float_leaves(table.schema):
         assert "BYTE_STREAM_SPLIT" in got[path], path
@@ -108,9 +105,9 @@ def test_other_readers_read_byte_stream_split(tmp_path: Path, reader: str) -> No
             "Jet_pt": pa.array([[1.5], [], [2.5, 3.5]], pa.list_(pa.float32())),
         }
     )
-    writer = PartWriter(tmp_path, target_bytes=1 << 20)
+    writer = ParquetPart(tmp_path, 0, schema=table.schema)
     writer.write(table)
-    [part] = writer.close()
+    part = writer.close()
     path = str(tmp_path / part.name)
     if reader == "polars":
         pl = pytest.importorskip("polars")
@@ -148,20 +145,8 @@ def make_tables(sizes: list[int], seed: int = 0) -> list[pa.Table]:
     return tables
 
 
-def write_all(directory: Path, tables: list[pa.Table], **options: object) -> list:
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = PartWriter(directory, **options)  # type: ignore[arg-type]
-    for table in tables:
-        writer.write(table)
-    return writer.close()
-
-
-def read_parts(directory: Path, parts: list) -> pa.Table:
-    return pa.concat_tables([pq.read_table(directory / p.name) for p in parts])
-
-
-def writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("columnhub-parquet")]
+def part_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("columnhub-part")]
 
 
 def test_parts_come_in_order_and_match_uproot(shared_data: Path, tmp_path: Path) -> None:
@@ -170,7 +155,7 @@ def test_parts_come_in_order_and_match_uproot(shared_data: Path, tmp_path: Path)
         "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
         "columns": columns,
         "chunk_size": 7,
-        "output": {"target_part_bytes": 5_000},
+        "output": {"target_part_bytes": 1_500},
     }
     result = columnhub.deliver(request, output=tmp_path / "out", workers=3, cache=False)
     assert len(result.files) > 3
@@ -185,7 +170,7 @@ def test_parts_come_in_order_and_match_uproot(shared_data: Path, tmp_path: Path)
     assert rows == [p["rows"] for p in result.manifest["parts"]]
     assert sum(rows) == result.events
     assert not list((tmp_path / "out").glob(".*"))
-    assert not writer_threads()
+    assert not part_threads()
 
 
 def test_workers_give_byte_identical_parts(shared_data: Path, tmp_path: Path) -> None:
@@ -194,7 +179,7 @@ def test_workers_give_byte_identical_parts(shared_data: Path, tmp_path: Path) ->
         "columns": ["Jet_pt", "Jet_eta", "MET_pt"],
         "where": "nJet >= 1",
         "chunk_size": 5,
-        "output": {"target_part_bytes": 4_000},
+        "output": {"target_part_bytes": 1_000},
     }
     one = columnhub.deliver(request, output=tmp_path / "one", workers=1, cache=False)
     four = columnhub.deliver(request, output=tmp_path / "four", workers=4, cache=False)
@@ -206,90 +191,24 @@ def test_workers_give_byte_identical_parts(shared_data: Path, tmp_path: Path) ->
         assert a.read_bytes() == b.read_bytes()
 
 
-def test_parts_encode_in_parallel_and_never_depend_on_timing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tables = make_tables([300] * 40)
-    fast = write_all(tmp_path / "fast", tables, target_bytes=20_000, threads=3)
-    import columnhub.output.parquet as module
-
-    encode = module._encode
-    lock = threading.Lock()
-    busy = [0]
-    overlap: list[int] = []
-    rng = np.random.default_rng(1)
-
-    def slow(table: pa.Table, *args: object) -> object:  # encoders finish out of order
-        with lock:
-            busy[0] += 1
-            overlap.append(busy[0])
-        time.sleep(float(rng.uniform(0, 0.01)))
-        try:
-            return encode(table, *args)  # type: ignore[arg-type]
-        finally:
-            with lock:
-                busy[0] -= 1
-
-    monkeypatch.setattr(module, "_encode", slow)
-    slow_parts = write_all(tmp_path / "slow", tables, target_bytes=20_000, threads=3, queued=6)
-    one = write_all(tmp_path / "one", tables, target_bytes=20_000, threads=1)
-    assert len(fast) > 4
-    assert max(overlap) == 3  # three tables encoded at once, never more
-    for parts in (slow_parts, one):
-        assert [(p.name, p.rows, p.xxh3) for p in parts] == [(p.name, p.rows, p.xxh3) for p in fast]
-    assert read_parts(tmp_path / "slow", slow_parts).equals(pa.concat_tables(tables))
-    assert all(p.bytes >= 20_000 for p in fast[:-1])  # cut at the real size
-    assert not writer_threads()
-
-
-def test_queued_tables_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import columnhub.output.parquet as module
-
-    gate = threading.Event()
-    encode = module._encode
-
-    def blocked(table: pa.Table, *args: object) -> object:
-        gate.wait()
-        return encode(table, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(module, "_encode", blocked)
-    writer = PartWriter(tmp_path, target_bytes=1 << 20, threads=1, queued=2)
-    tables = make_tables([10] * 5)
-    done = threading.Event()
-
-    def drive() -> None:
-        for table in tables:
-            writer.write(table)
-        done.set()
-
-    driver = threading.Thread(target=drive)
-    driver.start()
-    # two tables queued: the third write() waits for the oldest to be encoded
-    assert not done.wait(0.3)
-    gate.set()
-    driver.join(5)
-    assert done.is_set()
-    parts = writer.close()
-    assert read_parts(tmp_path, parts).equals(pa.concat_tables(tables))
-
-
 @pytest.mark.parametrize("failing", [0, 5])  # the first table, a later one
 def test_encoding_error_surfaces_and_leaves_nothing(
     shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int
 ) -> None:
-    import columnhub.output.parquet as module
-
-    encode = module._encode
+    write = ParquetPart.write
     calls = []
+    lock = threading.Lock()
 
-    def broken(table: pa.Table, *args: object) -> object:
-        calls.append(table)
-        if len(calls) == failing + 1:
+    def broken(self: ParquetPart, table: pa.Table) -> None:  # a write that fails (disk)
+        with lock:
+            calls.append(table)
+            fail = len(calls) == failing + 1
+        if fail:
             msg = "disk on fire"
             raise OSError(msg)
-        return encode(table, *args)  # type: ignore[arg-type]
+        write(self, table)
 
-    monkeypatch.setattr(module, "_encode", broken)
+    monkeypatch.setattr(ParquetPart, "write", broken)
     request = {
         "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
         "columns": ["Jet_pt", "MET_pt"],
@@ -304,109 +223,47 @@ def test_encoding_error_surfaces_and_leaves_nothing(
     assert manifest["complete"] is False
     assert "disk on fire" in manifest["error"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no part, no temp file
-    assert not writer_threads()
+    assert not part_threads()
 
 
-def test_error_in_a_later_part_raises_from_write_or_close(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import columnhub.output.parquet as module
-
-    encode = module._encode
-    calls = [0]
-
-    def broken(table: pa.Table, *args: object) -> object:
-        calls[0] += 1
-        if calls[0] == 12:
-            msg = "bad block"
-            raise OSError(msg)
-        return encode(table, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(module, "_encode", broken)
-    writer = PartWriter(tmp_path, target_bytes=10_000)
-
-    def write_then_close() -> None:
-        for table in make_tables([200] * 30):
-            writer.write(table)
-        writer.close()
-
-    with pytest.raises(OSError, match="bad block"):
-        write_then_close()
-    writer.abort()
-    assert not list(tmp_path.glob(".*"))  # the temporary file of the unfinished part is gone
-    names = [p.name for p in writer.parts]  # finished ones stay, listed
-    assert len(names) >= 1
-    assert names == [f"part-{i:05d}.parquet" for i in range(len(names))]
-    assert sorted(f.name for f in tmp_path.iterdir()) == names
-    assert not writer_threads()
-
-
-def test_abort_deletes_unfinished_parts(tmp_path: Path) -> None:
-    writer = PartWriter(tmp_path, target_bytes=15_000)
-    for table in make_tables([200] * 20):
+def test_a_part_is_written_atomically_and_abort_leaves_nothing(tmp_path: Path) -> None:
+    tables = make_tables([50, 0, 70])
+    writer = ParquetPart(tmp_path, 3, schema=tables[0].schema)
+    for table in tables:
         writer.write(table)
-    writer.abort()
-    assert not list(tmp_path.glob(".*"))
-    assert not writer_threads()
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [p.name for p in writer.parts]  # finished parts stay, listed
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".part-00003.parquet.tmp-")
+    info = writer.close()
+    assert info.name == "part-00003.parquet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00003.parquet"]
+    assert pq.read_table(tmp_path / info.name).equals(pa.concat_tables(tables))
+    assert info.rows == 120
+    assert pq.ParquetFile(tmp_path / info.name).metadata.num_row_groups == 2  # one per table
+
+    other = ParquetPart(tmp_path / "..", 0, schema=tables[0].schema)
+    other.write(tables[0])
+    other.abort()
+    with pytest.raises(OutputError, match="closed or aborted"):
+        other.write(tables[0])
+    assert not list(tmp_path.parent.glob(".part-*"))
 
 
-def test_empty_writer_has_its_columns(tmp_path: Path) -> None:
+def test_an_empty_part_has_its_columns(tmp_path: Path) -> None:
     [empty] = make_tables([0])
-    parts = write_all(tmp_path, [empty, empty], target_bytes=1_000)
-    assert [p.rows for p in parts] == [0]
-    assert pq.read_table(tmp_path / parts[0].name).schema == empty.schema
-    assert write_all(tmp_path / "none", [], target_bytes=1_000) == []
+    info = ParquetPart(tmp_path, 0, schema=empty.schema).close()
+    assert info.rows == 0
+    assert pq.read_table(tmp_path / info.name).schema == empty.schema
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    sizes=st.lists(st.integers(0, 400), max_size=25),
-    target=st.integers(1, 40_000),
-    threads=st.integers(1, 3),
-    queued=st.integers(1, 4),
-    compression=st.sampled_from(["zstd", "none"]),
-)
-@example(sizes=[0, 1], target=1, threads=1, queued=1, compression="zstd")  # an empty chunk first
-def test_parts_concatenate_to_the_input(
-    tmp_path_factory: pytest.TempPathFactory,
-    sizes: list[int],
-    target: int,
-    threads: int,
-    queued: int,
-    compression: str,
-) -> None:
-    directory = tmp_path_factory.mktemp("parts")
-    tables = make_tables(sizes, seed=len(sizes))
-    parts = write_all(
-        directory,
-        tables,
-        target_bytes=target,
-        threads=threads,
-        queued=queued,
-        compression=compression,
-    )
-    if not tables:
-        assert parts == []
-        return
-    got = read_parts(directory, parts)
-    assert got.equals(pa.concat_tables(tables))
-    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(len(parts))]
-    assert sorted(f.name for f in directory.iterdir()) == [p.name for p in parts]
-    assert all(p.rows > 0 for p in parts) or len(parts) == 1
-    assert all(p.bytes >= target for p in parts[:-1])
-    assert not writer_threads()
-
-
-def test_aborted_writer_writes_nothing_more(tmp_path: Path) -> None:
-    writer = PartWriter(tmp_path, target_bytes=1 << 20)
-    writer.write(make_tables([10])[0])
-    writer.abort()
-    with pytest.raises(OutputError, match="aborted"):
-        writer.write(make_tables([10])[0])
-    with pytest.raises(OutputError, match="aborted"):
-        writer.close()
-    assert not list(tmp_path.iterdir())
+def test_a_retried_part_replaces_its_own_file_only(tmp_path: Path) -> None:
+    first, second = make_tables([40, 60], seed=3)
+    ParquetPart(tmp_path, 1, schema=first.schema).close()  # a neighbour, untouched
+    neighbour = (tmp_path / "part-00001.parquet").read_bytes()
+    for _ in range(2):  # the same task twice (a retry): one file, the same bytes
+        writer = ParquetPart(tmp_path, 0, schema=first.schema)
+        writer.write(first)
+        writer.write(second)
+        info = writer.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["part-00000.parquet", "part-00001.parquet"]
+    assert (tmp_path / "part-00001.parquet").read_bytes() == neighbour
+    assert pq.read_table(tmp_path / info.name).equals(pa.concat_tables([first, second]))

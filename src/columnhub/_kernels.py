@@ -93,11 +93,13 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def kernel_pool() -> ThreadPoolExecutor:
-    """The process's pool for the kernels (one thread per core, at most 8)."""
+    """The process's pool for the kernels (:func:`columnhub._concurrency.threads` threads)."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None:
-            _pool_size = max(1, min(8, len(os.sched_getaffinity(0))))
+            from columnhub._concurrency import threads
+
+            _pool_size = threads()
             _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="columnhub-kernel")
         return _pool
 

@@ -133,7 +133,9 @@ def resolve(spec: DatasetSpec) -> ResolvedDataset:
     paths = _expand(spec)
     from columnhub.sources import describe
 
-    workers = min(8, len(paths))
+    from columnhub._concurrency import threads
+
+    workers = min(threads(), len(paths))
     if workers <= 1:
         described = [describe(p, fmt, spec) for p, fmt in paths]
     else:

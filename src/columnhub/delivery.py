@@ -29,7 +29,7 @@ from columnhub.errors import CacheError, ColumnhubError, OutputError, SampleErro
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.execute.local import run_ordered
 from columnhub.output.manifest import MANIFEST, read_manifest, write_manifest
-from columnhub.output.parquet import PartWriter, file_checksum
+from columnhub.output.parquet import file_checksum
 from columnhub.plan import PROVIDER_VERSIONS, Plan, make_plan
 from columnhub.result import Result
 from columnhub.spec import Request, Samples, load_request
@@ -37,6 +37,10 @@ from columnhub.spec import Request, Samples, load_request
 __all__ = ["arrays", "default_output_directory", "deliver"]
 
 Progress = Callable[[int, int], None]
+#: where part tasks run: ``None`` (``$DASK_SCHEDULER_ADDRESS``, else threads
+#: here), ``"local"`` (a ``LocalCluster``), a scheduler address, or a
+#: ``distributed.Client``
+Scheduler = Any
 
 
 def default_output_directory(request: Request) -> Path:
@@ -59,6 +63,7 @@ def deliver(
     chunk_size: int | None = None,
     cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
     progress: bool | Progress | None = None,
+    scheduler: Scheduler = None,
 ) -> Result: ...
 
 
@@ -71,6 +76,7 @@ def deliver(
     chunk_size: int | None = None,
     cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
     progress: bool | Progress | None = None,
+    scheduler: Scheduler = None,
 ) -> dict[str, Result]: ...
 
 
@@ -83,6 +89,7 @@ def deliver(
     chunk_size: int | None = None,
     cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
     progress: bool | Progress | None = None,
+    scheduler: Scheduler = None,
 ) -> Result | dict[str, Result]: ...
 
 
@@ -94,6 +101,7 @@ def deliver(
     chunk_size: int | None = None,
     cache: ColumnCache | str | os.PathLike[str] | bool | None = None,
     progress: bool | Progress | None = None,
+    scheduler: Scheduler = None,
 ) -> Result | dict[str, Result]:
     """Deliver the columns of ``request`` and return the :class:`Result`.
 
@@ -110,13 +118,23 @@ def deliver(
         output: the output directory (default: ``request.output.directory``, else
             a per-request folder in the columnhub cache); with several samples,
             each goes to ``output/<sample>/``.
-        workers: chunk tasks run at once (default: the number of CPUs, at most 8).
+        workers: part tasks run at once (default: ``$COLUMNHUB_THREADS``, else
+            the number of CPUs); with ``scheduler="local"``, the number of
+            single-threaded worker processes.
         chunk_size: events per chunk (default: ``request.chunk_size``).
         cache: the column cache: ``None``/``True`` for the default one
             (``$COLUMNHUB_CACHE`` or ``~/.cache/columnhub``), a path or fsspec
             URL, a :class:`~columnhub.cache.ColumnCache`, or ``False`` for none.
         progress: ``True`` for a progress bar, a ``callable(done, total)``, or
-            ``None`` for a bar only when stderr is a terminal.
+            ``None`` for a bar only when stderr is a terminal; counts the
+            events of each part as it finishes.
+        scheduler: where the part tasks run (:mod:`columnhub.execute.dask`):
+            ``None`` for ``$DASK_SCHEDULER_ADDRESS`` when set, else a thread
+            pool in this process; ``"local"`` for a Dask ``LocalCluster`` of
+            ``workers`` single-threaded processes (closed at the end); a
+            scheduler address (``"tcp://host:8786"``); or a
+            ``distributed.Client``. Workers must see the output directory and
+            the column cache (pass a location every worker sees).
 
     Returns:
         The result; ``result.complete`` is always true when this returns.
@@ -135,7 +153,10 @@ def deliver(
     t0 = time.perf_counter()
     req = _load(request, chunk_size=chunk_size)
     if isinstance(req, Samples):
-        return _deliver_samples(req, output=output, workers=workers, cache=cache, progress=progress)
+        return _deliver_samples(
+            req, output=output, workers=workers, cache=cache, progress=progress,
+            scheduler=scheduler,
+        )
     if output is not None:
         req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
     workers = _workers(workers)
@@ -155,7 +176,10 @@ def deliver(
             return Result(directory, reused)
         staging = _new_staging(directory)
         try:
-            manifest = _execute(plan, staging, workers=workers, progress=progress, cache=store)
+            manifest = _execute(
+                plan, staging, workers=workers, progress=progress, cache=store,
+                scheduler=scheduler,
+            )
             _pause_at("staged")
             total = time.perf_counter() - t0
             manifest["timing"].update(plan_s=round(t_plan, 6), total_s=round(total, 6))
@@ -220,7 +244,7 @@ def arrays(
     Args:
         request: a :class:`Request`, :class:`Samples`, a dictionary, or a
             YAML/JSON spec path.
-        workers: chunk tasks run at once (default: the number of CPUs, at most 8).
+        workers: chunk tasks run at once (default: ``$COLUMNHUB_THREADS``, else the CPUs).
         chunk_size: events per chunk (default: ``request.chunk_size``).
         cache: the column cache, as for :func:`deliver`; off by default.
 
@@ -261,6 +285,7 @@ def _deliver_samples(
     workers: int | None,
     cache: Any,
     progress: Any,
+    scheduler: Scheduler = None,
 ) -> dict[str, Result]:
     """Deliver each sample as its own request; ``{sample: Result}`` in order.
 
@@ -294,7 +319,9 @@ def _deliver_samples(
         )
     return _each_sample(
         requests,
-        lambda r: deliver(r, workers=workers, cache=shared, progress=progress),
+        lambda r: deliver(
+            r, workers=workers, cache=shared, progress=progress, scheduler=scheduler
+        ),
     )
 
 
@@ -348,7 +375,9 @@ def _check_directories(requests: dict[str, Request]) -> None:
 
 def _workers(workers: int | None) -> int:
     if workers is None:
-        return min(8, os.cpu_count() or 1)
+        from columnhub._concurrency import threads
+
+        return threads()
     if workers < 1:
         msg = f"workers must be at least 1, got {workers}"
         raise SpecError(msg)
@@ -510,50 +539,77 @@ def _reuse(
 
 
 def _execute(
-    plan: Plan, staging: Path, *, workers: int, progress: Any, cache: ColumnCache | None
+    plan: Plan,
+    staging: Path,
+    *,
+    workers: int,
+    progress: Any,
+    cache: ColumnCache | None,
+    scheduler: Scheduler = None,
 ) -> dict[str, Any]:
-    req = plan.request
-    if req.output.format == "root":
-        from columnhub.output.root import RootPartWriter
+    """Run the plan's part tasks into ``staging``; the manifest from their metadata.
 
-        writer: Any = RootPartWriter(staging, target_bytes=req.output.target_part_bytes)
-    else:
-        writer = PartWriter(
-            staging, target_bytes=req.output.target_part_bytes, compression=req.output.compression
-        )
+    Each part task writes its own part; only metadata comes back. Parts are
+    merged into the manifest in part order. Every part has the first part's
+    schema: a right/outer tail (whose primary columns have no type of their
+    own), and any part whose types came out otherwise, is written (again)
+    with it. Parts without rows are dropped, except one when the whole
+    result is empty (it holds the columns), and the rest renumbered.
+    """
+    from columnhub.execute.dask import executor_for
+
+    req = plan.request
     report = _progress(progress, total=plan.dataset.entries)
     index_report = _index_progress(progress)
-    chunks: list[dict[str, Any]] = []
-    hits = misses = events = 0
-    inference: Any = None
     t_run = time.perf_counter()
     done = 0
+    metas: dict[int, Any] = {}
     try:
-        for result in _chunk_results(
-            plan, workers=workers, cache=cache, index_report=index_report
-        ):
-            writer.write(result.table)
-            chunks.append(_chunk_record(plan, result))
-            hits += result.hits
-            misses += result.misses
-            if result.details.get("inference") is not None:
-                if inference is None:
-                    inference = result.details["inference"]
-                else:
-                    inference.merge(result.details["inference"])
-            events += result.table.num_rows
-            done += result.rows_in
-            if report is not None:
-                report(done, plan.dataset.entries)
-        parts = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+        if plan.friends:
+            from columnhub.join.provider import prepare
+
+            # key indexes built once (into the cache workers share); duplicates reported first
+            prepare(plan, cache=cache, report=index_report)
+        with executor_for(scheduler, workers=workers) as run_parts:
+            main = [p for p in plan.parts if not p.tail]
+            for meta in run_parts(plan, main, staging, cache, None):
+                metas[meta.index] = meta
+                done += meta.events_in
+                if report is not None:
+                    report(done, plan.dataset.entries)
+            first = metas[main[0].index].schema
+            again = [p for p in main if metas[p.index].schema != first]
+            again += [p for p in plan.parts if p.tail]
+            if again:
+                for meta in run_parts(plan, again, staging, cache, first):
+                    metas[meta.index] = meta
     finally:
         for bar in (report, index_report):
             if bar is not None and hasattr(bar, "close"):
                 bar.close()
-    schema = writer.schema
+    ordered = [metas[p.index] for p in plan.parts]
+    kept = [m for m in ordered if m.rows] or ordered[:1]
+    kept_index = {m.index for m in kept}
+    for meta in ordered:
+        if meta.index not in kept_index:
+            (staging / meta.name).unlink(missing_ok=True)
+    parts = []
+    for number, meta in enumerate(kept):  # numbered in order, without gaps
+        name = re.sub(r"^part-\d+", f"part-{number:05d}", meta.name)
+        if name != meta.name:
+            os.replace(staging / meta.name, staging / name)
+        stat = (staging / name).stat()
+        parts.append(
+            {"name": name, "rows": meta.rows, "bytes": meta.bytes, "xxh3": meta.xxh3,
+             "mtime_ns": stat.st_mtime_ns}
+        )
+    inference: Any = None
+    for meta in ordered:
+        if meta.inference is not None:
+            if inference is None:
+                inference = meta.inference
+            else:
+                inference.merge(meta.inference)
     return {
         "columnhub": _version(),
         "request_hash": req.hash,
@@ -561,56 +617,29 @@ def _execute(
         "complete": True,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "format": req.output.format,
-        "events": events,
+        "events": sum(m.rows for m in ordered),
         "events_read": plan.dataset.entries,
-        "files": [p.name for p in parts],
-        "parts": [
-            {"name": p.name, "rows": p.rows, "bytes": p.bytes, "xxh3": p.xxh3, "mtime_ns": p.mtime_ns}
-            for p in parts
-        ],
-        "columns": _column_types(schema),
+        "files": [p["name"] for p in parts],
+        "parts": parts,
+        "columns": ordered[0].columns,
         "keys": list(req.dataset.keys) if req.output.include_keys else [],
-        "cache": {"hits": hits, "misses": misses, "location": cache.location if cache else None},
+        "cache": {
+            "hits": sum(m.hits for m in ordered),
+            "misses": sum(m.misses for m in ordered),
+            "location": cache.location if cache else None,
+        },
         "inputs": plan.dataset.identity,
         "friends": {f.spec.name: f.dataset.identity for f in plan.friends},
-        "chunks": chunks,
+        "chunks": [record for m in ordered for record in m.chunks],
         "inference": inference.snapshot() if inference is not None else {},
         "models": {
             f"{m.card.name}@{m.card.version}": m.card.identity
             for m in {id(c.model): c.model for c in plan.columns.values() if c.model}.values()
         },
-        "timing": {"run_s": round(time.perf_counter() - t_run, 6)},
-    }
-
-
-def _column_types(schema: pa.Schema | None) -> dict[str, str]:
-    """Column name -> awkward type string (``var * float32``, ``?float32``)."""
-    if schema is None:
-        return {}
-    form = ak.from_arrow_schema(schema)
-    return {name: str(form.content(name).type) for name in form.fields}
-
-
-def _chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
-    c = result.chunk
-    if "tail" in result.details:
-        return {
-            "tail_of_friend": result.details["tail"],
-            "friend_rows_without_partner": result.details["friend_rows"],
-            "rows_out": result.table.num_rows,
-            "seconds": round(result.seconds, 6),
-        }
-    return {
-        "file": plan.dataset.files[c.file_index].path,
-        "entry_start": c.start,
-        "entry_stop": c.stop,
-        "rows_in": result.rows_in,
-        "rows_out": result.table.num_rows,
-        "cache_hits": result.hits,
-        "cache_misses": result.misses,
-        "read": result.details.get("read", []),
-        "friend_entries_read": result.details.get("friend_entries_read", 0),
-        "seconds": round(result.seconds, 6),
+        "timing": {
+            "run_s": round(time.perf_counter() - t_run, 6),
+            "parts_s": [round(m.seconds, 6) for m in ordered],
+        },
     }
 
 

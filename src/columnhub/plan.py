@@ -22,7 +22,17 @@ from columnhub.keys import check_key_type
 from columnhub.join.collection import collection_of, counter_of
 from columnhub.spec import FriendSpec, Request
 
-__all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
+__all__ = [
+    "Chunk",
+    "ColumnDef",
+    "Friend",
+    "Model",
+    "Part",
+    "Plan",
+    "group_parts",
+    "make_plan",
+    "split_entries",
+]
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
@@ -45,6 +55,23 @@ class Chunk:
     @property
     def entries(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Part:
+    """One output part: a run of consecutive chunks written to one file by one task.
+
+    Attributes:
+        index: the part's number (its file is ``part-<index>``, before empty
+            parts are dropped).
+        chunks: the indices of its chunks in :attr:`Plan.chunks`, consecutive.
+        tail: the rows of a right/outer friend without a primary partner
+            (a part of its own, with no chunks).
+    """
+
+    index: int
+    chunks: tuple[int, ...]
+    tail: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +160,10 @@ class Plan:
         collections: NanoAOD collections among the outputs: counter name
             (``nJet``) -> the output columns of the collection (``Jet_pt``...).
             Every list among them has the counter's length in every event.
+        parts: the part tasks, in output order (consecutive chunks grouped
+            toward ``output.target_part_bytes``; a right/outer tail last).
+        bytes_per_event: the estimated output bytes per event (from the
+            files' metadata) the parts were sized with.
     """
 
     request: Request
@@ -143,6 +174,8 @@ class Plan:
     where: Expression | None
     friends: tuple[Friend, ...] = ()
     collections: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    parts: tuple[Part, ...] = ()
+    bytes_per_event: float = 0.0
 
     @property
     def rows_tag(self) -> str:
@@ -199,6 +232,41 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     return [r for r in out if r[1] > r[0]]
 
 
+def group_parts(
+    entries: Iterable[int], *, bytes_per_event: float, target_bytes: int
+) -> list[tuple[int, ...]]:
+    """Consecutive chunk indices grouped into parts of about ``target_bytes``.
+
+    A part takes chunks while it stays within 1.5x the target; a part
+    under half the target at the end joins the one before when that stays
+    within 2x. Pure arithmetic on the plan's numbers, so the same plan
+    always gives the same parts (however many workers run them).
+
+    >>> group_parts([100] * 6, bytes_per_event=1.0, target_bytes=200)
+    [(0, 1), (2, 3), (4, 5)]
+    >>> group_parts([100, 100, 10], bytes_per_event=1.0, target_bytes=200)
+    [(0, 1, 2)]
+    """
+    sizes = [max(0.0, n * bytes_per_event) for n in entries]
+    parts: list[list[int]] = []
+    size = 0.0
+    for i, chunk_bytes in enumerate(sizes):
+        if parts and (size >= target_bytes or size + chunk_bytes > 1.5 * target_bytes):
+            parts.append([i])
+            size = chunk_bytes
+        elif parts:
+            parts[-1].append(i)
+            size += chunk_bytes
+        else:
+            parts.append([i])
+            size = chunk_bytes
+    if len(parts) > 1 and size < 0.5 * target_bytes:
+        before = sum(sizes[i] for i in parts[-2])
+        if before + size <= 2 * target_bytes:
+            parts[-2].extend(parts.pop())
+    return [tuple(p) for p in parts]
+
+
 def make_plan(request: Request) -> Plan:
     """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
     dataset = resolve(request.dataset)
@@ -244,6 +312,17 @@ def make_plan(request: Request) -> Plan:
     for i, info in enumerate(dataset.files):
         for start, stop in split_entries(info.boundaries, request.chunk_size):
             chunks.append(Chunk(index=len(chunks), file_index=i, start=start, stop=stop))
+    per_event = _bytes_per_event(
+        dataset, wanted, resolver.done, compressed=request.output.compression != "none"
+    )
+    grouped = group_parts(
+        [c.entries for c in chunks],
+        bytes_per_event=per_event,
+        target_bytes=request.output.target_part_bytes,
+    )
+    parts = [Part(index=i, chunks=g) for i, g in enumerate(grouped)]
+    if any(f.has_tail for f in friends):
+        parts.append(Part(index=len(parts), chunks=(), tail=True))
     return Plan(
         request=request,
         dataset=dataset,
@@ -253,7 +332,75 @@ def make_plan(request: Request) -> Plan:
         where=where,
         friends=friends,
         collections=collections,
+        parts=tuple(parts),
+        bytes_per_event=per_event,
     )
+
+
+#: the output bytes per event assumed for a column whose size the metadata
+#: does not tell (a definition, a friend's or a model's column)
+_GUESS_BYTES = 4.0
+
+
+def _bytes_per_event(
+    dataset: ResolvedDataset,
+    outputs: list[str],
+    columns: dict[str, ColumnDef],
+    *,
+    compressed: bool = True,
+) -> float:
+    """Estimated output bytes per event: the size of the outputs in the first file.
+
+    Branches of the primary count their compressed bytes per entry (ROOT
+    ``fBasketBytes``, Parquet column chunk sizes), or their uncompressed
+    bytes for an output written without compression; other columns count as
+    :data:`_GUESS_BYTES`. Metadata only; a file whose sizes cannot be read
+    counts every column as a guess. The selection is not known yet, so a
+    ``where`` that keeps few events gives smaller parts.
+    """
+    branches = [n for n in outputs if n in columns and columns[n].kind == "source"]
+    sized: dict[str, float] = {}
+    info = dataset.files[0]
+    if branches and info.entries:
+        try:
+            sized = _branch_bytes(dataset, branches, compressed=compressed)
+        except Exception:  # noqa: BLE001 - an estimate: sizes unknown count as guesses
+            sized = {}
+    total = sum(sized.get(n, _GUESS_BYTES) for n in outputs)
+    return max(float(total), 1.0)
+
+
+def _branch_bytes(
+    dataset: ResolvedDataset, names: list[str], *, compressed: bool
+) -> dict[str, float]:
+    """(Un)compressed bytes per entry of each of ``names`` in the dataset's first file."""
+    info = dataset.files[0]
+    if info.format == "parquet":
+        from columnhub.sources.parquet import _open
+
+        meta = _open(info.path).metadata
+        totals: dict[str, float] = {}
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                top = column.path_in_schema.split(".", 1)[0]
+                if top in names:
+                    size = (
+                        column.total_compressed_size
+                        if compressed
+                        else column.total_uncompressed_size
+                    )
+                    totals[top] = totals.get(top, 0.0) + size
+        return {n: b / info.entries for n, b in totals.items()}
+    from columnhub.sources.root import _cached_tree
+
+    tree = _cached_tree(info, dataset.spec)
+    return {
+        n: float(tree[n].compressed_bytes if compressed else tree[n].uncompressed_bytes)
+        / info.entries
+        for n in names
+    }
 
 
 def _add_counters(

@@ -254,7 +254,10 @@ class ColumnCache:
         return f"ColumnCache({self._location!r}{mode})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"location": self._location, "read_only": self._read_only}
+        # a local directory travels as its absolute path: a worker process started
+        # elsewhere (a Dask worker) opens the same directory
+        location = self._backend.root if isinstance(self._backend, LocalBackend) else self._location
+        return {"location": location, "read_only": self._read_only}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["location"], read_only=state["read_only"])  # type: ignore[misc]

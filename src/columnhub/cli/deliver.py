@@ -25,7 +25,21 @@ def register(sub: Any) -> None:
     )
     p.add_argument("spec", help="request file (YAML or JSON)")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
-    p.add_argument("--workers", type=int, metavar="N", help="chunk tasks at once")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="part tasks at once (with --scheduler local: single-threaded worker processes)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help=(
+            "run the part tasks on Dask: a scheduler address (tcp://host:8786) or 'local' "
+            "for a LocalCluster of --workers processes (default: $DASK_SCHEDULER_ADDRESS, "
+            "else threads in this process)"
+        ),
+    )
     p.add_argument("--chunk-size", type=int, metavar="N", help="events per chunk")
     p.add_argument("--cache", metavar="PATH_OR_URL", help="column cache (default: per-user)")
     p.add_argument(
@@ -56,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "chunk_size": args.chunk_size,
         "cache": cache,
         "progress": False if args.no_progress else None,
+        "scheduler": args.scheduler,
     }
     if not isinstance(spec, Samples):
         _summarise(deliver(spec, **options), json_out=args.json)

@@ -1,17 +1,27 @@
 """Local executor: a thread pool in this process (the embedded default, no Dask).
 
-Results come back in task order while at most ``workers + 1`` tasks are in
-flight, so memory is bounded by chunk size x workers, not by dataset size.
+:func:`run_ordered` yields results in task order while at most ``workers + 1``
+tasks are in flight, so memory is bounded by chunk size x workers, not by
+dataset size. :func:`run_parts` runs part tasks and yields each part's
+metadata as it finishes.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["run_ordered"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from columnhub.cache import ColumnCache
+    from columnhub.execute.part import PartMeta
+    from columnhub.plan import Part, Plan
+
+__all__ = ["run_ordered", "run_parts"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -21,8 +31,9 @@ def run_ordered(fn: Callable[[T], R], tasks: Iterable[T], *, workers: int = 1) -
     """``fn`` over ``tasks`` on ``workers`` threads, yielding results in task order.
 
     Even with one worker the task runs on a pool thread, so the caller (which
-    writes the output) overlaps with the next task's reading. The first failure is raised as soon as its result is due; queued tasks are
-    then cancelled.
+    writes the output) overlaps with the next task's reading. The first
+    failure is raised as soon as its result is due; queued tasks are then
+    cancelled.
     """
     items = iter(tasks)
     workers = max(1, workers)
@@ -35,6 +46,38 @@ def run_ordered(fn: Callable[[T], R], tasks: Iterable[T], *, workers: int = 1) -
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def run_parts(
+    plan: Plan,
+    parts: Sequence[Part],
+    staging: Path,
+    cache: ColumnCache | None,
+    schema: pa.Schema | None,
+    *,
+    workers: int = 1,
+) -> Iterator[PartMeta]:
+    """Part tasks on ``workers`` threads; each part's metadata as it finishes.
+
+    The first failure is raised as soon as it is seen; tasks not started yet
+    are cancelled, and the ones running are waited for.
+    """
+    from columnhub.execute.part import run_part
+
+    if not parts:
+        return
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="columnhub-part") as pool:
+        pending: set[Future[Any]] = {
+            pool.submit(run_part, plan, part, staging, cache, schema=schema) for part in parts
+        }
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield future.result()
         finally:
             for future in pending:
                 future.cancel()

@@ -16,8 +16,10 @@ coffea's ``NanoAODSchema`` read it as they read NanoAOD):
   whose lengths differ from its collection's (lists of a file without
   counters: ``Jet_late`` beside ``Jet_pt``) gets a counter of its own, ``n`` +
   its name (``nJet_late``), never forced into ``nJet``. Which columns share a
-  counter is decided on the first rows written and kept for every part; a
-  later event where they disagree is an error.
+  counter comes from the plan (its NanoAOD collections,
+  :attr:`columnhub.plan.Plan.collections`), so every part of a result has the
+  same branches; a writer used alone decides it on the first rows written.
+  An event where they disagree is an error.
 - a delivered integer column that has a counter's name (``nJet``) and equals
   the lists' lengths on the first rows is that counter, written as ``int32``
   (the manifest says so); one that differs stays a branch of its own and the
@@ -214,13 +216,37 @@ class RootPartWriter:
         parts: the finished parts.
     """
 
-    def __init__(self, directory: Path, *, target_bytes: int, tree: str = "Events") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        target_bytes: int | None,
+        tree: str = "Events",
+        number: int = 0,
+        counters: dict[str, list[str]] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> None:
+        """A writer of parts ``number``, ``number + 1``...
+
+        Args:
+            directory: where the parts go.
+            target_bytes: a new part starts once one reaches this size
+                (``None``: everything goes into part ``number``).
+            tree: the TTree's name.
+            number: the number of the first part.
+            counters: counter branch -> the jagged columns it counts (from
+                the plan); ``None`` decides it on the first rows.
+            schema: the columns every table is cast to (``None``: the first
+                table's).
+        """
         self.directory = directory
         self.target_bytes = target_bytes
+        self.number = number
+        self._given = _Layout({k: list(v) for k, v in counters.items()}) if counters else None
         self.tree_name = tree
         self.schema: pa.Schema | None = None
         self.parts: list[PartInfo] = []
-        self._first: pa.Schema | None = None
+        self._first: pa.Schema | None = schema
         self._layout: _Layout | None = None
         self._file: Any = None
         self._tmp: Path | None = None
@@ -236,7 +262,7 @@ class RootPartWriter:
         if table.num_rows == 0:
             return  # no rows, no basket; close() writes the branches of an empty result
         if self._layout is None:
-            self._layout = _plan_layout(table)
+            self._layout = self._given or _plan_layout(table)
             self.schema = self._written_schema(table.schema)
         self._check(table)
         self._append(table)
@@ -323,7 +349,7 @@ class RootPartWriter:
         branches = self._branches(table)
         try:
             if self._file is None:
-                self._tmp = part_path(self.directory, len(self.parts), "root")
+                self._tmp = part_path(self.directory, self.number + len(self.parts), "root")
                 self._file = uproot.recreate(self._tmp)
                 self._file.mktree(self.tree_name, branches, counter_name=self._layout.counter_of())
             else:
@@ -333,7 +359,11 @@ class RootPartWriter:
             raise OutputError(msg) from err
         self._rows += table.num_rows
         self._written += table.num_rows
-        if self._tmp is not None and self._tmp.stat().st_size >= self.target_bytes:
+        if (
+            self.target_bytes is not None
+            and self._tmp is not None
+            and self._tmp.stat().st_size >= self.target_bytes
+        ):
             self._finish()
 
     def _finish(self) -> None:
@@ -350,7 +380,7 @@ class RootPartWriter:
         if self._first is not None and not self.parts and self._file is None:
             empty = self._first.empty_table()  # an empty result still has its branches
             if self._layout is None:
-                self._layout = _plan_layout(empty)
+                self._layout = self._given or _plan_layout(empty)
                 self.schema = self._written_schema(empty.schema)
             self._append(empty)
         self._finish()

@@ -101,11 +101,15 @@ def read_executor() -> ThreadPoolExecutor | None:
 
     uproot decompresses and interprets baskets serially by default; handing it
     a pool lets one chunk task use every core (zlib/zstd/lz4 release the GIL).
-    ``COLUMNHUB_READ_THREADS`` sets its size (default: the CPU count; ``1``
-    reads serially). Created on first use, once per process.
+    Its size is the process's one concurrency setting
+    (:func:`columnhub._concurrency.threads`: ``$COLUMNHUB_THREADS``, a Dask
+    worker's threads, else the CPU count; ``1`` reads serially). Created on
+    first use, once per process.
     """
     global _pool
-    threads = int(os.environ.get("COLUMNHUB_READ_THREADS", os.cpu_count() or 1))
+    from columnhub._concurrency import threads as _threads
+
+    threads = _threads()
     if threads <= 1:
         return None
     with _pool_lock:

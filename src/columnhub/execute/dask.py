@@ -1,0 +1,171 @@
+"""Dask executor: part tasks on a ``distributed`` cluster, and the choice of executor.
+
+Any Dask deployment works by its scheduler address (dask-jobqueue on
+HTCondor or Slurm, dask-gateway, the Kubernetes operator); ``"local"`` starts
+a ``LocalCluster`` of single-threaded worker processes for this request. The
+part tasks are submitted with keys that name the request and the part, are
+retried when a worker dies or a task fails, and return only metadata: the
+workers write the parts into the staging directory and read and write the
+column cache themselves, so both must be locations every worker sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from columnhub.errors import SpecError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from columnhub.cache import ColumnCache
+    from columnhub.execute.part import PartMeta
+    from columnhub.plan import Part, Plan
+
+__all__ = ["SCHEDULER_ENV", "RunParts", "executor_for", "run_parts"]
+
+#: the scheduler address used when ``deliver`` is given none (Dask's own name)
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+#: how many times a failed part task is retried (a worker's death counts as well)
+RETRIES_ENV = "COLUMNHUB_TASK_RETRIES"
+_RETRIES_DEFAULT = 3
+
+#: ``run(plan, parts, staging, cache, schema)``: each part's metadata as it finishes
+RunParts = Callable[
+    ["Plan", "Sequence[Part]", Path, "ColumnCache | None", "pa.Schema | None"],
+    Iterator["PartMeta"],
+]
+
+
+@contextlib.contextmanager
+def executor_for(scheduler: Any, *, workers: int) -> Iterator[RunParts]:
+    """The part-task runner for ``scheduler``, open for the ``with`` block.
+
+    Args:
+        scheduler: ``None`` (``$DASK_SCHEDULER_ADDRESS`` when set, else a
+            thread pool here), ``"local"`` (a ``LocalCluster`` of ``workers``
+            single-threaded processes, closed at the end), a scheduler
+            address (``tcp://host:8786``), or a ``distributed.Client``
+            (left open).
+        workers: threads of the local pool, or processes of ``"local"``.
+    """
+    if scheduler is None:
+        scheduler = os.environ.get(SCHEDULER_ENV) or None
+    if scheduler is None:
+        from columnhub.execute.local import run_parts as local
+
+        yield functools.partial(local, workers=workers)
+        return
+    with _client(scheduler, workers=workers) as client:
+        yield functools.partial(run_parts, client)
+
+
+@contextlib.contextmanager
+def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
+    distributed = _distributed()
+    if isinstance(scheduler, distributed.Client):
+        yield scheduler
+        return
+    if not isinstance(scheduler, str) or not scheduler:
+        msg = (
+            f"scheduler must be 'local', a Dask scheduler address (tcp://host:8786) or a "
+            f"distributed.Client, got {scheduler!r}"
+        )
+        raise SpecError(msg)
+    if scheduler == "local":
+        cluster = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+        )
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    try:
+        client = distributed.Client(scheduler, timeout=_connect_timeout())
+    except (OSError, TimeoutError, ValueError) as err:
+        msg = (
+            f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
+            f"(--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is running, or "
+            "use --scheduler local"
+        )
+        raise SpecError(msg) from err
+    with client:
+        yield client
+
+
+def run_parts(
+    client: Any,
+    plan: Plan,
+    parts: Sequence[Part],
+    staging: Path,
+    cache: ColumnCache | None,
+    schema: pa.Schema | None,
+) -> Iterator[PartMeta]:
+    """Submit every part task to ``client``'s cluster; each one's metadata as it finishes.
+
+    A task whose worker dies is run again elsewhere, and a failed one is
+    retried ``$COLUMNHUB_TASK_RETRIES`` times (default 3); a retried task
+    replaces its own part. A user error in a task reaches the caller as the
+    same :class:`~columnhub.errors.ColumnhubError`; the other tasks are then
+    cancelled.
+    """
+    from columnhub.execute.part import run_part
+
+    distributed = _distributed()
+    if not parts:
+        return
+    run = secrets.token_hex(4)  # keys of a new delivery never meet an older one's
+    futures = [
+        client.submit(
+            run_part,
+            plan,
+            part,
+            str(Path(staging).resolve()),
+            cache,
+            schema=schema,
+            key=f"columnhub-{plan.request.hash[:16]}-part-{part.index:05d}-{run}",
+            pure=False,
+            retries=_retries(),
+        )
+        for part in parts
+    ]
+    try:
+        for future in distributed.as_completed(futures):
+            yield future.result()
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
+def _retries() -> int:
+    raw = os.environ.get(RETRIES_ENV)
+    if raw is None:
+        return _RETRIES_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"${RETRIES_ENV} must be a whole number of retries (0 or more), got {raw!r}"
+        raise SpecError(msg)
+    return value
+
+
+def _connect_timeout() -> str:
+    return os.environ.get("COLUMNHUB_SCHEDULER_TIMEOUT", "30s")
+
+
+def _distributed() -> Any:
+    from columnhub._extras import require
+
+    return require("distributed", what="the Dask executor (scheduler)")
