@@ -206,20 +206,27 @@ def root_counters(plan: Plan, schema: pa.Schema) -> dict[str, list[str]]:
     counter (the plan checks their lengths agree in every event), except the
     lists of a file without counters whose lengths need not agree (only the
     list the counter is computed from shares it). Any other jagged column
-    gets a counter of its own, ``n`` + its name.
+    is grouped by its name as the writer alone groups it: the lists of one
+    collection (``good_pt``, ``good_eta``) share ``n`` + the collection
+    (``ngood``; the writer refuses an event where their lengths differ), a
+    list of no collection gets ``n`` + its name.
     """
+    from columnhub.join.collection import collection_of
+
     by_column: dict[str, str] = {}
     for counter, members in plan.collections.items():
         counted = plan.columns[counter].source.get("counts")
         for name in members:
             kind = plan.columns[name].kind
             if counted is not None and name != counted and kind in ("source", "friend"):
+                by_column[name] = "n" + name  # lengths need not agree: a counter of its own
                 continue
             by_column[name] = counter
     counters: dict[str, list[str]] = {}
     for f in schema:
         if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
-            counters.setdefault(by_column.get(f.name, "n" + f.name), []).append(f.name)
+            own = "n" + (collection_of(f.name) or f.name)
+            counters.setdefault(by_column.get(f.name, own), []).append(f.name)
     return counters
 
 
