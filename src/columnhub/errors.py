@@ -14,6 +14,7 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     │   ├── DatasetFileNotFoundError (FileNotFoundError)
     │   ├── TreeNotFoundError (KeyError)
     │   ├── CorruptFileError                   truncated / damaged file
+    │   ├── InputChangedError                  a file changed while it was read
     │   └── SourceTimeoutError (TimeoutError)  remote storage did not answer
     ├── JoinError                              event-key joins
     │   ├── KeyMismatchError                   aligned friends disagree
@@ -42,6 +43,7 @@ __all__ = [
     "DuplicateKeyError",
     "ExpressionError",
     "InferenceServerError",
+    "InputChangedError",
     "JoinError",
     "KeyMismatchError",
     "KeyTypeError",
@@ -102,6 +104,16 @@ class TreeNotFoundError(DatasetError, KeyError):
 
 class CorruptFileError(DatasetError):
     """A file is truncated or damaged."""
+
+
+class InputChangedError(DatasetError):
+    """An input file was replaced or rewritten while a request read it.
+
+    Raised when a read finishes and the file's identity (size, modification
+    time, inode, ROOT UUID; ETag or Last-Modified for URLs) no longer matches
+    the one planned. Nothing read from it is cached; re-running the request is
+    correct (it plans with the file as it is then).
+    """
 
 
 class SourceTimeoutError(DatasetError, TimeoutError):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ from typing import Any
 import awkward as ak
 import uproot
 
-from columnhub.datasets import FileInfo, is_url
+from columnhub.datasets import FileInfo, is_url, local_stamp, remote_stamp
 from columnhub.errors import (
     ColumnhubError,
     CorruptFileError,
@@ -28,11 +30,29 @@ from columnhub.errors import (
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "forget_files", "open_tree", "read", "read_executor"]
+__all__ = [
+    "current_check",
+    "describe",
+    "forget_file",
+    "forget_files",
+    "header_uuid",
+    "open_tree",
+    "read",
+    "read_executor",
+]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
+#: open trees kept per process: at most this many files, and at most
+#: ``COLUMNHUB_OPEN_BYTES`` (default 256 MiB) of their estimated metadata
+#: together (the newest is always kept); files are opened without uproot's
+#: per-file array cache (100 MB each by default), so memory does not grow
+#: with the number of files a request reads
 _OPEN_FILES = 16
-_open: OrderedDict[Any, Any] = OrderedDict()
+_OPEN_BYTES = int(os.environ.get("COLUMNHUB_OPEN_BYTES", str(256 << 20)))
+#: an open tree's memory, estimated as this many times its metadata's
+#: uncompressed size in the file (measured on NanoAOD: 3-5x)
+_TREE_MEMORY_FACTOR = 5
+_open: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
 _open_lock = threading.Lock()
 #: what describe() found per local file, by (path, tree, device, inode, size,
 #: mtime), reused while the header's ROOT UUID matches too: a
@@ -112,20 +132,42 @@ def _cached_tree(file: FileInfo, spec: DatasetSpec) -> Any:
     """
     key = (file.path, file.identity, spec.tree)
     with _open_lock:
-        tree = _open.pop(key, None)
-        if tree is not None:
-            _open[key] = tree
-            return tree
+        held = _open.pop(key, None)
+        if held is not None:
+            _open[key] = held
+            return held[0]
     tree = open_tree(file.path, spec)
     _remember(key, tree)
     return tree
 
 
+def _tree_bytes(tree: Any) -> int:
+    """An estimate of the memory an open tree holds (its metadata, a few MB for NanoAOD)."""
+    try:
+        size = int(tree.file.key(tree.object_path).data_uncompressed_bytes)
+    except Exception:  # noqa: BLE001 - RNTuple, or no key: count a typical NanoAOD tree
+        size = 1 << 20
+    return size * _TREE_MEMORY_FACTOR
+
+
 def _remember(key: Any, tree: Any) -> None:
+    size = _tree_bytes(tree)
     with _open_lock:
-        _open[key] = tree
-        while len(_open) > _OPEN_FILES:
-            _open.popitem(last=False)  # closed when the last chunk using it is done
+        _open[key] = (tree, size)
+        total = sum(n for _, n in _open.values())
+        while len(_open) > 1 and (len(_open) > _OPEN_FILES or total > _OPEN_BYTES):
+            _, (_, n) = _open.popitem(last=False)  # closed when the last chunk using it is done
+            total -= n
+
+
+def forget_file(path: str) -> None:
+    """Forget the open tree and the description of ``path`` (it changed on disk)."""
+    with _open_lock:
+        for key in [k for k in _open if k[0] == path]:
+            del _open[key]
+    with _described_lock:
+        for key in [k for k in _described if k[0] == path]:
+            del _described[key]
 
 
 def open_tree(path: str, spec: DatasetSpec) -> Any:
@@ -141,7 +183,10 @@ def _open_tree(path: str, spec: DatasetSpec) -> Any:
     # whole seconds: the XRootD client (through fsspec-xrootd) accepts only an int
     options: dict[str, Any] = {"timeout": max(1, math.ceil(spec.timeout))} if is_url(path) else {}
     try:
-        file = uproot.open(path, **options)
+        # no per-file array and object caches: columnhub reads each entry range
+        # once per chunk, and the default 100 MB per open file made memory
+        # grow with the number of files
+        file = uproot.open(path, array_cache=None, object_cache=None, **options)
     except FileNotFoundError as err:
         msg = f"dataset {spec.name!r}: file {path!r} does not exist ({err})"
         raise DatasetFileNotFoundError(msg) from err
@@ -207,7 +252,7 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
                 known = _described.get(key)
                 if known is not None:
                     _described.move_to_end(key)
-            if known is not None and _uuid(path) == dict(known[0].identity).get("uuid"):
+            if known is not None and header_uuid(path) == dict(known[0].identity).get("uuid"):
                 info, columns = known
                 return info, dict(columns)
     info, columns = _describe(path, spec)
@@ -224,13 +269,41 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     return info, columns
 
 
-def _uuid(path: str) -> str | None:
-    """The UUID in a local ROOT file's header (``None`` if it cannot be read)."""
+_HEADER_SMALL = struct.Struct(">4siiiiiiiBiiiH16s")  # the TFile header, 32-bit seeks
+_HEADER_BIG = struct.Struct(">4siiqqiiiBiqiH16s")  # and 64-bit seeks (fVersion >= 1000000)
+
+
+def header_uuid(path: str) -> str | None:
+    """The UUID in a local ROOT file's header: one read of 70 bytes.
+
+    ``None`` if the file cannot be read or has no ROOT header.
+    """
     try:
-        with uproot.open(path) as file:
-            return str(file.file.uuid)
-    except Exception:  # noqa: BLE001 - describing it again names the problem
+        with open(path, "rb") as handle:
+            head = handle.read(_HEADER_BIG.size)
+    except OSError:
         return None
+    if len(head) < _HEADER_SMALL.size or head[:4] != b"root":
+        return None
+    layout = _HEADER_BIG if struct.unpack_from(">i", head, 4)[0] >= 1000000 else _HEADER_SMALL
+    if len(head) < layout.size:
+        return None
+    return str(uuid.UUID(bytes=layout.unpack_from(head)[-1]))
+
+
+def current_check(file: FileInfo, spec: DatasetSpec) -> dict[str, Any]:
+    """The fields of ``file.check`` as the file is now (a stat and a header read).
+
+    An empty dict when the file is gone or unreadable.
+    """
+    if is_url(file.path):
+        return remote_stamp(file.path, timeout=spec.timeout)
+    try:
+        now: dict[str, Any] = local_stamp(file.path)
+    except OSError:
+        return {}
+    now["uuid"] = header_uuid(file.path)
+    return now
 
 
 def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
@@ -250,12 +323,15 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
         msg = f"dataset {spec.name!r}: the metadata of {path!r} cannot be read ({err})"
         raise CorruptFileError(msg) from err
     identity: dict[str, Any] = {"uuid": str(tree.file.uuid)}
+    check: dict[str, Any] = {}
     if is_url(path):
         identity["size"] = int(getattr(tree.file.source, "num_bytes", 0) or 0)
+        check = remote_stamp(path, timeout=spec.timeout)
     else:
-        stat = os.stat(path)
-        identity["size"] = stat.st_size
-        identity["mtime_ns"] = stat.st_mtime_ns
+        stamp = local_stamp(path)
+        identity["size"] = stamp["size"]
+        identity["mtime_ns"] = stamp["mtime_ns"]
+        check = {**stamp, "uuid": identity["uuid"]}
     if boundaries[-1] != entries:
         boundaries = (0, entries)
     info = FileInfo(
@@ -264,6 +340,7 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
         entries=entries,
         identity=tuple(sorted(identity.items())),
         boundaries=boundaries,
+        check=tuple(sorted(check.items())),
     )
     _remember((info.path, info.identity, spec.tree), tree)
     return info, columns
