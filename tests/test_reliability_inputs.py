@@ -1,0 +1,332 @@
+"""Data integrity under faults: inputs changed mid-read, cache entries bound to their keys,
+memory bounded whatever the number of input files, a floor on tiny chunks.
+
+Real files and real processes: input files made by ``columnhub synth``, replaced
+by a real ``os.replace`` or rewritten in place while a real delivery reads them,
+cache entry files really copied over each other, peak memory measured in a child
+process. Every result is checked against a direct uproot read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import columnhub
+from columnhub.cache import ColumnCache, entry_key
+from columnhub.errors import InputChangedError
+from columnhub.synth import synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO.parent / "shared" / "data" / "nano_tt_v12.root"
+KEYS = ["run", "luminosityBlock", "event"]
+EVENTS = 2000
+CHUNK = 500  # 4 chunks per file (baskets of 500 events)
+
+
+def make(path: Path, seed: int) -> Path:
+    """A same-layout file: the same events (keys), values drawn with ``seed``.
+
+    Uncompressed flat branches, so every seed gives a file of exactly the same
+    size with its baskets at the same offsets: a rewrite in place is only
+    visible in the values (and the ROOT UUID of the header).
+    """
+    (out,) = synthesize(
+        TEMPLATE, events=EVENTS, output=path, seed=seed, branches=["MET_*"],
+        compression="none", basket_events=CHUNK,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two versions of one file: ``old`` and ``new`` (same size, same keys, other values)."""
+    d = tmp_path_factory.mktemp("versions")
+    old, new = make(d / "old.root", seed=1), make(d / "new.root", seed=2)
+    assert old.stat().st_size == new.stat().st_size
+    a, b = (uproot.open(p)["Events"].arrays(["MET_pt"], library="np") for p in (old, new))
+    assert not np.array_equal(a["MET_pt"], b["MET_pt"])
+    return old, new
+
+
+def replace_by_rename(target: Path, source: Path) -> None:
+    """``mv`` of a complete new file over ``target`` (another inode)."""
+    tmp = target.with_name(target.name + ".incoming")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def replace_in_place(target: Path, source: Path) -> None:
+    """An in-place copy over ``target``: same inode, same size, its mtime restored."""
+    before = target.stat()
+    with open(target, "r+b") as handle:
+        handle.write(source.read_bytes())
+        handle.truncate()
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns,
+    )
+
+
+REPLACE: dict[str, Callable[[Path, Path], None]] = {
+    "rename": replace_by_rename,
+    "in_place": replace_in_place,
+}
+
+
+def read(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+    return uproot.open(path)["Events"].arrays(columns, library="np")
+
+
+def replacing_after_first_chunk(target: Path, source: Path, how: str) -> Callable[[int, int], None]:
+    """A ``progress`` callable that replaces ``target`` once the first chunk is written.
+
+    With ``workers=1`` the executor submits chunk 3 only after chunk 1's
+    result was handed over (and this callable returned), so chunks 3 and 4 are
+    read after the replacement whatever the timing; chunk 2 may be read before.
+    """
+    calls: list[int] = []
+
+    def progress(done: int, _total: int) -> None:
+        calls.append(done)
+        if len(calls) == 1:
+            REPLACE[how](target, source)
+
+    progress.calls = calls  # type: ignore[attr-defined]
+    return progress
+
+
+@pytest.mark.parametrize("how", sorted(REPLACE))
+def test_primary_file_replaced_during_delivery(
+    tmp_path: Path, versions: tuple[Path, Path], how: str
+) -> None:
+    old, new = versions
+    target = tmp_path / "data" / "events.root"
+    target.parent.mkdir()
+    shutil.copy2(old, target)
+    cache = tmp_path / "cache"
+    columns = ["MET_pt", "MET_phi"]
+    request = {
+        "dataset": {"name": "ev", "files": [str(target)]},
+        "columns": columns,
+        "chunk_size": CHUNK,
+    }
+    progress = replacing_after_first_chunk(target, new, how)
+    with pytest.raises(InputChangedError, match="changed while this request read it") as info:
+        columnhub.deliver(request, output=tmp_path / "o1", workers=1, cache=cache, progress=progress)
+    assert str(target) in str(info.value)
+    assert "re-run" in str(info.value)
+    assert len(progress.calls) < 4  # failed: not every chunk was delivered
+    failed = json.loads((tmp_path / "o1" / "manifest.json").read_text())
+    assert failed["complete"] is False
+
+    # re-running is correct: the new file, read from scratch or the cache alike
+    ref = read(target, KEYS + columns)
+    rerun = columnhub.deliver(request, output=tmp_path / "o2", workers=2, cache=cache, progress=False)
+    got = rerun.to_awkward()
+    for name in KEYS + columns:
+        assert np.array_equal(ak.to_numpy(got[name]), ref[name]), name
+    assert rerun.manifest["complete"] is True
+    # the manifest records the identity of the file actually read
+    assert rerun.manifest["inputs"][0]["uuid"] == str(uproot.open(target).file.uuid)
+    assert np.array_equal(ref["MET_pt"], read(new, ["MET_pt"])["MET_pt"])
+
+    # nothing of the new file was cached under the old file's identity: with the
+    # old file back (same UUID, size and mtime as first planned), every chunk
+    # served from the cache holds the old file's values
+    replace_by_rename(target, old)
+    os.utime(target, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
+    back = columnhub.deliver(request, output=tmp_path / "o3", workers=2, cache=cache, progress=False)
+    assert back.manifest["cache"]["hits"] > 0  # the first run's chunks are served
+    ref_old = read(old, KEYS + columns)
+    got = back.to_awkward()
+    for name in KEYS + columns:
+        assert np.array_equal(ak.to_numpy(got[name]), ref_old[name]), name
+
+
+@pytest.mark.parametrize("how", sorted(REPLACE))
+def test_friend_file_replaced_during_delivery(
+    tmp_path: Path, versions: tuple[Path, Path], how: str
+) -> None:
+    old, new = versions
+    primary = tmp_path / "primary.root"
+    make(primary, seed=7)
+    target = tmp_path / "friend" / "events.root"
+    target.parent.mkdir()
+    shutil.copy2(old, target)
+    cache = tmp_path / "cache"
+    request = {
+        "dataset": {"name": "ev", "files": [str(primary)]},
+        "columns": ["MET_pt", "f.MET_pt"],
+        "chunk_size": CHUNK,
+        "friends": [{"name": "f", "dataset": {"name": "fr", "files": [str(target)]},
+                     "columns": ["MET_pt"]}],
+    }
+    progress = replacing_after_first_chunk(target, new, how)
+    with pytest.raises(InputChangedError, match="changed while this request read it") as info:
+        columnhub.deliver(request, output=tmp_path / "o1", workers=1, cache=cache, progress=progress)
+    assert str(target) in str(info.value)
+
+    def expected(friend_file: Path) -> list[float]:
+        """Brute force: the friend's value of each primary event, by key."""
+        f = read(friend_file, [*KEYS, "MET_pt"])
+        by_key = {k: v for *k_, v in zip(*(f[k] for k in KEYS), f["MET_pt"], strict=True)
+                  for k in [tuple(int(x) for x in k_)]}
+        p = read(primary, KEYS)
+        return [by_key[tuple(int(p[k][i]) for k in KEYS)] for i in range(len(p["event"]))]
+
+    rerun = columnhub.deliver(request, output=tmp_path / "o2", workers=2, cache=cache, progress=False)
+    assert ak.to_list(rerun.to_awkward()["f.MET_pt"]) == expected(new)
+    assert ak.to_list(rerun.to_awkward()["MET_pt"]) == read(primary, ["MET_pt"])["MET_pt"].tolist()
+    assert rerun.manifest["friends"]["f"][0]["uuid"] == str(uproot.open(target).file.uuid)
+
+    replace_by_rename(target, old)
+    os.utime(target, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
+    back = columnhub.deliver(request, output=tmp_path / "o3", workers=2, cache=cache, progress=False)
+    assert back.manifest["cache"]["hits"] > 0
+    assert ak.to_list(back.to_awkward()["f.MET_pt"]) == expected(old)
+
+
+def test_parquet_file_rewritten_in_place_during_delivery(
+    tmp_path: Path, versions: tuple[Path, Path]
+) -> None:
+    """A Parquet input rewritten with another file of the same size, mtime restored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(source: Path, path: Path) -> None:
+        arrays = read(source, [*KEYS, "MET_pt"])
+        table = pa.table({k: arrays[k] for k in [*KEYS, "MET_pt"]})
+        pq.write_table(table, path, row_group_size=CHUNK, compression="none", use_dictionary=False)
+
+    old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    write(versions[0], old)
+    write(versions[1], new)
+    assert old.stat().st_size == new.stat().st_size
+    target = tmp_path / "data" / "events.parquet"
+    target.parent.mkdir()
+    shutil.copy2(old, target)
+    request = {"dataset": {"name": "pq", "files": [str(target)]}, "columns": ["MET_pt"],
+               "chunk_size": CHUNK}
+    progress = replacing_after_first_chunk(target, new, "in_place")
+    with pytest.raises(InputChangedError, match="changed while this request read it"):
+        columnhub.deliver(request, output=tmp_path / "o1", workers=1, cache=tmp_path / "c",
+                          progress=progress)
+    rerun = columnhub.deliver(request, output=tmp_path / "o2", workers=1, cache=tmp_path / "c",
+                              progress=False)
+    want = pq.read_table(new).column("MET_pt").to_pylist()
+    assert ak.to_list(rerun.to_awkward()["MET_pt"]) == want
+
+
+def test_describe_does_not_serve_an_old_description(tmp_path: Path, versions: tuple[Path, Path]) -> None:
+    """A file rewritten in place (same inode, size, mtime) is described anew."""
+    from columnhub.datasets import resolve
+    from columnhub.spec import DatasetSpec
+
+    old, new = versions
+    target = tmp_path / "events.root"
+    shutil.copy2(old, target)
+    spec = DatasetSpec(name="ev", files=[str(target)])
+    first = resolve(spec).files[0]
+    replace_in_place(target, new)
+    second = resolve(spec).files[0]
+    assert second.identity_dict["uuid"] == str(uproot.open(target).file.uuid)
+    assert second.identity != first.identity
+
+
+# ---------------------------------------------------------------------------
+# cache entries bound to their keys
+
+
+def key_of(column: str, start: int = 0) -> str:
+    return entry_key(file={"uuid": "u"}, tree="Events", column=column,
+                     entry_start=start, entry_stop=start + 10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    a=st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=20),
+    b=st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=20),
+    blob=st.binary(max_size=64),
+)
+def test_entry_copied_over_another_key_is_a_miss(
+    tmp_path_factory: pytest.TempPathFactory, a: list[float], b: list[float], blob: bytes
+) -> None:
+    cache = ColumnCache(tmp_path_factory.mktemp("cache"))
+    ka, kb, kc = key_of("x"), key_of("y"), key_of("blob")
+    cache.put(ka, ak.Array(np.asarray(a, dtype=np.float32)))
+    cache.put(kb, ak.Array(np.asarray(b, dtype=np.float32)))
+    cache.put_bytes(kc, blob)
+    shutil.copyfile(cache.entry_path(ka), cache.entry_path(kb))  # a valid entry, wrong key
+    shutil.copyfile(cache.entry_path(ka), cache.entry_path(kc))
+    before = cache.stats()
+    assert cache.get(kb) is None
+    assert cache.get_bytes(kc) is None
+    assert ak.to_list(cache.get(ka)) == ak.to_list(ak.Array(np.asarray(a, dtype=np.float32)))
+    after = cache.stats()
+    assert after.corrupt - before.corrupt == 2
+    assert after.misses - before.misses == 2
+    assert not os.path.exists(cache.entry_path(kb))  # dropped, rewritten by the next put
+
+
+def test_old_format_entry_is_a_miss(tmp_path: Path) -> None:
+    """An entry of format 1 (no key inside) is never served."""
+    import struct
+
+    import xxhash
+
+    cache = ColumnCache(tmp_path / "cache")
+    key = key_of("x")
+    cache.put(key, ak.Array(np.arange(10, dtype=np.float32)))
+    path = cache.entry_path(key)
+    raw = bytearray(Path(path).read_bytes())
+    # the same entry as format 1 wrote it: version 1, checksum recomputed
+    raw[8:10] = struct.pack("<H", 1)
+    h = xxhash.xxh3_64()
+    h.update(bytes(raw[:24]))
+    h.update(bytes(raw[32:]))
+    raw[24:32] = struct.pack("<Q", h.intdigest())
+    Path(path).write_bytes(bytes(raw))
+    assert cache.get(key) is None
+    assert cache.stats().corrupt == 1
+
+
+def test_delivery_never_serves_an_entry_copied_over_another_key(
+    tmp_path: Path, versions: tuple[Path, Path]
+) -> None:
+    old, _ = versions
+    cache = ColumnCache(tmp_path / "cache")
+    columns = ["MET_pt", "MET_phi", "MET_sumEt"]
+    request = {"dataset": {"name": "ev", "files": [str(old)]}, "columns": columns,
+               "chunk_size": CHUNK}
+    columnhub.deliver(request, output=tmp_path / "o1", workers=2, cache=cache, progress=False)
+    entries = sorted((tmp_path / "cache" / "objects").glob("*/*"))
+    # one per column chunk, and the record of the whole result
+    assert len(entries) == len(KEYS + columns) * (EVENTS // CHUNK) + 1
+    # a column chunk (kind 1 in the entry's prefix), not the result record (kind 2)
+    donor = next(e for e in entries if e.read_bytes()[10:12] == b"\x01\x00")
+    for entry in entries:
+        if entry != donor:
+            shutil.copyfile(donor, entry)  # every other entry now holds the donor's bytes
+    second = columnhub.deliver(request, output=tmp_path / "o2", workers=2, cache=cache,
+                               progress=False)
+    ref = read(old, KEYS + columns)
+    got = second.to_awkward()
+    for name in KEYS + columns:
+        assert np.array_equal(ak.to_numpy(got[name]), ref[name]), name
+    assert second.manifest["cache"]["hits"] == 1  # only the donor's own key
+    assert cache.stats().corrupt == len(entries) - 1
