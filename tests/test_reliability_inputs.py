@@ -392,6 +392,31 @@ def test_tiny_chunks_are_coarsened_and_said_so(
     assert len(entries) == len(KEYS + ["MET_pt"]) * MAX_BASKET_SPLIT + 1  # + the result record
 
 
+def test_open_trees_are_bounded_by_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a budget of 2.5 trees, a delivery over 6 files keeps at most 2 open."""
+    from columnhub.sources import root
+
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"f{i}.root")
+        shutil.copyfile(TEMPLATE, files[-1])
+    with uproot.open(TEMPLATE) as handle:  # a tree's metadata, as stored in the file
+        stored = handle.key("Events").data_uncompressed_bytes
+    per_tree = root._TREE_MEMORY_FACTOR * stored
+    monkeypatch.setattr(root, "_OPEN_BYTES", int(per_tree * 2.5))
+    root.forget_files()
+    request = {"dataset": {"name": "six", "files": [str(f) for f in files]},
+               "columns": ["MET_pt"], "chunk_size": 100}
+    result = columnhub.deliver(request, output=tmp_path / "out", workers=2, cache=False,
+                               progress=False)
+    held = [key for key in root._open if key[0] in {str(f) for f in files}]
+    assert 1 <= len(held) <= 2
+    assert sum(size for _, size in root._open.values()) <= per_tree * 2.5
+    want = np.concatenate([read(f, ["MET_pt"])["MET_pt"] for f in files])
+    assert np.array_equal(ak.to_numpy(result.to_awkward()["MET_pt"]), want)
+    root.forget_files()
+
+
 _PEAK_RSS = textwrap.dedent(
     """
     import json, resource, sys

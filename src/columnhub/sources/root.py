@@ -145,7 +145,7 @@ def _cached_tree(file: FileInfo, spec: DatasetSpec) -> Any:
 def _tree_bytes(tree: Any) -> int:
     """An estimate of the memory an open tree holds (its metadata, a few MB for NanoAOD)."""
     try:
-        size = int(tree.file.key(tree.object_path).data_uncompressed_bytes)
+        size = int(tree.file.root_directory.key(tree.object_path).data_uncompressed_bytes)
     except Exception:  # noqa: BLE001 - RNTuple, or no key: count a typical NanoAOD tree
         size = 1 << 20
     return size * _TREE_MEMORY_FACTOR
