@@ -19,6 +19,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
 import numpy as np
@@ -201,6 +202,26 @@ def test_friend_file_replaced_during_delivery(
     back = columnhub.deliver(request, output=tmp_path / "o3", workers=2, cache=cache, progress=False)
     assert back.manifest["cache"]["hits"] > 0
     assert ak.to_list(back.to_awkward()["f.MET_pt"]) == expected(old)
+
+
+def test_remote_file_rewritten_during_delivery(
+    tmp_path: Path, versions: tuple[Path, Path], http_server: Any
+) -> None:
+    """Over HTTP (a real server on loopback, no ETag): a same-size rewrite is seen in the header."""
+    old, new = versions
+    name = f"replaced-{tmp_path.name}.root"
+    url = http_server.put(old, name=name)
+    target = Path(http_server.root) / name
+    request = {"dataset": {"name": "remote", "files": [url]}, "columns": ["MET_pt"],
+               "chunk_size": CHUNK}
+    progress = replacing_after_first_chunk(target, new, "in_place")
+    with pytest.raises(InputChangedError, match="changed while this request read it") as info:
+        columnhub.deliver(request, output=tmp_path / "o1", workers=1, cache=tmp_path / "c",
+                          progress=progress)
+    assert url in str(info.value)
+    rerun = columnhub.deliver(request, output=tmp_path / "o2", workers=1, cache=tmp_path / "c",
+                              progress=False)
+    assert np.array_equal(ak.to_numpy(rerun.to_awkward()["MET_pt"]), read(new, ["MET_pt"])["MET_pt"])
 
 
 def test_parquet_file_rewritten_in_place_during_delivery(
