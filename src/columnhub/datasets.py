@@ -22,7 +22,7 @@ import numpy as np
 from columnhub.errors import ColumnNotFoundError, DatasetFileNotFoundError, closest
 from columnhub.spec import DatasetSpec
 
-__all__ = ["FileInfo", "ResolvedDataset", "is_url", "local_stamp", "remote_stamp", "resolve"]
+__all__ = ["FileInfo", "ResolvedDataset", "is_url", "resolve"]
 
 Format = Literal["root", "parquet"]
 _PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
@@ -42,10 +42,11 @@ class FileInfo:
         boundaries: entry offsets where baskets / row groups of all columns
             start together (chunks are aligned to them), from 0 to ``entries``.
         check: what a finished read compares with the file as it is then, to
-            prove it read *this* file: the identity plus the inode and device
-            of a local file (a file replaced by a rename is another inode), or
-            the ETag / Last-Modified of a URL. Not part of cache keys (copies
-            of one file share their cached columns); empty: nothing to check.
+            prove it read *this* file (``columnhub.sources._identity``): the
+            size, mtime, inode and device of a local file with its ROOT UUID
+            or Parquet footer digest, or a URL's size, ETag / Last-Modified
+            and ROOT UUID. Not part of cache keys (copies of one file share
+            their cached columns); empty: nothing to check.
     """
 
     path: str
@@ -105,48 +106,6 @@ class ResolvedDataset:
 def is_url(path: str) -> bool:
     """True for ``scheme://...`` paths other than ``file://``."""
     return "://" in path and not path.startswith("file://")
-
-
-def local_stamp(path: str) -> dict[str, int]:
-    """Size, modification time, inode and device of a local file (one ``stat``).
-
-    Raises:
-        OSError: the file cannot be stat'ed (gone, no permission).
-    """
-    stat = os.stat(path)
-    return {
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "inode": stat.st_ino,
-        "device": stat.st_dev,
-    }
-
-
-def remote_stamp(url: str, *, timeout: float) -> dict[str, Any]:
-    """What storage says of a URL now: size, and ETag / Last-Modified / mtime if given.
-
-    One metadata request (HTTP ``HEAD``, XRootD ``stat``) through fsspec. An
-    empty dict when storage does not answer within ``timeout`` seconds (the
-    read that follows reports the problem).
-    """
-    import fsspec
-
-    from columnhub.sources._timeout import call_with_timeout
-
-    def info() -> dict[str, Any]:
-        fs, inner = fsspec.core.url_to_fs(url)
-        return dict(fs.info(inner))
-
-    try:
-        found = call_with_timeout(info, seconds=timeout, what=f"storage for {url}")
-    except Exception:  # noqa: BLE001 - no stamp: only the ROOT UUID and size identify it
-        return {}
-    out: dict[str, Any] = {}
-    for name in ("ETag", "Last-Modified", "mtime", "size"):
-        value = found.get(name)
-        if value is not None and value != "":
-            out[name.lower()] = value if isinstance(value, int | str) else str(value)
-    return out
 
 
 def resolve(spec: DatasetSpec) -> ResolvedDataset:

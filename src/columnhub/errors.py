@@ -12,9 +12,9 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     ├── ColumnNotFoundError (KeyError)         unknown column (with closest names)
     ├── DatasetError                           a dataset cannot be read
     │   ├── DatasetFileNotFoundError (FileNotFoundError)
+    │   ├── InputChangedError                  a file changed while it was read
     │   ├── TreeNotFoundError (KeyError)
     │   ├── CorruptFileError                   truncated / damaged file
-    │   ├── InputChangedError                  a file changed while it was read
     │   └── SourceTimeoutError (TimeoutError)  remote storage did not answer
     ├── JoinError                              event-key joins
     │   ├── KeyMismatchError                   aligned friends disagree
@@ -98,14 +98,6 @@ class DatasetFileNotFoundError(DatasetError, FileNotFoundError):
     """A file of a dataset does not exist."""
 
 
-class TreeNotFoundError(DatasetError, KeyError):
-    """The named tree is not in the file."""
-
-
-class CorruptFileError(DatasetError):
-    """A file is truncated or damaged."""
-
-
 class InputChangedError(DatasetError):
     """An input file was replaced or rewritten while a request read it.
 
@@ -114,6 +106,14 @@ class InputChangedError(DatasetError):
     the one planned. Nothing read from it is cached; re-running the request is
     correct (it plans with the file as it is then).
     """
+
+
+class TreeNotFoundError(DatasetError, KeyError):
+    """The named tree is not in the file."""
+
+
+class CorruptFileError(DatasetError):
+    """A file is truncated or damaged."""
 
 
 class SourceTimeoutError(DatasetError, TimeoutError):

@@ -9,7 +9,6 @@ ranges aligned to basket boundaries). It reads metadata only.
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,21 +20,22 @@ from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, S
 from columnhub.expressions import Expression, parse
 from columnhub.spec import FriendSpec, Request
 
-__all__ = ["Chunk", "ColumnDef", "Friend", "Model", "Plan", "make_plan", "split_entries"]
+__all__ = [
+    "MAX_BASKET_SPLIT",
+    "Chunk",
+    "ColumnDef",
+    "Friend",
+    "Model",
+    "Plan",
+    "make_plan",
+    "split_entries",
+]
 
 #: Bumped whenever a provider's output for the same inputs could change; part
 #: of every cache key, so old cache entries are never served by newer code.
 PROVIDER_VERSIONS = {"source": 1, "define": 1, "where": 1, "friend": 1, "model": 1}
 
 Kind = Literal["source", "define", "friend", "model"]
-
-#: A basket (row group) is split into at most this many chunks, whatever
-#: ``chunk_size``: every chunk of a basket decompresses the whole basket, and
-#: every chunk costs a task, a cache entry per column and a row group, so
-#: ``chunk_size=1`` on a 10k-event file took 98 s and wrote 70,000 cache files.
-MAX_BASKET_SPLIT = 16
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,13 @@ class Plan:
         return fingerprint("where", PROVIDER_VERSIONS["where"], self.where.canonical, deps)
 
 
+#: A basket (row group) is split into at most this many chunks, whatever
+#: ``chunk_size``: every chunk of a basket decompresses the whole basket, and
+#: every chunk costs a task, a cache entry per column and a row group, so
+#: ``chunk_size=1`` on a 10k-event file took 98 s and wrote 70,000 cache files.
+MAX_BASKET_SPLIT = 16
+
+
 def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int, int]]:
     """Entry ranges of about ``chunk_size`` entries that start on ``boundaries``.
 
@@ -200,6 +207,27 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
             edges = np.linspace(lo, hi, n + 1).round().astype(np.int64)
             out.extend((int(a), int(c)) for a, c in itertools.pairwise(edges))
     return [r for r in out if r[1] > r[0]]
+
+
+def _warn_coarsened(request: Request, dataset: ResolvedDataset, chunks: list[Chunk]) -> None:
+    """Say so (one log line) when tiny chunks were coarsened to the floor."""
+    biggest = max(chunks, key=lambda c: c.entries, default=None)
+    if biggest is None or biggest.entries <= request.chunk_size:
+        return
+    # larger than chunk_size: either a basket kept whole between boundaries
+    # (normal), or a basket split into MAX_BASKET_SPLIT pieces (the floor)
+    file = dataset.files[biggest.file_index]
+    edges = [b for b in file.boundaries if b <= biggest.start]
+    basket = min((b for b in file.boundaries if b > biggest.start), default=file.entries) - edges[-1]
+    if -(-basket // request.chunk_size) > MAX_BASKET_SPLIT:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "chunk_size %d is below the floor for %s: its baskets of %d entries are split "
+            "into at most %d chunks, so chunks of up to %d entries are used (tiny chunks "
+            "decompress a whole basket each and write a cache entry per column each)",
+            request.chunk_size, file.path, basket, MAX_BASKET_SPLIT, biggest.entries,
+        )
 
 
 def make_plan(request: Request) -> Plan:
@@ -247,25 +275,6 @@ def make_plan(request: Request) -> Plan:
         where=where,
         friends=friends,
     )
-
-
-def _warn_coarsened(request: Request, dataset: ResolvedDataset, chunks: list[Chunk]) -> None:
-    """Say so (one log line) when tiny chunks were coarsened to the floor."""
-    biggest = max(chunks, key=lambda c: c.entries, default=None)
-    if biggest is None or biggest.entries <= request.chunk_size:
-        return
-    # larger than chunk_size: either a basket kept whole between boundaries
-    # (normal), or a basket split into MAX_BASKET_SPLIT pieces (the floor)
-    file = dataset.files[biggest.file_index]
-    edges = [b for b in file.boundaries if b <= biggest.start]
-    basket = min((b for b in file.boundaries if b > biggest.start), default=file.entries) - edges[-1]
-    if -(-basket // request.chunk_size) > MAX_BASKET_SPLIT:
-        log.warning(
-            "chunk_size %d is below the floor for %s: its baskets of %d entries are split "
-            "into at most %d chunks, so chunks of up to %d entries are used (tiny chunks "
-            "decompress a whole basket each and write a cache entry per column each)",
-            request.chunk_size, file.path, basket, MAX_BASKET_SPLIT, biggest.entries,
-        )
 
 
 def _load_models(request: Request) -> tuple[Model, ...]:

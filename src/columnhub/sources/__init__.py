@@ -2,8 +2,8 @@
 
 One module per format (:mod:`.root`, :mod:`.parquet`); this module dispatches
 on :attr:`FileInfo.format`. Sources read only the columns asked for, only in
-the entry range asked for, and every read is verified to have read the file
-that was planned (:func:`verify_unchanged`).
+the entry range asked for, and every read is checked to have read the file
+that was planned (:mod:`._identity`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any
 
 import awkward as ak
 
-from columnhub.datasets import FileInfo, is_url
-from columnhub.errors import ColumnhubError, InputChangedError
+from columnhub.datasets import FileInfo
 from columnhub.spec import DatasetSpec
 
-__all__ = ["describe", "read", "verify_unchanged"]
+__all__ = ["describe", "read"]
 
 
 def describe(path: str, fmt: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
@@ -43,12 +42,16 @@ def read(
 ) -> dict[str, ak.Array]:
     """Columns ``columns`` of entries ``[start, stop)`` of ``file``.
 
-    With ``verify`` (the default), the file is checked once the read is done
-    (:func:`verify_unchanged`): a file replaced or rewritten since it was
-    planned raises :class:`InputChangedError` instead of returning its data.
-    A caller reading several ranges of one file may pass ``verify=False`` and
-    call :func:`verify_unchanged` once after the last read, before using them.
+    With ``verify`` (the default) the file is checked once the read is done:
+    a file replaced or rewritten since it was planned raises
+    :class:`~columnhub.errors.InputChangedError` instead of returning its
+    data. A caller reading several ranges of one file may pass
+    ``verify=False`` and call ``_identity.verify_unchanged`` once after the
+    last read, before using any of them.
     """
+    from columnhub.errors import ColumnhubError
+    from columnhub.sources._identity import verify_unchanged
+
     try:
         if file.format == "parquet":
             from columnhub.sources import parquet
@@ -58,51 +61,10 @@ def read(
             from columnhub.sources import root
 
             out = root.read(file, spec, columns, start=start, stop=stop)
-    except ColumnhubError as err:  # a file rewritten under an open tree often reads as corrupt
+    except ColumnhubError as err:  # a file rewritten under an open tree reads as corrupt
         if verify:
             verify_unchanged(file, spec, cause=err)
         raise
     if verify:
         verify_unchanged(file, spec)
     return out
-
-
-def verify_unchanged(
-    file: FileInfo, spec: DatasetSpec, *, cause: BaseException | None = None
-) -> None:
-    """Check that ``file`` is still the file that was planned (cheap: a stat and a header read).
-
-    Compares :attr:`FileInfo.check` (size, modification time, inode, device
-    and ROOT UUID of a local file; size, ETag, Last-Modified of a URL) with
-    the file as it is now.
-
-    Raises:
-        InputChangedError: the file was replaced, rewritten or removed; what
-            was read from it must not be used (nor cached).
-    """
-    want = dict(file.check)
-    if not want:
-        return
-    if file.format == "parquet":
-        from columnhub.sources import parquet
-
-        now = parquet.current_check(file, spec)
-    else:
-        from columnhub.sources import root
-
-        now = root.current_check(file, spec)
-    if is_url(file.path) and not now:
-        return  # storage did not answer the stat; the data came from a read that did
-    changed = [f"{k} {want[k]!r} -> {now.get(k)!r}" for k in sorted(want) if now.get(k) != want[k]]
-    if not changed:
-        return
-    from columnhub.sources import root
-
-    root.forget_file(file.path)
-    what = "was removed" if not now else f"was replaced or rewritten ({'; '.join(changed)})"
-    msg = (
-        f"dataset {spec.name!r}: input file {file.path!r} changed while this request read it: "
-        f"it {what}. Nothing read from it was used or cached; re-run the request, which "
-        "then reads the file as it is now (or restore the original file)"
-    )
-    raise InputChangedError(msg) from cause

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +16,7 @@ from typing import Any
 import awkward as ak
 import uproot
 
-from columnhub.datasets import FileInfo, is_url, local_stamp, remote_stamp
+from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import (
     ColumnhubError,
     CorruptFileError,
@@ -30,20 +28,11 @@ from columnhub.errors import (
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
-__all__ = [
-    "current_check",
-    "describe",
-    "forget_file",
-    "forget_files",
-    "header_uuid",
-    "open_tree",
-    "read",
-    "read_executor",
-]
+__all__ = ["describe", "forget_files", "open_tree", "read", "read_executor"]
 
 _TREE_CLASSES = ("TTree", "ROOT::Experimental::RNTuple", "ROOT::RNTuple")
 #: open trees kept per process: at most this many files, and at most
-#: ``COLUMNHUB_OPEN_BYTES`` (default 256 MiB) of their estimated metadata
+#: ``COLUMNHUB_OPEN_BYTES`` (default 256 MiB) of their estimated memory
 #: together (the newest is always kept); files are opened without uproot's
 #: per-file array cache (100 MB each by default), so memory does not grow
 #: with the number of files a request reads
@@ -143,7 +132,7 @@ def _cached_tree(file: FileInfo, spec: DatasetSpec) -> Any:
 
 
 def _tree_bytes(tree: Any) -> int:
-    """An estimate of the memory an open tree holds (its metadata, a few MB for NanoAOD)."""
+    """An estimate of the memory an open tree holds (its metadata: ~6 MB for NanoAOD)."""
     try:
         size = int(tree.file.root_directory.key(tree.object_path).data_uncompressed_bytes)
     except Exception:  # noqa: BLE001 - RNTuple, or no key: count a typical NanoAOD tree
@@ -184,9 +173,9 @@ def _open_tree(path: str, spec: DatasetSpec) -> Any:
     # whole seconds: the XRootD client (through fsspec-xrootd) accepts only an int
     options: dict[str, Any] = {"timeout": max(1, math.ceil(spec.timeout))} if is_url(path) else {}
     try:
-        # no per-file array and object caches: columnhub reads each entry range
-        # once per chunk, and the default 100 MB per open file made memory
-        # grow with the number of files
+        # no per-file array and object caches: each entry range is read once per
+        # chunk, and the default 100 MB per open file made memory grow with the
+        # number of files
         file = uproot.open(path, array_cache=None, object_cache=None, **options)
     except FileNotFoundError as err:
         msg = f"dataset {spec.name!r}: file {path!r} does not exist ({err})"
@@ -234,6 +223,8 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     modification time and inode, and the same ROOT UUID in its header (a
     read of a few hundred bytes), is not described again.
     """
+    from columnhub.sources._identity import header_uuid
+
     key = None
     if not is_url(path):
         try:
@@ -270,63 +261,6 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     return info, columns
 
 
-_HEADER_SMALL = struct.Struct(">4siiiiiiiBiiiH16s")  # the TFile header, 32-bit seeks
-_HEADER_BIG = struct.Struct(">4siiqqiiiBiqiH16s")  # and 64-bit seeks (fVersion >= 1000000)
-
-
-def header_uuid(path: str) -> str | None:
-    """The UUID in a local ROOT file's header: one read of 70 bytes.
-
-    ``None`` if the file cannot be read or has no ROOT header.
-    """
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_HEADER_BIG.size)
-    except OSError:
-        return None
-    return _parse_uuid(head)
-
-
-def _remote_uuid(url: str, *, timeout: float) -> str | None:
-    """The UUID in the header of a ROOT file on remote storage: one ranged read of 70 bytes."""
-    import fsspec
-
-    def head() -> bytes:
-        fs, inner = fsspec.core.url_to_fs(url)
-        return bytes(fs.cat_file(inner, start=0, end=_HEADER_BIG.size))
-
-    try:
-        return _parse_uuid(call_with_timeout(head, seconds=timeout, what=f"storage for {url}"))
-    except Exception:  # noqa: BLE001 - storage did not answer: nothing to compare
-        return None
-
-
-def _parse_uuid(head: bytes) -> str | None:
-    if len(head) < _HEADER_SMALL.size or head[:4] != b"root":
-        return None
-    layout = _HEADER_BIG if struct.unpack_from(">i", head, 4)[0] >= 1000000 else _HEADER_SMALL
-    if len(head) < layout.size:
-        return None
-    return str(uuid.UUID(bytes=layout.unpack_from(head)[-1]))
-
-
-def current_check(file: FileInfo, spec: DatasetSpec) -> dict[str, Any]:
-    """The fields of ``file.check`` as the file is now (a stat and a header read).
-
-    An empty dict when the file is gone or unreadable.
-    """
-    if is_url(file.path):
-        stamp = remote_stamp(file.path, timeout=spec.timeout)
-        uuid_now = _remote_uuid(file.path, timeout=spec.timeout) if stamp else None
-        return {**stamp, "uuid": uuid_now} if uuid_now is not None else {}
-    try:
-        now: dict[str, Any] = local_stamp(file.path)
-    except OSError:
-        return {}
-    now["uuid"] = header_uuid(file.path)
-    return now
-
-
 def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     tree = open_tree(path, spec)
     try:
@@ -344,18 +278,13 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
         msg = f"dataset {spec.name!r}: the metadata of {path!r} cannot be read ({err})"
         raise CorruptFileError(msg) from err
     identity: dict[str, Any] = {"uuid": str(tree.file.uuid)}
-    check: dict[str, Any] = {}
     if is_url(path):
         identity["size"] = int(getattr(tree.file.source, "num_bytes", 0) or 0)
-        stamp = remote_stamp(path, timeout=spec.timeout)
-        # the header is re-read after every read: servers need not send an
-        # ETag or Last-Modified, and a same-size rewrite changes only the UUID
-        check = {**stamp, "uuid": identity["uuid"]} if stamp else {}
     else:
-        stamp = local_stamp(path)
-        identity["size"] = stamp["size"]
-        identity["mtime_ns"] = stamp["mtime_ns"]
-        check = {**stamp, "uuid": identity["uuid"]}
+        stat = os.stat(path)
+        identity["size"] = stat.st_size
+        identity["mtime_ns"] = stat.st_mtime_ns
+    check = _check_of(path, identity, spec)
     if boundaries[-1] != entries:
         boundaries = (0, entries)
     info = FileInfo(
@@ -368,6 +297,26 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     )
     _remember((info.path, info.identity, spec.tree), tree)
     return info, columns
+
+
+def _check_of(path: str, identity: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """What a finished read compares (:attr:`FileInfo.check`) for a file of ``identity``."""
+    from columnhub.errors import InputChangedError
+    from columnhub.sources._identity import local_stamp, remote_stamp
+
+    if is_url(path):
+        # the header is re-read after every read: servers need not send an
+        # ETag or Last-Modified, and a same-size rewrite changes only the UUID
+        stamp = remote_stamp(path, timeout=spec.timeout)
+        return {**stamp, "uuid": identity["uuid"]} if stamp else {}
+    stamp: dict[str, Any] = dict(local_stamp(path))
+    if stamp["size"] != identity["size"] or stamp["mtime_ns"] != identity["mtime_ns"]:
+        msg = (
+            f"dataset {spec.name!r}: input file {path!r} changed while its metadata was "
+            "read; re-run the request once the file is complete"
+        )
+        raise InputChangedError(msg)
+    return {**stamp, "uuid": identity["uuid"]}
 
 
 def read(
