@@ -261,6 +261,26 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     return info, columns
 
 
+def _check_of(path: str, identity: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
+    """What a finished read compares (:attr:`FileInfo.check`) for a file of ``identity``."""
+    from columnhub.errors import InputChangedError
+    from columnhub.sources._identity import local_stamp, remote_stamp
+
+    if is_url(path):
+        # the header is re-read after every read: servers need not send an
+        # ETag or Last-Modified, and a same-size rewrite changes only the UUID
+        remote = remote_stamp(path, timeout=spec.timeout)
+        return {**remote, "uuid": identity["uuid"]} if remote else {}
+    stamp: dict[str, Any] = dict(local_stamp(path))
+    if stamp["size"] != identity["size"] or stamp["mtime_ns"] != identity["mtime_ns"]:
+        msg = (
+            f"dataset {spec.name!r}: input file {path!r} changed while its metadata was "
+            "read; re-run the request once the file is complete"
+        )
+        raise InputChangedError(msg)
+    return {**stamp, "uuid": identity["uuid"]}
+
+
 def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     tree = open_tree(path, spec)
     try:
@@ -297,26 +317,6 @@ def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     )
     _remember((info.path, info.identity, spec.tree), tree)
     return info, columns
-
-
-def _check_of(path: str, identity: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
-    """What a finished read compares (:attr:`FileInfo.check`) for a file of ``identity``."""
-    from columnhub.errors import InputChangedError
-    from columnhub.sources._identity import local_stamp, remote_stamp
-
-    if is_url(path):
-        # the header is re-read after every read: servers need not send an
-        # ETag or Last-Modified, and a same-size rewrite changes only the UUID
-        stamp = remote_stamp(path, timeout=spec.timeout)
-        return {**stamp, "uuid": identity["uuid"]} if stamp else {}
-    stamp: dict[str, Any] = dict(local_stamp(path))
-    if stamp["size"] != identity["size"] or stamp["mtime_ns"] != identity["mtime_ns"]:
-        msg = (
-            f"dataset {spec.name!r}: input file {path!r} changed while its metadata was "
-            "read; re-run the request once the file is complete"
-        )
-        raise InputChangedError(msg)
-    return {**stamp, "uuid": identity["uuid"]}
 
 
 def read(
