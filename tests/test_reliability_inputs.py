@@ -174,10 +174,10 @@ def test_friend_file_replaced_during_delivery(
     cache = tmp_path / "cache"
     request = {
         "dataset": {"name": "ev", "files": [str(primary)]},
-        "columns": ["MET_pt", "f.MET_pt"],
+        "columns": ["MET_pt", "f_MET_pt"],
         "chunk_size": CHUNK,
         "friends": [{"name": "f", "dataset": {"name": "fr", "files": [str(target)]},
-                     "columns": ["MET_pt"]}],
+                     "columns": ["MET_pt"], "prefix": "f_"}],
     }
     progress = replacing_after_first_chunk(target, new, how)
     with pytest.raises(InputChangedError, match="changed while this request read it") as info:
@@ -193,7 +193,7 @@ def test_friend_file_replaced_during_delivery(
         return [by_key[tuple(int(p[k][i]) for k in KEYS)] for i in range(len(p["event"]))]
 
     rerun = columnhub.deliver(request, output=tmp_path / "o2", workers=2, cache=cache, progress=False)
-    assert ak.to_list(rerun.to_awkward()["f.MET_pt"]) == expected(new)
+    assert ak.to_list(rerun.to_awkward()["f_MET_pt"]) == expected(new)
     assert ak.to_list(rerun.to_awkward()["MET_pt"]) == read(primary, ["MET_pt"])["MET_pt"].tolist()
     assert rerun.manifest["friends"]["f"][0]["uuid"] == str(uproot.open(target).file.uuid)
 
@@ -201,7 +201,7 @@ def test_friend_file_replaced_during_delivery(
     os.utime(target, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
     back = columnhub.deliver(request, output=tmp_path / "o3", workers=2, cache=cache, progress=False)
     assert back.manifest["cache"]["hits"] > 0
-    assert ak.to_list(back.to_awkward()["f.MET_pt"]) == expected(old)
+    assert ak.to_list(back.to_awkward()["f_MET_pt"]) == expected(old)
 
 
 def test_remote_file_rewritten_during_delivery(
