@@ -271,6 +271,16 @@ def test_describe_does_not_serve_an_old_description(tmp_path: Path, versions: tu
     assert second.identity != first.identity
 
 
+def test_header_uuid_matches_uproot(versions: tuple[Path, Path]) -> None:
+    """The 70-byte header read the check uses gives the UUID uproot reads."""
+    from columnhub.sources._identity import header_uuid
+
+    samples = sorted((REPO.parent / "shared" / "data").glob("*.root"))
+    for path in [*samples, *versions]:
+        assert header_uuid(str(path)) == str(uproot.open(path).file.uuid), path
+    assert header_uuid(str(REPO / "pyproject.toml")) is None  # not ROOT
+
+
 # ---------------------------------------------------------------------------
 # cache entries bound to their keys
 
