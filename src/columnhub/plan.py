@@ -169,7 +169,7 @@ class Plan:
 #: ``chunk_size``: every chunk of a basket decompresses the whole basket, and
 #: every chunk costs a task, a cache entry per column and a row group, so
 #: ``chunk_size=1`` on a 10k-event file took 98 s and wrote 70,000 cache files.
-MAX_BASKET_SPLIT = 16
+MAX_BASKET_SPLIT = 64
 
 
 def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int, int]]:
@@ -185,7 +185,7 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     >>> split_entries([0, 1000], 400)
     [(0, 334), (334, 667), (667, 1000)]
     >>> len(split_entries([0, 10_000], 1))
-    16
+    64
     """
     b = np.unique(np.asarray(list(boundaries), dtype=np.int64))
     ranges: list[tuple[int, int]] = []
