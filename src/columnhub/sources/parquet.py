@@ -46,10 +46,13 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
         identity["size"] = stat.st_size
         identity["mtime_ns"] = stat.st_mtime_ns
         identity["footer"] = footer_hash(path)  # a rewrite keeping size and mtime
-        stamp = {"inode": stat.st_ino, "device": stat.st_dev}
-        check: dict[str, Any] = {**stamp, **identity}
-        check.pop("rows")
-        check.pop("created_by")
+        check: dict[str, Any] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "inode": stat.st_ino,
+            "device": stat.st_dev,
+            "footer": identity["footer"],
+        }
     else:
         check = remote_stamp(path, timeout=spec.timeout)
     columns = {f.name: str(f.type) for f in meta.schema_arrow}
