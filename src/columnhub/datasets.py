@@ -41,6 +41,12 @@ class FileInfo:
             columns.
         boundaries: entry offsets where baskets / row groups of all columns
             start together (chunks are aligned to them), from 0 to ``entries``.
+        check: what a finished read compares with the file as it is then, to
+            prove it read *this* file (``columnhub.sources._identity``): the
+            size, mtime, inode and device of a local file with its ROOT UUID
+            or Parquet footer digest, or a URL's size, ETag / Last-Modified
+            and ROOT UUID. Not part of cache keys (copies of one file share
+            their cached columns); empty: nothing to check.
     """
 
     path: str
@@ -48,6 +54,7 @@ class FileInfo:
     entries: int
     identity: tuple[tuple[str, Any], ...]
     boundaries: tuple[int, ...] = field(repr=False)
+    check: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     @property
     def identity_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     ├── ColumnNotFoundError (KeyError)         unknown column (with closest names)
     ├── DatasetError                           a dataset cannot be read
     │   ├── DatasetFileNotFoundError (FileNotFoundError)
+    │   ├── InputChangedError                  a file changed while it was read
     │   ├── TreeNotFoundError (KeyError)
     │   ├── CorruptFileError                   truncated / damaged file
     │   ├── UnreadableBranchError (TypeError)  a branch of a type uproot cannot read
@@ -48,6 +49,7 @@ __all__ = [
     "DuplicateKeyError",
     "ExpressionError",
     "InferenceServerError",
+    "InputChangedError",
     "JoinError",
     "KeyMismatchError",
     "KeyTypeError",
@@ -122,6 +124,16 @@ class DatasetError(ColumnhubError):
 
 class DatasetFileNotFoundError(DatasetError, FileNotFoundError):
     """A file of a dataset does not exist."""
+
+
+class InputChangedError(DatasetError):
+    """An input file was replaced or rewritten while a request read it.
+
+    Raised when a read finishes and the file's identity (size, modification
+    time, inode, ROOT UUID; ETag or Last-Modified for URLs) no longer matches
+    the one planned. Nothing read from it is cached; re-running the request is
+    correct (it plans with the file as it is then).
+    """
 
 
 class TreeNotFoundError(DatasetError, KeyError):

@@ -23,6 +23,7 @@ from columnhub.join.collection import collection_of, counter_of
 from columnhub.spec import FriendSpec, Request
 
 __all__ = [
+    "MAX_BASKET_SPLIT",
     "Chunk",
     "ColumnDef",
     "Friend",
@@ -198,17 +199,27 @@ class Plan:
         return fingerprint("where", PROVIDER_VERSIONS["where"], self.where.canonical, deps)
 
 
+#: A basket (row group) is split into at most this many chunks, whatever
+#: ``chunk_size``: every chunk of a basket decompresses the whole basket, and
+#: every chunk costs a task, a cache entry per column and a row group, so
+#: ``chunk_size=1`` on a 10k-event file took 98 s and wrote 70,000 cache files.
+MAX_BASKET_SPLIT = 64
+
+
 def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int, int]]:
     """Entry ranges of about ``chunk_size`` entries that start on ``boundaries``.
 
     Boundaries (basket or row-group starts, first 0, last the entry count) are
     kept where a range would otherwise exceed ``chunk_size``; a single basket
-    larger than ``chunk_size`` is split evenly.
+    larger than ``chunk_size`` is split evenly, into at most
+    :data:`MAX_BASKET_SPLIT` chunks (the floor on tiny chunks).
 
     >>> split_entries([0, 100, 200, 300], 150)
     [(0, 100), (100, 200), (200, 300)]
     >>> split_entries([0, 1000], 400)
     [(0, 334), (334, 667), (667, 1000)]
+    >>> len(split_entries([0, 10_000], 1))
+    64
     """
     b = np.unique(np.asarray(list(boundaries), dtype=np.int64))
     ranges: list[tuple[int, int]] = []
@@ -223,7 +234,7 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     ranges.append((start, prev))
     out: list[tuple[int, int]] = []
     for lo, hi in ranges:  # split oversized baskets evenly
-        n = -(-(hi - lo) // chunk_size)
+        n = min(-(-(hi - lo) // chunk_size), MAX_BASKET_SPLIT)
         if n <= 1:
             out.append((lo, hi))
         else:
@@ -265,6 +276,27 @@ def group_parts(
         if before + size <= 2 * target_bytes:
             parts[-2].extend(parts.pop())
     return [tuple(p) for p in parts]
+
+
+def _warn_coarsened(request: Request, dataset: ResolvedDataset, chunks: list[Chunk]) -> None:
+    """Say so (one log line) when tiny chunks were coarsened to the floor."""
+    biggest = max(chunks, key=lambda c: c.entries, default=None)
+    if biggest is None or biggest.entries <= request.chunk_size:
+        return
+    # larger than chunk_size: either a basket kept whole between boundaries
+    # (normal), or a basket split into MAX_BASKET_SPLIT pieces (the floor)
+    file = dataset.files[biggest.file_index]
+    edges = [b for b in file.boundaries if b <= biggest.start]
+    basket = min((b for b in file.boundaries if b > biggest.start), default=file.entries) - edges[-1]
+    if -(-basket // request.chunk_size) > MAX_BASKET_SPLIT:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "chunk_size %d is below the floor for %s: its baskets of %d entries are split "
+            "into at most %d chunks, so chunks of up to %d entries are used (tiny chunks "
+            "decompress a whole basket each and write a cache entry per column each)",
+            request.chunk_size, file.path, basket, MAX_BASKET_SPLIT, biggest.entries,
+        )
 
 
 def make_plan(request: Request) -> Plan:
@@ -312,6 +344,7 @@ def make_plan(request: Request) -> Plan:
     for i, info in enumerate(dataset.files):
         for start, stop in split_entries(info.boundaries, request.chunk_size):
             chunks.append(Chunk(index=len(chunks), file_index=i, start=start, stop=stop))
+    _warn_coarsened(request, dataset, chunks)
     per_event = _bytes_per_event(
         dataset, wanted, resolver.done, compressed=request.output.compression != "none"
     )

@@ -10,15 +10,18 @@ One entry is one file::
                plen     u64  length of the payload
                checksum u64  xxh3_64 of prefix[0:24] + header + payload
     offset 32  JSON header, space-padded so the payload starts 64-aligned:
-               awkward: {"form": <form dict>, "length": n,
+               awkward: {"key": <the entry's key>, "form": <form dict>, "length": n,
                          "buffers": [[name, dtype, offset, nbytes], ...]}
-               bytes:   {}
+               bytes:   {"key": <the entry's key>}
     offset 32+hlen  payload: the raw buffers, each at a 64-aligned offset
                (relative to the payload start), zero-padded between.
 
 Reading is one read into an aligned NumPy byte array, one checksum pass and
 ``np.frombuffer`` views handed to ``ak.from_buffers``: no copy, no parsing of
-the data. Any inconsistency raises :class:`CorruptEntry`.
+the data. Any inconsistency raises :class:`CorruptEntry`, and so does an
+entry whose stored key (covered by the checksum) is not the key it is read
+under: a valid entry file copied over another key's file is never served.
+Version 1 entries (without the key) read as corrupt, i.e. as misses.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ __all__ = [
 ]
 
 MAGIC: Final = b"CHCACHE\x00"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # 2: the header holds the entry's key
 KIND_ARRAY: Final = 1
 KIND_BYTES: Final = 2
 _PREFIX = struct.Struct("<8sHHIQQ")
@@ -85,8 +88,8 @@ def _assemble(
     return [memoryview(prefix), memoryview(text), *payload]
 
 
-def encode_array(array: ak.Array) -> list[memoryview]:
-    """The chunks of the entry file holding ``array`` (write them in order)."""
+def encode_array(array: ak.Array, *, key: str) -> list[memoryview]:
+    """The chunks of the entry file holding ``array`` under ``key`` (write them in order)."""
     form, length, container = ak.to_buffers(array, byteorder="<")
     buffers: list[list[Any]] = []
     payload: list[memoryview] = []
@@ -101,22 +104,27 @@ def encode_array(array: ak.Array) -> list[memoryview]:
         if pad:
             payload.append(memoryview(_ZEROS[:pad]))
             offset += pad
-    header = {"form": form.to_dict(), "length": int(length), "buffers": buffers}
+    header = {"key": key, "form": form.to_dict(), "length": int(length), "buffers": buffers}
     return _assemble(KIND_ARRAY, header, payload, offset)
 
 
-def encode_bytes(data: bytes | bytearray | memoryview) -> list[memoryview]:
-    """The chunks of the entry file holding the opaque ``data``."""
+def encode_bytes(data: bytes | bytearray | memoryview, *, key: str) -> list[memoryview]:
+    """The chunks of the entry file holding the opaque ``data`` under ``key``."""
     view = memoryview(data).cast("B")
-    return _assemble(KIND_BYTES, {}, [view], view.nbytes)
+    return _assemble(KIND_BYTES, {"key": key}, [view], view.nbytes)
 
 
-def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes) -> Decoded:
+def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Decoded:
     """Verify and decode a whole entry file held in ``buf`` (views, no copy).
+
+    Args:
+        buf: the entry file's bytes.
+        key: the key it is read under; the entry must hold that key.
 
     Raises:
         CorruptEntry: wrong magic/version/kind, sizes that do not add up, a
-            checksum mismatch or a header that does not describe the payload.
+            checksum mismatch, an entry of another key, or a header that does
+            not describe the payload.
     """
     data = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
     size = int(data.nbytes)
@@ -141,13 +149,21 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes) -> Decoded:
         msg = "checksum mismatch"
         raise CorruptEntry(msg)
     start = PREFIX_SIZE + hlen
-    if kind == KIND_BYTES:
-        return Decoded(KIND_BYTES, bytes(mv[start:]))
-    if kind != KIND_ARRAY:
+    if kind not in (KIND_ARRAY, KIND_BYTES):
         msg = f"unknown entry kind {kind}"
         raise CorruptEntry(msg)
     try:
         header = json.loads(bytes(mv[PREFIX_SIZE:start]))
+        stored = header.get("key") if isinstance(header, dict) else None
+    except ValueError as err:
+        msg = f"header does not decode: {type(err).__name__}: {err}"
+        raise CorruptEntry(msg) from err
+    if stored != key:
+        msg = f"the entry holds key {stored!r}, not {key!r} (a file copied over another's?)"
+        raise CorruptEntry(msg)
+    if kind == KIND_BYTES:
+        return Decoded(KIND_BYTES, bytes(mv[start:]))
+    try:
         container: dict[str, np.ndarray[Any, Any]] = {}
         for name, dtype, offset, nbytes in header["buffers"]:
             if offset < 0 or nbytes < 0 or offset + nbytes > plen:

@@ -11,9 +11,12 @@ below the cache root::
 
 Guarantees:
 
-* Every read verifies the entry's checksum; a corrupt, truncated or
-  unreadable entry is never served: it counts as a miss and is deleted
-  (unless the cache is read-only), so the next ``put`` rewrites it.
+* Every read verifies the entry's checksum and that the entry holds the key
+  it is read under (the key is stored in the entry, under the checksum); a
+  corrupt, truncated or unreadable entry, or one of another key (a file
+  copied over another's), is never served: it counts as a miss and as
+  ``corrupt``, and is deleted (unless the cache is read-only), so the next
+  ``put`` rewrites it.
 * Writes go to a unique temporary file in the entry's directory, are fsynced
   and renamed into place: readers never see a partial entry and concurrent
   writers of one key leave exactly one complete entry.
@@ -319,7 +322,7 @@ class ColumnCache:
             self._count("misses")
             return None
         try:
-            entry = _format.decode(buf)
+            entry = _format.decode(buf, key=key)
         except _format.CorruptEntry:
             self._drop(path)
             self._count("misses")
@@ -425,7 +428,7 @@ class ColumnCache:
         if self._read_only:
             self._count("skipped_puts")
             return
-        self._write(key, _format.encode_array(array))
+        self._write(key, _format.encode_array(array, key=key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store the opaque ``data`` under ``key`` (replacing any entry there).
@@ -441,7 +444,7 @@ class ColumnCache:
         if self._read_only:
             self._count("skipped_puts")
             return
-        self._write(key, _format.encode_bytes(data))
+        self._write(key, _format.encode_bytes(data, key=key))
 
     def set_recency(self, key: str, when: float) -> None:
         """Mark the entry of ``key`` as last used at ``when`` (seconds since the epoch).

@@ -165,11 +165,21 @@ class FriendRows:
 def _read_ranges(
     dataset: ResolvedDataset, columns: list[str], ranges: Sequence[tuple[int, int, int]]
 ) -> dict[str, ak.Array]:
+    from columnhub.errors import ColumnhubError
+    from columnhub.sources._identity import verify_unchanged
+
     pieces: dict[str, list[ak.Array]] = {c: [] for c in columns}
     for file, start, stop in ranges:
-        read = sources.read(dataset.files[file], dataset.spec, columns, start=start, stop=stop)
+        info = dataset.files[file]
+        try:
+            read = sources.read(info, dataset.spec, columns, start=start, stop=stop, verify=False)
+        except ColumnhubError as err:  # a file rewritten under an open tree reads as corrupt
+            verify_unchanged(info, dataset.spec, cause=err)
+            raise
         for c in columns:
             pieces[c].append(read[c])
+    for file in sorted({r[0] for r in ranges}):  # once per file, after its last read
+        verify_unchanged(dataset.files[file], dataset.spec)
     return {
         c: (ak.concatenate(p) if len(p) > 1 else p[0]) if p else ak.Array(np.zeros(0))
         for c, p in pieces.items()

@@ -2,7 +2,8 @@
 
 One module per format (:mod:`.root`, :mod:`.parquet`); this module dispatches
 on :attr:`FileInfo.format`. Sources read only the columns asked for, only in
-the entry range asked for.
+the entry range asked for, and every read is checked to have read the file
+that was planned (:mod:`._identity`).
 """
 
 from __future__ import annotations
@@ -63,13 +64,34 @@ def read(
     *,
     start: int,
     stop: int,
+    verify: bool = True,
     **options: Any,
 ) -> dict[str, ak.Array]:
-    """Columns ``columns`` of entries ``[start, stop)`` of ``file``."""
-    if file.format == "parquet":
-        from columnhub.sources import parquet
+    """Columns ``columns`` of entries ``[start, stop)`` of ``file``.
 
-        return parquet.read(file, columns, start=start, stop=stop)
-    from columnhub.sources import root
+    With ``verify`` (the default) the file is checked once the read is done:
+    a file replaced or rewritten since it was planned raises
+    :class:`~columnhub.errors.InputChangedError` instead of returning its
+    data. A caller reading several ranges of one file may pass
+    ``verify=False`` and call ``_identity.verify_unchanged`` once after the
+    last read, before using any of them.
+    """
+    from columnhub.errors import ColumnhubError
+    from columnhub.sources._identity import verify_unchanged
 
-    return root.read(file, spec, columns, start=start, stop=stop)
+    try:
+        if file.format == "parquet":
+            from columnhub.sources import parquet
+
+            out = parquet.read(file, columns, start=start, stop=stop)
+        else:
+            from columnhub.sources import root
+
+            out = root.read(file, spec, columns, start=start, stop=stop)
+    except ColumnhubError as err:  # a file rewritten under an open tree reads as corrupt
+        if verify:
+            verify_unchanged(file, spec, cause=err)
+        raise
+    if verify:
+        verify_unchanged(file, spec)
+    return out

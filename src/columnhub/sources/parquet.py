@@ -59,11 +59,23 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
     md = meta.metadata
     sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
     boundaries = tuple(int(b) for b in np.concatenate([[0], np.cumsum(sizes)]))
+    from columnhub.sources._identity import footer_hash, remote_stamp
+
     identity: dict[str, Any] = {"rows": md.num_rows, "created_by": md.created_by}
     if not is_url(path):
         stat = os.stat(path)
         identity["size"] = stat.st_size
         identity["mtime_ns"] = stat.st_mtime_ns
+        identity["footer"] = footer_hash(path)  # a rewrite keeping size and mtime
+        check: dict[str, Any] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "inode": stat.st_ino,
+            "device": stat.st_dev,
+            "footer": identity["footer"],
+        }
+    else:
+        check = remote_stamp(path, timeout=spec.timeout)
     columns = {f.name: str(f.type) for f in meta.schema_arrow}
     info = FileInfo(
         path=path,
@@ -71,6 +83,7 @@ def describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
         entries=md.num_rows,
         identity=tuple(sorted(identity.items())),
         boundaries=boundaries if len(boundaries) > 1 else (0, md.num_rows),
+        check=tuple(sorted(check.items())),
     )
     return info, columns
 
