@@ -98,9 +98,10 @@ def read(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
 def replacing_after_first_chunk(target: Path, source: Path, how: str) -> Callable[[int, int], None]:
     """A ``progress`` callable that replaces ``target`` once the first chunk is written.
 
-    With ``workers=1`` the executor submits chunk 3 only after chunk 1's
-    result was handed over (and this callable returned), so chunks 3 and 4 are
-    read after the replacement whatever the timing; chunk 2 may be read before.
+    The requests make one part per chunk, and with ``workers=1`` the parts
+    run one after another on one thread: this callable runs once part 1 is
+    done, while part 2 may already be reading, so parts 3 and 4 are read
+    after the replacement whatever the timing.
     """
     calls: list[int] = []
 
@@ -127,6 +128,7 @@ def test_primary_file_replaced_during_delivery(
         "dataset": {"name": "ev", "files": [str(target)]},
         "columns": columns,
         "chunk_size": CHUNK,
+        "output": {"target_part_bytes": 1},  # one part per chunk: progress after each
     }
     progress = replacing_after_first_chunk(target, new, how)
     with pytest.raises(InputChangedError, match="changed while this request read it") as info:
@@ -176,6 +178,7 @@ def test_friend_file_replaced_during_delivery(
         "dataset": {"name": "ev", "files": [str(primary)]},
         "columns": ["MET_pt", "f_MET_pt"],
         "chunk_size": CHUNK,
+        "output": {"target_part_bytes": 1},  # one part per chunk: progress after each
         "friends": [{"name": "f", "dataset": {"name": "fr", "files": [str(target)]},
                      "columns": ["MET_pt"], "prefix": "f_"}],
     }
@@ -213,7 +216,7 @@ def test_remote_file_rewritten_during_delivery(
     url = http_server.put(old, name=name)
     target = Path(http_server.root) / name
     request = {"dataset": {"name": "remote", "files": [url]}, "columns": ["MET_pt"],
-               "chunk_size": CHUNK}
+               "chunk_size": CHUNK, "output": {"target_part_bytes": 1}}
     progress = replacing_after_first_chunk(target, new, "in_place")
     with pytest.raises(InputChangedError, match="changed while this request read it") as info:
         columnhub.deliver(request, output=tmp_path / "o1", workers=1, cache=tmp_path / "c",
@@ -244,7 +247,7 @@ def test_parquet_file_rewritten_in_place_during_delivery(
     target.parent.mkdir()
     shutil.copy2(old, target)
     request = {"dataset": {"name": "pq", "files": [str(target)]}, "columns": ["MET_pt"],
-               "chunk_size": CHUNK}
+               "chunk_size": CHUNK, "output": {"target_part_bytes": 1}}
     progress = replacing_after_first_chunk(target, new, "in_place")
     with pytest.raises(InputChangedError, match="changed while this request read it"):
         columnhub.deliver(request, output=tmp_path / "o1", workers=1, cache=tmp_path / "c",
@@ -345,7 +348,7 @@ def test_delivery_never_serves_an_entry_copied_over_another_key(
     cache = ColumnCache(tmp_path / "cache")
     columns = ["MET_pt", "MET_phi", "MET_sumEt"]
     request = {"dataset": {"name": "ev", "files": [str(old)]}, "columns": columns,
-               "chunk_size": CHUNK}
+               "chunk_size": CHUNK, "output": {"target_part_bytes": 1}}
     columnhub.deliver(request, output=tmp_path / "o1", workers=2, cache=cache, progress=False)
     entries = sorted((tmp_path / "cache" / "objects").glob("*/*"))
     # one per column chunk, and the record of the whole result
