@@ -259,7 +259,8 @@ class ColumnCache:
     def __getstate__(self) -> dict[str, Any]:
         # a local directory travels as its absolute path: a worker process started
         # elsewhere (a Dask worker) opens the same directory
-        location = self._backend.root if isinstance(self._backend, LocalBackend) else self._location
+        plain_path = isinstance(self._backend, LocalBackend) and "://" not in self._location
+        location = self._backend.root if plain_path else self._location
         return {"location": location, "read_only": self._read_only}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
