@@ -32,6 +32,8 @@ writable column cache the assembled columns go to that temporary store too
 (:attr:`Exchanged.store`, which the chunk tasks then read), and it is deleted
 after the request.
 
+``$COLUMNHUB_EXCHANGE=0`` turns the exchange off (for comparisons).
+
 Every task is a module-level function of picklable arguments that writes only
 content-addressed entries (idempotent, retryable), so the stage can run on
 Dask workers with tasks partitioned by friend blocks; :func:`exchange` runs
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MEMORY_ENV",
+    "SWITCH_ENV",
     "Block",
     "ChunkMatch",
     "Exchanged",
@@ -84,6 +87,8 @@ __all__ = [
 #: bytes of friend pieces held in memory before a round is spilled
 MEMORY_ENV = "COLUMNHUB_EXCHANGE_MEMORY"
 _DEFAULT_MEMORY = 1 << 30
+#: ``0`` / ``off`` turns the exchange off (friends read chunk by chunk, as before it)
+SWITCH_ENV = "COLUMNHUB_EXCHANGE"
 _SPILL_VERSION = 1
 
 
@@ -472,6 +477,8 @@ class Exchanged:
 
 
 def _why_not(plan: Plan, friend: Friend) -> str | None:
+    if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return f"turned off (${SWITCH_ENV}={os.environ[SWITCH_ENV]})"
     if friend.spec.match != "keyed":
         return "aligned friend: read in the primary's order"
     if any(f.expands for f in plan.friends):
