@@ -52,9 +52,8 @@ def fx_of(events: np.ndarray, scale: float = 1.0) -> np.ndarray:
 
 def fj_of(events: np.ndarray, scale: float = 1.0) -> ak.Array:
     counts = (events * 7) % 5  # 0..4 items an event
-    flat = np.concatenate(
-        [np.zeros(0)] + [np.cos(e + np.arange(c)) * scale for e, c in zip(events, counts, strict=True)]
-    )
+    pieces = [np.cos(e + np.arange(c)) * scale for e, c in zip(events, counts, strict=True)]
+    flat = np.concatenate([np.zeros(0), *pieces])
     return ak.unflatten(flat.astype(np.float64), counts.astype(np.int64))
 
 
@@ -404,7 +403,9 @@ def test_tasks_and_their_arguments_pickle(primary: Path, tmp_path: Path) -> None
     plan = make_plan(Request.model_validate(request(primary, files, ["x", "fx", "fj"])))
     cache = ColumnCache(tmp_path / "cache")
     prepare(plan, cache=cache)
-    matches = [ex.match_chunk(plan, c, friends=["f"], store=cache, cache=cache) for c in plan.chunks]
+    matches = [
+        ex.match_chunk(plan, c, friends=["f"], store=cache, cache=cache) for c in plan.chunks
+    ]
     again = pickle.loads(pickle.dumps((plan, matches[1], cache)))
     redo = ex.match_chunk(again[0], again[0].chunks[1], friends=["f"], store=again[2])
     assert np.array_equal(redo.rows["f"], matches[1].rows["f"])  # idempotent, picklable
@@ -449,7 +450,9 @@ def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
         d = Path(tmp)
         p = write_primary(d / "p.parquet", case["primary"], row_group=case["primary_groups"])
         if len(case["friend"]):
-            f = write_friend_parquet(d / "f.parquet", case["friend"], row_group=case["friend_groups"])
+            f = write_friend_parquet(
+                d / "f.parquet", case["friend"], row_group=case["friend_groups"]
+            )
         else:
             f = write_friend_parquet(d / "f.parquet", np.array([999], dtype=np.int64))
         req = request(p, [f], ["event", "x", "fx", "fj", "f_matched"], how=how)
@@ -465,7 +468,8 @@ def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
             else:
                 os.environ[MEMORY_ENV] = old
         friend = friend_events([f])
-        head = reference(case["primary"], friend, how="left" if how in ("left", "outer") else "inner")
+        per_chunk = "left" if how in ("left", "outer") else "inner"
+        head = reference(case["primary"], friend, how=per_chunk)
         tail = []
         if how in ("right", "outer"):  # friend rows without a partner, after the chunks
             primary_set = set(case["primary"].tolist())
@@ -476,6 +480,7 @@ def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
         assert got[: len(head)] == head
         assert sorted(got[len(head) :]) == sorted(tail)
         exchange = result.manifest["friend_exchange"]["f"]
-        event(f"exchanged, {'spilled' if exchange['rounds'] else 'in memory'}" if exchange["ran"] else "per chunk")
+        spilled = "spilled" if exchange["rounds"] else "in memory"
+        event(f"exchanged, {spilled}" if exchange["ran"] else "per chunk")
         if exchange["ran"]:
             assert all(c.get("friend_entries_read", 0) == 0 for c in result.manifest["chunks"])

@@ -48,6 +48,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,8 @@ def blocks(boundaries: Sequence[Sequence[int]], target: int) -> list[Block]:
 
     A row group (basket range) is never split, so no row group is in two blocks.
 
-    >>> blocks([[0, 10, 20, 30], [0, 50]], 20)
-    [Block(file=0, start=0, stop=20), Block(file=0, start=20, stop=30), Block(file=1, start=0, stop=50)]
+    >>> [(b.file, b.start, b.stop) for b in blocks([[0, 10, 20, 30], [0, 50]], 20)]
+    [(0, 0, 20), (0, 20, 30), (1, 0, 50)]
     """
     out: list[Block] = []
     for f, edges in enumerate(boundaries):
@@ -169,8 +170,8 @@ class Routing:
         blocks: the blocks holding needed rows, in file and entry order.
         ranges: per block, the entry range ``[start, stop)`` to read (within it).
         targets: per block, ``(chunk, positions, entries)`` for every chunk
-            needing rows of it: chunk number (into ``plan.chunks``), the
-            chunk rows, and the entries they take (relative to the range start).
+            needing rows of it: the chunk's number among the matches routed,
+            its rows, and the entries they take (relative to the range start).
     """
 
     blocks: tuple[Block, ...]
@@ -260,7 +261,9 @@ def route(
         layout: every block of the friend (:func:`blocks`).
     """
     n_files = max((b.file for b in layout), default=-1) + 1
-    starts = [np.array([b.start for b in layout if b.file == f], dtype=np.int64) for f in range(n_files)]
+    starts = [
+        np.array([b.start for b in layout if b.file == f], dtype=np.int64) for f in range(n_files)
+    ]
     first = np.cumsum([0, *(len(s) for s in starts)])
     per_block: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
     for number, chunk_match in enumerate(matches):
@@ -297,7 +300,7 @@ class Pieces:
     Attributes:
         read: ``(file path, start, stop)`` of the entries read.
         bytes_read: bytes of the columns read (as arrays in memory).
-        chunks: the chunk numbers served.
+        chunks: the chunks served (numbers among the matches routed).
         positions: per chunk, its rows that take the values.
         columns: per chunk, friend column (file name) -> values, one per position.
     """
@@ -315,6 +318,14 @@ class Pieces:
             p.nbytes + sum(a.nbytes for a in c.values())
             for p, c in zip(self.positions, self.columns, strict=True)
         )
+
+
+def _piece(array: ak.Array, entries: np.ndarray) -> ak.Array:
+    """Rows ``entries`` of ``array`` as a compact copy (never a view of the whole block)."""
+    piece = gather(array, entries, optional=False)
+    if isinstance(piece.layout, ak.contents.IndexedArray | ak.contents.IndexedOptionArray):
+        piece = ak.to_packed(piece)  # option-typed columns (Parquet's nullable fields)
+    return piece
 
 
 def read_block(
@@ -338,7 +349,7 @@ def read_block(
         chunks=tuple(c for c, _, _ in targets),
         positions=tuple(p for _, p, _ in targets),
         columns=tuple(
-            {c: gather(raw[c], e, optional=False) for c in columns} for _, _, e in targets
+            {c: _piece(raw[c], e) for c in columns} for _, _, e in targets
         ),
     )
 
@@ -420,6 +431,7 @@ class FriendExchange:
         bytes_stored: bytes of the friend's columns stored in primary-chunk order.
         rounds: spilled rounds (0: everything fitted in memory).
         memory_budget: the budget in bytes.
+        seconds: wall time of the exchange's match, read and assemble steps.
     """
 
     ran: bool
@@ -432,6 +444,7 @@ class FriendExchange:
     bytes_stored: int = 0
     rounds: int = 0
     memory_budget: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -446,6 +459,7 @@ class FriendExchange:
             "bytes_stored": self.bytes_stored,
             "rounds": self.rounds,
             "memory_budget": self.memory_budget,
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }
 
 
@@ -563,6 +577,7 @@ def exchange(
     target = result.store if result.store is not None else cache
     assert target is not None
     chunks = sorted({i for numbers in todo.values() for i in numbers})
+    t0 = time.perf_counter()
     matched = dict(
         zip(
             chunks,
@@ -578,6 +593,7 @@ def exchange(
     )
     for chunk_match in matched.values():
         result.fresh.update(chunk_match.fresh)
+    t_match = time.perf_counter() - t0
     spill: ColumnCache | None = None
     try:
         for name, numbers in todo.items():
@@ -589,6 +605,8 @@ def exchange(
             report = FriendExchange(
                 False, "", blocks=len(routing.blocks), chunks=len(numbers), memory_budget=budget
             )
+            report.seconds["match"] = t_match
+            t1 = time.perf_counter()
             result.friends[name] = report
             if routing.repeated <= 0:
                 report.reason = "each friend block is needed by one chunk: read chunk by chunk"
@@ -643,6 +661,8 @@ def exchange(
                 flush(report.rounds)
                 report.rounds += 1
             assert empty is not None
+            report.seconds["read"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
 
             def pieces_of(local: int) -> list[tuple[np.ndarray, dict[str, ak.Array]]]:
                 if not report.rounds:
@@ -668,6 +688,7 @@ def exchange(
             ):
                 report.bytes_stored += stored
                 result.fresh.update(keys)
+            report.seconds["assemble"] = time.perf_counter() - t1
     except BaseException:
         result.close()
         raise

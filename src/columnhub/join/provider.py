@@ -239,9 +239,8 @@ def friend_chunk(
         )
         out = {w: read[columns[w]] for w in wanted if w in columns}
         rows = np.arange(n, dtype=np.int64)
-        result = FriendRows(
-            Match(rows, rows, primary_identity=True), out, n, sum(int(a.nbytes) for a in read.values())
-        )
+        read_bytes = sum(int(a.nbytes) for a in read.values())
+        result = FriendRows(Match(rows, rows, primary_identity=True), out, n, read_bytes)
     else:
         index = dataset_index(friend.dataset, spec.friend_keys, cache=cache)
         m = match(
