@@ -59,7 +59,7 @@ import numpy as np
 
 from columnhub import sources
 from columnhub.errors import CacheError, SpecError
-from columnhub.join.gather import gather
+from columnhub.join.gather import compact, gather
 from columnhub.join.match import Match, match
 
 if TYPE_CHECKING:
@@ -322,10 +322,7 @@ class Pieces:
 
 def _piece(array: ak.Array, entries: np.ndarray) -> ak.Array:
     """Rows ``entries`` of ``array`` as a compact copy (never a view of the whole block)."""
-    piece = gather(array, entries, optional=False)
-    if isinstance(piece.layout, ak.contents.IndexedArray | ak.contents.IndexedOptionArray):
-        piece = ak.to_packed(piece)  # option-typed columns (Parquet's nullable fields)
-    return piece
+    return compact(gather(array, entries, optional=False))
 
 
 def read_block(

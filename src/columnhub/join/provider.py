@@ -21,7 +21,7 @@ import numpy as np
 from columnhub import sources
 from columnhub.datasets import ResolvedDataset
 from columnhub.join.collection import fill_to_counts
-from columnhub.join.gather import gather
+from columnhub.join.gather import compact, gather
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
 from columnhub.join.validate import check_aligned, check_unique
@@ -189,7 +189,8 @@ def _fetch(
     ranges = plan.ranges or ((0, 0, 0),)  # no partner at all: an empty, typed read
     raw = _read_ranges(friend.dataset, names, ranges)
     read_bytes = sum(int(a.nbytes) for a in raw.values())
-    gathered = {c: gather(raw[c], plan.rows, optional=True) for c in names}
+    # packed: a view would keep (and cache) the whole friend read in every chunk
+    gathered = {c: compact(gather(raw[c], plan.rows, optional=True)) for c in names}
     return gathered, plan.entries_read, read_bytes
 
 
