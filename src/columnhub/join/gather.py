@@ -69,7 +69,11 @@ def compact(array: ak.Array) -> ak.Array:
     indexes the whole array read; packed, it holds only its own rows, which
     is what a cache entry or a piece held in memory should hold.
     """
-    if isinstance(array.layout, ak.contents.IndexedArray | ak.contents.IndexedOptionArray):
+    layout = array.layout
+    if (
+        isinstance(layout, ak.contents.IndexedArray | ak.contents.IndexedOptionArray)
+        and len(layout.content) > len(layout)  # not gather's one-row placeholder
+    ):
         return ak.to_packed(array)
     return array
 
