@@ -381,10 +381,12 @@ def _chunk_results(
         if exchange_report is not None:
             exchange_report.update({n: r.to_dict() for n, r in exchanged.friends.items()})
     store = exchanged.store if exchanged is not None else None
-    fresh = frozenset(exchanged.fresh) if exchanged is not None else frozenset()
+    fresh = exchanged.fresh if exchanged is not None else {}
     try:
         yield from run_ordered(
-            lambda c: run_chunk(plan, c, cache=cache, exchanged=store, fresh=fresh),
+            lambda c: run_chunk(
+                plan, c, cache=cache, exchanged=store, fresh=fresh.get(c.index, ())
+            ),
             plan.chunks,
             workers=workers,
         )

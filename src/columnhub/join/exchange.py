@@ -49,7 +49,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -246,7 +246,10 @@ def match_chunk(
         )
         rows[friend.spec.name] = found.friend_rows
     fresh = tuple(work.key(n) for n in [*work.to_read, *work.to_compute])
-    return ChunkMatch(chunk, rows, {n: work.values[n] for n in names}, fresh)
+    counters = _counters(plan, chosen)
+    # keys are kept only for the messages of a collection check (memory: all chunks are held)
+    kept = names if counters else counters
+    return ChunkMatch(chunk, rows, {n: work.values[n] for n in kept}, fresh)
 
 
 def route(
@@ -469,14 +472,15 @@ class Exchanged:
         store: where the chunk tasks find exchanged columns that are not in
             the column cache (no cache, or a read-only one), else ``None``.
         scratch: the temporary directory to delete after the request.
-        fresh: addresses the exchange stored for this request (the chunk
-            tasks count them as misses, not as cache hits).
+        fresh: per chunk (``Chunk.index``), the addresses the exchange
+            stored for this request (the chunk task counts them as misses,
+            not as cache hits).
     """
 
     friends: dict[str, FriendExchange]
     store: ColumnCache | None = None
     scratch: Path | None = None
-    fresh: set[str] = field(default_factory=set)
+    fresh: dict[int, set[str]] = field(default_factory=dict)
 
     def close(self) -> None:
         """Delete the temporary store (the request's chunks are done with it)."""
@@ -512,15 +516,6 @@ def _missing(plan: Plan, friend: Friend, cache: ColumnCache | None) -> list[int]
         i for i, chunk in enumerate(plan.chunks)
         if not all(cache.contains(_ChunkWork(plan, chunk, cache).key(n)) for n in names)
     ]
-
-
-def _spill_key(friend: Friend, chunk: int, round_: int, column: str) -> str:
-    from columnhub.cache import entry_key
-
-    return entry_key(
-        kind="exchange-piece", friend=friend.fingerprint, chunk=chunk, round=round_,
-        column=column, version=_SPILL_VERSION,
-    )
 
 
 def exchange(
@@ -575,124 +570,185 @@ def exchange(
     assert target is not None
     chunks = sorted({i for numbers in todo.values() for i in numbers})
     t0 = time.perf_counter()
-    matched = dict(
-        zip(
-            chunks,
-            run_ordered(
-                lambda i: match_chunk(
-                    plan, plan.chunks[i], friends=list(todo), store=target, cache=cache
-                ),
-                chunks,
-                workers=workers,
-            ),
-            strict=True,
-        )
-    )
-    for chunk_match in matched.values():
-        result.fresh.update(chunk_match.fresh)
-    t_match = time.perf_counter() - t0
-    spill: ColumnCache | None = None
     try:
+        matched = dict(
+            zip(
+                chunks,
+                run_ordered(
+                    lambda i: match_chunk(
+                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache
+                    ),
+                    chunks,
+                    workers=workers,
+                ),
+                strict=True,
+            )
+        )
+        for chunk_match in matched.values():
+            result.fresh.setdefault(chunk_match.chunk.index, set()).update(chunk_match.fresh)
+        t_match = time.perf_counter() - t0
         for name, numbers in todo.items():
-            friend = plan.friend(name)
-            target_entries = max(1, plan.request.chunk_size)
-            layout = blocks([f.boundaries for f in friend.dataset.files], target_entries)
-            matches = [matched[i] for i in numbers]
-            routing = route(_index(plan, friend, cache), name, matches, layout)
-            report = FriendExchange(
-                False, "", blocks=len(routing.blocks), chunks=len(numbers), memory_budget=budget
+            report = _exchange_friend(
+                plan,
+                plan.friend(name),
+                [matched[i] for i in numbers],
+                cache=cache,
+                target=target,
+                workers=workers,
+                spill=_Rounds(budget, scratch),
+                fresh=result.fresh,
             )
             report.seconds["match"] = t_match
-            t1 = time.perf_counter()
             result.friends[name] = report
-            if routing.repeated <= 0:
-                report.reason = "each friend block is needed by one chunk: read chunk by chunk"
-                continue
-            report.ran = True
-            report.reason = (
-                f"scattered: {len(routing.blocks)} friend block(s) needed "
-                f"{len(routing.blocks) + routing.repeated} times by {len(numbers)} chunk(s)"
-            )
-            columns = _read_names(plan, friend)
-            held: dict[int, list[tuple[np.ndarray, dict[str, ak.Array]]]] = {}
-            rounds: dict[int, list[int]] = {}
-            held_bytes = 0
-            empty: dict[str, ak.Array] | None = None
-
-            def flush(round_: int) -> None:
-                nonlocal spill
-                if spill is None:
-                    spill = ColumnCache(scratch() / f"spill-{os.getpid()}")
-                for local, parts in held.items():
-                    where = np.concatenate([p for p, _ in parts])
-                    spill.put(_spill_key(friend, local, round_, "\0rows"), ak.Array(where))
-                    for c in columns:
-                        spill.put(
-                            _spill_key(friend, local, round_, c),
-                            ak.concatenate([v[c] for _, v in parts]),
-                        )
-                    rounds.setdefault(local, []).append(round_)
-                held.clear()
-
-            tasks = list(zip(routing.blocks, routing.ranges, routing.targets, strict=True))
-            for pieces in run_ordered(
-                lambda t: read_block(plan, name, t[0], t[1], t[2], columns=columns),
-                tasks,
-                workers=workers,
-            ):
-                report.reads.append(pieces.read)
-                report.entries_read += pieces.read[2] - pieces.read[1]
-                report.bytes_read += pieces.bytes_read
-                if empty is None:
-                    empty = {c: pieces.columns[0][c][:0] for c in columns}
-                for local, where, values in zip(
-                    pieces.chunks, pieces.positions, pieces.columns, strict=True
-                ):
-                    held.setdefault(local, []).append((where, values))
-                held_bytes += pieces.nbytes
-                if held_bytes > budget:
-                    flush(report.rounds)
-                    report.rounds += 1
-                    held_bytes = 0
-            if report.rounds and held:
-                flush(report.rounds)
-                report.rounds += 1
-            assert empty is not None
-            report.seconds["read"] = time.perf_counter() - t1
-            t1 = time.perf_counter()
-
-            def pieces_of(local: int) -> list[tuple[np.ndarray, dict[str, ak.Array]]]:
-                if not report.rounds:
-                    return held.pop(local, [])
-                assert spill is not None
-                out = []
-                for r in rounds.get(local, []):
-                    where = spill.get(_spill_key(friend, local, r, "\0rows"))
-                    values = {c: spill.get(_spill_key(friend, local, r, c)) for c in columns}
-                    if where is None or any(v is None for v in values.values()):
-                        msg = f"a spilled piece of friend {name!r} was lost from {spill.location}"
-                        raise CacheError(msg)
-                    out.append((np.asarray(ak.to_numpy(where), dtype=np.int64), values))
-                return out  # type: ignore[return-value]
-
-            typed = empty
-            for stored, keys in run_ordered(
-                lambda local: assemble_chunk(
-                    plan, name, matches[local], pieces_of(local), empty=typed, store=target
-                ),
-                range(len(numbers)),
-                workers=workers,
-            ):
-                report.bytes_stored += stored
-                result.fresh.update(keys)
-            report.seconds["assemble"] = time.perf_counter() - t1
     except BaseException:
         result.close()
         raise
-    finally:
-        if spill is not None:
-            spill.close()
-            shutil.rmtree(Path(spill.location), ignore_errors=True)
     if result.store is None and result.scratch is not None:
         result.close()
     return result
+
+
+class _Rounds:
+    """Pieces held per chunk in memory; beyond the budget, spilled as rounds.
+
+    A round is every piece held, concatenated per chunk and written to a
+    temporary store under the scratch directory; a chunk's pieces are then
+    its rounds, read back.
+    """
+
+    def __init__(self, budget: int, scratch: Callable[[], Path]) -> None:
+        self.budget = budget
+        self.scratch = scratch
+        self.held: dict[int, list[tuple[np.ndarray, dict[str, ak.Array]]]] = {}
+        self.held_bytes = 0
+        self.rounds = 0
+        self.spilled: dict[int, list[int]] = {}
+        self.store: ColumnCache | None = None
+
+    def _key(self, friend: Friend, local: int, round_: int, column: str) -> str:
+        from columnhub.cache import entry_key
+
+        return entry_key(
+            kind="exchange-piece", friend=friend.fingerprint, chunk=local, round=round_,
+            column=column, version=_SPILL_VERSION,
+        )
+
+    def add(self, friend: Friend, pieces: Pieces, columns: Sequence[str]) -> None:
+        for local, where, values in zip(
+            pieces.chunks, pieces.positions, pieces.columns, strict=True
+        ):
+            self.held.setdefault(local, []).append((where, values))
+        self.held_bytes += pieces.nbytes
+        if self.held_bytes > self.budget:
+            self.spill(friend, columns)
+
+    def spill(self, friend: Friend, columns: Sequence[str]) -> None:
+        """Write what is held as one round."""
+        from columnhub.cache import ColumnCache
+
+        if self.store is None:
+            self.store = ColumnCache(self.scratch() / f"spill-{os.getpid()}")
+        for local, parts in self.held.items():
+            where = np.concatenate([p for p, _ in parts])
+            self.store.put(self._key(friend, local, self.rounds, "\0rows"), ak.Array(where))
+            for c in columns:
+                self.store.put(
+                    self._key(friend, local, self.rounds, c),
+                    ak.concatenate([v[c] for _, v in parts]),
+                )
+            self.spilled.setdefault(local, []).append(self.rounds)
+        self.held.clear()
+        self.held_bytes = 0
+        self.rounds += 1
+
+    def take(
+        self, friend: Friend, local: int, columns: Sequence[str]
+    ) -> list[tuple[np.ndarray, dict[str, ak.Array]]]:
+        """The pieces of chunk ``local`` (from memory, or its spilled rounds)."""
+        if not self.rounds:
+            return self.held.pop(local, [])
+        assert self.store is not None
+        out = []
+        for r in self.spilled.get(local, []):
+            where = self.store.get(self._key(friend, local, r, "\0rows"))
+            values = {c: self.store.get(self._key(friend, local, r, c)) for c in columns}
+            if where is None or any(v is None for v in values.values()):
+                msg = (
+                    f"a spilled piece of friend {friend.spec.name!r} was lost from "
+                    f"{self.store.location}; deliver again"
+                )
+                raise CacheError(msg)
+            kept = {c: v for c, v in values.items() if v is not None}
+            out.append((np.asarray(ak.to_numpy(where), dtype=np.int64), kept))
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            shutil.rmtree(Path(self.store.location), ignore_errors=True)
+            self.store = None
+
+
+def _exchange_friend(
+    plan: Plan,
+    friend: Friend,
+    matches: list[ChunkMatch],
+    *,
+    cache: ColumnCache | None,
+    target: ColumnCache,
+    workers: int,
+    spill: _Rounds,
+    fresh: dict[int, set[str]],
+) -> FriendExchange:
+    """Route, read and assemble one friend for the matched chunks (local thread pool)."""
+    from columnhub.execute.local import run_ordered
+
+    name = friend.spec.name
+    t0 = time.perf_counter()
+    layout = blocks([f.boundaries for f in friend.dataset.files], max(1, plan.request.chunk_size))
+    routing = route(_index(plan, friend, cache), name, matches, layout)
+    report = FriendExchange(
+        False, "", blocks=len(routing.blocks), chunks=len(matches), memory_budget=spill.budget
+    )
+    if routing.repeated <= 0:
+        report.reason = "each friend block is needed by one chunk: read chunk by chunk"
+        return report
+    report.ran = True
+    report.reason = (
+        f"scattered: {len(routing.blocks)} friend block(s) needed "
+        f"{len(routing.blocks) + routing.repeated} times by {len(matches)} chunk(s)"
+    )
+    columns = _read_names(plan, friend)
+    empty: dict[str, ak.Array] = {}
+    try:
+        tasks = list(zip(routing.blocks, routing.ranges, routing.targets, strict=True))
+        for pieces in run_ordered(
+            lambda t: read_block(plan, name, t[0], t[1], t[2], columns=columns),
+            tasks,
+            workers=workers,
+        ):
+            report.reads.append(pieces.read)
+            report.entries_read += pieces.read[2] - pieces.read[1]
+            report.bytes_read += pieces.bytes_read
+            if not empty:
+                empty = {c: pieces.columns[0][c][:0] for c in columns}
+            spill.add(friend, pieces, columns)
+        if spill.rounds and spill.held:
+            spill.spill(friend, columns)
+        report.rounds = spill.rounds
+        report.seconds["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assembled = run_ordered(
+            lambda i: assemble_chunk(
+                plan, name, matches[i], spill.take(friend, i, columns), empty=empty, store=target
+            ),
+            range(len(matches)),
+            workers=workers,
+        )
+        for local, (stored, keys) in enumerate(assembled):
+            report.bytes_stored += stored
+            fresh.setdefault(matches[local].chunk.index, set()).update(keys)
+        report.seconds["assemble"] = time.perf_counter() - t0
+    finally:
+        spill.close()
+    return report
