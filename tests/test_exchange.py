@@ -484,3 +484,18 @@ def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
         event(f"exchanged, {spilled}" if exchange["ran"] else "per chunk")
         if exchange["ran"]:
             assert all(c.get("friend_entries_read", 0) == 0 for c in result.manifest["chunks"])
+
+
+def test_read_only_cache_exchanges_through_a_temporary_store(
+    primary: Path, tmp_path: Path
+) -> None:
+    from columnhub.cache import ColumnCache
+
+    files = make_friend("shuffled", tmp_path)
+    shared = ColumnCache(tmp_path / "shared", read_only=True)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=shared)
+    assert_each_group_read_once(result.manifest, files)
+    assert rows(result) == reference(np.arange(N), friend_events(files), how="left")
+    assert not (tmp_path / "shared").exists()  # nothing written to the shared cache
+    assert not list((tmp_path / "out").rglob(".exchange"))
