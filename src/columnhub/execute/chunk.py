@@ -206,7 +206,8 @@ class _ChunkWork:
             if self.exchanged is not None and name != WHERE:
                 found = self.exchanged.get(self.key(name))
                 if found is not None:
-                    self.misses += self.cache is not None  # computed for this request
+                    if self.cache is not None:  # computed for this request: not a hit
+                        self.misses += 1
                     self.values[name] = found
                     if self._space(name):
                         self.primary_space.add(name)
