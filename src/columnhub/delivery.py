@@ -385,15 +385,43 @@ def _workers(workers: int | None) -> int:
 
 
 def _chunk_results(
-    plan: Plan, *, workers: int, cache: ColumnCache | None, index_report: Any = None
+    plan: Plan,
+    *,
+    workers: int,
+    cache: ColumnCache | None,
+    index_report: Any = None,
+    staging: Path | None = None,
+    exchange_report: dict[str, Any] | None = None,
 ) -> Iterator[ChunkResult]:
-    """Every chunk's result in order, then the right/outer tail if there is one."""
+    """Every chunk's result in order, then the right/outer tail if there is one.
+
+    ``exchange_report`` (friend name -> what the friend exchange did) is filled
+    before the first chunk's result.
+    """
+    exchanged = None
     if plan.friends:
+        from columnhub.join.exchange import exchange
         from columnhub.join.provider import prepare
 
         # key indexes built once; duplicates reported before work
         prepare(plan, cache=cache, report=index_report)
-    yield from run_ordered(lambda c: run_chunk(plan, c, cache=cache), plan.chunks, workers=workers)
+        # scattered friends read once, into the cache in primary-chunk order
+        exchanged = exchange(plan, cache=cache, staging=staging, workers=workers)
+        if exchange_report is not None:
+            exchange_report.update({n: r.to_dict() for n, r in exchanged.friends.items()})
+    store = exchanged.store if exchanged is not None else None
+    fresh = exchanged.fresh if exchanged is not None else {}
+    try:
+        yield from run_ordered(
+            lambda c: run_chunk(
+                plan, c, cache=cache, exchanged=store, fresh=fresh.get(c.index, ())
+            ),
+            plan.chunks,
+            workers=workers,
+        )
+    finally:
+        if exchanged is not None:
+            exchanged.close()
     tail = run_tail(plan, cache=cache)
     if tail is not None:
         yield tail
@@ -518,12 +546,16 @@ def _reuse(
     }
     reused["events_read"] = 0
     reused["chunks"] = [
-        {**c, "read": [], "friend_entries_read": 0, "cache_misses": 0, "seconds": 0.0,
-         "cache_hits": c.get("cache_hits", 0) + c.get("cache_misses", 0)}
+        {**c, "read": [], "friend_entries_read": 0, "friend_bytes": {}, "cache_misses": 0,
+         "seconds": 0.0, "cache_hits": c.get("cache_hits", 0) + c.get("cache_misses", 0)}
         if "read" in c else {**c, "seconds": 0.0}
         for c in manifest["chunks"]
     ]
     reused["inference"] = {}  # no model was run this time
+    reused["friend_exchange"] = {  # no friend was read this time
+        name: {"ran": False, "reason": "whole result reused", "bytes_read": 0, "bytes_stored": 0}
+        for name in manifest.get("friend_exchange", {})
+    }
     reused["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     total = time.perf_counter() - t0
     reused["timing"] = {
@@ -564,15 +596,23 @@ def _execute(
     t_run = time.perf_counter()
     done = 0
     metas: dict[int, Any] = {}
+    exchanged: Any = None
     try:
         if plan.friends:
+            from columnhub.join.exchange import exchange
             from columnhub.join.provider import prepare
 
             # key indexes built once (into the cache workers share); duplicates reported first
             prepare(plan, cache=cache, report=index_report)
+            # scattered friends read once, into the cache in primary-chunk order
+            exchanged = exchange(plan, cache=cache, staging=staging, workers=workers)
+        shared = {
+            "exchanged": exchanged.store if exchanged is not None else None,
+            "fresh": exchanged.fresh if exchanged is not None else {},
+        }
         with executor_for(scheduler, workers=workers) as run_parts:
             main = [p for p in plan.parts if not p.tail]
-            for meta in run_parts(plan, main, staging, cache, None):
+            for meta in run_parts(plan, main, staging, cache, None, **shared):
                 metas[meta.index] = meta
                 done += meta.events_in
                 if report is not None:
@@ -581,9 +621,11 @@ def _execute(
             again = [p for p in main if metas[p.index].schema != first]
             again += [p for p in plan.parts if p.tail]
             if again:
-                for meta in run_parts(plan, again, staging, cache, first):
+                for meta in run_parts(plan, again, staging, cache, first, **shared):
                     metas[meta.index] = meta
     finally:
+        if exchanged is not None:
+            exchanged.close()
         for bar in (report, index_report):
             if bar is not None and hasattr(bar, "close"):
                 bar.close()
@@ -630,6 +672,11 @@ def _execute(
         },
         "inputs": plan.dataset.identity,
         "friends": {f.spec.name: f.dataset.identity for f in plan.friends},
+        "friend_exchange": _friend_exchange(
+            plan,
+            {k: r.to_dict() for k, r in exchanged.friends.items()} if exchanged else {},
+            [record for m in ordered for record in m.chunks],
+        ),
         "chunks": [record for m in ordered for record in m.chunks],
         "inference": inference.snapshot() if inference is not None else {},
         "models": {
@@ -641,6 +688,28 @@ def _execute(
             "parts_s": [round(m.seconds, 6) for m in ordered],
         },
     }
+
+
+def _friend_exchange(
+    plan: Plan, exchanged: dict[str, Any], chunks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per keyed friend: whether the exchange ran, and friend bytes read vs stored.
+
+    ``bytes_read``/``bytes_stored`` count the exchange and the chunk tasks
+    together (arrays in memory: bytes decoded from the friend's files, and
+    bytes of its columns joined in primary-chunk order).
+    """
+    out: dict[str, Any] = {}
+    for friend in plan.friends:
+        name = friend.spec.name
+        entry = dict(exchanged.get(name, {"ran": False, "reason": "no keyed friend"}))
+        read = sum(c.get("friend_bytes", {}).get(name, [0, 0])[0] for c in chunks)
+        stored = sum(c.get("friend_bytes", {}).get(name, [0, 0])[1] for c in chunks)
+        entry["bytes_read"] = entry.get("bytes_read", 0) + read
+        entry["bytes_stored"] = entry.get("bytes_stored", 0) + stored
+        entry["chunk_bytes_read"] = read
+        out[name] = entry
+    return out
 
 
 #: the advisory lock file of an output directory (``fcntl.flock``), held for a whole delivery

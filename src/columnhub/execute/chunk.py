@@ -8,6 +8,7 @@ pool or on Dask workers.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,15 +57,26 @@ class ChunkResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> ChunkResult:
+def run_chunk(
+    plan: Plan,
+    chunk: Chunk,
+    *,
+    cache: ColumnCache | None = None,
+    exchanged: ColumnCache | None = None,
+    fresh: Collection[str] = (),
+) -> ChunkResult:
     """Compute, select and convert the output columns of ``chunk``.
 
     With a ``cache``, every column (raw branches, definitions, the selection
     mask) is first looked up by its address; only what is missing is read or
-    computed, then stored for the next request.
+    computed, then stored for the next request. ``exchanged`` is the
+    request's temporary store of exchanged friend columns (and keys), looked
+    up first, when there is no writable cache to hold them
+    (:mod:`columnhub.join.exchange`). ``fresh`` holds the addresses that
+    stage wrote for this request: found, they count as misses, not hits.
     """
     t0 = time.perf_counter()
-    work = _ChunkWork(plan, chunk, cache)
+    work = _ChunkWork(plan, chunk, cache, exchanged, fresh)
     needed = [*plan.outputs, *([WHERE] if plan.where is not None else [])]
     for friend in plan.friends:
         needed.extend(plan.request.dataset.keys)
@@ -90,6 +102,7 @@ def run_chunk(plan: Plan, chunk: Chunk, *, cache: ColumnCache | None = None) -> 
         details={
             "read": sorted(work.to_read),
             "friend_entries_read": work.friend_entries_read,
+            "friend_bytes": work.friend_bytes,
             "cache_errors": work.cache_errors,
             "inference": work.metrics,
         },
@@ -102,10 +115,21 @@ WHERE = "\0where"  # the selection mask's name among the columns of a chunk
 class _ChunkWork:
     """The columns of one chunk: looked up in the cache, else read or computed."""
 
-    def __init__(self, plan: Plan, chunk: Chunk, cache: ColumnCache | None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        chunk: Chunk,
+        cache: ColumnCache | None,
+        exchanged: ColumnCache | None = None,
+        fresh: Collection[str] = (),
+    ) -> None:
         self.plan = plan
         self.chunk = chunk
         self.cache = cache
+        self.exchanged = exchanged
+        self.fresh = fresh
+        #: friend name -> [bytes read from the friend, bytes of its columns joined]
+        self.friend_bytes: dict[str, list[int]] = {}
         self.values: dict[str, Any] = {}
         self.to_read: list[str] = []
         self.to_join: dict[str, list[str]] = {f.spec.name: [] for f in plan.friends}
@@ -179,10 +203,23 @@ class _ChunkWork:
                 continue
             if name in joining:
                 continue
-            if self.cache is not None:
-                found = self.cache.get(self.key(name))
+            if self.exchanged is not None and name != WHERE:
+                found = self.exchanged.get(self.key(name))
                 if found is not None:
-                    self.hits += 1
+                    if self.cache is not None:  # computed for this request: not a hit
+                        self.misses += 1
+                    self.values[name] = found
+                    if self._space(name):
+                        self.primary_space.add(name)
+                    continue
+            if self.cache is not None:
+                key = self.key(name)
+                found = self.cache.get(key)
+                if found is not None:
+                    if key in self.fresh:  # computed for this request (the friend exchange)
+                        self.misses += 1
+                    else:
+                        self.hits += 1
                     self.values[name] = found
                     if name != WHERE and self._space(name):
                         self.primary_space.add(name)
@@ -278,11 +315,14 @@ class _ChunkWork:
                 cache=self.cache,
             )
             self.friend_entries_read += got.entries_read
+            counted = self.friend_bytes.setdefault(friend.spec.name, [0, 0])
+            counted[0] += got.bytes_read
             for name in wanted:
                 value = got.columns[name]
                 if plan.columns[name].source.get("counter") is not None:
                     value = self._join_collection(name, value, got.match, friend)
                 self._store(name, value)
+                counted[1] += int(ak.Array(value).nbytes)
                 if not friend.expands:
                     self.primary_space.add(name)
             if friend.expands and not got.match.primary_identity:

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +36,10 @@ SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 RETRIES_ENV = "COLUMNHUB_TASK_RETRIES"
 _RETRIES_DEFAULT = 3
 
-#: ``run(plan, parts, staging, cache, schema)``: each part's metadata as it finishes
-RunParts = Callable[
-    ["Plan", "Sequence[Part]", Path, "ColumnCache | None", "pa.Schema | None"],
-    Iterator["PartMeta"],
-]
+#: ``run(plan, parts, staging, cache, schema, *, exchanged=None, fresh=None)``: each
+#: part's metadata as it finishes (``exchanged``/``fresh``: the friend exchange's store
+#: and, per chunk, the addresses it stored; see :func:`columnhub.execute.part.run_part`)
+RunParts = Callable[..., Iterator["PartMeta"]]
 
 
 @contextlib.contextmanager
@@ -111,6 +110,9 @@ def run_parts(
     staging: Path,
     cache: ColumnCache | None,
     schema: pa.Schema | None,
+    *,
+    exchanged: ColumnCache | None = None,
+    fresh: Mapping[int, Collection[str]] | None = None,
 ) -> Iterator[PartMeta]:
     """Submit every part task to ``client``'s cluster; each one's metadata as it finishes.
 
@@ -134,6 +136,8 @@ def run_parts(
             str(Path(staging).resolve()),
             cache,
             schema=schema,
+            exchanged=exchanged,
+            fresh=fresh,
             key=f"columnhub-{plan.request.hash[:16]}-part-{part.index:05d}-{run}",
             pure=False,
             retries=_retries(),

@@ -9,7 +9,7 @@ metadata as it finishes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -59,6 +59,8 @@ def run_parts(
     schema: pa.Schema | None,
     *,
     workers: int = 1,
+    exchanged: ColumnCache | None = None,
+    fresh: Mapping[int, Collection[str]] | None = None,
 ) -> Iterator[PartMeta]:
     """Part tasks on ``workers`` threads; each part's metadata as it finishes.
 
@@ -71,7 +73,11 @@ def run_parts(
         return
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="columnhub-part") as pool:
         pending: set[Future[Any]] = {
-            pool.submit(run_part, plan, part, staging, cache, schema=schema) for part in parts
+            pool.submit(
+                run_part, plan, part, staging, cache,
+                schema=schema, exchanged=exchanged, fresh=fresh,
+            )
+            for part in parts
         }
         try:
             while pending:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from columnhub.cache import ColumnCache
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
-from columnhub.plan import Part, Plan
+from columnhub.plan import Chunk, Part, Plan
 
 __all__ = ["PartMeta", "chunk_record", "column_types", "root_counters", "run_part"]
 
@@ -79,6 +79,8 @@ def run_part(
     cache: ColumnCache | None = None,
     *,
     schema: pa.Schema | None = None,
+    exchanged: ColumnCache | None = None,
+    fresh: Mapping[int, Collection[str]] | None = None,
 ) -> PartMeta:
     """Compute, select and write part ``part`` of ``plan`` into ``staging``.
 
@@ -93,6 +95,10 @@ def run_part(
         schema: the columns every row is cast to (the first part's: a
             right/outer tail's missing primary columns have no type of
             their own); ``None``: the first chunk's.
+        exchanged: where the friend exchange stored columns that are not in
+            the column cache (no cache, or a read-only one), else ``None``.
+        fresh: per chunk index, the cache addresses the exchange stored for
+            this request (counted as misses, not hits).
 
     Returns:
         The part's metadata; its file is ``staging/<name>``.
@@ -107,7 +113,7 @@ def run_part(
     hits = misses = events_in = 0
     inference: Any = None
     try:
-        for result in _results(plan, part, cache):
+        for result in _results(plan, part, cache, exchanged, fresh or {}):
             table = result.table
             if schema is None:
                 schema = table.schema
@@ -149,23 +155,35 @@ def run_part(
     )
 
 
-def _results(plan: Plan, part: Part, cache: ColumnCache | None) -> Iterator[ChunkResult]:
+def _results(
+    plan: Plan,
+    part: Part,
+    cache: ColumnCache | None,
+    exchanged: ColumnCache | None,
+    fresh: Mapping[int, Collection[str]],
+) -> Iterator[ChunkResult]:
     """The part's chunk results in order, the next one computed while this one is written."""
     if part.tail:
         tail = run_tail(plan, cache=cache)
         assert tail is not None  # a tail part exists only for a right/outer friend
         yield tail
         return
+
+    def one(chunk: Chunk) -> ChunkResult:
+        return run_chunk(
+            plan, chunk, cache=cache, exchanged=exchanged, fresh=fresh.get(chunk.index, ())
+        )
+
     chunks = [plan.chunks[i] for i in part.chunks]
     if len(chunks) == 1:
-        yield run_chunk(plan, chunks[0], cache=cache)
+        yield one(chunks[0])
         return
     with ThreadPoolExecutor(1, thread_name_prefix="columnhub-part") as pool:
-        ahead: Future[ChunkResult] = pool.submit(run_chunk, plan, chunks[0], cache=cache)
+        ahead: Future[ChunkResult] = pool.submit(one, chunks[0])
         try:
             for chunk in chunks[1:]:
                 current = ahead.result()
-                ahead = pool.submit(run_chunk, plan, chunk, cache=cache)
+                ahead = pool.submit(one, chunk)
                 yield current
             yield ahead.result()
         finally:
@@ -260,5 +278,6 @@ def chunk_record(plan: Plan, result: ChunkResult) -> dict[str, Any]:
         "cache_misses": result.misses,
         "read": result.details.get("read", []),
         "friend_entries_read": result.details.get("friend_entries_read", 0),
+        "friend_bytes": result.details.get("friend_bytes", {}),
         "seconds": round(result.seconds, 6),
     }

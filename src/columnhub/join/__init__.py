@@ -5,6 +5,8 @@ cached via :meth:`KeyIndex.to_bytes`), :func:`check_unique` on the primary
 index when ``validate`` needs it, then per primary chunk :func:`match`,
 :func:`fetch_plan` and :func:`gather`; for right/outer joins
 :func:`unmatched_rows` once. :func:`join_arrays` does a whole join in memory.
+A keyed friend scattered relative to the primary is exchanged first, once per
+request (:mod:`columnhub.join.exchange`): each of its row groups read once.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from columnhub.join.match import Match, match, match_indexes, match_unique_keys,
 from columnhub.join.validate import check_how, check_unique, needs_unique
 from columnhub.keys import KeyPacking, integer_keys
 
-__all__ = ["gather", "join_arrays"]
+__all__ = ["compact", "gather", "join_arrays"]
 
 
 def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Array:
@@ -60,6 +60,22 @@ def gather(array: Any, rows: npt.ArrayLike, *, optional: bool = True) -> ak.Arra
             msg = f"gather row {bad} out of range for {len(layout)} rows (allowed {allowed})"
             raise IndexError(msg)
     return _gather_checked(layout, idx, optional=optional)
+
+
+def compact(array: ak.Array) -> ak.Array:
+    """``array`` packed when it is an index view over a larger array.
+
+    A :func:`gather` of an option-typed column (Parquet's nullable fields)
+    indexes the whole array read; packed, it holds only its own rows, which
+    is what a cache entry or a piece held in memory should hold.
+    """
+    layout = array.layout
+    if (
+        isinstance(layout, ak.contents.IndexedArray | ak.contents.IndexedOptionArray)
+        and len(layout.content) > len(layout)  # not gather's one-row placeholder
+    ):
+        return ak.to_packed(array)
+    return array
 
 
 def _gather_checked(layout: ak.contents.Content, idx: np.ndarray, *, optional: bool) -> ak.Array:

@@ -21,7 +21,7 @@ import numpy as np
 from columnhub import sources
 from columnhub.datasets import ResolvedDataset
 from columnhub.join.collection import fill_to_counts
-from columnhub.join.gather import gather
+from columnhub.join.gather import compact, gather
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
 from columnhub.join.validate import check_aligned, check_unique
@@ -155,11 +155,13 @@ class FriendRows:
             the chunk is a right/outer tail).
         columns: friend column name (as in the request) -> array per output row.
         entries_read: friend entries read.
+        bytes_read: bytes of the friend columns read (arrays in memory).
     """
 
     match: Match
     columns: dict[str, ak.Array]
     entries_read: int
+    bytes_read: int = 0
 
 
 def _read_ranges(
@@ -188,15 +190,18 @@ def _read_ranges(
 
 def _fetch(
     friend: Friend, index: KeyIndex, rows: np.ndarray, names: list[str]
-) -> tuple[dict[str, ak.Array], int]:
+) -> tuple[dict[str, ak.Array], int, int]:
     # Friend columns are always option-typed (None where a row has no partner),
     # whatever ``how`` and whatever the chunk: one schema for every part.
     if not names:
-        return {}, 0
+        return {}, 0, 0
     plan = fetch_plan(index, rows)
     ranges = plan.ranges or ((0, 0, 0),)  # no partner at all: an empty, typed read
     raw = _read_ranges(friend.dataset, names, ranges)
-    return {c: gather(raw[c], plan.rows, optional=True) for c in names}, plan.entries_read
+    read_bytes = sum(int(a.nbytes) for a in raw.values())
+    # packed: a view would keep (and cache) the whole friend read in every chunk
+    gathered = {c: compact(gather(raw[c], plan.rows, optional=True)) for c in names}
+    return gathered, plan.entries_read, read_bytes
 
 
 def friend_chunk(
@@ -245,7 +250,8 @@ def friend_chunk(
         )
         out = {w: read[columns[w]] for w in wanted if w in columns}
         rows = np.arange(n, dtype=np.int64)
-        result = FriendRows(Match(rows, rows, primary_identity=True), out, n)
+        read_bytes = sum(int(a.nbytes) for a in read.values())
+        result = FriendRows(Match(rows, rows, primary_identity=True), out, n, read_bytes)
     else:
         index = dataset_index(friend.dataset, spec.friend_keys, cache=cache)
         m = match(
@@ -254,9 +260,9 @@ def friend_chunk(
             how="left",
             validate=spec.validate_,
         )
-        fetched, read_n = _fetch(friend, index, m.friend_rows, names)
+        fetched, read_n, read_bytes = _fetch(friend, index, m.friend_rows, names)
         out = {spec.output_name(c): a for c, a in fetched.items()}
-        result = FriendRows(m, out, read_n)
+        result = FriendRows(m, out, read_n, read_bytes)
     if spec.matched_name in wanted:
         result.columns[spec.matched_name] = ak.Array(result.match.friend_rows >= 0)
     return result
@@ -282,7 +288,7 @@ def tail_rows(
     }
     columns = {spec.output_name(c): c for c in spec.columns}
     names = [columns[w] for w in wanted if w in columns]
-    fetched, _ = _fetch(friend, index, rows, names)
+    fetched, _, _ = _fetch(friend, index, rows, names)
     out = {spec.output_name(c): a for c, a in fetched.items()}
     for name, array in out.items():  # the type a primary collection's member has in chunks
         if plan.columns[name].source.get("counter") is not None:

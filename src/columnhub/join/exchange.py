@@ -1,0 +1,753 @@
+"""The friend exchange: a scattered keyed friend read once per request.
+
+A keyed friend whose rows lie in another order than the primary's (shuffled,
+re-sorted, regrouped into other files) makes every primary chunk need rows
+from the same friend row groups: read chunk by chunk, the whole friend would be
+read and decoded once per chunk. The exchange (the shuffle of a distributed
+hash join) runs once per request, before the chunk tasks:
+
+1. :func:`match_chunk`, one task per primary chunk: the chunk's key columns
+   are read (and stored in the column cache exactly as the chunk task stores
+   them) and matched against the friend's key index.
+2. :func:`route`, pure: the friend's *blocks* (row groups, or ROOT basket
+   ranges, merged up to about a chunk's size and never split, so no basket or
+   row group is in two blocks) and, per block, which chunk rows take which of
+   its entries. The exchange runs only when some block is needed by several
+   chunks (:attr:`Routing.repeated`); otherwise reading per chunk reads each
+   block once anyway.
+3. :func:`read_block`, one task per block: the block's needed entry range is
+   read once and its rows are cut into one piece per chunk that needs them.
+4. :func:`assemble_chunk`, one task per chunk: the chunk's pieces become its
+   friend columns in primary-row order (``None`` where no partner, lists of a
+   primary collection filled to the counter and checked), stored under the
+   address the chunk task looks up. The chunk task then finds them and never
+   touches the friend, and so does any later request over those chunks: the
+   columns are read like an aligned friend's.
+
+Pieces stay in memory while they fit ``$COLUMNHUB_EXCHANGE_MEMORY`` bytes
+(default 1 GiB); beyond it, the pieces read so far are concatenated per chunk
+and spilled as one round to a temporary store under the request's staging
+directory, and each chunk is assembled from its rounds at the end. Without a
+writable column cache the assembled columns go to that temporary store too
+(:attr:`Exchanged.store`, which the chunk tasks then read), and it is deleted
+after the request.
+
+``$COLUMNHUB_EXCHANGE=0`` turns the exchange off (for comparisons).
+
+Every task is a module-level function of picklable arguments that writes only
+content-addressed entries (idempotent, retryable), so the stage can run on
+Dask workers with tasks partitioned by friend blocks; :func:`exchange` runs
+it on the local thread pool.
+
+One-to-many friends (rows expand) and the unmatched friend rows of right and
+outer joins (the tail, read once after the chunks) stay on the per-chunk path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import awkward as ak
+import numpy as np
+
+from columnhub import sources
+from columnhub.errors import CacheError, SpecError
+from columnhub.join.gather import compact, gather
+from columnhub.join.match import Match, match
+
+if TYPE_CHECKING:
+    from columnhub.cache import ColumnCache
+    from columnhub.join.index import KeyIndex
+    from columnhub.plan import Chunk, Friend, Plan
+
+__all__ = [
+    "MEMORY_ENV",
+    "SWITCH_ENV",
+    "Block",
+    "ChunkMatch",
+    "Exchanged",
+    "FriendExchange",
+    "Pieces",
+    "Routing",
+    "assemble_chunk",
+    "blocks",
+    "exchange",
+    "match_chunk",
+    "memory_budget",
+    "read_block",
+    "route",
+]
+
+#: bytes of friend pieces held in memory before a round is spilled
+MEMORY_ENV = "COLUMNHUB_EXCHANGE_MEMORY"
+_DEFAULT_MEMORY = 1 << 30
+#: ``0`` / ``off`` turns the exchange off (friends read chunk by chunk, as before it)
+SWITCH_ENV = "COLUMNHUB_EXCHANGE"
+_SPILL_VERSION = 1
+
+
+def memory_budget() -> int:
+    """The exchange's memory budget in bytes (``$COLUMNHUB_EXCHANGE_MEMORY``, default 1 GiB).
+
+    Raises:
+        SpecError: the variable is not a positive integer.
+    """
+    raw = os.environ.get(MEMORY_ENV)
+    if raw is None or not raw.strip():
+        return _DEFAULT_MEMORY
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        msg = (
+            f"{MEMORY_ENV}={raw!r} is not a positive whole number of bytes; set it to e.g. "
+            f"{_DEFAULT_MEMORY} (1 GiB) or unset it"
+        )
+        raise SpecError(msg)
+    return value
+
+
+@dataclass(frozen=True)
+class Block:
+    """Entries ``[start, stop)`` of friend file ``file``: whole row groups or basket ranges."""
+
+    file: int
+    start: int
+    stop: int
+
+
+def blocks(boundaries: Sequence[Sequence[int]], target: int) -> list[Block]:
+    """A dataset's blocks: consecutive row groups of each file merged up to ``target`` entries.
+
+    A row group (basket range) is never split, so no row group is in two blocks.
+
+    >>> [(b.file, b.start, b.stop) for b in blocks([[0, 10, 20, 30], [0, 50]], 20)]
+    [(0, 0, 20), (0, 20, 30), (1, 0, 50)]
+    """
+    out: list[Block] = []
+    for f, edges in enumerate(boundaries):
+        edges = [int(e) for e in edges]
+        start = edges[0]
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            if hi - start > target and lo > start:
+                out.append(Block(f, start, lo))
+                start = lo
+        if edges[-1] > start:
+            out.append(Block(f, start, edges[-1]))
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkMatch:
+    """One primary chunk matched against the exchanged friends.
+
+    Attributes:
+        chunk: the chunk.
+        rows: friend name -> ``int64`` friend dataset row per chunk row (``-1``: none).
+        values: the chunk's key columns and the counters friend lists fill.
+        fresh: addresses of the columns read (not found) and stored.
+    """
+
+    chunk: Chunk
+    rows: dict[str, np.ndarray]
+    values: dict[str, Any]
+    fresh: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a friend's needed rows are, block by block.
+
+    Attributes:
+        blocks: the blocks holding needed rows, in file and entry order.
+        ranges: per block, the entry range ``[start, stop)`` to read (within it).
+        targets: per block, ``(chunk, positions, entries)`` for every chunk
+            needing rows of it: the chunk's number among the matches routed,
+            its rows, and the entries they take (relative to the range start).
+    """
+
+    blocks: tuple[Block, ...]
+    ranges: tuple[tuple[int, int], ...]
+    targets: tuple[tuple[tuple[int, np.ndarray, np.ndarray], ...], ...]
+
+    @property
+    def repeated(self) -> int:
+        """Block reads saved: pairs of (chunk, block) beyond one read per block."""
+        return sum(len(t) for t in self.targets) - len(self.blocks)
+
+
+def _friend_names(plan: Plan, friend: Friend) -> list[str]:
+    return [
+        n for n, c in plan.columns.items()
+        if c.kind == "friend" and c.source["friend"] == friend.spec.name
+    ]
+
+
+def _read_names(plan: Plan, friend: Friend) -> list[str]:
+    names = (plan.columns[n].source["column"] for n in _friend_names(plan, friend))
+    return list(dict.fromkeys(c for c in names if c is not None))
+
+
+def _counters(plan: Plan, friends: Iterable[Friend]) -> list[str]:
+    counters = (
+        plan.columns[n].source.get("counter") for f in friends for n in _friend_names(plan, f)
+    )
+    return list(dict.fromkeys(c for c in counters if c is not None))
+
+
+def _index(plan: Plan, friend: Friend, cache: ColumnCache | None) -> KeyIndex:
+    from columnhub.join.provider import dataset_index
+
+    return dataset_index(friend.dataset, friend.spec.friend_keys, cache=cache)
+
+
+def match_chunk(
+    plan: Plan,
+    chunk: Chunk,
+    *,
+    friends: Sequence[str],
+    store: ColumnCache | None = None,
+    cache: ColumnCache | None = None,
+) -> ChunkMatch:
+    """Task: read one chunk's keys (and counters) and match them against each friend.
+
+    Args:
+        plan: the request's plan.
+        chunk: the primary chunk.
+        friends: names of the friends to match.
+        store: where the key columns go (and are looked up first), under the
+            addresses the chunk task uses: the column cache, or the request's
+            temporary store.
+        cache: where key indexes are kept.
+    """
+    from columnhub.execute.chunk import _ChunkWork
+
+    chosen = [plan.friend(n) for n in friends]
+    names = [*plan.request.dataset.keys, *_counters(plan, chosen)]
+    work = _ChunkWork(plan, chunk, store)
+    work.resolve(names)
+    work.compute()  # reads and stores what it misses; no friend is joined for these names
+    keys = [np.asarray(ak.to_numpy(work.values[k])) for k in plan.request.dataset.keys]
+    rows = {}
+    for friend in chosen:
+        found = match(
+            dict(zip(friend.spec.friend_keys, keys, strict=True)),
+            _index(plan, friend, cache),
+            how="left",
+            validate=friend.spec.validate_,
+        )
+        rows[friend.spec.name] = found.friend_rows
+    fresh = tuple(work.key(n) for n in [*work.to_read, *work.to_compute])
+    counters = _counters(plan, chosen)
+    # keys are kept only for the messages of a collection check (memory: all chunks are held)
+    kept = names if counters else counters
+    return ChunkMatch(chunk, rows, {n: work.values[n] for n in kept}, fresh)
+
+
+def route(
+    index: KeyIndex, friend: str, matches: Sequence[ChunkMatch], layout: Sequence[Block]
+) -> Routing:
+    """Pure: which chunk rows take which entries of which block.
+
+    Args:
+        index: the friend's key index.
+        friend: the friend's name (its rows in each :class:`ChunkMatch`).
+        matches: the matched chunks, by chunk number.
+        layout: every block of the friend (:func:`blocks`).
+    """
+    n_files = max((b.file for b in layout), default=-1) + 1
+    starts = [
+        np.array([b.start for b in layout if b.file == f], dtype=np.int64) for f in range(n_files)
+    ]
+    first = np.cumsum([0, *(len(s) for s in starts)])
+    per_block: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for number, chunk_match in enumerate(matches):
+        rows = chunk_match.rows[friend]
+        positions = np.flatnonzero(rows >= 0)
+        if not positions.size:
+            continue
+        file, entry = index.locate(rows[positions])
+        block = np.empty(len(positions), dtype=np.int64)
+        for f in np.unique(file):
+            sel = file == f
+            block[sel] = first[f] + np.searchsorted(starts[f], entry[sel], side="right") - 1
+        order = np.argsort(block, kind="stable")
+        block = block[order]
+        cut = np.flatnonzero(np.diff(block)) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(block)], strict=True):
+            take = order[a:b]
+            per_block.setdefault(int(block[a]), []).append((number, positions[take], entry[take]))
+    chosen = sorted(per_block)
+    ranges = []
+    targets = []
+    for b in chosen:
+        lo = min(int(e.min()) for _, _, e in per_block[b])
+        hi = max(int(e.max()) for _, _, e in per_block[b]) + 1
+        ranges.append((lo, hi))
+        targets.append(tuple((c, p, e - lo) for c, p, e in per_block[b]))
+    return Routing(tuple(layout[b] for b in chosen), tuple(ranges), tuple(targets))
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """What one block read gives each chunk that needs it.
+
+    Attributes:
+        read: ``(file path, start, stop)`` of the entries read.
+        bytes_read: bytes of the columns read (as arrays in memory).
+        chunks: the chunks served (numbers among the matches routed).
+        positions: per chunk, its rows that take the values.
+        columns: per chunk, friend column (file name) -> values, one per position.
+    """
+
+    read: tuple[str, int, int]
+    bytes_read: int
+    chunks: tuple[int, ...]
+    positions: tuple[np.ndarray, ...]
+    columns: tuple[dict[str, ak.Array], ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pieces hold."""
+        return sum(
+            p.nbytes + sum(a.nbytes for a in c.values())
+            for p, c in zip(self.positions, self.columns, strict=True)
+        )
+
+
+def _piece(array: ak.Array, entries: np.ndarray) -> ak.Array:
+    """Rows ``entries`` of ``array`` as a compact copy (never a view of the whole block)."""
+    return compact(gather(array, entries, optional=False))
+
+
+def read_block(
+    plan: Plan,
+    friend: str,
+    block: Block,
+    entries: tuple[int, int],
+    targets: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    *,
+    columns: Sequence[str],
+) -> Pieces:
+    """Task: read entries ``entries`` of ``block`` once and cut them into per-chunk pieces."""
+    dataset = plan.friend(friend).dataset
+    file = dataset.files[block.file]
+    start, stop = entries
+    raw = sources.read(file, dataset.spec, list(columns), start=start, stop=stop)
+    bytes_read = sum(int(a.nbytes) for a in raw.values())
+    return Pieces(
+        read=(file.path, start, stop),
+        bytes_read=bytes_read,
+        chunks=tuple(c for c, _, _ in targets),
+        positions=tuple(p for _, p, _ in targets),
+        columns=tuple(
+            {c: _piece(raw[c], e) for c in columns} for _, _, e in targets
+        ),
+    )
+
+
+def assemble_chunk(
+    plan: Plan,
+    friend: str,
+    chunk_match: ChunkMatch,
+    pieces: Sequence[tuple[np.ndarray, dict[str, ak.Array]]],
+    *,
+    empty: dict[str, ak.Array],
+    store: ColumnCache,
+) -> tuple[int, tuple[str, ...]]:
+    """Task: a chunk's friend columns from its pieces, stored where the chunk task looks.
+
+    Values are those the chunk task computes itself (:func:`~columnhub.join.provider.friend_chunk`
+    and its collection filling): same gather, same checks, same addresses.
+
+    Args:
+        plan: the request's plan.
+        friend: the friend's name.
+        chunk_match: the chunk's match.
+        pieces: ``(positions, columns)`` pieces for the chunk, from any blocks.
+        empty: a zero-row array of each read column (for a chunk without partners).
+        store: the column cache, or the request's temporary store.
+
+    Returns:
+        Bytes of the columns stored, and their addresses.
+    """
+    from columnhub.execute.chunk import _ChunkWork
+
+    spec = plan.friend(friend)
+    rows = chunk_match.rows[friend]
+    n = len(rows)
+    if pieces:
+        where = np.concatenate([p for p, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+        values = {
+            c: ak.concatenate([v[c] for _, v in pieces]) if len(pieces) > 1 else pieces[0][1][c]
+            for c in empty
+        }
+    else:
+        where, values = np.zeros(0, dtype=np.int64), dict(empty)
+    inverse = np.full(n, -1, dtype=np.int64)
+    inverse[where] = np.arange(len(where), dtype=np.int64)
+    work = _ChunkWork(plan, chunk_match.chunk, store)
+    work.values.update(chunk_match.values)
+    pairs = Match(np.arange(n, dtype=np.int64), rows, primary_identity=True)
+    stored = 0
+    keys = []
+    for name in _friend_names(plan, spec):
+        source = plan.columns[name].source
+        if source["column"] is None:  # <friend>_matched
+            value = ak.Array(rows >= 0)
+        else:
+            value = gather(values[source["column"]], inverse, optional=True)
+            if source.get("counter") is not None:
+                value = work._join_collection(name, value, pairs, spec)
+        work._store(name, value)
+        keys.append(work.key(name))
+        stored += int(ak.Array(value).nbytes)
+    # a column that could not be stored (a full cache) is joined by the chunk task
+    # itself, as without the exchange: a full cache never fails a request
+    return stored, tuple(keys)
+
+
+@dataclass
+class FriendExchange:
+    """What the exchange did for one friend (the manifest's ``friend_exchange``).
+
+    Attributes:
+        ran: whether the friend's columns were exchanged.
+        reason: why (or why not).
+        blocks: blocks of the friend holding needed rows.
+        chunks: primary chunks exchanged.
+        reads: ``(file, start, stop)`` of every read, each block once.
+        entries_read: friend entries read.
+        bytes_read: bytes of friend columns read (arrays in memory).
+        bytes_stored: bytes of the friend's columns stored in primary-chunk order.
+        rounds: spilled rounds (0: everything fitted in memory).
+        memory_budget: the budget in bytes.
+        seconds: wall time of the exchange's match, read and assemble steps.
+    """
+
+    ran: bool
+    reason: str
+    blocks: int = 0
+    chunks: int = 0
+    reads: list[tuple[str, int, int]] = field(default_factory=list)
+    entries_read: int = 0
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    rounds: int = 0
+    memory_budget: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {
+            "ran": self.ran,
+            "reason": self.reason,
+            "blocks": self.blocks,
+            "chunks": self.chunks,
+            "reads": [list(r) for r in self.reads],
+            "entries_read": self.entries_read,
+            "bytes_read": self.bytes_read,
+            "bytes_stored": self.bytes_stored,
+            "rounds": self.rounds,
+            "memory_budget": self.memory_budget,
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass
+class Exchanged:
+    """The exchange of one request.
+
+    Attributes:
+        friends: friend name -> what the exchange did.
+        store: where the chunk tasks find exchanged columns that are not in
+            the column cache (no cache, or a read-only one), else ``None``.
+        scratch: the temporary directory to delete after the request.
+        fresh: per chunk (``Chunk.index``), the addresses the exchange
+            stored for this request (the chunk task counts them as misses,
+            not as cache hits).
+    """
+
+    friends: dict[str, FriendExchange]
+    store: ColumnCache | None = None
+    scratch: Path | None = None
+    fresh: dict[int, set[str]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Delete the temporary store (the request's chunks are done with it)."""
+        if self.store is not None:
+            self.store.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
+def _why_not(plan: Plan, friend: Friend) -> str | None:
+    if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return f"turned off (${SWITCH_ENV}={os.environ[SWITCH_ENV]})"
+    if friend.spec.match != "keyed":
+        return "aligned friend: read in the primary's order"
+    if any(f.expands for f in plan.friends):
+        return "one_to_many: rows expand, joined chunk by chunk"
+    if len(plan.chunks) < 2:
+        return "one chunk: its friend rows are read once"
+    if not _read_names(plan, friend):
+        return "no friend column to read"
+    return None
+
+
+def _missing(plan: Plan, friend: Friend, cache: ColumnCache | None) -> list[int]:
+    """Chunk numbers whose friend columns are not all in the column cache."""
+    from columnhub.execute.chunk import _ChunkWork
+
+    names = _friend_names(plan, friend)
+    if cache is None:
+        return list(range(len(plan.chunks)))
+    return [
+        i for i, chunk in enumerate(plan.chunks)
+        if not all(cache.contains(_ChunkWork(plan, chunk, cache).key(n)) for n in names)
+    ]
+
+
+def exchange(
+    plan: Plan,
+    *,
+    cache: ColumnCache | None = None,
+    staging: Path | None = None,
+    workers: int = 1,
+) -> Exchanged:
+    """Run the exchange for every keyed friend that needs it, before the chunk tasks.
+
+    Args:
+        plan: the request's plan (key indexes already prepared).
+        cache: the column cache (``None``: none).
+        staging: the request's staging directory (temporary stores go under it;
+            default: the system's temporary directory).
+        workers: tasks run at once on the local thread pool.
+
+    Returns:
+        What ran; call :meth:`Exchanged.close` once the chunk tasks are done.
+    """
+    from columnhub.cache import ColumnCache
+    from columnhub.execute.local import run_ordered
+
+    result = Exchanged({})
+    todo: dict[str, list[int]] = {}
+    for friend in plan.friends:
+        reason = _why_not(plan, friend)
+        if reason is None:
+            todo[friend.spec.name] = _missing(plan, friend, cache)
+            if not todo[friend.spec.name]:
+                reason = "cached: every chunk's friend columns are in the column cache"
+                del todo[friend.spec.name]
+        if reason is not None:
+            result.friends[friend.spec.name] = FriendExchange(False, reason)
+    if not todo:
+        return result
+    budget = memory_budget()
+
+    def scratch() -> Path:
+        if result.scratch is None:
+            if staging is not None:
+                result.scratch = Path(staging) / ".exchange"
+                result.scratch.mkdir(parents=True, exist_ok=True)
+            else:
+                result.scratch = Path(tempfile.mkdtemp(prefix="columnhub-exchange-"))
+        return result.scratch
+
+    if cache is None or cache.read_only:
+        result.store = ColumnCache(scratch() / "columns")
+    target = result.store if result.store is not None else cache
+    assert target is not None
+    chunks = sorted({i for numbers in todo.values() for i in numbers})
+    t0 = time.perf_counter()
+    try:
+        matched = dict(
+            zip(
+                chunks,
+                run_ordered(
+                    lambda i: match_chunk(
+                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache
+                    ),
+                    chunks,
+                    workers=workers,
+                ),
+                strict=True,
+            )
+        )
+        for chunk_match in matched.values():
+            result.fresh.setdefault(chunk_match.chunk.index, set()).update(chunk_match.fresh)
+        t_match = time.perf_counter() - t0
+        for name, numbers in todo.items():
+            report = _exchange_friend(
+                plan,
+                plan.friend(name),
+                [matched[i] for i in numbers],
+                cache=cache,
+                target=target,
+                workers=workers,
+                spill=_Rounds(budget, scratch),
+                fresh=result.fresh,
+            )
+            report.seconds["match"] = t_match
+            result.friends[name] = report
+    except BaseException:
+        result.close()
+        raise
+    if result.store is None and result.scratch is not None:
+        result.close()
+    return result
+
+
+class _Rounds:
+    """Pieces held per chunk in memory; beyond the budget, spilled as rounds.
+
+    A round is every piece held, concatenated per chunk and written to a
+    temporary store under the scratch directory; a chunk's pieces are then
+    its rounds, read back.
+    """
+
+    def __init__(self, budget: int, scratch: Callable[[], Path]) -> None:
+        self.budget = budget
+        self.scratch = scratch
+        self.held: dict[int, list[tuple[np.ndarray, dict[str, ak.Array]]]] = {}
+        self.held_bytes = 0
+        self.rounds = 0
+        self.spilled: dict[int, list[int]] = {}
+        self.store: ColumnCache | None = None
+
+    def _key(self, friend: Friend, local: int, round_: int, column: str) -> str:
+        from columnhub.cache import entry_key
+
+        return entry_key(
+            kind="exchange-piece", friend=friend.fingerprint, chunk=local, round=round_,
+            column=column, version=_SPILL_VERSION,
+        )
+
+    def add(self, friend: Friend, pieces: Pieces, columns: Sequence[str]) -> None:
+        for local, where, values in zip(
+            pieces.chunks, pieces.positions, pieces.columns, strict=True
+        ):
+            self.held.setdefault(local, []).append((where, values))
+        self.held_bytes += pieces.nbytes
+        if self.held_bytes > self.budget:
+            self.spill(friend, columns)
+
+    def spill(self, friend: Friend, columns: Sequence[str]) -> None:
+        """Write what is held as one round."""
+        from columnhub.cache import ColumnCache
+
+        if self.store is None:
+            self.store = ColumnCache(self.scratch() / f"spill-{os.getpid()}")
+        for local, parts in self.held.items():
+            where = np.concatenate([p for p, _ in parts])
+            self.store.put(self._key(friend, local, self.rounds, "\0rows"), ak.Array(where))
+            for c in columns:
+                self.store.put(
+                    self._key(friend, local, self.rounds, c),
+                    ak.concatenate([v[c] for _, v in parts]),
+                )
+            self.spilled.setdefault(local, []).append(self.rounds)
+        self.held.clear()
+        self.held_bytes = 0
+        self.rounds += 1
+
+    def take(
+        self, friend: Friend, local: int, columns: Sequence[str]
+    ) -> list[tuple[np.ndarray, dict[str, ak.Array]]]:
+        """The pieces of chunk ``local`` (from memory, or its spilled rounds)."""
+        if not self.rounds:
+            return self.held.pop(local, [])
+        assert self.store is not None
+        out = []
+        for r in self.spilled.get(local, []):
+            where = self.store.get(self._key(friend, local, r, "\0rows"))
+            values = {c: self.store.get(self._key(friend, local, r, c)) for c in columns}
+            if where is None or any(v is None for v in values.values()):
+                msg = (
+                    f"a spilled piece of friend {friend.spec.name!r} was lost from "
+                    f"{self.store.location}; deliver again"
+                )
+                raise CacheError(msg)
+            kept = {c: v for c, v in values.items() if v is not None}
+            out.append((np.asarray(ak.to_numpy(where), dtype=np.int64), kept))
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            shutil.rmtree(Path(self.store.location), ignore_errors=True)
+            self.store = None
+
+
+def _exchange_friend(
+    plan: Plan,
+    friend: Friend,
+    matches: list[ChunkMatch],
+    *,
+    cache: ColumnCache | None,
+    target: ColumnCache,
+    workers: int,
+    spill: _Rounds,
+    fresh: dict[int, set[str]],
+) -> FriendExchange:
+    """Route, read and assemble one friend for the matched chunks (local thread pool)."""
+    from columnhub.execute.local import run_ordered
+
+    name = friend.spec.name
+    t0 = time.perf_counter()
+    layout = blocks([f.boundaries for f in friend.dataset.files], max(1, plan.request.chunk_size))
+    routing = route(_index(plan, friend, cache), name, matches, layout)
+    report = FriendExchange(
+        False, "", blocks=len(routing.blocks), chunks=len(matches), memory_budget=spill.budget
+    )
+    if routing.repeated <= 0:
+        report.reason = "each friend block is needed by one chunk: read chunk by chunk"
+        return report
+    report.ran = True
+    report.reason = (
+        f"scattered: {len(routing.blocks)} friend block(s) needed "
+        f"{len(routing.blocks) + routing.repeated} times by {len(matches)} chunk(s)"
+    )
+    columns = _read_names(plan, friend)
+    empty: dict[str, ak.Array] = {}
+    try:
+        tasks = list(zip(routing.blocks, routing.ranges, routing.targets, strict=True))
+        for pieces in run_ordered(
+            lambda t: read_block(plan, name, t[0], t[1], t[2], columns=columns),
+            tasks,
+            workers=workers,
+        ):
+            report.reads.append(pieces.read)
+            report.entries_read += pieces.read[2] - pieces.read[1]
+            report.bytes_read += pieces.bytes_read
+            if not empty:
+                empty = {c: pieces.columns[0][c][:0] for c in columns}
+            spill.add(friend, pieces, columns)
+        if spill.rounds and spill.held:
+            spill.spill(friend, columns)
+        report.rounds = spill.rounds
+        report.seconds["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assembled = run_ordered(
+            lambda i: assemble_chunk(
+                plan, name, matches[i], spill.take(friend, i, columns), empty=empty, store=target
+            ),
+            range(len(matches)),
+            workers=workers,
+        )
+        for local, (stored, keys) in enumerate(assembled):
+            report.bytes_stored += stored
+            fresh.setdefault(matches[local].chunk.index, set()).update(keys)
+        report.seconds["assemble"] = time.perf_counter() - t0
+    finally:
+        spill.close()
+    return report

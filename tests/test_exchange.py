@@ -1,0 +1,501 @@
+"""The friend exchange: a scattered keyed friend is read once per request.
+
+Friends here are shuffled, re-sorted (by a value column) or regrouped into
+other files in nearly the primary's order, written with pyarrow or uproot in
+``tmp_path``. Every result is checked against a brute-force dictionary join
+written in this file and against the per-chunk path
+(``$COLUMNHUB_EXCHANGE=0``); reads are checked against the friend files' own
+row groups and baskets, read with pyarrow and uproot.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import uproot
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import columnhub
+from columnhub.errors import SpecError
+from columnhub.join.exchange import MEMORY_ENV, SWITCH_ENV, memory_budget
+
+KEYS = ("run", "luminosityBlock", "event")
+N = 3000
+CHUNK = 500  # 6 primary chunks of 2 row groups each
+
+
+# ---------------------------------------------------------------------------
+# data: values are functions of the event number, so the reference is a dict
+
+
+def keys_of(events: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "run": np.ones(len(events), dtype=np.uint32),
+        "luminosityBlock": (events // 100).astype(np.uint32),
+        "event": events.astype(np.uint64),
+    }
+
+
+def fx_of(events: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    return np.sin(events.astype(np.float64)) * 100.0 * scale
+
+
+def fj_of(events: np.ndarray, scale: float = 1.0) -> ak.Array:
+    counts = (events * 7) % 5  # 0..4 items an event
+    pieces = [np.cos(e + np.arange(c)) * scale for e, c in zip(events, counts, strict=True)]
+    flat = np.concatenate([np.zeros(0), *pieces])
+    return ak.unflatten(flat.astype(np.float64), counts.astype(np.int64))
+
+
+def write_primary(path: Path, events: np.ndarray, *, row_group: int = 250) -> Path:
+    table = pa.table(
+        {
+            **keys_of(events),
+            "x": events.astype(np.float64) * 0.5,
+            "y": events.astype(np.int64) % 13,
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group)
+    return path
+
+
+def write_friend_parquet(
+    path: Path, events: np.ndarray, *, row_group: int = 400, scale: float = 1.0
+) -> Path:
+    table = pa.table(
+        {
+            **keys_of(events),
+            "fx": fx_of(events, scale),
+            "fj": ak.to_arrow(fj_of(events, scale), extensionarray=False),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group)
+    return path
+
+
+def write_friend_root(path: Path, events: np.ndarray, *, basket: int = 300) -> Path:
+    """A ROOT friend, one basket per ``basket`` events (one ``extend`` each)."""
+    with uproot.recreate(path) as f:
+        tree = f.mktree(
+            "Events",
+            {"run": np.uint32, "luminosityBlock": np.uint32, "event": np.uint64,
+             "fx": np.float64, "fj": "var * float64"},
+        )
+        for i in range(0, len(events), basket):
+            part = events[i : i + basket]
+            tree.extend({**keys_of(part), "fx": fx_of(part), "fj": fj_of(part)})
+    return path
+
+
+def make_friend(kind: str, d: Path, seed: int = 0) -> list[Path]:
+    """A friend of the events ``0..N``, 90 % of them, laid out as ``kind``."""
+    rng = np.random.default_rng(seed)
+    kept = np.sort(rng.permutation(N)[: int(0.9 * N)])
+    if kind == "shuffled":
+        return [write_friend_parquet(d / "friend.parquet", rng.permutation(kept))]
+    if kind == "resorted":  # re-sorted by a value column: scattered relative to the keys
+        return [write_friend_parquet(d / "friend.parquet", kept[np.argsort(fx_of(kept))])]
+    if kind == "regrouped":  # nearly the primary's order, in 3 ROOT files of other baskets
+        order = kept.copy()
+        swaps = rng.integers(0, len(order) - 1, size=40)
+        order[swaps], order[swaps + 1] = order[swaps + 1], order[swaps]
+        return [
+            write_friend_root(d / f"friend{i}.root", part)
+            for i, part in enumerate(np.array_split(order, 3))
+        ]
+    raise AssertionError(kind)
+
+
+def request(
+    primary: Path, friend_files: list[Path], columns: list[str], **friend: Any
+) -> dict[str, Any]:
+    return {
+        "dataset": {"name": "primary", "files": [str(primary)]},
+        "columns": columns,
+        "chunk_size": CHUNK,
+        "friends": [
+            {
+                "name": "f",
+                "dataset": {"name": "f", "files": [str(f) for f in friend_files]},
+                "columns": ["fx", "fj"],
+                **friend,
+            }
+        ],
+    }
+
+
+def friend_events(files: list[Path]) -> np.ndarray:
+    """The friend's event numbers, read directly from its files."""
+    out = []
+    for f in files:
+        if f.suffix == ".parquet":
+            out.append(pq.read_table(f, columns=["event"]).column("event").to_numpy())
+        else:
+            with uproot.open(f) as r:
+                out.append(r["Events"]["event"].array(library="np"))
+    return np.concatenate(out)
+
+
+def reference(
+    primary: np.ndarray, friend: np.ndarray, *, how: str, scale: float = 1.0
+) -> list[tuple[Any, ...]]:
+    """Brute force: ``(event, x, fx, fj, matched)`` per output row, in primary order."""
+    fx = dict(zip(friend.tolist(), fx_of(friend, scale).tolist(), strict=True))
+    fj = dict(zip(friend.tolist(), ak.to_list(fj_of(friend, scale)), strict=True))
+    out = []
+    for e in primary.tolist():
+        if e in fx:
+            out.append((e, e * 0.5, fx[e], fj[e], True))
+        elif how == "left":
+            out.append((e, e * 0.5, None, None, False))
+    return out
+
+
+def rows(result: columnhub.Result) -> list[tuple[Any, ...]]:
+    table = result.to_arrow().to_pylist()
+    return [(r["event"], r["x"], r["fx"], r["fj"], r["f_matched"]) for r in table]
+
+
+def file_groups(path: Path) -> list[tuple[int, int]]:
+    """Entry ranges of the row groups (Parquet) or baskets (ROOT) of one file."""
+    if path.suffix == ".parquet":
+        md = pq.ParquetFile(path).metadata
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    else:
+        with uproot.open(path) as r:
+            edges = r["Events"]["fx"].entry_offsets
+        sizes = list(np.diff(edges))
+    edges = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+
+
+def assert_each_group_read_once(manifest: dict[str, Any], files: list[Path]) -> None:
+    """No friend row group / basket is touched by two reads, nor by a chunk task."""
+    exchange = manifest["friend_exchange"]["f"]
+    assert exchange["ran"], exchange
+    for chunk in manifest["chunks"]:
+        assert chunk["friend_entries_read"] == 0
+        assert chunk["friend_bytes"] == {}
+    assert exchange["chunk_bytes_read"] == 0
+    reads: dict[str, list[tuple[int, int]]] = {}
+    for path, start, stop in exchange["reads"]:
+        reads.setdefault(path, []).append((start, stop))
+    for f in files:
+        for lo, hi in file_groups(f):
+            touching = [r for r in reads.get(str(f), []) if r[0] < hi and r[1] > lo]
+            assert len(touching) <= 1, (f, lo, hi, touching)
+    total = sum(stop - start for r in reads.values() for start, stop in r)
+    assert total <= len(friend_events(files))
+    assert exchange["bytes_read"] > 0
+    assert exchange["bytes_stored"] > 0
+
+
+@pytest.fixture
+def primary(tmp_path: Path) -> Path:
+    return write_primary(tmp_path / "primary.parquet", np.arange(N))
+
+
+# ---------------------------------------------------------------------------
+# read once, same values as the per-chunk path and the brute force
+
+
+@pytest.mark.parametrize("how", ["left", "inner"])
+@pytest.mark.parametrize("kind", ["shuffled", "resorted", "regrouped"])
+def test_friend_read_once_and_joined_right(
+    primary: Path, tmp_path: Path, kind: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_friend(kind, tmp_path)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"], how=how)
+    result = columnhub.deliver(req, output=tmp_path / "on", cache=tmp_path / "cache")
+    assert len(result.manifest["chunks"]) == N // CHUNK
+    assert rows(result) == reference(np.arange(N), friend_events(files), how=how)
+    assert_each_group_read_once(result.manifest, files)
+    # the per-chunk path, for comparison: same table, types included
+    monkeypatch.setenv(SWITCH_ENV, "0")
+    off = columnhub.deliver(req, output=tmp_path / "off", cache=False)
+    assert off.manifest["friend_exchange"]["f"]["ran"] is False
+    assert off.to_arrow().equals(result.to_arrow())
+    if kind != "regrouped":  # scattered: every chunk read (nearly) the whole friend
+        read = sum(c["friend_entries_read"] for c in off.manifest["chunks"])
+        assert read > 3 * len(friend_events(files))
+
+
+def test_later_request_with_other_primary_columns_reads_no_friend(
+    primary: Path, tmp_path: Path
+) -> None:
+    files = make_friend("shuffled", tmp_path)
+    cache = tmp_path / "cache"
+    first = columnhub.deliver(
+        request(primary, files, ["event", "x", "fx", "fj", "f_matched"]),
+        output=tmp_path / "one",
+        cache=cache,
+    )
+    assert first.manifest["friend_exchange"]["f"]["ran"]
+    # the exchange's columns are misses of this request, not hits
+    assert first.manifest["cache"]["hits"] == 0
+    second = columnhub.deliver(
+        request(primary, files, ["event", "x", "y", "fx", "fj", "f_matched"]),
+        output=tmp_path / "two",
+        cache=cache,
+    )
+    exchange = second.manifest["friend_exchange"]["f"]
+    assert exchange["ran"] is False and exchange["reason"].startswith("cached")
+    assert exchange["bytes_read"] == 0
+    for chunk in second.manifest["chunks"]:
+        assert chunk["friend_entries_read"] == 0
+        assert chunk["read"] == ["y"]  # only the new primary column is read
+    expected = reference(np.arange(N), friend_events(files), how="left")
+    assert rows(second) == expected
+    assert second.to_arrow().column("y").to_pylist() == [e % 13 for e in range(N)]
+
+
+def test_spill_in_rounds_gives_the_same_result(
+    primary: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_friend("shuffled", tmp_path)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    memory = columnhub.deliver(req, output=tmp_path / "memory", cache=tmp_path / "c1")
+    assert memory.manifest["friend_exchange"]["f"]["rounds"] == 0
+    monkeypatch.setenv(MEMORY_ENV, "2000")  # a few kB: a round per block
+    spilled = columnhub.deliver(req, output=tmp_path / "spilled", cache=tmp_path / "c2")
+    exchange = spilled.manifest["friend_exchange"]["f"]
+    assert exchange["rounds"] >= 2
+    assert_each_group_read_once(spilled.manifest, files)
+    assert spilled.to_arrow().equals(memory.to_arrow())
+    assert rows(spilled) == reference(np.arange(N), friend_events(files), how="left")
+    assert not list(tmp_path.rglob(".exchange"))  # the spill store is gone
+
+
+@pytest.mark.parametrize("kind", ["shuffled", "regrouped"])
+def test_without_a_cache_a_temporary_store_is_used_and_removed(
+    primary: Path, tmp_path: Path, kind: str
+) -> None:
+    files = make_friend(kind, tmp_path)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"], how="inner")
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=False)
+    assert_each_group_read_once(result.manifest, files)
+    assert rows(result) == reference(np.arange(N), friend_events(files), how="inner")
+    assert not list((tmp_path / "out").rglob(".exchange"))
+    hidden = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert set(hidden) <= {".columnhub.lock"}  # no staging, no temporary store left
+
+
+def test_changed_friend_is_never_served_from_exchanged_entries(
+    primary: Path, tmp_path: Path
+) -> None:
+    d = tmp_path / "friend"
+    d.mkdir()
+    files = make_friend("shuffled", d)
+    cache = tmp_path / "cache"
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    first = columnhub.deliver(req, output=tmp_path / "one", cache=cache)
+    events = friend_events(files)
+    assert rows(first) == reference(np.arange(N), events, how="left")
+    # same keys in the same order, other values (and another size: a new identity)
+    write_friend_parquet(files[0], events, scale=-3.0, row_group=300)
+    second = columnhub.deliver(req, output=tmp_path / "two", cache=cache)
+    assert second.manifest["friend_exchange"]["f"]["ran"]
+    assert rows(second) == reference(np.arange(N), events, how="left", scale=-3.0)
+    assert_each_group_read_once(second.manifest, files)
+
+
+def test_memory_budget_must_be_a_positive_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    with pytest.raises(SpecError, match="COLUMNHUB_EXCHANGE_MEMORY='lots'.*1 GiB"):
+        memory_budget()
+    monkeypatch.setenv(MEMORY_ENV, "4096")
+    assert memory_budget() == 4096
+
+
+def test_one_to_many_stays_on_the_per_chunk_path(primary: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    twice = rng.permutation(np.concatenate([np.arange(0, N, 3), np.arange(0, N, 6)]))
+    files = [write_friend_parquet(tmp_path / "f.parquet", twice)]
+    req = request(primary, files, ["event", "fx"], validate="one_to_many", how="inner")
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=False)
+    exchange = result.manifest["friend_exchange"]["f"]
+    assert exchange["ran"] is False and "one_to_many" in exchange["reason"]
+    got = sorted((r["event"], r["fx"]) for r in result.to_arrow().to_pylist())
+    counts = {int(e): 0 for e in twice}
+    for e in twice:
+        counts[int(e)] += 1
+    expected = sorted(
+        (e, fx) for e in range(N) for fx in [float(fx_of(np.array([e]))[0])] * counts.get(e, 0)
+    )
+    assert got == expected
+
+
+# ---------------------------------------------------------------------------
+# friend lists inside a primary collection: filled to nJet, checked, as per chunk
+
+
+def test_friend_lists_of_a_primary_collection(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = shared_data / "nano_tt_v12.root"
+    with uproot.open(source) as f:
+        original = f["Events"].arrays([*KEYS, "nJet", "Jet_btagDeepFlavB"], library="ak")
+    rng = np.random.default_rng(3)
+    picked = rng.permutation(len(original))[: int(0.8 * len(original))]
+    files = []
+    for i, part in enumerate(np.array_split(picked, 2)):
+        ev = original[part]
+        path = tmp_path / f"btag{i}.root"
+        with uproot.recreate(path) as f:
+            f["Events"] = {
+                **{k: ak.to_numpy(ev[k]) for k in KEYS},
+                "Jet_btagNew": ev.Jet_btagDeepFlavB * 2 + 1,
+            }
+        files.append(path)
+    req = {
+        "dataset": {"name": "tt", "files": [str(source)]},
+        "columns": ["Jet_btagNew", "btag_matched"],
+        "chunk_size": 37,
+        "friends": [
+            {
+                "name": "btag",
+                "dataset": {"name": "btag", "files": [str(f) for f in files]},
+                "columns": ["Jet_btagNew"],
+            }
+        ],
+    }
+    on = columnhub.deliver(req, output=tmp_path / "on", cache=tmp_path / "cache")
+    assert on.manifest["friend_exchange"]["btag"]["ran"]
+    assert all(c["friend_entries_read"] == 0 for c in on.manifest["chunks"])
+    table = {
+        tuple(int(original[k][i]) for k in KEYS): ak.to_list(original.Jet_btagDeepFlavB[i] * 2 + 1)
+        for i in picked.tolist()
+    }
+    expected = []
+    for i in range(len(original)):
+        key = tuple(int(original[k][i]) for k in KEYS)
+        expected.append(table.get(key, [None] * int(original.nJet[i])))
+    got = on.to_awkward()
+    assert ak.to_list(got.Jet_btagNew) == expected
+    assert ak.to_list(got.nJet) == ak.to_list(original.nJet)
+    monkeypatch.setenv(SWITCH_ENV, "off")
+    off = columnhub.deliver(req, output=tmp_path / "off", cache=False)
+    assert off.to_arrow().equals(on.to_arrow())
+
+
+# ---------------------------------------------------------------------------
+# the stage's tasks are picklable (for Dask workers)
+
+
+def test_tasks_and_their_arguments_pickle(primary: Path, tmp_path: Path) -> None:
+    from columnhub.cache import ColumnCache
+    from columnhub.join import exchange as ex
+    from columnhub.join.provider import prepare
+    from columnhub.plan import make_plan
+    from columnhub.spec import Request
+
+    files = make_friend("shuffled", tmp_path)
+    plan = make_plan(Request.model_validate(request(primary, files, ["x", "fx", "fj"])))
+    cache = ColumnCache(tmp_path / "cache")
+    prepare(plan, cache=cache)
+    matches = [
+        ex.match_chunk(plan, c, friends=["f"], store=cache, cache=cache) for c in plan.chunks
+    ]
+    again = pickle.loads(pickle.dumps((plan, matches[1], cache)))
+    redo = ex.match_chunk(again[0], again[0].chunks[1], friends=["f"], store=again[2])
+    assert np.array_equal(redo.rows["f"], matches[1].rows["f"])  # idempotent, picklable
+    friend = plan.friend("f")
+    layout = ex.blocks([f.boundaries for f in friend.dataset.files], 10**9)
+    routing = ex.route(ex._index(plan, friend, cache), "f", matches, layout)
+    for task in (ex.match_chunk, ex.read_block, ex.assemble_chunk, ex.route):
+        assert pickle.loads(pickle.dumps(task)) is task
+    pieces = ex.read_block(
+        plan, "f", routing.blocks[0], routing.ranges[0], routing.targets[0], columns=["fx", "fj"]
+    )
+    back = pickle.loads(pickle.dumps(pieces))
+    assert back.chunks == pieces.chunks
+    assert all(np.array_equal(a, b) for a, b in zip(back.positions, pieces.positions, strict=True))
+
+
+# ---------------------------------------------------------------------------
+# property test: random keys, layouts and chunkings against the brute force
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(2, 60))
+    events = np.array(draw(st.lists(st.integers(0, 200), min_size=n, max_size=n, unique=True)))
+    friend = draw(st.lists(st.sampled_from([*events.tolist(), 500, 501]), max_size=70, unique=True))
+    return {
+        "primary": events,
+        "primary_groups": draw(st.integers(1, 20)),
+        "friend": np.array(draw(st.permutations(friend)), dtype=np.int64),
+        "friend_groups": draw(st.integers(1, 30)),
+        "chunk_size": draw(st.integers(1, 25)),
+        "how": draw(st.sampled_from(["left", "inner", "right", "outer"])),
+        "budget": draw(st.sampled_from([None, "1"])),
+    }
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layouts())
+def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
+    how = case["how"]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        p = write_primary(d / "p.parquet", case["primary"], row_group=case["primary_groups"])
+        if len(case["friend"]):
+            f = write_friend_parquet(
+                d / "f.parquet", case["friend"], row_group=case["friend_groups"]
+            )
+        else:
+            f = write_friend_parquet(d / "f.parquet", np.array([999], dtype=np.int64))
+        req = request(p, [f], ["event", "x", "fx", "fj", "f_matched"], how=how)
+        req["chunk_size"] = case["chunk_size"]
+        old = os.environ.get(MEMORY_ENV)
+        if case["budget"] is not None:
+            os.environ[MEMORY_ENV] = case["budget"]
+        try:
+            result = columnhub.deliver(req, output=d / "out", cache=d / "cache")
+        finally:
+            if old is None:
+                os.environ.pop(MEMORY_ENV, None)
+            else:
+                os.environ[MEMORY_ENV] = old
+        friend = friend_events([f])
+        per_chunk = "left" if how in ("left", "outer") else "inner"
+        head = reference(case["primary"], friend, how=per_chunk)
+        tail = []
+        if how in ("right", "outer"):  # friend rows without a partner, after the chunks
+            primary_set = set(case["primary"].tolist())
+            fx = dict(zip(friend.tolist(), fx_of(friend).tolist(), strict=True))
+            fj = dict(zip(friend.tolist(), ak.to_list(fj_of(friend)), strict=True))
+            tail = [(e, None, fx[e], fj[e], False) for e in friend.tolist() if e not in primary_set]
+        got = rows(result)
+        assert got[: len(head)] == head
+        assert sorted(got[len(head) :]) == sorted(tail)
+        exchange = result.manifest["friend_exchange"]["f"]
+        spilled = "spilled" if exchange["rounds"] else "in memory"
+        event(f"exchanged, {spilled}" if exchange["ran"] else "per chunk")
+        if exchange["ran"]:
+            assert all(c.get("friend_entries_read", 0) == 0 for c in result.manifest["chunks"])
+
+
+def test_read_only_cache_exchanges_through_a_temporary_store(
+    primary: Path, tmp_path: Path
+) -> None:
+    from columnhub.cache import ColumnCache
+
+    files = make_friend("shuffled", tmp_path)
+    shared = ColumnCache(tmp_path / "shared", read_only=True)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=shared)
+    assert_each_group_read_once(result.manifest, files)
+    assert rows(result) == reference(np.arange(N), friend_events(files), how="left")
+    assert not (tmp_path / "shared").exists()  # nothing written to the shared cache
+    assert not list((tmp_path / "out").rglob(".exchange"))
