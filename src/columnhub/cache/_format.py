@@ -26,11 +26,13 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import awkward as ak
-import numpy as np
 import xxhash
+
+if TYPE_CHECKING:  # loaded for arrays only: a blob is read without numpy or awkward
+    import awkward as ak
+    import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
@@ -87,6 +89,9 @@ def _assemble(
 
 def encode_array(array: ak.Array) -> list[memoryview]:
     """The chunks of the entry file holding ``array`` (write them in order)."""
+    import awkward as ak
+    import numpy as np
+
     form, length, container = ak.to_buffers(array, byteorder="<")
     buffers: list[list[Any]] = []
     payload: list[memoryview] = []
@@ -118,12 +123,11 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes) -> Decoded:
         CorruptEntry: wrong magic/version/kind, sizes that do not add up, a
             checksum mismatch or a header that does not describe the payload.
     """
-    data = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
-    size = int(data.nbytes)
+    mv = memoryview(buf).cast("B") if isinstance(buf, bytes) else buf.data
+    size = int(mv.nbytes)
     if size < PREFIX_SIZE:
         msg = f"truncated: {size} bytes, shorter than the {PREFIX_SIZE}-byte prefix"
         raise CorruptEntry(msg)
-    mv = data.data
     magic, version, kind, hlen, plen, checksum = _PREFIX.unpack(mv[:PREFIX_SIZE])
     if magic != MAGIC:
         msg = f"bad magic {magic!r}"
@@ -146,6 +150,9 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes) -> Decoded:
     if kind != KIND_ARRAY:
         msg = f"unknown entry kind {kind}"
         raise CorruptEntry(msg)
+    import awkward as ak
+    import numpy as np
+
     try:
         header = json.loads(bytes(mv[PREFIX_SIZE:start]))
         container: dict[str, np.ndarray[Any, Any]] = {}
@@ -155,7 +162,7 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes) -> Decoded:
                 raise CorruptEntry(msg)
             dt = np.dtype(dtype)
             container[name] = np.frombuffer(
-                data, dtype=dt, count=nbytes // dt.itemsize, offset=start + offset
+                buf, dtype=dt, count=nbytes // dt.itemsize, offset=start + offset
             )
         form = ak.forms.from_dict(header["form"])
         array = ak.from_buffers(form, header["length"], container, byteorder="<")
