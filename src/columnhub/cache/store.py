@@ -502,7 +502,7 @@ class ColumnCache:
         total = dict.fromkeys(_COUNTERS, 0)
         for info in infos:
             try:
-                raw = self._backend.read(info.path)
+                raw = self._backend.read_bytes(info.path)
                 data = json.loads(bytes(raw)) if raw is not None else {}
             except (OSError, ValueError):
                 continue
