@@ -437,3 +437,26 @@ def test_a_remote_input_records_nothing(primary: Path, tmp_path: Path, http_serv
     assert _fastpath.lookup(store, _fastpath.source_key(data, chunk_size=None)) is None
     again = columnhub.deliver(data, output=tmp_path / "a", cache=store)
     assert again.manifest["cache"]["reused_result"]  # the full path still reuses it
+
+
+def test_numba_loads_on_the_first_kernel_call() -> None:
+    """Importing the engine (plan, chunk tasks, joins) costs no numba; the first kernel call loads it."""
+    code = """
+import sys
+import numpy as np
+import columnhub.delivery, columnhub.plan, columnhub.execute.chunk, columnhub.join
+from columnhub import _kernels
+before = 'numba' in sys.modules
+rng = np.random.default_rng(1)
+values = rng.integers(-1000, 1000, 5000)
+rows = rng.integers(-1, 5000, 3000)
+lo, hi = _kernels.minmax(values)
+taken, valid, _ = _kernels.gather_flat(values.astype(np.float64), rows)  # uses the intrinsic
+ok = (lo, hi) == (values.min(), values.max())
+ok &= bool(np.array_equal(taken[rows >= 0], values[rows[rows >= 0]].astype(np.float64)))
+ok &= bool(np.array_equal(np.asarray(valid, dtype=bool), rows >= 0))
+print(before, 'numba' in sys.modules, ok)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
