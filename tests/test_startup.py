@@ -460,3 +460,38 @@ print(before, 'numba' in sys.modules, ok)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+@pytest.mark.parametrize("as_request", [False, True])
+def test_what_the_request_hash_leaves_out_is_not_the_same_delivery(
+    shared_data: Path, tmp_path: Path, as_request: bool
+) -> None:
+    """File order and the output directory are outside the request's hash, not outside its source."""
+    a, b = shared_data / "nano_dy.root", shared_data / "nano_dimuon.root"
+
+    def make(files: list[Path], directory: Path) -> Any:
+        data = {
+            "dataset": {"name": "d", "files": [str(f) for f in files]},
+            "columns": ["MET_pt"],
+            "output": {"directory": str(directory)},
+        }
+        return load_request(data) if as_request else data
+
+    store = ColumnCache(tmp_path / "cache")
+    first = make([a, b], tmp_path / "ab")
+    columnhub.deliver(first, cache=store)
+    other_order = make([b, a], tmp_path / "ab")
+    if as_request:
+        assert first.hash == other_order.hash  # the same request, as the hash sees it
+    assert fast_key(store, other_order) is None
+    swapped = columnhub.deliver(other_order, cache=store)
+    assert "reused_result" not in swapped.manifest["cache"]
+    ref = [*uproot.open(b)["Events"]["MET_pt"].array().tolist(),
+           *uproot.open(a)["Events"]["MET_pt"].array().tolist()]
+    assert swapped.to_awkward().MET_pt.tolist() == ref
+
+    elsewhere = make([b, a], tmp_path / "elsewhere")
+    moved = columnhub.deliver(elsewhere, cache=store)
+    assert moved.directory == tmp_path / "elsewhere"
+    assert moved.manifest["cache"]["reused_result"] == str((tmp_path / "ab").resolve())
+    assert moved.to_awkward().MET_pt.tolist() == ref

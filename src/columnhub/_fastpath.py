@@ -78,9 +78,11 @@ def source_key(request: Any, *, chunk_size: int | None) -> str | None:
     """The address of what :func:`remember` stored for ``request``; ``None``: no fast path.
 
     A spec file counts by its bytes and its folder (relative paths in it are
-    relative to the folder); a dictionary by its canonical JSON and the
-    working directory; a :class:`~columnhub.spec.Request` by its hash and
-    the working directory. Anything else (several samples) has none.
+    relative to the folder); a dictionary by its JSON text (key order kept:
+    what the request is made from, not its canonical form, whose sorted file
+    list and left-out output directory are not the same delivery) and the
+    working directory; a :class:`~columnhub.spec.Request` likewise by all of
+    its fields. Anything else (several samples) has none.
     """
     from columnhub import __version__
 
@@ -92,13 +94,17 @@ def source_key(request: Any, *, chunk_size: int | None) -> str | None:
         except OSError:
             return None  # the full path names the problem
         source: Any = {"file": hashlib.sha256(data).hexdigest(), "base": base}
-    elif isinstance(request, dict):
-        source = {"dict": request, "cwd": os.getcwd()}
     else:
         spec = sys.modules.get("columnhub.spec")  # not imported: it cannot be a Request
-        if spec is None or not isinstance(request, spec.Request):
+        if spec is not None and isinstance(request, spec.Request):
+            request = request.model_dump(mode="json", by_alias=True)
+        elif not isinstance(request, dict) or not _plain(request):
             return None
-        source = {"request": request.hash, "cwd": os.getcwd()}
+        try:
+            text = json.dumps(request, ensure_ascii=True, separators=(",", ":"))
+        except (TypeError, ValueError):
+            return None
+        source = {"data": hashlib.sha256(text.encode()).hexdigest(), "cwd": os.getcwd()}
     try:
         return entry_key(
             kind="result-by-source",
@@ -110,6 +116,15 @@ def source_key(request: Any, *, chunk_size: int | None) -> str | None:
         )
     except (ColumnhubError, TypeError, ValueError):  # not plain data: no fast path
         return None
+
+
+def _plain(value: Any) -> bool:
+    """True for JSON data whose every mapping key is text (``{1: x}`` would read as ``{"1": x}``)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, str | int | float)
 
 
 def quick_identity(path: str, fmt: str) -> dict[str, Any] | None:
