@@ -271,7 +271,7 @@ def unchanged(known: Known) -> bool:
     for dataset in known.datasets:
         try:
             found = _expand(_Entries(dataset["name"], tuple(dataset["entries"])))  # type: ignore[arg-type]
-        except (ColumnhubError, OSError):
+        except (ColumnhubError, OSError, ValueError):  # e.g. a damaged manifest.json
             return False
         recorded = dataset["files"]
         if [[p, f] for p, f in found] != [[p, f] for p, f, _ in recorded]:
