@@ -102,9 +102,10 @@ def source_key(request: Any, *, chunk_size: int | None) -> str | None:
             return None
         try:
             text = json.dumps(request, ensure_ascii=True, separators=(",", ":"))
-        except (TypeError, ValueError):
+            cwd = os.getcwd()  # relative paths in it are relative to the working directory
+        except (TypeError, ValueError, OSError):
             return None
-        source = {"data": hashlib.sha256(text.encode()).hexdigest(), "cwd": os.getcwd()}
+        source = {"data": hashlib.sha256(text.encode()).hexdigest(), "cwd": cwd}
     try:
         return entry_key(
             kind="result-by-source",
