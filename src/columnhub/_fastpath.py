@@ -69,9 +69,7 @@ class Known:
 
     def inputs(self) -> list[tuple[str, list[str], list[str]]]:
         """``(name, entries, paths)`` of each dataset, for the output-directory check."""
-        return [
-            (d["name"], list(d["entries"]), [f[0] for f in d["files"]]) for d in self.datasets
-        ]
+        return [(d["name"], list(d["entries"]), [f[0] for f in d["files"]]) for d in self.datasets]
 
 
 def source_key(request: Any, *, chunk_size: int | None) -> str | None:

@@ -71,6 +71,13 @@ class _Deferred:
 
 _deferred: list[_Deferred] = []
 _numba_lock = threading.Lock()
+# what the compiled code and the intrinsic's code generation use, set by _load_numba
+llvm: Any = None
+ir: Any = None
+literal_unroll: Any = None
+types: Any = None
+cgutils: Any = None
+_PREFETCH = ""
 
 
 def _defer(make: Callable[[Any, Callable[..., Any]], Any]) -> Callable[[Callable[..., Any]], Any]:

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-# Bumped whenever a provider's output for the same inputs could change; part of every
-# cache key. Defined apart, so that a whole-result cache hit reads it without numpy.
-from columnhub._versions import PROVIDER_VERSIONS as PROVIDER_VERSIONS
+# PROVIDER_VERSIONS: bumped whenever a provider's output for the same inputs could
+# change (part of every cache key); kept apart so a cache hit reads it without numpy
+from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
