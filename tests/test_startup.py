@@ -176,6 +176,10 @@ def test_help_and_version_import_nothing_heavy() -> None:
         done, imported = run_cli(sub, "--help")
         assert done.returncode == 0, done.stderr
         assert heavy(imported) == [], sub
+    done, imported = run_cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"columnhub {columnhub.__version__}"
+    assert heavy(imported) == []
 
 
 def test_import_columnhub_is_light_and_names_resolve() -> None:
