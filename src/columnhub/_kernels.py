@@ -7,6 +7,14 @@ loops; compiled with numba, each is one pass. Every kernel is compiled with
 from several chunk tasks at once, unlike numba's own ``parallel=True``
 threading layers). Kernels are compiled on first use and cached on disk
 (``cache=True``).
+
+numba itself (and llvmlite) is imported on the first call of any kernel, not
+when this module is imported: ``numba`` and ``intrinsic`` below start as
+stand-ins that record each kernel, and the first call imports numba, makes
+every recorded kernel a real dispatcher in this module's namespace (where
+compiled code looks other kernels up) and runs. A process that never runs a
+kernel (``columnhub --help``, a result served from the cache) never pays for
+numba.
 """
 
 from __future__ import annotations
@@ -18,13 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numba
 import numpy as np
-from llvmlite import binding as llvm
-from llvmlite import ir
-from numba import literal_unroll, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 __all__ = [
     "Sorted",
@@ -54,7 +56,72 @@ PREFETCH_DISTANCE = 16
 #: 2x faster than 16 for a shuffled 80 MB jagged column, no gain beyond)
 LIST_PREFETCH_DISTANCE = 32
 
-_PREFETCH = "llvm.prefetch.p0" if llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+class _Deferred:
+    """A kernel recorded by a stand-in decorator; the first call makes every kernel real."""
+
+    def __init__(self, name: str, make: Callable[[Any], Any]) -> None:
+        self.name = name
+        self.make = make  # the real numba module -> the dispatcher (or intrinsic)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _load_numba()
+        return globals()[self.name](*args, **kwargs)
+
+
+_deferred: list[_Deferred] = []
+_numba_lock = threading.Lock()
+# what the compiled code and the intrinsic's code generation use, set by _load_numba
+llvm: Any = None
+ir: Any = None
+literal_unroll: Any = None
+types: Any = None
+cgutils: Any = None
+_PREFETCH = ""
+
+
+def _defer(make: Callable[[Any, Callable[..., Any]], Any]) -> Callable[[Callable[..., Any]], Any]:
+    def record(func: Callable[..., Any]) -> _Deferred:
+        kernel = _Deferred(func.__name__, lambda real: make(real, func))
+        _deferred.append(kernel)
+        return kernel
+
+    return record
+
+
+class _NumbaStandIn:
+    """``numba`` until the first kernel runs: ``@numba.njit(...)`` records the kernel."""
+
+    def njit(self, *args: Any, **options: Any) -> Any:
+        if len(args) == 1 and callable(args[0]) and not options:  # bare @numba.njit
+            return _defer(lambda real, f: real.njit(f))(args[0])
+        return _defer(lambda real, f: real.njit(*args, **options)(f))
+
+
+def _load_numba() -> None:
+    """Import numba and turn every recorded kernel into a real one (once, thread-safe)."""
+    g = globals()
+    with _numba_lock:
+        if not isinstance(g["numba"], _NumbaStandIn):
+            return
+        import numba as real
+        from llvmlite import binding as llvm
+        from llvmlite import ir
+        from numba import literal_unroll, types
+        from numba.core import cgutils
+
+        g.update(
+            llvm=llvm, ir=ir, literal_unroll=literal_unroll, types=types, cgutils=cgutils,
+            _PREFETCH="llvm.prefetch.p0" if llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8",
+        )
+        for kernel in _deferred:  # compiled (or loaded from numba's cache) when first called
+            if g.get(kernel.name) is kernel:
+                g[kernel.name] = kernel.make(real)
+        g["numba"] = real
+
+
+numba: Any = _NumbaStandIn()
+intrinsic: Any = _defer(lambda real, f: real.extending.intrinsic(f))
 
 
 @intrinsic

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from columnhub.errors import ColumnNotFoundError, DatasetError, DatasetFileNotFoundError, closest
-from columnhub.spec import DatasetSpec
+
+if TYPE_CHECKING:  # numpy and the pydantic models load when used: see columnhub/_fastpath.py
+    import numpy as np
+
+    from columnhub.spec import DatasetSpec
 
 __all__ = ["FileInfo", "ResolvedDataset", "is_url", "resolve"]
 
@@ -85,6 +87,8 @@ class ResolvedDataset:
     @property
     def offsets(self) -> np.ndarray:
         """Global entry number where each file starts (length ``len(files) + 1``)."""
+        import numpy as np
+
         return np.concatenate([[0], np.cumsum([f.entries for f in self.files])]).astype(np.int64)
 
     @property

@@ -17,22 +17,25 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
-import awkward as ak
-import pyarrow as pa
-
+from columnhub import _fastpath
+from columnhub._checksum import file_checksum
+from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.cache import ColumnCache, default_location, entry_key
 from columnhub.datasets import is_url
 from columnhub.errors import CacheError, ColumnhubError, OutputError, SampleError, SpecError
-from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
-from columnhub.execute.local import run_ordered
 from columnhub.output.manifest import MANIFEST, read_manifest, write_manifest
-from columnhub.output.parquet import file_checksum
-from columnhub.plan import PROVIDER_VERSIONS, Plan, make_plan
 from columnhub.result import Result
-from columnhub.spec import Request, Samples, load_request
+
+if TYPE_CHECKING:  # loaded when a request is planned: a whole-result hit needs none of them
+    import awkward as ak
+
+    from columnhub.execute.chunk import ChunkResult
+    from columnhub.plan import Plan
+    from columnhub.spec import Request, Samples
 
 __all__ = ["arrays", "default_output_directory", "deliver"]
 
@@ -48,10 +51,14 @@ def default_output_directory(request: Request) -> Path:
 
     A cache on a URL (a shared object store) keeps results in the local default.
     """
+    return _default_directory(request.hash)
+
+
+def _default_directory(request_hash: str) -> Path:
     root = default_location()
     if "://" in root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "columnhub")
-    return Path(root) / "results" / request.hash
+    return Path(root) / "results" / request_hash
 
 
 @overload
@@ -151,12 +158,20 @@ def deliver(
             one's error; ``.results``: the samples delivered).
     """
     t0 = time.perf_counter()
+    _workers(workers)  # a bad value is refused even when the result is known
+    fast = _deliver_known(request, output=output, chunk_size=chunk_size, cache=cache, t0=t0)
+    if isinstance(fast, Result):
+        return fast
+    from columnhub.plan import make_plan
+    from columnhub.spec import Samples
+
     req = _load(request, chunk_size=chunk_size)
     if isinstance(req, Samples):
         return _deliver_samples(
             req, output=output, workers=workers, cache=cache, progress=progress,
             scheduler=scheduler,
         )
+    own_directory = req.output.directory
     if output is not None:
         req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
     workers = _workers(workers)
@@ -165,7 +180,7 @@ def deliver(
     plan = make_plan(req)  # user errors surface here, before anything is written
     t_plan = time.perf_counter() - t0
     _check_not_input(directory, plan)
-    store = _open_cache(cache)
+    store = fast.store if fast.opened else _open_cache(cache)
     _make_directory(directory)
     with _locked(directory), _disk_full_is_output_error(directory):
         previous = _prepare_directory(directory)
@@ -173,6 +188,7 @@ def deliver(
         identity = _result_key(plan)
         reused = _reuse(identity, directory, previous, store, t0=t0, t_plan=t_plan)
         if reused is not None:
+            _fastpath.remember(store, fast.key, plan, identity, directory=own_directory)
             return Result(directory, reused)
         staging = _new_staging(directory)
         try:
@@ -188,6 +204,7 @@ def deliver(
             )
             manifest["result_key"] = identity
             _record(store, identity, directory, manifest)
+            _fastpath.remember(store, fast.key, plan, identity, directory=own_directory)
         except BaseException as err:  # Ctrl-C and SIGTERM (the CLI) too: no staging left
             shutil.rmtree(staging, ignore_errors=True)
             if previous is None or not previous.get("complete"):
@@ -252,6 +269,12 @@ def arrays(
         A record array, one field per output column; for several samples
         ``{sample: array}`` in the order given.
     """
+    import awkward as ak
+    import pyarrow as pa
+
+    from columnhub.plan import make_plan
+    from columnhub.spec import Samples
+
     req = _load(request, chunk_size=chunk_size)
     if isinstance(req, Samples):
         store = _open_cache(cache)
@@ -269,6 +292,8 @@ def arrays(
 
 
 def _load(request: Any, *, chunk_size: int | None) -> Request | Samples:
+    from columnhub.spec import Samples, load_request
+
     req = load_request(request)
     if chunk_size is None:
         return req
@@ -296,6 +321,8 @@ def _deliver_samples(
     does; the other samples are still delivered, then a :class:`SampleError`
     names each failed sample and holds the delivered results.
     """
+    from columnhub.plan import make_plan
+
     requests = samples.requests()
     if output is not None:
         requests = {
@@ -373,6 +400,72 @@ def _check_directories(requests: dict[str, Request]) -> None:
             raise SpecError(msg)
 
 
+@dataclass(frozen=True)
+class _NotKnown:
+    """Why :func:`_deliver_known` answered nothing, and what the full path reuses of it.
+
+    Attributes:
+        key: the request's source key (``None``: no fast path for it), under
+            which the full path records its result key.
+        opened: whether ``store`` is the opened cache (else the full path opens it).
+        store: the cache opened for the look-up.
+    """
+
+    key: str | None = None
+    opened: bool = False
+    store: ColumnCache | None = None
+
+
+def _deliver_known(
+    request: Any,
+    *,
+    output: str | os.PathLike[str] | None,
+    chunk_size: int | None,
+    cache: Any,
+    t0: float,
+) -> Result | _NotKnown:
+    """A whole-result cache hit found before planning (no uproot, numba, awkward, pyarrow).
+
+    The request's source key names what an earlier delivery of the same
+    source recorded (:mod:`columnhub._fastpath`); when every input still is
+    the file it was, the result is reused exactly as the full path reuses it
+    (:func:`_reuse`: checksums verified, the output directory locked).
+    Anything else answers a :class:`_NotKnown` and the full path runs.
+    """
+    if cache is False:
+        return _NotKnown()
+    key = _fastpath.source_key(request, chunk_size=chunk_size)
+    if key is None:
+        return _NotKnown()
+    try:
+        store = _open_cache(cache)
+    except ColumnhubError:  # the full path reports it where it always has
+        return _NotKnown(key)
+    not_known = _NotKnown(key, opened=True, store=store)
+    known = _fastpath.lookup(store, key)
+    if known is None or not _fastpath.unchanged(known):
+        return not_known
+    if output is not None:
+        directory = Path(output)
+    elif known.directory:
+        directory = Path(known.directory)
+    else:
+        directory = _default_directory(known.request_hash)
+    try:
+        _check_not_inputs(directory, known.inputs())
+    except OutputError:  # the full path names it
+        return not_known
+    _make_directory(directory)
+    with _locked(directory), _disk_full_is_output_error(directory):
+        previous = _prepare_directory(directory)
+        _pause_at("locked")
+        t_plan = time.perf_counter() - t0
+        reused = _reuse(known.result_key, directory, previous, store, t0=t0, t_plan=t_plan)
+    if reused is None:
+        return not_known
+    return Result(directory, reused)
+
+
 def _workers(workers: int | None) -> int:
     if workers is None:
         from columnhub._concurrency import threads
@@ -399,6 +492,9 @@ def _chunk_results(
     before the first chunk's result.
     """
     exchanged = None
+    from columnhub.execute.chunk import run_chunk, run_tail
+    from columnhub.execute.local import run_ordered
+
     if plan.friends:
         from columnhub.join.exchange import exchange
         from columnhub.join.provider import prepare
@@ -919,9 +1015,20 @@ def _prepare_directory(directory: Path) -> dict[str, Any] | None:
 
 def _check_not_input(directory: Path, plan: Plan) -> None:
     """Refuse an output directory that is, holds or lies inside an input dataset's files."""
+    _check_not_inputs(
+        directory,
+        [
+            (d.spec.name, list(d.spec.files), [f.path for f in d.files])
+            for d in [plan.dataset, *(f.dataset for f in plan.friends)]
+        ],
+    )
+
+
+def _check_not_inputs(directory: Path, datasets: list[tuple[str, list[str], list[str]]]) -> None:
+    """:func:`_check_not_input` for ``(name, files entries, resolved paths)`` of each dataset."""
     out = directory.resolve()
-    for dataset in [plan.dataset, *(f.dataset for f in plan.friends)]:
-        for entry in dataset.spec.files:
+    for name, entries, paths in datasets:
+        for entry in entries:
             if is_url(entry):
                 continue
             path = Path(entry.removeprefix("file://")).expanduser().resolve()
@@ -930,15 +1037,15 @@ def _check_not_input(directory: Path, plan: Plan) -> None:
                 where = "inside" if inside and path != out else "the directory of"
                 msg = (
                     f"output directory {directory} is {where} the input dataset "
-                    f"{dataset.spec.name!r} ({entry}); delivering there would overwrite or mix "
+                    f"{name!r} ({entry}); delivering there would overwrite or mix "
                     "with its files. Choose another output directory"
                 )
                 raise OutputError(msg)
-        for info in dataset.files:
-            if not is_url(info.path) and Path(info.path).resolve().is_relative_to(out):
+        for file in paths:
+            if not is_url(file) and Path(file).resolve().is_relative_to(out):
                 msg = (
-                    f"output directory {directory} holds {info.path}, a file of the input "
-                    f"dataset {dataset.spec.name!r}; delivering there would overwrite it. "
+                    f"output directory {directory} holds {file}, a file of the input "
+                    f"dataset {name!r}; delivering there would overwrite it. "
                     "Choose another output directory"
                 )
                 raise OutputError(msg)

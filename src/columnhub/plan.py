@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+# PROVIDER_VERSIONS: bumped whenever a provider's output for the same inputs could
+# change (part of every cache key); kept apart so a cache hit reads it without numpy
+from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
@@ -34,12 +37,6 @@ __all__ = [
     "make_plan",
     "split_entries",
 ]
-
-#: Bumped whenever a provider's output for the same inputs could change; part
-#: of every cache key, so old cache entries are never served by newer code.
-#: define/where 2: three-valued (Kleene) logic over missing values (issue 9.1);
-#: friend 2: friend columns keep their names and fill primary collections.
-PROVIDER_VERSIONS = {"source": 1, "define": 2, "where": 2, "friend": 2, "model": 1}
 
 Kind = Literal["source", "define", "friend", "model"]
 

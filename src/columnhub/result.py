@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import awkward as ak
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from columnhub.errors import OutputError
 from columnhub.output.manifest import read_manifest
+
+if TYPE_CHECKING:  # the readers load them: a result found in the cache is returned without
+    import awkward as ak
+    import pyarrow as pa
 
 __all__ = ["Result"]
 
@@ -58,6 +57,9 @@ class Result:
 
     def to_arrow(self) -> pa.Table:
         """All rows as one Arrow table."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         self._check()
         if self.manifest.get("format", "parquet") != "parquet":
             msg = "to_arrow() reads Parquet results; this result is ROOT (open it with uproot)"
@@ -67,6 +69,8 @@ class Result:
 
     def to_awkward(self) -> ak.Array:
         """All rows as one awkward record array (fields = columns)."""
+        import awkward as ak
+
         if self.manifest.get("format", "parquet") == "root":
             import uproot
 
@@ -126,6 +130,11 @@ class Result:
             raise OutputError(msg)
         schema = NanoAODSchema if schema is None else schema
         files = [str(f) for f in self.files]
+        import awkward as ak
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         if mode == "dask":
             import dask_awkward as dak
 

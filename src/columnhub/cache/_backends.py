@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "MMAP_MIN_BYTES",
@@ -95,6 +96,14 @@ class LocalBackend:
         """A path below the root."""
         return os.path.join(self.root, *parts)
 
+    def read_bytes(self, path: str) -> bytes | None:
+        """The whole (small) file as bytes, or ``None`` if absent: a blob, without numpy."""
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
     def read(self, path: str) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
         """The whole file as one read-only byte array, or ``None`` if absent.
 
@@ -105,6 +114,8 @@ class LocalBackend:
         Raises:
             OSError: the file exists but cannot be read completely.
         """
+        import numpy as np
+
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -255,6 +266,8 @@ class FsspecBackend:
         except FileNotFoundError:
             return None
         return data
+
+    read_bytes = read
 
     def write_atomic(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
         """Write under a temporary name, then move into place."""

@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import awkward as ak
-import numpy as np
 import xxhash
+
+if TYPE_CHECKING:  # loaded for arrays only: a blob is read without numpy or awkward
+    import awkward as ak
+    import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
@@ -90,6 +92,9 @@ def _assemble(
 
 def encode_array(array: ak.Array, *, key: str) -> list[memoryview]:
     """The chunks of the entry file holding ``array`` under ``key`` (write them in order)."""
+    import awkward as ak
+    import numpy as np
+
     form, length, container = ak.to_buffers(array, byteorder="<")
     buffers: list[list[Any]] = []
     payload: list[memoryview] = []
@@ -126,12 +131,11 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Dec
             checksum mismatch, an entry of another key, or a header that does
             not describe the payload.
     """
-    data = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
-    size = int(data.nbytes)
+    mv = memoryview(buf).cast("B") if isinstance(buf, bytes) else buf.data
+    size = int(mv.nbytes)
     if size < PREFIX_SIZE:
         msg = f"truncated: {size} bytes, shorter than the {PREFIX_SIZE}-byte prefix"
         raise CorruptEntry(msg)
-    mv = data.data
     magic, version, kind, hlen, plen, checksum = _PREFIX.unpack(mv[:PREFIX_SIZE])
     if magic != MAGIC:
         msg = f"bad magic {magic!r}"
@@ -152,6 +156,9 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Dec
     if kind not in (KIND_ARRAY, KIND_BYTES):
         msg = f"unknown entry kind {kind}"
         raise CorruptEntry(msg)
+    import awkward as ak
+    import numpy as np
+
     try:
         header = json.loads(bytes(mv[PREFIX_SIZE:start]))
         stored = header.get("key") if isinstance(header, dict) else None
@@ -171,7 +178,7 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Dec
                 raise CorruptEntry(msg)
             dt = np.dtype(dtype)
             container[name] = np.frombuffer(
-                data, dtype=dt, count=nbytes // dt.itemsize, offset=start + offset
+                buf, dtype=dt, count=nbytes // dt.itemsize, offset=start + offset
             )
         form = ak.forms.from_dict(header["form"])
         array = ak.from_buffers(form, header["length"], container, byteorder="<")

@@ -38,10 +38,9 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from columnhub.errors import CacheError
 
@@ -58,11 +57,12 @@ def _canonical(value: Any, where: str) -> Any:
     """``value`` as plain JSON data with floats and bytes tagged."""
     if value is None or isinstance(value, bool | str):
         return value
-    if isinstance(value, np.bool_):
+    np = sys.modules.get("numpy")  # not imported: no value is a numpy scalar
+    if np is not None and isinstance(value, np.bool_):
         return bool(value)
-    if isinstance(value, int | np.integer):
+    if isinstance(value, int) or (np is not None and isinstance(value, np.integer)):
         return int(value)
-    if isinstance(value, float | np.floating):
+    if isinstance(value, float) or (np is not None and isinstance(value, np.floating)):
         x = float(value)
         return {"$float": "nan" if math.isnan(x) else x.hex()}
     if isinstance(value, bytes | bytearray | memoryview):

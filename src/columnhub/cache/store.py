@@ -46,15 +46,15 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Self
-
-import awkward as ak
-import fsspec
+from typing import TYPE_CHECKING, Any, Self
 
 from columnhub.cache import _format
 from columnhub.cache._backends import FileInfo, FsspecBackend, LocalBackend
 from columnhub.cache.addressing import is_valid_key
 from columnhub.errors import CacheError
+
+if TYPE_CHECKING:  # awkward loads with the first array, fsspec with the first URL
+    import awkward as ak
 
 __all__ = ["CacheStats", "ColumnCache", "GCReport", "default_location"]
 
@@ -204,6 +204,8 @@ class ColumnCache:
         self._read_only = bool(read_only)
         self._backend: LocalBackend | FsspecBackend
         if "://" in raw:
+            import fsspec
+
             try:
                 fs, root = fsspec.core.url_to_fs(raw)
             except (ValueError, ImportError) as err:
@@ -315,8 +317,12 @@ class ColumnCache:
 
     def _read(self, key: str, kind: int) -> ak.Array | bytes | None:
         path = self.entry_path(key)
-        try:
-            buf = self._backend.read(path)
+        try:  # a blob (a result's address) is read without numpy
+            buf = (
+                self._backend.read_bytes(path)
+                if kind == _format.KIND_BYTES
+                else self._backend.read(path)
+            )
         except OSError:
             buf = b""  # unreadable: handled as corrupt below
         if buf is None:
@@ -359,6 +365,8 @@ class ColumnCache:
         Raises:
             CacheError: ``key`` is malformed, or the entry holds bytes.
         """
+        import awkward as ak
+
         value = self._read(key, _format.KIND_ARRAY)
         assert value is None or isinstance(value, ak.Array)
         return value
@@ -419,6 +427,8 @@ class ColumnCache:
             CacheError: ``key`` is malformed, ``array`` is not an awkward
                 array, or the entry cannot be written.
         """
+        import awkward as ak
+
         if not isinstance(array, ak.Array):
             msg = (
                 f"ColumnCache.put() takes an awkward Array, got {type(array).__name__}; "
@@ -499,7 +509,7 @@ class ColumnCache:
         total = dict.fromkeys(_COUNTERS, 0)
         for info in infos:
             try:
-                raw = self._backend.read(info.path)
+                raw = self._backend.read_bytes(info.path)
                 data = json.loads(bytes(raw)) if raw is not None else {}
             except (OSError, ValueError):
                 continue

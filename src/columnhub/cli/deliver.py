@@ -58,12 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from columnhub.cache import ColumnCache
     from columnhub.delivery import deliver
     from columnhub.errors import SampleError
-    from columnhub.spec import Samples, load_request
 
     cache: ColumnCache | str | bool | None = False if args.no_cache else args.cache
     if args.cache_read_only and not args.no_cache:
         cache = ColumnCache(args.cache, read_only=True)
-    spec = load_request(args.spec)
     options: dict[str, Any] = {
         "output": args.output,
         "workers": args.workers,
@@ -72,16 +70,15 @@ def run(args: argparse.Namespace) -> int:
         "progress": False if args.no_progress else None,
         "scheduler": args.scheduler,
     }
-    if not isinstance(spec, Samples):
-        _summarise(deliver(spec, **options), json_out=args.json)
-        return 0
-    try:
-        results = deliver(spec, **options)
+    try:  # the spec's path, not a parsed request: a known result is found without planning
+        delivered = deliver(args.spec, **options)
     except SampleError as err:
-        results = err.results  # the samples that were delivered are summarised first
-        _summarise_samples(results, json_out=args.json)
+        _summarise_samples(err.results, json_out=args.json)  # the samples delivered come first
         raise
-    _summarise_samples(results, json_out=args.json)
+    if isinstance(delivered, dict):
+        _summarise_samples(delivered, json_out=args.json)
+    else:
+        _summarise(delivered, json_out=args.json)
     return 0
 
 

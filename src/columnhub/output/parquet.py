@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Collection
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from columnhub._checksum import file_checksum
 from columnhub.errors import OutputError
 
 __all__ = [
@@ -43,23 +43,6 @@ class PartInfo:
     bytes: int
     xxh3: str
     mtime_ns: int
-
-
-def file_checksum(path: Path, *, copy_to: Path | None = None) -> str:
-    """The xxh3-64 digest of a file's bytes (hex), read in 16 MiB blocks.
-
-    With ``copy_to``, the bytes are also written there: a copy and its
-    verification in one pass.
-    """
-    import xxhash
-
-    digest = xxhash.xxh3_64()
-    with open(path, "rb") as f, open(copy_to, "wb") if copy_to else nullcontext() as out:
-        while block := f.read(16 * 1024 * 1024):
-            digest.update(block)
-            if out is not None:
-                out.write(block)
-    return digest.hexdigest()
 
 
 def part_path(directory: Path, number: int, suffix: str) -> Path:
