@@ -79,7 +79,7 @@ def test_delivered_nanoaod_opens_as_nanoevents(
             "columns": ["MET_pt", "MET_phi", *JETS, *MUONS],
             "where": "MET_pt > 10",
             "chunk_size": 13,
-            "output": {"target_part_bytes": 4000},
+            "output": {"target_part_bytes": 1},  # a part per chunk
         },
         output=tmp_path / "out",
         cache=False,

@@ -1,15 +1,18 @@
-"""The checksum of a delivered part file (private; light: xxhash only).
+"""Checksums of files (private; light: xxhash only).
 
-Kept apart from the Parquet writer so that a whole-result cache hit verifies
-the parts it returns without importing pyarrow.
+A delivered part's checksum, and the digest of a Parquet file's footer that
+is part of its identity. Kept apart from the Parquet writer and the sources
+so that a whole-result cache hit checks its files without importing pyarrow.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from contextlib import nullcontext
 from pathlib import Path
 
-__all__ = ["file_checksum"]
+__all__ = ["file_checksum", "footer_hash"]
 
 
 def file_checksum(path: Path, *, copy_to: Path | None = None) -> str:
@@ -27,3 +30,28 @@ def file_checksum(path: Path, *, copy_to: Path | None = None) -> str:
             if out is not None:
                 out.write(block)
     return digest.hexdigest()
+
+
+def footer_hash(path: str) -> str | None:
+    """The xxh3-64 digest of a local Parquet file's footer (its metadata), or ``None``.
+
+    The footer holds every row group's offsets, sizes and column statistics,
+    so a file rewritten with other values almost surely has another footer,
+    even with the same size and modification time. Two small reads; ``None``
+    when the file cannot be read or is not Parquet.
+    """
+    import xxhash
+
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size < 12:
+                return None
+            handle.seek(size - 8)
+            length, magic = struct.unpack("<I4s", handle.read(8))
+            if magic != b"PAR1" or length > size - 12:
+                return None
+            handle.seek(size - 8 - length)
+            return str(xxhash.xxh3_64_hexdigest(handle.read(length)))
+    except OSError:
+        return None

@@ -47,7 +47,6 @@ __all__ = ["Known", "lookup", "quick_identity", "remember", "source_key", "uncha
 
 #: the layout of the blob :func:`remember` writes; bump when it changes
 _BLOB_VERSION = 1
-_PAR1 = b"PAR1"
 
 
 @dataclass(frozen=True)
@@ -153,33 +152,14 @@ def quick_identity(path: str, fmt: str) -> dict[str, Any] | None:
         out["uuid"] = uuid
         return out
     if fmt == "parquet":
-        footer = _parquet_footer_digest(path, stat.st_size)
+        from columnhub._checksum import footer_hash
+
+        footer = footer_hash(path)
         if footer is None:
             return None
         out["footer"] = footer
         return out
     return None
-
-
-def _parquet_footer_digest(path: str, size: int) -> str | None:
-    import xxhash
-
-    if size < 12:
-        return None
-    try:
-        with open(path, "rb") as f:
-            f.seek(size - 8)
-            tail = f.read(8)
-            if len(tail) != 8 or tail[4:] != _PAR1:
-                return None
-            length = int.from_bytes(tail[:4], "little")
-            if length + 12 > size:
-                return None
-            f.seek(size - 8 - length)
-            footer = f.read(length)
-    except OSError:
-        return None
-    return str(xxhash.xxh3_64_hexdigest(footer + tail))
 
 
 def remember(

@@ -17,11 +17,13 @@ import os
 import struct
 import uuid
 
-__all__ = ["read_uuid"]
+__all__ = ["HEADER_BYTES", "parse_uuid", "read_uuid"]
 
 _SMALL = struct.Struct(">4siiiiiiiBiiiH16s")
 _BIG = struct.Struct(">4siiqqiiiBiqiH16s")
 _BIG_VERSION = 1_000_000
+#: bytes to read from the start of a file for :func:`parse_uuid` (70)
+HEADER_BYTES = _BIG.size
 
 
 def read_uuid(path: str | os.PathLike[str]) -> str | None:
@@ -34,9 +36,13 @@ def read_uuid(path: str | os.PathLike[str]) -> str | None:
     """
     try:
         with open(path, "rb") as f:
-            head = f.read(_BIG.size)
+            return parse_uuid(f.read(HEADER_BYTES))
     except OSError:
         return None
+
+
+def parse_uuid(head: bytes) -> str | None:
+    """The UUID in the first :data:`HEADER_BYTES` bytes of a ROOT file, or ``None``."""
     if len(head) < _SMALL.size or head[:4] != b"root":
         return None
     version = struct.unpack_from(">i", head, 4)[0]

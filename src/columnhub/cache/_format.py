@@ -156,9 +156,6 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Dec
     if kind not in (KIND_ARRAY, KIND_BYTES):
         msg = f"unknown entry kind {kind}"
         raise CorruptEntry(msg)
-    import awkward as ak
-    import numpy as np
-
     try:
         header = json.loads(bytes(mv[PREFIX_SIZE:start]))
         stored = header.get("key") if isinstance(header, dict) else None
@@ -170,6 +167,9 @@ def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Dec
         raise CorruptEntry(msg)
     if kind == KIND_BYTES:
         return Decoded(KIND_BYTES, bytes(mv[start:]))
+    import awkward as ak  # an array entry (a blob needs neither)
+    import numpy as np
+
     try:
         container: dict[str, np.ndarray[Any, Any]] = {}
         for name, dtype, offset, nbytes in header["buffers"]:

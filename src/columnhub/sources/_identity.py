@@ -12,10 +12,10 @@ data is used or cached; it costs a ``stat`` and a small read (~0.02 ms locally).
 from __future__ import annotations
 
 import os
-import struct
-import uuid
 from typing import Any
 
+from columnhub._checksum import footer_hash
+from columnhub._rootheader import HEADER_BYTES, parse_uuid, read_uuid
 from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import InputChangedError
 from columnhub.spec import DatasetSpec
@@ -29,10 +29,6 @@ __all__ = [
     "remote_stamp",
     "verify_unchanged",
 ]
-
-_HEADER_SMALL = struct.Struct(">4siiiiiiiBiiiH16s")  # the TFile header, 32-bit seeks
-_HEADER_BIG = struct.Struct(">4siiqqiiiBiqiH16s")  # and 64-bit seeks (fVersion >= 1000000)
-
 
 def local_stamp(path: str) -> dict[str, int]:
     """Size, modification time, inode and device of a local file (one ``stat``).
@@ -75,25 +71,12 @@ def remote_stamp(url: str, *, timeout: float) -> dict[str, Any]:
     return out
 
 
-def _parse_uuid(head: bytes) -> str | None:
-    if len(head) < _HEADER_SMALL.size or head[:4] != b"root":
-        return None
-    layout = _HEADER_BIG if struct.unpack_from(">i", head, 4)[0] >= 1000000 else _HEADER_SMALL
-    if len(head) < layout.size:
-        return None
-    return str(uuid.UUID(bytes=layout.unpack_from(head)[-1]))
-
-
 def header_uuid(path: str) -> str | None:
     """The UUID in a local ROOT file's header: one read of 70 bytes.
 
     ``None`` if the file cannot be read or has no ROOT header.
     """
-    try:
-        with open(path, "rb") as handle:
-            return _parse_uuid(handle.read(_HEADER_BIG.size))
-    except OSError:
-        return None
+    return read_uuid(path)
 
 
 def remote_header_uuid(url: str, *, timeout: float) -> str | None:
@@ -104,35 +87,11 @@ def remote_header_uuid(url: str, *, timeout: float) -> str | None:
 
     def head() -> bytes:
         fs, inner = fsspec.core.url_to_fs(url)
-        return bytes(fs.cat_file(inner, start=0, end=_HEADER_BIG.size))
+        return bytes(fs.cat_file(inner, start=0, end=HEADER_BYTES))
 
     try:
-        return _parse_uuid(call_with_timeout(head, seconds=timeout, what=f"storage for {url}"))
+        return parse_uuid(call_with_timeout(head, seconds=timeout, what=f"storage for {url}"))
     except Exception:  # noqa: BLE001 - storage did not answer: nothing to compare
-        return None
-
-
-def footer_hash(path: str) -> str | None:
-    """The xxh3-64 digest of a local Parquet file's footer (its metadata), or ``None``.
-
-    The footer holds every row group's offsets, sizes and column statistics,
-    so a file rewritten with other values almost surely has another footer,
-    even with the same size and modification time. Two small reads.
-    """
-    import xxhash
-
-    try:
-        with open(path, "rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            if size < 12:
-                return None
-            handle.seek(size - 8)
-            length, magic = struct.unpack("<I4s", handle.read(8))
-            if magic != b"PAR1" or length > size - 12:
-                return None
-            handle.seek(size - 8 - length)
-            return xxhash.xxh3_64_hexdigest(handle.read(length))
-    except OSError:
         return None
 
 
