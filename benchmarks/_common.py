@@ -122,6 +122,17 @@ def python_script(code: str, *args: str) -> list[str]:
 # page cache
 
 
+def add_page_cache_option(parser: Any) -> None:
+    """The ``--page-cache warm|drop`` option every whole-process benchmark takes."""
+    parser.add_argument(
+        "--page-cache",
+        choices=["warm", "drop"],
+        default="warm",
+        help="warm: inputs read once before each timed process (every side reads from memory);"
+        " drop: sync + drop_caches before each (root only; disturbs a shared machine)",
+    )
+
+
 @dataclass
 class PageCache:
     """How the OS page cache is prepared before each timed process.

@@ -56,12 +56,11 @@ from typing import Any
 
 import numpy as np
 import uproot
-
-import columnhub
 from _common import (
     DATA,
     PageCache,
     Run,
+    add_page_cache_option,
     columnhub_cmd,
     fresh,
     run_process,
@@ -69,6 +68,8 @@ from _common import (
     synth_root,
     write_json,
 )
+
+import columnhub
 from columnhub.cache import ColumnCache
 
 __all__ = ["main"]
@@ -269,13 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--parts", nargs="+", choices=["process", "kernel"], default=["process", "kernel"]
     )
-    parser.add_argument(
-        "--page-cache",
-        choices=["warm", "drop"],
-        default="warm",
-        help="warm: the input read once before each timed process; drop: sync + drop_caches"
-        " before each (root only)",
-    )
+    add_page_cache_option(parser)
     parser.add_argument(
         "--scratch", type=Path, help="where the kernel rows' caches and outputs go"
     )

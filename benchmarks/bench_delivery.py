@@ -47,11 +47,11 @@ from typing import Any
 
 import awkward as ak
 import uproot
-
 from _common import (
     DATA,
     PageCache,
     Run,
+    add_page_cache_option,
     columnhub_cmd,
     cores,
     fresh,
@@ -426,13 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parts", nargs="+", choices=["process", "kernel"], default=["process", "kernel"]
     )
-    parser.add_argument(
-        "--page-cache",
-        choices=["warm", "drop"],
-        default="warm",
-        help="warm: the input read once before each timed process; drop: sync + drop_caches"
-        " before each (root only; disturbs a shared machine)",
-    )
+    add_page_cache_option(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:

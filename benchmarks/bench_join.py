@@ -94,7 +94,6 @@ from typing import Any
 import awkward as ak
 import numpy as np
 import pyarrow as pa
-
 from _common import (
     DATA,
     FRIEND_FLAT,
@@ -102,6 +101,7 @@ from _common import (
     KEYS,
     PageCache,
     Run,
+    add_page_cache_option,
     columnhub_cmd,
     fresh,
     gather_jagged,
@@ -113,6 +113,7 @@ from _common import (
     synth_root,
     write_json,
 )
+
 from columnhub.join import KeyIndex, join_arrays
 
 __all__ = ["main"]
@@ -719,13 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         default=["shuffled", "regrouped"],
         help="friend layouts of the process figures",
     )
-    parser.add_argument(
-        "--page-cache",
-        choices=["warm", "drop"],
-        default="warm",
-        help="warm: inputs read once before each timed process (every side reads from memory);"
-        " drop: sync + drop_caches before each (root only; disturbs a shared machine)",
-    )
+    add_page_cache_option(parser)
     parser.add_argument(
         "--kernel-events", type=int, default=2_000_000, help="in-memory join events"
     )

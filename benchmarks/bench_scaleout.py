@@ -45,6 +45,7 @@ from _common import (
     DATA,
     PageCache,
     Run,
+    add_page_cache_option,
     columnhub_cmd,
     fresh,
     run_process,
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="400k events, one round")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--page-cache", choices=["warm", "drop"], default="warm")
+    add_page_cache_option(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
