@@ -1,4 +1,4 @@
-"""Event selection of columns (compiled for lists of numbers) against awkward's ``array[mask]``."""
+"""Event selection of columns (numpy, or compiled for lists of numbers) against ``array[mask]``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from columnhub import _kernels
 from columnhub.execute._select import select
 
 
@@ -28,8 +29,14 @@ def test_select_matches_awkward(lengths: list[int], seed: int, skip: int, dtype:
     nested = ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets), singles))[skip:]
     flat = (rng.random(len(lengths)) * 50).astype(dtype)[skip:]
     mask = rng.random(len(jagged)) < 0.6
-    for column in (jagged, nested, flat):
-        got = select(column, mask)
-        expected = ak.Array(column)[mask]
-        assert got.tolist() == expected.tolist()
-        assert got.type == expected.type
+    loaded = _kernels.numba_loaded
+    try:
+        for path in (False, True):  # numpy, then the compiled kernel (numba loaded)
+            _kernels.numba_loaded = lambda path=path: path  # type: ignore[misc]
+            for column in (jagged, nested, flat):
+                got = select(column, mask)
+                expected = ak.Array(column)[mask]
+                assert got.tolist() == expected.tolist()
+                assert got.type == expected.type
+    finally:
+        _kernels.numba_loaded = loaded  # type: ignore[misc]

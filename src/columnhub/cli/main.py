@@ -11,6 +11,7 @@ after the same clean-up as Ctrl-C (it is raised as :class:`Terminated`, a
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import os
@@ -105,5 +106,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = formatwarning
 
 
+def run() -> NoReturn:
+    """The ``columnhub`` command: :func:`main`, then a quick exit.
+
+    Exit handlers run and the output is flushed as usual, but the interpreter
+    is not torn down module by module: with numba loaded that teardown alone
+    takes about 0.4 s of every command. Nothing is left running by then
+    (every pool a command used is idle, a Dask cluster it started is closed).
+    """
+    code = main()
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
