@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -506,7 +507,7 @@ def test_read_only_cache_exchanges_through_a_temporary_store(
 
 
 @pytest.fixture(scope="module")
-def dask_client() -> Any:
+def dask_client() -> Iterator[Any]:
     """Two single-threaded worker processes (with nannies, which restart a killed one)."""
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(

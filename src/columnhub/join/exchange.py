@@ -441,7 +441,8 @@ class FriendExchange:
         entries_read: friend entries read.
         bytes_read: bytes of friend columns read (arrays in memory).
         bytes_stored: bytes of the friend's columns stored in primary-chunk order.
-        rounds: spilled rounds (0: everything fitted in memory).
+        rounds: spilled rounds (0: everything fitted in memory; on a Dask
+            cluster 1: every piece went through the shared spill store).
         memory_budget: the budget in bytes.
         seconds: wall time of the exchange's match, read and assemble steps.
     """
