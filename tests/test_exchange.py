@@ -443,6 +443,23 @@ def layouts(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+def assert_brute_force(
+    result: columnhub.Result, primary: np.ndarray, friend: np.ndarray, *, how: str
+) -> None:
+    """The rows of a join of any ``how``: the chunks' rows in order, then the tail in any."""
+    per_chunk = "left" if how in ("left", "outer") else "inner"
+    head = reference(primary, friend, how=per_chunk)
+    tail = []
+    if how in ("right", "outer"):  # friend rows without a partner, after the chunks
+        primary_set = set(primary.tolist())
+        fx = dict(zip(friend.tolist(), fx_of(friend).tolist(), strict=True))
+        fj = dict(zip(friend.tolist(), ak.to_list(fj_of(friend)), strict=True))
+        tail = [(e, None, fx[e], fj[e], False) for e in friend.tolist() if e not in primary_set]
+    got = rows(result)
+    assert got[: len(head)] == head
+    assert sorted(got[len(head) :]) == sorted(tail)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=layouts())
 def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
@@ -468,18 +485,7 @@ def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
                 os.environ.pop(MEMORY_ENV, None)
             else:
                 os.environ[MEMORY_ENV] = old
-        friend = friend_events([f])
-        per_chunk = "left" if how in ("left", "outer") else "inner"
-        head = reference(case["primary"], friend, how=per_chunk)
-        tail = []
-        if how in ("right", "outer"):  # friend rows without a partner, after the chunks
-            primary_set = set(case["primary"].tolist())
-            fx = dict(zip(friend.tolist(), fx_of(friend).tolist(), strict=True))
-            fj = dict(zip(friend.tolist(), ak.to_list(fj_of(friend)), strict=True))
-            tail = [(e, None, fx[e], fj[e], False) for e in friend.tolist() if e not in primary_set]
-        got = rows(result)
-        assert got[: len(head)] == head
-        assert sorted(got[len(head) :]) == sorted(tail)
+        assert_brute_force(result, case["primary"], friend_events([f]), how=how)
         exchange = result.manifest["friend_exchange"]["f"]
         spilled = "spilled" if exchange["rounds"] else "in memory"
         event(f"exchanged, {spilled}" if exchange["ran"] else "per chunk")
@@ -628,3 +634,26 @@ def test_a_worker_killed_during_the_exchange_has_its_reads_retried(
     assert result.manifest["friend_exchange"]["f"]["ran"]
     assert rows(result) == reference(np.arange(N), friend_events(files), how="inner")
     assert_each_group_read_once(result.manifest, files)  # each block listed once, none per chunk
+
+
+@pytest.mark.distributed
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layouts())
+def test_exchange_on_a_cluster_matches_brute_force(
+    dask_client: Any, tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any]
+) -> None:
+    how = case["how"]
+    # not a TemporaryDirectory: workers may still flush the cache's statistics into it
+    d = tmp_path_factory.mktemp("case")
+    p = write_primary(d / "p.parquet", case["primary"], row_group=case["primary_groups"])
+    friend = case["friend"] if len(case["friend"]) else np.array([999], dtype=np.int64)
+    f = write_friend_parquet(d / "f.parquet", friend, row_group=case["friend_groups"])
+    req = request(p, [f], ["event", "x", "fx", "fj", "f_matched"], how=how)
+    req["chunk_size"] = case["chunk_size"]
+    result = columnhub.deliver(req, output=d / "out", scheduler=dask_client, cache=d / "cache")
+    assert_brute_force(result, case["primary"], friend_events([f]), how=how)
+    exchange = result.manifest["friend_exchange"]["f"]
+    event("exchanged on the cluster" if exchange["ran"] else "per chunk")
+    if exchange["ran"]:
+        assert all(c.get("friend_entries_read", 0) == 0 for c in result.manifest["chunks"])
+        assert len(exchange["reads"]) == exchange["blocks"]
