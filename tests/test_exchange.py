@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +443,23 @@ def layouts(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+def assert_brute_force(
+    result: columnhub.Result, primary: np.ndarray, friend: np.ndarray, *, how: str
+) -> None:
+    """The rows of a join of any ``how``: the chunks' rows in order, then the tail in any."""
+    per_chunk = "left" if how in ("left", "outer") else "inner"
+    head = reference(primary, friend, how=per_chunk)
+    tail = []
+    if how in ("right", "outer"):  # friend rows without a partner, after the chunks
+        primary_set = set(primary.tolist())
+        fx = dict(zip(friend.tolist(), fx_of(friend).tolist(), strict=True))
+        fj = dict(zip(friend.tolist(), ak.to_list(fj_of(friend)), strict=True))
+        tail = [(e, None, fx[e], fj[e], False) for e in friend.tolist() if e not in primary_set]
+    got = rows(result)
+    assert got[: len(head)] == head
+    assert sorted(got[len(head) :]) == sorted(tail)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=layouts())
 def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
@@ -467,18 +485,7 @@ def test_exchange_matches_brute_force(case: dict[str, Any]) -> None:
                 os.environ.pop(MEMORY_ENV, None)
             else:
                 os.environ[MEMORY_ENV] = old
-        friend = friend_events([f])
-        per_chunk = "left" if how in ("left", "outer") else "inner"
-        head = reference(case["primary"], friend, how=per_chunk)
-        tail = []
-        if how in ("right", "outer"):  # friend rows without a partner, after the chunks
-            primary_set = set(case["primary"].tolist())
-            fx = dict(zip(friend.tolist(), fx_of(friend).tolist(), strict=True))
-            fj = dict(zip(friend.tolist(), ak.to_list(fj_of(friend)), strict=True))
-            tail = [(e, None, fx[e], fj[e], False) for e in friend.tolist() if e not in primary_set]
-        got = rows(result)
-        assert got[: len(head)] == head
-        assert sorted(got[len(head) :]) == sorted(tail)
+        assert_brute_force(result, case["primary"], friend_events([f]), how=how)
         exchange = result.manifest["friend_exchange"]["f"]
         spilled = "spilled" if exchange["rounds"] else "in memory"
         event(f"exchanged, {spilled}" if exchange["ran"] else "per chunk")
@@ -499,3 +506,154 @@ def test_read_only_cache_exchanges_through_a_temporary_store(
     assert rows(result) == reference(np.arange(N), friend_events(files), how="left")
     assert not (tmp_path / "shared").exists()  # nothing written to the shared cache
     assert not list((tmp_path / "out").rglob(".exchange"))
+
+
+# ---------------------------------------------------------------------------
+# on a Dask cluster: tasks on the workers, partitioned by friend blocks
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Any]:
+    """Two single-threaded worker processes (with nannies, which restart a killed one)."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    with distributed.Client(cluster) as client:
+        yield client
+    cluster.close()
+
+
+def exchange_keys(keys: list[str], request_hash: str) -> dict[str, list[str]]:
+    """The exchange's task keys, by step (``match``, ``route``, ``read``, ``assemble``)."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        prefix = f"columnhub-{request_hash[:16]}-exchange-"
+        if key.startswith(prefix):
+            out.setdefault(key[len(prefix) :].split("-")[0], []).append(key)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("cached", [True, False])
+def test_exchange_on_a_local_cluster_gives_the_local_bytes(
+    primary: Path, tmp_path: Path, dask_client: Any, cached: bool
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    files = make_friend("shuffled", tmp_path)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    req["output"] = {"target_part_bytes": 40_000}  # several parts
+    local = columnhub.deliver(
+        req, output=tmp_path / "threads", workers=2,
+        cache=tmp_path / "c-local" if cached else False,
+    )
+    with distributed.get_task_stream(client=dask_client) as stream:
+        on_dask = columnhub.deliver(
+            req, output=tmp_path / "dask", scheduler=dask_client,
+            cache=tmp_path / "c-dask" if cached else False,
+        )
+    assert len(local.files) >= 2
+    assert [f.name for f in on_dask.files] == [f.name for f in local.files]
+    for a, b in zip(local.files, on_dask.files, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert rows(on_dask) == reference(np.arange(N), friend_events(files), how="left")
+    assert_each_group_read_once(on_dask.manifest, files)
+    exchange = on_dask.manifest["friend_exchange"]["f"]
+    assert exchange["reads"] == local.manifest["friend_exchange"]["f"]["reads"]
+    assert exchange["bytes_stored"] == local.manifest["friend_exchange"]["f"]["bytes_stored"]
+    # the stage ran on the workers: a task per chunk, per block, per chunk again
+    steps = exchange_keys([str(t["key"]) for t in stream.data], on_dask.manifest["request_hash"])
+    assert len(steps.get("match", [])) == N // CHUNK
+    assert len(steps.get("read", [])) == exchange["blocks"] == len(exchange["reads"])
+    assert len(steps.get("assemble", [])) == N // CHUNK
+    assert len(steps.get("route", [])) == 1
+    assert not list((tmp_path / "dask").rglob(".exchange"))
+    if cached:  # the workers stored the friend's columns: a later request reads them aligned
+        again = columnhub.deliver(
+            request(primary, files, ["event", "x", "y", "fx", "fj", "f_matched"]),
+            output=tmp_path / "again", scheduler=dask_client, cache=tmp_path / "c-dask",
+        )
+        assert again.manifest["friend_exchange"]["f"]["reason"].startswith("cached")
+        assert all(c["friend_entries_read"] == 0 for c in again.manifest["chunks"])
+        assert rows(again) == rows(on_dask)
+
+
+@pytest.mark.distributed
+def test_a_worker_killed_during_the_exchange_has_its_reads_retried(
+    primary: Path, tmp_path: Path, dask_client: Any
+) -> None:
+    import signal
+    import threading
+    import time
+
+    files = make_friend("resorted", tmp_path)
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"], how="inner")
+
+    def slow(on: bool) -> None:  # run on each worker (a local function travels by value)
+        if on:
+            os.environ["COLUMNHUB_TEST_EXCHANGE_SLEEP"] = "1.0"
+        else:
+            os.environ.pop("COLUMNHUB_TEST_EXCHANGE_SLEEP", None)
+
+    dask_client.run(slow, True)
+    try:
+        pids = dask_client.run(os.getpid)
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = columnhub.deliver(
+                    req, output=tmp_path / "out", scheduler=dask_client, cache=tmp_path / "cache"
+                )
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = err
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        victim = None
+        deadline = time.monotonic() + 30
+        while victim is None and time.monotonic() < deadline:
+            busy = {
+                a: keys for a, keys in dask_client.processing().items()
+                if any("-exchange-read-" in str(k) for k in keys)
+            }
+            if busy:
+                victim = next(iter(busy))
+            else:
+                time.sleep(0.05)
+        assert victim is not None, "no exchange read task started on a worker"
+        time.sleep(0.3)  # inside its task (sleeping in read_block)
+        os.kill(pids[victim], signal.SIGKILL)
+        thread.join(90)
+        assert not thread.is_alive()
+    finally:
+        dask_client.run(slow, False)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.complete
+    assert result.manifest["friend_exchange"]["f"]["ran"]
+    assert rows(result) == reference(np.arange(N), friend_events(files), how="inner")
+    assert_each_group_read_once(result.manifest, files)  # each block listed once, none per chunk
+
+
+@pytest.mark.distributed
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layouts())
+def test_exchange_on_a_cluster_matches_brute_force(
+    dask_client: Any, tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any]
+) -> None:
+    how = case["how"]
+    # not a TemporaryDirectory: workers may still flush the cache's statistics into it
+    d = tmp_path_factory.mktemp("case")
+    p = write_primary(d / "p.parquet", case["primary"], row_group=case["primary_groups"])
+    friend = case["friend"] if len(case["friend"]) else np.array([999], dtype=np.int64)
+    f = write_friend_parquet(d / "f.parquet", friend, row_group=case["friend_groups"])
+    req = request(p, [f], ["event", "x", "fx", "fj", "f_matched"], how=how)
+    req["chunk_size"] = case["chunk_size"]
+    result = columnhub.deliver(req, output=d / "out", scheduler=dask_client, cache=d / "cache")
+    assert_brute_force(result, case["primary"], friend_events([f]), how=how)
+    exchange = result.manifest["friend_exchange"]["f"]
+    event("exchanged on the cluster" if exchange["ran"] else "per chunk")
+    if exchange["ran"]:
+        assert all(c.get("friend_entries_read", 0) == 0 for c in result.manifest["chunks"])
+        assert len(exchange["reads"]) == exchange["blocks"]

@@ -700,13 +700,18 @@ def _execute(
 
             # key indexes built once (into the cache workers share); duplicates reported first
             prepare(plan, cache=cache, report=index_report)
-            # scattered friends read once, into the cache in primary-chunk order
-            exchanged = exchange(plan, cache=cache, staging=staging, workers=workers)
-        shared = {
-            "exchanged": exchanged.store if exchanged is not None else None,
-            "fresh": exchanged.fresh if exchanged is not None else {},
-        }
         with executor_for(scheduler, workers=workers) as run_parts:
+            if plan.friends:
+                # scattered friends read once, into the cache in primary-chunk order
+                # (on the cluster's workers when the part tasks run there)
+                exchanged = exchange(
+                    plan, cache=cache, staging=staging, workers=workers,
+                    tasks=run_parts.tasks(plan),
+                )
+            shared = {
+                "exchanged": exchanged.store if exchanged is not None else None,
+                "fresh": exchanged.fresh if exchanged is not None else {},
+            }
             main = [p for p in plan.parts if not p.tail]
             for meta in run_parts(plan, main, staging, cache, None, **shared):
                 metas[meta.index] = meta

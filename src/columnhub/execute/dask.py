@@ -7,6 +7,8 @@ part tasks are submitted with keys that name the request and the part, are
 retried when a worker dies or a task fails, and return only metadata: the
 workers write the parts into the staging directory and read and write the
 column cache themselves, so both must be locations every worker sees.
+Other stages of a request (the friend exchange) submit their tasks through
+:class:`Tasks`, with the same key naming and retries.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from columnhub.execute.part import PartMeta
     from columnhub.plan import Part, Plan
 
-__all__ = ["SCHEDULER_ENV", "RunParts", "executor_for", "run_parts"]
+__all__ = ["SCHEDULER_ENV", "Executor", "RunParts", "Tasks", "executor_for", "run_parts"]
 
 #: the scheduler address used when ``deliver`` is given none (Dask's own name)
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -42,8 +44,64 @@ _RETRIES_DEFAULT = 3
 RunParts = Callable[..., Iterator["PartMeta"]]
 
 
+class Tasks:
+    """One request's tasks on a Dask cluster, submitted like its part tasks.
+
+    Keys name the request (``columnhub-<request hash>-<name>-<run>``), tasks
+    are retried ``$COLUMNHUB_TASK_RETRIES`` times (a worker's death counts as
+    well), and results stay on the workers until gathered: arguments that
+    are futures make a task wait for them, and travel worker to worker.
+
+    Args:
+        client: a ``distributed.Client``.
+        plan: the request's plan (its hash names the keys).
+    """
+
+    def __init__(self, client: Any, plan: Plan) -> None:
+        self.client = client
+        self.prefix = f"columnhub-{plan.request.hash[:16]}"
+        self.run = secrets.token_hex(4)  # keys of a new delivery never meet an older one's
+        self.retries = _retries()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the cluster as task ``key``; its future."""
+        return self.client.submit(
+            fn, *args, key=f"{self.prefix}-{key}-{self.run}", pure=False,
+            retries=self.retries, **kwargs,
+        )
+
+    def gather(self, futures: Sequence[Any]) -> list[Any]:
+        """The results of ``futures`` (a task's error is raised as itself)."""
+        return list(self.client.gather(list(futures)))
+
+    def release(self, futures: Collection[Any]) -> None:
+        """Cancel ``futures`` that still run and drop the results held on workers."""
+        if futures:
+            self.client.cancel(list(futures))
+
+
+class Executor:
+    """Where a request's tasks run: call it to run part tasks (a :data:`RunParts`).
+
+    Attributes:
+        client: the ``distributed.Client``, or ``None`` for this process's thread pool.
+    """
+
+    def __init__(self, run: RunParts, client: Any = None) -> None:
+        self._run = run
+        self.client = client
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Iterator[PartMeta]:
+        """Run part tasks (see :data:`RunParts`)."""
+        return self._run(*args, **kwargs)
+
+    def tasks(self, plan: Plan) -> Tasks | None:
+        """A :class:`Tasks` for ``plan`` on the cluster, or ``None`` on the thread pool."""
+        return None if self.client is None else Tasks(self.client, plan)
+
+
 @contextlib.contextmanager
-def executor_for(scheduler: Any, *, workers: int) -> Iterator[RunParts]:
+def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
     """The part-task runner for ``scheduler``, open for the ``with`` block.
 
     Args:
@@ -59,10 +117,10 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[RunParts]:
     if scheduler is None:
         from columnhub.execute.local import run_parts as local
 
-        yield functools.partial(local, workers=workers)
+        yield Executor(functools.partial(local, workers=workers))
         return
     with _client(scheduler, workers=workers) as client:
-        yield functools.partial(run_parts, client)
+        yield Executor(functools.partial(run_parts, client), client)
 
 
 @contextlib.contextmanager

@@ -35,9 +35,15 @@ after the request.
 ``$COLUMNHUB_EXCHANGE=0`` turns the exchange off (for comparisons).
 
 Every task is a module-level function of picklable arguments that writes only
-content-addressed entries (idempotent, retryable), so the stage can run on
-Dask workers with tasks partitioned by friend blocks; :func:`exchange` runs
-it on the local thread pool.
+content-addressed entries (idempotent, retryable). :func:`exchange` runs them
+on the local thread pool, or, given the request's Dask
+:class:`~columnhub.execute.dask.Tasks`, on the cluster's workers: one match
+task per primary chunk, one route task per friend, one read task per friend
+block and one assemble task per chunk, each waiting for the futures it takes
+(reads for the routing, an assembly for the reads of its chunk's blocks).
+There the pieces travel through a spill store under the staging directory
+(which every worker sees) and only small metadata comes back to the client:
+block counts, reads, bytes and cache addresses.
 
 One-to-many friends (rows expand) and the unmatched friend rows of right and
 outer joins (the tail, read once after the chunks) stay on the per-chunk path.
@@ -64,6 +70,7 @@ from columnhub.join.match import Match, match
 
 if TYPE_CHECKING:
     from columnhub.cache import ColumnCache
+    from columnhub.execute.dask import Tasks
     from columnhub.join.index import KeyIndex
     from columnhub.plan import Chunk, Friend, Plan
 
@@ -91,6 +98,9 @@ _DEFAULT_MEMORY = 1 << 30
 #: ``0`` / ``off`` turns the exchange off (friends read chunk by chunk, as before it)
 SWITCH_ENV = "COLUMNHUB_EXCHANGE"
 _SPILL_VERSION = 1
+#: test hook: seconds each block read sleeps before it starts (tests kill a
+#: worker while it reads); never set it outside tests
+_SLEEP_ENV = "COLUMNHUB_TEST_EXCHANGE_SLEEP"
 
 
 def memory_budget() -> int:
@@ -338,6 +348,9 @@ def read_block(
     columns: Sequence[str],
 ) -> Pieces:
     """Task: read entries ``entries`` of ``block`` once and cut them into per-chunk pieces."""
+    delay = os.environ.get(_SLEEP_ENV)
+    if delay:
+        time.sleep(float(delay))
     dataset = plan.friend(friend).dataset
     file = dataset.files[block.file]
     start, stop = entries
@@ -428,7 +441,8 @@ class FriendExchange:
         entries_read: friend entries read.
         bytes_read: bytes of friend columns read (arrays in memory).
         bytes_stored: bytes of the friend's columns stored in primary-chunk order.
-        rounds: spilled rounds (0: everything fitted in memory).
+        rounds: spilled rounds (0: everything fitted in memory; on a Dask
+            cluster 1: every piece went through the shared spill store).
         memory_budget: the budget in bytes.
         seconds: wall time of the exchange's match, read and assemble steps.
     """
@@ -523,6 +537,7 @@ def exchange(
     cache: ColumnCache | None = None,
     staging: Path | None = None,
     workers: int = 1,
+    tasks: Tasks | None = None,
 ) -> Exchanged:
     """Run the exchange for every keyed friend that needs it, before the chunk tasks.
 
@@ -530,8 +545,11 @@ def exchange(
         plan: the request's plan (key indexes already prepared).
         cache: the column cache (``None``: none).
         staging: the request's staging directory (temporary stores go under it;
-            default: the system's temporary directory).
+            default: the system's temporary directory; on a cluster it must be
+            a directory every worker sees).
         workers: tasks run at once on the local thread pool.
+        tasks: the request's Dask tasks: run the stage on the cluster's
+            workers (``None``: on the local thread pool).
 
     Returns:
         What ran; call :meth:`Exchanged.close` once the chunk tasks are done.
@@ -557,7 +575,7 @@ def exchange(
     def scratch() -> Path:
         if result.scratch is None:
             if staging is not None:
-                result.scratch = Path(staging) / ".exchange"
+                result.scratch = Path(staging).resolve() / ".exchange"
                 result.scratch.mkdir(parents=True, exist_ok=True)
             else:
                 result.scratch = Path(tempfile.mkdtemp(prefix="columnhub-exchange-"))
@@ -568,6 +586,16 @@ def exchange(
     target = result.store if result.store is not None else cache
     assert target is not None
     chunks = sorted({i for numbers in todo.values() for i in numbers})
+    if tasks is not None:
+        try:
+            _on_cluster(plan, todo, chunks, tasks, cache=cache, target=target, scratch=scratch,
+                        result=result, budget=budget)
+        except BaseException:
+            result.close()
+            raise
+        if result.store is None and result.scratch is not None:
+            result.close()
+        return result
     t0 = time.perf_counter()
     try:
         matched = dict(
@@ -751,3 +779,224 @@ def _exchange_friend(
     finally:
         spill.close()
     return report
+
+
+# ---------------------------------------------------------------------------
+# the same stage on a Dask cluster: tasks and futures, pieces through a shared store
+
+
+def _piece_key(friend: Friend, block: int, local: int, column: str) -> str:
+    from columnhub.cache import entry_key
+
+    return entry_key(
+        kind="exchange-block-piece", friend=friend.fingerprint, block=block, chunk=local,
+        column=column, version=_SPILL_VERSION,
+    )
+
+
+def _route_task(
+    plan: Plan, friend: str, index_cache: ColumnCache | None, *matches: ChunkMatch
+) -> Routing:
+    """Task: :func:`route` for the matched chunks (the routing stays on the cluster)."""
+    spec = plan.friend(friend)
+    layout = blocks([f.boundaries for f in spec.dataset.files], max(1, plan.request.chunk_size))
+    return route(_index(plan, spec, index_cache), friend, matches, layout)
+
+
+def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
+    """Task: the small part of a routing and its matches the client needs."""
+    return {
+        "blocks": len(routing.blocks),
+        "repeated": routing.repeated,
+        "targets": [[c for c, _, _ in t] for t in routing.targets],
+        "fresh": {m.chunk.index: m.fresh for m in matches},
+    }
+
+
+def _read_task(
+    plan: Plan,
+    friend: str,
+    routing: Routing,
+    number: int,
+    *,
+    columns: Sequence[str],
+    pieces: ColumnCache,
+) -> tuple[tuple[str, int, int], int]:
+    """Task: read block ``number`` of ``routing`` once and store its pieces in ``pieces``.
+
+    Block 0 also stores a zero-row array of each column (for chunks without
+    partners). Returns the read ``(file, start, stop)`` and the bytes read.
+    """
+    spec = plan.friend(friend)
+    got = read_block(
+        plan, friend, routing.blocks[number], routing.ranges[number], routing.targets[number],
+        columns=columns,
+    )
+    for local, where, values in zip(got.chunks, got.positions, got.columns, strict=True):
+        pieces.put(_piece_key(spec, number, local, "\0rows"), ak.Array(where))
+        for c in columns:
+            pieces.put(_piece_key(spec, number, local, c), values[c])
+    if number == 0:
+        for c in columns:
+            pieces.put(_piece_key(spec, -1, -1, c), got.columns[0][c][:0])
+    return got.read, got.bytes_read
+
+
+def _assemble_task(
+    plan: Plan,
+    friend: str,
+    chunk_match: ChunkMatch,
+    local: int,
+    *reads: Any,
+    blocks: Sequence[int],
+    columns: Sequence[str],
+    pieces: ColumnCache,
+    store: ColumnCache,
+) -> tuple[int, tuple[str, ...]]:
+    """Task: :func:`assemble_chunk` from the pieces the reads of ``blocks`` stored.
+
+    ``reads`` are those reads' results: passed as futures, they make the task
+    wait for them.
+    """
+    del reads
+    spec = plan.friend(friend)
+
+    def get(block: int, chunk: int, column: str) -> ak.Array:
+        value = pieces.get(_piece_key(spec, block, chunk, column))
+        if value is None:
+            msg = (
+                f"a piece of friend {friend!r} (block {block}) was lost from "
+                f"{pieces.location}; deliver again"
+            )
+            raise CacheError(msg)
+        return value
+
+    got = [
+        (
+            np.asarray(ak.to_numpy(get(b, local, "\0rows")), dtype=np.int64),
+            {c: get(b, local, c) for c in columns},
+        )
+        for b in blocks
+    ]
+    empty = (
+        {c: got[0][1][c][:0] for c in columns} if got else {c: get(-1, -1, c) for c in columns}
+    )
+    return assemble_chunk(plan, friend, chunk_match, got, empty=empty, store=store)
+
+
+def _on_cluster(
+    plan: Plan,
+    todo: dict[str, list[int]],
+    chunks: list[int],
+    tasks: Tasks,
+    *,
+    cache: ColumnCache | None,
+    target: ColumnCache,
+    scratch: Callable[[], Path],
+    result: Exchanged,
+    budget: int,
+) -> None:
+    """The exchange's tasks on a Dask cluster; fills ``result`` from their metadata.
+
+    Only small metadata comes back here: the routing's block counts, each
+    read's range and bytes, each assembly's bytes and addresses. The match
+    results and the routing stay on the workers (futures), the pieces go
+    through a store under the staging directory.
+    """
+    from columnhub.join.provider import _index_key
+
+    index_cache = cache
+    if result.store is not None:  # no writable cache: the indexes reach workers through it
+        for name in todo:
+            friend = plan.friend(name)
+            key = _index_key(friend.dataset, friend.spec.friend_keys)
+            result.store.put_bytes(key, _index(plan, friend, cache).to_bytes())
+        index_cache = result.store
+    held: list[Any] = []
+    try:
+        t0 = time.perf_counter()
+        matched = {
+            i: tasks.submit(
+                match_chunk, plan, plan.chunks[i], friends=list(todo), store=target,
+                cache=index_cache, key=f"exchange-match-{i:05d}",
+            )
+            for i in chunks
+        }
+        held += matched.values()
+        routed: dict[str, Any] = {}
+        summaries: dict[str, Any] = {}
+        for name, numbers in todo.items():
+            mine = [matched[i] for i in numbers]
+            routed[name] = tasks.submit(
+                _route_task, plan, name, index_cache, *mine, key=f"exchange-route-{name}"
+            )
+            summaries[name] = tasks.submit(
+                _routing_summary, routed[name], *mine, key=f"exchange-routed-{name}"
+            )
+        held += [*routed.values(), *summaries.values()]
+        summary = dict(zip(summaries, tasks.gather(list(summaries.values())), strict=True))
+        for info in summary.values():
+            for index, fresh in info["fresh"].items():
+                result.fresh.setdefault(index, set()).update(fresh)
+        t_match = time.perf_counter() - t0
+        for name, numbers in todo.items():
+            friend = plan.friend(name)
+            info = summary[name]
+            report = FriendExchange(
+                False, "", blocks=info["blocks"], chunks=len(numbers), memory_budget=budget
+            )
+            report.seconds["match"] = t_match
+            result.friends[name] = report
+            if info["repeated"] <= 0:
+                report.reason = "each friend block is needed by one chunk: read chunk by chunk"
+                continue
+            report.ran = True
+            report.reason = (
+                f"scattered: {info['blocks']} friend block(s) needed "
+                f"{info['blocks'] + info['repeated']} times by {len(numbers)} chunk(s)"
+            )
+            report.rounds = 1  # every piece goes through the shared spill store
+            columns = _read_names(plan, friend)
+            from columnhub.cache import ColumnCache
+
+            where = scratch() / f"pieces-{friend.fingerprint[:16]}"
+            pieces = ColumnCache(where)
+            try:
+                t0 = time.perf_counter()
+                reads = [
+                    tasks.submit(
+                        _read_task, plan, name, routed[name], b, columns=columns,
+                        pieces=pieces, key=f"exchange-read-{name}-{b:05d}",
+                    )
+                    for b in range(info["blocks"])
+                ]
+                held += reads
+                of_chunk: list[list[int]] = [[] for _ in numbers]
+                for b, chunk_numbers in enumerate(info["targets"]):
+                    for local in chunk_numbers:
+                        of_chunk[local].append(b)
+                assembled = [
+                    tasks.submit(
+                        _assemble_task, plan, name, matched[numbers[local]], local,
+                        *[reads[b] for b in (of_chunk[local] or [0])],
+                        blocks=of_chunk[local], columns=columns, pieces=pieces, store=target,
+                        key=f"exchange-assemble-{name}-{plan.chunks[numbers[local]].index:05d}",
+                    )
+                    for local in range(len(numbers))
+                ]
+                held += assembled
+                for read, bytes_read in tasks.gather(reads):
+                    report.reads.append(read)
+                    report.entries_read += read[2] - read[1]
+                    report.bytes_read += bytes_read
+                report.seconds["read"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for local, (stored, keys) in enumerate(tasks.gather(assembled)):
+                    report.bytes_stored += stored
+                    result.fresh.setdefault(plan.chunks[numbers[local]].index, set()).update(keys)
+                report.seconds["assemble"] = time.perf_counter() - t0
+            finally:
+                pieces.close()
+                shutil.rmtree(where, ignore_errors=True)
+    finally:
+        tasks.release(held)
