@@ -5,6 +5,8 @@ Fixtures:
     xrootd_server: a real XRootD data server (the ``xrootd`` daemon) on loopback.
     http_server: a threaded HTTP server with byte-range support on loopback.
     hanging_server: a TCP server that accepts connections and never answers.
+    deliver_killing_a_worker: runs a delivery on a Dask cluster and SIGKILLs
+        the worker running one of its tasks (retries are then tested).
 
 The server fixtures are session scoped; each yields an object with ``.root``
 (the exported local directory, where tests copy input files), ``.port`` and
@@ -502,3 +504,73 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     path = tmp_path_factory.mktemp("columnhub-cache")
     monkeypatch.setenv("COLUMNHUB_CACHE", str(path))
     return path
+
+
+# ---------------------------------------------------------------------------
+# Dask: a worker killed in the middle of a task
+
+
+def _set_env_on_worker(name: str, value: str | None) -> None:
+    """Run on each worker (a module-level function travels to it by reference)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _deliver_killing_a_worker(
+    client: object,
+    deliver: Callable[[], object],
+    *,
+    sleep_env: str,
+    seconds: str,
+    task_key: str,
+    wait: float = 30.0,
+) -> object:
+    """``deliver()`` on a thread; SIGKILL the worker running a task whose key holds ``task_key``.
+
+    ``sleep_env`` (a test hook of columnhub, e.g. ``COLUMNHUB_TEST_PART_SLEEP``)
+    is set to ``seconds`` on every worker meanwhile, so the task is still
+    running when its worker is killed. Returns what ``deliver()`` returned;
+    raises what it raised.
+    """
+    client.run(_set_env_on_worker, sleep_env, seconds)  # type: ignore[attr-defined]
+    try:
+        pids = client.run(os.getpid)  # type: ignore[attr-defined]
+        outcome: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = deliver()
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = err
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        victim = None
+        deadline = time.monotonic() + wait
+        while victim is None and time.monotonic() < deadline:
+            busy = {
+                address: keys
+                for address, keys in client.processing().items()  # type: ignore[attr-defined]
+                if any(task_key in str(key) for key in keys)
+            }
+            if busy:
+                victim = next(iter(busy))
+            else:
+                time.sleep(0.05)
+        assert victim is not None, f"no {task_key!r} task started on a worker"
+        time.sleep(0.3)  # inside its task (sleeping in the hook)
+        os.kill(pids[victim], signal.SIGKILL)
+        thread.join(3 * wait)
+        assert not thread.is_alive()
+    finally:
+        client.run(_set_env_on_worker, sleep_env, None)  # type: ignore[attr-defined]
+    assert "error" not in outcome, outcome.get("error")
+    return outcome["result"]
+
+
+@pytest.fixture
+def deliver_killing_a_worker() -> Callable[..., object]:
+    """:func:`_deliver_killing_a_worker`, for the tests of task retries on Dask."""
+    return _deliver_killing_a_worker

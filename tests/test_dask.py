@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,48 +132,18 @@ def test_a_local_cluster_gives_the_local_executors_bytes(
 
 
 def test_a_killed_worker_has_its_task_retried(
-    primary: list[Path], tmp_path: Path, client: Any
+    primary: list[Path], tmp_path: Path, client: Any, deliver_killing_a_worker: Any
 ) -> None:
-    def slow(on: bool) -> None:  # run on each worker (a local function travels by value)
-        if on:
-            os.environ["COLUMNHUB_TEST_PART_SLEEP"] = "1.5"
-        else:
-            os.environ.pop("COLUMNHUB_TEST_PART_SLEEP", None)
-
-    client.run(slow, True)
-    try:
-        pids = client.run(os.getpid)
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["result"] = columnhub.deliver(
-                    spec(primary), output=tmp_path / "out", scheduler=client, cache=False
-                )
-            except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                outcome["error"] = err
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        victim = None
-        deadline = time.monotonic() + 20
-        while victim is None and time.monotonic() < deadline:
-            busy = {a: keys for a, keys in client.processing().items() if keys}
-            if busy:
-                victim = next(iter(busy))
-            else:
-                time.sleep(0.05)
-        assert victim is not None, "no part task started"
-        time.sleep(0.3)  # inside its task (sleeping in run_part)
-        running = client.processing()[victim]
-        assert any("-part-" in str(key) for key in running), running
-        os.kill(pids[victim], signal.SIGKILL)
-        thread.join(60)
-        assert not thread.is_alive()
-    finally:
-        client.run(slow, False)
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
+    result = deliver_killing_a_worker(
+        client,
+        lambda: columnhub.deliver(
+            spec(primary), output=tmp_path / "out", scheduler=client, cache=False
+        ),
+        sleep_env="COLUMNHUB_TEST_PART_SLEEP",
+        seconds="1.5",
+        task_key="-part-",
+        wait=20,
+    )
     assert result.complete
     assert delivered_rows(result) == uproot_rows(primary)  # nothing duplicated or missing
     out = tmp_path / "out"

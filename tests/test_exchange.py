@@ -580,56 +580,19 @@ def test_exchange_on_a_local_cluster_gives_the_local_bytes(
 
 @pytest.mark.distributed
 def test_a_worker_killed_during_the_exchange_has_its_reads_retried(
-    primary: Path, tmp_path: Path, dask_client: Any
+    primary: Path, tmp_path: Path, dask_client: Any, deliver_killing_a_worker: Any
 ) -> None:
-    import signal
-    import threading
-    import time
-
     files = make_friend("resorted", tmp_path)
     req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"], how="inner")
-
-    def slow(on: bool) -> None:  # run on each worker (a local function travels by value)
-        if on:
-            os.environ["COLUMNHUB_TEST_EXCHANGE_SLEEP"] = "1.0"
-        else:
-            os.environ.pop("COLUMNHUB_TEST_EXCHANGE_SLEEP", None)
-
-    dask_client.run(slow, True)
-    try:
-        pids = dask_client.run(os.getpid)
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["result"] = columnhub.deliver(
-                    req, output=tmp_path / "out", scheduler=dask_client, cache=tmp_path / "cache"
-                )
-            except BaseException as err:  # noqa: BLE001 - handed to the test thread
-                outcome["error"] = err
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        victim = None
-        deadline = time.monotonic() + 30
-        while victim is None and time.monotonic() < deadline:
-            busy = {
-                a: keys for a, keys in dask_client.processing().items()
-                if any("-exchange-read-" in str(k) for k in keys)
-            }
-            if busy:
-                victim = next(iter(busy))
-            else:
-                time.sleep(0.05)
-        assert victim is not None, "no exchange read task started on a worker"
-        time.sleep(0.3)  # inside its task (sleeping in read_block)
-        os.kill(pids[victim], signal.SIGKILL)
-        thread.join(90)
-        assert not thread.is_alive()
-    finally:
-        dask_client.run(slow, False)
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
+    result = deliver_killing_a_worker(
+        dask_client,
+        lambda: columnhub.deliver(
+            req, output=tmp_path / "out", scheduler=dask_client, cache=tmp_path / "cache"
+        ),
+        sleep_env="COLUMNHUB_TEST_EXCHANGE_SLEEP",
+        seconds="1.0",
+        task_key="-exchange-read-",
+    )
     assert result.complete
     assert result.manifest["friend_exchange"]["f"]["ran"]
     assert rows(result) == reference(np.arange(N), friend_events(files), how="inner")
