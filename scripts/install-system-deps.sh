@@ -3,6 +3,9 @@
 #
 # - xrootd-server: the `xrootd` daemon, started on loopback by tests/conftest.py
 # - xrootd-client: `xrdfs`/`xrdcp`, used to check that the server is ready
+# - postgresql: a real PostgreSQL for the service's several-replica tests
+#   (started by the tests as an unprivileged user on loopback)
+# - chromium: the dashboard's browser test (driven by Playwright)
 #
 # Idempotent and quick when everything is present: `apt-get update` runs only
 # when something has to be installed. Runs as root on Debian 12; as another
@@ -13,12 +16,14 @@ set -euo pipefail
 declare -A PACKAGES=(
   [xrootd-server]=xrootd
   [xrootd-client]=xrdfs
+  [postgresql]=/usr/lib/postgresql/*/bin/initdb
+  [chromium]=chromium
 )
 
 missing=()
 for pkg in "${!PACKAGES[@]}"; do
   cmd=${PACKAGES[$pkg]}
-  if command -v "$cmd" >/dev/null 2>&1; then
+  if command -v $cmd >/dev/null 2>&1; then  # unquoted: a path glob expands
     continue
   fi
   if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

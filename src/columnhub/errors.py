@@ -30,7 +30,13 @@ subclasses the fitting builtin, so ``except KeyError`` keeps working.
     │   ├── ModelNotFoundError (KeyError)
     │   ├── ModelInputError (ValueError)
     │   └── InferenceServerError (ConnectionError)
-    └── OutputError (OSError)                  output directory problems
+    ├── OutputError (OSError)                  output directory problems
+    └── ServiceError                           the multi-user service (HTTP status in brackets)
+        ├── AuthError                          missing or invalid credentials [401]
+        ├── PermissionDeniedError (PermissionError)  scope, data root or URL prefix [403]
+        ├── RequestNotFoundError (KeyError)    unknown request id, or another user's [404]
+        ├── QuotaExceededError                 a per-user limit is reached [429]
+        └── ServiceUnavailableError (ConnectionError)  the client cannot reach the service
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "AuthError",
     "CacheError",
     "ColumnNotFoundError",
     "ColumnhubError",
@@ -58,7 +65,12 @@ __all__ = [
     "ModelInputError",
     "ModelNotFoundError",
     "OutputError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "RequestNotFoundError",
     "SampleError",
+    "ServiceError",
+    "ServiceUnavailableError",
     "SourceConnectionError",
     "SourceProtocolError",
     "SourceTimeoutError",
@@ -202,6 +214,46 @@ class InferenceServerError(ModelError, ConnectionError):
 
 class OutputError(ColumnhubError, OSError):
     """The output cannot be written."""
+
+
+class ServiceError(ColumnhubError):
+    """The multi-user service refuses or cannot serve a call.
+
+    ``status`` is the HTTP status the service answers with; the service maps
+    every :class:`ColumnhubError` to one in one place (``service/app.py``).
+    """
+
+    status = 400
+
+
+class AuthError(ServiceError):
+    """No credentials, or credentials that are not valid (expired, wrong issuer, ...)."""
+
+    status = 401
+
+
+class PermissionDeniedError(ServiceError, PermissionError):
+    """Valid credentials without the right: a scope, or a file outside the data roots."""
+
+    status = 403
+
+
+class RequestNotFoundError(ServiceError, KeyError):
+    """No such request for this user (another user's request is not found either)."""
+
+    status = 404
+
+
+class QuotaExceededError(ServiceError):
+    """A per-user limit (requests at once, stored bytes) is reached."""
+
+    status = 429
+
+
+class ServiceUnavailableError(ServiceError, ConnectionError):
+    """The client could not reach the service, or it answered with a server error."""
+
+    status = 503
 
 
 def closest(name: str, candidates: Iterable[str], *, n: int = 5) -> list[str]:
