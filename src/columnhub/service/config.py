@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +77,7 @@ class ServiceConfig(BaseModel):
         lease_s: seconds a running job's claim lasts without a heartbeat
             (after a crash, another runner resumes it after this long).
         insecure_no_auth: allow a non-loopback ``host`` with no authentication.
+        log_level: the server's log level.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -101,6 +102,7 @@ class ServiceConfig(BaseModel):
     runners: int = Field(default=1, ge=1)
     lease_s: float = Field(default=30.0, gt=0)
     insecure_no_auth: bool = False
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("state_dir", "token_file", mode="after")
     @classmethod
