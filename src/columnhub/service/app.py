@@ -280,6 +280,12 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """Whose requests ``user`` may see: their own, or everyone's for an admin."""
         return None if "admin" in user.scopes else user.user
 
+    # -- metrics and dashboard (service/metrics.py, service/dashboard/) ----------------
+    from columnhub.service import dashboard, metrics
+
+    metrics.install(app)  # GET /metrics and the HTTP latency histogram
+    dashboard.install(app)  # GET /, its static files, GET /api/v1/overview
+
     return app  # type: ignore[no-any-return]
 
 

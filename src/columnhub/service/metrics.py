@@ -311,7 +311,10 @@ class ServiceMetrics:
                 f" WHERE id IN ({marks})",
                 **{f"i{k}": v for k, v in enumerate(batch)},
             )
+            config = self._config()
             for job_id, output_dir, progress, created, finished in rows:
+                if not output_dir and config is not None:
+                    output_dir = config.result_directory(job_id)
                 done = _from_manifest(output_dir, _as_dict(progress))
                 with self._lock:
                     if job_id in self._done:
@@ -410,7 +413,7 @@ class ServiceMetrics:
                 try:
                     from columnhub.cache import ColumnCache
 
-                    stats = ColumnCache(location).stats()
+                    stats = ColumnCache(location, read_only=True).stats()
                     value = (stats.entries, stats.bytes, str(stats.location))
                 except Exception as err:  # noqa: BLE001 - an unreadable cache: sizes unknown
                     log.warning("cannot read the column cache %s: %s", location, err)

@@ -105,7 +105,9 @@ class _Workers:
 
 def _scheduler(app: FastAPI) -> tuple[str | None, str]:
     """The scheduler address to show, and the executor mode."""
-    address = getattr(app.state, "scheduler_address", None)
+    address = getattr(app.state, "scheduler_address", None) or getattr(
+        getattr(getattr(app.state, "services", None), "cluster", None), "scheduler_address", None
+    )
     configured = getattr(getattr(app.state, "config", None), "scheduler", None)
     if address:
         return str(address), "dask"
@@ -120,16 +122,17 @@ def _newest_first(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(requests, key=lambda r: str(r.get("created_at") or ""), reverse=True)
 
 
-def overview(app: FastAPI, user: str) -> dict[str, Any]:
+def overview(app: FastAPI, user: str, *, everyone: bool = False) -> dict[str, Any]:
     """The dashboard's figures for ``user`` (the JSON of ``GET /api/v1/overview``).
 
     Args:
         app: the service app (with :func:`install` called).
         user: whose recent requests are listed (the counts are over all users).
+        everyone: list every user's requests (an admin's view).
     """
     snap = get_metrics(app).snapshot()
     db = app.state.db
-    views, total = db.list(user, page=1, per_page=RECENT)
+    views, total = db.list(None if everyone else user, page=1, per_page=RECENT)
     address, mode = _scheduler(app)
     ratio = snap.hit_ratio
     return {
@@ -329,7 +332,7 @@ def install(app: FastAPI) -> None:
     @app.get("/api/v1/overview", tags=["dashboard"])
     def api_overview(user: Any = Depends(principal("read"))) -> dict[str, Any]:  # noqa: B008
         """The dashboard's figures: counts, your recent requests, throughput, cache, workers."""
-        return overview(app, user.user)
+        return overview(app, user.user, everyone="admin" in user.scopes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(request: Request) -> Any:
@@ -341,7 +344,7 @@ def install(app: FastAPI) -> None:
             except ColumnhubError:
                 who = None
             if who is not None and "read" in who.scopes:
-                data = overview(app, who.user)
+                data = overview(app, who.user, everyone="admin" in who.scopes)
         return HTMLResponse(render_page(data), headers={"Cache-Control": "no-store"})
 
     @app.get("/dashboard/static/{name}", include_in_schema=False, response_model=None)

@@ -1,0 +1,199 @@
+"""The service's Prometheus metrics (``GET /metrics``) and the dashboard's overview JSON.
+
+In process (the app's lifespan runs the real runner, database and delivery);
+every figure is checked against an independent reference: the events against a
+direct uproot read, the parts and bytes against the files on disk, the
+request counts against the requests made here.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uproot
+import yaml
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from columnhub.service.app import create_app  # noqa: E402
+from columnhub.service.config import ServiceConfig  # noqa: E402
+
+pytestmark = pytest.mark.service
+
+COLUMNS = ["MET_pt", "Muon_pt"]
+
+
+def _spec(data: Path, *, where: str) -> dict[str, Any]:
+    return {
+        "dataset": {"name": "dy", "files": [str(data / "nano_dy.root")]},
+        "columns": COLUMNS,
+        "where": where,
+    }
+
+
+def _selected(data: Path, threshold: int) -> int:
+    """Independent reference: events of nano_dy.root with ``nMuon >= threshold`` (uproot)."""
+    with uproot.open(data / "nano_dy.root") as f:
+        n = f["Events"]["nMuon"].array(library="np")
+    return int(np.count_nonzero(n >= threshold))
+
+
+def _scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` parsed by prometheus_client's own parser: (sample name, labels) -> value."""
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(m: dict[Any, float], name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _wait(client: TestClient, rid: str, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/api/v1/requests/{rid}").json()
+        if status["status"] in ("complete", "failed", "cancelled"):
+            return status
+        assert time.monotonic() < deadline, f"request {rid} still {status['status']}: {status}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def config(tmp_path: Path, shared_data: Path) -> ServiceConfig:
+    return ServiceConfig(
+        state_dir=tmp_path / "state",
+        cache=str(tmp_path / "cache"),
+        data_roots=[shared_data],
+    )
+
+
+def test_metrics_counters_move_by_the_request(config: ServiceConfig, shared_data: Path) -> None:
+    app = create_app(config)
+    with TestClient(app) as client:
+        before = _scrape(client)
+        assert _value(before, "columnhub_requests", state="complete") == 0
+        assert _value(before, "columnhub_events_delivered_total") == 0
+
+        resp = client.post("/api/v1/requests", json=_spec(shared_data, where="nMuon >= 2"))
+        assert resp.status_code == 202, resp.text
+        first = _wait(client, resp.json()["id"])
+        assert first["status"] == "complete", first
+        manifest = client.get(f"/api/v1/requests/{first['id']}/manifest").json()
+        files = [Path(manifest["path"]) / name for name in manifest["files"]]
+        after = _scrape(client)
+
+        # independent references: uproot for the events, the files on disk for parts/bytes
+        assert _value(after, "columnhub_events_delivered_total") == _selected(shared_data, 2)
+        assert _value(after, "columnhub_parts_done_total") == len(files) == len(
+            list(Path(manifest["path"]).glob("part-*"))
+        )
+        assert _value(after, "columnhub_bytes_written_total") == sum(f.stat().st_size for f in files)
+        assert _value(after, "columnhub_requests", state="complete") == 1
+        assert _value(after, "columnhub_requests", state="queued") == 0
+        assert _value(after, "columnhub_jobs", state="complete") == 1
+        misses = _value(after, "columnhub_cache_misses_total")
+        assert misses > 0  # a cold cache computed every column chunk
+        assert _value(after, "columnhub_cache_hits_total") == 0
+        assert _value(after, "columnhub_cache_hit_ratio") == 0
+        # the HTTP histogram counted exactly one submission, by route template (not by id)
+        assert _value(after, "columnhub_http_request_duration_seconds_count",
+                      method="POST", route="/api/v1/requests", status="202") == 1
+        statuses = [k for k in after if k[0] == "columnhub_http_request_duration_seconds_count"]
+        assert all(first["id"] not in dict(labels)["route"] for _, labels in statuses)
+        assert _value(after, "columnhub_request_duration_seconds_count") == 1
+
+        # the same request again: answered by the stored result, nothing computed
+        again = _wait(client, client.post(
+            "/api/v1/requests", json=_spec(shared_data, where="nMuon >= 2")).json()["id"])
+        assert again["status"] == "complete"
+        m2 = _scrape(client)
+        assert _value(m2, "columnhub_requests", state="complete") == 2
+        assert _value(m2, "columnhub_events_delivered_total") == 2 * _selected(shared_data, 2)
+        assert _value(m2, "columnhub_cache_misses_total") == misses
+        assert _value(m2, "columnhub_cache_hits_total") == misses  # every chunk served
+        assert _value(m2, "columnhub_cache_hit_ratio") == pytest.approx(0.5)
+        assert _value(m2, "columnhub_results_reused_total") == 1
+
+        # the overview shows the same figures, and the caller's requests newest first
+        ov = client.get("/api/v1/overview").json()
+        listed = client.get("/api/v1/requests").json()
+        assert [r["id"] for r in ov["requests"]] == [again["id"], first["id"]]
+        assert {r["id"]: r["status"] for r in ov["requests"]} == {
+            r["id"]: r["status"] for r in listed["requests"]
+        }
+        assert ov["counts"]["complete"] == 2
+        assert ov["throughput"]["events_delivered"] == 2 * _selected(shared_data, 2)
+        assert ov["cache"]["hits"] == ov["cache"]["misses"] == misses
+        assert ov["workers"] == {"scheduler": None, "mode": "threads", "workers": [], "error": None}
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    a = create_app(ServiceConfig(state_dir=tmp_path / "a", cache=str(tmp_path / "ca"),
+                                 data_roots=[shared_data]))
+    b = create_app(ServiceConfig(state_dir=tmp_path / "b", cache=str(tmp_path / "cb"),
+                                 data_roots=[shared_data]))
+    with TestClient(a) as ca, TestClient(b) as cb:
+        rid = ca.post("/api/v1/requests", json=_spec(shared_data, where="nMuon >= 1")).json()["id"]
+        assert _wait(ca, rid)["status"] == "complete"
+        ma, mb = _scrape(ca), _scrape(cb)
+    assert _value(ma, "columnhub_events_delivered_total") == _selected(shared_data, 1)
+    assert _value(mb, "columnhub_events_delivered_total") == 0
+    assert _value(mb, "columnhub_requests", state="complete") == 0
+    assert _value(ma, "columnhub_http_request_duration_seconds_count",
+                  method="POST", route="/api/v1/requests", status="202") == 1
+    assert _value(mb, "columnhub_http_request_duration_seconds_count",
+                  method="POST", route="/api/v1/requests", status="202") == 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_inference_server_down_is_reported(tmp_path: Path, shared_data: Path) -> None:
+    pytest.importorskip("tritonclient.http")
+    port = _closed_port()  # nothing listens there: a real connection refused
+    registry = tmp_path / "models"
+    registry.mkdir()
+    (registry / "tagger.onnx").write_bytes(b"only hashed by the card; the probe never loads it")
+    (registry / "tagger.yaml").write_text(yaml.safe_dump({
+        "name": "tagger",
+        "version": "3",
+        "file": "tagger.onnx",
+        "granularity": "event",
+        "inputs": ["MET_pt"],
+        "outputs": [{"name": "score"}],
+        "remote": {"servers": [f"127.0.0.1:{port}"], "model_name": "tagger",
+                   "model_version": "3", "timeout_s": 1.0},
+    }))
+    config = ServiceConfig(state_dir=tmp_path / "s", cache=str(tmp_path / "c"),
+                           models=str(registry), data_roots=[shared_data])
+    with TestClient(create_app(config)) as client:
+        m = _scrape(client)
+        ov = client.get("/api/v1/overview").json()
+    assert _value(m, "columnhub_inference_server_up", model="tagger", version="3",
+                  server=f"127.0.0.1:{port}", protocol="http") == 0
+    assert (("columnhub_inference_server_up", (("model", "tagger"), ("protocol", "http"),
+             ("server", f"127.0.0.1:{port}"), ("version", "3"))) in m)
+    [server] = ov["inference"]["servers"]
+    assert server["server"] == f"127.0.0.1:{port}"
+    assert server["up"] is False
+    assert server["error"]
