@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +181,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """
         body = await request.body()
         kind = request.headers.get("content-type", "")
-        return await run_in_threadpool(_submit, config, db, request.app, user, body, kind, title)
+        return await run_in_threadpool(_submit, config, db, user, body, kind, title)
 
     @app.get(f"{API}/requests", tags=["requests"])
     def list_requests(
@@ -296,7 +296,6 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 def _submit(
     config: ServiceConfig,
     db: Any,
-    app: Any,
     user: Principal,
     body: bytes,
     content_type: str,
@@ -304,11 +303,10 @@ def _submit(
 ) -> dict[str, Any]:
     """Validate a submitted spec, check limits and data access, queue it (single flight)."""
     data = _parse_json_or_yaml(body, content_type)
-    samples = _job_specs(config, _load_spec(config, data))
+    samples = _job_specs(config, data)
     _check_limits(config, db, user.user)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    view = db.submit(user.user, data, title, jobs)
-    app.state.services.wake()
+    view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
@@ -333,38 +331,22 @@ def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
     return _parse_yaml(text) if "yaml" in content_type else _parse_json(text)
 
 
-def _load_spec(config: ServiceConfig, data: Any) -> Any:
-    """The submitted spec as a :class:`Request` or :class:`Samples` (relative paths: data root)."""
-    from columnhub.spec import load_request, rebase_paths
-
-    if config.data_roots and isinstance(data, dict):
-        data = rebase_paths(data, config.data_roots[0])
-    return load_request(data)
-
-
-def _job_specs(config: ServiceConfig, spec: Any) -> dict[str, Request]:
+def _job_specs(config: ServiceConfig, data: Any) -> dict[str, Request]:
     """Each sample's request as the service runs it: ``{"": request}`` for a single one.
 
-    Inputs are checked against the data roots and URL prefixes; the model
-    registry is the service's, and the result's folder the service's own.
+    Inputs are checked against the data roots and URL prefixes (a request
+    naming a registry or an output directory is refused there); the model
+    registry is the service's own.
     """
-    from columnhub.service.access import check_request
-    from columnhub.spec import Samples
+    from columnhub.service.access import check_inputs
+    from columnhub.spec import Samples, load_request
 
+    spec = load_request(data)
+    check_inputs(spec, data_roots=config.data_roots, url_prefixes=config.url_prefixes)
     requests = spec.requests() if isinstance(spec, Samples) else {"": spec}
-    out: dict[str, Request] = {}
-    for name, req in requests.items():
-        check_request(req, config)
-        if req.registry is not None and req.registry != config.models:
-            msg = (
-                f"the request names the model registry {req.registry!r}; the service uses "
-                f"its own ({config.models or 'none configured'}); leave 'registry' out"
-            )
-            raise PermissionDeniedError(msg)
-        output = req.output.model_dump(mode="json")
-        output["directory"] = None  # results go to state_dir/results/<job id>
-        out[name] = req.replace(registry=config.models, output=output)
-    return out
+    if config.models is None:
+        return requests
+    return {name: req.replace(registry=config.models) for name, req in requests.items()}
 
 
 def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
@@ -469,12 +451,6 @@ class _Services:
             _log.info("LocalCluster at %s", self.cluster.scheduler_address)
         self.runner = Runner(self.db, config)
         self.runner.start()
-
-    def wake(self) -> None:
-        """Tell this replica's runners that work was queued."""
-        wake: Callable[[], None] | None = getattr(self.runner, "wake", None)
-        if wake is not None:
-            wake()
 
     def problems(self) -> list[str]:
         """Why this replica is not ready (empty: ready)."""
