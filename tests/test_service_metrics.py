@@ -8,8 +8,10 @@ request counts against the requests made here.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,42 @@ import yaml
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from fastapi.testclient import TestClient  # noqa: E402
+import httpx  # noqa: E402
+from anyio.from_thread import start_blocking_portal  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from columnhub.service.app import create_app  # noqa: E402
 from columnhub.service.config import ServiceConfig  # noqa: E402
 
 pytestmark = pytest.mark.service
+
+
+class _PortalTransport(httpx.BaseTransport):
+    """httpx's ASGITransport driven from sync code through an event loop in a thread."""
+
+    def __init__(self, app: Any, portal: Any) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+
+        async def send() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+            resp = await self.inner.handle_async_request(request)
+            return resp.status_code, resp.headers.raw, await resp.aread()
+
+        status, headers, body = self.portal.call(send)
+        return httpx.Response(status, headers=headers, content=body, request=request)
+
+
+@contextlib.contextmanager
+def TestClient(app: Any) -> Iterator[httpx.Client]:  # noqa: N802 - reads like starlette's
+    """The app in process (httpx.ASGITransport) with its lifespan run (runners started)."""
+    with start_blocking_portal() as portal:
+        with portal.wrap_async_context_manager(app.router.lifespan_context(app)):
+            transport = _PortalTransport(app, portal)
+            with httpx.Client(transport=transport, base_url="http://service.test") as client:
+                yield client
 
 COLUMNS = ["MET_pt", "Muon_pt"]
 
@@ -47,7 +78,7 @@ def _selected(data: Path, threshold: int) -> int:
     return int(np.count_nonzero(n >= threshold))
 
 
-def _scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _scrape(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """``/metrics`` parsed by prometheus_client's own parser: (sample name, labels) -> value."""
     resp = client.get("/metrics")
     assert resp.status_code == 200
@@ -63,7 +94,7 @@ def _value(m: dict[Any, float], name: str, **labels: str) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _wait(client: TestClient, rid: str, timeout: float = 120.0) -> dict[str, Any]:
+def _wait(client: httpx.Client, rid: str, timeout: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         status = client.get(f"/api/v1/requests/{rid}").json()

@@ -59,7 +59,7 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 RESULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 #: seconds a probe result (inference servers, cache size, Dask workers) is reused
 HEALTH_TTL_S = 10.0
-CACHE_TTL_S = 30.0
+CACHE_TTL_S = 5.0
 WORKERS_TTL_S = 2.0
 #: the longest a health probe of one inference server may take
 PROBE_TIMEOUT_S = 2.0
@@ -429,6 +429,8 @@ class ServiceMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of the registry and its content type."""
         prom = require("prometheus_client", what="the service's /metrics")
+        if self._db() is not None:  # jobs completed since the last scrape: in the histogram now
+            self._refresh_done()
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
 
 

@@ -295,7 +295,7 @@ _PAGE = """<!doctype html>
   <h2>Requests</h2>
   <table id="requests">
     <thead><tr><th>id</th><th>title</th><th>status</th><th>progress (parts)</th>
-    <th>events</th><th>events/s</th><th>cache hits</th><th>submitted</th></tr></thead>
+    <th>events read</th><th>events/s</th><th>cache hits</th><th>submitted</th></tr></thead>
     <tbody id="request-rows">{rows}</tbody>
   </table>
 </section>
