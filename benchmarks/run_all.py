@@ -48,10 +48,11 @@ QUICK: dict[str, list[str]] = {
     "cache": ["--quick"],
     "scaleout": ["--quick"],
     "inference": ["--events", "100000", "--triton-events", "20000", "--repeat", "1"],
+    "service": ["--quick"],
 }
 
 #: the order of the sections (the user's-job benchmarks first); others follow
-ORDER = ["join", "delivery", "scaleout", "cache", "inference"]
+ORDER = ["join", "delivery", "scaleout", "cache", "inference", "service"]
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,47 @@ TARGETS: dict[str, list[Target]] = {
             2.0,
             ("triton_http_65536_vs_coffea",),
             r"^columnhub http vs coffea grpc, server max batch 65536\s+([\d.]+)\s+>=",
+        ),
+    ],    "service": [
+        Target(
+            "50 concurrent clients on one `columnhub serve --scheduler local --workers 2`: failed",
+            "<=",
+            0,
+            ("failed",),
+            unit="requests",
+            command="python benchmarks/bench_service.py",
+        ),
+        Target(
+            "identical requests (25 at once): jobs that computed",
+            "<=",
+            1,
+            ("identical_computed",),
+            unit="jobs",
+            command="python benchmarks/bench_service.py",
+        ),
+        Target(
+            "fully cached request, submit to complete seen by the client: p95",
+            "<",
+            100,
+            ("cached_p95_ms",),
+            unit="ms",
+            command="python benchmarks/bench_service.py",
+        ),
+        Target(
+            "time to result under the load: p95",
+            "info",
+            0,
+            ("time_to_result_p95_s",),
+            unit="s",
+            command="python benchmarks/bench_service.py",
+        ),
+        Target(
+            "column cache hit ratio after the load",
+            "info",
+            0,
+            ("cache_hit_ratio",),
+            unit="%",
+            command="python benchmarks/bench_service.py",
         ),
     ],
 }
