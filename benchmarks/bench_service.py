@@ -31,6 +31,7 @@ tasks/s, cache bandwidth).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -107,10 +108,8 @@ class Sampler:
     def rss(self) -> int:
         total = 0
         for p in self.tree():
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
-            except psutil.Error:
-                pass
         return total
 
     def cpu(self) -> float:
@@ -138,8 +137,14 @@ def wait_final(client: httpx.Client, rid: str, poll: float, deadline: float) -> 
         time.sleep(poll)
 
 
-def run_client(url: str, token: str, spec: dict[str, Any], out: dict[str, Any],
-               start: threading.Barrier, timeout: float) -> None:
+def run_client(
+    url: str,
+    token: str,
+    spec: dict[str, Any],
+    out: dict[str, Any],
+    start: threading.Barrier,
+    timeout: float,
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
         start.wait()
@@ -154,8 +159,14 @@ def run_client(url: str, token: str, spec: dict[str, Any], out: dict[str, Any],
         except httpx.HTTPError as err:
             out.update(status="error", error=repr(err), seconds=time.monotonic() - t0)
             return
-        out.update(id=rid, status=status["status"], seconds=time.monotonic() - t0,
-                   job=status["samples"][""]["job"], t_end=time.monotonic(), token=token)
+        out.update(
+            id=rid,
+            status=status["status"],
+            seconds=time.monotonic() - t0,
+            job=status["samples"][""]["job"],
+            t_end=time.monotonic(),
+            token=token,
+        )
 
 
 def reference_events(path: Path) -> int:
@@ -187,14 +198,39 @@ def main() -> int:
     log = tmp / "serve.log"
     # one user per client (a user may hold 8 active requests: the per-user limit)
     tokens = [f"bench-token-{i}-{os.urandom(8).hex()}" for i in range(args.clients)]
-    (tmp / "tokens.yaml").write_text(json.dumps({"tokens": {
-        hashlib.sha256(t.encode()).hexdigest(): {"user": f"user{i}", "scopes": ["read", "submit"]}
-        for i, t in enumerate(tokens)
-    }}))
+    (tmp / "tokens.yaml").write_text(
+        json.dumps(
+            {
+                "tokens": {
+                    hashlib.sha256(t.encode()).hexdigest(): {
+                        "user": f"user{i}",
+                        "scopes": ["read", "submit"],
+                    }
+                    for i, t in enumerate(tokens)
+                }
+            }
+        )
+    )
     cmd = columnhub_cmd(
-        "serve", "--host", "127.0.0.1", "--port", str(port), "--scheduler", "local",
-        "--workers", str(args.workers), "--state-dir", str(tmp / "state"),
-        "--cache", str(tmp / "cache"), "--token-file", str(tmp / "tokens.yaml"), "--data-root", str(path.parent), "--log-level", "warning",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--scheduler",
+        "local",
+        "--workers",
+        str(args.workers),
+        "--state-dir",
+        str(tmp / "state"),
+        "--cache",
+        str(tmp / "cache"),
+        "--token-file",
+        str(tmp / "tokens.yaml"),
+        "--data-root",
+        str(path.parent),
+        "--log-level",
+        "warning",
     )
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env())
@@ -242,15 +278,18 @@ def main() -> int:
             wrong = []
             for r in results:
                 if r.get("status") == "complete" and r["job"] not in manifests:
-                    m = client.get(f"/api/v1/requests/{r['id']}/manifest",
-                                   headers={"Authorization": f"Bearer {r['token']}"}).json()
+                    m = client.get(
+                        f"/api/v1/requests/{r['id']}/manifest",
+                        headers={"Authorization": f"Bearer {r['token']}"},
+                    ).json()
                     manifests[r["job"]] = m
                     if m["events"] != expected:
                         wrong.append((r["id"], m["events"]))
             identical_jobs = {r.get("job") for r in results[:half] if r.get("job")}
             # a job computed unless deliver answered it with a stored result
             computed_identical = sum(
-                1 for j in identical_jobs
+                1
+                for j in identical_jobs
                 if j in manifests and not manifests[j]["cache"].get("reused_result")
             )
             computed = [m for m in manifests.values() if not m["cache"].get("reused_result")]
@@ -363,25 +402,37 @@ def sizing(f: dict[str, Any]) -> dict[str, float]:
 
 def print_report(f: dict[str, Any], failed: list[dict[str, Any]], wrong: list[Any]) -> None:
     s = f["sizing"]
-    print(f"columnhub serve --scheduler local --workers {f['workers']}: {f['events']:,} events, "
-          f"chunk {f['chunk_size']:,}, {f['clients']} concurrent clients "
-          f"(half identical, half sharing columns); service ready in {f['ready_s']:.1f} s")
+    print(
+        f"columnhub serve --scheduler local --workers {f['workers']}: {f['events']:,} events, "
+        f"chunk {f['chunk_size']:,}, {f['clients']} concurrent clients "
+        f"(half identical, half sharing columns); service ready in {f['ready_s']:.1f} s"
+    )
     rows = [
         ("completed / failed", f"{f['completed']} / {f['failed']}"),
         ("results checked against uproot (wrong)", f"{f['wrong_results']}"),
-        ("time to result p50 / p95 (s)",
-         f"{f['time_to_result_p50_s']:.2f} / {f['time_to_result_p95_s']:.2f}"),
-        ("  identical half p95 / sharing half p95 (s)",
-         f"{f['identical_p95_s']:.2f} / {f['shared_p95_s']:.2f}"),
+        (
+            "time to result p50 / p95 (s)",
+            f"{f['time_to_result_p50_s']:.2f} / {f['time_to_result_p95_s']:.2f}",
+        ),
+        (
+            "  identical half p95 / sharing half p95 (s)",
+            f"{f['identical_p95_s']:.2f} / {f['shared_p95_s']:.2f}",
+        ),
         ("requests/s (load phase)", f"{f['requests_per_s']:.2f}"),
         ("column cache hit ratio", f"{100 * (f['cache_hit_ratio'] or 0):.1f} %"),
-        ("identical requests: jobs / jobs that computed",
-         f"{f['identical_jobs']} / {f['identical_computed']}"),
+        (
+            "identical requests: jobs / jobs that computed",
+            f"{f['identical_jobs']} / {f['identical_computed']}",
+        ),
         ("jobs that computed (all)", f"{f['jobs_computed']}"),
-        ("fully cached request p50 / p95 (ms)",
-         f"{f['cached_p50_ms']:.1f} / {f['cached_p95_ms']:.1f}"),
-        ("service CPU s (load / total), whole process tree",
-         f"{f['cpu_load_s']:.1f} / {f['cpu_total_s']:.1f}"),
+        (
+            "fully cached request p50 / p95 (ms)",
+            f"{f['cached_p50_ms']:.1f} / {f['cached_p95_ms']:.1f}",
+        ),
+        (
+            "service CPU s (load / total), whole process tree",
+            f"{f['cpu_load_s']:.1f} / {f['cpu_total_s']:.1f}",
+        ),
         ("service peak RSS (MB), with the LocalCluster", f"{f['peak_rss_mb']:.0f}"),
         ("part task: seconds / output bytes", f"{f['t_task_s']:.3f} / {f['bytes_per_task']:,.0f}"),
     ]
@@ -389,25 +440,37 @@ def print_report(f: dict[str, Any], failed: list[dict[str, Any]], wrong: list[An
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     print()
-    print(f"Sizing for {FACILITY_WORKERS} workers and {FACILITY_USERS} users (each user submitting"
-          f" a request every {USER_PERIOD_S:.0f} s at peak: {s['submit_rate']:.1f} requests/s):")
-    print(f"- tasks: one worker runs {s['worker_events_per_s']:,.0f} events/s here, so a part"
-          f" task of the default 500k-event chunk takes {s['t_task_s']:.1f} s; a"
-          f" {REQUEST_EVENTS / 1e6:.0f}M-event request is {s['parts_per_request']} tasks,"
-          f" {s['request_s']:.1f} s on {FACILITY_WORKERS} workers when alone")
-    print(f"- scheduler: {FACILITY_WORKERS} busy workers = {s['scheduler_tasks_per_s']:,.1f}"
-          " tasks/s (Dask's scheduler handles ~1000 tasks/s: far from its limit)")
-    print(f"- database: {s['db_writes_per_s']:,.0f} writes/s ({s['submit_rate']:.0f} requests/s"
-          f" x 3 + {s['running_jobs']:.1f} running jobs writing progress after each part and"
-          " a heartbeat every 2 s); one PostgreSQL (or even SQLite) copes; PostgreSQL for"
-          " several API replicas")
-    print(f"- column cache: {s['cache_write_bytes_per_s'] / 1e6:,.1f} MB/s written while every"
-          f" worker computes new columns ({f['cache_bytes_per_job'] / 1e6:.2f} MB per computed"
-          f" job of {f['events']:,} events here); cached requests read at most as much")
+    print(
+        f"Sizing for {FACILITY_WORKERS} workers and {FACILITY_USERS} users (each user submitting"
+        f" a request every {USER_PERIOD_S:.0f} s at peak: {s['submit_rate']:.1f} requests/s):"
+    )
+    print(
+        f"- tasks: one worker runs {s['worker_events_per_s']:,.0f} events/s here, so a part"
+        f" task of the default 500k-event chunk takes {s['t_task_s']:.1f} s; a"
+        f" {REQUEST_EVENTS / 1e6:.0f}M-event request is {s['parts_per_request']} tasks,"
+        f" {s['request_s']:.1f} s on {FACILITY_WORKERS} workers when alone"
+    )
+    print(
+        f"- scheduler: {FACILITY_WORKERS} busy workers = {s['scheduler_tasks_per_s']:,.1f}"
+        " tasks/s (Dask's scheduler handles ~1000 tasks/s: far from its limit)"
+    )
+    print(
+        f"- database: {s['db_writes_per_s']:,.0f} writes/s ({s['submit_rate']:.0f} requests/s"
+        f" x 3 + {s['running_jobs']:.1f} running jobs writing progress after each part and"
+        " a heartbeat every 2 s); one PostgreSQL (or even SQLite) copes; PostgreSQL for"
+        " several API replicas"
+    )
+    print(
+        f"- column cache: {s['cache_write_bytes_per_s'] / 1e6:,.1f} MB/s written while every"
+        f" worker computes new columns ({f['cache_bytes_per_job'] / 1e6:.2f} MB per computed"
+        f" job of {f['events']:,} events here); cached requests read at most as much"
+    )
     print(f"- outputs: {s['output_bytes_per_s'] / 1e6:,.1f} MB/s to the shared filesystem")
-    print(f"- service CPU: {s['service_cpu_per_request_s']:.2f} CPU s per request"
-          " (API + runner + LocalCluster here; with a facility scheduler the API replica"
-          " only submits and polls)")
+    print(
+        f"- service CPU: {s['service_cpu_per_request_s']:.2f} CPU s per request"
+        " (API + runner + LocalCluster here; with a facility scheduler the API replica"
+        " only submits and polls)"
+    )
     if failed:
         print(f"FAILED requests: {json.dumps(failed[:5], default=str)}")
     if wrong:

@@ -58,15 +58,31 @@ def service(tmp_path: Path, shared_data: Path) -> Iterator[str]:
     """``columnhub serve`` on a free loopback port (auth off: loopback only); its URL."""
     port = _free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get(
-        "PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(REPO / "src") + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*_columnhub(), "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--state-dir", str(tmp_path / "state"), "--cache", str(tmp_path / "cache"),
-             "--data-root", str(shared_data), "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            [
+                *_columnhub(),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--data-root",
+                str(shared_data),
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -140,8 +156,12 @@ def test_dashboard_shows_a_request_completing(
             assert page.title() == "columnhub"
             page.wait_for_function("document.querySelector('#updated').textContent !== ''")
 
-            resp = httpx.post(f"{service}/api/v1/requests", json=spec,
-                              params={"title": "browser <b>test</b>"}, timeout=30)
+            resp = httpx.post(
+                f"{service}/api/v1/requests",
+                json=spec,
+                params={"title": "browser <b>test</b>"},
+                timeout=30,
+            )
             assert resp.status_code == 202, resp.text
             rid = resp.json()["id"]
             page.wait_for_selector(f'tr[data-request-id="{rid}"]', timeout=30_000)

@@ -23,12 +23,12 @@ import yaml
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-import httpx  # noqa: E402
-from anyio.from_thread import start_blocking_portal  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import httpx
+from anyio.from_thread import start_blocking_portal
+from prometheus_client.parser import text_string_to_metric_families
 
-from columnhub.service.app import create_app  # noqa: E402
-from columnhub.service.config import ServiceConfig  # noqa: E402
+from columnhub.service.app import create_app
+from columnhub.service.config import ServiceConfig
 
 pytestmark = pytest.mark.service
 
@@ -52,13 +52,17 @@ class _PortalTransport(httpx.BaseTransport):
 
 
 @contextlib.contextmanager
-def TestClient(app: Any) -> Iterator[httpx.Client]:  # noqa: N802 - reads like starlette's
+def TestClient(app: Any) -> Iterator[httpx.Client]:
     """The app in process (httpx.ASGITransport) with its lifespan run (runners started)."""
-    with start_blocking_portal() as portal:
-        with portal.wrap_async_context_manager(app.router.lifespan_context(app)):
-            transport = _PortalTransport(app, portal)
-            with httpx.Client(transport=transport, base_url="http://service.test") as client:
-                yield client
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(app.router.lifespan_context(app)),
+        httpx.Client(
+            transport=_PortalTransport(app, portal), base_url="http://service.test"
+        ) as client,
+    ):
+        yield client
+
 
 COLUMNS = ["MET_pt", "Muon_pt"]
 
@@ -130,10 +134,14 @@ def test_metrics_counters_move_by_the_request(config: ServiceConfig, shared_data
 
         # independent references: uproot for the events, the files on disk for parts/bytes
         assert _value(after, "columnhub_events_delivered_total") == _selected(shared_data, 2)
-        assert _value(after, "columnhub_parts_done_total") == len(files) == len(
-            list(Path(manifest["path"]).glob("part-*"))
+        assert (
+            _value(after, "columnhub_parts_done_total")
+            == len(files)
+            == len(list(Path(manifest["path"]).glob("part-*")))
         )
-        assert _value(after, "columnhub_bytes_written_total") == sum(f.stat().st_size for f in files)
+        assert _value(after, "columnhub_bytes_written_total") == sum(
+            f.stat().st_size for f in files
+        )
         assert _value(after, "columnhub_requests", state="complete") == 1
         assert _value(after, "columnhub_requests", state="queued") == 0
         assert _value(after, "columnhub_jobs", state="complete") == 1
@@ -142,15 +150,27 @@ def test_metrics_counters_move_by_the_request(config: ServiceConfig, shared_data
         assert _value(after, "columnhub_cache_hits_total") == 0
         assert _value(after, "columnhub_cache_hit_ratio") == 0
         # the HTTP histogram counted exactly one submission, by route template (not by id)
-        assert _value(after, "columnhub_http_request_duration_seconds_count",
-                      method="POST", route="/api/v1/requests", status="202") == 1
+        assert (
+            _value(
+                after,
+                "columnhub_http_request_duration_seconds_count",
+                method="POST",
+                route="/api/v1/requests",
+                status="202",
+            )
+            == 1
+        )
         statuses = [k for k in after if k[0] == "columnhub_http_request_duration_seconds_count"]
         assert all(first["id"] not in dict(labels)["route"] for _, labels in statuses)
         assert _value(after, "columnhub_request_duration_seconds_count") == 1
 
         # the same request again: answered by the stored result, nothing computed
-        again = _wait(client, client.post(
-            "/api/v1/requests", json=_spec(shared_data, where="nMuon >= 2")).json()["id"])
+        again = _wait(
+            client,
+            client.post("/api/v1/requests", json=_spec(shared_data, where="nMuon >= 2")).json()[
+                "id"
+            ],
+        )
         assert again["status"] == "complete"
         m2 = _scrape(client)
         assert _value(m2, "columnhub_requests", state="complete") == 2
@@ -173,13 +193,17 @@ def test_metrics_counters_move_by_the_request(config: ServiceConfig, shared_data
         assert ov["workers"] == {"scheduler": None, "mode": "threads", "workers": [], "error": None}
 
 
-def test_two_apps_in_one_process_keep_their_own_metrics(
-    tmp_path: Path, shared_data: Path
-) -> None:
-    a = create_app(ServiceConfig(state_dir=tmp_path / "a", cache=str(tmp_path / "ca"),
-                                 data_roots=[shared_data]))
-    b = create_app(ServiceConfig(state_dir=tmp_path / "b", cache=str(tmp_path / "cb"),
-                                 data_roots=[shared_data]))
+def test_two_apps_in_one_process_keep_their_own_metrics(tmp_path: Path, shared_data: Path) -> None:
+    a = create_app(
+        ServiceConfig(
+            state_dir=tmp_path / "a", cache=str(tmp_path / "ca"), data_roots=[shared_data]
+        )
+    )
+    b = create_app(
+        ServiceConfig(
+            state_dir=tmp_path / "b", cache=str(tmp_path / "cb"), data_roots=[shared_data]
+        )
+    )
     with TestClient(a) as ca, TestClient(b) as cb:
         rid = ca.post("/api/v1/requests", json=_spec(shared_data, where="nMuon >= 1")).json()["id"]
         assert _wait(ca, rid)["status"] == "complete"
@@ -187,10 +211,26 @@ def test_two_apps_in_one_process_keep_their_own_metrics(
     assert _value(ma, "columnhub_events_delivered_total") == _selected(shared_data, 1)
     assert _value(mb, "columnhub_events_delivered_total") == 0
     assert _value(mb, "columnhub_requests", state="complete") == 0
-    assert _value(ma, "columnhub_http_request_duration_seconds_count",
-                  method="POST", route="/api/v1/requests", status="202") == 1
-    assert _value(mb, "columnhub_http_request_duration_seconds_count",
-                  method="POST", route="/api/v1/requests", status="202") == 0
+    assert (
+        _value(
+            ma,
+            "columnhub_http_request_duration_seconds_count",
+            method="POST",
+            route="/api/v1/requests",
+            status="202",
+        )
+        == 1
+    )
+    assert (
+        _value(
+            mb,
+            "columnhub_http_request_duration_seconds_count",
+            method="POST",
+            route="/api/v1/requests",
+            status="202",
+        )
+        == 0
+    )
 
 
 def _closed_port() -> int:
@@ -205,25 +245,53 @@ def test_inference_server_down_is_reported(tmp_path: Path, shared_data: Path) ->
     registry = tmp_path / "models"
     registry.mkdir()
     (registry / "tagger.onnx").write_bytes(b"only hashed by the card; the probe never loads it")
-    (registry / "tagger.yaml").write_text(yaml.safe_dump({
-        "name": "tagger",
-        "version": "3",
-        "file": "tagger.onnx",
-        "granularity": "event",
-        "inputs": ["MET_pt"],
-        "outputs": [{"name": "score"}],
-        "remote": {"servers": [f"127.0.0.1:{port}"], "model_name": "tagger",
-                   "model_version": "3", "timeout_s": 1.0},
-    }))
-    config = ServiceConfig(state_dir=tmp_path / "s", cache=str(tmp_path / "c"),
-                           models=str(registry), data_roots=[shared_data])
+    (registry / "tagger.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "tagger",
+                "version": "3",
+                "file": "tagger.onnx",
+                "granularity": "event",
+                "inputs": ["MET_pt"],
+                "outputs": [{"name": "score"}],
+                "remote": {
+                    "servers": [f"127.0.0.1:{port}"],
+                    "model_name": "tagger",
+                    "model_version": "3",
+                    "timeout_s": 1.0,
+                },
+            }
+        )
+    )
+    config = ServiceConfig(
+        state_dir=tmp_path / "s",
+        cache=str(tmp_path / "c"),
+        models=str(registry),
+        data_roots=[shared_data],
+    )
     with TestClient(create_app(config)) as client:
         m = _scrape(client)
         ov = client.get("/api/v1/overview").json()
-    assert _value(m, "columnhub_inference_server_up", model="tagger", version="3",
-                  server=f"127.0.0.1:{port}", protocol="http") == 0
-    assert (("columnhub_inference_server_up", (("model", "tagger"), ("protocol", "http"),
-             ("server", f"127.0.0.1:{port}"), ("version", "3"))) in m)
+    assert (
+        _value(
+            m,
+            "columnhub_inference_server_up",
+            model="tagger",
+            version="3",
+            server=f"127.0.0.1:{port}",
+            protocol="http",
+        )
+        == 0
+    )
+    assert (
+        "columnhub_inference_server_up",
+        (
+            ("model", "tagger"),
+            ("protocol", "http"),
+            ("server", f"127.0.0.1:{port}"),
+            ("version", "3"),
+        ),
+    ) in m
     [server] = ov["inference"]["servers"]
     assert server["server"] == f"127.0.0.1:{port}"
     assert server["up"] is False

@@ -396,9 +396,7 @@ class ServiceMetrics:
                     for (name, version, remote, url), (up, error) in zip(
                         targets, probes, strict=True
                     ):
-                        results.append(
-                            ServerHealth(name, version, url, remote.protocol, up, error)
-                        )
+                        results.append(ServerHealth(name, version, url, remote.protocol, up, error))
             self._health = (time.monotonic(), results)
             return results
 
@@ -481,7 +479,9 @@ class _Collector:
             "columnhub_events_per_second", "Summed rate of the running jobs.", value=s.events_per_s
         )
         yield GaugeMetricFamily(
-            "columnhub_running_events", "Events done so far by running jobs.", value=s.running_events
+            "columnhub_running_events",
+            "Events done so far by running jobs.",
+            value=s.running_events,
         )
         if s.cache_bytes is not None:
             yield GaugeMetricFamily(
@@ -563,7 +563,7 @@ def get_metrics(app: FastAPI) -> ServiceMetrics:
     metrics = getattr(app.state, "metrics", None)
     if not isinstance(metrics, ServiceMetrics):
         msg = "metrics are not installed on this app; call columnhub.service.metrics.install(app)"
-        raise RuntimeError(msg)
+        raise RuntimeError(msg)  # noqa: TRY004 - a set-up mistake, not a bad argument type
     return metrics
 
 

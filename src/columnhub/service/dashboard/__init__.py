@@ -61,8 +61,10 @@ class _Workers:
             return {"scheduler": None, "mode": mode, "workers": [], "error": None}
         with self._lock:
             now = time.monotonic()
-            if self._last is not None and self._address == address and now - self._last[0] < (
-                _WORKERS_TTL_S
+            if (
+                self._last is not None
+                and self._address == address
+                and now - self._last[0] < (_WORKERS_TTL_S)
             ):
                 return self._last[1]
             try:
@@ -72,9 +74,7 @@ class _Workers:
                     distributed = require("distributed", what="the dashboard's Dask workers")
                     if self._client is not None:
                         self._client.close()
-                    self._client = distributed.Client(
-                        address, timeout="3s", set_as_default=False
-                    )
+                    self._client = distributed.Client(address, timeout="3s", set_as_default=False)
                     self._address = address
                 try:
                     info = self._client.scheduler_info(n_workers=-1)
@@ -215,7 +215,7 @@ def render_page(data: dict[str, Any] | None) -> str:
     cache = d.get("cache") or {}
     state_cells = "".join(
         f'<div class="tile"><span class="count" data-state="{s}">'
-        f"{_fmt_int(counts.get(s, 0)) if data else '-'}</span><span class=\"label\">{s}</span></div>"
+        f'{_fmt_int(counts.get(s, 0)) if data else "-"}</span><span class="label">{s}</span></div>'
         for s in _STATES
     )
     rows = "".join(_request_row(r) for r in d.get("requests") or [])
