@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import uproot
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -296,3 +298,106 @@ def test_inference_server_down_is_reported(tmp_path: Path, shared_data: Path) ->
     assert server["server"] == f"127.0.0.1:{port}"
     assert server["up"] is False
     assert server["error"]
+
+
+# ---------------------------------------------------------------------------
+# property: the figures are the sums over the complete jobs, read incrementally
+
+_job = st.fixed_dictionaries(
+    {
+        "end": st.sampled_from(["complete", "failed", "queued"]),
+        "manifest": st.booleans(),  # False: the result was removed; the progress counts
+        "events": st.integers(0, 10**9),
+        "parts": st.lists(st.integers(0, 10**8), max_size=5),
+        "hits": st.integers(0, 10**4),
+        "misses": st.integers(0, 10**4),
+        "rows": st.dictionaries(
+            st.sampled_from(["tagger@1", "btag@2"]), st.integers(0, 10**6), max_size=2
+        ),
+    }
+)
+
+
+def test_figures_are_sums_over_the_complete_jobs(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from columnhub.output.manifest import write_manifest
+    from columnhub.service.db import Database
+    from columnhub.service.metrics import ServiceMetrics
+
+    config = ServiceConfig(state_dir=tmp_path / "state", cache=str(tmp_path / "cache"))
+    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    app = FastAPI()
+    app.state.db, app.state.config = db, config
+    metrics = ServiceMetrics(app)
+    truth = {"events": 0, "parts": 0, "bytes": 0, "hits": 0, "misses": 0, "complete": 0}
+    rows: dict[str, int] = {}
+    counter = iter(range(10**6))
+
+    @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+    @given(jobs=st.lists(_job, min_size=1, max_size=4))
+    def check(jobs: list[dict[str, Any]]) -> None:
+        for j in jobs:
+            n = next(counter)
+            db.submit("alice", {"n": n}, None, {"": (f"hash-{n}", {"n": n})})
+            if j["end"] == "queued":
+                continue
+            job = db.claim("w", 30.0, results=config.results_dir)
+            assert job is not None
+            if j["end"] == "failed":
+                db.fail(job.id, "w", "SpecError", "bad")
+                continue
+            parts = [{"name": f"part-{i:05d}", "bytes": b} for i, b in enumerate(j["parts"])]
+            progress = {
+                "events": j["events"],
+                "parts_done": len(parts),
+                "bytes": sum(j["parts"]),
+                "cache_hits": j["hits"],
+                "cache_misses": j["misses"],
+            }
+            if j["manifest"]:
+                directory = config.result_directory(job.id)
+                directory.mkdir(parents=True)
+                write_manifest(
+                    directory,
+                    {
+                        "complete": True,
+                        "events": j["events"],
+                        "parts": parts,
+                        "cache": {"hits": j["hits"], "misses": j["misses"]},
+                        "inference": {m: {"rows": r, "seconds": 0.5} for m, r in j["rows"].items()},
+                    },
+                )
+                for m, r in j["rows"].items():
+                    rows[m] = rows.get(m, 0) + r
+                progress = {"events": -1}  # the manifest, not the progress, is the truth
+            assert db.finish(job.id, "w", 0, progress=progress)
+            truth["events"] += j["events"]
+            truth["parts"] += len(parts)
+            truth["bytes"] += sum(j["parts"])
+            truth["hits"] += j["hits"]
+            truth["misses"] += j["misses"]
+            truth["complete"] += 1
+        s = metrics.snapshot()
+        got = {
+            "events": s.events_delivered,
+            "parts": s.parts_done,
+            "bytes": s.bytes_written,
+            "hits": s.cache_hits,
+            "misses": s.cache_misses,
+            "complete": s.jobs["complete"],
+        }
+        assert got == truth
+        assert {m: v["rows"] for m, v in s.inference.items()} == rows
+        scraped = {
+            (x.name, tuple(sorted(x.labels.items()))): x.value
+            for family in text_string_to_metric_families(metrics.exposition()[0].decode())
+            for x in family.samples
+        }
+        assert scraped[("columnhub_events_delivered_total", ())] == truth["events"]
+        assert scraped[("columnhub_request_duration_seconds_count", ())] == truth["complete"]
+
+    try:
+        check()
+    finally:
+        db.close()
