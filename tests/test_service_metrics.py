@@ -401,3 +401,35 @@ def test_figures_are_sums_over_the_complete_jobs(tmp_path: Path) -> None:
         check()
     finally:
         db.close()
+
+
+@pytest.mark.distributed
+# the scheduler's HTTP server falls back to another port when another process on this
+# shared machine holds Dask's default 8787 (LocalCluster(dashboard_address=None) still
+# serves HTTP there first), and says so with a UserWarning
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use:UserWarning")
+def test_overview_lists_the_local_clusters_workers(tmp_path: Path, shared_data: Path) -> None:
+    pytest.importorskip("distributed")
+    config = ServiceConfig(
+        state_dir=tmp_path / "state",
+        cache=str(tmp_path / "cache"),
+        data_roots=[shared_data],
+        scheduler="local",
+        workers=2,
+    )
+    app = create_app(config)
+    with TestClient(app) as client:
+        cluster = app.state.services.cluster
+        addresses = sorted(w.worker_address for w in cluster.workers.values())
+        scheduler = cluster.scheduler_address
+        ov = client.get("/api/v1/overview").json()
+        rid = client.post("/api/v1/requests", json=_spec(shared_data, where="nMuon >= 1"))
+        done = _wait(client, rid.json()["id"])
+    workers = ov["workers"]
+    assert workers["error"] is None
+    assert workers["mode"] == "dask"
+    assert workers["scheduler"] == scheduler
+    assert len(workers["workers"]) == 2
+    assert sorted(w["address"] for w in workers["workers"]) == addresses
+    assert all(w["nthreads"] == 1 for w in workers["workers"])
+    assert done["status"] == "complete"

@@ -15,12 +15,12 @@ inference servers' health. Its figures are :class:`~columnhub.service.metrics.Sn
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import html
 import json
 import threading
 import time
-import weakref
 from importlib import resources
 from typing import Any
 
@@ -41,45 +41,48 @@ def _static(name: str) -> bytes:
     return resources.files(__package__).joinpath("static", name).read_bytes()
 
 
+async def _identity(address: str) -> dict[str, Any]:
+    from distributed.core import rpc
+
+    scheduler = rpc(address, timeout=3)
+    try:
+        info: dict[str, Any] = await scheduler.identity()
+    finally:
+        await scheduler.close_rpc()
+    return info
+
+
+def _executing(metrics: dict[str, Any]) -> int:
+    value = metrics.get("executing")
+    if value is None:
+        value = (metrics.get("task_counts") or {}).get("executing", 0)
+    return int(value or 0)
+
+
 class _Workers:
-    """The Dask workers of the configured scheduler (a client kept open, reused)."""
+    """The Dask workers of the configured scheduler (its ``identity``, cached a moment).
+
+    One short connection per look (no ``Client`` held open: nothing to close
+    at shutdown, no reconnection attempts when the scheduler goes away).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._client: Any = None
-        self._address: str | None = None
-        self._last: tuple[float, dict[str, Any]] | None = None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                client, self._client = self._client, None
-                client.close()
+        self._last: tuple[float, str, dict[str, Any]] | None = None
 
     def get(self, address: str | None, mode: str) -> dict[str, Any]:
         if address is None:
             return {"scheduler": None, "mode": mode, "workers": [], "error": None}
         with self._lock:
             now = time.monotonic()
-            if (
-                self._last is not None
-                and self._address == address
-                and now - self._last[0] < (_WORKERS_TTL_S)
-            ):
-                return self._last[1]
+            last = self._last
+            if last is not None and last[1] == address and now - last[0] < _WORKERS_TTL_S:
+                return last[2]
             try:
-                if self._client is None or self._address != address:
-                    from columnhub._extras import require
+                from columnhub._extras import require
 
-                    distributed = require("distributed", what="the dashboard's Dask workers")
-                    if self._client is not None:
-                        self._client.close()
-                    self._client = distributed.Client(address, timeout="3s", set_as_default=False)
-                    self._address = address
-                try:
-                    info = self._client.scheduler_info(n_workers=-1)
-                except TypeError:  # distributed before n_workers
-                    info = self._client.scheduler_info()
+                require("distributed", what="the dashboard's Dask workers")
+                info = asyncio.run(_identity(address))
                 workers = [
                     {
                         "address": addr,
@@ -87,9 +90,9 @@ class _Workers:
                         "nthreads": int(w.get("nthreads", 0)),
                         "memory_limit": int(w.get("memory_limit", 0) or 0),
                         "memory": int((w.get("metrics") or {}).get("memory", 0) or 0),
-                        "executing": int((w.get("metrics") or {}).get("executing", 0) or 0),
+                        "executing": _executing(w.get("metrics") or {}),
                     }
-                    for addr, w in sorted(info.get("workers", {}).items())
+                    for addr, w in sorted((info.get("workers") or {}).items())
                 ]
                 value = {"scheduler": address, "mode": mode, "workers": workers, "error": None}
             except Exception as err:  # noqa: BLE001 - an unreachable scheduler shows as an error
@@ -99,7 +102,7 @@ class _Workers:
                     "workers": [],
                     "error": f"{type(err).__name__}: {err}"[:300],
                 }
-            self._last = (time.monotonic(), value)
+            self._last = (time.monotonic(), address, value)
             return value
 
 
@@ -321,9 +324,7 @@ def install(app: FastAPI) -> None:
     from columnhub.service.auth import principal
 
     install_metrics(app)
-    workers = _Workers()
-    app.state.dashboard_workers = workers
-    weakref.finalize(app, workers.close)
+    app.state.dashboard_workers = _Workers()
     files = {
         "dashboard.js": ("text/javascript; charset=utf-8", _static("dashboard.js")),
         "dashboard.css": ("text/css; charset=utf-8", _static("dashboard.css")),
