@@ -319,12 +319,18 @@ def main() -> int:
     failed = [r for r in results if r.get("status") != "complete"]
     ident_s = [r["seconds"] for r in results[:half] if r.get("status") == "complete"]
     shared_s = [r["seconds"] for r in results[half:] if r.get("status") == "complete"]
-    parts_s = [s for m in computed for s in m["timing"].get("parts_s", [])]
-    parts_per_job = np.mean([len(m["parts"]) for m in computed]) if computed else float("nan")
-    out_bytes = np.mean([sum(p["bytes"] for p in m["parts"]) for m in computed]) if computed else 0
-    t_task = float(np.mean(parts_s)) if parts_s else float("nan")
-    bytes_task = float(out_bytes / parts_per_job) if computed else float("nan")
-    cache_bytes_job = cache_stats.get("bytes", 0) / max(len(computed), 1)
+    # the cold job (most cache misses) sizes a worker: events per part over its part seconds
+    cold = max(computed, key=lambda m: m["cache"]["misses"]) if computed else None
+    if cold is not None and cold["timing"].get("parts_s"):
+        t_part = float(np.mean(cold["timing"]["parts_s"]))
+        events_part = cold["events_read"] / len(cold["parts"])
+        worker_rate = events_part / t_part
+        out_per_event = sum(p["bytes"] for p in cold["parts"]) / cold["events_read"]
+    else:
+        t_part = events_part = worker_rate = out_per_event = float("nan")
+    # column-cache bytes written per event a computing job read (all computed jobs)
+    read_events = sum(m["events_read"] for m in computed)
+    cache_per_event = cache_stats.get("bytes", 0) / read_events if read_events else float("nan")
 
     figures: dict[str, Any] = {
         "events": args.events,
@@ -350,10 +356,11 @@ def main() -> int:
         "cpu_load_s": cpu_load,
         "cpu_total_s": cpu_total,
         "peak_rss_mb": sampler.peak / 1e6,
-        "parts_per_job": float(parts_per_job),
-        "t_task_s": t_task,
-        "bytes_per_task": bytes_task,
-        "cache_bytes_per_job": cache_bytes_job,
+        "cold_part_s": t_part,
+        "cold_events_per_part": events_part,
+        "worker_events_per_s": worker_rate,
+        "output_bytes_per_event": out_per_event,
+        "cache_bytes_per_event": cache_per_event,
         "cache_bytes": cache_stats.get("bytes"),
     }
     figures["sizing"] = sizing(figures)
@@ -366,25 +373,23 @@ def main() -> int:
 def sizing(f: dict[str, Any]) -> dict[str, float]:
     """A facility of 100 workers and 300 users, from the measured figures.
 
-    The measured part task gives a worker's rate (events/s); facility tasks are
+    The cold job's part tasks give a worker's rate (events/s); facility tasks are
     chunks of the default ``chunk_size`` (500k events), requests of
     :data:`REQUEST_EVENTS` events. Every worker busy with part tasks; a job
     spreads over ``min(parts, workers)`` workers, so ``workers / min(parts,
     workers)`` jobs run at once; each writes its progress after each part (at
     most every 0.2 s) and heartbeats at least every 2 s; a request costs three
     more writes (submit, claim, finish). Cache and output bytes scale with the
-    events of a task.
+    events the workers read.
     """
     submit_rate = FACILITY_USERS / USER_PERIOD_S
-    rate = f["chunk_size"] / f["t_task_s"]  # events/s of one worker on one part task
+    rate = f["worker_events_per_s"]
     t_task = PROD_CHUNK / rate
-    scale = PROD_CHUNK / f["chunk_size"]
     parts = math.ceil(REQUEST_EVENTS / PROD_CHUNK)
     tasks_per_s = FACILITY_WORKERS / t_task
     running_jobs = FACILITY_WORKERS / min(parts, FACILITY_WORKERS)
     per_job = min(5.0, min(parts, FACILITY_WORKERS) / t_task) + 0.5
-    db_writes = submit_rate * 3.0 + running_jobs * per_job
-    cache_per_task = f["cache_bytes_per_job"] / max(f["parts_per_job"], 1.0) * scale
+    events_per_s = FACILITY_WORKERS * rate
     return {
         "submit_rate": submit_rate,
         "worker_events_per_s": rate,
@@ -392,9 +397,9 @@ def sizing(f: dict[str, Any]) -> dict[str, float]:
         "parts_per_request": parts,
         "scheduler_tasks_per_s": tasks_per_s,
         "running_jobs": running_jobs,
-        "db_writes_per_s": db_writes,
-        "cache_write_bytes_per_s": tasks_per_s * cache_per_task,
-        "output_bytes_per_s": tasks_per_s * f["bytes_per_task"] * scale,
+        "db_writes_per_s": submit_rate * 3.0 + running_jobs * per_job,
+        "cache_write_bytes_per_s": events_per_s * f["cache_bytes_per_event"],
+        "output_bytes_per_s": events_per_s * f["output_bytes_per_event"],
         "request_s": parts / min(parts, FACILITY_WORKERS) * t_task,
         "service_cpu_per_request_s": f["cpu_load_s"] / max(f["completed"], 1),
     }
@@ -434,7 +439,17 @@ def print_report(f: dict[str, Any], failed: list[dict[str, Any]], wrong: list[An
             f"{f['cpu_load_s']:.1f} / {f['cpu_total_s']:.1f}",
         ),
         ("service peak RSS (MB), with the LocalCluster", f"{f['peak_rss_mb']:.0f}"),
-        ("part task: seconds / output bytes", f"{f['t_task_s']:.3f} / {f['bytes_per_task']:,.0f}"),
+        (
+            "cold job: events per part / part seconds / events/s per worker",
+            (
+                f"{f['cold_events_per_part']:,.0f} / {f['cold_part_s']:.3f}"
+                f" / {f['worker_events_per_s']:,.0f}"
+            ),
+        ),
+        (
+            "bytes per event read: output / column cache",
+            f"{f['output_bytes_per_event']:.1f} / {f['cache_bytes_per_event']:.1f}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
@@ -445,8 +460,8 @@ def print_report(f: dict[str, Any], failed: list[dict[str, Any]], wrong: list[An
         f" a request every {USER_PERIOD_S:.0f} s at peak: {s['submit_rate']:.1f} requests/s):"
     )
     print(
-        f"- tasks: one worker runs {s['worker_events_per_s']:,.0f} events/s here, so a part"
-        f" task of the default 500k-event chunk takes {s['t_task_s']:.1f} s; a"
+        f"- tasks: one worker reads {s['worker_events_per_s']:,.0f} events/s here (cold), so a"
+        f" part task of the default 500k-event chunk takes {s['t_task_s']:.1f} s; a"
         f" {REQUEST_EVENTS / 1e6:.0f}M-event request is {s['parts_per_request']} tasks,"
         f" {s['request_s']:.1f} s on {FACILITY_WORKERS} workers when alone"
     )
@@ -461,9 +476,9 @@ def print_report(f: dict[str, Any], failed: list[dict[str, Any]], wrong: list[An
         " several API replicas"
     )
     print(
-        f"- column cache: {s['cache_write_bytes_per_s'] / 1e6:,.1f} MB/s written while every"
-        f" worker computes new columns ({f['cache_bytes_per_job'] / 1e6:.2f} MB per computed"
-        f" job of {f['events']:,} events here); cached requests read at most as much"
+        f"- column cache: {s['cache_write_bytes_per_s'] / 1e6:,.1f} MB/s written with every"
+        f" worker computing ({f['cache_bytes_per_event']:.1f} bytes per event read here);"
+        " a cached request reads its columns back at the same rate per worker"
     )
     print(f"- outputs: {s['output_bytes_per_s'] / 1e6:,.1f} MB/s to the shared filesystem")
     print(

@@ -9,6 +9,8 @@ a screenshot under ``tmp_path``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import uproot
+import yaml
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -53,9 +56,9 @@ def _columnhub() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "columnhub.cli.main"]
 
 
-@pytest.fixture
-def service(tmp_path: Path, shared_data: Path) -> Iterator[str]:
-    """``columnhub serve`` on a free loopback port (auth off: loopback only); its URL."""
+@contextlib.contextmanager
+def _serve(tmp_path: Path, shared_data: Path, *extra: str) -> Iterator[str]:
+    """``columnhub serve`` on a free loopback port; its URL."""
     port = _free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + (
@@ -79,6 +82,7 @@ def service(tmp_path: Path, shared_data: Path) -> Iterator[str]:
                 str(shared_data),
                 "--log-level",
                 "warning",
+                *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -104,6 +108,30 @@ def service(tmp_path: Path, shared_data: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def service(tmp_path: Path, shared_data: Path) -> Iterator[str]:
+    """``columnhub serve`` with auth off (loopback only); its URL."""
+    with _serve(tmp_path, shared_data) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless chromium (Debian's) with a fresh user-data dir."""
+    with playwright_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 900},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
 
 
 def _reference(path: Path) -> tuple[int, int]:
@@ -140,58 +168,48 @@ def test_dashboard_shows_a_request_completing(
         "output": {"target_part_bytes": 1},  # a part per chunk: progress in several steps
     }
     shot = tmp_path / "dashboard.png"
-    with playwright_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh user-data dir
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900},
+    with _browser(tmp_path) as context:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(service + "/")
+        assert page.title() == "columnhub"
+        page.wait_for_function("document.querySelector('#updated').textContent !== ''")
+
+        resp = httpx.post(
+            f"{service}/api/v1/requests",
+            json=spec,
+            params={"title": "browser <b>test</b>"},
+            timeout=30,
         )
-        try:
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda err: errors.append(str(err)))
-            page.goto(service + "/")
-            assert page.title() == "columnhub"
-            page.wait_for_function("document.querySelector('#updated').textContent !== ''")
+        assert resp.status_code == 202, resp.text
+        rid = resp.json()["id"]
+        page.wait_for_selector(f'tr[data-request-id="{rid}"]', timeout=30_000)
+        page.evaluate(_WATCH, rid)
+        row = page.locator(f'tr[data-request-id="{rid}"]')
+        page.wait_for_selector(
+            f'tr[data-request-id="{rid}"][data-status="complete"]', timeout=120_000
+        )
+        # one more poll, so the figures outside the row are drawn from the same state
+        stamp = page.text_content("#updated")
+        page.wait_for_function(f"document.querySelector('#updated').textContent !== {stamp!r}")
+        page.screenshot(path=str(shot), full_page=True)
+        record_property("screenshot", str(shot))
+        print(f"dashboard screenshot: {shot}")
 
-            resp = httpx.post(
-                f"{service}/api/v1/requests",
-                json=spec,
-                params={"title": "browser <b>test</b>"},
-                timeout=30,
-            )
-            assert resp.status_code == 202, resp.text
-            rid = resp.json()["id"]
-            page.wait_for_selector(f'tr[data-request-id="{rid}"]', timeout=30_000)
-            page.evaluate(_WATCH, rid)
-            row = page.locator(f'tr[data-request-id="{rid}"]')
-            page.wait_for_selector(
-                f'tr[data-request-id="{rid}"][data-status="complete"]', timeout=120_000
-            )
-            # one more poll, so the figures outside the row are drawn from the same state
-            stamp = page.text_content("#updated")
-            page.wait_for_function(f"document.querySelector('#updated').textContent !== {stamp!r}")
-            page.screenshot(path=str(shot), full_page=True)
-            record_property("screenshot", str(shot))
-            print(f"dashboard screenshot: {shot}")
-
-            seen = page.evaluate("window.__seen")
-            listed = httpx.get(f"{service}/api/v1/requests", timeout=30).json()["requests"]
-            status = httpx.get(f"{service}/api/v1/requests/{rid}", timeout=30).json()
-            texts: dict[str, Any] = {
-                "status": row.locator(".status").text_content(),
-                "parts": row.locator(".parts").text_content(),
-                "events": row.locator(".events").text_content(),
-                "title": row.locator(".title").text_content(),
-                "bar": row.locator("progress").evaluate("b => [b.value, b.max]"),
-                "complete": page.text_content('.count[data-state="complete"]'),
-                "running": page.text_content('.count[data-state="running"]'),
-                "delivered": page.text_content("#events-delivered"),
-            }
-        finally:
-            context.close()
+        seen = page.evaluate("window.__seen")
+        listed = httpx.get(f"{service}/api/v1/requests", timeout=30).json()["requests"]
+        status = httpx.get(f"{service}/api/v1/requests/{rid}", timeout=30).json()
+        texts: dict[str, Any] = {
+            "status": row.locator(".status").text_content(),
+            "parts": row.locator(".parts").text_content(),
+            "events": row.locator(".events").text_content(),
+            "title": row.locator(".title").text_content(),
+            "bar": row.locator("progress").evaluate("b => [b.value, b.max]"),
+            "complete": page.text_content('.count[data-state="complete"]'),
+            "running": page.text_content('.count[data-state="running"]'),
+            "delivered": page.text_content("#events-delivered"),
+        }
 
     assert shot.stat().st_size > 0
     assert errors == []
@@ -217,3 +235,72 @@ def test_dashboard_shows_a_request_completing(
     read, selected = _reference(shared_data / "nano_tt_v12.root")
     assert progress["events"] == progress["events_total"] == read
     assert int(texts["delivered"].replace(",", "")) == selected < read
+
+
+def test_dashboard_with_tokens_shows_only_the_users_requests(
+    tmp_path: Path, shared_data: Path, record_property: Any
+) -> None:
+    tokens = {"alice": "alice-secret-token", "bob": "bob-secret-token"}
+    token_file = tmp_path / "tokens.yaml"
+    token_file.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": {
+                    hashlib.sha256(t.encode()).hexdigest(): {
+                        "user": user,
+                        "scopes": ["read", "submit"],
+                    }
+                    for user, t in tokens.items()
+                }
+            }
+        )
+    )
+    spec = {
+        "dataset": {"name": "dy", "files": [str(shared_data / "nano_dy.root")]},
+        "columns": ["MET_pt"],
+    }
+    shot = tmp_path / "dashboard-alice.png"
+    with _serve(tmp_path, shared_data, "--token-file", str(token_file)) as url:
+        ids = {}
+        for user, t in tokens.items():
+            headers = {"Authorization": f"Bearer {t}"}
+            resp = httpx.post(f"{url}/api/v1/requests", json=spec, headers=headers, timeout=30)
+            assert resp.status_code == 202, resp.text
+            ids[user] = resp.json()["id"]
+        with _browser(tmp_path) as context:
+            page = context.new_page()
+            page.goto(url + "/")
+            # no figures without a token: the page asks for one
+            page.wait_for_selector("#login:not([hidden])")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "AuthError" in (page.text_content("#error") or "")
+            assert page.locator("#request-rows tr").count() == 0
+            page.fill("#token", tokens["alice"])
+            page.click("#login button")
+            page.wait_for_selector(f'tr[data-request-id="{ids["alice"]}"][data-status="complete"]')
+            # the page's next poll is drawn from the same state as the API's answers
+            stamp = page.text_content("#updated")
+            page.wait_for_function(f"document.querySelector('#updated').textContent !== {stamp!r}")
+            page.screenshot(path=str(shot), full_page=True)
+            record_property("screenshot", str(shot))
+            print(f"dashboard screenshot: {shot}")
+            shown = page.eval_on_selector_all(
+                "#request-rows tr", "rows => rows.map(r => r.dataset.requestId)"
+            )
+            user = page.text_content("#user")
+            login_hidden = page.eval_on_selector("#login", "f => f.hidden")
+            complete = page.text_content('.count[data-state="complete"]')
+        alice = {"Authorization": f"Bearer {tokens['alice']}"}
+        listed = httpx.get(f"{url}/api/v1/requests", headers=alice, timeout=30).json()
+        bob_status = httpx.get(
+            f"{url}/api/v1/requests/{ids['bob']}",
+            headers={"Authorization": f"Bearer {tokens['bob']}"},
+            timeout=30,
+        ).json()
+    assert user == "alice"
+    assert login_hidden is True
+    assert shown == [r["id"] for r in listed["requests"]] == [ids["alice"]]  # never bob's
+    # the counts are over all users: bob's identical request (the same job) is counted
+    assert bob_status["status"] == "complete"
+    assert bob_status["samples"][""]["job"] == listed["requests"][0]["samples"][""]["job"]
+    assert int(complete or "0") == 2
