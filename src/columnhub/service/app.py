@@ -34,14 +34,14 @@ from columnhub.errors import (
 # FastAPI reads the routes' annotations at run time: these names must be importable here.
 # This module is only imported to serve (never by ``import columnhub`` or ``--help``).
 require("fastapi", what="the columnhub service")
-from fastapi import Depends, FastAPI, Query  # noqa: E402
-from fastapi import Request as HttpRequest  # noqa: E402
-from fastapi.concurrency import run_in_threadpool  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
+from fastapi import Depends, FastAPI, Query
+from fastapi import Request as HttpRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
-from columnhub.service.auth import Authenticator, Principal, principal  # noqa: E402
+from columnhub.service.auth import Authenticator, Principal, principal
 
 if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
@@ -186,7 +186,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         page: int = Query(1, ge=1),
         per_page: int = Query(50, ge=1, le=1000),
         state: str | None = None,
-        all: bool = False,  # noqa: A002 - the query parameter's name
+        all: bool = False,
         user: Principal = reader,
     ) -> dict[str, Any]:
         """The caller's requests, newest first (``all=true``: everyone's, admin only)."""
