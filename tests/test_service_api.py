@@ -321,8 +321,13 @@ def test_another_users_request_is_not_found(
 def test_list_is_the_callers_own_and_all_is_admin_only(
     service: InProcess, delivered: dict[str, Any], shared_data: Path
 ) -> None:
-    bobs = submit(service, tt_spec(shared_data, columns=["MET_pt"]), "bob")
-    wait(service, bobs, "bob")
+    r = service.post(
+        "/api/v1/requests", json=tt_spec(shared_data, columns=["MET_pt"]),
+        params={"title": "MET only"}, headers=auth("bob"),
+    )
+    assert r.status_code == 202
+    bobs = r.json()["id"]
+    assert wait(service, bobs, "bob")["title"] == "MET only"
     alice = service.get("/api/v1/requests", headers=auth("alice")).json()
     assert {q["owner"] for q in alice["requests"]} == {"alice"}
     assert delivered["id"] in [q["id"] for q in alice["requests"]]
@@ -362,7 +367,9 @@ def test_bad_input_is_4xx_never_5xx(service: InProcess, shared_data: Path) -> No
     for query in ("per_page=0", "page=x", "state=done"):
         r = service.get(f"/api/v1/requests?{query}", headers=auth("alice"))
         assert r.status_code == 400, query
-    assert service.get("/api/v1/requests").status_code == 401
+    r = service.get("/api/v1/requests")
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
     assert service.get("/api/v1/requests", headers={"Authorization": "Bearer nope"}).status_code == 401
     r = service.post("/api/v1/requests", json=tt_spec(shared_data), headers=auth("reader"))
     assert r.status_code == 403  # read scope only

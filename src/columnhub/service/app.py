@@ -41,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from columnhub.service.auth import Authenticator, Principal, principal
+from columnhub.service.auth import Authenticator, Principal, challenge_headers, principal
 
 if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
@@ -73,8 +73,9 @@ def error_status(err: ColumnhubError) -> int:
     return 400
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
     )
@@ -92,8 +93,8 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     The database is opened (and migrated) here; the runners that deliver
     queued work, and with ``scheduler: local`` the Dask ``LocalCluster`` they
-    use, start with the application's lifespan and stop with it (run it
-    under uvicorn, or ``with TestClient(app)``).
+    use, start with the application's lifespan and stop with it (uvicorn
+    runs it; in-process tests enter ``app.router.lifespan_context(app)``).
 
     Args:
         config: the service settings.
@@ -133,8 +134,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.exception_handler(ColumnhubError)
     async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
-        status: int = error_status(err)
-        return _error(status, type(err).__name__, str(err))
+        # 401/403 of auth carry their RFC 6750 challenge (WWW-Authenticate)
+        headers = challenge_headers(err) or None
+        return _error(error_status(err), type(err).__name__, str(err), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
@@ -160,7 +162,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz(request: HttpRequest) -> JSONResponse:
-        """Readiness: the database answers and (when this replica runs work) its runners run."""
+        """Readiness: the database answers (and the service's ``LocalCluster`` runs)."""
         problems = request.app.state.services.problems()
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
@@ -460,9 +462,9 @@ class _Services:
             self.db.counts()
         except Exception as err:  # noqa: BLE001 - any database failure means not ready
             out.append(f"database: {type(err).__name__}: {err}")
-        alive = getattr(self.runner, "alive", None)
-        if self.runner is not None and callable(alive) and not alive():
-            out.append("runners: stopped")
+        status = getattr(getattr(self.cluster, "status", None), "value", "running")
+        if self.cluster is not None and status != "running":
+            out.append(f"LocalCluster: {status}")
         return out
 
     def stop(self) -> None:
