@@ -102,6 +102,10 @@ class Runner:
         """Start ``config.runners`` runner threads (each delivers one job at a time)."""
         if self._threads:
             return
+        # the delivery's modules imported once here, not by several runner threads at once
+        import columnhub.execute.part
+        import columnhub.plan  # noqa: F401
+
         self._stopping.clear()
         for i in range(max(1, int(self.config.runners))):
             thread = threading.Thread(target=self._loop, name=f"columnhub-runner-{i}", daemon=True)
