@@ -151,6 +151,7 @@ class Runner:
 
     def _run(self, job: JobRow, claim: str) -> None:
         from columnhub.delivery import deliver
+        from columnhub.spec import Request
 
         output = Path(job.output_dir) if job.output_dir else self.results / job.id
         tracker = _Tracker(self.db, job.id, claim, self.lease_s, self._stopping)
@@ -159,7 +160,7 @@ class Runner:
         log.info("columnhub runner %s: job %s (attempt %d)", claim, job.id, job.attempts)
         try:
             result = deliver(
-                job.spec,
+                Request.from_dict(job.spec),
                 output=output,
                 cache=self._cache(),
                 scheduler=self._scheduler(),
