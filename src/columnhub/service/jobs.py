@@ -102,6 +102,10 @@ class Runner:
         """Start ``config.runners`` runner threads (each delivers one job at a time)."""
         if self._threads:
             return
+        # the delivery's modules imported once here, not by several runner threads at once
+        import columnhub.execute.part
+        import columnhub.plan  # noqa: F401
+
         self._stopping.clear()
         for i in range(max(1, int(self.config.runners))):
             thread = threading.Thread(target=self._loop, name=f"columnhub-runner-{i}", daemon=True)
@@ -147,6 +151,7 @@ class Runner:
 
     def _run(self, job: JobRow, claim: str) -> None:
         from columnhub.delivery import deliver
+        from columnhub.spec import Request
 
         output = Path(job.output_dir) if job.output_dir else self.results / job.id
         tracker = _Tracker(self.db, job.id, claim, self.lease_s, self._stopping)
@@ -155,7 +160,7 @@ class Runner:
         log.info("columnhub runner %s: job %s (attempt %d)", claim, job.id, job.attempts)
         try:
             result = deliver(
-                job.spec,
+                Request.from_dict(job.spec),
                 output=output,
                 cache=self._cache(),
                 scheduler=self._scheduler(),
