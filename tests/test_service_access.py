@@ -176,9 +176,9 @@ def test_globs_expand_under_a_root_only(tree: Path) -> None:
         check_entry("/*/*.root", data_roots=[root], url_prefixes=[])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
-    scheme=st.sampled_from(["https", "HTTPS", "http", "root", "file", "s3"]),
+    scheme=st.sampled_from(["https", "HTTPS", "root", "http", "file", "s3"]),
     user=st.sampled_from(["", "user@", "data.example.org@", "u:p@"]),
     host=st.sampled_from(
         [
@@ -192,17 +192,25 @@ def test_globs_expand_under_a_root_only(tree: Path) -> None:
         ]
     ),
     port=st.sampled_from(["", ":443", ":1094", ":8443"]),
+    start=st.sampled_from([[], ["open"], ["", "store", "user"], ["store", "user"], ["openx"]]),
     segments=st.lists(
         st.sampled_from(
             ["open", "openx", "store", "user", "..", ".", "%2e%2e", "%2E", "a.root", ""]
         ),
-        max_size=5,
+        max_size=4,
     ),
     query=st.sampled_from(["", "?authz=x", "?a=b/../c"]),
 )
 def test_a_url_is_allowed_iff_under_a_prefix(
-    scheme: str, user: str, host: str, port: str, segments: list[str], query: str
+    scheme: str,
+    user: str,
+    host: str,
+    port: str,
+    start: list[str],
+    segments: list[str],
+    query: str,
 ) -> None:
+    segments = start + segments
     url = f"{scheme}://{user}{host}{port}/" + "/".join(segments) + query
     # the reference, from the parts themselves
     plain = [s for s in segments if s != ""]
