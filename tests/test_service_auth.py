@@ -96,6 +96,7 @@ class IdP:
     keys: list[SigningKey] = field(default_factory=list)
     jwks_hits: int = 0
     discovery_issuer: str | None = None
+    down: bool = False  # answer 503 to everything
 
     def token(
         self,
@@ -141,6 +142,9 @@ def idp(module_keys: dict[str, SigningKey]) -> Iterator[IdP]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if state.down:
+                self.send_error(503)
+                return
             if self.path == "/realm/.well-known/openid-configuration":
                 body = {
                     "issuer": state.discovery_issuer or state.url,
@@ -366,6 +370,18 @@ def test_unknown_key_ids_refetch_at_most_once_per_interval(
     assert idp.jwks_hits == 1  # a flood of made-up kids does not hammer the issuer
 
 
+def test_an_issuer_down_at_refresh_time_keeps_the_cached_keys(idp: IdP) -> None:
+    v = verifier(idp, jwks_max_age_s=0.0)
+    assert v.verify(idp.token()).user == "alice"
+    idp.down = True
+    assert v.verify(idp.token()).user == "alice"  # the refresh failed: cached keys still verify
+    with pytest.raises(ServiceUnavailableError, match="HTTP 503"):
+        v.verify(idp.token(kid="new-key"))  # a key it has never seen cannot be checked
+    idp.down = False
+    with pytest.raises(AuthError, match="key id 'new-key'"):
+        v.verify(idp.token(kid="new-key"))
+
+
 def test_issuer_mismatch_in_discovery_and_unreachable_issuer(idp: IdP) -> None:
     idp.discovery_issuer = "https://other.example/realm"
     with pytest.raises(ServiceUnavailableError, match="is for the issuer"):
@@ -466,6 +482,10 @@ def test_token_file_and_oidc_together(tmp_path: Path, idp: IdP) -> None:
     assert auth.authenticate(f"Bearer {idp.token()}").user == "alice"
     with pytest.raises(AuthError, match="token file or an OIDC access token"):
         auth.authenticate("Bearer nothing")
+    path.write_text("tokens: [broken\n")  # a broken token file locks out static tokens only
+    with pytest.raises(ServiceUnavailableError, match="token file is unusable"):
+        auth.authenticate("Bearer static")
+    assert auth.authenticate(f"Bearer {idp.token()}").user == "alice"
 
 
 def test_auth_off_is_anonymous_with_every_scope() -> None:
@@ -601,6 +621,19 @@ def test_app_401_403_and_www_authenticate(app: Any, idp: IdP) -> None:
     assert oidc_reads.json() == {"user": "alice"}
     # the OpenAPI document offers bearer auth (the "Authorize" button of /docs)
     assert api.json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_an_app_without_an_authenticator_fails_closed() -> None:
+    from fastapi import Depends, FastAPI
+
+    bare = FastAPI()
+
+    @bare.get("/read")
+    def read(user: Principal = Depends(principal("read"))) -> dict[str, str]:  # noqa: B008
+        return {"user": user.user}
+
+    with pytest.raises(TypeError, match=r"app\.state\.authenticator"):
+        calls(bare, ("GET", "/read", None))
 
 
 def test_principal_rejects_unknown_scope() -> None:
