@@ -64,10 +64,11 @@ def error_status(err: ColumnhubError) -> int:
     return 400
 
 
-def _error(status: int, kind: str, message: str) -> Any:
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Any:
     from fastapi.responses import JSONResponse
 
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if not headers and status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(
         {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
     )
@@ -102,7 +103,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     from starlette.exceptions import HTTPException
 
     from columnhub import __version__
-    from columnhub.service.auth import Authenticator, principal
+    from columnhub.service.auth import Authenticator, challenge_headers, principal
     from columnhub.service.db import Database
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     @app.exception_handler(ColumnhubError)
     async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
         status: int = error_status(err)
-        return _error(status, type(err).__name__, str(err))  # type: ignore[no-any-return]
+        headers = challenge_headers(err)  # WWW-Authenticate (RFC 6750) for 401 and scope 403s
+        return _error(status, type(err).__name__, str(err), headers)  # type: ignore[no-any-return]
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
