@@ -31,10 +31,24 @@ from columnhub.errors import (
     SpecError,
 )
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+# FastAPI reads the routes' annotations at run time: these names must be importable here.
+# This module is only imported to serve (never by ``import columnhub`` or ``--help``).
+require("fastapi", what="the columnhub service")
+from fastapi import Depends, FastAPI, Query  # noqa: E402
+from fastapi import Request as HttpRequest  # noqa: E402
+from fastapi.concurrency import run_in_threadpool  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
 
-    from columnhub.service.auth import Principal
+from columnhub.service.auth import (  # noqa: E402
+    Authenticator,
+    Principal,
+    challenge_headers,
+    principal,
+)
+
+if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
     from columnhub.spec import Request
 
@@ -64,9 +78,9 @@ def error_status(err: ColumnhubError) -> int:
     return 400
 
 
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Any:
-    from fastapi.responses import JSONResponse
-
+def _error(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     if not headers and status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(
@@ -94,16 +108,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         runner: start runners in this process (``False``: an API-only replica
             whose work other replicas on the same database run).
     """
-    fastapi = require("fastapi", what="the columnhub service")
-    from fastapi import Depends, Query
-    from fastapi import Request as HttpRequest
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
-    from starlette.exceptions import HTTPException
-
     from columnhub import __version__
-    from columnhub.service.auth import Authenticator, challenge_headers, principal
     from columnhub.service.db import Database
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +126,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         finally:
             await run_in_threadpool(services.stop)
 
-    app = fastapi.FastAPI(
+    app = FastAPI(
         title="columnhub",
         version=__version__,
         summary="Select, join, compute, cache and deliver columns of HEP event data.",
@@ -138,7 +143,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
         status: int = error_status(err)
         headers = challenge_headers(err)  # WWW-Authenticate (RFC 6750) for 401 and scope 403s
-        return _error(status, type(err).__name__, str(err), headers)  # type: ignore[no-any-return]
+        return _error(status, type(err).__name__, str(err), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
@@ -146,11 +151,11 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
             for e in err.errors()
         )
-        return _error(400, "SpecError", f"invalid parameter: {problems}")  # type: ignore[no-any-return]
+        return _error(400, "SpecError", f"invalid parameter: {problems}")
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: HttpRequest, err: HTTPException) -> JSONResponse:
-        return _error(err.status_code, "HTTPError", str(err.detail))  # type: ignore[no-any-return]
+        return _error(err.status_code, "HTTPError", str(err.detail))
 
     reader = Depends(principal("read"))
     submitter = Depends(principal("submit"))
@@ -227,19 +232,18 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
         Several samples: ``{"samples": {name: manifest}}``. 409 until complete.
         """
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) == [""]:
             return done[""]
         return {"samples": done}
 
-    files_methods = ["GET", "HEAD"]
+    single_path = f"{API}/requests/{{request_id}}/files/{{name}}"
+    sample_path = f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}"
 
-    @app.api_route(
-        f"{API}/requests/{{request_id}}/files/{{name}}", methods=files_methods, tags=["results"]
-    )
+    @app.get(single_path, tags=["results"])
     def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
         """A result file of a single-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) != [""]:
             msg = (
                 f"request {request_id} has several samples ({', '.join(done)}); "
@@ -248,16 +252,12 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             raise SpecError(msg)
         return _file_response(done[""], name)
 
-    @app.api_route(
-        f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}",
-        methods=files_methods,
-        tags=["results"],
-    )
+    @app.get(sample_path, tags=["results"])
     def sample_file(
         request_id: str, sample: str, name: str, user: Principal = reader
     ) -> FileResponse:
         """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if sample not in done:
             from columnhub.errors import RequestNotFoundError
 
@@ -267,6 +267,10 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             )
             raise RequestNotFoundError(msg)
         return _file_response(done[sample], name)
+
+    # HEAD (size, Accept-Ranges) for remote readers; one OpenAPI entry per path is enough
+    app.add_api_route(single_path, file, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route(sample_path, sample_file, methods=["HEAD"], include_in_schema=False)
 
     # -- cache ---------------------------------------------------------------------
 
@@ -282,7 +286,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """Whose requests ``user`` may see: their own, or everyone's for an admin."""
         return None if "admin" in user.scopes else user.user
 
-    return app  # type: ignore[no-any-return]
+    return app
 
 
 # ---------------------------------------------------------------------------
@@ -337,6 +341,12 @@ def _job_specs(config: ServiceConfig, data: Any) -> dict[str, Request]:
     from columnhub.service.access import check_inputs
     from columnhub.spec import Samples, load_request
 
+    if not isinstance(data, dict):  # a string would be read as a path on the server
+        msg = (
+            f"the spec must be a JSON object (the same mapping as a YAML spec), got a "
+            f"{type(data).__name__}"
+        )
+        raise SpecError(msg)
     spec = load_request(data)
     check_inputs(spec, data_roots=config.data_roots, url_prefixes=config.url_prefixes)
     requests = spec.requests() if isinstance(spec, Samples) else {"": spec}
@@ -372,25 +382,31 @@ def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
 # results
 
 
-def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each sample's manifest plus ``path``; 409 unless the request is complete."""
-    if view["status"] != "complete":
-        error = view.get("error") or {}
-        why = f": {error.get('type')}: {error.get('message')}" if error else ""
+def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, Any]]:
+    """Each sample's manifest plus ``path``; 409 unless the request is complete.
+
+    Args:
+        config: the service settings.
+        view: the request (a :class:`~columnhub.service.db.RequestView`).
+    """
+    status = view.status
+    if status != "complete":
+        error = view.error
+        why = f" ({error['type']}: {error['message']})" if error else ""
         msg = (
-            f"request {view['id']} is {view['status']}{why}; its result can be read once its "
-            f"status is complete (GET {API}/requests/{view['id']})"
+            f"request {view.id} is {status}{why}; its result can be read once its status is "
+            f"complete (GET {API}/requests/{view.id})"
         )
         raise _status_error(ServiceError, 409, msg)
     from columnhub.output.manifest import read_manifest
 
     out: dict[str, dict[str, Any]] = {}
-    for name, sample in view["samples"].items():
-        directory = config.result_directory(sample["job"])
+    for name, job in view.samples.items():
+        directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
         if manifest is None or not manifest.get("complete"):  # never serve a partial result
             msg = (
-                f"request {view['id']}: the result of sample {name or '(single)'} is not in "
+                f"request {view.id}: the result of sample {name or '(single)'} is not in "
                 f"{directory} any more (removed from the shared filesystem); submit it again"
             )
             raise _status_error(ServiceError, 410, msg)
@@ -398,9 +414,7 @@ def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _file_response(manifest: dict[str, Any], name: str) -> Any:
-    from fastapi.responses import FileResponse
-
+def _file_response(manifest: dict[str, Any], name: str) -> FileResponse:
     from columnhub.errors import RequestNotFoundError
 
     if name not in manifest["files"]:  # only the result's own files: no path escapes

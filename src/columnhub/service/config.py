@@ -68,9 +68,8 @@ class ServiceConfig(BaseModel):
         oidc_audience: the audience those tokens must name.
         oidc_groups_claim: a claim listing the user's groups, if any.
         oidc_scopes_claim: the claim listing the token's scopes.
-        oidc_group_scopes: group (a value of the groups claim) -> the scopes its
-            members get, e.g. ``{/cms/analysts: [read, submit]}``.
-        oidc_user_claim: the claim naming the user (``sub``: stable at the issuer).
+        oidc_group_scopes: group -> the scopes its members get (with ``oidc_groups_claim``).
+        oidc_user_claim: the claim naming the user (default ``sub``).
         max_active_requests_per_user: queued or running requests a user may
             have at once; one more is refused with HTTP 429.
         max_stored_bytes_per_user: bytes of results a user may hold; a new
