@@ -282,9 +282,53 @@ def test_check_inputs_covers_friends_samples_registry_and_output(tree: Path) -> 
         check_inputs(samples, **kwargs)
     with pytest.raises(PermissionDeniedError, match="registry"):
         check_inputs(Request.model_validate(spec([inside], registry=str(root))), **kwargs)
+    # the service's own registry (set by the service in the job specs) is allowed
+    own = Request.model_validate(spec([inside], registry="/srv/models"))
+    check_inputs(own, registry="/srv/models", **kwargs)
+    with pytest.raises(PermissionDeniedError, match="registry"):
+        check_inputs(own, registry="/srv/other-models", **kwargs)
     with pytest.raises(PermissionDeniedError, match=r"output\.directory"):
         check_inputs(
             Request.model_validate(spec([inside], output={"directory": "/tmp/x"})), **kwargs
         )
     with pytest.raises(PermissionDeniedError, match="evil"):
         check_inputs(Request.model_validate(spec(["https://evil.example/open/x.root"])), **kwargs)
+
+
+@pytest.mark.service
+def test_a_link_made_after_submission_is_refused_when_the_job_runs(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Submitted as a real file under the root, swapped for a link out before a runner runs it."""
+    import asyncio
+    import shutil
+
+    import httpx
+
+    from columnhub.service.app import create_app
+    from columnhub.service.config import load_config
+    from columnhub.service.jobs import Runner
+
+    root, outside = tmp_path / "data", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(shared_data / "nano_dy.root", root / "mine.root")
+    shutil.copy(shared_data / "nano_dy.root", outside / "theirs.root")
+    config = load_config(state_dir=tmp_path / "state", data_roots=[root], workers=1)
+    app = create_app(config, runner=False)  # API only: the job waits in the queue
+    spec = {"dataset": {"files": [str(root / "mine.root")]}, "columns": ["MET_pt"]}
+
+    async def call(method: str, path: str, **kwargs: object) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+    submitted = asyncio.run(call("POST", "/api/v1/requests", json=spec))
+    assert submitted.status_code == 202, submitted.text
+    (root / "mine.root").unlink()
+    (root / "mine.root").symlink_to(outside / "theirs.root")
+    assert Runner(app.state.db, config).run_once()
+    status = asyncio.run(call("GET", f"/api/v1/requests/{submitted.json()['id']}")).json()
+    assert status["status"] == "failed", status
+    assert status["error"]["type"] == "PermissionDeniedError"
+    assert str(outside / "theirs.root") in status["error"]["message"]
