@@ -600,7 +600,9 @@ class Authenticator:
         oidc: an OIDC verifier, or ``None``. With neither, auth is off.
     """
 
-    def __init__(self, *, token_file: TokenFile | None = None, oidc: OIDCVerifier | None = None):
+    def __init__(
+        self, *, token_file: TokenFile | None = None, oidc: OIDCVerifier | None = None
+    ) -> None:
         self.token_file = token_file
         self.oidc = oidc
 
