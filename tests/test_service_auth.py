@@ -96,6 +96,7 @@ class IdP:
     keys: list[SigningKey] = field(default_factory=list)
     jwks_hits: int = 0
     discovery_issuer: str | None = None
+    down: bool = False  # answer 503 to everything
 
     def token(
         self,
@@ -141,6 +142,9 @@ def idp(module_keys: dict[str, SigningKey]) -> Iterator[IdP]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if state.down:
+                self.send_error(503)
+                return
             if self.path == "/realm/.well-known/openid-configuration":
                 body = {
                     "issuer": state.discovery_issuer or state.url,
@@ -366,6 +370,18 @@ def test_unknown_key_ids_refetch_at_most_once_per_interval(
     assert idp.jwks_hits == 1  # a flood of made-up kids does not hammer the issuer
 
 
+def test_an_issuer_down_at_refresh_time_keeps_the_cached_keys(idp: IdP) -> None:
+    v = verifier(idp, jwks_max_age_s=0.0)
+    assert v.verify(idp.token()).user == "alice"
+    idp.down = True
+    assert v.verify(idp.token()).user == "alice"  # the refresh failed: cached keys still verify
+    with pytest.raises(ServiceUnavailableError, match="HTTP 503"):
+        v.verify(idp.token(kid="new-key"))  # a key it has never seen cannot be checked
+    idp.down = False
+    with pytest.raises(AuthError, match="key id 'new-key'"):
+        v.verify(idp.token(kid="new-key"))
+
+
 def test_issuer_mismatch_in_discovery_and_unreachable_issuer(idp: IdP) -> None:
     idp.discovery_issuer = "https://other.example/realm"
     with pytest.raises(ServiceUnavailableError, match="is for the issuer"):
@@ -466,6 +482,10 @@ def test_token_file_and_oidc_together(tmp_path: Path, idp: IdP) -> None:
     assert auth.authenticate(f"Bearer {idp.token()}").user == "alice"
     with pytest.raises(AuthError, match="token file or an OIDC access token"):
         auth.authenticate("Bearer nothing")
+    path.write_text("tokens: [broken\n")  # a broken token file locks out static tokens only
+    with pytest.raises(ServiceUnavailableError, match="token file is unusable"):
+        auth.authenticate("Bearer static")
+    assert auth.authenticate(f"Bearer {idp.token()}").user == "alice"
 
 
 def test_auth_off_is_anonymous_with_every_scope() -> None:
@@ -603,6 +623,90 @@ def test_app_401_403_and_www_authenticate(app: Any, idp: IdP) -> None:
     assert api.json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+def test_an_app_without_an_authenticator_fails_closed() -> None:
+    from fastapi import Depends, FastAPI
+
+    bare = FastAPI()
+
+    @bare.get("/read")
+    def read(user: Principal = Depends(principal("read"))) -> dict[str, str]:  # noqa: B008
+        return {"user": user.user}
+
+    with pytest.raises(TypeError, match=r"app\.state\.authenticator"):
+        calls(bare, ("GET", "/read", None))
+
+
 def test_principal_rejects_unknown_scope() -> None:
     with pytest.raises(SpecError, match="unknown scope 'write'"):
         principal("write")
+
+
+# ---------------------------------------------------------------------------
+# the real service app with OIDC: the auth matrix
+
+
+def test_the_service_app_with_oidc_tokens(tmp_path: Path, idp: IdP, shared_data: Path) -> None:
+    """Scopes from the scope claim and from groups, 401/403/404 through ``create_app``."""
+    from columnhub.service.app import create_app
+    from columnhub.service.config import load_config
+
+    config = load_config(
+        state_dir=tmp_path / "state",
+        data_roots=[shared_data],
+        oidc_issuer=idp.url,
+        oidc_audience=AUDIENCE,
+        oidc_groups_claim="groups",
+        oidc_group_scopes={"/cms/analysts": ["read", "submit"], "/cms/ops": ["admin"]},
+    )
+    app = create_app(config, runner=False)  # API only: the requests stay queued
+    alice = idp.token(sub="alice", scope=None, groups=["/cms/analysts"])
+    bob = idp.token(sub="bob", scope="openid read submit")
+    carol = idp.token(sub="carol", scope="read")
+    ops = idp.token(sub="ops", scope=None, groups=["/cms/ops"])
+    expired = idp.token(sub="alice", exp=int(time.time()) - 3600, groups=["/cms/analysts"])
+    spec = {"dataset": {"files": [str(shared_data / "nano_dy.root")]}, "columns": ["MET_pt"]}
+    escape = {"dataset": {"files": ["/etc/passwd"]}, "columns": ["MET_pt"]}
+
+    import httpx
+
+    async def run() -> dict[str, Any]:
+        transport = httpx.ASGITransport(app=app)
+        out: dict[str, Any] = {}
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+            def h(token: str) -> dict[str, str]:
+                return {"Authorization": f"Bearer {token}"}
+
+            out["submit"] = await client.post("/api/v1/requests", json=spec, headers=h(alice))
+            assert out["submit"].status_code == 202, out["submit"].text
+            rid = out["submit"].json()["id"]
+            url = f"/api/v1/requests/{rid}"
+            out["own"] = await client.get(url, headers=h(alice))
+            out["other"] = await client.get(url, headers=h(bob))
+            out["other_cancel"] = await client.delete(url, headers=h(bob))
+            out["other_list"] = await client.get("/api/v1/requests", headers=h(bob))
+            out["admin"] = await client.get(url, headers=h(ops))
+            out["reader_submit"] = await client.post(
+                "/api/v1/requests", json=spec, headers=h(carol)
+            )
+            out["escape"] = await client.post("/api/v1/requests", json=escape, headers=h(bob))
+            out["expired"] = await client.get(url, headers=h(expired))
+            out["none"] = await client.get(url)
+        return out
+
+    r = asyncio.run(run())
+    assert r["submit"].status_code == 202, r["submit"].text
+    assert r["own"].status_code == 200
+    assert r["own"].json()["owner"] == "alice"
+    assert r["other"].status_code == 404  # another user's request does not exist for bob
+    assert r["other_cancel"].status_code == 404
+    assert r["other_list"].json()["total"] == 0
+    assert r["admin"].status_code == 200  # the ops group maps to admin
+    assert r["reader_submit"].status_code == 403
+    assert 'error="insufficient_scope"' in r["reader_submit"].headers["www-authenticate"]
+    assert r["escape"].status_code == 403
+    assert "/etc/passwd" in r["escape"].json()["error"]["message"]
+    assert r["expired"].status_code == 401
+    assert 'error="invalid_token"' in r["expired"].headers["www-authenticate"]
+    assert "expired" in r["expired"].json()["error"]["message"]
+    assert r["none"].status_code == 401

@@ -159,6 +159,7 @@ class Runner:
         beat.start()
         log.info("columnhub runner %s: job %s (attempt %d)", claim, job.id, job.attempts)
         try:
+            self._check_inputs(job)
             result = deliver(
                 Request.from_dict(job.spec),
                 output=output,
@@ -184,6 +185,21 @@ class Runner:
         stored = sum(int(p["bytes"]) for p in result.manifest.get("parts", []))
         if not self.db.finish(job.id, claim, stored, progress=tracker.final(result.manifest)):
             self._stopped(job, claim, output, tracker.why())
+
+    def _check_inputs(self, job: JobRow) -> None:
+        """The data-access check of submission, again now (a link made since then is caught)."""
+        roots = getattr(self.config, "data_roots", None)
+        if roots is None:  # a bare RunnerConfig (tests of the queue alone)
+            return
+        from columnhub.service.access import check_inputs
+        from columnhub.spec import Request
+
+        check_inputs(
+            Request.model_validate(job.spec),
+            data_roots=roots,
+            url_prefixes=getattr(self.config, "url_prefixes", ()),
+            registry=getattr(self.config, "models", None),
+        )
 
     def _stopped(self, job: JobRow, claim: str, output: Path, reason: str) -> None:
         """A delivery stopped: clean up after a cancellation, hand back on shutdown."""
