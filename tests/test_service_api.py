@@ -364,6 +364,10 @@ def test_bad_input_is_4xx_never_5xx(service: InProcess, shared_data: Path) -> No
         )
         assert r.status_code == status, (body, r.text)
         assert r.json()["error"]["type"] == kind
+    huge = {**tt_spec(shared_data), "define": {f"x{i}": "MET_pt * 2" for i in range(100_000)}}
+    r = service.post("/api/v1/requests", json=huge, headers=auth("alice"))
+    assert r.status_code == 400
+    assert "bytes accepted" in r.json()["error"]["message"]
     for query in ("per_page=0", "page=x", "state=done"):
         r = service.get(f"/api/v1/requests?{query}", headers=auth("alice"))
         assert r.status_code == 400, query

@@ -179,7 +179,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         Answers 202 with the request's id at once; the work is queued (or
         attached to identical work already queued or running).
         """
-        body = await request.body()
+        body = await _read_body(request)
         kind = request.headers.get("content-type", "")
         return await run_in_threadpool(_submit, config, db, user, body, kind, title)
 
@@ -304,15 +304,25 @@ def _submit(
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
 
+async def _read_body(request: HttpRequest) -> bytes:
+    """The request body, refused once it passes :data:`MAX_SPEC_BYTES` (never all read first)."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            msg = (
+                f"the spec is more than the {MAX_SPEC_BYTES} bytes accepted; a spec names "
+                "files and columns (list many files with a glob pattern or a folder)"
+            )
+            raise SpecError(msg)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
     from columnhub.spec import _parse_json, _parse_yaml
 
-    if len(body) > MAX_SPEC_BYTES:
-        msg = (
-            f"the spec is {len(body)} bytes, more than the {MAX_SPEC_BYTES} accepted; a spec "
-            "names files and columns (list many files with a glob pattern)"
-        )
-        raise SpecError(msg)
     try:
         text = body.decode()
     except UnicodeDecodeError as err:
