@@ -1,4 +1,4 @@
-"""The service's HTTP API: in process (FastAPI's TestClient) and end to end (``columnhub serve``).
+"""The service's HTTP API: in process (httpx.ASGITransport) and end to end (``columnhub serve``).
 
 Every result is checked against an independent reference: a direct uproot
 read of the same selection, and the file bytes on the shared filesystem.
@@ -8,6 +8,7 @@ SQLite one; runners deliver with the real ``columnhub.deliver``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,8 +20,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+import anyio.from_thread
 import awkward as ak
 import httpx
 import pyarrow as pa
@@ -28,7 +30,6 @@ import pyarrow.parquet as pq
 import pytest
 import uproot
 import yaml
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,6 +54,47 @@ FINAL = ("complete", "failed", "cancelled")
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+class InProcess:
+    """The app in this process through ``httpx.ASGITransport``, with its lifespan (runners) run.
+
+    A blocking portal (an event loop in a thread) lets plain test code call it
+    as ``client.get(...)``, also from several threads at once.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._stack = contextlib.ExitStack()
+        self._portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal())
+        self._stack.enter_context(
+            self._portal.wrap_async_context_manager(app.router.lifespan_context(app))
+        )
+        self._client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://columnhub.test"
+        )
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self._portal.call(lambda: self._client.request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._portal.call(self._client.aclose)
+        self._stack.close()  # the lifespan's end stops the runners
 
 
 def write_token_file(path: Path) -> Path:
@@ -152,14 +194,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[TestClient]:
+def service(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[InProcess]:
     config = make_config(tmp_path_factory.mktemp("service"), shared_data)
-    with TestClient(create_app(config)) as client:
+    with InProcess(create_app(config)) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def delivered(service: TestClient, shared_data: Path) -> dict[str, Any]:
+def delivered(service: InProcess, shared_data: Path) -> dict[str, Any]:
     """alice's request over the ttbar sample, complete: its id and manifest."""
     request_id = submit(service, tt_spec(shared_data), "alice")
     status = wait(service, request_id, "alice")
@@ -170,7 +212,7 @@ def delivered(service: TestClient, shared_data: Path) -> dict[str, Any]:
 
 
 def test_delivered_files_equal_a_direct_uproot_read(
-    service: TestClient, delivered: dict[str, Any], shared_data: Path
+    service: InProcess, delivered: dict[str, Any], shared_data: Path
 ) -> None:
     manifest = delivered["manifest"]
     assert manifest["complete"] is True
@@ -192,26 +234,23 @@ def test_delivered_files_equal_a_direct_uproot_read(
     assert progress["parts_done"] == progress["parts_total"] == len(manifest["files"])
 
 
-def test_ranged_gets_are_the_files_bytes(service: TestClient, delivered: dict[str, Any]) -> None:
+def test_ranged_gets_are_the_files_bytes(service: InProcess, delivered: dict[str, Any]) -> None:
     manifest = delivered["manifest"]
     name = manifest["files"][0]
     data = (Path(manifest["path"]) / name).read_bytes()
     size = len(data)
     url = f"/api/v1/requests/{delivered['id']}/files/{name}"
-    cases = {
-        "bytes=0-99": data[:100],
-        "bytes=-100": data[-100:],
-        f"bytes={size - 10}-": data[-10:],
-        f"bytes=5-{size + 100}": data[5:],  # an end past the file is clipped
-    }
-    for header, expected in cases.items():
+    cases = [  # (Range header, the slice it means)
+        ("bytes=0-99", 0, 100),
+        ("bytes=-100", size - 100, size),  # a suffix
+        (f"bytes={size - 10}-", size - 10, size),  # open-ended
+        (f"bytes=5-{size + 100}", 5, size),  # an end past the file is clipped
+    ]
+    for header, start, stop in cases:
         r = service.get(url, headers={**auth("alice"), "Range": header})
         assert r.status_code == 206, header
-        assert r.content == expected, header
-        start = size - len(expected)
-        if header.startswith("bytes=0") or header.startswith("bytes=5"):
-            start = int(header[6:].split("-")[0])
-        assert r.headers["content-range"] == f"bytes {start}-{start + len(expected) - 1}/{size}"
+        assert r.content == data[start:stop], header
+        assert r.headers["content-range"] == f"bytes {start}-{stop - 1}/{size}"
     for header in (f"bytes={size}-", f"bytes={size + 5}-{size + 10}"):
         r = service.get(url, headers={**auth("alice"), "Range": header})
         assert r.status_code == 416, header
@@ -225,7 +264,7 @@ def test_ranged_gets_are_the_files_bytes(service: TestClient, delivered: dict[st
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(start=st.integers(0, 5000), length=st.integers(1, 5000))
 def test_any_satisfiable_range_is_the_slice(
-    service: TestClient, delivered: dict[str, Any], start: int, length: int
+    service: InProcess, delivered: dict[str, Any], start: int, length: int
 ) -> None:
     manifest = delivered["manifest"]
     name = manifest["files"][-1]
@@ -243,19 +282,22 @@ def test_any_satisfiable_range_is_the_slice(
 
 
 def test_only_the_results_own_files_are_served(
-    service: TestClient, delivered: dict[str, Any]
+    service: InProcess, delivered: dict[str, Any]
 ) -> None:
     base = f"/api/v1/requests/{delivered['id']}/files"
-    for name in ("manifest.json", "..%2F..%2Fcolumnhub.db", ".staging-1", "part-99999.parquet"):
+    for name in ("manifest.json", ".staging-1", "part-99999.parquet", "%2E%2E"):
         r = service.get(f"{base}/{name}", headers=auth("alice"))
         assert r.status_code == 404, name
         assert r.json()["error"]["type"] == "RequestNotFoundError"
+    for name in ("..%2F..%2Fcolumnhub.db", "..%2F..%2F..%2Fcolumnhub.db", "%2Fetc%2Fpasswd"):
+        r = service.get(f"{base}/{name}", headers=auth("alice"))
+        assert r.status_code == 404, name  # no route, or no such file of the result
     r = service.get(f"{base}/x/{delivered['manifest']['files'][0]}", headers=auth("alice"))
     assert r.status_code == 404  # a single-sample request has no sample "x"
 
 
 def test_another_users_request_is_not_found(
-    service: TestClient, delivered: dict[str, Any]
+    service: InProcess, delivered: dict[str, Any]
 ) -> None:
     rid = delivered["id"]
     name = delivered["manifest"]["files"][0]
@@ -277,10 +319,15 @@ def test_another_users_request_is_not_found(
 
 
 def test_list_is_the_callers_own_and_all_is_admin_only(
-    service: TestClient, delivered: dict[str, Any], shared_data: Path
+    service: InProcess, delivered: dict[str, Any], shared_data: Path
 ) -> None:
-    bobs = submit(service, tt_spec(shared_data, columns=["MET_pt"]), "bob")
-    wait(service, bobs, "bob")
+    r = service.post(
+        "/api/v1/requests", json=tt_spec(shared_data, columns=["MET_pt"]),
+        params={"title": "MET only"}, headers=auth("bob"),
+    )
+    assert r.status_code == 202
+    bobs = r.json()["id"]
+    assert wait(service, bobs, "bob")["title"] == "MET only"
     alice = service.get("/api/v1/requests", headers=auth("alice")).json()
     assert {q["owner"] for q in alice["requests"]} == {"alice"}
     assert delivered["id"] in [q["id"] for q in alice["requests"]]
@@ -300,7 +347,7 @@ def test_list_is_the_callers_own_and_all_is_admin_only(
     assert [q["id"] for q in complete["requests"]] == [bobs]
 
 
-def test_bad_input_is_4xx_never_5xx(service: TestClient, shared_data: Path) -> None:
+def test_bad_input_is_4xx_never_5xx(service: InProcess, shared_data: Path) -> None:
     cases: list[tuple[Any, int, str]] = [
         (b"{not json", 400, "SpecError"),
         (b"", 400, "SpecError"),
@@ -317,10 +364,16 @@ def test_bad_input_is_4xx_never_5xx(service: TestClient, shared_data: Path) -> N
         )
         assert r.status_code == status, (body, r.text)
         assert r.json()["error"]["type"] == kind
+    huge = {**tt_spec(shared_data), "define": {f"x{i}": "MET_pt * 2" for i in range(100_000)}}
+    r = service.post("/api/v1/requests", json=huge, headers=auth("alice"))
+    assert r.status_code == 400
+    assert "bytes accepted" in r.json()["error"]["message"]
     for query in ("per_page=0", "page=x", "state=done"):
         r = service.get(f"/api/v1/requests?{query}", headers=auth("alice"))
         assert r.status_code == 400, query
-    assert service.get("/api/v1/requests").status_code == 401
+    r = service.get("/api/v1/requests")
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
     assert service.get("/api/v1/requests", headers={"Authorization": "Bearer nope"}).status_code == 401
     r = service.post("/api/v1/requests", json=tt_spec(shared_data), headers=auth("reader"))
     assert r.status_code == 403  # read scope only
@@ -328,7 +381,7 @@ def test_bad_input_is_4xx_never_5xx(service: TestClient, shared_data: Path) -> N
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
         st.sampled_from(["dataset", "columns", "where", "define", "files", "samples", "x"]),
         inner, max_size=4,
@@ -339,7 +392,7 @@ _json = st.recursive(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=_json)
-def test_any_json_body_is_answered_without_a_server_error(service: TestClient, body: Any) -> None:
+def test_any_json_body_is_answered_without_a_server_error(service: InProcess, body: Any) -> None:
     r = service.post("/api/v1/requests", json=body, headers=auth("alice"))
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
@@ -347,7 +400,7 @@ def test_any_json_body_is_answered_without_a_server_error(service: TestClient, b
 
 
 def test_a_spec_error_has_the_clis_message(
-    service: TestClient, shared_data: Path, tmp_path: Path
+    service: InProcess, shared_data: Path, tmp_path: Path
 ) -> None:
     bad = tt_spec(shared_data, where="nJet >= (4")
     (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -360,7 +413,7 @@ def test_a_spec_error_has_the_clis_message(
 
 
 def test_a_missing_column_fails_the_request_with_the_clis_message(
-    service: TestClient, shared_data: Path, tmp_path: Path
+    service: InProcess, shared_data: Path, tmp_path: Path
 ) -> None:
     bad = tt_spec(shared_data, columns=["Jet_ptt"])
     (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -377,7 +430,7 @@ def test_a_missing_column_fails_the_request_with_the_clis_message(
     assert "failed" in r.json()["error"]["message"]
 
 
-def test_cache_stats_are_the_column_caches(service: TestClient, delivered: dict[str, Any]) -> None:
+def test_cache_stats_are_the_column_caches(service: InProcess, delivered: dict[str, Any]) -> None:
     r = service.get("/api/v1/cache/stats", headers=auth("reader"))
     assert r.status_code == 200
     body = r.json()
@@ -388,7 +441,7 @@ def test_cache_stats_are_the_column_caches(service: TestClient, delivered: dict[
     assert service.get("/api/v1/cache/stats").status_code == 401
 
 
-def test_health_readiness_and_openapi(service: TestClient) -> None:
+def test_health_readiness_and_openapi(service: InProcess) -> None:
     assert service.get("/healthz").json() == {"status": "ok"}
     r = service.get("/readyz")
     assert r.status_code == 200
@@ -417,7 +470,7 @@ def test_identical_work_from_two_users_at_once_runs_once(
 ) -> None:
     config = make_config(tmp_path, shared_data)
     spec = tt_spec(shared_data, columns=["Jet_pt", "nJet"])
-    with TestClient(create_app(config)) as client:
+    with InProcess(create_app(config)) as client:
         ids: dict[str, str] = {}
         barrier = threading.Barrier(2)
 
@@ -456,11 +509,17 @@ def test_cancel_stops_the_work_and_leaves_nothing_complete(
     monkeypatch.setenv("COLUMNHUB_TEST_PART_SLEEP", "1.0")
     config = make_config(tmp_path, shared_data, workers=1)
     spec = tt_spec(shared_data, chunk_size=20)  # 10 parts, one at a time: 10 s or more
-    with TestClient(create_app(config)) as client:
+    with InProcess(create_app(config)) as client:
         rid = submit(client, spec, "alice")
         job = client.get(f"/api/v1/requests/{rid}", headers=auth("alice")).json()["samples"][""]["job"]
         folder = config.result_directory(job)
         wait_until(lambda: bool(_staging_left(folder)), "the delivery started writing parts")
+
+        def parts_done() -> int:
+            r = client.get(f"/api/v1/requests/{rid}", headers=auth("alice"))
+            return int(r.json()["progress"]["parts_done"])
+
+        wait_until(lambda: parts_done() >= 1, "a part was delivered")
         r = client.delete(f"/api/v1/requests/{rid}", headers=auth("alice"))
         assert r.status_code == 200
         assert r.json()["status"] == "cancelled"
@@ -484,7 +543,7 @@ def test_per_user_limits_refuse_with_429_and_403(
     tmp_path: Path, shared_data: Path, slow_parts: None
 ) -> None:
     config = make_config(tmp_path, shared_data, max_active_requests_per_user=1)
-    with TestClient(create_app(config)) as client:
+    with InProcess(create_app(config)) as client:
         first = submit(client, tt_spec(shared_data, columns=["MET_pt"]), "alice")
         r = client.post("/api/v1/requests", json=tt_spec(shared_data), headers=auth("alice"))
         assert r.status_code == 429
@@ -496,7 +555,7 @@ def test_per_user_limits_refuse_with_429_and_403(
         wait(client, other, "bob")
         submit(client, tt_spec(shared_data, columns=["Jet_pt"]), "alice")  # room again
     config = make_config(tmp_path, shared_data, max_stored_bytes_per_user=1)
-    with TestClient(create_app(config)) as client:  # same database: alice holds results
+    with InProcess(create_app(config)) as client:  # same database: alice holds results
         r = client.post("/api/v1/requests", json=tt_spec(shared_data), headers=auth("alice"))
         assert r.status_code == 403
         assert r.json()["error"]["type"] == "QuotaExceededError"
@@ -504,7 +563,7 @@ def test_per_user_limits_refuse_with_429_and_403(
         assert client.app.state.db.stored_bytes("alice") > 1
 
 
-def test_several_samples(service: TestClient, shared_data: Path) -> None:
+def test_several_samples(service: InProcess, shared_data: Path) -> None:
     spec = {
         "samples": {
             "dy": [str(shared_data / "nano_dy.root")],
@@ -562,7 +621,7 @@ def test_config_file_with_flags_overriding(tmp_path: Path, shared_data: Path) ->
     assert config.database == f"sqlite:///{tmp_path / 'conf' / 'state' / 'columnhub.db'}"
     assert config.cache == str(tmp_path / "conf" / "state" / "cache")
     path.write_text("prot: 9000\n")
-    with pytest.raises(SpecError, match=r"prot: unknown setting; did you mean port\?"):
+    with pytest.raises(SpecError, match=r"prot: unknown setting; did you mean port"):
         load_config(path)
     with pytest.raises(SpecError, match="not loopback and no authentication"):
         load_config(host="0.0.0.0")
@@ -650,8 +709,13 @@ def test_serve_end_to_end_with_a_local_cluster(served: dict[str, Any], shared_da
             assert data == [(Path(m["path"]) / f).read_bytes() for f in m["files"]]
             expected = reference(shared_data / name, ["Jet_pt", "nJet"], lambda e: e.nJet >= 2)
             assert_same_rows(table_of(data), expected, ["Jet_pt", "nJet"])
-    # the parts ran on the LocalCluster's worker processes, not in the service
+    # the service started a LocalCluster: its worker processes are the service's children
     assert "LocalCluster at tcp://127.0.0.1:" in served["log"].read_text()
+    children = subprocess.run(
+        ["pgrep", "-P", str(served["proc"].pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 2  # --workers 2
 
 
 @pytest.mark.distributed

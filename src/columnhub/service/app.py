@@ -31,10 +31,19 @@ from columnhub.errors import (
     SpecError,
 )
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+# FastAPI reads the routes' annotations at run time: these names must be importable here.
+# This module is only imported to serve (never by ``import columnhub`` or ``--help``).
+require("fastapi", what="the columnhub service")
+from fastapi import Depends, FastAPI, Query
+from fastapi import Request as HttpRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
-    from columnhub.service.auth import Principal
+from columnhub.service.auth import Authenticator, Principal, challenge_headers, principal
+
+if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
     from columnhub.spec import Request
 
@@ -64,10 +73,9 @@ def error_status(err: ColumnhubError) -> int:
     return 400
 
 
-def _error(status: int, kind: str, message: str) -> Any:
-    from fastapi.responses import JSONResponse
-
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
     )
@@ -85,24 +93,15 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     The database is opened (and migrated) here; the runners that deliver
     queued work, and with ``scheduler: local`` the Dask ``LocalCluster`` they
-    use, start with the application's lifespan and stop with it (run it
-    under uvicorn, or ``with TestClient(app)``).
+    use, start with the application's lifespan and stop with it (uvicorn
+    runs it; in-process tests enter ``app.router.lifespan_context(app)``).
 
     Args:
         config: the service settings.
         runner: start runners in this process (``False``: an API-only replica
             whose work other replicas on the same database run).
     """
-    fastapi = require("fastapi", what="the columnhub service")
-    from fastapi import Depends, Query
-    from fastapi import Request as HttpRequest
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
-    from starlette.exceptions import HTTPException
-
     from columnhub import __version__
-    from columnhub.service.auth import Authenticator, principal
     from columnhub.service.db import Database
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +119,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         finally:
             await run_in_threadpool(services.stop)
 
-    app = fastapi.FastAPI(
+    app = FastAPI(
         title="columnhub",
         version=__version__,
         summary="Select, join, compute, cache and deliver columns of HEP event data.",
@@ -135,8 +134,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.exception_handler(ColumnhubError)
     async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
-        status: int = error_status(err)
-        return _error(status, type(err).__name__, str(err))  # type: ignore[no-any-return]
+        # 401/403 of auth carry their RFC 6750 challenge (WWW-Authenticate)
+        headers = challenge_headers(err) or None
+        return _error(error_status(err), type(err).__name__, str(err), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
@@ -144,11 +144,11 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
             for e in err.errors()
         )
-        return _error(400, "SpecError", f"invalid parameter: {problems}")  # type: ignore[no-any-return]
+        return _error(400, "SpecError", f"invalid parameter: {problems}")
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: HttpRequest, err: HTTPException) -> JSONResponse:
-        return _error(err.status_code, "HTTPError", str(err.detail))  # type: ignore[no-any-return]
+        return _error(err.status_code, "HTTPError", str(err.detail))
 
     reader = Depends(principal("read"))
     submitter = Depends(principal("submit"))
@@ -162,7 +162,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz(request: HttpRequest) -> JSONResponse:
-        """Readiness: the database answers and (when this replica runs work) its runners run."""
+        """Readiness: the database answers (and the service's ``LocalCluster`` runs)."""
         problems = request.app.state.services.problems()
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
@@ -179,7 +179,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         Answers 202 with the request's id at once; the work is queued (or
         attached to identical work already queued or running).
         """
-        body = await request.body()
+        body = await _read_body(request)
         kind = request.headers.get("content-type", "")
         return await run_in_threadpool(_submit, config, db, user, body, kind, title)
 
@@ -188,7 +188,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         page: int = Query(1, ge=1),
         per_page: int = Query(50, ge=1, le=1000),
         state: str | None = None,
-        all: bool = False,  # noqa: A002 - the query parameter's name
+        all: bool = False,
         user: Principal = reader,
     ) -> dict[str, Any]:
         """The caller's requests, newest first (``all=true``: everyone's, admin only)."""
@@ -225,19 +225,18 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
         Several samples: ``{"samples": {name: manifest}}``. 409 until complete.
         """
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) == [""]:
             return done[""]
         return {"samples": done}
 
-    files_methods = ["GET", "HEAD"]
+    single_path = f"{API}/requests/{{request_id}}/files/{{name}}"
+    sample_path = f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}"
 
-    @app.api_route(
-        f"{API}/requests/{{request_id}}/files/{{name}}", methods=files_methods, tags=["results"]
-    )
+    @app.get(single_path, tags=["results"])
     def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
         """A result file of a single-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) != [""]:
             msg = (
                 f"request {request_id} has several samples ({', '.join(done)}); "
@@ -246,16 +245,12 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             raise SpecError(msg)
         return _file_response(done[""], name)
 
-    @app.api_route(
-        f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}",
-        methods=files_methods,
-        tags=["results"],
-    )
+    @app.get(sample_path, tags=["results"])
     def sample_file(
         request_id: str, sample: str, name: str, user: Principal = reader
     ) -> FileResponse:
         """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if sample not in done:
             from columnhub.errors import RequestNotFoundError
 
@@ -265,6 +260,10 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             )
             raise RequestNotFoundError(msg)
         return _file_response(done[sample], name)
+
+    # HEAD (size, Accept-Ranges) for remote readers; one OpenAPI entry per path is enough
+    app.add_api_route(single_path, file, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route(sample_path, sample_file, methods=["HEAD"], include_in_schema=False)
 
     # -- cache ---------------------------------------------------------------------
 
@@ -286,7 +285,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     metrics.install(app)  # GET /metrics and the HTTP latency histogram
     dashboard.install(app)  # GET /, its static files, GET /api/v1/overview
 
-    return app  # type: ignore[no-any-return]
+    return app
 
 
 # ---------------------------------------------------------------------------
@@ -311,15 +310,25 @@ def _submit(
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
 
+async def _read_body(request: HttpRequest) -> bytes:
+    """The request body, refused once it passes :data:`MAX_SPEC_BYTES` (never all read first)."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            msg = (
+                f"the spec is more than the {MAX_SPEC_BYTES} bytes accepted; a spec names "
+                "files and columns (list many files with a glob pattern or a folder)"
+            )
+            raise SpecError(msg)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
     from columnhub.spec import _parse_json, _parse_yaml
 
-    if len(body) > MAX_SPEC_BYTES:
-        msg = (
-            f"the spec is {len(body)} bytes, more than the {MAX_SPEC_BYTES} accepted; a spec "
-            "names files and columns (list many files with a glob pattern)"
-        )
-        raise SpecError(msg)
     try:
         text = body.decode()
     except UnicodeDecodeError as err:
@@ -341,6 +350,12 @@ def _job_specs(config: ServiceConfig, data: Any) -> dict[str, Request]:
     from columnhub.service.access import check_inputs
     from columnhub.spec import Samples, load_request
 
+    if not isinstance(data, dict):  # a string would be read as a path on the server
+        msg = (
+            f"the spec must be a JSON object (the same mapping as a YAML spec), got a "
+            f"{type(data).__name__}"
+        )
+        raise SpecError(msg)
     spec = load_request(data)
     check_inputs(spec, data_roots=config.data_roots, url_prefixes=config.url_prefixes)
     requests = spec.requests() if isinstance(spec, Samples) else {"": spec}
@@ -376,25 +391,31 @@ def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
 # results
 
 
-def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each sample's manifest plus ``path``; 409 unless the request is complete."""
-    if view["status"] != "complete":
-        error = view.get("error") or {}
-        why = f": {error.get('type')}: {error.get('message')}" if error else ""
+def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, Any]]:
+    """Each sample's manifest plus ``path``; 409 unless the request is complete.
+
+    Args:
+        config: the service settings.
+        view: the request (a :class:`~columnhub.service.db.RequestView`).
+    """
+    status = view.status
+    if status != "complete":
+        error = view.error
+        why = f" ({error['type']}: {error['message']})" if error else ""
         msg = (
-            f"request {view['id']} is {view['status']}{why}; its result can be read once its "
-            f"status is complete (GET {API}/requests/{view['id']})"
+            f"request {view.id} is {status}{why}; its result can be read once its status is "
+            f"complete (GET {API}/requests/{view.id})"
         )
         raise _status_error(ServiceError, 409, msg)
     from columnhub.output.manifest import read_manifest
 
     out: dict[str, dict[str, Any]] = {}
-    for name, sample in view["samples"].items():
-        directory = config.result_directory(sample["job"])
+    for name, job in view.samples.items():
+        directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
         if manifest is None or not manifest.get("complete"):  # never serve a partial result
             msg = (
-                f"request {view['id']}: the result of sample {name or '(single)'} is not in "
+                f"request {view.id}: the result of sample {name or '(single)'} is not in "
                 f"{directory} any more (removed from the shared filesystem); submit it again"
             )
             raise _status_error(ServiceError, 410, msg)
@@ -402,9 +423,7 @@ def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _file_response(manifest: dict[str, Any], name: str) -> Any:
-    from fastapi.responses import FileResponse
-
+def _file_response(manifest: dict[str, Any], name: str) -> FileResponse:
     from columnhub.errors import RequestNotFoundError
 
     if name not in manifest["files"]:  # only the result's own files: no path escapes
@@ -459,9 +478,9 @@ class _Services:
             self.db.counts()
         except Exception as err:  # noqa: BLE001 - any database failure means not ready
             out.append(f"database: {type(err).__name__}: {err}")
-        alive = getattr(self.runner, "alive", None)
-        if self.runner is not None and callable(alive) and not alive():
-            out.append("runners: stopped")
+        status = getattr(getattr(self.cluster, "status", None), "value", "running")
+        if self.cluster is not None and status != "running":
+            out.append(f"LocalCluster: {status}")
         return out
 
     def stop(self) -> None:
