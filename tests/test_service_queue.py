@@ -696,23 +696,39 @@ def test_stopping_a_runner_hands_its_job_back_to_the_queue(
     db.close()
 
 
+def _task_keys(dask_scheduler: Any) -> list[str]:
+    """Every task key the scheduler has seen (run on the scheduler)."""
+    return sorted({str(entry[0]) for entry in dask_scheduler.transition_log})
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_runner_with_a_local_dask_cluster_delivers_and_reports_parts(
+def test_a_runner_on_a_dask_scheduler_delivers_and_reports_parts(
     files: list[Path], tmp_path: Path
 ) -> None:
-    pytest.importorskip("distributed")
+    """The service's Dask set-up: a scheduler address in the config, one client for all jobs."""
+    distributed = pytest.importorskip("distributed")
     state = tmp_path / "state"
     db = Database(f"sqlite:///{state / 'columnhub.db'}")
     columns, where = ["Jet_pt", "Muon_pt"], "MET_pt > 15"
     first = submit(db, request(files, columns, where))
     second = submit(db, request(files, ["MET_pt"]))
-    runner = Runner(db, Config(state, scheduler="local", workers=1))
-    try:
-        assert runner.run_once()
-        assert runner.run_once()  # the same cluster serves the next job
-    finally:
-        runner.stop()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        runner = Runner(db, Config(state, scheduler=cluster.scheduler_address, workers=1))
+        try:
+            assert runner.run_once()
+            assert runner.run_once()  # the same client serves the next job
+            with distributed.Client(cluster.scheduler_address) as client:
+                keys = client.run_on_scheduler(_task_keys)
+        finally:
+            runner.stop()
+    # the part tasks ran on the cluster (the key names the request), not in threads here
+    for view in (first, second):
+        job = db.job(view.samples[""].id)
+        parts = {k for k in keys if k.startswith(f"columnhub-{job.request_hash[:16]}-part-")}
+        assert len(parts) == 6
     for view, cols, cut in ((first, columns, where), (second, ["MET_pt"], None)):
         job = db.job(view.samples[""].id)
         assert job.state == "complete", job.error
@@ -723,3 +739,24 @@ def test_a_runner_with_a_local_dask_cluster_delivers_and_reports_parts(
         assert job.progress["cache_misses"] == manifest["cache"]["misses"]
         assert job.progress["events"] == job.progress["events_total"] == 1200
     db.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("mysql://db.example/columnhub", ["'mysql' is not supported", "postgresql+psycopg://"]),
+        ("not a url", ["'not a url' is not a URL", "sqlite:///PATH"]),
+        (
+            "postgresql://postgres@127.0.0.1:1/columnhub",
+            ["cannot open the service database", "127.0.0.1:1/columnhub", "--database"],
+        ),
+        ("sqlite:////proc/columnhub/columnhub.db", ["cannot create /proc/columnhub", "state_dir"]),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_a_clear_error(url: str, named: list[str]) -> None:
+    from columnhub.errors import ServiceError
+
+    with pytest.raises(ServiceError) as err:
+        Database(url)
+    for part in named:
+        assert part in str(err.value)
