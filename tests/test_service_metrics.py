@@ -9,7 +9,10 @@ request counts against the requests made here.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -433,3 +436,114 @@ def test_overview_lists_the_local_clusters_workers(tmp_path: Path, shared_data: 
     assert sorted(w["address"] for w in workers["workers"]) == addresses
     assert all(w["nthreads"] == 1 for w in workers["workers"])
     assert done["status"] == "complete"
+
+
+TRITON_PYTHON = Path(__file__).resolve().parents[1] / ".venv-triton" / "bin" / "python"
+TRITON_SERVER = Path(__file__).resolve().parent / "triton_server.py"
+
+
+@contextlib.contextmanager
+def _triton(workdir: Path, model: str) -> Iterator[str]:
+    """A real Triton server (``tests/triton_server.py``, pytriton) on loopback; its HTTP address."""
+    if not TRITON_PYTHON.exists():
+        pytest.skip(f"no Triton venv at {TRITON_PYTHON}: run scripts/setup-triton-venv.sh")
+    http, grpc, metrics = _closed_port(), _closed_port(), _closed_port()
+    ready = workdir / "ready"
+    log = workdir / "triton.log"
+    shm = Path("/dev/shm")  # the Python backend's shared memory outlives a killed server
+    shm_before = {p.name for pat in ("psm_*", "pytrtion*") for p in shm.glob(pat)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(TRITON_PYTHON),
+                str(TRITON_SERVER),
+                *("--http-port", str(http), "--grpc-port", str(grpc)),
+                *("--metrics-port", str(metrics), "--ready-file", str(ready)),
+                *("--workspace", str(workdir / "pytriton"), "--model", model),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            assert proc.poll() is None, f"triton exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"triton not ready:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{http}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for name in {p.name for pat in ("psm_*", "pytrtion*") for p in shm.glob(pat)} - shm_before:
+            (shm / name).unlink(missing_ok=True)
+
+
+@pytest.mark.triton
+def test_inference_rows_and_server_health_with_a_real_triton(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    pytest.importorskip("tritonclient.http")
+    from columnhub.inference.testing import make_mlp_onnx
+
+    registry = tmp_path / "models"
+    registry.mkdir()
+    make_mlp_onnx(registry / "evt.onnx", n_features=3, hidden=(8,), seed=5)
+    with _triton(tmp_path, f"evt_mlp:3={registry / 'evt.onnx'}") as server:
+        dead = f"127.0.0.1:{_closed_port()}"
+        cards = {
+            "evt.yaml": ("evt_mlp", "3", [server]),  # served
+            "ghost.yaml": ("ghost", "1", [server, dead]),  # not on the server; server down
+        }
+        for card, (name, version, servers) in cards.items():
+            (registry / card).write_text(
+                yaml.safe_dump(
+                    {
+                        "name": name,
+                        "version": version,
+                        "file": "evt.onnx",
+                        "inputs": ["MET_pt", "MET_phi", "nJet"],
+                        "outputs": [{"name": f"{name}_score"}],
+                        "remote": {
+                            "servers": servers,
+                            "model_name": name,
+                            "model_version": version,
+                            "timeout_s": 5.0,
+                        },
+                    }
+                )
+            )
+        config = ServiceConfig(
+            state_dir=tmp_path / "state",
+            cache=str(tmp_path / "cache"),
+            models=str(registry),
+            data_roots=[shared_data],
+        )
+        spec = {
+            "dataset": {"name": "tt", "files": [str(shared_data / "nano_tt_v12.root")]},
+            "columns": ["MET_pt", "evt_mlp_score"],
+            "models": [{"model": "evt_mlp", "version": 3, "backend": "remote"}],
+            "chunk_size": 50,
+        }
+        with TestClient(create_app(config)) as client:
+            resp = client.post("/api/v1/requests", json=spec)
+            assert resp.status_code == 202, resp.text
+            done = _wait(client, resp.json()["id"])
+            assert done["status"] == "complete", done
+            m = _scrape(client)
+            ov = client.get("/api/v1/overview").json()
+    with uproot.open(shared_data / "nano_tt_v12.root") as f:
+        events = f["Events"].num_entries  # one row per event (granularity event)
+    assert _value(m, "columnhub_inference_rows_total", model="evt_mlp@3") == events
+    assert _value(m, "columnhub_inference_seconds_total", model="evt_mlp@3") > 0
+    assert _value(m, "columnhub_inference_rows_per_second", model="evt_mlp@3") > 0
+    up = {
+        (dict(labels)["model"], dict(labels)["server"]): v
+        for (name, labels), v in m.items()
+        if name == "columnhub_inference_server_up"
+    }
+    assert up == {("evt_mlp", server): 1.0, ("ghost", server): 0.0, ("ghost", dead): 0.0}
+    health = {(s["model"], s["server"]): s["up"] for s in ov["inference"]["servers"]}
+    assert health == {(k[0], k[1]): v == 1.0 for k, v in up.items()}
+    assert ov["inference"]["models"]["evt_mlp@3"]["rows"] == events
