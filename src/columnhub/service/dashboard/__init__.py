@@ -44,11 +44,11 @@ def _static(name: str) -> bytes:
 async def _identity(address: str) -> dict[str, Any]:
     from distributed.core import rpc
 
-    scheduler = rpc(address, timeout=3)
+    scheduler = rpc(address, timeout=3)  # type: ignore[no-untyped-call]
     try:
         info: dict[str, Any] = await scheduler.identity()
     finally:
-        await scheduler.close_rpc()
+        await scheduler.close_rpc()  # type: ignore[no-untyped-call]
     return info
 
 
