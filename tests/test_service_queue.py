@@ -157,7 +157,9 @@ class Config:
 db = Database(url)
 runner = Runner(db, Config(Path(state_dir), runners=int(runners), lease_s=float(lease_s)))
 print("ready", flush=True)
-if mode == "drain":  # until no job is left to do (by any replica)
+if mode == "drain":  # when the test says go, until no job is left to do (by any replica)
+    while not Path(log_path + ".go").exists():
+        time.sleep(0.01)
     runner.start()
     while True:
         counts = db.job_counts()
@@ -440,6 +442,15 @@ def test_two_replicas_deliver_every_job_exactly_once(
         for log in logs
     ]
     try:
+        wait_for(
+            lambda: all(
+                "ready" in output_of(log) or p.poll() is not None
+                for p, log in zip(procs, logs, strict=True)
+            ),
+            "both replicas started",
+        )
+        for log in logs:  # both start claiming at the same moment
+            Path(f"{log}.go").touch()
         for proc, log in zip(procs, logs, strict=True):
             assert proc.wait(timeout=300) == 0, output_of(log)
     finally:
@@ -448,6 +459,7 @@ def test_two_replicas_deliver_every_job_exactly_once(
                 proc.kill()
     started = deliveries(*logs)
     assert started == collections.Counter(dict.fromkeys(wanted, 1))  # each job run once
+    assert all(deliveries(log) for log in logs)  # both replicas took jobs: they contended
     results = state / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(wanted)  # one output dir per job
     for job in db.jobs():
