@@ -772,3 +772,52 @@ def test_a_database_that_cannot_be_used_is_a_clear_error(url: str, named: list[s
         Database(url)
     for part in named:
         assert part in str(err.value)
+
+
+@pytest.mark.slow
+def test_idle_runner_threads_wake_on_submit_and_run_jobs_side_by_side(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No polling (an hour between looks): only the submit's wake-up can start the jobs."""
+    from columnhub.service import jobs
+
+    monkeypatch.setattr(jobs, "POLL_S", 3600.0)
+    monkeypatch.setenv(PART_SLEEP, "0.3")
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    runner = Runner(db, Config(state, runners=2))
+    runner.start()
+    try:
+        time.sleep(0.5)  # both threads found nothing and wait
+        first = submit(db, request(files, ["MET_pt"]))
+        second = submit(db, request(files, ["Jet_pt"]))
+        both = [first.samples[""].id, second.samples[""].id]
+        wait_for(
+            lambda: [db.job(j).state for j in both] == ["running", "running"],
+            "both jobs running at once, one per runner thread",
+        )
+        wait_for(lambda: all(db.job(j).state == "complete" for j in both), "both jobs done")
+    finally:
+        runner.stop()
+    claims = {db.job(j).claimed_by for j in both}
+    assert len(claims) == 2
+    check_result(state / "results" / both[0], files, ["MET_pt"], None)
+    check_result(state / "results" / both[1], files, ["Jet_pt"], None)
+    db.close()
+
+
+def test_a_wakeup_between_looking_and_waiting_is_not_lost() -> None:
+    """Runner threads read the generation, look for work, then wait: a submit in between counts."""
+    from columnhub.service.db import Wakeup
+
+    wakeup = Wakeup()
+    seen = [wakeup.generation, wakeup.generation]  # two runner threads looked: nothing queued
+    wakeup.set()  # a submit, before either waits
+    woke = []
+    threads = [threading.Thread(target=lambda s=s: woke.append(wakeup.wait(s, 30.0))) for s in seen]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert woke == [True, True]
+    assert not wakeup.wait(wakeup.generation, 0.01)  # nothing new: it times out
