@@ -181,7 +181,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """
         body = await _read_body(request)
         kind = request.headers.get("content-type", "")
-        return await run_in_threadpool(_submit, config, db, user, body, kind, title)
+        services: _Services = request.app.state.services
+        lock = services.user_lock(user.user)
+        return await run_in_threadpool(_submit, config, db, user, body, kind, title, lock)
 
     @app.get(f"{API}/requests", tags=["requests"])
     def list_requests(
@@ -312,13 +314,15 @@ def _submit(
     body: bytes,
     content_type: str,
     title: str | None,
+    lock: threading.Lock,
 ) -> dict[str, Any]:
     """Validate a submitted spec, check limits and data access, queue it (single flight)."""
     data = _parse_json_or_yaml(body, content_type)
     samples = _job_specs(config, data)
-    _check_limits(config, db, user.user)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
+    with lock:  # one user's submissions one at a time here: a limit is never passed by a race
+        _check_limits(config, db, user.user)
+        view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
@@ -465,6 +469,12 @@ class _Services:
         self.runner: Any = None
         self.cluster: Any = None
         self._lock = threading.Lock()
+        self._user_locks: dict[str, threading.Lock] = {}
+
+    def user_lock(self, user: str) -> threading.Lock:
+        """The lock that orders ``user``'s submissions in this replica (limits checked inside)."""
+        with self._lock:
+            return self._user_locks.setdefault(user, threading.Lock())
 
     def start(self) -> None:
         """Start the ``LocalCluster`` (if asked) and the runners."""
