@@ -238,7 +238,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     @app.get(single_path, tags=["results"])
     def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
         """A result file of a single-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)), only="")
         if list(done) != [""]:
             msg = (
                 f"request {request_id} has several samples ({', '.join(done)}); "
@@ -252,7 +252,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         request_id: str, sample: str, name: str, user: Principal = reader
     ) -> FileResponse:
         """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)), only=sample)
         if sample not in done:
             from columnhub.errors import RequestNotFoundError
 
@@ -408,12 +408,16 @@ def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
 # results
 
 
-def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, Any]]:
+def _complete_samples(
+    config: ServiceConfig, view: Any, *, only: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Each sample's manifest plus ``path``; 409 unless the request is complete.
 
     Args:
         config: the service settings.
         view: the request (a :class:`~columnhub.service.db.RequestView`).
+        only: read only this sample's manifest (a file download); the others
+            are named with an empty mapping. ``None``: every sample's.
     """
     status = view.status
     if status != "complete":
@@ -428,6 +432,9 @@ def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, A
 
     out: dict[str, dict[str, Any]] = {}
     for name, job in view.samples.items():
+        if only is not None and name != only:
+            out[name] = {}
+            continue
         directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
         if manifest is None or not manifest.get("complete"):  # never serve a partial result
