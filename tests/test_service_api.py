@@ -564,6 +564,28 @@ def test_per_user_limits_refuse_with_429_and_403(
         assert client.app.state.db.stored_bytes("alice") > 1
 
 
+def test_a_limit_holds_for_submissions_at_once(
+    tmp_path: Path, shared_data: Path, slow_parts: None
+) -> None:
+    config = make_config(tmp_path, shared_data, max_active_requests_per_user=2)
+    with InProcess(create_app(config)) as client:
+        barrier = threading.Barrier(6)
+        answers: list[int] = []
+
+        def go(i: int) -> None:
+            spec = tt_spec(shared_data, columns=["MET_pt"], chunk_size=40 + i)  # 6 distinct works
+            barrier.wait()
+            answers.append(client.post("/api/v1/requests", json=spec, headers=auth("alice")).status_code)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(answers) == [202, 202, 429, 429, 429, 429]
+        assert client.app.state.db.active_requests("alice") <= 2
+
+
 def test_several_samples(service: InProcess, shared_data: Path) -> None:
     spec = {
         "samples": {
