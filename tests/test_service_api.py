@@ -681,41 +681,47 @@ def test_serve_with_a_database_that_is_down_says_so(tmp_path: Path) -> None:
 _LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("serve")
-    tokens = write_token_file(tmp / "tokens.yaml")
-    log = (tmp / "serve.log").open("w")
-    env = {**os.environ, "COLUMNHUB_CACHE": str(tmp / "unused-default-cache")}
+@contextlib.contextmanager
+def serving(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, log_name: str = "serve.log"
+) -> Iterator[dict[str, Any]]:
+    """``columnhub serve --port 0 ARGS`` as a process; its URL read from its log; killed at the end."""
+    log_path = tmp / log_name
+    log = log_path.open("w")
+    full_env = {**os.environ, "COLUMNHUB_CACHE": str(tmp / "unused-default-cache"), **(env or {})}
     proc = subprocess.Popen(
-        [
-            sys.executable, str(ENTRY_POINT), "serve", "--port", "0", "--scheduler", "local",
-            "--workers", "2", "--data-root", str(shared_data), "--state-dir", str(tmp / "state"),
-            "--token-file", str(tokens),
-        ],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [sys.executable, str(ENTRY_POINT), "serve", "--port", "0", *args],
+        stdout=log, stderr=subprocess.STDOUT, env=full_env,
     )
-    text = ""
     url = None
     end = time.monotonic() + 180
-    while url is None:
-        text = (tmp / "serve.log").read_text()
-        found = _LISTENING.search(text)
-        if found:
-            url = found.group(1)
-        elif proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            pytest.fail(f"columnhub serve did not start:\n{text}")
-        else:
-            time.sleep(0.1)
-    info = {"url": url, "proc": proc, "log": tmp / "serve.log", "state": tmp / "state"}
     try:
-        yield info
+        while url is None:
+            text = log_path.read_text()
+            found = _LISTENING.search(text)
+            if found:
+                url = found.group(1)
+            elif proc.poll() is not None or time.monotonic() > end:
+                pytest.fail(f"columnhub serve did not start:\n{text}")
+            else:
+                time.sleep(0.1)
+        yield {"url": url, "proc": proc, "log": log_path}
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("serve")
+    tokens = write_token_file(tmp / "tokens.yaml")
+    with serving(
+        tmp, "--scheduler", "local", "--workers", "2", "--data-root", str(shared_data),
+        "--state-dir", str(tmp / "state"), "--token-file", str(tokens),
+    ) as info:
+        yield info
 
 
 @pytest.mark.distributed
@@ -786,6 +792,57 @@ def test_serve_stops_cleanly_on_sigterm(served: dict[str, Any]) -> None:
     text = served["log"].read_text()
     assert "Finished server process" in text
     assert "Traceback" not in text
+
+
+def test_ctrl_c_hands_a_running_request_back_and_a_restart_completes_it(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    from columnhub.service.db import Database
+
+    tokens = write_token_file(tmp_path / "tokens.yaml")
+    state = tmp_path / "state"
+    args = ("--data-root", str(shared_data), "--state-dir", str(state), "--token-file", str(tokens))
+    spec = tt_spec(shared_data, chunk_size=20)  # 10 parts
+    with serving(tmp_path, *args, "--workers", "1", env={"COLUMNHUB_TEST_PART_SLEEP": "0.5"}) as first:
+        with httpx.Client(base_url=first["url"], timeout=60) as client:
+            rid = submit(client, spec, "alice")
+
+            def parts_done() -> int:
+                r = client.get(f"/api/v1/requests/{rid}", headers=auth("alice"))
+                return int(r.json()["progress"]["parts_done"])
+
+            wait_until(lambda: parts_done() >= 1, "a part was delivered")
+        first["proc"].send_signal(signal.SIGINT)
+        assert first["proc"].wait(timeout=120) == 130
+        log = first["log"].read_text()
+        assert "Finished server process" in log
+        assert "Traceback" not in log
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    try:
+        view = db.get(rid)
+        assert view.status == "queued"  # handed back, not left running nor marked complete
+        job = view.samples[""]
+        assert not (Path(job.output_dir) / "manifest.json").exists() or not json.loads(
+            (Path(job.output_dir) / "manifest.json").read_text()
+        )["complete"]
+    finally:
+        db.close()
+    with (
+        serving(tmp_path, *args, log_name="serve2.log") as second,
+        httpx.Client(base_url=second["url"], timeout=60) as client,
+    ):
+        assert wait(client, rid, "alice")["status"] == "complete"
+        m = client.get(f"/api/v1/requests/{rid}/manifest", headers=auth("alice")).json()
+        data = [
+            client.get(f"/api/v1/requests/{rid}/files/{f}", headers=auth("alice")).content
+            for f in m["files"]
+        ]
+    assert m["path"] == job.output_dir
+    assert sorted(p.name for p in Path(m["path"]).glob("part-*")) == sorted(m["files"])
+    expected = reference(
+        shared_data / "nano_tt_v12.root", ["Jet_pt", "nJet", "MET_pt"], lambda e: e.nJet >= 4
+    )
+    assert_same_rows(table_of(data), expected, ["Jet_pt", "nJet", "MET_pt"])
 
 
 def test_columnhub_help_does_not_import_the_service(tmp_path: Path) -> None:
