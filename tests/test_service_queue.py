@@ -157,7 +157,9 @@ class Config:
 db = Database(url)
 runner = Runner(db, Config(Path(state_dir), runners=int(runners), lease_s=float(lease_s)))
 print("ready", flush=True)
-if mode == "drain":  # until no job is left to do (by any replica)
+if mode == "drain":  # when the test says go, until no job is left to do (by any replica)
+    while not Path(log_path + ".go").exists():
+        time.sleep(0.01)
     runner.start()
     while True:
         counts = db.job_counts()
@@ -254,6 +256,10 @@ def test_migrations_make_the_contract_tables_and_upgrading_again_changes_nothing
     }
     assert columns["requests"] >= {"id", "owner", "title", "created_at", "cancelled", "spec"}
     assert columns["request_jobs"] >= {"request_id", "sample", "job_id"}
+    if db.is_sqlite:  # readers never wait for the writer; writers wait for each other
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
     view = db.submit("alice", {"x": 1}, "t", {"": ("h" * 32, {"x": 1})})
     db.upgrade()  # again: a no-op that keeps the data
     other = Database(db_url)  # another replica starting on the same database
@@ -440,6 +446,15 @@ def test_two_replicas_deliver_every_job_exactly_once(
         for log in logs
     ]
     try:
+        wait_for(
+            lambda: all(
+                "ready" in output_of(log) or p.poll() is not None
+                for p, log in zip(procs, logs, strict=True)
+            ),
+            "both replicas started",
+        )
+        for log in logs:  # both start claiming at the same moment
+            Path(f"{log}.go").touch()
         for proc, log in zip(procs, logs, strict=True):
             assert proc.wait(timeout=300) == 0, output_of(log)
     finally:
@@ -448,6 +463,7 @@ def test_two_replicas_deliver_every_job_exactly_once(
                 proc.kill()
     started = deliveries(*logs)
     assert started == collections.Counter(dict.fromkeys(wanted, 1))  # each job run once
+    assert all(deliveries(log) for log in logs)  # both replicas took jobs: they contended
     results = state / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(wanted)  # one output dir per job
     for job in db.jobs():
@@ -696,23 +712,39 @@ def test_stopping_a_runner_hands_its_job_back_to_the_queue(
     db.close()
 
 
+def _task_keys(dask_scheduler: Any) -> list[str]:
+    """Every task key the scheduler has seen (run on the scheduler)."""
+    return sorted({str(entry[0]) for entry in dask_scheduler.transition_log})
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_runner_with_a_local_dask_cluster_delivers_and_reports_parts(
+def test_a_runner_on_a_dask_scheduler_delivers_and_reports_parts(
     files: list[Path], tmp_path: Path
 ) -> None:
-    pytest.importorskip("distributed")
+    """The service's Dask set-up: a scheduler address in the config, one client for all jobs."""
+    distributed = pytest.importorskip("distributed")
     state = tmp_path / "state"
     db = Database(f"sqlite:///{state / 'columnhub.db'}")
     columns, where = ["Jet_pt", "Muon_pt"], "MET_pt > 15"
     first = submit(db, request(files, columns, where))
     second = submit(db, request(files, ["MET_pt"]))
-    runner = Runner(db, Config(state, scheduler="local", workers=1))
-    try:
-        assert runner.run_once()
-        assert runner.run_once()  # the same cluster serves the next job
-    finally:
-        runner.stop()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        runner = Runner(db, Config(state, scheduler=cluster.scheduler_address, workers=1))
+        try:
+            assert runner.run_once()
+            assert runner.run_once()  # the same client serves the next job
+            with distributed.Client(cluster.scheduler_address) as client:
+                keys = client.run_on_scheduler(_task_keys)
+        finally:
+            runner.stop()
+    # the part tasks ran on the cluster (the key names the request), not in threads here
+    for view in (first, second):
+        job = db.job(view.samples[""].id)
+        parts = {k for k in keys if k.startswith(f"columnhub-{job.request_hash[:16]}-part-")}
+        assert len(parts) == 6
     for view, cols, cut in ((first, columns, where), (second, ["MET_pt"], None)):
         job = db.job(view.samples[""].id)
         assert job.state == "complete", job.error
@@ -723,3 +755,73 @@ def test_a_runner_with_a_local_dask_cluster_delivers_and_reports_parts(
         assert job.progress["cache_misses"] == manifest["cache"]["misses"]
         assert job.progress["events"] == job.progress["events_total"] == 1200
     db.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("mysql://db.example/columnhub", ["'mysql' is not supported", "postgresql+psycopg://"]),
+        ("not a url", ["'not a url' is not a URL", "sqlite:///PATH"]),
+        (
+            "postgresql://postgres@127.0.0.1:1/columnhub",
+            ["cannot open the service database", "127.0.0.1:1/columnhub", "--database"],
+        ),
+        ("sqlite:////proc/columnhub/columnhub.db", ["cannot create /proc/columnhub", "state_dir"]),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_a_clear_error(url: str, named: list[str]) -> None:
+    from columnhub.errors import ServiceError
+
+    with pytest.raises(ServiceError) as err:
+        Database(url)
+    for part in named:
+        assert part in str(err.value)
+
+
+@pytest.mark.slow
+def test_idle_runner_threads_wake_on_submit_and_run_jobs_side_by_side(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No polling (an hour between looks): only the submit's wake-up can start the jobs."""
+    from columnhub.service import jobs
+
+    monkeypatch.setattr(jobs, "POLL_S", 3600.0)
+    monkeypatch.setenv(PART_SLEEP, "0.3")
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    runner = Runner(db, Config(state, runners=2))
+    runner.start()
+    try:
+        time.sleep(0.5)  # both threads found nothing and wait
+        first = submit(db, request(files, ["MET_pt"]))
+        second = submit(db, request(files, ["Jet_pt"]))
+        both = [first.samples[""].id, second.samples[""].id]
+        wait_for(
+            lambda: [db.job(j).state for j in both] == ["running", "running"],
+            "both jobs running at once, one per runner thread",
+        )
+        wait_for(lambda: all(db.job(j).state == "complete" for j in both), "both jobs done")
+    finally:
+        runner.stop()
+    claims = {db.job(j).claimed_by for j in both}
+    assert len(claims) == 2
+    check_result(state / "results" / both[0], files, ["MET_pt"], None)
+    check_result(state / "results" / both[1], files, ["Jet_pt"], None)
+    db.close()
+
+
+def test_a_wakeup_between_looking_and_waiting_is_not_lost() -> None:
+    """Runner threads read the generation, look for work, then wait: a submit in between counts."""
+    from columnhub.service.db import Wakeup
+
+    wakeup = Wakeup()
+    seen = [wakeup.generation, wakeup.generation]  # two runner threads looked: nothing queued
+    wakeup.set()  # a submit, before either waits
+    woke = []
+    threads = [threading.Thread(target=lambda s=s: woke.append(wakeup.wait(s, 30.0))) for s in seen]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert woke == [True, True]
+    assert not wakeup.wait(wakeup.generation, 0.01)  # nothing new: it times out

@@ -36,7 +36,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -53,6 +53,7 @@ __all__ = [
     "RequestJob",
     "RequestRecord",
     "RequestView",
+    "Wakeup",
     "empty_progress",
     "request_state",
 ]
@@ -320,6 +321,36 @@ class RequestView:
 # the database
 
 
+class Wakeup:
+    """Work was queued in this process: a counter that runners wait to see change.
+
+    Unlike an ``Event`` that each waiter clears, no wake-up is ever lost: a
+    runner reads :attr:`generation` *before* it looks for work, and
+    :meth:`wait` returns at once if anything was queued since.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """How many times work was queued."""
+        with self._changed:
+            return self._generation
+
+    def set(self) -> None:
+        """Work was queued: wake every waiting runner."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Wait until work is queued after generation ``seen``; ``False`` on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != seen, timeout)
+
+
 class Database:
     """The service's database: requests, jobs and the queue.
 
@@ -333,7 +364,8 @@ class Database:
     Attributes:
         engine: the SQLAlchemy engine.
         url: the URL, as SQLAlchemy reads it.
-        wakeup: set by :meth:`submit`; the runners of this process wait on it.
+        wakeup: a :class:`Wakeup` set by :meth:`submit`; the runners of this
+            process wait on it.
     """
 
     def __init__(self, url: str, *, upgrade: bool = True) -> None:
@@ -344,9 +376,19 @@ class Database:
         self._write = sessionmaker(
             self.engine.execution_options(columnhub_begin="IMMEDIATE"), expire_on_commit=False
         )
-        self.wakeup = threading.Event()
+        self.wakeup = Wakeup()
         if upgrade:
-            self.upgrade()
+            try:
+                self.upgrade()
+            except (OperationalError, OSError) as err:
+                where = self.url.render_as_string(hide_password=True)
+                reason = getattr(err, "orig", None) or err
+                msg = (
+                    f"cannot open the service database {where} ({reason}); check the URL "
+                    "(--database or `database:` in the config file), that the server is "
+                    "running and reachable, and that the directory is writable"
+                )
+                raise ServiceError(msg) from err
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -855,7 +897,15 @@ def _engine(url: sa.URL) -> Engine:
         return sa.create_engine(url, pool_pre_ping=True)
     memory = url.database in (None, "", ":memory:")
     if not memory:
-        Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(url.database or "").expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            msg = (
+                f"cannot create {directory} for the service database {url} ({err.strerror}); "
+                "choose a writable state_dir or another --database"
+            )
+            raise ServiceError(msg) from err
     engine = sa.create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_MS / 1000},
