@@ -669,7 +669,7 @@ def test_serve_with_a_database_that_is_down_says_so(tmp_path: Path) -> None:
     done = run_cli("serve", "--database", url, "--state-dir", str(tmp_path / "state"))
     assert done.returncode == 2
     assert f"127.0.0.1:{port}" in done.stderr
-    assert "cannot be reached" in done.stderr
+    assert "columnhub: error: cannot open the service database" in done.stderr
     assert "s3cret" not in done.stderr
     assert "Traceback" not in done.stderr
 
