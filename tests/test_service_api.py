@@ -681,6 +681,19 @@ def test_serve_with_a_database_that_is_down_says_so(tmp_path: Path) -> None:
 _LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
+def dask_workers(pid: int) -> list[int]:
+    """The Dask worker processes a process started (its children running ``spawn_main``)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    out = []
+    for child in children:
+        with contextlib.suppress(OSError):  # gone since
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+    return out
+
+
 @contextlib.contextmanager
 def serving(
     tmp: Path, *args: str, env: dict[str, str] | None = None, log_name: str = "serve.log"
@@ -753,11 +766,7 @@ def test_serve_end_to_end_with_a_local_cluster(served: dict[str, Any], shared_da
             assert_same_rows(table_of(data), expected, ["Jet_pt", "nJet"])
     # the service started a LocalCluster: its worker processes are the service's children
     assert "LocalCluster at tcp://127.0.0.1:" in served["log"].read_text()
-    children = subprocess.run(
-        ["pgrep", "-P", str(served["proc"].pid)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    assert len(workers) == 2  # --workers 2
+    assert len(dask_workers(served["proc"].pid)) == 2  # --workers 2
 
 
 @pytest.mark.distributed
@@ -787,8 +796,11 @@ def test_pyarrow_reads_a_part_lazily_over_http_ranges(
 @pytest.mark.distributed
 def test_serve_stops_cleanly_on_sigterm(served: dict[str, Any]) -> None:
     proc = served["proc"]
+    workers = dask_workers(proc.pid)
+    assert workers  # the LocalCluster's
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), "workers gone")
     text = served["log"].read_text()
     assert "Finished server process" in text
     assert "Traceback" not in text
@@ -843,6 +855,24 @@ def test_ctrl_c_hands_a_running_request_back_and_a_restart_completes_it(
         shared_data / "nano_tt_v12.root", ["Jet_pt", "nJet", "MET_pt"], lambda e: e.nJet >= 4
     )
     assert_same_rows(table_of(data), expected, ["Jet_pt", "nJet", "MET_pt"])
+
+
+def test_an_api_only_replica_queues_and_another_runs_the_work(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    config = make_config(tmp_path, shared_data)
+    with InProcess(create_app(config, runner=False)) as api:
+        rid = submit(api, tt_spec(shared_data, columns=["MET_pt", "nJet"]), "alice")
+        assert api.get(f"/api/v1/requests/{rid}", headers=auth("alice")).json()["status"] == "queued"
+        assert api.app.state.services.runner is None  # nothing runs here
+        with InProcess(create_app(config)) as worker:  # a replica on the same database
+            assert wait(worker, rid, "alice")["status"] == "complete"
+        assert wait(api, rid, "alice")["status"] == "complete"
+        m = api.get(f"/api/v1/requests/{rid}/manifest", headers=auth("alice")).json()
+    columns = ["MET_pt", "nJet"]
+    expected = reference(shared_data / "nano_tt_v12.root", columns, lambda e: e.nJet >= 4)
+    data = [(Path(m["path"]) / f).read_bytes() for f in m["files"]]
+    assert_same_rows(table_of(data), expected, columns)
 
 
 def test_columnhub_help_does_not_import_the_service(tmp_path: Path) -> None:
