@@ -372,6 +372,12 @@ def test_bad_input_is_4xx_never_5xx(service: InProcess, shared_data: Path) -> No
     for query in ("per_page=0", "page=x", "state=done"):
         r = service.get(f"/api/v1/requests?{query}", headers=auth("alice"))
         assert r.status_code == 400, query
+    r = service.post(
+        "/api/v1/requests", json=tt_spec(shared_data), params={"title": "x" * 501},
+        headers=auth("alice"),
+    )
+    assert r.status_code == 400
+    assert "title" in r.json()["error"]["message"]
     r = service.get("/api/v1/requests")
     assert r.status_code == 401
     assert r.headers["www-authenticate"].startswith("Bearer")

@@ -172,7 +172,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.post(f"{API}/requests", status_code=202, tags=["requests"])
     async def submit(
-        request: HttpRequest, title: str | None = None, user: Principal = submitter
+        request: HttpRequest,
+        title: str | None = Query(None, max_length=500),
+        user: Principal = submitter,
     ) -> dict[str, Any]:
         """Submit a spec (JSON, or YAML with a YAML content type): one dataset or ``samples:``.
 
