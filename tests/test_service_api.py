@@ -406,6 +406,21 @@ def test_any_json_body_is_answered_without_a_server_error(service: InProcess, bo
         assert set(r.json()["error"]) == {"type", "message"}
 
 
+def test_a_yaml_body_is_the_same_request_as_its_json(service: InProcess, shared_data: Path) -> None:
+    spec = tt_spec(shared_data, columns=["nJet", "MET_pt"])
+    as_json = submit(service, spec, "root")
+    r = service.post(
+        "/api/v1/requests", content=yaml.safe_dump(spec).encode(),
+        headers={**auth("root"), "Content-Type": "application/yaml"},
+    )
+    assert r.status_code == 202, r.text
+    db = service.app.state.db
+    jobs = [db.get(rid).samples[""] for rid in (as_json, r.json()["id"])]
+    assert jobs[0].request_hash == jobs[1].request_hash
+    for rid in (as_json, r.json()["id"]):
+        assert wait(service, rid, "root")["status"] == "complete"
+
+
 def test_a_spec_error_has_the_clis_message(
     service: InProcess, shared_data: Path, tmp_path: Path
 ) -> None:
