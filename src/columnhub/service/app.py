@@ -106,7 +106,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    db = _open_database(Database, config.database)
+    db = Database(config.database)  # an unusable URL or server: a ServiceError naming it
     authenticator = Authenticator.from_config(config)
 
     @contextlib.asynccontextmanager
@@ -172,7 +172,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.post(f"{API}/requests", status_code=202, tags=["requests"])
     async def submit(
-        request: HttpRequest, title: str | None = None, user: Principal = submitter
+        request: HttpRequest,
+        title: str | None = Query(None, max_length=500),
+        user: Principal = submitter,
     ) -> dict[str, Any]:
         """Submit a spec (JSON, or YAML with a YAML content type): one dataset or ``samples:``.
 
@@ -288,25 +290,6 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     dashboard.install(app)  # GET /, its static files, GET /api/v1/overview
 
     return app
-
-
-def _open_database(database: Any, url: str) -> Any:
-    """``Database(url)``; a database that cannot be reached is a clear error, not a traceback."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
-
-    from columnhub.errors import ServiceUnavailableError
-
-    try:
-        return database(url)
-    except OperationalError as err:
-        shown = make_url(url).render_as_string(hide_password=True)
-        reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
-        msg = (
-            f"the database {shown} cannot be reached ({reason}); start it, or give another "
-            "URL with --database (default: SQLite in --state-dir)"
-        )
-        raise ServiceUnavailableError(msg) from err
 
 
 # ---------------------------------------------------------------------------
