@@ -59,6 +59,14 @@ MAX_SELECTION_LENGTH = 200_000
 #: tree name -> its branches as ``(name, typename)`` in the tree's order
 BranchList = Mapping[str, Sequence[tuple[str, str]]]
 
+_EVENTS = "Events"
+#: event keys columnhub can use for a tree (it needs some, even when not delivered)
+_KEY_SETS: tuple[tuple[str, ...], ...] = (
+    ("run", "luminosityBlock", "event"),
+    ("runNumber", "eventNumber"),
+    ("run", "luminosityBlock"),
+    ("run",),
+)
 _FORMATS = {"parquet": "parquet", "root-file": "root", "root": "root"}
 _MAX_DEPTH = 100
 _MAX_REGEX = 500
@@ -128,8 +136,7 @@ def trees_needing_branches(codegen: str, selection: str) -> list[str]:
         if "copy_histograms" in query:
             continue
         tq = _tree_query(i, query)
-        if tq.needs_branches:
-            out += [t for t, _ in tq.trees if t not in out]
+        out += [t for t, _ in tq.trees if t not in out and (tq.needs_branches or t != _EVENTS)]
     return out
 
 
@@ -166,6 +173,7 @@ class _Sample:
     columns: list[str]
     define: dict[str, str] = field(default_factory=dict)
     where: str | None = None
+    keys: list[str] | None = None
 
 
 def _output_format(result_format: str) -> str:
@@ -212,6 +220,8 @@ def _spec(samples: list[_Sample], *, files: list[str], fmt: str) -> dict[str, An
     if len(samples) == 1:
         s = samples[0]
         dataset: dict[str, Any] = {"files": list(files), "tree": s.tree}
+        if s.keys is not None:
+            dataset["keys"] = list(s.keys)
         return {"dataset": dataset, **body(s), "output": output}
     seen: dict[str, str] = {}
     entries: dict[str, Any] = {}
@@ -227,7 +237,12 @@ def _spec(samples: list[_Sample], *, files: list[str], fmt: str) -> dict[str, An
             raise SpecError(msg)
         seen[s.name.lower()] = s.name
         entries[s.name] = {
-            "dataset": {"name": s.name, "files": list(files), "tree": s.tree},
+            "dataset": {
+                "name": s.name,
+                "files": list(files),
+                "tree": s.tree,
+                **({"keys": list(s.keys)} if s.keys is not None else {}),
+            },
             **body(s),
         }
     return {"samples": entries, "output": output}
@@ -865,7 +880,25 @@ def _uproot_sample(tq: _TreeQuery, tree: str, out: str, branches: BranchList) ->
         cut, node = _uproot_expression(tq.cut, tq.aliases, f"{where}, cut")
         if not _is_boolean_node(node):
             cut = _validate(f"({cut}) != 0", f"{where}, cut")
-    return _Sample(name=out, tree=tree, columns=columns, define=define, where=cut)
+    keys = _keys(tree, branches.get(tree), where) if tree != _EVENTS or tree in branches else None
+    return _Sample(name=out, tree=tree, columns=columns, define=define, where=cut, keys=keys)
+
+
+def _keys(tree: str, listing: Sequence[tuple[str, str]] | None, where: str) -> list[str] | None:
+    """The event keys of a tree other than NanoAOD's ``Events`` (columnhub plans with keys)."""
+    if listing is None:
+        msg = f"the branch list of tree {tree!r} is needed: call expand(), not translate()"
+        raise LookupError(msg)
+    names = {n for n, _ in listing}
+    for keys in _KEY_SETS:
+        if all(k in names for k in keys):
+            return None if keys == _KEY_SETS[0] else list(keys)
+    msg = (
+        f"{where}: tree {tree!r} has none of the event-number branches columnhub needs "
+        "(run, luminosityBlock, event; or runNumber, eventNumber); columnhub serves trees "
+        "with event numbers only"
+    )
+    raise SpecError(msg)
 
 
 def _is_boolean_node(node: ast.AST) -> bool:
