@@ -516,6 +516,10 @@ class _UprootEmitter:
             return self.column(arg.value, depth)
         if name in _REDUCTIONS:
             return self.reduction(node, name, depth)
+        if name not in _ELEMENTWISE and name not in _OTHER_FUNCTIONS and name != "neg":
+            raise self.refuse(
+                f"the function {name}()", "allowed functions: " + _allowed_functions()
+            )
         keywords = [k.arg for k in node.keywords]
         if keywords:
             raise self.refuse(f"keyword arguments {keywords} in {name}()")
@@ -748,9 +752,11 @@ def _tree_query(i: int, query: dict[str, Any]) -> _TreeQuery:
     filter_name = query.get("filter_name")
     filter_typename = query.get("filter_typename")
     if filter_name is not None:
-        _strings(filter_name, "filter_name", where)
+        _compile_filter(_strings(filter_name, "filter_name", where), "filter_name", where)
     if filter_typename is not None:
-        _strings(filter_typename, "filter_typename", where)
+        _compile_filter(
+            _strings(filter_typename, "filter_typename", where), "filter_typename", where
+        )
     return _TreeQuery(i, trees, exprs, cut, filter_name, filter_typename, aliases)
 
 
@@ -849,6 +855,11 @@ def _uproot_raw(text: str, branches: BranchList) -> list[_Sample]:
 
 def _uproot_sample(tq: _TreeQuery, tree: str, out: str, branches: BranchList) -> _Sample:
     where = tq.where + (f" (tree {tree!r})" if len(tq.trees) > 1 else "")
+    cut = None
+    if tq.cut is not None and tq.cut.strip():
+        cut, node = _uproot_expression(tq.cut, tq.aliases, f"{where}, cut")
+        if not _is_boolean_node(node):
+            cut = _validate(f"({cut}) != 0", f"{where}, cut")
     columns: list[str] = []
     define: dict[str, str] = {}
     if tq.expressions is not None:
@@ -875,11 +886,6 @@ def _uproot_sample(tq: _TreeQuery, tree: str, out: str, branches: BranchList) ->
                 raise SpecError(msg)
             if name not in columns:
                 columns.append(name)
-    cut = None
-    if tq.cut is not None and tq.cut.strip():
-        cut, node = _uproot_expression(tq.cut, tq.aliases, f"{where}, cut")
-        if not _is_boolean_node(node):
-            cut = _validate(f"({cut}) != 0", f"{where}, cut")
     keys = _keys(tree, branches.get(tree), where) if tree != _EVENTS or tree in branches else None
     return _Sample(name=out, tree=tree, columns=columns, define=define, where=cut, keys=keys)
 
