@@ -26,9 +26,8 @@ from columnhub.errors import SpecError
 from columnhub.service.servicex_query import expand, translate, trees_needing_branches
 
 servicex = pytest.importorskip("servicex")
-from servicex import query as sxquery  # noqa: E402
-from servicex.func_adl.func_adl_dataset import FuncADLQuery_Uproot  # noqa: E402
-
+from servicex import query as sxquery
+from servicex.func_adl.func_adl_dataset import FuncADLQuery_Uproot
 
 # -- references --------------------------------------------------------------------------
 
@@ -154,8 +153,17 @@ def test_uproot_raw_filter_names_and_cut(shared_data: Path, tmp_path: Path) -> N
         ["sum(Jet_pt)", "max(Jet_pt)", "min(Jet_eta)", "num(Jet_pt)", "count(Jet_pt)"],
         ["mean(Jet_pt)", "any(Jet_pt > 50)", "all(abs(Jet_eta) < 2.4)", "firsts(Jet_pt)"],
         ["count_nonzero(Jet_pt > 30, axis=1)", "sum(Jet_pt[Jet_pt > 30])", "Jet_pt[:, :2]"],
-        ["sqrt(MET_pt) + log(MET_pt) - exp(-MET_phi)", "arctan2(MET_phi, MET_pt)", "where(MET_pt > 20, MET_pt, 0)"],
-        ["(MET_pt > 20) & ~(nJet > 3)", "get('MET_pt')", "MET_pt > 20 and nJet > 1", "not nJet > 3"],
+        [
+            "sqrt(MET_pt) + log(MET_pt) - exp(-MET_phi)",
+            "arctan2(MET_phi, MET_pt)",
+            "where(MET_pt > 20, MET_pt, 0)",
+        ],
+        [
+            "(MET_pt > 20) & ~(nJet > 3)",
+            "get('MET_pt')",
+            "MET_pt > 20 and nJet > 1",
+            "not nJet > 3",
+        ],
     ],
 )
 def test_uproot_raw_expressions(shared_data: Path, tmp_path: Path, expressions: list[str]) -> None:
@@ -244,7 +252,11 @@ def test_uproot_raw_every_branch(shared_data: Path) -> None:
 
 def test_uproot_raw_several_trees_root_output(shared_data: Path, tmp_path: Path) -> None:
     dy = shared_data / "nano_dy.root"
-    q1 = {"treename": {"Events": "zjets"}, "filter_name": ["MET_pt", "Muon_pt"], "cut": "nMuon >= 2"}
+    q1 = {
+        "treename": {"Events": "zjets"},
+        "filter_name": ["MET_pt", "Muon_pt"],
+        "cut": "nMuon >= 2",
+    }
     q2 = {"treename": ["Events", "Runs"], "filter_name": ["run", "/genEventSumw.?_/"]}
     selection = _uproot_raw(q1, q2)
     spec = expand("uproot-raw", selection, files=[str(dy)], result_format="root-file")
@@ -272,12 +284,16 @@ def test_uproot_raw_refusals() -> None:
             translate("uproot-raw", text, files=files, result_format="parquet")
 
     refused([{"copy_histograms": "CutBookkeeper*"}], "copy_histograms is not supported")
-    refused([{"treename": "Events", "filter_nam": "Jet_pt"}], r"unknown field\(s\) \['filter_nam'\]")
+    refused(
+        [{"treename": "Events", "filter_nam": "Jet_pt"}], r"unknown field\(s\) \['filter_nam'\]"
+    )
     refused(
         [{"treename": "Events", "expressions": "sum(Jet_pt)", "use_standard_awkward_axis": True}],
         "use_standard_awkward_axis",
     )
-    refused([{"treename": "Events", "expressions": "sum(Jet_pt, axis=0)"}], r"axis=0\) is not supported")
+    refused(
+        [{"treename": "Events", "expressions": "sum(Jet_pt, axis=0)"}], r"axis=0\) is not supported"
+    )
     refused([{"treename": "Events", "expressions": "Jet_pt[0]"}], "indexing or slicing the events")
     refused([{"treename": "Events", "expressions": "e * Jet_pt"}], "the name 'e'")
     refused([{"treename": "Events", "expressions": "hypot(MET_pt, 1)"}], r"the function hypot\(\)")
@@ -285,14 +301,21 @@ def test_uproot_raw_refusals() -> None:
         [{"treename": "Events", "expressions": "x", "aliases": {"x": "y", "y": "x"}}],
         "cycle",
     )
-    refused([{"treename": "Events", "filter_name": "/(a+)+$/"}, ], "exponential")
+    refused(
+        [
+            {"treename": "Events", "filter_name": "/(a+)+$/"},
+        ],
+        "exponential",
+    )
     refused(
         [{"treename": "Events", "filter_name": "x"}, {"treename": "Events", "filter_name": "y"}],
         "two tree queries write the output tree 'Events'",
     )
     refused("not json", "not JSON")
     with pytest.raises(SpecError, match="result-format 'arrow'"):
-        translate("uproot-raw", _uproot_raw({"treename": "Events"}), files=files, result_format="arrow")
+        translate(
+            "uproot-raw", _uproot_raw({"treename": "Events"}), files=files, result_format="arrow"
+        )
 
 
 _HOSTILE = [
@@ -407,22 +430,28 @@ _FUNC_ADL_QUERIES = {
     ),
     "where_and_arithmetic": (
         _q_where_and_arithmetic,
-        "FromTree('Events').Where(lambda e: e.nJet >= 2 and not e.MET_pt < 20)"
-        ".Where(lambda e: e.nMuon > 0 or e.MET_pt > 40)"
-        ".Select(lambda e: {'x': e.MET_pt * 2 + abs(e.MET_phi) - 1, 'y': e.Jet_pt / e.MET_pt})",
+        (
+            "FromTree('Events').Where(lambda e: e.nJet >= 2 and not e.MET_pt < 20)"
+            ".Where(lambda e: e.nMuon > 0 or e.MET_pt > 40)"
+            ".Select(lambda e: {'x': e.MET_pt * 2 + abs(e.MET_phi) - 1, 'y': e.Jet_pt / e.MET_pt})"
+        ),
     ),
     "collections": (
         _q_collections,
-        "FromTree('Events').Select(lambda e: {'n30': e.Jet_pt.Where(lambda j: j > 30).Count(),"
-        " 'ht': e.Jet_pt.Where(lambda j: j > 30 and j < 1000).Sum(),"
-        " 'good': e.Jet_pt.Where(lambda j: j > e.MET_pt / 2),"
-        " 'double': e.Jet_pt.Select(lambda j: j * 2), 'nmu': e.Muon_pt.Count(),"
-        " 'lead': e.Jet_pt.Max()})",
+        (
+            "FromTree('Events').Select(lambda e: {'n30': e.Jet_pt.Where(lambda j: j > 30).Count(),"
+            " 'ht': e.Jet_pt.Where(lambda j: j > 30 and j < 1000).Sum(),"
+            " 'good': e.Jet_pt.Where(lambda j: j > e.MET_pt / 2),"
+            " 'double': e.Jet_pt.Select(lambda j: j * 2), 'nmu': e.Muon_pt.Count(),"
+            " 'lead': e.Jet_pt.Max()})"
+        ),
     ),
     "select_then_where": (
         _q_select_then_where,
-        "FromTree('Events').Select(lambda e: {'pt': e.Jet_pt, 'met': e.MET_pt})"
-        ".Where(lambda r: r.met > 25).Select(lambda r: {'pt': r.pt, 'n': r.pt.Count(), 'met': r.met})",
+        (
+            "FromTree('Events').Select(lambda e: {'pt': e.Jet_pt, 'met': e.MET_pt})"
+            ".Where(lambda r: r.met > 25).Select(lambda r: {'pt': r.pt, 'n': r.pt.Count(), 'met': r.met})"
+        ),
     ),
 }
 
@@ -433,12 +462,16 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
     tt = shared_data / "nano_tt_v12.root"
     from_python = _python_query(build)
     from_yaml = _yaml_query(yaml_text)
-    assert from_python.startswith("(call ") and from_yaml.startswith("(")  # the two forms
+    assert from_python.startswith("(call ")  # the two forms
+    assert from_yaml.startswith("(Select ")
     spec = translate("uproot", from_python, files=[str(tt)], result_format="parquet")
     # both forms are one request
-    assert columnhub.Request.from_dict(spec).hash == columnhub.Request.from_dict(
-        translate("uproot", from_yaml, files=[str(tt)], result_format="parquet")
-    ).hash
+    assert (
+        columnhub.Request.from_dict(spec).hash
+        == columnhub.Request.from_dict(
+            translate("uproot", from_yaml, files=[str(tt)], result_format="parquet")
+        ).hash
+    )
     got = _deliver(spec, tmp_path).to_awkward()
     reference = _func_adl_reference(from_python, tt)
     assert [f for f in got.fields if f in reference.fields] == reference.fields
@@ -458,7 +491,10 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
         ("Select(lambda e: {'pt': e.__class__})", "column name '__class__'"),
         ("Select(lambda e: {'a b': e.MET_pt})", "no spaces"),
         ("Select(lambda e: {'pt': e.Jet_pt[0]})", "subscript"),
-        ("Select(lambda e: {'pt': e.MET_pt}).Select(lambda r: {'x': r.other})", "'other' is not in"),
+        (
+            "Select(lambda e: {'pt': e.MET_pt}).Select(lambda r: {'x': r.other})",
+            "'other' is not in",
+        ),
         ("Select(lambda e: {'pt': __import__('os').system('ls')})", r"method call \.system\(\)"),
         ("Select(lambda e: {'pt': e.Jet_pt.Where(lambda j: j.pt > 3)})", r"attribute access \.pt"),
     ],
@@ -474,7 +510,10 @@ def test_func_adl_python_refusal() -> None:
     selection = sxquery.FuncADL_Uproot().FromTree("Events").SelectMany(lambda e: e.Jet_pt)
     with pytest.raises(SpecError, match="SelectMany over the events"):
         translate(
-            "uproot", selection.generate_selection_string(), files=["x.root"], result_format="parquet"
+            "uproot",
+            selection.generate_selection_string(),
+            files=["x.root"],
+            result_format="parquet",
         )
 
 
@@ -525,4 +564,6 @@ def test_translate_rejects_unknown_codegen_and_empty_files() -> None:
     with pytest.raises(SpecError, match="codegen 'atlasr22'"):
         translate("atlasr22", "x", files=["x.root"], result_format="parquet")
     with pytest.raises(SpecError, match="no input files"):
-        translate("uproot-raw", _uproot_raw({"treename": "Events"}), files=[], result_format="parquet")
+        translate(
+            "uproot-raw", _uproot_raw({"treename": "Events"}), files=[], result_format="parquet"
+        )

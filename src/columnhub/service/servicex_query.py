@@ -34,10 +34,11 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from columnhub.errors import ColumnhubError, SpecError
 
@@ -107,10 +108,7 @@ def translate(
         msg = "the request names no input files; give a file list (or a dataset) to read"
         raise SpecError(msg)
     text = _check_selection(codegen, selection)
-    if codegen == "uproot-raw":
-        samples = _uproot_raw(text, branches or {})
-    else:
-        samples = [_func_adl(text)]
+    samples = _uproot_raw(text, branches or {}) if codegen == "uproot-raw" else [_func_adl(text)]
     spec = _spec(samples, files=list(files), fmt=fmt)
     from columnhub.spec import load_request
 
@@ -140,9 +138,7 @@ def trees_needing_branches(codegen: str, selection: str) -> list[str]:
     return out
 
 
-def expand(
-    codegen: str, selection: str, *, files: list[str], result_format: str
-) -> dict[str, Any]:
+def expand(codegen: str, selection: str, *, files: list[str], result_format: str) -> dict[str, Any]:
     """:func:`translate`, reading the branch lists the query needs (metadata only).
 
     Reads the first file's branch list of each tree whose query selects
@@ -189,10 +185,7 @@ def _output_format(result_format: str) -> str:
 
 def _check_selection(codegen: str, selection: str) -> str:
     if codegen not in CODEGENS:
-        msg = (
-            f"codegen {codegen!r} is not translated here; "
-            f"supported: {', '.join(CODEGENS)}"
-        )
+        msg = f"codegen {codegen!r} is not translated here; supported: {', '.join(CODEGENS)}"
         raise SpecError(msg)
     if not isinstance(selection, str) or not selection.strip():
         msg = f"{codegen} query: the selection is empty; send the query text"
@@ -323,7 +316,7 @@ def _constant(value: object, where: str) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             msg = f"{where}: the constant {value!r} is not supported; use a finite number"
             raise SpecError(msg)
         return repr(value)
@@ -424,9 +417,9 @@ class _UprootEmitter:
         self.expanding: list[str] = []
         self.parsed: dict[str, ast.expr] = {}
 
-    def refuse(self, what: str, fix: str = "") -> SpecError:
+    def refuse(self, what: str, fix: str = "") -> NoReturn:
         msg = f"{self.where}: {what} is not supported by columnhub" + (f"; {fix}" if fix else "")
-        return SpecError(msg)
+        raise SpecError(msg)
 
     def alias_tree(self, name: str) -> ast.expr:
         if name not in self.parsed:
@@ -445,17 +438,17 @@ class _UprootEmitter:
             finally:
                 self.expanding.pop()
         if name in ("pi", "e"):
-            raise self.refuse(
+            self.refuse(
                 f"the name {name!r}",
                 f"columnhub reads {name!r} as the constant; rename the branch with an alias",
             )
         if any(part.startswith("__") for part in name.split(".")):
-            raise self.refuse(f"the name {name!r} (names starting with __)")
+            self.refuse(f"the name {name!r} (names starting with __)")
         if not _COLUMN_NAME.fullmatch(name):
-            raise self.refuse(f"the branch name {name!r}", "columnhub names are letters, digits, _ and .")
+            self.refuse(f"the branch name {name!r}", "columnhub names are letters, digits, _ and .")
         return name
 
-    def emit(self, node: ast.AST, depth: int = 0) -> str:  # noqa: C901, PLR0911, PLR0912 - one case per node
+    def emit(self, node: ast.AST, depth: int = 0) -> str:
         if depth > _MAX_DEPTH:
             msg = f"{self.where}: the expression nests deeper than {_MAX_DEPTH} levels; simplify it"
             raise SpecError(msg)
@@ -469,12 +462,12 @@ class _UprootEmitter:
         if isinstance(node, ast.Attribute):
             dotted = _dotted(node)
             if dotted is None:
-                raise self.refuse(_describe(node), "only branch names may hold dots")
+                self.refuse(_describe(node), "only branch names may hold dots")
             return self.column(dotted, d)
         if isinstance(node, ast.BinOp):
             op = _BINOPS.get(type(node.op))
             if op is None:
-                raise self.refuse(_OP_NAMES.get(type(node.op), type(node.op).__name__))
+                self.refuse(_OP_NAMES.get(type(node.op), type(node.op).__name__))
             return f"{_paren(self.emit(node.left, d))} {op} {_paren(self.emit(node.right, d))}"
         if isinstance(node, ast.UnaryOp):
             inner = _paren(self.emit(node.operand, d))
@@ -491,7 +484,7 @@ class _UprootEmitter:
             for cmp, right in zip(node.ops, node.comparators, strict=True):
                 sym = _CMPOPS.get(type(cmp))
                 if sym is None:
-                    raise self.refuse(_OP_NAMES.get(type(cmp), type(cmp).__name__))
+                    self.refuse(_OP_NAMES.get(type(cmp), type(cmp).__name__))
                 parts += [sym, _paren(self.emit(right, d))]
             return " ".join(parts)
         if isinstance(node, ast.IfExp):
@@ -501,32 +494,30 @@ class _UprootEmitter:
             return self.call(node, d)
         if isinstance(node, ast.Subscript):
             return self.subscript(node, d)
-        raise self.refuse(_describe(node))
+        self.refuse(_describe(node))
 
     def call(self, node: ast.Call, depth: int) -> str:
         if not isinstance(node.func, ast.Name):
-            raise self.refuse(_describe(node), "call the functions by name: " + _allowed_functions())
+            self.refuse(_describe(node), "call the functions by name: " + _allowed_functions())
         name = node.func.id
         if any(isinstance(a, ast.Starred) for a in node.args):
-            raise self.refuse(f"* arguments in {name}()")
+            self.refuse(f"* arguments in {name}()")
         if name == "get":
             arg = node.args[0] if len(node.args) == 1 and not node.keywords else None
             if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
-                raise self.refuse("get() of anything but one branch name in quotes")
+                self.refuse("get() of anything but one branch name in quotes")
             return self.column(arg.value, depth)
         if name in _REDUCTIONS:
             return self.reduction(node, name, depth)
         if name not in _ELEMENTWISE and name not in _OTHER_FUNCTIONS and name != "neg":
-            raise self.refuse(
-                f"the function {name}()", "allowed functions: " + _allowed_functions()
-            )
+            self.refuse(f"the function {name}()", "allowed functions: " + _allowed_functions())
         keywords = [k.arg for k in node.keywords]
         if keywords:
-            raise self.refuse(f"keyword arguments {keywords} in {name}()")
+            self.refuse(f"keyword arguments {keywords} in {name}()")
         args = [self.emit(a, depth) for a in node.args]
         if name == "neg" and len(args) == 1:
             return f"-{_paren(args[0])}"
-        if name in _OTHER_FUNCTIONS and len(args) == 2:  # noqa: PLR2004 - binary
+        if name in _OTHER_FUNCTIONS and len(args) == 2:
             return _OTHER_FUNCTIONS[name].join(_paren(a) for a in args)
         if name in _ELEMENTWISE:
             target, counts = _ELEMENTWISE[name]
@@ -535,15 +526,13 @@ class _UprootEmitter:
             want = " or ".join(str(c) for c in counts)
             msg = f"{self.where}: {name}() takes {want} argument(s) in columnhub, got {len(args)}"
             raise SpecError(msg)
-        raise self.refuse(
-            f"the function {name}()", "allowed functions: " + _allowed_functions()
-        )
+        self.refuse(f"the function {name}()", "allowed functions: " + _allowed_functions())
 
     def reduction(self, node: ast.Call, name: str, depth: int) -> str:
         axes: list[ast.expr] = list(node.args[1:2])
         for kw in node.keywords:
             if kw.arg != "axis":
-                raise self.refuse(f"the argument {kw.arg}= of {name}()", "only axis=1 is")
+                self.refuse(f"the argument {kw.arg}= of {name}()", "only axis=1 is")
             axes.append(kw.value)
         if len(node.args) not in (1, 2) or len(axes) > 1:
             msg = f"{self.where}: {name}() takes one array (and axis=1), got {len(node.args)} arguments"
@@ -551,7 +540,7 @@ class _UprootEmitter:
         for axis in axes:
             value = _int_literal(axis)
             if value not in (1, -1):
-                raise self.refuse(
+                self.refuse(
                     f"{name}(..., axis={ast.unparse(axis)})",
                     "columnhub reduces each event's list (axis=1); select events with the cut",
                 )
@@ -561,10 +550,7 @@ class _UprootEmitter:
         value = _paren(self.emit(node.value, depth))
         index = node.slice
         if isinstance(index, ast.Tuple):
-            if (
-                len(index.elts) == 2  # noqa: PLR2004 - [:, i]
-                and _is_full_slice(index.elts[0])
-            ):
+            if len(index.elts) == 2 and _is_full_slice(index.elts[0]):
                 inner = index.elts[1]
                 if isinstance(inner, ast.Slice):
                     bounds = [
@@ -574,20 +560,20 @@ class _UprootEmitter:
                     text = ":".join(bounds) if inner.step is not None else ":".join(bounds[:2])
                     return f"{value}[:, {text}]"
                 return f"{value}[:, {self.literal_index(inner)}]"
-            raise self.refuse("this subscript", "use x[mask], x[:, i] or x[:, a:b]")
+            self.refuse("this subscript", "use x[mask], x[:, i] or x[:, a:b]")
         if isinstance(index, ast.Slice) or _int_literal(index) is not None:
-            raise self.refuse(
+            self.refuse(
                 "indexing or slicing the events",
                 "select events with the cut; x[:, i] takes the i-th object of each event",
             )
         if isinstance(index, ast.Constant):
-            raise self.refuse(f"the subscript [{index.value!r:.40}]", "use x[mask], x[:, i] or x[:, a:b]")
+            self.refuse(f"the subscript [{index.value!r:.40}]", "use x[mask], x[:, i] or x[:, a:b]")
         return f"{value}[{self.emit(index, depth)}]"
 
     def literal_index(self, node: ast.AST) -> int:
         value = _int_literal(node)
         if value is None:
-            raise self.refuse(
+            self.refuse(
                 f"the computed index {_describe(node)}", "object indices are integer literals"
             )
         return value
@@ -607,7 +593,12 @@ def _int_literal(node: ast.AST) -> int | None:
 
 
 def _is_full_slice(node: ast.AST) -> bool:
-    return isinstance(node, ast.Slice) and node.lower is None and node.upper is None and node.step is None
+    return (
+        isinstance(node, ast.Slice)
+        and node.lower is None
+        and node.upper is None
+        and node.step is None
+    )
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -795,7 +786,14 @@ def _regex_test(regex: str, flags: str, what: str, where: str) -> Callable[[str]
         raise SpecError(msg)
     bits = 0
     for flag in flags:
-        bits |= {"i": re.I, "L": 0, "m": re.M, "s": re.S, "u": re.U, "x": re.X}[flag]
+        bits |= {
+            "i": re.IGNORECASE,
+            "L": 0,
+            "m": re.MULTILINE,
+            "s": re.DOTALL,
+            "u": re.UNICODE,
+            "x": re.VERBOSE,
+        }[flag]
     try:
         compiled = re.compile(regex, bits)
     except (re.error, OverflowError, RecursionError) as err:
@@ -812,30 +810,33 @@ def _regex_test(regex: str, flags: str, what: str, where: str) -> Callable[[str]
 
 def _nested_repeat(regex: str, flags: int) -> bool:
     """Whether a regex has a repeat inside a repeat (catastrophic backtracking risk)."""
-    try:
-        import re._parser as sre_parse  # type: ignore[import-not-found]
-    except ImportError:  # Python < 3.11
-        import sre_parse
+    import re._parser as sre_parse  # the standard library's regex parser (Python >= 3.11)
 
-    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)}
+    repeats = {
+        sre_parse.MAX_REPEAT,
+        sre_parse.MIN_REPEAT,
+        getattr(sre_parse, "POSSESSIVE_REPEAT", None),
+    }
+
+    def children(op: Any, arg: Any) -> list[Any]:
+        if op is sre_parse.SUBPATTERN:
+            return [arg[-1]]
+        if op is sre_parse.BRANCH:
+            return list(arg[1])
+        if op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+            return [arg[1]]
+        return []
 
     def walk(items: Any, inside: bool) -> bool:
         for op, arg in items:
             if op in repeats:
-                low, high, sub = arg
+                _low, high, sub = arg
                 if high != 1 and inside:
                     return True
                 if walk(sub, inside or high != 1):
                     return True
-            elif op is sre_parse.SUBPATTERN:
-                if walk(arg[-1], inside):
-                    return True
-            elif op is sre_parse.BRANCH:
-                if any(walk(b, inside) for b in arg[1]):
-                    return True
-            elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
-                if walk(arg[1], inside):
-                    return True
+            elif any(walk(child, inside) for child in children(op, arg)):
+                return True
         return False
 
     try:
@@ -927,7 +928,11 @@ def _is_boolean_node(node: ast.AST) -> bool:
 def _filtered(
     tq: _TreeQuery, tree: str, listing: Sequence[tuple[str, str]], where: str
 ) -> list[str]:
-    by_name = _compile_filter(tq.filter_name, "filter_name", where) if tq.filter_name is not None else None
+    by_name = (
+        _compile_filter(tq.filter_name, "filter_name", where)
+        if tq.filter_name is not None
+        else None
+    )
     by_type = (
         _compile_filter(tq.filter_typename, "filter_typename", where)
         if tq.filter_typename is not None
@@ -942,17 +947,20 @@ def _filtered(
         from columnhub.errors import closest
 
         shown = [f"filter_name={tq.filter_name!r}"] if tq.filter_name is not None else []
-        shown += [f"filter_typename={tq.filter_typename!r}"] if tq.filter_typename is not None else []
+        shown += (
+            [f"filter_typename={tq.filter_typename!r}"] if tq.filter_typename is not None else []
+        )
         names = [n for n, _ in listing]
         hint = closest(str(_as_list(tq.filter_name or [""])[0]), names)
-        msg = (
-            f"{where}: {', '.join(shown)} selects no branch of tree {tree!r}"
-            + (f"; closest names: {', '.join(hint)}" if hint else "")
+        msg = f"{where}: {', '.join(shown)} selects no branch of tree {tree!r}" + (
+            f"; closest names: {', '.join(hint)}" if hint else ""
         )
         raise SpecError(msg)
     bad = [n for n in out if not _COLUMN_NAME.fullmatch(n)]
     if bad:
-        msg = f"{where}: the branches {bad[:5]} have names columnhub cannot deliver; filter them out"
+        msg = (
+            f"{where}: the branches {bad[:5]} have names columnhub cannot deliver; filter them out"
+        )
         raise SpecError(msg)
     return out
 
@@ -1009,9 +1017,9 @@ class _FuncAdl:
         self.tree: str | None = None
         self.wheres: list[str] = []
 
-    def refuse(self, what: str, fix: str = "") -> SpecError:
+    def refuse(self, what: str, fix: str = "") -> NoReturn:
         msg = f"func_adl: {what} is not supported by columnhub" + (f"; {fix}" if fix else "")
-        return SpecError(msg)
+        raise SpecError(msg)
 
     # the query: a chain of Where/Select over the events
 
@@ -1021,7 +1029,11 @@ class _FuncAdl:
         if depth > _MAX_DEPTH:
             msg = f"func_adl: the query chains more than {_MAX_DEPTH} operators"
             raise SpecError(msg)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SOURCES:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _SOURCES
+        ):
             self.tree = _tree_of(node)
             return _Event()
         if isinstance(node, linq.Where):
@@ -1032,12 +1044,12 @@ class _FuncAdl:
             current = self.query(node.source, depth + 1)
             return self.lambda_value(node.selector, [current], depth)
         if isinstance(node, linq.SelectMany):
-            raise self.refuse(
+            self.refuse(
                 "SelectMany over the events (one output row per object)",
                 "columnhub delivers one row per event: Select(lambda e: {'jet_pt': e.Jet_pt}) "
                 "gives each event's list",
             )
-        raise self.refuse(self.name_of(node))
+        self.refuse(self.name_of(node))
 
     def name_of(self, node: ast.AST) -> str:
         import qastle.linq_util as linq
@@ -1050,12 +1062,12 @@ class _FuncAdl:
             linq.Count, linq.Sum, linq.Max, linq.Min, linq.Any, linq.All,
         ):  # fmt: skip
             if isinstance(node, cls):
-                return cls.__name__
+                return str(cls.__name__)
         return _describe(node)
 
     def lambda_value(self, node: ast.AST, args: list[_Value], depth: int) -> _Value:
         if not isinstance(node, ast.Lambda):
-            raise self.refuse(f"{_describe(node)} where a lambda belongs")
+            self.refuse(f"{_describe(node)} where a lambda belongs")
         params = [a.arg for a in node.args.args]
         if len(params) != len(args):
             msg = f"func_adl: a lambda takes {len(params)} argument(s) here, expected {len(args)}"
@@ -1066,7 +1078,7 @@ class _FuncAdl:
             fields: dict[str, str] = {}
             for key, value in zip(body.keys, body.values, strict=True):
                 if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-                    raise self.refuse("a dictionary key that is not a string")
+                    self.refuse("a dictionary key that is not a string")
                 if not key.value or any(ch.isspace() for ch in key.value):
                     msg = f"func_adl: the column name {key.value!r} is not valid (no spaces)"
                     raise SpecError(msg)
@@ -1077,7 +1089,7 @@ class _FuncAdl:
     def lambda_body(self, node: ast.AST, args: list[_Value], depth: int) -> str:
         out = self.lambda_value(node, args, depth)
         if not isinstance(out, str):
-            raise self.refuse("a Where whose lambda returns a dictionary or the event")
+            self.refuse("a Where whose lambda returns a dictionary or the event")
         return out
 
     # values inside a lambda
@@ -1091,7 +1103,7 @@ class _FuncAdl:
     def member(self, base: _Value, name: str) -> str:
         if isinstance(base, _Event):
             if name.startswith("__") or not _COLUMN_NAME.fullmatch(name):
-                raise self.refuse(f"the column name {name!r}")
+                self.refuse(f"the column name {name!r}")
             return name
         if isinstance(base, _Record):
             if name not in base.fields:
@@ -1101,9 +1113,9 @@ class _FuncAdl:
                 )
                 raise SpecError(msg)
             return _paren(base.fields[name])
-        raise self.refuse(f"attribute access .{name} on a column", "objects have no attributes here")
+        self.refuse(f"attribute access .{name} on a column", "objects have no attributes here")
 
-    def expr(self, node: ast.AST, env: dict[str, _Value], depth: int) -> str:  # noqa: C901, PLR0911, PLR0912 - one case per node
+    def expr(self, node: ast.AST, env: dict[str, _Value], depth: int) -> str:
         import qastle.linq_util as linq
 
         if depth > _MAX_DEPTH:
@@ -1112,24 +1124,29 @@ class _FuncAdl:
         d = depth + 1
         if isinstance(node, ast.Name):
             if node.id not in env:
-                raise self.refuse(f"the free name {node.id!r}", "columns are attributes of the lambda's argument (e.Jet_pt)")
+                self.refuse(
+                    f"the free name {node.id!r}",
+                    "columns are attributes of the lambda's argument (e.Jet_pt)",
+                )
             bound = env[node.id]
             if isinstance(bound, str):
                 return bound
-            raise self.refuse(f"using the whole {'event' if isinstance(bound, _Event) else 'dictionary'} {node.id!r} as a value")
+            self.refuse(
+                f"using the whole {'event' if isinstance(bound, _Event) else 'dictionary'} {node.id!r} as a value"
+            )
         if isinstance(node, ast.Attribute):
             return self.member(self.value(node.value, env, d), node.attr)
         if isinstance(node, ast.Subscript):
             index = node.slice
             if isinstance(index, ast.Constant) and isinstance(index.value, str):
                 return self.member(self.value(node.value, env, d), index.value)
-            raise self.refuse("a subscript other than e['column']")
+            self.refuse("a subscript other than e['column']")
         if isinstance(node, ast.Constant):
             return _constant(node.value, "func_adl")
         if isinstance(node, ast.BinOp):
             op = _BINOPS.get(type(node.op))
             if op is None:
-                raise self.refuse(_OP_NAMES.get(type(node.op), type(node.op).__name__))
+                self.refuse(_OP_NAMES.get(type(node.op), type(node.op).__name__))
             return f"{_paren(self.expr(node.left, env, d))} {op} {_paren(self.expr(node.right, env, d))}"
         if isinstance(node, ast.UnaryOp):
             inner = _paren(self.expr(node.operand, env, d))
@@ -1143,7 +1160,7 @@ class _FuncAdl:
             for cmp, right in zip(node.ops, node.comparators, strict=True):
                 sym = _CMPOPS.get(type(cmp))
                 if sym is None:
-                    raise self.refuse(_OP_NAMES.get(type(cmp), type(cmp).__name__))
+                    self.refuse(_OP_NAMES.get(type(cmp), type(cmp).__name__))
                 parts += [sym, _paren(self.expr(right, env, d))]
             return " ".join(parts)
         if isinstance(node, ast.IfExp):
@@ -1151,7 +1168,7 @@ class _FuncAdl:
             return f"where({', '.join(args)})"
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "abs":
             if len(node.args) != 1 or node.keywords:
-                raise self.refuse("abs() with other than one argument")
+                self.refuse("abs() with other than one argument")
             return f"abs({self.expr(node.args[0], env, d)})"
         if isinstance(node, linq.Where):
             source = self.expr(node.source, env, d)
@@ -1160,28 +1177,36 @@ class _FuncAdl:
         if isinstance(node, linq.Select):
             source = self.expr(node.source, env, d)
             return self.object_lambda(node.selector, source, env, d)
-        if type(node).__name__ in _AGGREGATES and isinstance(node, linq.Count | linq.Sum | linq.Max | linq.Min):
+        if type(node).__name__ in _AGGREGATES and isinstance(
+            node, linq.Count | linq.Sum | linq.Max | linq.Min
+        ):
             return f"{_AGGREGATES[type(node).__name__]}({self.expr(node.source, env, d)})"
         if isinstance(node, linq.Any | linq.All):
             source = self.expr(node.source, env, d)
             test = self.object_lambda(node.predicate, source, env, d)
             return f"{'any' if isinstance(node, linq.Any) else 'all'}({test})"
-        raise self.refuse(self.name_of(node))
+        self.refuse(self.name_of(node))
 
     def object_lambda(self, node: ast.AST, source: str, env: dict[str, _Value], depth: int) -> str:
         """The body of a per-object lambda, its argument standing for ``source``'s objects."""
         if not isinstance(node, ast.Lambda) or len(node.args.args) != 1:
-            raise self.refuse(f"{_describe(node)} where a one-argument lambda belongs")
+            self.refuse(f"{_describe(node)} where a one-argument lambda belongs")
         if isinstance(node.body, ast.Dict):
-            raise self.refuse("a dictionary inside a collection's Select", "build the dictionary at the event level")
+            self.refuse(
+                "a dictionary inside a collection's Select",
+                "build the dictionary at the event level",
+            )
         inner = {**env, node.args.args[0].arg: _paren(source)}
         return self.expr(node.body, inner, depth + 1)
 
 
 def _tree_of(node: ast.Call) -> str:
     args = node.args
-    tree = args[1] if len(args) >= 2 else None  # noqa: PLR2004 - (files, tree)
-    if not (isinstance(tree, ast.Constant) and isinstance(tree.value, str)) or tree.value in ("", "None"):
+    tree = args[1] if len(args) >= 2 else None
+    if not (isinstance(tree, ast.Constant) and isinstance(tree.value, str)) or tree.value in (
+        "",
+        "None",
+    ):
         msg = (
             "func_adl: the query names no tree; start it with FromTree('Events') "
             "(FuncADL_Uproot().FromTree('Events') in Python, FromTree('Events'). in YAML)"
@@ -1201,7 +1226,9 @@ def _func_adl(text: str) -> _Sample:
     except ColumnhubError:
         raise
     except Exception as err:  # noqa: BLE001 - qastle/lark raise many kinds for bad text
-        msg = f"func_adl: the selection is not valid qastle ({type(err).__name__}: {str(err)[:200]})"
+        msg = (
+            f"func_adl: the selection is not valid qastle ({type(err).__name__}: {str(err)[:200]})"
+        )
         raise SpecError(msg) from None
     body = tree.body if isinstance(tree, ast.Module) else None
     if not body or len(body) != 1 or not isinstance(body[0], ast.Expr):
@@ -1219,7 +1246,7 @@ def _func_adl(text: str) -> _Sample:
             "e.g. .Select(lambda e: {'jet_pt': e.Jet_pt})"
         )
         raise SpecError(msg)
-    assert translator.tree is not None  # noqa: S101 - the chain starts at a source
+    assert translator.tree is not None
     columns: list[str] = []
     define: dict[str, str] = {}
     for name, text_ in result.fields.items():
@@ -1233,4 +1260,6 @@ def _func_adl(text: str) -> _Sample:
     where = " & ".join(_paren(w) for w in wheres) if wheres else None
     if where is not None and len(wheres) > 1:
         where = _validate(where, "func_adl: Where")
-    return _Sample(name=translator.tree, tree=translator.tree, columns=columns, define=define, where=where)
+    return _Sample(
+        name=translator.tree, tree=translator.tree, columns=columns, define=define, where=where
+    )
