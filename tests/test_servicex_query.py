@@ -163,25 +163,25 @@ def test_uproot_raw_filter_names_and_cut(shared_data: Path, tmp_path: Path) -> N
             "get('MET_pt')",
             "MET_pt > 20 and nJet > 1",
             "not nJet > 3",
+            "nJet and nMuon",
+            "not nMuon",
+            "nJet or 0",
         ],
     ],
 )
 def test_uproot_raw_expressions(shared_data: Path, tmp_path: Path, expressions: list[str]) -> None:
     dy = shared_data / "nano_dy.root"
     query = {"treename": "Events", "expressions": expressions, "cut": "num(Jet_pt) > 0"}
-    if any(" and " in e or e.startswith("not ") for e in expressions):
-        # Python's and/or/not do not work on arrays in uproot: the reference uses & | ~
-        reference_query = {
-            **query,
-            "expressions": [
-                e.replace("MET_pt > 20 and nJet > 1", "(MET_pt > 20) & (nJet > 1)").replace(
-                    "not nJet > 3", "~(nJet > 3)"
-                )
-                for e in expressions
-            ],
-        }
-    else:
-        reference_query = query
+    # Python's and/or/not raise on arrays in uproot; columnhub gives them Python's
+    # meaning (numbers compared with 0, never bitwise): the reference spells that out
+    python_logic = {
+        "MET_pt > 20 and nJet > 1": "(MET_pt > 20) & (nJet > 1)",
+        "not nJet > 3": "~(nJet > 3)",
+        "nJet and nMuon": "(nJet != 0) & (nMuon != 0)",
+        "not nMuon": "nMuon == 0",
+        "nJet or 0": "(nJet != 0) | (0 != 0)",
+    }
+    reference_query = {**query, "expressions": [python_logic.get(e, e) for e in expressions]}
     spec = translate("uproot-raw", _uproot_raw(query), files=[str(dy)], result_format="parquet")
     got = _deliver(spec, tmp_path).to_awkward()
     reference = _uproot_reference(dy, reference_query)
@@ -398,7 +398,13 @@ def _q_where_and_arithmetic(q: Any) -> Any:
     return (
         q.Where(lambda e: e.nJet >= 2 and not e.MET_pt < 20)
         .Where(lambda e: e.nMuon > 0 or e.MET_pt > 40)
-        .Select(lambda e: {"x": e.MET_pt * 2 + abs(e.MET_phi) - 1, "y": e.Jet_pt / e.MET_pt})
+        .Select(
+            lambda e: {
+                "x": e.MET_pt * 2 + abs(e.MET_phi) - 1,
+                "y": e.Jet_pt / e.MET_pt,
+                "both": e.nJet and e.nMuon,  # numbers: Python's truth, not bitwise &
+            }
+        )
     )
 
 
@@ -433,7 +439,8 @@ _FUNC_ADL_QUERIES = {
         (
             "FromTree('Events').Where(lambda e: e.nJet >= 2 and not e.MET_pt < 20)"
             ".Where(lambda e: e.nMuon > 0 or e.MET_pt > 40)"
-            ".Select(lambda e: {'x': e.MET_pt * 2 + abs(e.MET_phi) - 1, 'y': e.Jet_pt / e.MET_pt})"
+            ".Select(lambda e: {'x': e.MET_pt * 2 + abs(e.MET_phi) - 1, 'y': e.Jet_pt / e.MET_pt,"
+            " 'both': e.nJet and e.nMuon})"
         ),
     ),
     "collections": (

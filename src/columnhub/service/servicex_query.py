@@ -470,15 +470,14 @@ class _UprootEmitter:
                 self.refuse(_OP_NAMES.get(type(node.op), type(node.op).__name__))
             return f"{_paren(self.emit(node.left, d))} {op} {_paren(self.emit(node.right, d))}"
         if isinstance(node, ast.UnaryOp):
-            inner = _paren(self.emit(node.operand, d))
-            if isinstance(node.op, ast.USub):
-                return f"-{inner}"
-            if isinstance(node.op, ast.UAdd):
-                return f"+{inner}"
-            return f"~{inner}"  # Invert, Not
+            inner = self.emit(node.operand, d)
+            if isinstance(node.op, ast.Not):
+                return f"~{_paren(_truth(node.operand, inner))}"
+            sign = {ast.USub: "-", ast.UAdd: "+"}.get(type(node.op), "~")
+            return f"{sign}{_paren(inner)}"
         if isinstance(node, ast.BoolOp):
             op = " & " if isinstance(node.op, ast.And) else " | "
-            return op.join(_paren(self.emit(v, d)) for v in node.values)
+            return op.join(_paren(_truth(v, self.emit(v, d))) for v in node.values)
         if isinstance(node, ast.Compare):
             parts = [_paren(self.emit(node.left, d))]
             for cmp, right in zip(node.ops, node.comparators, strict=True):
@@ -908,6 +907,15 @@ def _keys(tree: str, listing: Sequence[tuple[str, str]] | None, where: str) -> l
     raise SpecError(msg)
 
 
+def _truth(node: ast.AST, text: str) -> str:
+    """``text`` as a truth value: Python's ``and``/``or``/``not`` test numbers against 0.
+
+    columnhub's ``&``, ``|`` and ``~`` are bitwise on integers (``2 & 1`` is 0),
+    so a number under ``and``/``or``/``not`` is compared with 0 first.
+    """
+    return text if _is_boolean_node(node) else f"({text}) != 0"
+
+
 def _is_boolean_node(node: ast.AST) -> bool:
     """Whether a cut is boolean by its form (else it is compared with 0, as uproot does)."""
     if isinstance(node, ast.Compare | ast.BoolOp) or (
@@ -918,6 +926,8 @@ def _is_boolean_node(node: ast.AST) -> bool:
         return isinstance(node.op, ast.Not) or _is_boolean_node(node.operand)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr | ast.BitXor):
         return _is_boolean_node(node.left) and _is_boolean_node(node.right)
+    if type(node).__name__ in ("Any", "All"):  # func_adl's (qastle) Any/All
+        return True
     return (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
@@ -1149,12 +1159,14 @@ class _FuncAdl:
                 self.refuse(_OP_NAMES.get(type(node.op), type(node.op).__name__))
             return f"{_paren(self.expr(node.left, env, d))} {op} {_paren(self.expr(node.right, env, d))}"
         if isinstance(node, ast.UnaryOp):
-            inner = _paren(self.expr(node.operand, env, d))
+            inner = self.expr(node.operand, env, d)
+            if isinstance(node.op, ast.Not):
+                return f"~{_paren(_truth(node.operand, inner))}"
             sign = {ast.USub: "-", ast.UAdd: "+"}.get(type(node.op), "~")
-            return f"{sign}{inner}"
+            return f"{sign}{_paren(inner)}"
         if isinstance(node, ast.BoolOp):
             op = " & " if isinstance(node.op, ast.And) else " | "
-            return op.join(_paren(self.expr(v, env, d)) for v in node.values)
+            return op.join(_paren(_truth(v, self.expr(v, env, d))) for v in node.values)
         if isinstance(node, ast.Compare):
             parts = [_paren(self.expr(node.left, env, d))]
             for cmp, right in zip(node.ops, node.comparators, strict=True):
