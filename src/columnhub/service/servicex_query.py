@@ -213,6 +213,8 @@ def _spec(samples: list[_Sample], *, files: list[str], fmt: str) -> dict[str, An
     if len(samples) == 1:
         s = samples[0]
         dataset: dict[str, Any] = {"files": list(files), "tree": s.tree}
+        if s.name != s.tree:  # treename: {input: output}: the output name names the dataset
+            dataset["name"] = s.name
         if s.keys is not None:
             dataset["keys"] = list(s.keys)
         return {"dataset": dataset, **body(s), "output": output}
