@@ -301,11 +301,13 @@ def test_uproot_raw_refusals() -> None:
         [{"treename": "Events", "expressions": "x", "aliases": {"x": "y", "y": "x"}}],
         "cycle",
     )
+    for regex in ("/(a+)+$/", "/(Jet_|Jet)*pt/", "/(x*y?)*z/i"):
+        refused([{"treename": "Events", "filter_name": regex}], "exponential")
+    refused([{"treename": "Events", "filter_name": "/Jet_(pt/"}], "regex /Jet_\\(pt/ is invalid")
+    doubling = {f"a{i}": f"a{i + 1} + a{i + 1}" for i in range(30)}
     refused(
-        [
-            {"treename": "Events", "filter_name": "/(a+)+$/"},
-        ],
-        "exponential",
+        [{"treename": "Events", "expressions": "a0", "aliases": {**doubling, "a30": "MET_pt"}}],
+        "expands to more than 10000 characters",
     )
     refused(
         [{"treename": "Events", "filter_name": "x"}, {"treename": "Events", "filter_name": "y"}],
@@ -544,6 +546,12 @@ def test_func_adl_needs_a_tree() -> None:
         "(Select (call EventDataset 'f' 'Events') (lambda (list e) (dict (list 'a') (list (subscript e 0)))))",
         "(((((",
         "",
+        "(Select (call EventDataset 'f' 'Events') (lambda (list e) (dict (list 'a' 'b') (list 1))))",
+        "(Select (call EventDataset 'f' 'Events') (lambda (list e) (dict (list 'a') (list "
+        + "(+ 1 " * 300
+        + "1"
+        + ")" * 300
+        + "))))",
     ],
 )
 def test_func_adl_hostile_qastle(text: str) -> None:
