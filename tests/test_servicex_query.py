@@ -217,6 +217,7 @@ def test_uproot_raw_aliases_and_numeric_cut(shared_data: Path, tmp_path: Path) -
         ("/^Electron_.*/", ["float[]"]),
         (None, ["uint64_t", "int32_t"]),
         (["Jet_[pe]t*", "nJet"], None),
+        ("/Jet_pt/", None),  # from the start, as uproot: not FatJet_pt, GenJet_pt
     ],
 )
 def test_uproot_raw_patterns(
@@ -273,6 +274,17 @@ def test_uproot_raw_several_trees_root_output(shared_data: Path, tmp_path: Path)
         with uproot.open(result.files[0]) as f:
             assert f["Events"].classname == "TTree"
         _compare_with_uproot(result, _uproot_reference(dy, query, tree))
+
+
+def test_uproot_raw_one_renamed_tree_is_one_request() -> None:
+    selection = _uproot_raw({"treename": {"Events": "zjets"}, "filter_name": "MET_pt"})
+    spec = translate("uproot-raw", selection, files=["x.root"], result_format="root-file")
+    request = columnhub.load_request(spec)
+    assert isinstance(request, columnhub.Request)
+    assert request.dataset.name == "zjets"
+    assert request.dataset.tree == "Events"
+    assert request.output.format == "root"
+    assert not request.output.include_keys  # uproot delivers only what was asked
 
 
 def test_uproot_raw_refusals() -> None:
