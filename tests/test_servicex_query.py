@@ -603,6 +603,21 @@ def test_func_adl_python_refusal() -> None:
         )
 
 
+def test_func_adl_other_tree(shared_data: Path, tmp_path: Path) -> None:
+    """A tree other than Events (NanoAOD's Runs) is read with the event numbers it has."""
+    dy = shared_data / "nano_dy.root"
+    selection = _yaml_query(
+        "FromTree('Runs').Select(lambda r: {'sumw': r.genEventSumw_, 'n': r.genEventCount_})"
+    )
+    assert trees_needing_branches("uproot", selection) == ["Runs"]
+    spec = expand("uproot", selection, files=[str(dy)], result_format="parquet")
+    assert spec["dataset"]["keys"] == ["run"]
+    got = _deliver(spec, tmp_path).to_awkward()
+    reference = _func_adl_reference(selection, dy, "Runs")
+    for field in reference.fields:
+        _assert_same(got[field], reference[field], what=field)
+
+
 def test_func_adl_needs_a_tree() -> None:
     with pytest.raises(SpecError, match="FromTree"):
         translate(

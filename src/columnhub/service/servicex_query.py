@@ -108,7 +108,13 @@ def translate(
         msg = "the request names no input files; give a file list (or a dataset) to read"
         raise SpecError(msg)
     text = _check_selection(codegen, selection)
-    samples = _uproot_raw(text, branches or {}) if codegen == "uproot-raw" else [_func_adl(text)]
+    if codegen == "uproot-raw":
+        samples = _uproot_raw(text, branches or {})
+    else:
+        sample = _func_adl(text)
+        if sample.tree != _EVENTS:
+            sample.keys = _keys(sample.tree, (branches or {}).get(sample.tree), "func_adl")
+        samples = [sample]
     spec = _spec(samples, files=list(files), fmt=fmt)
     from columnhub.spec import load_request
 
@@ -128,7 +134,8 @@ def trees_needing_branches(codegen: str, selection: str) -> list[str]:
     """
     text = _check_selection(codegen, selection)
     if codegen != "uproot-raw":
-        return []
+        tree = _func_adl(text).tree
+        return [] if tree == _EVENTS else [tree]
     out: list[str] = []
     for i, query in enumerate(_uproot_raw_queries(text)):
         if "copy_histograms" in query:
