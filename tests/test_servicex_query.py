@@ -583,6 +583,8 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
         ),
         ("Select(lambda e: {'pt': __import__('os').system('ls')})", r"method call \.system\(\)"),
         ("Select(lambda e: {'pt': e.Jet_pt.Where(lambda j: j.pt > 3)})", r"attribute access \.pt"),
+        ("Select(lambda e: {'one': e.Jet_pt.Select(lambda j: 1)})", "does not use its argument"),
+        ("Select(lambda e: {'n': e.Jet_pt.Where(lambda j: e.MET_pt > 3).Count()})", "does not use"),
     ],
 )
 def test_func_adl_refusals(text: str, match: str) -> None:

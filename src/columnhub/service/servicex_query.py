@@ -1234,7 +1234,13 @@ class _FuncAdl:
                 "a dictionary inside a collection's Select",
                 "build the dictionary at the event level",
             )
-        inner = {**env, node.args.args[0].arg: _paren(source)}
+        param = node.args.args[0].arg
+        if not any(isinstance(n, ast.Name) and n.id == param for n in ast.walk(node.body)):
+            self.refuse(
+                f"a collection's lambda that does not use its argument {param!r}",
+                "it would give one value per event, not one per object",
+            )
+        inner = {**env, param: _paren(source)}
         return self.expr(node.body, inner, depth + 1)
 
 
