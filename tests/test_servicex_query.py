@@ -276,6 +276,16 @@ def test_uproot_raw_several_trees_root_output(shared_data: Path, tmp_path: Path)
         _compare_with_uproot(result, _uproot_reference(dy, query, tree))
 
 
+def test_expand_refuses_before_reading() -> None:
+    """A refused query is refused by expand before any file is opened (here: none exists)."""
+    selection = _uproot_raw(
+        {"treename": "Events", "filter_name": "Jet_*"},
+        {"treename": "Events", "filter_name": "MET_*", "cut": "MET_pt.sum()"},
+    )
+    with pytest.raises(SpecError, match=r"query 2, cut: method call \.sum\(\)"):
+        expand("uproot-raw", selection, files=["/nonexistent/x.root"], result_format="parquet")
+
+
 def test_uproot_raw_one_renamed_tree_is_one_request() -> None:
     selection = _uproot_raw({"treename": {"Events": "zjets"}, "filter_name": "MET_pt"})
     spec = translate("uproot-raw", selection, files=["x.root"], result_format="root-file")

@@ -157,6 +157,10 @@ def expand(codegen: str, selection: str, *, files: list[str], result_format: str
         SpecError: an unsupported query (as :func:`translate`).
         DatasetError: a file or tree cannot be read.
     """
+    try:  # pure first: a query columnhub refuses is refused before anything is read
+        return translate(codegen, selection, files=files, result_format=result_format)
+    except LookupError:
+        pass
     trees = trees_needing_branches(codegen, selection)
     branches = {tree: _read_branches(files, tree) for tree in trees}
     return translate(
@@ -869,11 +873,18 @@ def _nested_repeat(regex: str, flags: int) -> bool:
 
 
 def _uproot_raw(text: str, branches: BranchList) -> list[_Sample]:
+    """Every tree query as a sample; every query is checked before a missing branch list counts."""
     samples: list[_Sample] = []
+    missing: LookupError | None = None
     for i, query in enumerate(_uproot_raw_queries(text)):
         tq = _tree_query(i, query)
         for tree, out in tq.trees:
-            samples.append(_uproot_sample(tq, tree, out, branches))
+            try:
+                samples.append(_uproot_sample(tq, tree, out, branches))
+            except LookupError as err:
+                missing = missing or err
+    if missing is not None:
+        raise missing
     return samples
 
 
