@@ -694,19 +694,19 @@ def _execute(
     metas: dict[int, Any] = {}
     exchanged: Any = None
     try:
-        if plan.friends:
-            from columnhub.join.exchange import exchange
-            from columnhub.join.provider import prepare
-
-            # key indexes built once (into the cache workers share); duplicates reported first
-            prepare(plan, cache=cache, report=index_report)
         with executor_for(scheduler, workers=workers) as run_parts:
             if plan.friends:
+                from columnhub.join.exchange import exchange
+                from columnhub.join.provider import prepare
+
+                tasks = run_parts.tasks(plan)
+                # key indexes built once (into the cache workers share; on the cluster's
+                # workers when the part tasks run there); duplicates reported first
+                prepare(plan, cache=cache, report=index_report, tasks=tasks)
                 # scattered friends read once, into the cache in primary-chunk order
                 # (on the cluster's workers when the part tasks run there)
                 exchanged = exchange(
-                    plan, cache=cache, staging=staging, workers=workers,
-                    tasks=run_parts.tasks(plan),
+                    plan, cache=cache, staging=staging, workers=workers, tasks=tasks
                 )
             shared = {
                 "exchanged": exchanged.store if exchanged is not None else None,
