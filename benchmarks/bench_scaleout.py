@@ -434,7 +434,7 @@ def scaling_model_section(f: dict[str, Any]) -> list[str]:
         f"Measured by `python benchmarks/bench_scaleout.py` ({f['events']:,} events, one",
         "worker of a running `LocalCluster` that has run the request once before, as a",
         "facility's workers have: their imports done; cold cache). A cold worker's first",
-        f"tasks also pay its imports: {cold['worker_task_s'] - one['worker_task_s']:.2f} s more work"
+        (f"tasks also pay its imports: {cold['worker_task_s'] - one['worker_task_s']:.2f} s more work"
         f" in all. start = {start:.2f} s"
         f" (first task after {one['first_task_s']:.2f} s, manifest written"
         f" {one['after_last_task_s']:.2f} s after the last task), client CPU"
@@ -442,7 +442,7 @@ def scaling_model_section(f: dict[str, Any]) -> list[str]:
         f" {f['parts']} parts of {f['target_part_bytes'] / 2**20:.0f} MiB target;"
         f" {(f['input_bytes'] + f['output_bytes']) / 1e6:.0f} MB read and written; Dask overhead"
         f" o = {f['dask_overhead_s'] * 1e3:.2f} ms per task (2000 empty tasks through a one-worker"
-        " `LocalCluster`).",
+        " `LocalCluster`)."),
         "",
         "| stage | tasks | seconds of work (1 worker) | longest task s |",
         "|---|---|---|---|",
@@ -451,14 +451,14 @@ def scaling_model_section(f: dict[str, Any]) -> list[str]:
         lines.append(f"| {stage} | {s['tasks']} | {s['seconds']:.2f} | {s['max_s']:.2f} |")
     lines += [
         "",
-        f"With 2 cold workers the first task started after {two['first_task_s']:.2f} s, every"
+        (f"With 2 cold workers the first task started after {two['first_task_s']:.2f} s, every"
         f" worker was busy for {two['every_worker_busy_s']:.2f} s of the"
         f" {f['seconds']['running2']:.2f} s, and the client used {two['client_cpu_s']:.2f} CPU s"
         f" against the workers' {two['worker_cpu_s']:.2f} s; measured 2 workers vs 1:"
-        f" {f['dask2_vs_dask1']:.2f}x (cold workers), {f['dask2_vs_dask1_warm_workers']:.2f}x (warm).",
+        f" {f['dask2_vs_dask1']:.2f}x (cold workers), {f['dask2_vs_dask1_warm_workers']:.2f}x (warm)."),
         "",
-        "| request | workers N | storage BW | tasks | compute s | of it one-task stages s |"
-        " storage s | scheduler s | T(N) s | speed-up vs 1 | bound by |",
+        ("| request | workers N | storage BW | tasks | compute s | of it one-task stages s |"
+        " storage s | scheduler s | T(N) s | speed-up vs 1 | bound by |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows.values():
@@ -471,11 +471,11 @@ def scaling_model_section(f: dict[str, Any]) -> list[str]:
         if r["workers"] >= FACILITY_WORKERS:
             lines += [
                 "",
-                f"At {r['workers']} workers and {r['bandwidth'] / 1e9:g} GB/s, a {r['events']:,}-event"
+                (f"At {r['workers']} workers and {r['bandwidth'] / 1e9:g} GB/s, a {r['events']:,}-event"
                 f" request of {r['tasks']} tasks takes about {r['total_s']:.1f} s"
                 f" ({r['speedup']:.0f}x one worker), bound by {r['bound']}; of it"
                 f" {r['start_s']:.1f} s is the client's start and {r['serial_stage_s']:.1f} s the"
-                " one-task stages.",
+                " one-task stages."),
             ]
     lines += [
         "",

@@ -140,7 +140,7 @@ def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: never a clash over 8787 (a warning)
         )
         try:
             with distributed.Client(cluster) as client:
