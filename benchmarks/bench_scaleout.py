@@ -197,7 +197,7 @@ def stage_of(key: Any) -> str:
     words = text.split("-")[2:-1]  # without "columnhub", the request hash and the run
     words = [w for w in words if not w.isdigit()]
     if words[:2] in (["exchange", "read"], ["exchange", "assemble"], ["exchange", "locate"],
-                     ["exchange", "route"], ["exchange", "routed"]):
+                     ["exchange", "route"], ["exchange", "routed"], ["exchange", "block"]):
         return "-".join(words[:2])  # the friend's name dropped
     return "-".join(words) or text
 

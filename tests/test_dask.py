@@ -16,15 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import uproot
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import columnhub
 from columnhub.cache import ColumnCache
 from columnhub.errors import DuplicateKeyError, ExpressionError
 from columnhub.execute.part import run_part
 from columnhub.join import provider
-from columnhub.join.exchange import blocks, combine_routes, locate_rows
 from columnhub.join.index import KeyIndex
 from columnhub.output.manifest import read_manifest
 from columnhub.plan import make_plan
@@ -360,52 +357,3 @@ def test_duplicate_keys_found_on_the_cluster_give_the_local_error(
     manifest = read_manifest(tmp_path / "dask")
     assert manifest is None or not manifest["complete"]  # reported before any part: none
     assert not list((tmp_path / "dask").glob("part-*"))
-
-
-@settings(deadline=None)  # the first example loads the key kernels
-@given(
-    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4),
-    target=st.integers(1, 25),
-    chunks=st.integers(1, 4),
-    seed=st.integers(0, 2**16),
-)
-def test_routing_chunk_by_chunk_matches_a_brute_force_placement(
-    sizes: list[int], target: int, chunks: int, seed: int
-) -> None:
-    rng = np.random.default_rng(seed)
-    total = sum(sizes)
-    # the friend's files, with row-group boundaries every few entries
-    bounds = []
-    for size in sizes:
-        inner = sorted(set(rng.integers(1, size, size=3).tolist())) if size >= 2 else []
-        bounds.append([0, *inner, size])
-    layout = blocks(bounds, target)
-    index = KeyIndex.from_files(
-        [{"event": np.arange(size, dtype=np.uint64) + sum(sizes[:i])} for i, size in enumerate(sizes)]
-    )
-    per_chunk = [
-        np.where(rng.random(n) < 0.8, rng.integers(0, max(total, 1), size=n), -1).astype(np.int64)
-        if total else np.full(n, -1, dtype=np.int64)
-        for n in rng.integers(0, 30, size=chunks)
-    ]
-    routing = combine_routes([locate_rows(index, r, layout) for r in per_chunk], layout)
-    # brute force: the file and entry of each dataset row, and the block that holds it
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    got: dict[tuple[int, int], tuple[int, int, int]] = {}
-    for block, (lo, hi), targets in zip(routing.blocks, routing.ranges, routing.targets, strict=True):
-        assert block.start <= lo < hi <= block.stop
-        for c, positions, entries in targets:
-            for p, e in zip(positions.tolist(), entries.tolist(), strict=True):
-                assert (c, p) not in got  # each chunk row routed once
-                got[(c, p)] = (block.file, lo + e, hi)
-    want = {}
-    for c, rows in enumerate(per_chunk):
-        for p, r in enumerate(rows.tolist()):
-            if r < 0:
-                continue
-            file = int(np.searchsorted(starts, r, side="right") - 1)
-            want[(c, p)] = (file, r - int(starts[file]))
-    assert {k: v[:2] for k, v in got.items()} == want
-    for file, entry, _ in got.values():  # the block holding it is the layout's
-        [b] = [b for b in layout if b.file == file and b.start <= entry < b.stop]
-        assert b in routing.blocks

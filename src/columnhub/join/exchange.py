@@ -40,7 +40,7 @@ on the local thread pool, or, given the request's Dask
 :class:`~columnhub.execute.dask.Tasks`, on the cluster's workers: one match
 task and one locate task (:func:`locate_rows`) per primary chunk, one small
 route task per friend (:func:`combine_routes`), one read task per friend
-block and one assemble task per chunk, each waiting for the futures it takes
+block (given its block's routing alone, so reads spread over the workers) and one assemble task per chunk, each waiting for the futures it takes
 (reads for the routing, an assembly for the reads of its chunk's blocks).
 There the pieces travel through a spill store under the staging directory
 (which every worker sees) and only small metadata comes back to the client:
@@ -856,25 +856,36 @@ def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
     }
 
 
+#: one block of a :class:`Routing`: the block, its entry range and its targets
+_BlockRoute = tuple[Block, tuple[int, int], tuple[tuple[int, np.ndarray, np.ndarray], ...]]
+
+
+def _block_task(routing: Routing, number: int) -> _BlockRoute:
+    """Task: block ``number`` of ``routing`` alone.
+
+    A read task takes this small piece rather than the whole routing, so the
+    scheduler can run the reads on every worker instead of on the one that
+    holds the routing.
+    """
+    return routing.blocks[number], routing.ranges[number], routing.targets[number]
+
+
 def _read_task(
     plan: Plan,
     friend: str,
-    routing: Routing,
+    block: _BlockRoute,
     number: int,
     *,
     columns: Sequence[str],
     pieces: ColumnCache,
 ) -> tuple[tuple[str, int, int], int]:
-    """Task: read block ``number`` of ``routing`` once and store its pieces in ``pieces``.
+    """Task: read block ``number`` (``block``: its routing) once and store its pieces in ``pieces``.
 
     Block 0 also stores a zero-row array of each column (for chunks without
     partners). Returns the read ``(file, start, stop)`` and the bytes read.
     """
     spec = plan.friend(friend)
-    got = read_block(
-        plan, friend, routing.blocks[number], routing.ranges[number], routing.targets[number],
-        columns=columns,
-    )
+    got = read_block(plan, friend, *block, columns=columns)
     for local, where, values in zip(got.chunks, got.positions, got.columns, strict=True):
         pieces.put(_piece_key(spec, number, local, "\0rows"), ak.Array(where))
         for c in columns:
@@ -1014,14 +1025,20 @@ def _on_cluster(
             pieces = ColumnCache(where)
             try:
                 t0 = time.perf_counter()
-                reads = [
+                routes = [
                     tasks.submit(
-                        _read_task, plan, name, routed[name], b, columns=columns,
-                        pieces=pieces, key=f"exchange-read-{name}-{b:05d}",
+                        _block_task, routed[name], b, key=f"exchange-block-{name}-{b:05d}"
                     )
                     for b in range(info["blocks"])
                 ]
-                held += reads
+                reads = [
+                    tasks.submit(
+                        _read_task, plan, name, routes[b], b, columns=columns,
+                        pieces=pieces, key=f"exchange-read-{name}-{b:05d}", **tasks.spread(b),
+                    )
+                    for b in range(info["blocks"])
+                ]
+                held += [*routes, *reads]
                 of_chunk: list[list[int]] = [[] for _ in numbers]
                 for b, chunk_numbers in enumerate(info["targets"]):
                     for local in chunk_numbers:
@@ -1032,6 +1049,7 @@ def _on_cluster(
                         *[reads[b] for b in (of_chunk[local] or [0])],
                         blocks=of_chunk[local], columns=columns, pieces=pieces, store=target,
                         key=f"exchange-assemble-{name}-{plan.chunks[numbers[local]].index:05d}",
+                        **tasks.spread(local),
                     )
                     for local in range(len(numbers))
                 ]
