@@ -444,9 +444,9 @@ def scaling_model_section(f: dict[str, Any]) -> list[str]:
         f" o = {f['dask_overhead_s'] * 1e3:.2f} ms per task (2000 empty tasks through a one-worker"
         " `LocalCluster`)."),
         "",
-        f"The workers' CPU seconds were {one['worker_cpu_s'] / max(one['worker_task_s'], 1e-9):.0%}"
+        (f"The workers' CPU seconds were {one['worker_cpu_s'] / max(one['worker_task_s'], 1e-9):.0%}"
         " of their tasks' seconds (near 100 % on a quiet machine; less: the tasks waited for a"
-        " core, or on I/O, and the stage seconds below are inflated by as much).",
+        " core, or on I/O, and the stage seconds below are inflated by as much)."),
         "",
         "| stage | tasks | seconds of work (1 worker) | longest task s |",
         "|---|---|---|---|",
