@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from columnhub.execute.dask import Tasks
     from columnhub.plan import Friend, Plan
 
-__all__ = ["FriendRows", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
+__all__ = ["FriendRows", "Prepared", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
 
 _INDEX_VERSION = 1
 #: key indexes kept in memory by a process, least recently used out first,
@@ -120,7 +120,7 @@ def prepare(
     cache: ColumnCache | None = None,
     report: IndexProgress | None = None,
     tasks: Tasks | None = None,
-) -> None:
+) -> Prepared:
     """Build (or load) every key index the request needs and validate duplicates.
 
     Run once per request before the chunk tasks, so a cardinality violation is
@@ -130,7 +130,11 @@ def prepare(
     Given the request's Dask :class:`~columnhub.execute.dask.Tasks` and a
     writable cache (which every worker sees), the indexes are built on the
     cluster instead (:func:`_prepare_on_cluster`): nothing of them passes
-    through this process.
+    through this process. The friends' indexes are then ready when this
+    returns; the primary's (needed only for its duplicate check, and for the
+    unmatched rows of right and outer joins) may still be building: call
+    :meth:`Prepared.wait` before any part is written. On this process every
+    index is ready (and checked) when this returns.
     """
     primary_needed = any(
         f.has_tail or f.spec.validate_ in ("one_to_one", "one_to_many")
@@ -138,8 +142,7 @@ def prepare(
         if f.spec.match == "keyed"
     )
     if tasks is not None and cache is not None and not cache.read_only:
-        _prepare_on_cluster(plan, cache, tasks, primary=primary_needed)
-        return
+        return _prepare_on_cluster(plan, cache, tasks, primary=primary_needed)
     for friend in plan.friends:
         if friend.spec.match != "keyed":
             continue
@@ -158,6 +161,7 @@ def prepare(
                 validate=friend.spec.validate_,
                 dataset=plan.request.dataset.name,
             )
+    return Prepared()
 
 
 # the same on a Dask cluster: key pieces read as tasks, merged and checked on a worker
@@ -223,15 +227,48 @@ def _merge_index(
     return None
 
 
-def _prepare_on_cluster(plan: Plan, cache: ColumnCache, tasks: Tasks, *, primary: bool) -> None:
+class Prepared:
+    """Key index checks still running on a cluster (see :func:`prepare`)."""
+
+    def __init__(
+        self, tasks: Tasks | None = None, checks: Sequence[Any] = (), held: Sequence[Any] = ()
+    ) -> None:
+        self._tasks = tasks
+        self._checks = list(checks)  # futures of the merge tasks (a failed check or None)
+        self._held = list(held)  # those and the tasks they take
+
+    def wait(self) -> None:
+        """Wait for the checks; the first that failed is raised here."""
+        if self._tasks is None:
+            return
+        tasks, self._tasks = self._tasks, None
+        try:
+            for error in tasks.gather(self._checks):
+                if error is not None:
+                    raise error
+        finally:
+            tasks.release(self._held)
+
+    def release(self) -> None:
+        """Cancel what still runs (after an error elsewhere); nothing is checked."""
+        if self._tasks is not None:
+            self._tasks.release(self._held)
+            self._tasks = None
+
+
+def _prepare_on_cluster(
+    plan: Plan, cache: ColumnCache, tasks: Tasks, *, primary: bool
+) -> Prepared:
     """:func:`prepare` on the cluster: each index from key pieces read in parallel.
 
     A dataset's keys are read as one task per run of baskets (row groups) of
     about ``chunk_size`` entries, and merged into the index by one task per
     dataset, which stores it in the column cache and checks duplicates; the
     indexes of several datasets are built at once. An index already in the
-    cache is only checked (on a worker, which keeps it in memory). The first
-    failed check, in the order :func:`prepare` checks, is raised here.
+    cache is only checked (on a worker, which keeps it in memory). The
+    friends' checks are waited for here (the first that failed is raised);
+    the primary's are returned, still running, so that the friend exchange
+    runs meanwhile.
     """
     from columnhub.plan import split_entries
 
@@ -254,8 +291,9 @@ def _prepare_on_cluster(plan: Plan, cache: ColumnCache, tasks: Tasks, *, primary
             )
         )
     merged = []
-    held: list[Any] = []
+    held: list[list[Any]] = []  # per dataset: its tasks
     size = max(1, plan.request.chunk_size)
+    pending = None
     try:
         for n, (dataset, keys, checks) in enumerate(wanted):
             key = _index_key(dataset, keys)
@@ -272,19 +310,25 @@ def _prepare_on_cluster(plan: Plan, cache: ColumnCache, tasks: Tasks, *, primary
                             )
                         )
                         files.append(f)
-            held += pieces
             merged.append(
                 tasks.submit(
                     _merge_index, dataset, keys, files, cache, checks, *pieces,
                     key=f"index-{n}-merge",
                 )
             )
-            held.append(merged[-1])
+            held.append([*pieces, merged[-1]])
+        if primary:  # the last one: checked later, while the exchange runs
+            pending = Prepared(tasks, [merged.pop()], held.pop())
         for error in tasks.gather(merged):
             if error is not None:
                 raise error
+    except BaseException:
+        if pending is not None:
+            pending.release()
+        raise
     finally:
-        tasks.release(held)
+        tasks.release([f for fs in held for f in fs])
+    return pending if pending is not None else Prepared()
 
 
 @dataclass(frozen=True)
