@@ -433,9 +433,9 @@ def scaling_model_section(f: dict[str, Any]) -> list[str]:
         "",
         f"Measured by `python benchmarks/bench_scaleout.py` ({f['events']:,} events, one",
         "worker of a running `LocalCluster` that has run the request once before, as a",
-        "facility's workers have: their imports done; cold cache). A cold worker's first",
-        (f"tasks also pay its imports: {cold['worker_task_s'] - one['worker_task_s']:.2f} s more work"
-        f" in all. start = {start:.2f} s"
+        "facility's workers have: their imports done; cold cache). On fresh workers, whose",
+        (f"first tasks also import, the tasks took {cold['worker_task_s']:.2f} s in all (here"
+        f" {one['worker_task_s']:.2f} s). start = {start:.2f} s"
         f" (first task after {one['first_task_s']:.2f} s, manifest written"
         f" {one['after_last_task_s']:.2f} s after the last task), client CPU"
         f" {one['client_cpu_s']:.2f} s against the workers' {one['worker_cpu_s']:.2f} s;"
