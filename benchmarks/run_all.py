@@ -258,6 +258,22 @@ TARGETS: dict[str, list[Target]] = {
             command="python benchmarks/bench_scaleout.py",
             missing="not available (no `--scheduler` in `columnhub deliver`: Dask executor not merged)",
         ),
+        Target(
+            "Dask: 2 workers vs 1, the cluster start included in the command (--scheduler local)",
+            "info",
+            0.0,
+            ("dask2_vs_dask1_with_start",),
+            command="python benchmarks/bench_scaleout.py",
+            missing="not available (no `--scheduler` in `columnhub deliver`: Dask executor not merged)",
+        ),
+        Target(
+            "Dask: 2 workers vs 1 on a running cluster whose workers ran the request before",
+            "info",
+            0.0,
+            ("dask2_vs_dask1_warm_workers",),
+            command="python benchmarks/bench_scaleout.py",
+            missing="not available (no `--scheduler` in `columnhub deliver`: Dask executor not merged)",
+        ),
     ],
     "cache": [
         Target(
@@ -557,7 +573,7 @@ def render(
                     f"| {o.name} | {t.label} | {t.wanted()} | {t.show(value)} | {ok} | {cmd} |"
                 )
     scale = next((o for o in outcomes if o.name == "scaleout" and o.figures), None)
-    if scale is not None and scale.figures is not None and "per_task" in scale.figures:
+    if scale is not None and scale.figures is not None and "model" in scale.figures:
         lines += scaling_model(scale.figures)
     for o in outcomes:
         lines += ["", f"## {o.name}", ""]
@@ -587,71 +603,13 @@ def render(
 
 
 def scaling_model(f: dict[str, Any]) -> list[str]:
-    """The scaling model section, worked out from ``bench_scaleout.py``'s measured figures."""
-    p = f["per_task"]
-    rows = f.get("model", {})
-    lines = [
-        "",
-        "## Scaling model: N workers on a network file system",
-        "",
-        "A request is split by the plan into *T* part tasks (consecutive chunks of the",
-        "primary). Each task reads its input bytes from storage, computes, and writes its",
-        "own Parquet part; only metadata returns to the client. With *N* single-threaded",
-        "workers, a network file system of aggregate bandwidth *BW* and a scheduler that",
-        "costs *o* seconds per task, the request takes about",
-        "",
-        "    T(N) = start + max( ceil(T / N) * t_task,   T * bytes_task / BW,   T * o )",
-        "                        compute, in waves     storage bandwidth     scheduler",
-        "",
-        "- *compute*: the tasks run in `ceil(T / N)` waves; when `T` is not a multiple of `N`",
-        "  the last wave is partly idle, so a request needs several tasks per worker",
-        "  (`T >= 3N` keeps that loss under a third of a task).",
-        "- *storage bandwidth*: every worker reads the compressed baskets of the requested",
-        "  branches and writes its part through the same file system; past `BW / (bytes_task /",
-        "  t_task)` workers, adding workers adds nothing.",
-        "- *scheduler*: Dask's scheduler handles tasks one at a time (*o* per task, measured",
-        "  below); it bounds the request only when tasks are tiny: its share is",
-        "  `o / t_task`, so parts of >= 1 s of work keep it under 1 % even at o = 10 ms.",
-        "- *part size* sets `t_task` and `T`: larger parts cut scheduler overhead and",
-        "  per-part file overheads, smaller parts balance better over many workers. The plan",
-        "  sizes parts toward `target_part_bytes`.",
-        "- *start*: the client's start-up and planning (file metadata, the friend's key index);",
-        "  measured here on the local executor as wall time minus the tasks' work.",
-        "",
-        f"Measured by `python benchmarks/bench_scaleout.py` ({f['events']:,} events, local",
-        f"executor, one worker): {p['tasks']} tasks of {p['events_per_task']:,.0f} events,",
-        f"t_task = {p['seconds']:.2f} s, {p['input_bytes'] / 1e6:.1f} MB read and",
-        f"{p['output_bytes'] / 1e6:.1f} MB written per task, start = {p['start_s']:.2f} s;",
-        f"Dask overhead o = {p['dask_overhead_s'] * 1e3:.2f} ms per task (2000 empty tasks",
-        "through a `LocalCluster` of one single-threaded worker process).",
-        "",
-        "| request | workers N | storage BW | tasks | compute s | storage s | scheduler s | T(N) s |"
-        " speed-up vs 1 | bound by |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows.values():
-        lines.append(
-            f"| {r['events']:,} events | {r['workers']} | {r['bandwidth'] / 1e9:g} GB/s |"
-            f" {r['tasks']} | {r['compute_s']:.2f} | {r['io_s']:.2f} | {r['sched_s']:.3f} |"
-            f" {r['total_s']:.2f} | {r['speedup']:.1f}x | {r['bound']} |"
-        )
-    big = [r for r in rows.values() if r["workers"] >= 100]
-    for r in big:
-        lines += [
-            "",
-            f"At {r['workers']} workers and {r['bandwidth'] / 1e9:g} GB/s, a {r['events']:,}-event"
-            f" request of {r['tasks']} tasks takes about {r['total_s']:.1f} s"
-            f" ({r['speedup']:.0f}x one worker), bound by {r['bound']}.",
-        ]
-    lines += [
-        "",
-        "What the model leaves out: the key index of a keyed friend grows with the friend",
-        "(built once per dataset and cached; for a large friend it must itself run as",
-        "tasks: the exchange of issue 11, item 3), the workers' own start-up (paid once",
-        "per worker, not per request), and a warm column cache (which shrinks",
-        "bytes_task to the cached columns' bytes).",
-    ]
-    return lines
+    """The scaling model section, written by ``bench_scaleout.py`` from its measured figures."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_scaleout import scaling_model_section
+    finally:
+        sys.path.remove(str(BENCH))
+    return scaling_model_section(f)
 
 
 def _docstring_summary(script: Path) -> str:

@@ -11,14 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import awkward as ak
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import uproot
 import yaml
 
 import columnhub
-from columnhub.errors import ExpressionError
+from columnhub.cache import ColumnCache
+from columnhub.errors import DuplicateKeyError, ExpressionError
 from columnhub.execute.part import run_part
+from columnhub.join import provider
+from columnhub.join.index import KeyIndex
+from columnhub.output.manifest import read_manifest
 from columnhub.plan import make_plan
 from columnhub.spec import load_request
 from columnhub.synth import synthesize
@@ -50,7 +55,7 @@ def primary(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> list
 def client() -> Iterator[Any]:
     """Two single-threaded worker processes (with nannies, which restart a killed one)."""
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
     with distributed.Client(cluster) as c:
         yield c
@@ -203,3 +208,152 @@ def test_a_worker_uses_its_own_thread_count(client: Any) -> None:
         return threads(), kernel_pool_size(), read_executor()
 
     assert client.submit(pools, pure=False).result() == (1, 1, None)  # one thread: serial reads
+
+
+# ---------------------------------------------------------------------------
+# a keyed friend on the cluster: key indexes built by tasks, routing chunk by chunk
+
+
+def primary_keys(files: list[Path]) -> dict[str, np.ndarray]:
+    """The primary's key columns, read directly, in file order."""
+    parts = [uproot.open(f)["Events"].arrays(KEYS, library="np") for f in files]
+    return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def fx_of(event: np.ndarray) -> np.ndarray:
+    return np.sqrt(event.astype(np.float64)) * 3.0
+
+
+def write_friend(
+    d: Path,
+    keys: dict[str, np.ndarray],
+    rows: np.ndarray,
+    *,
+    files: int = 2,
+    basket: int = 300,
+    column: str = "fx",
+) -> list[Path]:
+    """A ROOT friend holding the primary rows ``rows`` (in that order), one basket per ``basket``.
+
+    Its value column ``column`` is :func:`fx_of` the event number.
+    """
+    d.mkdir(exist_ok=True)
+    out = []
+    for i, part in enumerate(np.array_split(rows, files)):
+        path = d / f"friend{i}.root"
+        with uproot.recreate(path) as f:
+            tree = f.mktree(
+                "Events", {"run": np.uint32, "luminosityBlock": np.uint32, "event": np.uint64,
+                           column: np.float64},
+            )
+            for a in range(0, len(part), basket):
+                take = part[a : a + basket]
+                tree.extend(
+                    {**{k: keys[k][take] for k in KEYS}, column: fx_of(keys["event"][take])}
+                )
+        out.append(path)
+    return out
+
+
+def friend_spec(primary: list[Path], friend: list[Path], **extra: Any) -> dict[str, Any]:
+    return {
+        **spec(primary),
+        "columns": [*COLUMNS, "fx", "f_matched"],
+        "friends": [
+            {"name": "f", "dataset": {"name": "f", "files": [str(f) for f in friend]},
+             "columns": ["fx"], "how": "left", **extra}
+        ],
+    }
+
+
+def test_a_keyed_friend_on_the_cluster_builds_its_index_on_the_workers(
+    primary: list[Path], tmp_path: Path, client: Any
+) -> None:
+    keys = primary_keys(primary)
+    rng = np.random.default_rng(3)
+    rows = rng.permutation(len(keys["event"]))[: int(0.9 * len(keys["event"]))]  # shuffled
+    friend = write_friend(tmp_path / "friend", keys, rows)
+    request = friend_spec(primary, friend)
+    provider._memo.clear()  # this process's key indexes
+    on_dask = columnhub.deliver(
+        request, output=tmp_path / "dask", scheduler=client, cache=tmp_path / "c-dask"
+    )
+    # built by the workers: none reached this process, the cache holds it
+    assert not provider._memo
+    plan = make_plan(load_request(request))
+    address = provider._index_key(plan.friend("f").dataset, KEYS)
+    blob = ColumnCache(tmp_path / "c-dask").get_bytes(address)
+    assert blob is not None
+    index = KeyIndex.from_bytes(blob)
+    direct = [uproot.open(f)["Events"].arrays(KEYS, library="np") for f in friend]
+    for k in KEYS:  # the index's keys, in dataset row order, are the friend files' keys
+        np.testing.assert_array_equal(
+            index.key_columns()[k], np.concatenate([d[k] for d in direct]).astype(np.uint64)
+        )
+    assert index.is_unique
+    exchange = on_dask.manifest["friend_exchange"]["f"]
+    assert exchange["ran"], exchange
+    # the same bytes as the local executor
+    local = columnhub.deliver(request, output=tmp_path / "local", workers=2, cache=False)
+    assert [f.name for f in on_dask.files] == [f.name for f in local.files]
+    for a, b in zip(local.files, on_dask.files, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    # and the brute-force join: a dict from event key to the friend's value
+    fx = {
+        tuple(int(keys[k][r]) for k in KEYS): float(fx_of(keys["event"][r : r + 1])[0])
+        for r in rows
+    }
+    arrays = ak.concatenate(
+        [uproot.open(f)["Events"].arrays([*KEYS, *COLUMNS], cut=WHERE) for f in primary]
+    )
+    expected = [
+        (*key, fx.get(key), key in fx)
+        for key in zip(*(ak.to_list(arrays[k]) for k in KEYS), strict=True)
+    ]
+    table = on_dask.to_arrow()
+    got = list(
+        zip(*(table.column(n).to_pylist() for n in [*KEYS, "fx", "f_matched"]), strict=True)
+    )
+    assert got == expected
+    # a second request finds the index in the cache and only checks it, on a worker
+    provider._memo.clear()  # the local executor's
+    again = columnhub.deliver(
+        {**request, "columns": [*COLUMNS, "fx"]},
+        output=tmp_path / "again",
+        scheduler=client,
+        cache=tmp_path / "c-dask",
+    )
+    assert not provider._memo
+    assert again.to_arrow().column("fx").to_pylist() == [e[len(KEYS)] for e in expected]
+
+
+@pytest.mark.parametrize("side", ["friend", "primary"])
+def test_duplicate_keys_found_on_the_cluster_give_the_local_error(
+    primary: list[Path], tmp_path: Path, client: Any, side: str
+) -> None:
+    keys = primary_keys(primary)
+    n = len(keys["event"])
+    if side == "friend":
+        rows = np.concatenate([np.arange(n), [17, 1234, 17]])  # 17 three times, 1234 twice
+        files = primary
+    else:  # a primary with a repeated event (42), the friend unique
+        rows = np.arange(n)
+        files = write_friend(
+            tmp_path / "dup", keys, np.concatenate([np.arange(n), [42]]), files=1, column="px"
+        )
+    friend = write_friend(tmp_path / "friend", keys, np.random.default_rng(1).permutation(rows))
+    request = friend_spec(files, friend)
+    if side == "primary":
+        request["columns"] = ["px", "fx"]
+        del request["where"]
+    with pytest.raises(DuplicateKeyError) as local:
+        columnhub.deliver(request, output=tmp_path / "local", cache=tmp_path / "c-local")
+    with pytest.raises(DuplicateKeyError) as remote:
+        columnhub.deliver(
+            request, output=tmp_path / "dask", scheduler=client, cache=tmp_path / "c-dask"
+        )
+    assert str(remote.value) == str(local.value)
+    assert side in str(remote.value)
+    manifest = read_manifest(tmp_path / "dask")
+    assert manifest is None or not manifest["complete"]  # reported before any part: none
+    assert not list((tmp_path / "dask").glob("part-*"))

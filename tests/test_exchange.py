@@ -517,7 +517,7 @@ def dask_client() -> Iterator[Any]:
     """Two single-threaded worker processes (with nannies, which restart a killed one)."""
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
     with distributed.Client(cluster) as client:
         yield client

@@ -695,21 +695,23 @@ def _execute(
     done = 0
     metas: dict[int, Any] = {}
     exchanged: Any = None
+    prepared: Any = None
     try:
-        if plan.friends:
-            from columnhub.join.exchange import exchange
-            from columnhub.join.provider import prepare
-
-            # key indexes built once (into the cache workers share); duplicates reported first
-            prepare(plan, cache=cache, report=index_report)
         with executor_for(scheduler, workers=workers) as run_parts:
             if plan.friends:
+                from columnhub.join.exchange import exchange
+                from columnhub.join.provider import prepare
+
+                tasks = run_parts.tasks(plan)
+                # key indexes built once (into the cache workers share; on the cluster's
+                # workers when the part tasks run there); duplicates reported first
+                prepared = prepare(plan, cache=cache, report=index_report, tasks=tasks)
                 # scattered friends read once, into the cache in primary-chunk order
                 # (on the cluster's workers when the part tasks run there)
                 exchanged = exchange(
-                    plan, cache=cache, staging=staging, workers=workers,
-                    tasks=run_parts.tasks(plan),
+                    plan, cache=cache, staging=staging, workers=workers, tasks=tasks
                 )
+                prepared.wait()  # the primary's index, built meanwhile: checked before any part
             shared = {
                 "exchanged": exchanged.store if exchanged is not None else None,
                 "fresh": exchanged.fresh if exchanged is not None else {},
@@ -730,6 +732,8 @@ def _execute(
                 for meta in run_parts(plan, again, staging, cache, first, **shared):
                     metas[meta.index] = meta
     finally:
+        if prepared is not None:
+            prepared.release()  # after an error: nothing left running
         if exchanged is not None:
             exchanged.close()
         for bar in (report, index_report):

@@ -62,6 +62,7 @@ class Tasks:
         self.prefix = f"columnhub-{plan.request.hash[:16]}"
         self.run = secrets.token_hex(4)  # keys of a new delivery never meet an older one's
         self.retries = _retries()
+        self._workers: list[str] | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the cluster as task ``key``; its future."""
@@ -69,6 +70,19 @@ class Tasks:
             fn, *args, key=f"{self.prefix}-{key}-{self.run}", pure=False,
             retries=self.retries, **kwargs,
         )
+
+    def spread(self, number: int) -> dict[str, Any]:
+        """``submit`` options that place task ``number`` of a stage on the workers in turn.
+
+        The scheduler puts a task where its inputs are; tasks whose inputs all
+        sit on one worker would all run there. This hint (any worker may still
+        run the task, e.g. when its own dies) spreads a stage over the cluster.
+        """
+        if self._workers is None:
+            self._workers = sorted(self.client.nthreads())
+        if len(self._workers) < 2:
+            return {}
+        return {"workers": [self._workers[number % len(self._workers)]], "allow_other_workers": True}
 
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         """The results of ``futures`` (a task's error is raised as itself)."""
@@ -140,7 +154,7 @@ def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: never a clash over 8787 (a warning)
         )
         try:
             with distributed.Client(cluster) as client:

@@ -38,8 +38,9 @@ Every task is a module-level function of picklable arguments that writes only
 content-addressed entries (idempotent, retryable). :func:`exchange` runs them
 on the local thread pool, or, given the request's Dask
 :class:`~columnhub.execute.dask.Tasks`, on the cluster's workers: one match
-task per primary chunk, one route task per friend, one read task per friend
-block and one assemble task per chunk, each waiting for the futures it takes
+task and one locate task (:func:`locate_rows`) per primary chunk, one small
+route task per friend (:func:`combine_routes`), one read task per friend
+block (given its block's routing alone, so reads spread over the workers) and one assemble task per chunk, each waiting for the futures it takes
 (reads for the routing, an assembly for the reads of its chunk's blocks).
 There the pieces travel through a spill store under the staging directory
 (which every worker sees) and only small metadata comes back to the client:
@@ -79,13 +80,16 @@ __all__ = [
     "SWITCH_ENV",
     "Block",
     "ChunkMatch",
+    "ChunkRoute",
     "Exchanged",
     "FriendExchange",
     "Pieces",
     "Routing",
     "assemble_chunk",
     "blocks",
+    "combine_routes",
     "exchange",
+    "locate_rows",
     "match_chunk",
     "memory_budget",
     "read_block",
@@ -273,28 +277,56 @@ def route(
         matches: the matched chunks, by chunk number.
         layout: every block of the friend (:func:`blocks`).
     """
+    return combine_routes(
+        [locate_rows(index, m.rows[friend], layout) for m in matches], layout
+    )
+
+
+#: one chunk's rows by block: block number (in the layout) -> ``(positions, entries)``
+ChunkRoute = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def locate_rows(index: KeyIndex, rows: np.ndarray, layout: Sequence[Block]) -> ChunkRoute:
+    """Pure: the blocks one chunk's friend ``rows`` lie in (:func:`route` for one chunk).
+
+    Args:
+        index: the friend's key index.
+        rows: friend dataset row per chunk row (``-1``: none).
+        layout: every block of the friend (:func:`blocks`).
+
+    Returns:
+        Per block holding some of the rows (in block order): the chunk rows
+        (positions) it serves and the entries (within its file) they take.
+    """
     n_files = max((b.file for b in layout), default=-1) + 1
     starts = [
         np.array([b.start for b in layout if b.file == f], dtype=np.int64) for f in range(n_files)
     ]
     first = np.cumsum([0, *(len(s) for s in starts)])
+    out: ChunkRoute = {}
+    positions = np.flatnonzero(rows >= 0)
+    if not positions.size:
+        return out
+    file, entry = index.locate(rows[positions])
+    block = np.empty(len(positions), dtype=np.int64)
+    for f in np.unique(file):
+        sel = file == f
+        block[sel] = first[f] + np.searchsorted(starts[f], entry[sel], side="right") - 1
+    order = np.argsort(block, kind="stable")
+    block = block[order]
+    cut = np.flatnonzero(np.diff(block)) + 1
+    for a, b in zip(np.r_[0, cut], np.r_[cut, len(block)], strict=True):
+        take = order[a:b]
+        out[int(block[a])] = (positions[take], entry[take])
+    return out
+
+
+def combine_routes(chunks: Sequence[ChunkRoute], layout: Sequence[Block]) -> Routing:
+    """Pure: the :class:`Routing` of the chunks' own routes (:func:`locate_rows`), in chunk order."""
     per_block: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for number, chunk_match in enumerate(matches):
-        rows = chunk_match.rows[friend]
-        positions = np.flatnonzero(rows >= 0)
-        if not positions.size:
-            continue
-        file, entry = index.locate(rows[positions])
-        block = np.empty(len(positions), dtype=np.int64)
-        for f in np.unique(file):
-            sel = file == f
-            block[sel] = first[f] + np.searchsorted(starts[f], entry[sel], side="right") - 1
-        order = np.argsort(block, kind="stable")
-        block = block[order]
-        cut = np.flatnonzero(np.diff(block)) + 1
-        for a, b in zip(np.r_[0, cut], np.r_[cut, len(block)], strict=True):
-            take = order[a:b]
-            per_block.setdefault(int(block[a]), []).append((number, positions[take], entry[take]))
+    for number, located in enumerate(chunks):
+        for b, (positions, entries) in located.items():
+            per_block.setdefault(b, []).append((number, positions, entries))
     chosen = sorted(per_block)
     ranges = []
     targets = []
@@ -794,13 +826,24 @@ def _piece_key(friend: Friend, block: int, local: int, column: str) -> str:
     )
 
 
-def _route_task(
-    plan: Plan, friend: str, index_cache: ColumnCache | None, *matches: ChunkMatch
-) -> Routing:
-    """Task: :func:`route` for the matched chunks (the routing stays on the cluster)."""
+def _layout(plan: Plan, friend: str) -> list[Block]:
     spec = plan.friend(friend)
-    layout = blocks([f.boundaries for f in spec.dataset.files], max(1, plan.request.chunk_size))
-    return route(_index(plan, spec, index_cache), friend, matches, layout)
+    return blocks([f.boundaries for f in spec.dataset.files], max(1, plan.request.chunk_size))
+
+
+def _locate_task(
+    plan: Plan, friend: str, index_cache: ColumnCache | None, chunk_match: ChunkMatch
+) -> ChunkRoute:
+    """Task: :func:`locate_rows` for one matched chunk (the routing's work, chunk by chunk)."""
+    spec = plan.friend(friend)
+    return locate_rows(
+        _index(plan, spec, index_cache), chunk_match.rows[friend], _layout(plan, friend)
+    )
+
+
+def _route_task(plan: Plan, friend: str, *located: ChunkRoute) -> Routing:
+    """Task: :func:`combine_routes` of the chunks' routes (the routing stays on the cluster)."""
+    return combine_routes(located, _layout(plan, friend))
 
 
 def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
@@ -813,25 +856,36 @@ def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
     }
 
 
+#: one block of a :class:`Routing`: the block, its entry range and its targets
+_BlockRoute = tuple[Block, tuple[int, int], tuple[tuple[int, np.ndarray, np.ndarray], ...]]
+
+
+def _block_task(routing: Routing, number: int) -> _BlockRoute:
+    """Task: block ``number`` of ``routing`` alone.
+
+    A read task takes this small piece rather than the whole routing, so the
+    scheduler can run the reads on every worker instead of on the one that
+    holds the routing.
+    """
+    return routing.blocks[number], routing.ranges[number], routing.targets[number]
+
+
 def _read_task(
     plan: Plan,
     friend: str,
-    routing: Routing,
+    block: _BlockRoute,
     number: int,
     *,
     columns: Sequence[str],
     pieces: ColumnCache,
 ) -> tuple[tuple[str, int, int], int]:
-    """Task: read block ``number`` of ``routing`` once and store its pieces in ``pieces``.
+    """Task: read block ``number`` (``block``: its routing) once and store its pieces in ``pieces``.
 
     Block 0 also stores a zero-row array of each column (for chunks without
     partners). Returns the read ``(file, start, stop)`` and the bytes read.
     """
     spec = plan.friend(friend)
-    got = read_block(
-        plan, friend, routing.blocks[number], routing.ranges[number], routing.targets[number],
-        columns=columns,
-    )
+    got = read_block(plan, friend, *block, columns=columns)
     for local, where, values in zip(got.chunks, got.positions, got.columns, strict=True):
         pieces.put(_piece_key(spec, number, local, "\0rows"), ak.Array(where))
         for c in columns:
@@ -927,8 +981,16 @@ def _on_cluster(
         summaries: dict[str, Any] = {}
         for name, numbers in todo.items():
             mine = [matched[i] for i in numbers]
+            located = [  # the routing's work, chunk by chunk; combined by one small task
+                tasks.submit(
+                    _locate_task, plan, name, index_cache, matched[i],
+                    key=f"exchange-locate-{name}-{plan.chunks[i].index:05d}",
+                )
+                for i in numbers
+            ]
+            held += located
             routed[name] = tasks.submit(
-                _route_task, plan, name, index_cache, *mine, key=f"exchange-route-{name}"
+                _route_task, plan, name, *located, key=f"exchange-route-{name}"
             )
             summaries[name] = tasks.submit(
                 _routing_summary, routed[name], *mine, key=f"exchange-routed-{name}"
@@ -963,14 +1025,20 @@ def _on_cluster(
             pieces = ColumnCache(where)
             try:
                 t0 = time.perf_counter()
-                reads = [
+                routes = [
                     tasks.submit(
-                        _read_task, plan, name, routed[name], b, columns=columns,
-                        pieces=pieces, key=f"exchange-read-{name}-{b:05d}",
+                        _block_task, routed[name], b, key=f"exchange-block-{name}-{b:05d}"
                     )
                     for b in range(info["blocks"])
                 ]
-                held += reads
+                reads = [
+                    tasks.submit(
+                        _read_task, plan, name, routes[b], b, columns=columns,
+                        pieces=pieces, key=f"exchange-read-{name}-{b:05d}", **tasks.spread(b),
+                    )
+                    for b in range(info["blocks"])
+                ]
+                held += [*routes, *reads]
                 of_chunk: list[list[int]] = [[] for _ in numbers]
                 for b, chunk_numbers in enumerate(info["targets"]):
                     for local in chunk_numbers:
@@ -981,6 +1049,7 @@ def _on_cluster(
                         *[reads[b] for b in (of_chunk[local] or [0])],
                         blocks=of_chunk[local], columns=columns, pieces=pieces, store=target,
                         key=f"exchange-assemble-{name}-{plan.chunks[numbers[local]].index:05d}",
+                        **tasks.spread(local),
                     )
                     for local in range(len(numbers))
                 ]

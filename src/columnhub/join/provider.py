@@ -20,17 +20,19 @@ import numpy as np
 
 from columnhub import sources
 from columnhub.datasets import ResolvedDataset
+from columnhub.errors import JoinError
 from columnhub.join.collection import fill_to_counts
 from columnhub.join.gather import compact, gather
 from columnhub.join.index import KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
-from columnhub.join.validate import check_aligned, check_unique
+from columnhub.join.validate import Side, check_aligned, check_unique
 
 if TYPE_CHECKING:
     from columnhub.cache import ColumnCache
+    from columnhub.execute.dask import Tasks
     from columnhub.plan import Friend, Plan
 
-__all__ = ["FriendRows", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
+__all__ = ["FriendRows", "Prepared", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
 
 _INDEX_VERSION = 1
 #: key indexes kept in memory by a process, least recently used out first,
@@ -113,19 +115,34 @@ def dataset_index(
 
 
 def prepare(
-    plan: Plan, *, cache: ColumnCache | None = None, report: IndexProgress | None = None
-) -> None:
+    plan: Plan,
+    *,
+    cache: ColumnCache | None = None,
+    report: IndexProgress | None = None,
+    tasks: Tasks | None = None,
+) -> Prepared:
     """Build (or load) every key index the request needs and validate duplicates.
 
     Run once per request before the chunk tasks, so a cardinality violation is
     reported before any work and the indexes are warm for the tasks.
     ``report`` hears of every file read while an index is built.
+
+    Given the request's Dask :class:`~columnhub.execute.dask.Tasks` and a
+    writable cache (which every worker sees), the indexes are built on the
+    cluster instead (:func:`_prepare_on_cluster`): nothing of them passes
+    through this process. The friends' indexes are then ready when this
+    returns; the primary's (needed only for its duplicate check, and for the
+    unmatched rows of right and outer joins) may still be building: call
+    :meth:`Prepared.wait` before any part is written. On this process every
+    index is ready (and checked) when this returns.
     """
     primary_needed = any(
         f.has_tail or f.spec.validate_ in ("one_to_one", "one_to_many")
         for f in plan.friends
         if f.spec.match == "keyed"
     )
+    if tasks is not None and cache is not None and not cache.read_only:
+        return _prepare_on_cluster(plan, cache, tasks, primary=primary_needed)
     for friend in plan.friends:
         if friend.spec.match != "keyed":
             continue
@@ -144,6 +161,174 @@ def prepare(
                 validate=friend.spec.validate_,
                 dataset=plan.request.dataset.name,
             )
+    return Prepared()
+
+
+# the same on a Dask cluster: key pieces read as tasks, merged and checked on a worker
+
+#: ``(side, validate, dataset name)`` of each uniqueness check an index must pass
+_Check = tuple[Side, str, str]
+
+
+def _key_piece(
+    dataset: ResolvedDataset, keys: Sequence[str], file: int, start: int, stop: int
+) -> dict[str, np.ndarray]:
+    """Task: the key columns of entries ``[start, stop)`` of file number ``file``."""
+    read = sources.read(dataset.files[file], dataset.spec, list(keys), start=start, stop=stop)
+    return {k: np.asarray(ak.to_numpy(read[k])) for k in keys}
+
+
+def _remember(key: str, index: KeyIndex) -> None:
+    """Keep ``index`` in this process's memory (a worker's next tasks find it there)."""
+    with _memo_lock:
+        _memo[key] = index
+        _memo.move_to_end(key)
+        while len(_memo) > 1 and sum(i.nbytes for i in _memo.values()) > _MEMO_BYTES:
+            _memo.popitem(last=False)
+
+
+def _merge_index(
+    dataset: ResolvedDataset,
+    keys: Sequence[str],
+    files: Sequence[int],
+    cache: ColumnCache,
+    checks: Sequence[_Check],
+    *pieces: dict[str, np.ndarray],
+) -> Exception | None:
+    """Task: the dataset's key index from its pieces (in file and entry order), cached.
+
+    ``files`` is the file number of each piece. The index is stored in
+    ``cache`` under the address :func:`dataset_index` looks up, kept in this
+    worker's memory, and checked (``checks``). A failed check is *returned*
+    (the client raises it): an error raised here would be retried as if a
+    worker had died.
+    """
+    key = _index_key(dataset, keys)
+    index = None
+    blob = cache.get_bytes(key)  # a retry, or another request, may have stored it
+    if blob is not None:
+        index = KeyIndex.from_bytes(blob)
+    else:
+        per_file: list[list[dict[str, np.ndarray]]] = [[] for _ in dataset.files]
+        for f, piece in zip(files, pieces, strict=True):
+            per_file[f].append(piece)
+        parts = [
+            {k: np.concatenate([p[k] for p in ps]) for k in keys} if len(ps) > 1 else ps[0]
+            for ps in per_file
+        ]
+        index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
+        cache.put_bytes(key, index.to_bytes())
+    _remember(key, index)
+    for side, validate, name in checks:
+        try:
+            check_unique(index, side=side, validate=validate, dataset=name)
+        except JoinError as err:
+            return err
+    return None
+
+
+class Prepared:
+    """Key index checks still running on a cluster (see :func:`prepare`)."""
+
+    def __init__(
+        self, tasks: Tasks | None = None, checks: Sequence[Any] = (), held: Sequence[Any] = ()
+    ) -> None:
+        self._tasks = tasks
+        self._checks = list(checks)  # futures of the merge tasks (a failed check or None)
+        self._held = list(held)  # those and the tasks they take
+
+    def wait(self) -> None:
+        """Wait for the checks; the first that failed is raised here."""
+        if self._tasks is None:
+            return
+        tasks, self._tasks = self._tasks, None
+        try:
+            for error in tasks.gather(self._checks):
+                if error is not None:
+                    raise error
+        finally:
+            tasks.release(self._held)
+
+    def release(self) -> None:
+        """Cancel what still runs (after an error elsewhere); nothing is checked."""
+        if self._tasks is not None:
+            self._tasks.release(self._held)
+            self._tasks = None
+
+
+def _prepare_on_cluster(
+    plan: Plan, cache: ColumnCache, tasks: Tasks, *, primary: bool
+) -> Prepared:
+    """:func:`prepare` on the cluster: each index from key pieces read in parallel.
+
+    A dataset's keys are read as one task per run of baskets (row groups) of
+    about ``chunk_size`` entries, and merged into the index by one task per
+    dataset, which stores it in the column cache and checks duplicates; the
+    indexes of several datasets are built at once. An index already in the
+    cache is only checked (on a worker, which keeps it in memory). The
+    friends' checks are waited for here (the first that failed is raised);
+    the primary's are returned, still running, so that the friend exchange
+    runs meanwhile.
+    """
+    from columnhub.plan import split_entries
+
+    wanted: list[tuple[ResolvedDataset, tuple[str, ...], list[_Check]]] = []
+    for friend in plan.friends:
+        if friend.spec.match == "keyed":
+            wanted.append(
+                (
+                    friend.dataset,
+                    tuple(friend.spec.friend_keys),
+                    [("friend", friend.spec.validate_, friend.spec.name)],
+                )
+            )
+    if primary:
+        wanted.append(
+            (
+                plan.dataset,
+                tuple(plan.request.dataset.keys),
+                [("primary", f.spec.validate_, plan.request.dataset.name) for f in plan.friends],
+            )
+        )
+    merged = []
+    held: list[list[Any]] = []  # per dataset: its tasks
+    size = max(1, plan.request.chunk_size)
+    pending = None
+    try:
+        for n, (dataset, keys, checks) in enumerate(wanted):
+            key = _index_key(dataset, keys)
+            pieces: list[Any] = []
+            files: list[int] = []
+            if not cache.contains(key):
+                for f, info in enumerate(dataset.files):
+                    ranges = split_entries(info.boundaries, size) or [(0, info.entries)]
+                    for start, stop in ranges:
+                        pieces.append(
+                            tasks.submit(
+                                _key_piece, dataset, keys, f, start, stop,
+                                key=f"index-{n}-read-{f:05d}-{start}",
+                            )
+                        )
+                        files.append(f)
+            merged.append(
+                tasks.submit(
+                    _merge_index, dataset, keys, files, cache, checks, *pieces,
+                    key=f"index-{n}-merge",
+                )
+            )
+            held.append([*pieces, merged[-1]])
+        if primary:  # the last one: checked later, while the exchange runs
+            pending = Prepared(tasks, [merged.pop()], held.pop())
+        for error in tasks.gather(merged):
+            if error is not None:
+                raise error
+    except BaseException:
+        if pending is not None:
+            pending.release()
+        raise
+    finally:
+        tasks.release([f for fs in held for f in fs])
+    return pending if pending is not None else Prepared()
 
 
 @dataclass(frozen=True)
