@@ -30,6 +30,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "pyxrootd": ("xrootd", "fsspec-xrootd xrootd"),
     "aiohttp": ("http", "aiohttp"),
     "requests": ("http", "requests"),
+    "fastapi": ("service", "fastapi"),
+    "uvicorn": ("service", "uvicorn"),
 }
 
 

@@ -28,7 +28,7 @@ from columnhub.errors import ColumnhubError
 __all__ = ["Terminated", "main"]
 
 #: modules under ``columnhub.cli`` that add sub-commands, in help order.
-COMMANDS = ("deliver", "synth", "cache")
+COMMANDS = ("deliver", "synth", "cache", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,493 @@
+"""The HTTP API: :func:`create_app` builds the FastAPI application of one service replica.
+
+Routes (see ``docs/service.md``): ``/api/v1/requests`` (submit, list),
+``/api/v1/requests/{id}`` (status, cancel), ``.../manifest``, ``.../files/...``
+(with HTTP Range), ``/api/v1/cache/stats``, ``/healthz``, ``/readyz`` and the
+OpenAPI page ``/docs``.
+
+This module is the one place where errors become HTTP statuses: a
+:class:`~columnhub.errors.ServiceError` answers its ``.status``, every other
+:class:`~columnhub.errors.ColumnhubError` (a spec, expression, column, dataset,
+join or model error: the user's input) answers 400 with the same message the
+CLI prints. The body is ``{"error": {"type": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from columnhub._extras import require
+from columnhub.errors import (
+    ColumnhubError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    ServiceError,
+    SpecError,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from columnhub.service.auth import Principal
+    from columnhub.service.config import ServiceConfig
+    from columnhub.spec import Request
+
+__all__ = ["API", "MAX_SPEC_BYTES", "create_app", "error_status"]
+
+#: the prefix of every versioned route
+API = "/api/v1"
+#: the largest request body accepted for a spec (a spec is a few KiB)
+MAX_SPEC_BYTES = 1 << 20
+#: request states a list may be filtered by
+STATES = ("queued", "running", "complete", "failed", "cancelled")
+
+_log = logging.getLogger("columnhub.service")
+
+_MEDIA_TYPES = {".parquet": "application/vnd.apache.parquet", ".root": "application/octet-stream"}
+
+
+def error_status(err: ColumnhubError) -> int:
+    """The HTTP status of an error: a :class:`ServiceError`'s ``.status``, else 400.
+
+    >>> from columnhub.errors import RequestNotFoundError, SpecError
+    >>> error_status(RequestNotFoundError("no")), error_status(SpecError("bad"))
+    (404, 400)
+    """
+    if isinstance(err, ServiceError):
+        return int(err.status)
+    return 400
+
+
+def _error(status: int, kind: str, message: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(
+        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _status_error(cls: type[ServiceError], status: int, msg: str) -> ServiceError:
+    """An error of ``cls`` answered with ``status`` instead of the class's own."""
+    err = cls(msg)
+    err.status = status
+    return err
+
+
+def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
+    """The FastAPI application of one service replica.
+
+    The database is opened (and migrated) here; the runners that deliver
+    queued work, and with ``scheduler: local`` the Dask ``LocalCluster`` they
+    use, start with the application's lifespan and stop with it (run it
+    under uvicorn, or ``with TestClient(app)``).
+
+    Args:
+        config: the service settings.
+        runner: start runners in this process (``False``: an API-only replica
+            whose work other replicas on the same database run).
+    """
+    fastapi = require("fastapi", what="the columnhub service")
+    from fastapi import Depends, Query
+    from fastapi import Request as HttpRequest
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from starlette.exceptions import HTTPException
+
+    from columnhub import __version__
+    from columnhub.service.auth import Authenticator, principal
+    from columnhub.service.db import Database
+
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.results_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.database)
+    authenticator = Authenticator.from_config(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services: _Services = app.state.services
+        if runner:
+            await run_in_threadpool(services.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(services.stop)
+
+    app = fastapi.FastAPI(
+        title="columnhub",
+        version=__version__,
+        summary="Select, join, compute, cache and deliver columns of HEP event data.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.db = db
+    app.state.authenticator = authenticator
+    app.state.services = _Services(config, db)
+
+    # -- errors: the one place they become statuses ----------------------------------
+
+    @app.exception_handler(ColumnhubError)
+    async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
+        status: int = error_status(err)
+        return _error(status, type(err).__name__, str(err))  # type: ignore[no-any-return]
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        return _error(400, "SpecError", f"invalid parameter: {problems}")  # type: ignore[no-any-return]
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: HttpRequest, err: HTTPException) -> JSONResponse:
+        return _error(err.status_code, "HTTPError", str(err.detail))  # type: ignore[no-any-return]
+
+    reader = Depends(principal("read"))
+    submitter = Depends(principal("submit"))
+
+    # -- health --------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: HttpRequest) -> JSONResponse:
+        """Readiness: the database answers and (when this replica runs work) its runners run."""
+        problems = request.app.state.services.problems()
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    # -- requests ------------------------------------------------------------------
+
+    @app.post(f"{API}/requests", status_code=202, tags=["requests"])
+    async def submit(
+        request: HttpRequest, title: str | None = None, user: Principal = submitter
+    ) -> dict[str, Any]:
+        """Submit a spec (JSON, or YAML with a YAML content type): one dataset or ``samples:``.
+
+        Answers 202 with the request's id at once; the work is queued (or
+        attached to identical work already queued or running).
+        """
+        body = await request.body()
+        kind = request.headers.get("content-type", "")
+        return await run_in_threadpool(_submit, config, db, request.app, user, body, kind, title)
+
+    @app.get(f"{API}/requests", tags=["requests"])
+    def list_requests(
+        page: int = Query(1, ge=1),
+        per_page: int = Query(50, ge=1, le=1000),
+        state: str | None = None,
+        all: bool = False,  # noqa: A002 - the query parameter's name
+        user: Principal = reader,
+    ) -> dict[str, Any]:
+        """The caller's requests, newest first (``all=true``: everyone's, admin only)."""
+        if state is not None and state not in STATES:
+            msg = f"state {state!r} is not a request state; use one of {', '.join(STATES)}"
+            raise SpecError(msg)
+        if all and "admin" not in user.scopes:
+            msg = (
+                f"user {user.user!r} may not list every user's requests (all=true needs the "
+                "'admin' scope); leave out all=true to list your own"
+            )
+            raise PermissionDeniedError(msg)
+        views, total = db.list(None if all else user.user, page=page, per_page=per_page, state=state)
+        return {
+            "requests": [v.to_json() for v in views],
+            "page": page,
+            "per_page": per_page,
+            "total": total,
+        }
+
+    @app.get(f"{API}/requests/{{request_id}}", tags=["requests"])
+    def status(request_id: str, user: Principal = reader) -> dict[str, Any]:
+        """A request's status with progress (parts, events, bytes, rate, cache hits, errors)."""
+        return dict(db.get(request_id, owner=_owner(user)).to_json())
+
+    @app.delete(f"{API}/requests/{{request_id}}", tags=["requests"])
+    def cancel(request_id: str, user: Principal = submitter) -> dict[str, Any]:
+        """Cancel a request: its work stops (unless another request shares it), staging is removed."""
+        return dict(db.cancel(request_id, _owner(user)).to_json())
+
+    @app.get(f"{API}/requests/{{request_id}}/manifest", tags=["results"])
+    def manifest(request_id: str, user: Principal = reader) -> dict[str, Any]:
+        """The result's manifest plus ``path`` (its folder on the shared filesystem).
+
+        Several samples: ``{"samples": {name: manifest}}``. 409 until complete.
+        """
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        if list(done) == [""]:
+            return done[""]
+        return {"samples": done}
+
+    files_methods = ["GET", "HEAD"]
+
+    @app.api_route(
+        f"{API}/requests/{{request_id}}/files/{{name}}", methods=files_methods, tags=["results"]
+    )
+    def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
+        """A result file of a single-sample request (HTTP Range: 206, 416)."""
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        if list(done) != [""]:
+            msg = (
+                f"request {request_id} has several samples ({', '.join(done)}); "
+                f"ask for {API}/requests/{request_id}/files/<sample>/{name}"
+            )
+            raise SpecError(msg)
+        return _file_response(done[""], name)
+
+    @app.api_route(
+        f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}",
+        methods=files_methods,
+        tags=["results"],
+    )
+    def sample_file(
+        request_id: str, sample: str, name: str, user: Principal = reader
+    ) -> FileResponse:
+        """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        if sample not in done:
+            from columnhub.errors import RequestNotFoundError
+
+            names = ", ".join(s for s in done if s) or "none: it is a single-sample request"
+            msg = (
+                f"request {request_id} has no sample {sample!r} (samples: {names})"
+            )
+            raise RequestNotFoundError(msg)
+        return _file_response(done[sample], name)
+
+    # -- cache ---------------------------------------------------------------------
+
+    @app.get(f"{API}/cache/stats", tags=["cache"])
+    def cache_stats(user: Principal = reader) -> dict[str, Any]:
+        """What the service's column cache holds, and its hits and misses."""
+        from columnhub.cache import ColumnCache
+
+        stats = ColumnCache(config.cache, read_only=True).stats()
+        return dict(stats.to_dict())
+
+    def _owner(user: Principal) -> str | None:
+        """Whose requests ``user`` may see: their own, or everyone's for an admin."""
+        return None if "admin" in user.scopes else user.user
+
+    return app  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------
+# submit
+
+
+def _submit(
+    config: ServiceConfig,
+    db: Any,
+    app: Any,
+    user: Principal,
+    body: bytes,
+    content_type: str,
+    title: str | None,
+) -> dict[str, Any]:
+    """Validate a submitted spec, check limits and data access, queue it (single flight)."""
+    data = _parse_json_or_yaml(body, content_type)
+    samples = _job_specs(config, _load_spec(config, data))
+    _check_limits(config, db, user.user)
+    jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
+    view = db.submit(user.user, data, title, jobs)
+    app.state.services.wake()
+    out = view.to_json()
+    return {"id": out["id"], "status": out["status"], "samples": list(samples)}
+
+
+def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
+    from columnhub.spec import _parse_json, _parse_yaml
+
+    if len(body) > MAX_SPEC_BYTES:
+        msg = (
+            f"the spec is {len(body)} bytes, more than the {MAX_SPEC_BYTES} accepted; a spec "
+            "names files and columns (list many files with a glob pattern)"
+        )
+        raise SpecError(msg)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as err:
+        msg = f"the spec is not UTF-8 text ({err}); send it as JSON (or YAML)"
+        raise SpecError(msg) from err
+    if not text.strip():
+        msg = "the request body is empty; send the spec as JSON (or YAML with a YAML content type)"
+        raise SpecError(msg)
+    return _parse_yaml(text) if "yaml" in content_type else _parse_json(text)
+
+
+def _load_spec(config: ServiceConfig, data: Any) -> Any:
+    """The submitted spec as a :class:`Request` or :class:`Samples` (relative paths: data root)."""
+    from columnhub.spec import load_request, rebase_paths
+
+    if config.data_roots and isinstance(data, dict):
+        data = rebase_paths(data, config.data_roots[0])
+    return load_request(data)
+
+
+def _job_specs(config: ServiceConfig, spec: Any) -> dict[str, Request]:
+    """Each sample's request as the service runs it: ``{"": request}`` for a single one.
+
+    Inputs are checked against the data roots and URL prefixes; the model
+    registry is the service's, and the result's folder the service's own.
+    """
+    from columnhub.service.access import check_request
+    from columnhub.spec import Samples
+
+    requests = spec.requests() if isinstance(spec, Samples) else {"": spec}
+    out: dict[str, Request] = {}
+    for name, req in requests.items():
+        check_request(req, config)
+        if req.registry is not None and req.registry != config.models:
+            msg = (
+                f"the request names the model registry {req.registry!r}; the service uses "
+                f"its own ({config.models or 'none configured'}); leave 'registry' out"
+            )
+            raise PermissionDeniedError(msg)
+        output = req.output.model_dump(mode="json")
+        output["directory"] = None  # results go to state_dir/results/<job id>
+        out[name] = req.replace(registry=config.models, output=output)
+    return out
+
+
+def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
+    """Refuse a new request beyond the user's limits (429 requests at once, 403 stored bytes)."""
+    active = int(db.active_requests(user))
+    limit = config.max_active_requests_per_user
+    if active >= limit:
+        msg = (
+            f"user {user!r} already has {active} requests queued or running, the most allowed "
+            f"at once (max_active_requests_per_user = {limit}); wait for one to finish, or "
+            f"cancel one (DELETE {API}/requests/ID), then submit again"
+        )
+        raise QuotaExceededError(msg)
+    cap = config.max_stored_bytes_per_user
+    if cap is not None:
+        stored = int(db.stored_bytes(user))
+        if stored >= cap:
+            msg = (
+                f"user {user!r} holds {stored} bytes of results, at or over the limit of {cap} "
+                f"bytes (max_stored_bytes_per_user); cancel (DELETE {API}/requests/ID) requests "
+                "whose results you no longer need, or ask the operators for a larger limit"
+            )
+            raise _status_error(QuotaExceededError, 403, msg)
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each sample's manifest plus ``path``; 409 unless the request is complete."""
+    if view["status"] != "complete":
+        error = view.get("error") or {}
+        why = f": {error.get('type')}: {error.get('message')}" if error else ""
+        msg = (
+            f"request {view['id']} is {view['status']}{why}; its result can be read once its "
+            f"status is complete (GET {API}/requests/{view['id']})"
+        )
+        raise _status_error(ServiceError, 409, msg)
+    from columnhub.output.manifest import read_manifest
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, sample in view["samples"].items():
+        directory = config.result_directory(sample["job"])
+        manifest = read_manifest(directory)
+        if manifest is None or not manifest.get("complete"):  # never serve a partial result
+            msg = (
+                f"request {view['id']}: the result of sample {name or '(single)'} is not in "
+                f"{directory} any more (removed from the shared filesystem); submit it again"
+            )
+            raise _status_error(ServiceError, 410, msg)
+        out[name] = {**manifest, "path": os.fspath(directory)}
+    return out
+
+
+def _file_response(manifest: dict[str, Any], name: str) -> Any:
+    from fastapi.responses import FileResponse
+
+    from columnhub.errors import RequestNotFoundError
+
+    if name not in manifest["files"]:  # only the result's own files: no path escapes
+        listed = ", ".join(manifest["files"]) or "none (the selection kept no events)"
+        msg = f"the result has no file {name!r}; its files are: {listed}"
+        raise RequestNotFoundError(msg)
+    path = Path(manifest["path"]) / name
+    return FileResponse(
+        path,
+        media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+        filename=name,
+        content_disposition_type="attachment",
+    )
+
+
+# ---------------------------------------------------------------------------
+# runners and the LocalCluster
+
+
+class _Services:
+    """The runners of this replica and, with ``scheduler: local``, the cluster they use."""
+
+    def __init__(self, config: ServiceConfig, db: Any) -> None:
+        self.config = config
+        self.db = db
+        self.runner: Any = None
+        self.cluster: Any = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the ``LocalCluster`` (if asked) and the runners."""
+        from columnhub.service.jobs import Runner
+
+        config = self.config
+        if config.scheduler == "local":
+            distributed = require("distributed", what="scheduler: local")
+            self.cluster = distributed.LocalCluster(
+                n_workers=config.workers or 2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+            )
+            config = config.model_copy(update={"scheduler": self.cluster.scheduler_address})
+            _log.info("LocalCluster at %s", self.cluster.scheduler_address)
+        self.runner = Runner(self.db, config)
+        self.runner.start()
+
+    def wake(self) -> None:
+        """Tell this replica's runners that work was queued."""
+        wake: Callable[[], None] | None = getattr(self.runner, "wake", None)
+        if wake is not None:
+            wake()
+
+    def problems(self) -> list[str]:
+        """Why this replica is not ready (empty: ready)."""
+        out = []
+        try:
+            self.db.counts()
+        except Exception as err:  # noqa: BLE001 - any database failure means not ready
+            out.append(f"database: {type(err).__name__}: {err}")
+        alive = getattr(self.runner, "alive", None)
+        if self.runner is not None and callable(alive) and not alive():
+            out.append("runners: stopped")
+        return out
+
+    def stop(self) -> None:
+        """Stop the runners, then close the cluster."""
+        try:
+            if self.runner is not None:
+                self.runner.stop()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+                self.cluster = None
