@@ -32,6 +32,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "requests": ("http", "requests"),
     "fastapi": ("service", "fastapi"),
     "uvicorn": ("service", "uvicorn"),
+    "httpx": ("service", "httpx"),
 }
 
 
