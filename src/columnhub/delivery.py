@@ -134,7 +134,9 @@ def deliver(
             URL, a :class:`~columnhub.cache.ColumnCache`, or ``False`` for none.
         progress: ``True`` for a progress bar, a ``callable(done, total)``, or
             ``None`` for a bar only when stderr is a terminal; counts the
-            events of each part as it finishes.
+            events of each part as it finishes. A callable with an
+            ``on_part(meta, parts)`` attribute also gets each part's
+            :class:`~columnhub.execute.part.PartMeta` (and the number of parts) first.
         scheduler: where the part tasks run (:mod:`columnhub.execute.dask`):
             ``None`` for ``$DASK_SCHEDULER_ADDRESS`` when set, else a thread
             pool in this process; ``"local"`` for a Dask ``LocalCluster`` of
@@ -713,9 +715,12 @@ def _execute(
                 "fresh": exchanged.fresh if exchanged is not None else {},
             }
             main = [p for p in plan.parts if not p.tail]
+            on_part = getattr(progress, "on_part", None)  # the service: each part's metadata
             for meta in run_parts(plan, main, staging, cache, None, **shared):
                 metas[meta.index] = meta
                 done += meta.events_in
+                if on_part is not None:
+                    on_part(meta, len(main))
                 if report is not None:
                     report(done, plan.dataset.entries)
             first = metas[main[0].index].schema
