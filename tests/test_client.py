@@ -268,8 +268,8 @@ def test_fetch_resumes_only_what_is_missing_or_damaged(
     assert isinstance(again, columnhub.Result)
     assert part_bytes(again) == reference
     after = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in again.files}
-    for name in before:  # the others were not downloaded (nor rewritten) again
-        assert (after[name] == before[name]) == (name not in touched), name
+    for name, was in before.items():  # the others were not downloaded (nor rewritten) again
+        assert (after[name] == was) == (name not in touched), name
     expected = sum(len(reference[n]) for n in touched)
     assert counted[-1] == (expected, expected)  # only those two files' bytes came
 
@@ -478,7 +478,7 @@ class Flaky(http.server.ThreadingHTTPServer):
         self.hits: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(handler) -> None:  # noqa: N805
+            def _answer(handler) -> None:
                 self.hits.append(handler.command)
                 length = int(handler.headers.get("Content-Length") or 0)
                 handler.rfile.read(length)
@@ -490,9 +490,9 @@ class Flaky(http.server.ThreadingHTTPServer):
                 handler.end_headers()
                 handler.wfile.write(body)
 
-            do_GET = do_POST = _answer  # noqa: N815
+            do_GET = do_POST = _answer
 
-            def log_message(handler, *args: Any) -> None:  # noqa: N805
+            def log_message(handler, *args: Any) -> None:
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)

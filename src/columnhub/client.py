@@ -823,7 +823,11 @@ def _spec_body(
 
     if isinstance(spec, dict):  # relative paths: to this process's working directory
         spec = rebase_paths(spec, os.getcwd())
-    loaded = load_request(spec)
+    try:
+        loaded = load_request(spec)
+    except UnicodeDecodeError as err:  # a ROOT file given for its spec, say
+        msg = f"request file {str(spec)!r} is not text ({err}); give a YAML or JSON spec"
+        raise SpecError(msg) from err
     if isinstance(loaded, Request):
         body = _without_directory(rebase_paths(loaded.to_dict(), os.getcwd()))
     elif isinstance(loaded, Samples):
