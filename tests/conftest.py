@@ -7,6 +7,9 @@ Fixtures:
     hanging_server: a TCP server that accepts connections and never answers.
     deliver_killing_a_worker: runs a delivery on a Dask cluster and SIGKILLs
         the worker running one of its tasks (retries are then tested).
+    postgres_server: a real PostgreSQL server (Debian's postgresql 15) on
+        loopback, run as an unprivileged user; ``postgres_url``: a fresh
+        database on it for one test.
 
 The server fixtures are session scoped; each yields an object with ``.root``
 (the exported local directory, where tests copy input files), ``.port`` and
@@ -492,6 +495,167 @@ def hanging_server() -> Iterator[HangingServer]:
         for conn in held:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+
+PG_BIN = Path(os.environ.get("COLUMNHUB_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PG_USER = "columnhub-pg"
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running PostgreSQL server on 127.0.0.1:``port`` (superuser ``postgres``, trust auth)."""
+
+    port: int
+    data: Path
+    socket_dir: Path
+    log: Path
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL (psycopg 3) of ``database``."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create the database ``name`` (``[a-z0-9_]``); its URL."""
+        import psycopg
+
+        assert re.fullmatch(r"[a-z0-9_]+", name), name
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_account() -> dict[str, object]:
+    """``Popen`` keywords that run PostgreSQL as an unprivileged user (it refuses root).
+
+    As root, the system user ``columnhub-pg`` is created if it does not exist.
+    """
+    if os.geteuid() != 0:
+        return {}
+    try:
+        account = pwd.getpwnam(PG_USER)
+    except KeyError:
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+            check=False, capture_output=True, text=True,
+        )
+        try:  # another session may have made it at the same moment
+            account = pwd.getpwnam(PG_USER)
+        except KeyError:
+            msg = f"cannot create the user {PG_USER!r} for PostgreSQL: {made.stderr.strip()}"
+            raise RuntimeError(msg) from None
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def _pg_log_tail(log: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError as err:
+        return f"(no log: {err})"
+
+
+@contextlib.contextmanager
+def running_postgres(*, start_timeout: float = 60.0) -> Iterator[PostgresServer]:
+    """``initdb`` a fresh cluster in a temp directory and run ``postgres`` on loopback.
+
+    It runs as an unprivileged user (``columnhub-pg`` under root), listens only
+    on 127.0.0.1 on a free port with its unix socket in the temp directory,
+    with durability off (``fsync=off``: a test server). On exit it is shut
+    down (SIGINT: fast shutdown) and the directory removed; the kernel also
+    stops it if pytest dies (``PR_SET_PDEATHSIG``).
+    """
+    account = _pg_account()
+    base = Path(tempfile.mkdtemp(prefix="columnhub-pg-"))
+    data, sockets, log = base / "data", base / "sock", base / "postgres.log"
+    sockets.mkdir()
+    if account:
+        for path in (base, sockets):
+            os.chown(path, account["user"], account["group"])  # type: ignore[arg-type]
+    try:
+        subprocess.run(
+            [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+             "-E", "UTF8", "--no-sync", "--locale=C"],
+            check=True, capture_output=True, cwd=base, **account,  # type: ignore[arg-type]
+        )
+        for _ in range(5):  # a free port can be taken before postgres binds it: try another
+            port = _free_port()
+            with log.open("ab") as log_fh:
+                proc = subprocess.Popen(
+                    [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port),
+                     "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sockets}",
+                     "-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off", "-c", "max_connections=200"],
+                    stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, cwd=base,
+                    preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                    **account,  # type: ignore[arg-type]
+                )
+            ready = _wait_for_postgres(proc, port, timeout=start_timeout)
+            if ready:
+                break
+            _stop_process(proc)
+        else:
+            msg = f"PostgreSQL did not start; its log:\n{_pg_log_tail(log)}"
+            raise RuntimeError(msg)
+        try:
+            yield PostgresServer(port=port, data=data, socket_dir=sockets, log=log)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_for_postgres(proc: subprocess.Popen[bytes], port: int, *, timeout: float) -> bool:
+    """True once ``postgres`` accepts connections; False when it exited (port taken)."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with psycopg.connect(
+                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+            ):
+                return True
+        except psycopg.OperationalError:
+            time.sleep(0.1)
+    msg = f"PostgreSQL did not accept connections on 127.0.0.1:{port} within {timeout:g} s"
+    raise RuntimeError(msg)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 server on loopback for the session (see :func:`running_postgres`)."""
+    if not (PG_BIN / "initdb").is_file() or not (PG_BIN / "postgres").is_file():
+        pytest.skip(
+            f"PostgreSQL server binaries not found in {PG_BIN} (set $COLUMNHUB_PG_BIN); "
+            "run `scripts/install-system-deps.sh` as root (Debian: apt-get install postgresql)"
+        )
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """The URL of a fresh, empty database on :func:`postgres_server`, for one test."""
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return postgres_server.create_database(f"t_{name}_{os.urandom(4).hex()}")
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def _canonical(value: Any, where: str) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     np = sys.modules.get("numpy")  # not imported: no value is a numpy scalar
+    if np is not None and not hasattr(np, "floating"):  # still being imported by another thread
+        np = None
     if np is not None and isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, int) or (np is not None and isinstance(value, np.integer)):

@@ -11,6 +11,7 @@ delivered is resumed by the next start, or by another replica), the
 from __future__ import annotations
 
 import argparse
+import copy
 from typing import Any
 
 __all__ = ["register", "run"]
@@ -104,12 +105,17 @@ def run(args: argparse.Namespace) -> int:
     from columnhub.service.app import create_app
 
     app = create_app(config)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["columnhub"] = {  # the service's and its runners' messages
+        "handlers": ["default"], "level": config.log_level.upper(), "propagate": False,
+    }
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             log_level=config.log_level,
+            log_config=log_config,
             lifespan="on",
             timeout_graceful_shutdown=10,
         )

@@ -53,6 +53,7 @@ def check_inputs(
     *,
     data_roots: Iterable[str | os.PathLike[str]],
     url_prefixes: Iterable[str],
+    registry: str | None = None,
 ) -> None:
     """Refuse a request naming anything outside the data roots and URL prefixes.
 
@@ -67,6 +68,9 @@ def check_inputs(
             given: every local path is refused.
         url_prefixes: URL prefixes (``root://eos.example.org//store/``,
             ``https://data.example.org/open/``) whose files requests may read.
+        registry: the service's own model registry (``models:``): a request
+            naming exactly it is allowed (the service sets it in the job
+            specs its runners check again before delivering).
 
     Raises:
         PermissionDeniedError: an entry outside the roots and prefixes (the
@@ -86,7 +90,7 @@ def check_inputs(
         items = [("", request_or_samples)]
     for sample, request in items:
         where = f"sample {sample!r}: " if sample else ""
-        if request.registry is not None:
+        if request.registry is not None and request.registry != registry:
             msg = (
                 f"{where}registry {request.registry!r}: a service request cannot choose the "
                 "model registry; the service's configuration sets it (models:). Remove "

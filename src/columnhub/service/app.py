@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +31,24 @@ from columnhub.errors import (
     SpecError,
 )
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+# FastAPI reads the routes' annotations at run time: these names must be importable here.
+# This module is only imported to serve (never by ``import columnhub`` or ``--help``).
+require("fastapi", what="the columnhub service")
+from fastapi import Depends, FastAPI, Query  # noqa: E402
+from fastapi import Request as HttpRequest  # noqa: E402
+from fastapi.concurrency import run_in_threadpool  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
 
-    from columnhub.service.auth import Principal
+from columnhub.service.auth import (  # noqa: E402
+    Authenticator,
+    Principal,
+    challenge_headers,
+    principal,
+)
+
+if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
     from columnhub.spec import Request
 
@@ -64,10 +78,11 @@ def error_status(err: ColumnhubError) -> int:
     return 400
 
 
-def _error(status: int, kind: str, message: str) -> Any:
-    from fastapi.responses import JSONResponse
-
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    if not headers and status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(
         {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
     )
@@ -93,16 +108,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         runner: start runners in this process (``False``: an API-only replica
             whose work other replicas on the same database run).
     """
-    fastapi = require("fastapi", what="the columnhub service")
-    from fastapi import Depends, Query
-    from fastapi import Request as HttpRequest
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
-    from starlette.exceptions import HTTPException
-
     from columnhub import __version__
-    from columnhub.service.auth import Authenticator, principal
     from columnhub.service.db import Database
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         finally:
             await run_in_threadpool(services.stop)
 
-    app = fastapi.FastAPI(
+    app = FastAPI(
         title="columnhub",
         version=__version__,
         summary="Select, join, compute, cache and deliver columns of HEP event data.",
@@ -136,7 +142,8 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     @app.exception_handler(ColumnhubError)
     async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
         status: int = error_status(err)
-        return _error(status, type(err).__name__, str(err))  # type: ignore[no-any-return]
+        headers = challenge_headers(err)  # WWW-Authenticate (RFC 6750) for 401 and scope 403s
+        return _error(status, type(err).__name__, str(err), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
@@ -144,11 +151,11 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
             for e in err.errors()
         )
-        return _error(400, "SpecError", f"invalid parameter: {problems}")  # type: ignore[no-any-return]
+        return _error(400, "SpecError", f"invalid parameter: {problems}")
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: HttpRequest, err: HTTPException) -> JSONResponse:
-        return _error(err.status_code, "HTTPError", str(err.detail))  # type: ignore[no-any-return]
+        return _error(err.status_code, "HTTPError", str(err.detail))
 
     reader = Depends(principal("read"))
     submitter = Depends(principal("submit"))
@@ -181,7 +188,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """
         body = await request.body()
         kind = request.headers.get("content-type", "")
-        return await run_in_threadpool(_submit, config, db, request.app, user, body, kind, title)
+        return await run_in_threadpool(_submit, config, db, user, body, kind, title)
 
     @app.get(f"{API}/requests", tags=["requests"])
     def list_requests(
@@ -225,19 +232,18 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
         Several samples: ``{"samples": {name: manifest}}``. 409 until complete.
         """
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) == [""]:
             return done[""]
         return {"samples": done}
 
-    files_methods = ["GET", "HEAD"]
+    single_path = f"{API}/requests/{{request_id}}/files/{{name}}"
+    sample_path = f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}"
 
-    @app.api_route(
-        f"{API}/requests/{{request_id}}/files/{{name}}", methods=files_methods, tags=["results"]
-    )
+    @app.get(single_path, tags=["results"])
     def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
         """A result file of a single-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) != [""]:
             msg = (
                 f"request {request_id} has several samples ({', '.join(done)}); "
@@ -246,16 +252,12 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             raise SpecError(msg)
         return _file_response(done[""], name)
 
-    @app.api_route(
-        f"{API}/requests/{{request_id}}/files/{{sample}}/{{name}}",
-        methods=files_methods,
-        tags=["results"],
-    )
+    @app.get(sample_path, tags=["results"])
     def sample_file(
         request_id: str, sample: str, name: str, user: Principal = reader
     ) -> FileResponse:
         """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)).to_json())
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if sample not in done:
             from columnhub.errors import RequestNotFoundError
 
@@ -265,6 +267,10 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
             )
             raise RequestNotFoundError(msg)
         return _file_response(done[sample], name)
+
+    # HEAD (size, Accept-Ranges) for remote readers; one OpenAPI entry per path is enough
+    app.add_api_route(single_path, file, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route(sample_path, sample_file, methods=["HEAD"], include_in_schema=False)
 
     # -- cache ---------------------------------------------------------------------
 
@@ -280,7 +286,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """Whose requests ``user`` may see: their own, or everyone's for an admin."""
         return None if "admin" in user.scopes else user.user
 
-    return app  # type: ignore[no-any-return]
+    return app
 
 
 # ---------------------------------------------------------------------------
@@ -290,7 +296,6 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 def _submit(
     config: ServiceConfig,
     db: Any,
-    app: Any,
     user: Principal,
     body: bytes,
     content_type: str,
@@ -298,11 +303,10 @@ def _submit(
 ) -> dict[str, Any]:
     """Validate a submitted spec, check limits and data access, queue it (single flight)."""
     data = _parse_json_or_yaml(body, content_type)
-    samples = _job_specs(config, _load_spec(config, data))
+    samples = _job_specs(config, data)
     _check_limits(config, db, user.user)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    view = db.submit(user.user, data, title, jobs)
-    app.state.services.wake()
+    view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
@@ -327,38 +331,28 @@ def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
     return _parse_yaml(text) if "yaml" in content_type else _parse_json(text)
 
 
-def _load_spec(config: ServiceConfig, data: Any) -> Any:
-    """The submitted spec as a :class:`Request` or :class:`Samples` (relative paths: data root)."""
-    from columnhub.spec import load_request, rebase_paths
-
-    if config.data_roots and isinstance(data, dict):
-        data = rebase_paths(data, config.data_roots[0])
-    return load_request(data)
-
-
-def _job_specs(config: ServiceConfig, spec: Any) -> dict[str, Request]:
+def _job_specs(config: ServiceConfig, data: Any) -> dict[str, Request]:
     """Each sample's request as the service runs it: ``{"": request}`` for a single one.
 
-    Inputs are checked against the data roots and URL prefixes; the model
-    registry is the service's, and the result's folder the service's own.
+    Inputs are checked against the data roots and URL prefixes (a request
+    naming a registry or an output directory is refused there); the model
+    registry is the service's own.
     """
-    from columnhub.service.access import check_request
-    from columnhub.spec import Samples
+    from columnhub.service.access import check_inputs
+    from columnhub.spec import Samples, load_request
 
+    if not isinstance(data, dict):  # a string would be read as a path on the server
+        msg = (
+            f"the spec must be a JSON object (the same mapping as a YAML spec), got a "
+            f"{type(data).__name__}"
+        )
+        raise SpecError(msg)
+    spec = load_request(data)
+    check_inputs(spec, data_roots=config.data_roots, url_prefixes=config.url_prefixes)
     requests = spec.requests() if isinstance(spec, Samples) else {"": spec}
-    out: dict[str, Request] = {}
-    for name, req in requests.items():
-        check_request(req, config)
-        if req.registry is not None and req.registry != config.models:
-            msg = (
-                f"the request names the model registry {req.registry!r}; the service uses "
-                f"its own ({config.models or 'none configured'}); leave 'registry' out"
-            )
-            raise PermissionDeniedError(msg)
-        output = req.output.model_dump(mode="json")
-        output["directory"] = None  # results go to state_dir/results/<job id>
-        out[name] = req.replace(registry=config.models, output=output)
-    return out
+    if config.models is None:
+        return requests
+    return {name: req.replace(registry=config.models) for name, req in requests.items()}
 
 
 def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
@@ -388,25 +382,31 @@ def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
 # results
 
 
-def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each sample's manifest plus ``path``; 409 unless the request is complete."""
-    if view["status"] != "complete":
-        error = view.get("error") or {}
-        why = f": {error.get('type')}: {error.get('message')}" if error else ""
+def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, Any]]:
+    """Each sample's manifest plus ``path``; 409 unless the request is complete.
+
+    Args:
+        config: the service settings.
+        view: the request (a :class:`~columnhub.service.db.RequestView`).
+    """
+    status = view.status
+    if status != "complete":
+        error = view.error
+        why = f" ({error['type']}: {error['message']})" if error else ""
         msg = (
-            f"request {view['id']} is {view['status']}{why}; its result can be read once its "
-            f"status is complete (GET {API}/requests/{view['id']})"
+            f"request {view.id} is {status}{why}; its result can be read once its status is "
+            f"complete (GET {API}/requests/{view.id})"
         )
         raise _status_error(ServiceError, 409, msg)
     from columnhub.output.manifest import read_manifest
 
     out: dict[str, dict[str, Any]] = {}
-    for name, sample in view["samples"].items():
-        directory = config.result_directory(sample["job"])
+    for name, job in view.samples.items():
+        directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
         if manifest is None or not manifest.get("complete"):  # never serve a partial result
             msg = (
-                f"request {view['id']}: the result of sample {name or '(single)'} is not in "
+                f"request {view.id}: the result of sample {name or '(single)'} is not in "
                 f"{directory} any more (removed from the shared filesystem); submit it again"
             )
             raise _status_error(ServiceError, 410, msg)
@@ -414,9 +414,7 @@ def _complete_samples(config: ServiceConfig, view: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _file_response(manifest: dict[str, Any], name: str) -> Any:
-    from fastapi.responses import FileResponse
-
+def _file_response(manifest: dict[str, Any], name: str) -> FileResponse:
     from columnhub.errors import RequestNotFoundError
 
     if name not in manifest["files"]:  # only the result's own files: no path escapes
@@ -463,12 +461,6 @@ class _Services:
             _log.info("LocalCluster at %s", self.cluster.scheduler_address)
         self.runner = Runner(self.db, config)
         self.runner.start()
-
-    def wake(self) -> None:
-        """Tell this replica's runners that work was queued."""
-        wake: Callable[[], None] | None = getattr(self.runner, "wake", None)
-        if wake is not None:
-            wake()
 
     def problems(self) -> list[str]:
         """Why this replica is not ready (empty: ready)."""

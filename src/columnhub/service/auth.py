@@ -456,8 +456,14 @@ class OIDCVerifier:
     def _key(self, kid: str | None) -> _jwt.PyJWK:
         with self._lock:
             now = time.monotonic()
-            if self._keys is None or now - self._fetched_at > self.jwks_max_age_s:
+            if self._keys is None:
                 self._fetch_keys()
+            elif now - self._fetched_at > self.jwks_max_age_s:
+                try:
+                    self._fetch_keys()  # the periodic refresh: removed keys stop verifying
+                except ServiceUnavailableError:
+                    # the issuer is down: keep the cached keys, try again soon
+                    self._fetched_at = now - self.jwks_max_age_s + self.jwks_refetch_s
             assert self._keys is not None
             key = self._pick(kid)
             if key is None and now - self._fetched_at >= self.jwks_refetch_s:
@@ -539,7 +545,8 @@ class OIDCVerifier:
             )
         if isinstance(err, jwt.ImmatureSignatureError):
             return (
-                f"the token is not valid before {when('nbf')} (now {now}, leeway "
+                f"the token is not valid before {when('nbf' if 'nbf' in claims else 'iat')} "
+                f"(now {now}, leeway "
                 f"{self.leeway:g} s); check the clocks or wait"
             )
         if isinstance(err, jwt.InvalidAudienceError):
@@ -593,7 +600,9 @@ class Authenticator:
         oidc: an OIDC verifier, or ``None``. With neither, auth is off.
     """
 
-    def __init__(self, *, token_file: TokenFile | None = None, oidc: OIDCVerifier | None = None):
+    def __init__(
+        self, *, token_file: TokenFile | None = None, oidc: OIDCVerifier | None = None
+    ) -> None:
         self.token_file = token_file
         self.oidc = oidc
 
@@ -647,11 +656,17 @@ class Authenticator:
                 "only 'Authorization: Bearer <token>'"
             )
             raise _auth_error(msg, code="invalid_request")
+        jwt_shaped = self.oidc is not None and token.count(".") == 2
         if self.token_file is not None:
-            found = self.token_file.lookup(token)
+            try:
+                found = self.token_file.lookup(token)
+            except ServiceUnavailableError:
+                if not jwt_shaped:  # a broken token file does not lock OIDC users out
+                    raise
+                found = None
             if found is not None:
                 return found
-        if self.oidc is not None and token.count(".") == 2:
+        if self.oidc is not None and jwt_shaped:
             return self.oidc.verify(token)
         accepted = []
         if self.token_file is not None:
@@ -666,7 +681,8 @@ def principal(scope: str) -> Callable[..., Principal]:
     """A FastAPI dependency giving the caller, who must hold ``scope``.
 
     ``user: Principal = Depends(principal("submit"))``. It reads the
-    :class:`Authenticator` from ``app.state.authenticator`` (none there: auth is off).
+    :class:`Authenticator` from ``app.state.authenticator`` (one with no sources:
+    auth is off; none at all is a programming error, never an open door).
 
     Raises:
         SpecError: ``scope`` is not one of :data:`SCOPES` (a programming error).
@@ -682,9 +698,13 @@ def principal(scope: str) -> Callable[..., Principal]:
     credentials_default = Security(bearer)  # only for OpenAPI's "Authorize" (/docs)
 
     def dependency(request: Any, credentials: Any = credentials_default) -> Principal:
-        authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
-        if authenticator is None:
-            return ANONYMOUS
+        authenticator = getattr(request.app.state, "authenticator", None)
+        if not isinstance(authenticator, Authenticator):  # fail closed, never open
+            msg = (
+                "app.state.authenticator is not an Authenticator: the app must set one "
+                "(Authenticator() with no sources is auth off)"
+            )
+            raise TypeError(msg)
         who = authenticator.authenticate(request.headers.get("authorization"))
         who.require(scope)
         return who

@@ -68,6 +68,8 @@ class ServiceConfig(BaseModel):
         oidc_audience: the audience those tokens must name.
         oidc_groups_claim: a claim listing the user's groups, if any.
         oidc_scopes_claim: the claim listing the token's scopes.
+        oidc_group_scopes: group -> the scopes its members get (with ``oidc_groups_claim``).
+        oidc_user_claim: the claim naming the user (default ``sub``).
         max_active_requests_per_user: queued or running requests a user may
             have at once; one more is refused with HTTP 429.
         max_stored_bytes_per_user: bytes of results a user may hold; a new
@@ -97,6 +99,8 @@ class ServiceConfig(BaseModel):
     oidc_audience: str | None = None
     oidc_groups_claim: str | None = None
     oidc_scopes_claim: str = "scope"
+    oidc_group_scopes: dict[str, list[str]] = Field(default_factory=dict)
+    oidc_user_claim: str = "sub"
     max_active_requests_per_user: int = Field(default=8, ge=1)
     max_stored_bytes_per_user: int | None = Field(default=None, ge=0)
     runners: int = Field(default=1, ge=1)

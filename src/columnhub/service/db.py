@@ -22,6 +22,7 @@ than their clock skew.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import threading
@@ -495,7 +496,7 @@ class Database:
         page: int = 1,
         per_page: int = 50,
         state: str | None = None,
-    ) -> tuple[list[RequestView], int]:
+    ) -> tuple[builtins.list[RequestView], int]:
         """A page of ``owner``'s requests (``None``: everyone's), newest first, and the total.
 
         Args:
@@ -527,7 +528,7 @@ class Database:
             views = self._views(session, [by_id[i] for i in chosen if i in by_id])
         return views, len(ids)
 
-    def _states(self, session: Session, owner: str | None) -> list[tuple[str, str]]:
+    def _states(self, session: Session, owner: str | None) -> builtins.list[tuple[str, str]]:
         """``(request id, derived state)`` of ``owner``'s requests, newest first."""
         query = (
             sa.select(RequestRecord.id, RequestRecord.cancelled, Job.state)
@@ -537,12 +538,14 @@ class Database:
         )
         if owner is not None:
             query = query.where(RequestRecord.owner == owner)
-        grouped: dict[str, tuple[bool, list[str]]] = {}
+        grouped: dict[str, tuple[bool, builtins.list[str]]] = {}
         for rid, cancelled, job_state in session.execute(query):
             grouped.setdefault(rid, (bool(cancelled), []))[1].append(job_state)
         return [(rid, request_state(c, s)) for rid, (c, s) in grouped.items()]
 
-    def _views(self, session: Session, records: list[RequestRecord]) -> list[RequestView]:
+    def _views(
+        self, session: Session, records: builtins.list[RequestRecord]
+    ) -> builtins.list[RequestView]:
         if not records:
             return []
         rows = session.execute(
@@ -763,7 +766,7 @@ class Database:
                 raise RequestNotFoundError(msg)
             return JobRow.of(job)
 
-    def jobs(self, *, state: str | None = None) -> list[JobRow]:
+    def jobs(self, *, state: str | None = None) -> builtins.list[JobRow]:
         """Every job (in ``state``), oldest first."""
         with self._reading() as session:
             query = sa.select(Job).order_by(Job.created_at, Job.id)
@@ -852,7 +855,7 @@ def _engine(url: sa.URL) -> Engine:
         return sa.create_engine(url, pool_pre_ping=True)
     memory = url.database in (None, "", ":memory:")
     if not memory:
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_MS / 1000},

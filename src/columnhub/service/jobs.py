@@ -102,6 +102,10 @@ class Runner:
         """Start ``config.runners`` runner threads (each delivers one job at a time)."""
         if self._threads:
             return
+        # the delivery's modules imported once here, not by several runner threads at once
+        import columnhub.execute.part
+        import columnhub.plan  # noqa: F401
+
         self._stopping.clear()
         for i in range(max(1, int(self.config.runners))):
             thread = threading.Thread(target=self._loop, name=f"columnhub-runner-{i}", daemon=True)
@@ -147,6 +151,7 @@ class Runner:
 
     def _run(self, job: JobRow, claim: str) -> None:
         from columnhub.delivery import deliver
+        from columnhub.spec import Request
 
         output = Path(job.output_dir) if job.output_dir else self.results / job.id
         tracker = _Tracker(self.db, job.id, claim, self.lease_s, self._stopping)
@@ -154,8 +159,9 @@ class Runner:
         beat.start()
         log.info("columnhub runner %s: job %s (attempt %d)", claim, job.id, job.attempts)
         try:
+            self._check_inputs(job)
             result = deliver(
-                job.spec,
+                Request.from_dict(job.spec),
                 output=output,
                 cache=self._cache(),
                 scheduler=self._scheduler(),
@@ -179,6 +185,21 @@ class Runner:
         stored = sum(int(p["bytes"]) for p in result.manifest.get("parts", []))
         if not self.db.finish(job.id, claim, stored, progress=tracker.final(result.manifest)):
             self._stopped(job, claim, output, tracker.why())
+
+    def _check_inputs(self, job: JobRow) -> None:
+        """The data-access check of submission, again now (a link made since then is caught)."""
+        roots = getattr(self.config, "data_roots", None)
+        if roots is None:  # a bare RunnerConfig (tests of the queue alone)
+            return
+        from columnhub.service.access import check_inputs
+        from columnhub.spec import Request
+
+        check_inputs(
+            Request.model_validate(job.spec),
+            data_roots=roots,
+            url_prefixes=getattr(self.config, "url_prefixes", ()),
+            registry=getattr(self.config, "models", None),
+        )
 
     def _stopped(self, job: JobRow, claim: str, output: Path, reason: str) -> None:
         """A delivery stopped: clean up after a cancellation, hand back on shutdown."""
