@@ -924,19 +924,15 @@ def _error_from_response(response: httpx.Response, *, url: str, signed: bool) ->
     if not isinstance(message, str):
         message = json.dumps(message) if message is not None else (response.text[:500] or "")
     cls = _error_class(name)
-    if cls is None:
-        if code >= 500:
-            cls = ServiceUnavailableError
-        elif code == 422:
-            cls = SpecError
-        else:
-            cls = _BY_STATUS.get(code, ServiceError)
-    if cls is ServiceUnavailableError:
+    if cls is None and code >= 500:  # a crash or a proxy: say who answered
+        cls = ServiceUnavailableError
         message = (
             f"the columnhub service at {url} answered {code} "
             f"{response.reason_phrase}: {message or 'no message'}"
         )
-    elif not message:
+    elif cls is None:
+        cls = SpecError if code == 422 else _BY_STATUS.get(code, ServiceError)
+    if not message:
         message = f"the columnhub service at {url} answered {code} {response.reason_phrase}"
     if cls is AuthError and not signed:
         message += (
