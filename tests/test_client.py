@@ -199,6 +199,23 @@ def test_deliver_equals_embedded_and_uproot(
     assert ak.to_list(arrays.MET_pt) == ref["MET_pt"]
     assert ak.to_list(arrays.Jet_pt) == ref["Jet_pt"]
     assert np.allclose(ak.to_numpy(arrays.ht), ref["ht"])
+    request_id = client.requests()[0]["id"]
+    shared = client.open(request_id)  # the service's folder, read in place
+    assert isinstance(shared, columnhub.Result)
+    assert shared.directory == Path(client.manifest(request_id)["path"])
+    assert part_bytes(shared) == part_bytes(embedded)
+
+
+def test_open_refuses_a_folder_not_seen_here(tmp_path: Path) -> None:
+    from columnhub.client import _shared_result
+
+    manifest = {"complete": True, "files": [], "parts": [], "path": str(tmp_path / "elsewhere")}
+    with pytest.raises(errors.ServiceError, match="fetch"):
+        _shared_result("abc", manifest)
+    (tmp_path / "elsewhere").mkdir()  # another result there: not the service's
+    (tmp_path / "elsewhere" / "manifest.json").write_text(json.dumps({"complete": True}))
+    with pytest.raises(errors.ServiceError, match="not readable here"):
+        _shared_result("abc", manifest)
 
 
 def test_multi_sample_deliver(service: InProcess, data: Path, tmp_path: Path) -> None:
@@ -696,6 +713,15 @@ def test_cli_submit_wait_status_fetch(served: Served, tmp_path: Path) -> None:
     assert json.loads(one.stdout)["status"] == "complete"
     assert "bob" not in served.cli("status").stdout
     assert request_id not in served.cli("status", token="bob-token").stdout  # alice's only
+
+    again = served.cli("submit", str(spec_file), "--wait", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    second_id, where = again.stdout.splitlines()
+    assert second_id != request_id
+    path = where.removeprefix("result: ").split(" (")[0]  # the service's folder
+    assert json.loads((Path(path) / "manifest.json").read_text())["request_hash"] == (
+        embedded.manifest["request_hash"]
+    )
 
     fetched = tmp_path / "fetched"
     got = served.cli("fetch", request_id, "-o", str(fetched))

@@ -509,6 +509,25 @@ class Client:
             return {name: Result.open(folder) for name, (folder, _, _) in folders.items()}
         return Result.open(where)
 
+    def open(self, request_id: str) -> Result | dict[str, Result]:
+        """A complete request's result where the service keeps it (a shared file system).
+
+        Nothing is downloaded: the :class:`Result` reads the service's own
+        folder (``path`` in the manifest), which this machine must see, e.g.
+        a facility's shared file system. Use :meth:`fetch` otherwise.
+
+        Raises:
+            ServiceError: the request is not complete, or its folder is not
+                visible here (or holds another result than the service's manifest).
+        """
+        answer = self.manifest(request_id)
+        if _is_multi(answer):
+            return {
+                _safe_name(name, what="sample"): _shared_result(request_id, manifest)
+                for name, manifest in answer["samples"].items()
+            }
+        return _shared_result(request_id, answer)
+
     def deliver(
         self,
         spec: Request | Samples | dict[str, Any] | str | os.PathLike[str],
@@ -1033,6 +1052,24 @@ def _local_manifest(url: str, request_id: str, manifest: Any) -> dict[str, Any]:
         if not isinstance(part.get("bytes"), int) or not isinstance(part.get("xxh3"), str):
             raise _bad_answer(url, f"part {part.get('name')!r} has no size and checksum")
     return {k: v for k, v in manifest.items() if k != "path"}
+
+
+def _shared_result(request_id: str, manifest: Mapping[str, Any]) -> Result:
+    """The result in the service's folder, if this machine sees that very result there."""
+    path = Path(str(manifest.get("path", "")))
+    expected = {k: v for k, v in manifest.items() if k != "path"}
+    try:
+        found = read_manifest(path) if manifest.get("path") and path.is_dir() else None
+    except (OSError, OutputError):
+        found = None
+    if found != expected or not expected.get("complete"):
+        msg = (
+            f"the result of request {request_id} is not readable here: the service keeps it in "
+            f"{str(path)!r}, which this machine does not see (or not as the service does); "
+            "download it with fetch (`columnhub fetch ID -o DIR`)"
+        )
+        raise ServiceError(msg)
+    return Result(path, expected)
 
 
 def _prepare_folder(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
