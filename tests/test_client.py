@@ -631,6 +631,53 @@ class Served:
         )
 
 
+def serve_env(tmp: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "XDG_CONFIG_HOME": str(tmp / "xdg"),
+        "COLUMNHUB_CACHE": str(tmp / "client-cache"),
+    }
+    env.pop("COLUMNHUB_URL", None)
+    return env
+
+
+def start_serve(tmp: Path, port: int, *args: str) -> subprocess.Popen[bytes]:
+    """``columnhub serve`` on 127.0.0.1:``port`` (state in ``tmp/state``), once it is ready."""
+    with open(tmp / "serve.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                str(ENTRY_POINT), "serve", "--port", str(port), "--state-dir", str(tmp / "state"),
+                "--log-level", "warning", *args,
+            ],
+            env=serve_env(tmp), stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            pytest.fail(f"columnhub serve did not start:\n{(tmp / 'serve.log').read_text()}")
+        time.sleep(0.2)
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("served")
@@ -639,45 +686,52 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
     for name in ("nano_tt_v12.root", "nano_dy.root"):
         shutil.copy(shared_data / name, data / name)
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-        "XDG_CONFIG_HOME": str(tmp / "xdg"),
-        "COLUMNHUB_CACHE": str(tmp / "client-cache"),
-    }
-    env.pop("COLUMNHUB_URL", None)
-    log = open(tmp / "serve.log", "wb")  # noqa: SIM115 (closed at the end)
-    proc = subprocess.Popen(
-        [
-            str(ENTRY_POINT), "serve", "--port", str(port), "--state-dir", str(tmp / "state"),
-            "--data-root", str(data), "--token-file", str(token_file(tmp / "tokens.yaml")),
-            "--log-level", "warning",
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"columnhub serve did not start:\n{(tmp / 'serve.log').read_text()}")
-        time.sleep(0.2)
-    env["COLUMNHUB_URL"] = url
+    tokens = token_file(tmp / "tokens.yaml")
+    proc = start_serve(tmp, port, "--data-root", str(data), "--token-file", str(tokens))
+    env = serve_env(tmp)
+    env["COLUMNHUB_URL"] = f"http://127.0.0.1:{port}"
     try:
-        yield Served(url, proc, data, env)
+        yield Served(env["COLUMNHUB_URL"], proc, data, env)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        stop_serve(proc)
+
+
+def test_wait_outlasts_a_service_restart(data: Path, tmp_path: Path) -> None:
+    """The service is killed after a submission and comes back: wait ends with the result."""
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"lease_s": 1.0, "data_roots": [str(data)]}))
+    proc = start_serve(tmp_path, port, "--config", str(config))
+    client = Client(f"http://127.0.0.1:{port}", retries=1, patience=120)
+    try:
+        request_id = client.submit(spec_of(data, chunk_size=20))
+        proc.kill()  # no clean-up: the job is left as it was
+        proc.wait(10)
+        waited: dict[str, Any] = {}
+
+        def waiting() -> None:
+            try:
+                waited["status"] = client.wait(request_id, progress=False, poll=0.2)
+            except Exception as err:  # noqa: BLE001 (checked below)
+                waited["error"] = err
+
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        time.sleep(1.5)  # the client finds nobody there meanwhile
+        assert thread.is_alive()
+        proc = start_serve(tmp_path, port, "--config", str(config))
+        thread.join(180)
+        assert not thread.is_alive()
+        assert waited.get("status", {}).get("status") == "complete", waited
+        got = client.fetch(request_id, tmp_path / "out")
+    finally:
+        client.close()
+        stop_serve(proc)
+    embedded = columnhub.deliver(
+        spec_of(data, chunk_size=20), output=tmp_path / "embedded", cache=False, progress=False
+    )
+    assert isinstance(got, columnhub.Result)
+    assert part_bytes(got) == part_bytes(embedded)  # no part lost or written twice
 
 
 def test_end_to_end_client_equals_embedded(served: Served, tmp_path: Path) -> None:

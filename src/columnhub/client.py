@@ -279,6 +279,8 @@ class Client:
             read); a download may take longer in total, never silent longer.
         retries: further tries of a call after a connection error or a
             502/503/504 answer (backoff 0.1 s, 0.2 s, 0.4 s, ... up to 2 s).
+        patience: seconds :meth:`wait` keeps asking a service that cannot be
+            reached (restarting, or a replica replaced) before it gives up.
         transport: an httpx transport to use instead of the network, e.g.
             ``httpx.ASGITransport(app)`` to call a service app in this
             process, or ``httpx.MockTransport``.
@@ -296,6 +298,7 @@ class Client:
         token: str | None = None,
         timeout: float = 30.0,
         retries: int = 3,
+        patience: float = 120.0,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
         httpx = _httpx()
@@ -311,6 +314,7 @@ class Client:
         self.url = settings.url
         self.settings = settings
         self.retries = retries
+        self.patience = patience
         headers = {"User-Agent": f"columnhub/{__version__}", "Accept": "application/json"}
         if settings.token:
             headers["Authorization"] = f"Bearer {settings.token}"
@@ -615,9 +619,21 @@ class Client:
             msg = f"poll={poll}: give the seconds between two status calls (> 0)"
             raise SpecError(msg)
         report = _Reporter(progress)
+        down_since: float | None = None
         try:
             while True:
-                state = self.status(request_id)
+                try:
+                    state = self.status(request_id)
+                except ServiceUnavailableError:
+                    # a restart (or a replica going away): the request is resumed there,
+                    # so keep asking, for a while
+                    now = time.monotonic()
+                    down_since = now if down_since is None else down_since
+                    if now - down_since > self.patience:
+                        raise
+                    time.sleep(max(poll, 1.0))
+                    continue
+                down_since = None
                 report(state)
                 if _finished(state):
                     return state
