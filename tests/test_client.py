@@ -825,3 +825,26 @@ def test_cli_errors_and_exit_codes(served: Served, tmp_path: Path) -> None:
     )
     config.unlink()
     assert from_file.returncode == 0, from_file.stderr  # url and token from the file
+
+
+def test_cli_status_and_fetch_start_light(served: Served, tmp_path: Path) -> None:
+    """``status``, ``cancel`` and ``fetch`` never load numpy, pydantic, pyarrow, uproot, numba."""
+    with Client(served.url, token="alice-token") as client:
+        request_id = client.submit(spec_of(served.state, where="MET_pt > 50"))
+        client.wait(request_id, progress=False)
+    env = dict(served.env, COLUMNHUB_TOKEN="alice-token")
+    heavy = ("numpy", "pydantic", "pyarrow", "uproot", "numba", "awkward", "pandas", "fastapi")
+    for args in (["status"], ["status", request_id], ["fetch", request_id, "-o", str(tmp_path)]):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", str(ENTRY_POINT), *args],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = {
+            line.rsplit("|", 1)[-1].strip().split(".")[0]
+            for line in done.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "httpx" in imported  # the check sees what a command loads
+        assert not imported & set(heavy), (args, imported & set(heavy))
+    assert columnhub.Result.open(tmp_path).events > 0
