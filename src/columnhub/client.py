@@ -434,9 +434,12 @@ class Client:
                 Jupyter), ``None`` for a bar only when stderr is a terminal,
                 ``False`` for none, or a ``callable(done, total)`` called as
                 events (parts while the event count is not known yet) are done.
-            poll: seconds between two status calls.
+            poll: seconds between two status calls (the first ones come sooner:
+                20 ms, 40 ms, ... up to ``poll``).
 
         Raises:
+            ServiceUnavailableError: the service could not be reached for
+                longer than ``patience`` seconds.
             ColumnhubError: the request failed: the error the service reported,
                 as its own class (a :class:`~columnhub.errors.SampleError`
                 naming each failed sample for several samples).
@@ -620,6 +623,7 @@ class Client:
             raise SpecError(msg)
         report = _Reporter(progress)
         down_since: float | None = None
+        polls = 0
         try:
             while True:
                 try:
@@ -637,7 +641,9 @@ class Client:
                 report(state)
                 if _finished(state):
                     return state
-                time.sleep(poll)
+                # soon at first (a known result is answered in milliseconds), then every `poll`
+                time.sleep(min(poll, 0.02 * 2**polls))
+                polls += 1
         finally:
             report.close()
 
