@@ -210,7 +210,7 @@ class _AsyncTransportThread:
         self._thread.start()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        httpx = _httpx()
+        hx = _httpx()
 
         async def call() -> tuple[int, list[tuple[bytes, bytes]], bytes, dict[str, Any]]:
             response = await self._transport.handle_async_request(request)
@@ -223,7 +223,7 @@ class _AsyncTransportThread:
         status, headers, body, extensions = asyncio.run_coroutine_threadsafe(
             call(), self._loop
         ).result()
-        return httpx.Response(  # type: ignore[no-any-return]
+        return hx.Response(  # type: ignore[no-any-return]
             status, headers=headers, content=body, extensions=extensions, request=request
         )
 
@@ -239,13 +239,13 @@ class _AsyncTransportThread:
 
 def _sync_transport(transport: Any) -> Any:
     """``transport`` as an ``httpx.BaseTransport`` (an async one runs in a thread)."""
-    httpx = _httpx()
-    if transport is None or isinstance(transport, httpx.BaseTransport):
+    module = _httpx()
+    if transport is None or isinstance(transport, module.BaseTransport):
         return transport
-    if isinstance(transport, httpx.AsyncBaseTransport):
+    if isinstance(transport, module.AsyncBaseTransport):
         inner = _AsyncTransportThread(transport)
 
-        class _Sync(httpx.BaseTransport):  # type: ignore[misc,name-defined]
+        class _Sync(module.BaseTransport):  # type: ignore[misc,name-defined]
             def handle_request(self, request: httpx.Request) -> httpx.Response:
                 return inner.handle_request(request)
 
@@ -301,7 +301,7 @@ class Client:
         patience: float = 120.0,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        httpx = _httpx()
+        hx = _httpx()
         settings = client_settings(url, token)
         if retries < 0:
             msg = f"retries={retries}: give 0 or more"
@@ -318,7 +318,7 @@ class Client:
         headers = {"User-Agent": f"columnhub/{__version__}", "Accept": "application/json"}
         if settings.token:
             headers["Authorization"] = f"Bearer {settings.token}"
-        self._http = httpx.Client(
+        self._http = hx.Client(
             base_url=self.url,
             headers=headers,
             timeout=timeout,
@@ -676,14 +676,14 @@ class Client:
         idempotent: bool = True,
     ) -> httpx.Response:
         """One call, retried on connection errors and 502/503/504 answers; errors mapped."""
-        httpx = _httpx()
+        hx = _httpx()
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
                 response = self._http.request(method, path, json=json, params=params)
-            except httpx.TransportError as err:
+            except hx.TransportError as err:
                 # a submission is sent again only if it surely never arrived
-                unsent = isinstance(err, httpx.ConnectError | httpx.ConnectTimeout)
+                unsent = isinstance(err, hx.ConnectError | hx.ConnectTimeout)
                 if last or not (idempotent or unsent):
                     raise self._unavailable(method, path, err, sent=not unsent) from err
                 _backoff(attempt)
@@ -697,7 +697,7 @@ class Client:
                 continue
             if response.is_error:
                 raise self._error(response)
-            return response
+            return response  # type: ignore[no-any-return]
         raise AssertionError  # pragma: no cover (the loop returns or raises)
 
     def _unavailable(
@@ -774,11 +774,11 @@ class Client:
         (``retries`` times); a file that arrives whole but does not match its
         manifest is an error at once, and nothing of it is kept.
         """
-        httpx = _httpx()
+        hx = _httpx()
         for attempt in range(self.retries + 1):
             try:
                 size, digest = self._download_once(dest, path, report)
-            except httpx.TransportError as err:
+            except hx.TransportError as err:
                 if attempt == self.retries:
                     unavailable = self._unavailable("GET", path, err, sent=True)
                     raise unavailable from err

@@ -128,8 +128,8 @@ def _submit(args: argparse.Namespace) -> int:
             if "samples" in manifest and "files" not in manifest
             else {"": manifest}
         )
-        for name, one in samples.items():
-            print(_where(name, str(one.get("path", "")), one))
+        for name, described in samples.items():
+            print(_where(name, str(described.get("path", "")), described))
     return 0
 
 
