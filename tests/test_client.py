@@ -848,3 +848,26 @@ def test_cli_status_and_fetch_start_light(served: Served, tmp_path: Path) -> Non
         assert "httpx" in imported  # the check sees what a command loads
         assert not imported & set(heavy), (args, imported & set(heavy))
     assert columnhub.Result.open(tmp_path).events > 0
+
+
+def test_cli_interrupted_wait_says_the_request_goes_on(data: Path, tmp_path: Path) -> None:
+    proxy = Flaky([])  # takes the submission and says "queued" for ever
+    spec_file = tmp_path / "request.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_of(data)))
+    env = serve_env(tmp_path)
+    try:
+        proc = subprocess.Popen(
+            [str(ENTRY_POINT), "submit", str(spec_file), "--wait", "--url", proxy.url],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while "GET" not in proxy.hits and time.monotonic() < deadline:  # waiting now
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proxy.stop()
+    assert proc.returncode == 130
+    assert out.strip() == "abc"
+    assert "columnhub cancel abc" in err
+    assert "Traceback" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +114,15 @@ def _submit(args: argparse.Namespace) -> int:
         print(request_id, flush=True)
         if not args.wait:
             return 0
-        client.wait(request_id, progress=False if args.no_progress else None)
+        try:
+            client.wait(request_id, progress=False if args.no_progress else None)
+        except KeyboardInterrupt:  # the request goes on: say how to find it again
+            print(
+                f"columnhub: request {request_id} goes on on the service; "
+                f"see `columnhub status {request_id}`, stop it with `columnhub cancel {request_id}`",
+                file=sys.stderr,
+            )
+            raise
         if args.output:
             result = client.fetch(
                 request_id, args.output, progress=False if args.no_progress else None
