@@ -332,3 +332,17 @@ def test_a_link_made_after_submission_is_refused_when_the_job_runs(
     assert status["status"] == "failed", status
     assert status["error"]["type"] == "PermissionDeniedError"
     assert str(outside / "theirs.root") in status["error"]["message"]
+
+
+def test_where_links_outside_the_roots_lead_is_not_told(tree: Path) -> None:
+    root = tree / "data"
+    outside_link = tree / "outside" / "to-other"
+    if not outside_link.is_symlink():
+        outside_link.symlink_to(tree / "outside" / "other.root")
+    with pytest.raises(PermissionDeniedError) as err:
+        check_entry(str(outside_link), data_roots=[root], url_prefixes=[])
+    assert str(outside_link) in str(err.value)
+    assert "other.root" not in str(err.value)  # the target of a link outside every root
+    with pytest.raises(PermissionDeniedError) as err:
+        check_entry(str(root / "linkdir" / "other.root"), data_roots=[root], url_prefixes=[])
+    assert str(tree / "outside" / "other.root") in str(err.value)  # a link inside the root: told

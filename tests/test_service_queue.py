@@ -616,3 +616,147 @@ def test_multi_sample_request_state_and_progress(
     assert db.stored_bytes("alice") == status["progress"]["bytes"]
     assert db.counts()["complete"] == 1
     db.close()
+
+
+def test_a_job_whose_runner_keeps_dying_is_failed_not_retried_forever(db_url: str) -> None:
+    from columnhub.service.db import MAX_ATTEMPTS
+
+    db = Database(db_url)
+    view = db.submit("alice", {"x": 1}, None, {"": ("d" * 32, {"x": 1})})
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        job = db.claim(f"runner-{attempt}", 0.01)
+        assert job is not None
+        assert job.attempts == attempt
+        time.sleep(0.05)  # it dies: the lease runs out
+    assert db.claim("runner-last", 30) is None
+    status = db.get(view.id).to_json()
+    assert status["status"] == "failed"
+    assert status["error"]["type"] == "JobLostError"
+    assert str(MAX_ATTEMPTS) in status["error"]["message"]
+    db.close()
+
+
+@pytest.mark.slow
+def test_the_heartbeat_holds_the_lease_through_a_part_longer_than_it(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part runs 4 s with a 3 s lease: no other runner may claim the job meanwhile."""
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    columns = ["MET_pt"]
+    view = submit(db, request(files, columns, chunk_size=600))  # 2 parts, one per file
+    job_id = view.samples[""].id
+    monkeypatch.setenv(PART_SLEEP, "4")
+    runner = Runner(db, Config(state, lease_s=3))
+    thread = threading.Thread(target=runner.run_once)
+    thread.start()
+    other = Runner(db, Config(state, lease_s=3))
+    stolen = []
+    try:
+        wait_for(lambda: db.job(job_id).state == "running", "the job claimed")
+        while thread.is_alive():
+            claimed = other.db.claim("thief", 3)
+            if claimed is not None:
+                stolen.append(claimed)
+                break
+            time.sleep(0.1)
+    finally:
+        thread.join()
+    assert not stolen
+    job = db.job(job_id)
+    assert (job.state, job.attempts) == ("complete", 1)
+    check_result(state / "results" / job_id, files, columns, None)
+    db.close()
+
+
+@pytest.mark.slow
+def test_stopping_a_runner_hands_its_job_back_to_the_queue(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    columns = ["Jet_pt"]
+    view = submit(db, request(files, columns))
+    job_id = view.samples[""].id
+    monkeypatch.setenv(PART_SLEEP, "0.3")
+    runner = Runner(db, Config(state, lease_s=30))
+    runner.start()
+    try:
+        wait_for(lambda: db.job(job_id).progress["parts_done"] >= 1, "a part delivered")
+    finally:
+        runner.stop()
+    job = db.job(job_id)
+    assert (job.state, job.claimed_by, job.lease_expires_at) == ("queued", None, None)
+    output = state / "results" / job_id
+    assert not [p for p in output.iterdir() if p.name.startswith(".staging")]
+    monkeypatch.delenv(PART_SLEEP)
+    assert Runner(db, Config(state)).run_once()  # the next runner takes it at once
+    assert db.job(job_id).attempts == 2
+    check_result(output, files, columns, None)
+    db.close()
+
+
+def _task_keys(dask_scheduler: Any) -> list[str]:
+    """Every task key the scheduler has seen (run on the scheduler)."""
+    return sorted({str(entry[0]) for entry in dask_scheduler.transition_log})
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_runner_on_a_dask_scheduler_delivers_and_reports_parts(
+    files: list[Path], tmp_path: Path
+) -> None:
+    """The service's Dask set-up: a scheduler address in the config, one client for all jobs."""
+    distributed = pytest.importorskip("distributed")
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    columns, where = ["Jet_pt", "Muon_pt"], "MET_pt > 15"
+    first = submit(db, request(files, columns, where))
+    second = submit(db, request(files, ["MET_pt"]))
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        runner = Runner(db, Config(state, scheduler=cluster.scheduler_address, workers=1))
+        try:
+            assert runner.run_once()
+            assert runner.run_once()  # the same client serves the next job
+            with distributed.Client(cluster.scheduler_address) as client:
+                keys = client.run_on_scheduler(_task_keys)
+        finally:
+            runner.stop()
+    # the part tasks ran on the cluster (the key names the request), not in threads here
+    for view in (first, second):
+        job = db.job(view.samples[""].id)
+        parts = {k for k in keys if k.startswith(f"columnhub-{job.request_hash[:16]}-part-")}
+        assert len(parts) == 6
+    for view, cols, cut in ((first, columns, where), (second, ["MET_pt"], None)):
+        job = db.job(view.samples[""].id)
+        assert job.state == "complete", job.error
+        check_result(Path(job.output_dir or ""), files, cols, cut)
+        manifest = json.loads((Path(job.output_dir or "") / "manifest.json").read_text())
+        assert job.progress["parts_done"] == len(manifest["parts"]) == 6
+        assert job.progress["bytes"] == job.stored_bytes
+        assert job.progress["cache_misses"] == manifest["cache"]["misses"]
+        assert job.progress["events"] == job.progress["events_total"] == 1200
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("mysql://db.example/columnhub", ["'mysql' is not supported", "postgresql+psycopg://"]),
+        ("not a url", ["'not a url' is not a URL", "sqlite:///PATH"]),
+        (
+            "postgresql://postgres@127.0.0.1:1/columnhub",
+            ["cannot open the service database", "127.0.0.1:1/columnhub", "--database"],
+        ),
+        ("sqlite:////proc/columnhub/columnhub.db", ["cannot create /proc/columnhub", "state_dir"]),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_a_clear_error(url: str, named: list[str]) -> None:
+    from columnhub.errors import ServiceError
+
+    with pytest.raises(ServiceError) as err:
+        Database(url)
+    for part in named:
+        assert part in str(err.value)

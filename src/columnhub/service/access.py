@@ -218,7 +218,9 @@ def _check(
     fixed = _fixed_part(entry)
     real = os.path.realpath(fixed)
     if not _is_under(real, roots):
-        raise PermissionDeniedError(_outside(what, entry, fixed, real, roots))
+        # where links lead is told only for paths inside a root (no map of the rest)
+        shown = real if _is_under(os.path.normpath(fixed), roots) else fixed
+        raise PermissionDeniedError(_outside(what, entry, fixed, shown, roots))
     from columnhub.datasets import _expand
 
     # expanded as the delivery expands it (globs, directories, result manifests)

@@ -34,19 +34,14 @@ from columnhub.errors import (
 # FastAPI reads the routes' annotations at run time: these names must be importable here.
 # This module is only imported to serve (never by ``import columnhub`` or ``--help``).
 require("fastapi", what="the columnhub service")
-from fastapi import Depends, FastAPI, Query  # noqa: E402
-from fastapi import Request as HttpRequest  # noqa: E402
-from fastapi.concurrency import run_in_threadpool  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
+from fastapi import Depends, FastAPI, Query
+from fastapi import Request as HttpRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
-from columnhub.service.auth import (  # noqa: E402
-    Authenticator,
-    Principal,
-    challenge_headers,
-    principal,
-)
+from columnhub.service.auth import Authenticator, Principal, challenge_headers, principal
 
 if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
@@ -81,8 +76,6 @@ def error_status(err: ColumnhubError) -> int:
 def _error(
     status: int, kind: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    if not headers and status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(
         {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
     )
@@ -100,8 +93,8 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     The database is opened (and migrated) here; the runners that deliver
     queued work, and with ``scheduler: local`` the Dask ``LocalCluster`` they
-    use, start with the application's lifespan and stop with it (run it
-    under uvicorn, or ``with TestClient(app)``).
+    use, start with the application's lifespan and stop with it (uvicorn
+    runs it; in-process tests enter ``app.router.lifespan_context(app)``).
 
     Args:
         config: the service settings.
@@ -141,9 +134,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.exception_handler(ColumnhubError)
     async def _columnhub_error(request: HttpRequest, err: ColumnhubError) -> JSONResponse:
-        status: int = error_status(err)
-        headers = challenge_headers(err)  # WWW-Authenticate (RFC 6750) for 401 and scope 403s
-        return _error(status, type(err).__name__, str(err), headers)
+        # 401/403 of auth carry their RFC 6750 challenge (WWW-Authenticate)
+        headers = challenge_headers(err) or None
+        return _error(error_status(err), type(err).__name__, str(err), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
@@ -169,7 +162,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz(request: HttpRequest) -> JSONResponse:
-        """Readiness: the database answers and (when this replica runs work) its runners run."""
+        """Readiness: the database answers (and the service's ``LocalCluster`` runs)."""
         problems = request.app.state.services.problems()
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
@@ -186,7 +179,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         Answers 202 with the request's id at once; the work is queued (or
         attached to identical work already queued or running).
         """
-        body = await request.body()
+        body = await _read_body(request)
         kind = request.headers.get("content-type", "")
         return await run_in_threadpool(_submit, config, db, user, body, kind, title)
 
@@ -195,7 +188,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         page: int = Query(1, ge=1),
         per_page: int = Query(50, ge=1, le=1000),
         state: str | None = None,
-        all: bool = False,  # noqa: A002 - the query parameter's name
+        all: bool = False,
         user: Principal = reader,
     ) -> dict[str, Any]:
         """The caller's requests, newest first (``all=true``: everyone's, admin only)."""
@@ -311,15 +304,25 @@ def _submit(
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
 
+async def _read_body(request: HttpRequest) -> bytes:
+    """The request body, refused once it passes :data:`MAX_SPEC_BYTES` (never all read first)."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            msg = (
+                f"the spec is more than the {MAX_SPEC_BYTES} bytes accepted; a spec names "
+                "files and columns (list many files with a glob pattern or a folder)"
+            )
+            raise SpecError(msg)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
     from columnhub.spec import _parse_json, _parse_yaml
 
-    if len(body) > MAX_SPEC_BYTES:
-        msg = (
-            f"the spec is {len(body)} bytes, more than the {MAX_SPEC_BYTES} accepted; a spec "
-            "names files and columns (list many files with a glob pattern)"
-        )
-        raise SpecError(msg)
     try:
         text = body.decode()
     except UnicodeDecodeError as err:
@@ -469,9 +472,9 @@ class _Services:
             self.db.counts()
         except Exception as err:  # noqa: BLE001 - any database failure means not ready
             out.append(f"database: {type(err).__name__}: {err}")
-        alive = getattr(self.runner, "alive", None)
-        if self.runner is not None and callable(alive) and not alive():
-            out.append("runners: stopped")
+        status = getattr(getattr(self.cluster, "status", None), "value", "running")
+        if self.cluster is not None and status != "running":
+            out.append(f"LocalCluster: {status}")
         return out
 
     def stop(self) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -346,7 +346,17 @@ class Database:
         )
         self.wakeup = threading.Event()
         if upgrade:
-            self.upgrade()
+            try:
+                self.upgrade()
+            except (OperationalError, OSError) as err:
+                where = self.url.render_as_string(hide_password=True)
+                reason = getattr(err, "orig", None) or err
+                msg = (
+                    f"cannot open the service database {where} ({reason}); check the URL "
+                    "(--database or `database:` in the config file), that the server is "
+                    "running and reachable, and that the directory is writable"
+                )
+                raise ServiceError(msg) from err
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -855,7 +865,15 @@ def _engine(url: sa.URL) -> Engine:
         return sa.create_engine(url, pool_pre_ping=True)
     memory = url.database in (None, "", ":memory:")
     if not memory:
-        Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(url.database or "").expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            msg = (
+                f"cannot create {directory} for the service database {url} ({err.strerror}); "
+                "choose a writable state_dir or another --database"
+            )
+            raise ServiceError(msg) from err
     engine = sa.create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_MS / 1000},
