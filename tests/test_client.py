@@ -871,3 +871,31 @@ def test_cli_interrupted_wait_says_the_request_goes_on(data: Path, tmp_path: Pat
     assert out.strip() == "abc"
     assert "columnhub cancel abc" in err
     assert "Traceback" not in err
+
+
+def test_deliver_places_the_result_as_embedded(
+    service: InProcess, data: Path, tmp_path: Path
+) -> None:
+    client = service.client()
+    spec = {"dataset": {"files": [str(data / "nano_dy.root")]}, "columns": ["MET_pt"]}
+    default = client.deliver(spec, progress=False)  # no directory: the local cache folder
+    assert isinstance(default, columnhub.Result)
+    request = columnhub.Request.from_dict(spec)
+    assert default.directory == tmp_path / "local-cache" / "fetched" / request.hash
+    assert default.manifest["request_hash"] == request.hash
+    mine = tmp_path / "mine"  # the spec's own output.directory: here, never sent
+    placed = client.deliver({**spec, "output": {"directory": str(mine)}}, progress=False)
+    assert isinstance(placed, columnhub.Result)
+    assert placed.directory == mine
+    assert part_bytes(placed) == part_bytes(default)
+
+
+def test_config_path_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from columnhub.client import config_path
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert config_path() == tmp_path / "columnhub" / "config.yaml"
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/dir")  # ignored, as XDG says
+    assert config_path() == Path.home() / ".config" / "columnhub" / "config.yaml"
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    assert config_path() == Path.home() / ".config" / "columnhub" / "config.yaml"
