@@ -224,9 +224,17 @@ def test_multi_sample_deliver(service: InProcess, data: Path, tmp_path: Path) ->
         "columns": ["MET_pt", "Muon_pt"],
         "where": "nMuon >= 1",
     }
-    got = service.client().deliver(spec, output=tmp_path / "client", progress=False)
+    client = service.client()
+    got = client.deliver(spec, output=tmp_path / "client", progress=False)
     embedded = columnhub.deliver(spec, output=tmp_path / "embedded", cache=False, progress=False)
     assert isinstance(got, dict)
+    request_id = client.requests()[0]["id"]
+    urls = client.urls(request_id, sample="dimuon")
+    assert [u.rsplit("/", 2)[-2:] for u in urls] == [
+        ["dimuon", name] for name in got["dimuon"].manifest["files"]
+    ]
+    with pytest.raises(errors.RequestNotFoundError, match="dy, dimuon"):
+        client.urls(request_id)
     assert isinstance(embedded, dict)
     assert list(got) == ["dy", "dimuon"]
     for name in ("dy", "dimuon"):
@@ -899,3 +907,24 @@ def test_config_path_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert config_path() == Path.home() / ".config" / "columnhub" / "config.yaml"
     monkeypatch.delenv("XDG_CONFIG_HOME")
     assert config_path() == Path.home() / ".config" / "columnhub" / "config.yaml"
+
+
+def test_files_read_remotely_over_http_ranges(served: Served, tmp_path: Path) -> None:
+    spec = spec_of(served.state, where="MET_pt > 25")
+    with Client(served.url, token="alice-token") as client:
+        request_id = client.submit(spec)
+        client.wait(request_id, progress=False)
+        urls = client.urls(request_id)
+        remote = ak.from_parquet(urls, storage_options=client.storage_options)
+        with pytest.raises(errors.RequestNotFoundError, match="one sample"):
+            client.urls(request_id, sample="dy")
+        with Client(served.url, token="bob-token") as bob, pytest.raises(
+            errors.RequestNotFoundError
+        ):
+            bob.urls(request_id)
+    embedded = columnhub.deliver(spec, output=tmp_path / "embedded", cache=False, progress=False)
+    assert isinstance(embedded, columnhub.Result)
+    assert len(urls) == len(embedded.files) > 1
+    assert ak.to_list(remote) == ak.to_list(embedded.to_awkward())
+    unsigned = httpx.get(urls[0])  # the files need the token too
+    assert unsigned.status_code == 401

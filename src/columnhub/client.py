@@ -535,6 +535,50 @@ class Client:
             }
         return _shared_result(request_id, answer)
 
+    def urls(self, request_id: str, *, sample: str | None = None) -> list[str]:
+        """The HTTP URLs of a complete request's files, to read remotely (nothing downloaded).
+
+        Readers that speak fsspec open them lazily with HTTP range requests;
+        pass :attr:`storage_options` for the token::
+
+            urls = client.urls(request_id)
+            events = ak.from_parquet(urls, storage_options=client.storage_options)
+
+        (fsspec's HTTP file system needs ``aiohttp``: ``pip install 'columnhub[http]'``.)
+
+        Args:
+            request_id: the request.
+            sample: the sample, for a request of several samples (required then).
+
+        Raises:
+            ServiceError: the request is not complete.
+            RequestNotFoundError: no such sample in the request.
+        """
+        answer = self.manifest(request_id)
+        base = f"{self.url}{_API}/requests/{_quote(request_id)}/files"
+        if _is_multi(answer):
+            samples = answer["samples"]
+            if sample not in samples:
+                msg = (
+                    f"request {request_id} has the samples {', '.join(samples)}; "
+                    f"give one of them as sample= (got {sample!r})"
+                )
+                raise RequestNotFoundError(msg)
+            manifest, base = samples[sample], f"{base}/{_quote(sample)}"
+        else:
+            if sample is not None:
+                msg = f"request {request_id} has one sample; leave out sample={sample!r}"
+                raise RequestNotFoundError(msg)
+            manifest = answer
+        local = _local_manifest(self.url, request_id, manifest)
+        return [f"{base}/{_quote(name)}" for name in local["files"]]
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options that send this client's token (for :meth:`urls`)."""
+        token = self.settings.token
+        return {"headers": {"Authorization": f"Bearer {token}"}} if token else {}
+
     def deliver(
         self,
         spec: Request | Samples | dict[str, Any] | str | os.PathLike[str],
