@@ -558,7 +558,7 @@ class Client:
         base = f"{self.url}{_API}/requests/{_quote(request_id)}/files"
         if _is_multi(answer):
             samples = answer["samples"]
-            if sample not in samples:
+            if sample is None or sample not in samples:
                 msg = (
                     f"request {request_id} has the samples {', '.join(samples)}; "
                     f"give one of them as sample= (got {sample!r})"
