@@ -928,3 +928,107 @@ def test_files_read_remotely_over_http_ranges(served: Served, tmp_path: Path) ->
     assert ak.to_list(remote) == ak.to_list(embedded.to_awkward())
     unsigned = httpx.get(urls[0])  # the files need the token too
     assert unsigned.status_code == 401
+
+
+def test_an_interrupted_file_resumes_with_a_range(
+    service: InProcess, data: Path, tmp_path: Path
+) -> None:
+    client = service.client()
+    request_id = client.submit(spec_of(data))
+    client.wait(request_id, progress=False)
+    target = tmp_path / "out"
+    first = client.fetch(request_id, target)
+    assert isinstance(first, columnhub.Result)
+    part = first.manifest["parts"][0]
+    path = target / part["name"]
+    whole = path.read_bytes()
+    partial = target / f".{part['name']}.{part['xxh3']}.partial"
+
+    for kept, damaged in [(len(whole) // 3, False), (1, False), (len(whole) // 2, True)]:
+        path.unlink()
+        prefix = bytearray(whole[:kept])  # what a cut-off download left
+        if damaged:
+            prefix[0] ^= 0xFF
+        partial.write_bytes(bytes(prefix))
+        counted: list[tuple[int, int]] = []
+        if damaged:  # the whole file is verified, not just the part that came
+            with pytest.raises(errors.ServiceError, match="does not match"):
+                client.fetch(request_id, target)
+            assert not partial.exists()  # the damaged start is not kept either
+            assert not path.exists()
+        client.fetch(request_id, target, progress=lambda d, t, c=counted: c.append((d, t)))
+        assert path.read_bytes() == whole
+        assert not partial.exists()
+        rest = len(whole) - (0 if damaged else kept)
+        assert counted[-1] == (rest, rest)  # only the rest came over the wire
+
+    path.unlink()
+    partial.write_bytes(whole + b"more")  # longer than the file: not its beginning
+    client.fetch(request_id, target)
+    assert path.read_bytes() == whole
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]
+
+
+class CutOff(http.server.ThreadingHTTPServer):
+    """Serves one result file, cutting the first transfer off halfway (a dropped connection)."""
+
+    def __init__(self, body: bytes) -> None:
+        import xxhash
+
+        self.ranges: list[str | None] = []
+        manifest = {
+            "complete": True, "events": 1, "files": ["part-00000.parquet"],
+            "parts": [{"name": "part-00000.parquet", "rows": 1, "bytes": len(body),
+                       "xxh3": xxhash.xxh3_64_hexdigest(body)}],
+            "path": "/elsewhere",
+        }
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(handler) -> None:
+                if handler.path.endswith("/manifest"):
+                    payload = json.dumps(manifest).encode()
+                    handler.send_response(200)
+                    handler.send_header("Content-Type", "application/json")
+                    handler.send_header("Content-Length", str(len(payload)))
+                    handler.end_headers()
+                    handler.wfile.write(payload)
+                    return
+                wanted = handler.headers.get("Range")
+                self.ranges.append(wanted)
+                if wanted is None:  # the whole file announced, half of it sent
+                    handler.send_response(200)
+                    handler.send_header("Content-Length", str(len(body)))
+                    handler.end_headers()
+                    handler.wfile.write(body[: len(body) // 2])
+                    handler.close_connection = True
+                    return
+                start = int(wanted.removeprefix("bytes=").rstrip("-"))
+                handler.send_response(206)
+                handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                handler.send_header("Content-Length", str(len(body) - start))
+                handler.end_headers()
+                handler.wfile.write(body[start:])
+
+            def log_message(handler, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+
+def test_a_dropped_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
+    body = os.urandom(300_000)
+    server = CutOff(body)
+    try:
+        with Client(f"http://127.0.0.1:{server.server_address[1]}") as client:
+            result = client.fetch("r1", tmp_path / "out")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.ranges == [None, f"bytes={len(body) // 2}-"]
+    assert isinstance(result, columnhub.Result)
+    assert (tmp_path / "out" / "part-00000.parquet").read_bytes() == body
+    assert "path" not in json.loads((tmp_path / "out" / "manifest.json").read_text())

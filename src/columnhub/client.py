@@ -32,7 +32,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,11 +476,12 @@ class Client:
     ) -> Result | dict[str, Result]:
         """Download a complete request's result into ``directory``; the local :class:`Result`.
 
-        Files are downloaded ``parallel`` at a time, each to a temporary name
-        and renamed once its size and xxh3 checksum match the manifest; the
-        manifest is written last, so the directory holds a result only when
-        every file is there. A file already there with the manifest's size and
-        checksum is not downloaded again (an interrupted fetch resumes).
+        Files are downloaded ``parallel`` at a time, each to a partial file
+        renamed once the whole file's size and xxh3 checksum match the
+        manifest; the manifest is written last, so the directory holds a
+        result only when every file is there. A file already there with the
+        manifest's size and checksum is not downloaded again, and a transfer
+        that was cut off resumes with an HTTP range (an interrupted fetch resumes).
         Several samples go to ``directory/<sample>/``, as
         :func:`columnhub.deliver` writes them.
 
@@ -782,7 +783,10 @@ class Client:
             todo += [
                 (folder / part["name"], part, f"{base}/{_quote(part['name'])}") for part in needed
             ]
-        total = sum(int(part["bytes"]) for _, part, _ in todo)
+        total = sum(  # what is still to come: partial files resume
+            max(0, int(part["bytes"]) - _size(_partial_name(dest, str(part["xxh3"]))))
+            for dest, part, _ in todo
+        )
         report = _ByteReporter(progress, total=total)
         try:
             if todo:
@@ -812,74 +816,100 @@ class Client:
         path: str,
         report: _ByteReporter,
     ) -> None:
-        """One file: to a temporary name, verified, renamed into place.
+        """One file: into its partial file, verified whole, renamed into place.
 
-        A connection lost before or during the transfer starts the file again
-        (``retries`` times); a file that arrives whole but does not match its
-        manifest is an error at once, and nothing of it is kept.
+        The partial file (``.<name>.<xxh3>.partial``, locked while written) is
+        kept when a download is cut off, and the next try (a retry after a
+        lost connection, or the next ``fetch``) asks only for the rest with an
+        HTTP range. The whole file is verified against the manifest at the end:
+        a mismatch is an error at once, and nothing of the file is kept.
         """
         hx = _httpx()
-        for attempt in range(self.retries + 1):
-            try:
-                size, digest = self._download_once(dest, path, report)
-            except hx.TransportError as err:
-                if attempt == self.retries:
-                    unavailable = self._unavailable("GET", path, err, sent=True)
-                    raise unavailable from err
-                _backoff(attempt)
-                continue
-            except _Retry as again:
-                if attempt == self.retries:
-                    msg = (
-                        f"the columnhub service at {self.url} answered {again.status} to "
-                        f"GET {path} {self.retries + 1} times; try again later"
-                    )
-                    raise ServiceUnavailableError(msg) from again
-                _backoff(attempt, again.retry_after)
-                continue
-            break
         expected_size, expected_hash = int(part["bytes"]), str(part["xxh3"])
-        tmp = _temp_name(dest)
-        if size != expected_size or digest != expected_hash:
-            tmp.unlink(missing_ok=True)
-            report.add(-size)
-            msg = (
-                f"the download of {dest.name} (request {request_id}) does not match its "
-                f"manifest: expected {expected_size} bytes with xxh3 {expected_hash}, got "
-                f"{size} bytes with xxh3 {digest}; it was not kept. Fetch again; if it "
-                "happens again the result on the service is damaged: submit the request again"
-            )
-            raise ServiceError(msg)
-        os.replace(tmp, dest)
+        partial = _partial_name(dest, expected_hash)
+        with _locked(partial) as out:
+            if _is_complete(dest, expected_size, expected_hash):
+                return  # another fetch into this folder brought it meanwhile
+            for attempt in range(self.retries + 1):
+                try:
+                    size, digest = self._download_once(out, path, expected_size, report)
+                except hx.TransportError as err:
+                    if attempt == self.retries:
+                        unavailable = self._unavailable("GET", path, err, sent=True)
+                        raise unavailable from err
+                    _backoff(attempt)
+                    continue
+                except _Retry as again:
+                    if attempt == self.retries:
+                        msg = (
+                            f"the columnhub service at {self.url} answered {again.status} to "
+                            f"GET {path} {self.retries + 1} times; try again later"
+                        )
+                        raise ServiceUnavailableError(msg) from again
+                    _backoff(attempt, again.retry_after)
+                    continue
+                break
+            if size != expected_size or digest != expected_hash:
+                partial.unlink(missing_ok=True)
+                msg = (
+                    f"the download of {dest.name} (request {request_id}) does not match its "
+                    f"manifest: expected {expected_size} bytes with xxh3 {expected_hash}, got "
+                    f"{size} bytes with xxh3 {digest}; it was not kept. Fetch again; if it "
+                    "happens again the result on the service is damaged: submit the request "
+                    "again"
+                )
+                raise ServiceError(msg)
+            os.replace(partial, dest)
 
-    def _download_once(self, dest: Path, path: str, report: _ByteReporter) -> tuple[int, str]:
-        """GET ``path`` into ``dest``'s temporary name; its size and xxh3 digest."""
+    def _download_once(
+        self, out: Any, path: str, expected_size: int, report: _ByteReporter
+    ) -> tuple[int, str]:
+        """GET ``path`` (the rest of it, after what ``out`` holds); the size and xxh3 of it all."""
         import xxhash
 
-        tmp = _temp_name(dest)
-        size = 0
-        try:
-            with self._http.stream("GET", path) as response:
-                if response.status_code in _RETRY_STATUS:
-                    response.read()
-                    raise _Retry(response.status_code, response.headers.get("Retry-After"))
-                if response.is_error:
-                    response.read()
-                    raise self._error(response)
-                digest = xxhash.xxh3_64()
-                with open(tmp, "wb") as out:
-                    for block in response.iter_bytes(_BLOCK):
-                        out.write(block)
-                        digest.update(block)
-                        size += len(block)
-                        report.add(len(block))
-                    out.flush()
-                    os.fsync(out.fileno())
-        except BaseException:
-            report.add(-size)
-            tmp.unlink(missing_ok=True)
-            raise
-        return size, digest.hexdigest()
+        digest = xxhash.xxh3_64()
+        out.seek(0)
+        have = 0
+        while block := out.read(_BLOCK):  # what an earlier try brought
+            digest.update(block)
+            have += len(block)
+        if have > expected_size:  # not the beginning of this file: start again
+            out.seek(0)
+            out.truncate()
+            digest, have = xxhash.xxh3_64(), 0
+        if have == expected_size:
+            return have, digest.hexdigest()
+        headers = {"Range": f"bytes={have}-"} if have else None
+        with self._http.stream("GET", path, headers=headers) as response:
+            if response.status_code in _RETRY_STATUS:
+                response.read()
+                raise _Retry(response.status_code, response.headers.get("Retry-After"))
+            if response.status_code == 416:  # the range is wrong: the whole file next time
+                response.read()
+                out.seek(0)
+                out.truncate()
+                raise _Retry(416, None)
+            if response.is_error:
+                response.read()
+                raise self._error(response)
+            if have and not (
+                response.status_code == 206
+                and response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+            ):  # the whole file came instead of the rest
+                out.seek(0)
+                out.truncate()
+                digest, have = xxhash.xxh3_64(), 0
+            out.seek(have)
+            try:
+                for block in response.iter_bytes():  # as it comes: a cut keeps it
+                    out.write(block)
+                    digest.update(block)
+                    have += len(block)
+                    report.add(len(block))
+            finally:  # what came is kept for the next try
+                out.flush()
+                os.fsync(out.fileno())
+        return have, digest.hexdigest()
 
 
 class _Retry(Exception):  # a signal inside the client, never raised to users
@@ -891,9 +921,60 @@ class _Retry(Exception):  # a signal inside the client, never raised to users
         self.retry_after = retry_after
 
 
-def _temp_name(dest: Path) -> Path:
-    """Where ``dest`` is downloaded to before it is verified (one per thread and process)."""
-    return dest.with_name(f".{dest.name}.download-{os.getpid()}-{threading.get_ident()}")
+def _partial_name(dest: Path, xxh3: str) -> Path:
+    """Where ``dest`` is downloaded before it is verified (one per file content)."""
+    return dest.with_name(f".{dest.name}.{xxh3}.partial")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[Any]:
+    """``path`` opened for reading and writing, locked against other fetches into the folder.
+
+    Waits while another process holds it; if that one renamed it into place
+    meanwhile, a new partial file is opened (never the finished file).
+    """
+    import fcntl
+
+    while True:
+        out = open(path, "a+b")  # noqa: SIM115 (closed below)
+        try:
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(out.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+        except BaseException:
+            out.close()
+            raise
+        out.close()  # renamed by the other fetch: open the name again
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError):  # nothing came: no empty partial file left
+            if os.fstat(out.fileno()).st_size == 0 and (
+                os.stat(path).st_ino == os.fstat(out.fileno()).st_ino
+            ):
+                path.unlink()
+        out.close()  # the lock goes with it
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _is_complete(path: Path, size: int, xxh3: str) -> bool:
+    """True when ``path`` has this size and checksum."""
+    from columnhub._checksum import file_checksum
+
+    try:
+        return path.stat().st_size == size and file_checksum(path) == xxh3
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------
