@@ -1032,3 +1032,28 @@ def test_a_dropped_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert isinstance(result, columnhub.Result)
     assert (tmp_path / "out" / "part-00000.parquet").read_bytes() == body
     assert "path" not in json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def test_fetches_into_one_folder_at_once(service: InProcess, data: Path, tmp_path: Path) -> None:
+    client = service.client()
+    request_id = client.submit(spec_of(data))
+    client.wait(request_id, progress=False)
+    reference = client.fetch(request_id, tmp_path / "reference")
+    assert isinstance(reference, columnhub.Result)
+    target = tmp_path / "shared"
+    failures: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            client.fetch(request_id, target, parallel=2)
+        except BaseException as err:  # noqa: BLE001 (checked below)
+            failures.append(err)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert failures == []
+    assert part_bytes(columnhub.Result.open(target)) == part_bytes(reference)
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]

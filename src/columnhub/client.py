@@ -79,6 +79,7 @@ _BY_STATUS: dict[int, type[ServiceError]] = {
     429: QuotaExceededError,
 }
 _API = "/api/v1"
+_MANIFEST_WRITE = threading.Lock()
 _BLOCK = 1 << 20  # download block size
 
 
@@ -806,7 +807,8 @@ class Client:
         finally:
             report.close()
         for folder, local in manifests.items():  # last: a folder with a manifest is whole
-            write_manifest(folder, local)
+            with _MANIFEST_WRITE:  # its temp name is per process: one thread at a time
+                write_manifest(folder, local)
 
     def _download(
         self,
@@ -1247,7 +1249,7 @@ def _prepare_folder(folder: Path, manifest: dict[str, Any]) -> list[dict[str, An
         )
         raise OutputError(msg)
     if previous is not None and previous != manifest:
-        (folder / MANIFEST).unlink()  # from now on the folder holds no complete result
+        (folder / MANIFEST).unlink(missing_ok=True)  # now the folder holds no complete result
         keep = set(manifest["files"])
         for name in previous.get("files", []):
             if isinstance(name, str) and name not in keep and "/" not in name:
@@ -1261,8 +1263,8 @@ def _prepare_folder(folder: Path, manifest: dict[str, Any]) -> list[dict[str, An
             same = False
         if not same:
             needed.append(part)
-    if needed and (folder / MANIFEST).exists():  # a file of it was removed or damaged
-        (folder / MANIFEST).unlink()
+    if needed:  # a file of it was removed or damaged: not complete until it is back
+        (folder / MANIFEST).unlink(missing_ok=True)
     return needed
 
 
