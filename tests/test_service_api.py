@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -635,6 +636,19 @@ def test_serve_refuses_a_bad_config_as_a_user_error(tmp_path: Path) -> None:
     done = run_cli("serve", "--config", str(tmp_path / "c.yaml"))
     assert done.returncode == 2
     assert "workers" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_with_a_database_that_is_down_says_so(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+psycopg://columnhub:s3cret@127.0.0.1:{port}/columnhub"
+    done = run_cli("serve", "--database", url, "--state-dir", str(tmp_path / "state"))
+    assert done.returncode == 2
+    assert f"127.0.0.1:{port}" in done.stderr
+    assert "cannot be reached" in done.stderr
+    assert "s3cret" not in done.stderr
     assert "Traceback" not in done.stderr
 
 

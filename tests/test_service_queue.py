@@ -157,7 +157,9 @@ class Config:
 db = Database(url)
 runner = Runner(db, Config(Path(state_dir), runners=int(runners), lease_s=float(lease_s)))
 print("ready", flush=True)
-if mode == "drain":  # until no job is left to do (by any replica)
+if mode == "drain":  # when the test says go, until no job is left to do (by any replica)
+    while not Path(log_path + ".go").exists():
+        time.sleep(0.01)
     runner.start()
     while True:
         counts = db.job_counts()
@@ -254,6 +256,10 @@ def test_migrations_make_the_contract_tables_and_upgrading_again_changes_nothing
     }
     assert columns["requests"] >= {"id", "owner", "title", "created_at", "cancelled", "spec"}
     assert columns["request_jobs"] >= {"request_id", "sample", "job_id"}
+    if db.is_sqlite:  # readers never wait for the writer; writers wait for each other
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
     view = db.submit("alice", {"x": 1}, "t", {"": ("h" * 32, {"x": 1})})
     db.upgrade()  # again: a no-op that keeps the data
     other = Database(db_url)  # another replica starting on the same database
@@ -440,6 +446,15 @@ def test_two_replicas_deliver_every_job_exactly_once(
         for log in logs
     ]
     try:
+        wait_for(
+            lambda: all(
+                "ready" in output_of(log) or p.poll() is not None
+                for p, log in zip(procs, logs, strict=True)
+            ),
+            "both replicas started",
+        )
+        for log in logs:  # both start claiming at the same moment
+            Path(f"{log}.go").touch()
         for proc, log in zip(procs, logs, strict=True):
             assert proc.wait(timeout=300) == 0, output_of(log)
     finally:
@@ -448,6 +463,7 @@ def test_two_replicas_deliver_every_job_exactly_once(
                 proc.kill()
     started = deliveries(*logs)
     assert started == collections.Counter(dict.fromkeys(wanted, 1))  # each job run once
+    assert all(deliveries(log) for log in logs)  # both replicas took jobs: they contended
     results = state / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(wanted)  # one output dir per job
     for job in db.jobs():
@@ -760,3 +776,52 @@ def test_a_database_that_cannot_be_used_is_a_clear_error(url: str, named: list[s
         Database(url)
     for part in named:
         assert part in str(err.value)
+
+
+@pytest.mark.slow
+def test_idle_runner_threads_wake_on_submit_and_run_jobs_side_by_side(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No polling (an hour between looks): only the submit's wake-up can start the jobs."""
+    from columnhub.service import jobs
+
+    monkeypatch.setattr(jobs, "POLL_S", 3600.0)
+    monkeypatch.setenv(PART_SLEEP, "0.3")
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    runner = Runner(db, Config(state, runners=2))
+    runner.start()
+    try:
+        time.sleep(0.5)  # both threads found nothing and wait
+        first = submit(db, request(files, ["MET_pt"]))
+        second = submit(db, request(files, ["Jet_pt"]))
+        both = [first.samples[""].id, second.samples[""].id]
+        wait_for(
+            lambda: [db.job(j).state for j in both] == ["running", "running"],
+            "both jobs running at once, one per runner thread",
+        )
+        wait_for(lambda: all(db.job(j).state == "complete" for j in both), "both jobs done")
+    finally:
+        runner.stop()
+    claims = {db.job(j).claimed_by for j in both}
+    assert len(claims) == 2
+    check_result(state / "results" / both[0], files, ["MET_pt"], None)
+    check_result(state / "results" / both[1], files, ["Jet_pt"], None)
+    db.close()
+
+
+def test_a_wakeup_between_looking_and_waiting_is_not_lost() -> None:
+    """Runner threads read the generation, look for work, then wait: a submit in between counts."""
+    from columnhub.service.db import Wakeup
+
+    wakeup = Wakeup()
+    seen = [wakeup.generation, wakeup.generation]  # two runner threads looked: nothing queued
+    wakeup.set()  # a submit, before either waits
+    woke = []
+    threads = [threading.Thread(target=lambda s=s: woke.append(wakeup.wait(s, 30.0))) for s in seen]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert woke == [True, True]
+    assert not wakeup.wait(wakeup.generation, 0.01)  # nothing new: it times out

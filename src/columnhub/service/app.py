@@ -106,7 +106,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.database)
+    db = _open_database(Database, config.database)
     authenticator = Authenticator.from_config(config)
 
     @contextlib.asynccontextmanager
@@ -280,6 +280,25 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         return None if "admin" in user.scopes else user.user
 
     return app
+
+
+def _open_database(database: Any, url: str) -> Any:
+    """``Database(url)``; a database that cannot be reached is a clear error, not a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from columnhub.errors import ServiceUnavailableError
+
+    try:
+        return database(url)
+    except OperationalError as err:
+        shown = make_url(url).render_as_string(hide_password=True)
+        reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
+        msg = (
+            f"the database {shown} cannot be reached ({reason}); start it, or give another "
+            "URL with --database (default: SQLite in --state-dir)"
+        )
+        raise ServiceUnavailableError(msg) from err
 
 
 # ---------------------------------------------------------------------------

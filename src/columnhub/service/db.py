@@ -53,6 +53,7 @@ __all__ = [
     "RequestJob",
     "RequestRecord",
     "RequestView",
+    "Wakeup",
     "empty_progress",
     "request_state",
 ]
@@ -320,6 +321,36 @@ class RequestView:
 # the database
 
 
+class Wakeup:
+    """Work was queued in this process: a counter that runners wait to see change.
+
+    Unlike an ``Event`` that each waiter clears, no wake-up is ever lost: a
+    runner reads :attr:`generation` *before* it looks for work, and
+    :meth:`wait` returns at once if anything was queued since.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """How many times work was queued."""
+        with self._changed:
+            return self._generation
+
+    def set(self) -> None:
+        """Work was queued: wake every waiting runner."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Wait until work is queued after generation ``seen``; ``False`` on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != seen, timeout)
+
+
 class Database:
     """The service's database: requests, jobs and the queue.
 
@@ -333,7 +364,8 @@ class Database:
     Attributes:
         engine: the SQLAlchemy engine.
         url: the URL, as SQLAlchemy reads it.
-        wakeup: set by :meth:`submit`; the runners of this process wait on it.
+        wakeup: a :class:`Wakeup` set by :meth:`submit`; the runners of this
+            process wait on it.
     """
 
     def __init__(self, url: str, *, upgrade: bool = True) -> None:
@@ -344,7 +376,7 @@ class Database:
         self._write = sessionmaker(
             self.engine.execution_options(columnhub_begin="IMMEDIATE"), expire_on_commit=False
         )
-        self.wakeup = threading.Event()
+        self.wakeup = Wakeup()
         if upgrade:
             try:
                 self.upgrade()
