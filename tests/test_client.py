@@ -510,6 +510,8 @@ class Flaky(http.server.ThreadingHTTPServer):
                 code = self.codes.pop(0) if self.codes else 200
                 body = json.dumps({"id": "abc", "status": "queued"} if code == 200 else {}).encode()
                 handler.send_response(code)
+                if 300 <= code < 400:
+                    handler.send_header("Location", "https://elsewhere.example/api/v1/requests")
                 handler.send_header("Content-Type", "application/json")
                 handler.send_header("Content-Length", str(len(body)))
                 handler.end_headers()
@@ -558,6 +560,13 @@ def test_retries_only_what_is_safe(data: Path) -> None:
         ):
             client.status("abc")  # bounded
         assert proxy.hits == ["GET", "GET"]
+        proxy.hits.clear()
+        proxy.codes = [308]  # http:// redirected to https://: never followed with the token
+        with Client(proxy.url, token="t") as client, pytest.raises(
+            errors.ServiceError, match="redirects GET /api/v1/requests/abc to https://elsewhere"
+        ):
+            client.status("abc")
+        assert proxy.hits == ["GET"]
     finally:
         proxy.stop()
 

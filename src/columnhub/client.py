@@ -743,6 +743,8 @@ class Client:
                 continue
             if response.is_error:
                 raise self._error(response)
+            if response.is_redirect:  # never followed: the token would go along
+                raise self._redirected(method, path, response.headers.get("Location"))
             return response  # type: ignore[no-any-return]
         raise AssertionError  # pragma: no cover (the loop returns or raises)
 
@@ -762,6 +764,14 @@ class Client:
                 "`columnhub status` before submitting again"
             )
         return ServiceUnavailableError(msg)
+
+    def _redirected(self, method: str, path: str, location: str | None) -> ServiceError:
+        msg = (
+            f"the columnhub service at {self.url} redirects {method} {path} to "
+            f"{location or 'another address'}; give the service's own address as its URL "
+            "(--url, $COLUMNHUB_URL), e.g. https:// instead of http://"
+        )
+        return ServiceError(msg)
 
     def _error(self, response: httpx.Response) -> ColumnhubError:
         return _error_from_response(response, url=self.url, signed=bool(self.settings.token))
@@ -894,6 +904,9 @@ class Client:
             if response.is_error:
                 response.read()
                 raise self._error(response)
+            if response.is_redirect:
+                redirected = self._redirected("GET", path, response.headers.get("Location"))
+                raise redirected
             if have and not (
                 response.status_code == 206
                 and response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
