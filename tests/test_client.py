@@ -612,7 +612,9 @@ def test_token_from_the_config_file(
     assert secured.client("alice-token").requests() == []
 
 
-def test_wait_progress(service: InProcess, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wait_progress(
+    service: InProcess, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     client = service.client()
     seen: list[tuple[int, int]] = []
     final = client.wait(client.submit(spec_of(data)), progress=lambda d, t: seen.append((d, t)))
@@ -624,6 +626,8 @@ def test_wait_progress(service: InProcess, data: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().err == ""  # not a terminal: quiet
     client.wait(client.submit(spec_of(data, where="MET_pt > 10")), progress=True)
     assert "ev" in capsys.readouterr().err  # asked for: a tqdm bar
+    client.deliver(spec_of(data, where="MET_pt > 15"), output=tmp_path / "o", progress=True)
+    assert "download" in capsys.readouterr().err  # and one of the bytes fetched
 
 
 # ---------------------------------------------------------------------------

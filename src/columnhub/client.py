@@ -623,18 +623,19 @@ class Client:
             idempotent=False,
         )["id"]
         final = self._wait(str(request_id), progress=progress, poll=poll)
+        bar = False if progress is False or callable(progress) else progress  # bytes: a bar only
         samples = final.get("samples") or {}
         multi = any(name != "" for name in samples)
         if not multi or final.get("status") == "cancelled":
             _raise_for(final)
-            return self.fetch(str(request_id), directory, parallel=parallel)
+            return self.fetch(str(request_id), directory, parallel=parallel, progress=bar)
         failed = {
             name: _sample_error(name, info)
             for name, info in samples.items()
             if info.get("status") != "complete"
         }
         if not failed:
-            return self.fetch(str(request_id), directory, parallel=parallel)
+            return self.fetch(str(request_id), directory, parallel=parallel, progress=bar)
         results: dict[str, Result] = {}
         if len(failed) < len(samples):  # the samples that were delivered still are
             try:
@@ -651,7 +652,7 @@ class Client:
                 _safe_name(n, what="sample"): (directory / n, m, f"{base}/{_quote(n)}")
                 for n, m in done.items()
             }
-            self._download_all(str(request_id), folders, parallel=parallel, progress=False)
+            self._download_all(str(request_id), folders, parallel=parallel, progress=bar)
             results = {n: Result.open(directory / n) for n in folders}
         msg = (
             f"{len(failed)} of {len(samples)} samples of request {request_id} failed: "
