@@ -767,6 +767,32 @@ def test_end_to_end_client_equals_embedded(served: Served, tmp_path: Path) -> No
     assert ak.to_list(columnhub.Result.open(tmp_path / "client").to_awkward().event) == ref["event"]
 
 
+def test_end_to_end_samples(served: Served, tmp_path: Path) -> None:
+    spec = {
+        "samples": {
+            "tt": {"files": [str(served.state / "nano_tt_v12.root")]},
+            "dy": [str(served.state / "nano_dy.root")],
+        },
+        "columns": ["MET_pt", "Jet_pt"],
+        "where": "nJet >= 2",
+    }
+    with Client(served.url, token="bob-token") as client:
+        got = client.deliver(spec, output=tmp_path / "client", progress=False, parallel=2)
+    embedded = columnhub.deliver(spec, output=tmp_path / "embedded", cache=False, progress=False)
+    assert isinstance(got, dict)
+    assert isinstance(embedded, dict)
+    assert list(got) == ["tt", "dy"]
+    for name, file in [("tt", "nano_tt_v12.root"), ("dy", "nano_dy.root")]:
+        assert part_bytes(got[name]) == part_bytes(embedded[name])
+        same_manifest(got[name].manifest, embedded[name].manifest)
+        with uproot.open(served.state / file) as f:
+            a = f["Events"].arrays(["event", "nJet", "Jet_pt"], library="ak")
+        keep = np.asarray(a.nJet >= 2)
+        opened = columnhub.Result.open(tmp_path / "client" / name).to_awkward()
+        assert ak.to_list(opened.event) == ak.to_list(a.event[keep])
+        assert ak.to_list(opened.Jet_pt) == ak.to_list(a.Jet_pt[keep])
+
+
 def test_cli_submit_wait_status_fetch(served: Served, tmp_path: Path) -> None:
     spec_file = served.state / "cli-request.yaml"
     spec_file.write_text(yaml.safe_dump(spec_of(Path("."))))  # files relative to the spec file
