@@ -949,12 +949,16 @@ def _locked(path: Path) -> Iterator[Any]:
     Waits while another process holds it; if that one renamed it into place
     meanwhile, a new partial file is opened (never the finished file).
     """
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): fetches into one folder must not overlap
+        fcntl = None  # type: ignore[assignment]
 
     while True:
         out = open(path, "a+b")  # noqa: SIM115 (closed below)
         try:
-            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX)
             try:
                 same = os.stat(path).st_ino == os.fstat(out.fileno()).st_ino
             except FileNotFoundError:
