@@ -1098,3 +1098,18 @@ def test_fetches_into_one_folder_at_once(service: InProcess, data: Path, tmp_pat
     assert failures == []
     assert part_bytes(columnhub.Result.open(target)) == part_bytes(reference)
     assert not [p for p in target.iterdir() if p.name.startswith(".")]
+
+
+def test_without_httpx_the_error_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"  # as if httpx were not installed
+        "import columnhub\n"
+        "columnhub.Client('http://127.0.0.1:1')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert done.returncode == 1
+    assert "MissingDependencyError" in done.stderr
+    assert "pip install 'columnhub[service]'" in done.stderr
