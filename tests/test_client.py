@@ -719,6 +719,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
         stop_serve(proc)
 
 
+@pytest.mark.slow
 def test_wait_outlasts_a_service_restart(data: Path, tmp_path: Path) -> None:
     """The service is killed after a submission and comes back: wait ends with the result."""
     port = free_port()
