@@ -144,7 +144,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _where(sample: str, path: str, manifest: Mapping[str, Any]) -> str:
     label = f"result {sample}" if sample else "result"
-    events = manifest.get("events")
+    events = int(manifest.get("events") or 0)
     files = len(manifest.get("files", []))
     return f"{label}: {path} ({events:,} events, {files} file(s))"
 
