@@ -106,7 +106,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    db = _open_database(Database, config.database)
+    db = Database(config.database)  # an unusable URL or server: a ServiceError naming it
     authenticator = Authenticator.from_config(config)
 
     @contextlib.asynccontextmanager
@@ -172,7 +172,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.post(f"{API}/requests", status_code=202, tags=["requests"])
     async def submit(
-        request: HttpRequest, title: str | None = None, user: Principal = submitter
+        request: HttpRequest,
+        title: str | None = Query(None, max_length=500),
+        user: Principal = submitter,
     ) -> dict[str, Any]:
         """Submit a spec (JSON, or YAML with a YAML content type): one dataset or ``samples:``.
 
@@ -181,7 +183,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """
         body = await _read_body(request)
         kind = request.headers.get("content-type", "")
-        return await run_in_threadpool(_submit, config, db, user, body, kind, title)
+        services: _Services = request.app.state.services
+        lock = services.user_lock(user.user)
+        return await run_in_threadpool(_submit, config, db, user, body, kind, title, lock)
 
     @app.get(f"{API}/requests", tags=["requests"])
     def list_requests(
@@ -236,7 +240,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     @app.get(single_path, tags=["results"])
     def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
         """A result file of a single-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)), only="")
         if list(done) != [""]:
             msg = (
                 f"request {request_id} has several samples ({', '.join(done)}); "
@@ -250,7 +254,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         request_id: str, sample: str, name: str, user: Principal = reader
     ) -> FileResponse:
         """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)), only=sample)
         if sample not in done:
             from columnhub.errors import RequestNotFoundError
 
@@ -282,25 +286,6 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     return app
 
 
-def _open_database(database: Any, url: str) -> Any:
-    """``Database(url)``; a database that cannot be reached is a clear error, not a traceback."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
-
-    from columnhub.errors import ServiceUnavailableError
-
-    try:
-        return database(url)
-    except OperationalError as err:
-        shown = make_url(url).render_as_string(hide_password=True)
-        reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
-        msg = (
-            f"the database {shown} cannot be reached ({reason}); start it, or give another "
-            "URL with --database (default: SQLite in --state-dir)"
-        )
-        raise ServiceUnavailableError(msg) from err
-
-
 # ---------------------------------------------------------------------------
 # submit
 
@@ -312,13 +297,15 @@ def _submit(
     body: bytes,
     content_type: str,
     title: str | None,
+    lock: threading.Lock,
 ) -> dict[str, Any]:
     """Validate a submitted spec, check limits and data access, queue it (single flight)."""
     data = _parse_json_or_yaml(body, content_type)
     samples = _job_specs(config, data)
-    _check_limits(config, db, user.user)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
+    with lock:  # one user's submissions one at a time here: a limit is never passed by a race
+        _check_limits(config, db, user.user)
+        view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
@@ -404,12 +391,16 @@ def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
 # results
 
 
-def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, Any]]:
+def _complete_samples(
+    config: ServiceConfig, view: Any, *, only: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Each sample's manifest plus ``path``; 409 unless the request is complete.
 
     Args:
         config: the service settings.
         view: the request (a :class:`~columnhub.service.db.RequestView`).
+        only: read only this sample's manifest (a file download); the others
+            are named with an empty mapping. ``None``: every sample's.
     """
     status = view.status
     if status != "complete":
@@ -424,6 +415,9 @@ def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, A
 
     out: dict[str, dict[str, Any]] = {}
     for name, job in view.samples.items():
+        if only is not None and name != only:
+            out[name] = {}
+            continue
         directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
         if manifest is None or not manifest.get("complete"):  # never serve a partial result
@@ -465,6 +459,12 @@ class _Services:
         self.runner: Any = None
         self.cluster: Any = None
         self._lock = threading.Lock()
+        self._user_locks: dict[str, threading.Lock] = {}
+
+    def user_lock(self, user: str) -> threading.Lock:
+        """The lock that orders ``user``'s submissions in this replica (limits checked inside)."""
+        with self._lock:
+            return self._user_locks.setdefault(user, threading.Lock())
 
     def start(self) -> None:
         """Start the ``LocalCluster`` (if asked) and the runners."""
