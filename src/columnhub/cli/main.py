@@ -3,7 +3,8 @@
 Errors are mapped to exit codes here and only here: user errors
 (:class:`~columnhub.errors.ColumnhubError`) print one clear message and exit 2;
 a service that cannot be reached (:class:`~columnhub.errors.ServiceUnavailableError`)
-exits 1, as it is no mistake of the user's; an interrupt exits 130, and SIGTERM (a batch system or ``kill``) exits 143
+exits 1, as it is no mistake of the user's; an interrupt exits 130, and SIGTERM (a batch
+system or ``kill``) exits 143
 after the same clean-up as Ctrl-C (it is raised as :class:`Terminated`, a
 ``KeyboardInterrupt``, in the main thread). Warnings print as one line
 (``columnhub: warning: ...``). Users never see a traceback for their own mistakes.
