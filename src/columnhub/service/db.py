@@ -560,30 +560,57 @@ class Database:
             msg = f"state {state!r} is not a request state; use one of {', '.join(REQUEST_STATES)}"
             raise ServiceError(msg)
         with self._reading() as session:
-            states = self._states(session, owner)
-            ids = [rid for rid, s in states if state is None or s == state]
-            chosen = ids[(page - 1) * per_page : page * per_page]
+            states = self._states(owner).subquery()
+            wanted = sa.true() if state is None else states.c.state == state
+            total = session.scalar(sa.select(sa.func.count()).select_from(states).where(wanted))
+            chosen = session.scalars(
+                sa.select(states.c.id)
+                .where(wanted)
+                .order_by(states.c.created_at.desc(), states.c.id.desc())
+                .limit(per_page)
+                .offset((page - 1) * per_page)
+            ).all()
             records = session.scalars(
                 sa.select(RequestRecord).where(RequestRecord.id.in_(chosen))
             ).all()
             by_id = {r.id: r for r in records}
             views = self._views(session, [by_id[i] for i in chosen if i in by_id])
-        return views, len(ids)
+        return views, int(total or 0)
 
-    def _states(self, session: Session, owner: str | None) -> builtins.list[tuple[str, str]]:
-        """``(request id, derived state)`` of ``owner``'s requests, newest first."""
+    @staticmethod
+    def _states(owner: str | None) -> sa.Select[tuple[str, dt.datetime, str]]:
+        """``(id, created_at, state)`` of ``owner``'s requests (``None``: all), state derived in SQL.
+
+        The same rules as :func:`request_state`, aggregated by the database
+        (one row per request, whatever the number of jobs).
+        """
+
+        def any_(state: str) -> sa.ColumnElement[bool]:
+            return sa.func.max(sa.case((Job.state == state, 1), else_=0)) == 1
+
+        def all_(state: str) -> sa.ColumnElement[bool]:
+            return sa.func.min(sa.case((Job.state == state, 1), else_=0)) == 1
+
+        derived = sa.case(
+            (sa.or_(RequestRecord.cancelled == sa.true(), any_("cancelled")), "cancelled"),
+            (any_("failed"), "failed"),
+            (all_("complete"), "complete"),
+            (all_("queued"), "queued"),
+            else_="running",
+        )
         query = (
-            sa.select(RequestRecord.id, RequestRecord.cancelled, Job.state)
+            sa.select(
+                RequestRecord.id.label("id"),
+                RequestRecord.created_at.label("created_at"),
+                derived.label("state"),
+            )
             .join(RequestJob, RequestJob.request_id == RequestRecord.id)
             .join(Job, Job.id == RequestJob.job_id)
-            .order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc())
+            .group_by(RequestRecord.id, RequestRecord.created_at, RequestRecord.cancelled)
         )
         if owner is not None:
             query = query.where(RequestRecord.owner == owner)
-        grouped: dict[str, tuple[bool, builtins.list[str]]] = {}
-        for rid, cancelled, job_state in session.execute(query):
-            grouped.setdefault(rid, (bool(cancelled), []))[1].append(job_state)
-        return [(rid, request_state(c, s)) for rid, (c, s) in grouped.items()]
+        return query
 
     def _views(
         self, session: Session, records: builtins.list[RequestRecord]
@@ -821,7 +848,9 @@ class Database:
     def active_requests(self, owner: str) -> int:
         """How many of ``owner``'s requests are queued or running."""
         with self._reading() as session:
-            return sum(1 for _, s in self._states(session, owner) if s in LIVE_STATES)
+            states = self._states(owner).subquery()
+            live = sa.select(sa.func.count()).where(states.c.state.in_(LIVE_STATES))
+            return int(session.scalar(live.select_from(states)) or 0)
 
     def stored_bytes(self, owner: str) -> int:
         """Bytes of the results of ``owner``'s requests that are not cancelled.
@@ -845,8 +874,10 @@ class Database:
         """Requests by derived state (every state present, 0 when none)."""
         with self._reading() as session:
             counts = dict.fromkeys(REQUEST_STATES, 0)
-            for _, s in self._states(session, None):
-                counts[s] += 1
+            states = self._states(None).subquery()
+            query = sa.select(states.c.state, sa.func.count()).group_by(states.c.state)
+            for state, n in session.execute(query):
+                counts[state] = int(n)
             return counts
 
     def job_counts(self) -> dict[str, int]:
