@@ -1342,7 +1342,7 @@ class _Reporter:
                     total=total,
                     unit=unit,
                     unit_scale=True,
-                    desc=f"columnhub {state.get('id', '')}"[:30],
+                    desc=f"columnhub {str(state.get('id', ''))[:8]}",
                     leave=False,
                 )
             self._bar.total = total
