@@ -72,7 +72,7 @@ def token_file(path: Path) -> Path:
 class InProcess:
     """The service app in this process, with its runners; ``client(token)`` talks to it."""
 
-    def __init__(self, tmp: Path, data: Path, **settings: Any) -> None:
+    def __init__(self, tmp: Path, data: Path, *, runners: bool = True, **settings: Any) -> None:
         from columnhub.service.app import create_app
         from columnhub.service.config import ServiceConfig
 
@@ -80,7 +80,9 @@ class InProcess:
             state_dir=tmp / "state", data_roots=[data], cache=str(tmp / "state-cache"), **settings
         )
         self.app = create_app(self.config)
-        self.app.state.services.start()  # what the lifespan does under uvicorn
+        self.runners = runners
+        if runners:
+            self.app.state.services.start()  # what the lifespan does under uvicorn
         self.clients: list[Client] = []
 
     def client(self, token: str | None = None, **options: Any) -> Client:
@@ -101,7 +103,8 @@ class InProcess:
     def close(self) -> None:
         for c in self.clients:
             c.close()
-        self.app.state.services.stop()
+        if self.runners:
+            self.app.state.services.stop()
 
 
 @pytest.fixture
@@ -427,6 +430,22 @@ def test_errors_come_back_as_the_class_the_service_named(
     assert seen == {
         errors.AuthError, errors.PermissionDeniedError, errors.RequestNotFoundError
     }
+
+
+def test_a_limit_comes_back_as_quota_exceeded(data: Path, tmp_path: Path) -> None:
+    svc = InProcess(tmp_path, data, runners=False, max_active_requests_per_user=1)
+    try:  # no runner: the first request stays queued
+        client = svc.client()
+        client.submit(spec_of(data))
+        second = spec_of(data, where="MET_pt > 1")
+        body = raw_error(svc, "POST", "/api/v1/requests", None, json=second)
+        with pytest.raises(errors.QuotaExceededError) as info:
+            client.submit(second)
+        assert body["type"] == "QuotaExceededError"
+        assert str(info.value) == body["message"]
+        assert len(client.requests()) == 1  # refused: not queued
+    finally:
+        svc.close()
 
 
 def test_a_failed_request_raises_its_error(service: InProcess, data: Path) -> None:
