@@ -15,7 +15,7 @@ def public(module: object) -> list[str]:
 
 def test_top_level() -> None:
     assert sorted(columnhub.__all__) == [
-        "ColumnhubError", "DatasetSpec", "FriendSpec", "ModelSpec", "OutputSpec", "Request",
+        "Client", "ColumnhubError", "DatasetSpec", "FriendSpec", "ModelSpec", "OutputSpec", "Request",
         "Result", "Samples", "__version__", "arrays", "deliver", "load_request",
     ]
     for name in columnhub.__all__:

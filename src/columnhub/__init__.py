@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from columnhub.client import Client
     from columnhub.delivery import arrays, deliver
     from columnhub.errors import ColumnhubError
     from columnhub.result import Result
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "ColumnhubError",
     "DatasetSpec",
     "FriendSpec",
@@ -48,6 +50,7 @@ __all__ = [
 _LAZY = {
     "arrays": "columnhub.delivery",
     "deliver": "columnhub.delivery",
+    "Client": "columnhub.client",
     "ColumnhubError": "columnhub.errors",
     "Result": "columnhub.result",
     "DatasetSpec": "columnhub.spec",

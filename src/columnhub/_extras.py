@@ -33,6 +33,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "fastapi": ("service", "fastapi"),
     "uvicorn": ("service", "uvicorn"),
     "prometheus_client": ("service", "prometheus-client"),
+    "httpx": ("service", "httpx"),
 }
 
 

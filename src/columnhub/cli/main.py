@@ -2,7 +2,9 @@
 
 Errors are mapped to exit codes here and only here: user errors
 (:class:`~columnhub.errors.ColumnhubError`) print one clear message and exit 2;
-an interrupt exits 130, and SIGTERM (a batch system or ``kill``) exits 143
+a service that cannot be reached (:class:`~columnhub.errors.ServiceUnavailableError`)
+exits 1, as it is no mistake of the user's; an interrupt exits 130, and SIGTERM (a batch
+system or ``kill``) exits 143
 after the same clean-up as Ctrl-C (it is raised as :class:`Terminated`, a
 ``KeyboardInterrupt``, in the main thread). Warnings print as one line
 (``columnhub: warning: ...``). Users never see a traceback for their own mistakes.
@@ -23,12 +25,12 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from columnhub.errors import ColumnhubError
+from columnhub.errors import ColumnhubError, ServiceUnavailableError
 
 __all__ = ["Terminated", "main"]
 
 #: modules under ``columnhub.cli`` that add sub-commands, in help order.
-COMMANDS = ("deliver", "synth", "cache", "serve")
+COMMANDS = ("deliver", "synth", "cache", "serve", "client")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_unwinds():
             return int(args.func(args) or 0)
+    except ServiceUnavailableError as err:  # not the user's mistake: try again later
+        print(f"columnhub: error: {err}", file=sys.stderr)
+        return 1
     except ColumnhubError as err:
         print(f"columnhub: error: {err}", file=sys.stderr)
         return 2
