@@ -771,3 +771,12 @@ def test_missing_dependency_of_an_optional_module_names_the_extra(tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert "'geventhttpclient'" in done.stdout
     assert "pip install 'columnhub[ml]'" in done.stdout
+
+
+def test_a_data_file_given_as_the_spec_is_a_user_error(shared_data: Path) -> None:
+    """``columnhub deliver file.root`` (the data file instead of a spec) says so, exit 2, no traceback."""
+    root_file = next(shared_data.glob("*.root"))
+    done = _cli("deliver", str(root_file), "-o", "never-written")
+    assert done.returncode == 2, done.stderr
+    assert "is not text" in done.stderr
+    assert "Traceback" not in done.stderr

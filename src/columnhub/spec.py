@@ -738,7 +738,14 @@ def load_request(
     if not path.is_file():
         msg = f"request file {str(path)!r} does not exist; give the path of a YAML or JSON spec"
         raise SpecError(msg)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        msg = (
+            f"request file {str(path)!r} is not text (a data file?); give the path of a YAML "
+            "or JSON spec, and name data files under dataset: files:"
+        )
+        raise SpecError(msg) from None
     if path.suffix == ".json":
         data = _parse_json(text)
     else:
