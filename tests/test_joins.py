@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -828,3 +829,97 @@ def test_key_indexes_in_memory_are_bounded_by_bytes(
     assert list(provider._memo.values()) == [second]  # both do not fit: the older went
     assert provider.dataset_index(up, list(KEYS)) is not first  # built again
     assert first.nbytes >= len(first) * 16  # packed key and row per event at least
+
+
+# ---------------------------------------------------------------------------
+# a Parquet -> Parquet keyed join never loads numba (0.75 s of every process)
+
+
+def _imported(stderr: str) -> set[str]:
+    """Every module a process imported, from its ``-X importtime`` lines."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:"):
+            names.add(line.rsplit("|", 1)[-1].strip())
+    return names
+
+
+def _compiler(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in ("numba", "llvmlite"))
+
+
+def test_the_import_check_sees_numba() -> None:
+    """The check below can fail: a process that loads numba is seen doing it."""
+    code = "import numpy as np; from columnhub import _kernels; _kernels._load_numba()"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    assert "numba" in _compiler(_imported(done.stderr))
+
+
+@pytest.mark.parametrize("exchange", ["on", "off"])
+def test_keyed_parquet_join_through_the_cli_never_loads_numba(
+    tmp_path: Path, exchange: str
+) -> None:
+    """A cold keyed LEFT JOIN of a shuffled Parquet friend (flat + jagged columns), then a
+    later request over the same friend, through the ``columnhub`` entry point: the key
+    indexes, the matching, the friend exchange (or the per-chunk fetch plan) and the
+    gathers all run without numba; the output equals a dict join of the inputs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(7)
+    n = 3000
+    event = np.sort(rng.choice(2**40, n, replace=False)).astype(np.uint64) + np.uint64(2**63)
+    primary = pa.table({
+        "run": np.full(n, 316000, dtype=np.uint32),
+        "luminosityBlock": (1 + np.arange(n) // 700).astype(np.uint32),
+        "event": event,
+        "MET_pt": rng.random(n).astype(np.float32),
+        "PV_npvs": rng.integers(0, 60, n).astype(np.int32),
+    })
+    pq.write_table(primary, tmp_path / "primary.parquet", row_group_size=1000)
+    keep = rng.permutation(n)[: n - 200]  # 200 primary events without a partner
+    counts = rng.poisson(3, len(keep))
+    jets = [list(rng.random(c).astype(np.float32)) for c in counts]
+    friend_table = pa.table({
+        "run": primary["run"].to_numpy()[keep],
+        "luminosityBlock": primary["luminosityBlock"].to_numpy()[keep],
+        "event": event[keep],
+        "x": rng.random(len(keep)),
+        "jets": pa.array(jets, type=pa.list_(pa.float32())),
+    })
+    pq.write_table(friend_table, tmp_path / "friend.parquet", row_group_size=700)
+    spec = {
+        "dataset": {"name": "p", "files": [str(tmp_path / "primary.parquet")]},
+        "friends": [friend("f", [tmp_path / "friend.parquet"], ["x", "jets"], how="left")],
+        "chunk_size": 1000,
+    }
+    truth = {
+        int(e): (float(x), [float(v) for v in j])
+        for e, x, j in zip(event[keep], friend_table["x"].to_numpy(), jets, strict=True)
+    }
+    env = {**os.environ, "COLUMNHUB_EXCHANGE": "1" if exchange == "on" else "0"}
+    for number, columns in enumerate([["MET_pt", "x", "jets"], ["PV_npvs", "x", "jets"]]):
+        path = tmp_path / f"spec-{number}.json"
+        path.write_text(json.dumps({**spec, "columns": columns}))
+        out = tmp_path / f"out-{number}"
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", str(CLI), "deliver", str(path), "-o", str(out),
+             "--cache", str(tmp_path / "cache"), "--no-progress"],
+            check=False, capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _compiler(_imported(done.stderr)) == []
+        manifest = json.loads((out / "manifest.json").read_text())
+        if number == 0:
+            assert manifest["friend_exchange"]["f"]["ran"] == (exchange == "on")
+        table = pa.concat_tables(pq.read_table(out / name) for name in manifest["files"])
+        assert table["event"].to_pylist() == event.tolist()
+        first = columns[0]
+        assert table[first].to_pylist() == primary[first].to_pylist()
+        got_x, got_jets = table["x"].to_pylist(), table["jets"].to_pylist()
+        for e, x, j in zip(event.tolist(), got_x, got_jets, strict=True):
+            want = truth.get(e)
+            assert (x, j) == ((None, None) if want is None else want)

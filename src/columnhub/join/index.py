@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from columnhub import _kernels
 from columnhub._kernels import (
     argsort_runs,
     compose_keys,
@@ -44,9 +45,10 @@ def sort_words(
 
     Single-word keys narrow enough to share a ``uint64`` with the row number are
     sorted as one composite value (a plain, vectorised ``np.sort``, stable by
-    construction). Other single-word keys are arg-sorted in a piece per core
-    and the pieces merged (``stable``: one stable ``np.argsort``). Keys
-    already in order are not sorted. Multi-word keys: ``np.lexsort`` (stable).
+    construction). Other single-word keys are arg-sorted by numpy (once
+    numba is loaded: in a piece per core and the pieces merged; ``stable``:
+    one stable ``np.argsort``). Keys already in order are not sorted.
+    Multi-word keys: ``np.lexsort`` (stable).
 
     Args:
         words: ``uint64`` packed keys, shape ``(n,)`` or ``(n, nwords)``.
@@ -73,6 +75,9 @@ def sort_words(
         copy = np.empty(n, dtype=np.uint64)
         if compose_keys([(words, 0, 0)], 0, copy):  # already in order
             return np.arange(n, dtype=np.int64), copy
+        if not _kernels.numba_loaded():  # numpy's vectorised (SIMD) arg-sort
+            order = np.argsort(words)
+            return order, np.take(words, order, out=copy)
         # too wide to carry the row: arg-sort a piece per core, then merge the pieces
         [(keys, rows, bounds)] = argsort_runs((words, kernel_pool_size()))
         if len(bounds) > 2:
