@@ -31,7 +31,7 @@ from columnhub._kernels import (
 from columnhub.errors import JoinError
 from columnhub.keys import KeyColumns, KeyPacking, format_key, integer_keys, normalize_keys
 
-__all__ = ["Duplicate", "KeyIndex", "sort_words"]
+__all__ = ["Duplicate", "IndexFacts", "KeyIndex", "sort_words"]
 
 _FORMAT = "columnhub-keyindex-2"
 #: formats read: 1 kept file and entry per row, 2 may keep file_starts instead
@@ -125,6 +125,96 @@ class Duplicate:
         return (
             f"{format_key(list(self.key), list(self.key.values()))} x{self.count} at {where}{more}"
         )
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    """What validating a join needs of a :class:`KeyIndex`, without its arrays.
+
+    Stored in the column cache next to the index (JSON, a few hundred bytes),
+    so a request that reads no friend row checks ``validate`` without loading
+    the index. :func:`~columnhub.join.validate.check_unique` takes either.
+
+    Attributes:
+        rows: rows of the index.
+        is_unique: whether every key occurs once.
+        duplicated_keys: how many distinct keys occur more than once.
+        first_duplicates: the first of them (by the row of their first
+            occurrence), as :meth:`KeyIndex.duplicates` gives them.
+    """
+
+    rows: int
+    is_unique: bool
+    duplicated_keys: int = 0
+    first_duplicates: tuple[Duplicate, ...] = ()
+
+    #: how many duplicates the facts keep (what an error message shows)
+    KEPT = 5
+
+    @classmethod
+    def of(cls, index: KeyIndex) -> IndexFacts:
+        """The facts of ``index``."""
+        return cls(
+            rows=len(index),
+            is_unique=index.is_unique,
+            duplicated_keys=index.duplicated_key_count(),
+            first_duplicates=tuple(index.duplicates(limit=cls.KEPT)),
+        )
+
+    def duplicates(self, *, limit: int = 5) -> list[Duplicate]:
+        """The first duplicated keys, as :meth:`KeyIndex.duplicates` (at most :attr:`KEPT`)."""
+        return list(self.first_duplicates[:limit])
+
+    def duplicated_key_count(self) -> int:
+        """How many distinct keys occur more than once."""
+        return self.duplicated_keys
+
+    def to_bytes(self) -> bytes:
+        """JSON bytes for the column cache."""
+        return json.dumps(
+            {
+                "format": _FACTS_FORMAT,
+                "rows": self.rows,
+                "is_unique": self.is_unique,
+                "duplicated_keys": self.duplicated_keys,
+                "first_duplicates": [
+                    {"key": d.key, "count": d.count, "locations": [list(x) for x in d.locations]}
+                    for d in self.first_duplicates
+                ],
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IndexFacts:
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            JoinError: ``data`` is not serialised index facts.
+        """
+        try:
+            meta = json.loads(data.decode())
+            if meta.get("format") != _FACTS_FORMAT:
+                msg = f"unsupported key index facts format {meta.get('format')!r}"
+                raise JoinError(msg)
+            return cls(
+                rows=int(meta["rows"]),
+                is_unique=bool(meta["is_unique"]),
+                duplicated_keys=int(meta["duplicated_keys"]),
+                first_duplicates=tuple(
+                    Duplicate(
+                        key={str(k): int(v) for k, v in d["key"].items()},
+                        count=int(d["count"]),
+                        locations=tuple((f, int(e)) for f, e in d["locations"]),
+                    )
+                    for d in meta["first_duplicates"]
+                ),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            msg = f"not serialised columnhub key index facts ({len(data)} bytes): {err}"
+            raise JoinError(msg) from err
+
+
+_FACTS_FORMAT = "columnhub-keyindex-facts-1"
 
 
 class KeyIndex:

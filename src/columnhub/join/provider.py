@@ -4,6 +4,11 @@ Keyed joins look the chunk's keys up in the friend's :class:`KeyIndex` (built
 once per dataset, kept in the column cache and in memory per process), read
 only the friend entry ranges that hold partners, and gather; aligned joins
 read the same entry range of the friend and verify the keys row by row.
+
+Next to each key index the cache holds its :class:`~columnhub.join.index.IndexFacts`
+(uniqueness and the first duplicates, a few hundred bytes): validating a
+request needs only those, so a request whose chunks find the friend's
+columns in the cache never loads an index (tens of MB each).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from columnhub import sources
 from columnhub.datasets import ResolvedDataset
 from columnhub.join.collection import fill_to_counts
 from columnhub.join.gather import compact, gather
-from columnhub.join.index import KeyIndex
+from columnhub.join.index import IndexFacts, KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
 from columnhub.join.validate import check_aligned, check_unique
 
@@ -33,10 +38,14 @@ if TYPE_CHECKING:
 __all__ = ["FriendRows", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
 
 _INDEX_VERSION = 1
+_FACTS_VERSION = 1
 #: key indexes kept in memory by a process, least recently used out first,
 #: at most this many bytes together (the newest is always kept)
 _MEMO_BYTES = int(os.environ.get("COLUMNHUB_INDEX_MEMORY", str(1 << 30)))
 _memo: OrderedDict[str, KeyIndex] = OrderedDict()
+#: facts of the indexes a process has met (small: no bound needed beyond a count)
+_facts: OrderedDict[str, IndexFacts] = OrderedDict()
+_FACTS_KEPT = 1024
 _memo_lock = threading.Lock()
 _build_locks: dict[str, threading.Lock] = {}
 
@@ -64,8 +73,44 @@ def _index_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
     )
 
 
+def _facts_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
+    from columnhub.cache import entry_key
+
+    return entry_key(
+        kind="key-index-facts",
+        files=dataset.identity,
+        tree=dataset.spec.tree,
+        keys=list(keys),
+        version=(_INDEX_VERSION, _FACTS_VERSION),
+    )
+
+
+def _remember_facts(key: str, facts: IndexFacts) -> None:
+    with _memo_lock:
+        _facts[key] = facts
+        _facts.move_to_end(key)
+        while len(_facts) > _FACTS_KEPT:
+            _facts.popitem(last=False)
+
+
 #: ``report(dataset_name, files_read, files)`` while a key index is built
 IndexProgress = Callable[[str, int, int], None]
+
+
+#: the key columns of every file of a dataset, in file order (what an index is built from)
+KeyReader = Callable[[], list[dict[str, np.ndarray]]]
+
+
+def _read_keys(
+    dataset: ResolvedDataset, keys: Sequence[str], report: IndexProgress | None
+) -> list[dict[str, np.ndarray]]:
+    parts = []
+    for i, file in enumerate(dataset.files):
+        read = sources.read(file, dataset.spec, list(keys), start=0, stop=file.entries)
+        parts.append({k: np.asarray(ak.to_numpy(read[k])) for k in keys})
+        if report is not None:
+            report(dataset.spec.name, i + 1, len(dataset.files))
+    return parts
 
 
 def dataset_index(
@@ -74,11 +119,13 @@ def dataset_index(
     *,
     cache: ColumnCache | None = None,
     report: IndexProgress | None = None,
+    read: KeyReader | None = None,
 ) -> KeyIndex:
     """The key index of a whole dataset: from memory, else the cache, else built.
 
     Building reads only the key columns, file by file (``report`` hears of
-    each file read).
+    each file read), or takes them from ``read``. A built or loaded index
+    also leaves its :class:`IndexFacts` in the cache.
     """
     key = _index_key(dataset, keys)
     with _memo_lock:
@@ -95,15 +142,17 @@ def dataset_index(
             if blob is not None:
                 index = KeyIndex.from_bytes(blob)
         if index is None:
-            parts = []
-            for i, file in enumerate(dataset.files):
-                read = sources.read(file, dataset.spec, list(keys), start=0, stop=file.entries)
-                parts.append({k: np.asarray(ak.to_numpy(read[k])) for k in keys})
-                if report is not None:
-                    report(dataset.spec.name, i + 1, len(dataset.files))
+            parts = read() if read is not None else _read_keys(dataset, keys, report)
             index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
+            del parts
             if cache is not None:
                 cache.put_bytes(key, index.to_bytes())
+        facts_key = _facts_key(dataset, keys)
+        if facts_key not in _facts:
+            facts = IndexFacts.of(index)
+            _remember_facts(facts_key, facts)
+            if cache is not None and not cache.contains(facts_key):
+                cache.put_bytes(facts_key, facts.to_bytes())
         with _memo_lock:
             _memo[key] = index
             while len(_memo) > 1 and sum(i.nbytes for i in _memo.values()) > _MEMO_BYTES:
@@ -112,15 +161,107 @@ def dataset_index(
         return index
 
 
+def index_facts(
+    dataset: ResolvedDataset,
+    keys: Sequence[str],
+    *,
+    cache: ColumnCache | None = None,
+    report: IndexProgress | None = None,
+    read: KeyReader | None = None,
+) -> IndexFacts:
+    """What validation needs of a dataset's key index, loading the index only if need be.
+
+    From memory, else from the facts stored in the cache next to the index
+    (a few hundred bytes), else from the index itself (:func:`dataset_index`:
+    loaded, or built with ``read`` / ``report`` as there).
+    """
+    key = _facts_key(dataset, keys)
+    with _memo_lock:
+        known = _facts.get(key)
+    if known is not None:
+        return known
+    if cache is not None:
+        blob = cache.get_bytes(key)
+        if blob is not None:
+            facts = IndexFacts.from_bytes(blob)
+            _remember_facts(key, facts)
+            return facts
+    dataset_index(dataset, keys, cache=cache, report=report, read=read)
+    with _memo_lock:
+        return _facts[key]
+
+
+def _primary_keys(
+    plan: Plan,
+    cache: ColumnCache,
+    fresh: dict[int, set[str]],
+    report: IndexProgress | None,
+) -> list[dict[str, np.ndarray]] | None:
+    """The primary's key columns per file, read chunk by chunk as the chunk tasks read them.
+
+    Each chunk's key columns land in the column cache under the addresses the
+    chunk tasks (and the friend exchange) look up, so the keys are read once
+    per request; the addresses stored are added to ``fresh`` (per chunk
+    index: the chunk tasks count them as computed for this request, not as
+    hits). ``None`` when the chunks do not tile the files (then the index
+    reads the files itself).
+    """
+    from columnhub._concurrency import threads
+    from columnhub.execute.chunk import _ChunkWork
+    from columnhub.execute.local import run_ordered
+
+    dataset, names = plan.dataset, list(plan.request.dataset.keys)
+    by_file: list[list[Any]] = [[] for _ in dataset.files]
+    for chunk in plan.chunks:
+        by_file[chunk.file_index].append(chunk)
+    for info, chunks in zip(dataset.files, by_file, strict=True):
+        edges = [0, *(c.stop for c in chunks)]
+        if [c.start for c in chunks] != edges[:-1] or edges[-1] != info.entries:
+            return None
+
+    def one(chunk: Any) -> tuple[Any, dict[str, np.ndarray], list[str]]:
+        work = _ChunkWork(plan, chunk, cache)
+        work.resolve(names)
+        work.compute()  # reads (and stores) what the cache misses
+        columns = {k: np.asarray(ak.to_numpy(work.values[k])) for k in names}
+        return chunk, columns, [work.key(n) for n in work.to_read]
+
+    pieces: list[list[dict[str, np.ndarray]]] = [[] for _ in dataset.files]
+    done = 0
+    for chunk, columns, stored in run_ordered(one, plan.chunks, workers=threads()):
+        pieces[chunk.file_index].append(columns)
+        if stored:
+            fresh.setdefault(chunk.index, set()).update(stored)
+        if chunk.stop == dataset.files[chunk.file_index].entries:
+            done += 1
+            if report is not None:
+                report(dataset.spec.name, done, len(dataset.files))
+    return [
+        {k: np.concatenate([p[k] for p in file_pieces]) if file_pieces else np.zeros(0, np.uint64)
+         for k in names}
+        for file_pieces in pieces
+    ]
+
+
 def prepare(
     plan: Plan, *, cache: ColumnCache | None = None, report: IndexProgress | None = None
-) -> None:
-    """Build (or load) every key index the request needs and validate duplicates.
+) -> dict[int, set[str]]:
+    """Validate the request's keyed joins against the facts of every key index it needs.
 
     Run once per request before the chunk tasks, so a cardinality violation is
-    reported before any work and the indexes are warm for the tasks.
-    ``report`` hears of every file read while an index is built.
+    reported before any work. An index not in the cache is built (and kept
+    warm for the tasks); one in the cache is not loaded here, only its facts:
+    a task that needs it loads it (none does when the friend's columns are
+    cached). ``report`` hears of every file read while an index is built.
+
+    The primary's index is built from its key columns read chunk by chunk
+    into the column cache, where the chunk tasks find them.
+
+    Returns:
+        Per chunk index, the cache addresses stored here for this request
+        (the chunk tasks count them as misses, not hits).
     """
+    fresh: dict[int, set[str]] = {}
     primary_needed = any(
         f.has_tail or f.spec.validate_ in ("one_to_one", "one_to_many")
         for f in plan.friends
@@ -129,13 +270,21 @@ def prepare(
     for friend in plan.friends:
         if friend.spec.match != "keyed":
             continue
-        index = dataset_index(
+        facts = index_facts(
             friend.dataset, friend.spec.friend_keys, cache=cache, report=report
         )
-        check_unique(index, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
+        check_unique(facts, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
     if primary_needed:
-        primary = dataset_index(
-            plan.dataset, plan.request.dataset.keys, cache=cache, report=report
+        writable = cache is not None and not cache.read_only
+        primary = index_facts(
+            plan.dataset,
+            plan.request.dataset.keys,
+            cache=cache,
+            report=report,
+            read=(lambda: _primary_keys(plan, cache, fresh, report)  # type: ignore[arg-type]
+                  or _read_keys(plan.dataset, plan.request.dataset.keys, report))
+            if writable
+            else None,
         )
         for friend in plan.friends:
             check_unique(
@@ -144,6 +293,7 @@ def prepare(
                 validate=friend.spec.validate_,
                 dataset=plan.request.dataset.name,
             )
+    return fresh
 
 
 @dataclass(frozen=True)
