@@ -1044,3 +1044,58 @@ def test_duplicates_reported_alike_from_index_facts(
     for row in (10, 11, 12, 500):
         assert f"event={events[row]}) x2 at " in messages[0]
         assert f"dup.parquet entry {row}," in messages[0]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lists=st.lists(
+        st.one_of(st.none(), st.lists(st.one_of(st.none(), st.floats(-9, 9, width=32)), max_size=4)),
+        max_size=12,
+    ),
+    rows=st.lists(st.integers(-1, 11), max_size=15),
+    optional=st.booleans(),
+    source=st.sampled_from(["arrow", "awkward"]),
+    compiled=st.booleans(),
+)
+def test_gather_of_option_typed_numbers_equals_python(
+    lists: list[list[float | None] | None],
+    rows: list[int],
+    optional: bool,
+    source: str,
+    compiled: bool,
+) -> None:
+    """Option-typed numbers and lists of them (Parquet's nullable fields: bit masks from
+    Arrow; byte masks and unmasked from awkward) gathered with the numpy or the compiled
+    kernels: the Python lists' values, the types of an index view over the source."""
+    import pyarrow as pa
+
+    from columnhub import _kernels
+    from columnhub.join.gather import compact, gather
+
+    flat_values = [None if v is None else (v[0] if v and v[0] is not None else None) for v in lists]
+    item_lists = [v if v is not None else [] for v in lists]  # the list column's lists
+    if source == "arrow":
+        arrays = [
+            ak.from_arrow(pa.array(flat_values, type=pa.float32())),
+            ak.from_arrow(pa.array(item_lists, type=pa.list_(pa.float32()))),
+        ]
+    else:
+        arrays = [ak.Array(flat_values), ak.Array(item_lists)]
+    rows = [r for r in rows if r < len(lists) and (optional or r >= 0)]
+    idx = np.array(rows, dtype=np.int64)
+    saved = _kernels.numba_loaded
+    _kernels.numba_loaded = lambda: compiled  # type: ignore[assignment]
+    try:
+        for array, plain in zip(arrays, [flat_values, item_lists], strict=True):
+            got = compact(gather(array, idx, optional=optional))
+            assert got.tolist() == [plain[r] if r >= 0 else None for r in rows]
+            # awkward's own index view over the source: same type
+            index = ak.index.Index64(idx)
+            view = (
+                ak.contents.IndexedOptionArray.simplified(index, array.layout)
+                if optional
+                else ak.contents.IndexedArray.simplified(index, array.layout)
+            )
+            assert str(got.type) == str(ak.Array(view).type)
+    finally:
+        _kernels.numba_loaded = saved  # type: ignore[assignment]
