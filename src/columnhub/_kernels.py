@@ -280,15 +280,19 @@ def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - com
 def _compose_keys_np(columns, rowbits, out, start, stop):  # type: ignore[no-untyped-def]
     rowmask = (np.uint64(1) << rowbits) - np.uint64(1)
     ascending = True
+    spare = np.empty(min(BLOCK_ROWS, stop - start), dtype=np.uint64)
     for a, b in _blocks(start, stop):
         word = out[a:b]
         for i, (values, offset, shift) in enumerate(columns):
-            val = np.subtract(values[a:b], offset, dtype=np.uint64)
-            np.left_shift(val, shift + rowbits, out=val)
+            val = word if i == 0 else spare[: b - a]
+            if offset:
+                np.subtract(values[a:b], offset, out=val, dtype=np.uint64)
+            else:
+                np.copyto(val, values[a:b], casting="unsafe")  # unsigned (or checked) integers
+            if shift + rowbits:
+                np.left_shift(val, shift + rowbits, out=val)
             if i:
                 np.bitwise_or(word, val, out=word)
-            else:
-                word[:] = val
         if rowbits:
             rows = np.arange(a, b, dtype=np.uint64)
             if b - 1 > rowmask:

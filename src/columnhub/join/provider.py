@@ -120,12 +120,14 @@ def dataset_index(
     cache: ColumnCache | None = None,
     report: IndexProgress | None = None,
     read: KeyReader | None = None,
+    persist: bool = True,
 ) -> KeyIndex:
     """The key index of a whole dataset: from memory, else the cache, else built.
 
     Building reads only the key columns, file by file (``report`` hears of
-    each file read), or takes them from ``read``. A built or loaded index
-    also leaves its :class:`IndexFacts` in the cache.
+    each file read), or takes them from ``read``. A built index is stored in
+    the cache unless ``persist`` is false; a built or loaded one leaves its
+    :class:`IndexFacts` there.
     """
     key = _index_key(dataset, keys)
     with _memo_lock:
@@ -145,7 +147,7 @@ def dataset_index(
             parts = read() if read is not None else _read_keys(dataset, keys, report)
             index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
             del parts
-            if cache is not None:
+            if cache is not None and persist:
                 cache.put_bytes(key, index.to_bytes())
         facts_key = _facts_key(dataset, keys)
         if facts_key not in _facts:
@@ -168,12 +170,13 @@ def index_facts(
     cache: ColumnCache | None = None,
     report: IndexProgress | None = None,
     read: KeyReader | None = None,
+    persist: bool = True,
 ) -> IndexFacts:
     """What validation needs of a dataset's key index, loading the index only if need be.
 
     From memory, else from the facts stored in the cache next to the index
     (a few hundred bytes), else from the index itself (:func:`dataset_index`:
-    loaded, or built with ``read`` / ``report`` as there).
+    loaded, or built with ``read`` / ``report`` / ``persist`` as there).
     """
     key = _facts_key(dataset, keys)
     with _memo_lock:
@@ -186,7 +189,7 @@ def index_facts(
             facts = IndexFacts.from_bytes(blob)
             _remember_facts(key, facts)
             return facts
-    dataset_index(dataset, keys, cache=cache, report=report, read=read)
+    dataset_index(dataset, keys, cache=cache, report=report, read=read, persist=persist)
     with _memo_lock:
         return _facts[key]
 
@@ -255,7 +258,9 @@ def prepare(
     cached). ``report`` hears of every file read while an index is built.
 
     The primary's index is built from its key columns read chunk by chunk
-    into the column cache, where the chunk tasks find them.
+    into the column cache, where the chunk tasks find them. It is stored in
+    the cache only for a right or outer join (whose tail looks keys up in
+    it); otherwise its facts are all any request needs of it.
 
     Returns:
         Per chunk index, the cache addresses stored here for this request
@@ -276,6 +281,7 @@ def prepare(
         check_unique(facts, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
     if primary_needed:
         writable = cache is not None and not cache.read_only
+        tail = any(f.has_tail for f in plan.friends)
         primary = index_facts(
             plan.dataset,
             plan.request.dataset.keys,
@@ -285,6 +291,7 @@ def prepare(
                   or _read_keys(plan.dataset, plan.request.dataset.keys, report))
             if writable
             else None,
+            persist=tail,
         )
         for friend in plan.friends:
             check_unique(
