@@ -259,8 +259,9 @@ def test_run_lumi_event_packing_numpy_and_compiled_agree_with_python(
                     assert ascending == (with_rows == sorted(with_rows))
             else:  # most significant word first
                 total = 64 * packing.nwords
-                assert [sum(int(w) << (total - 64 * (j + 1)) for j, w in enumerate(ws))
-                        for ws in words] == expected
+                assert [
+                    sum(int(w) << (total - 64 * (j + 1)) for j, w in enumerate(ws)) for ws in words
+                ] == expected
             back = packing.unpack(words)
             for name, col in cols.items():
                 assert back[name].tolist() == col.tolist()
@@ -294,7 +295,10 @@ def test_keys_outside_the_packing_are_masked_by_both_kernels(
     packing = KeyPacking.fit(_cms(fitted))
     q = _cms(queries) if queries else {k: v[:0] for k, v in _cms(fitted).items()}
     inside = [
-        all(off <= v < off + (1 << w) for v, off, w in zip(r, packing.offsets, packing.widths, strict=True))
+        all(
+            off <= v < off + (1 << w)
+            for v, off, w in zip(r, packing.offsets, packing.widths, strict=True)
+        )
         for r in queries
     ]
     for compiled in MODES:
@@ -311,7 +315,9 @@ def test_keys_outside_the_packing_are_masked_by_both_kernels(
 @settings(deadline=None, max_examples=150)
 @given(
     words=st.lists(
-        st.one_of(st.integers(0, 30), st.integers(2**63 - 3, 2**63 + 3), st.integers(U64MAX - 3, U64MAX)),
+        st.one_of(
+            st.integers(0, 30), st.integers(2**63 - 3, 2**63 + 3), st.integers(U64MAX - 3, U64MAX)
+        ),
         max_size=40,
     ),
 )
@@ -328,7 +334,9 @@ def test_sort_words_numpy_and_compiled_with_duplicates_and_wide_words(words: lis
                     assert sorted(order.tolist()) == list(range(len(values)))
                     assert [values[i] for i in order.tolist()] == sorted(values)
                     if stable or scale_down:  # composites sort equal keys by row
-                        assert order.tolist() == sorted(range(len(values)), key=lambda i: (values[i], i))
+                        assert order.tolist() == sorted(
+                            range(len(values)), key=lambda i: (values[i], i)
+                        )
 
 
 @settings(deadline=None, max_examples=150)
@@ -359,8 +367,11 @@ def test_index_and_match_numpy_and_compiled_equal_dict_join(
             except DuplicateKeyError as err:
                 answer = ("error", str(err).split("First duplicates")[0])
             else:
-                answer = (left.friend_rows.tolist(), inner.primary_rows.tolist(),
-                          inner.friend_rows.tolist())
+                answer = (
+                    left.friend_rows.tolist(),
+                    inner.primary_rows.tolist(),
+                    inner.friend_rows.tolist(),
+                )
             answers.append(answer)
     assert answers[0] == answers[1]
     friend_dup = len(set(friend)) < len(friend)
@@ -419,7 +430,7 @@ def test_gather_kernels_numpy_and_compiled_equal_python_lists(
     starts, stops = offsets[:-1], offsets[1:]
     rows = [r for r in rows if r < len(lengths)]
     idx = np.array(rows, dtype=np.int64)
-    lists = [content[int(a):int(b)].tolist() for a, b in zip(starts, stops, strict=True)]
+    lists = [content[int(a) : int(b)].tolist() for a, b in zip(starts, stops, strict=True)]
     flat = (rng.random(len(lengths)) * 90).astype(dtype)
     for compiled in MODES:
         with kernels(compiled=compiled):
@@ -439,7 +450,11 @@ def test_gather_kernels_numpy_and_compiled_equal_python_lists(
     for compiled in MODES:
         with kernels(compiled=compiled):
             values, valid, missing = _kernels.gather_flat(np.zeros(0, dtype=dtype), none)
-            assert (values.tolist(), valid.tolist(), missing) == ([0, 0, 0] if dtype != "bool" else [False] * 3, [False] * 3, 3)
+            assert (values.tolist(), valid.tolist(), missing) == (
+                [0, 0, 0] if dtype != "bool" else [False] * 3,
+                [False] * 3,
+                3,
+            )
             new_offsets, items, valid, missing = _kernels.gather_lists(
                 starts[:0], stops[:0], content[:0], none
             )

@@ -245,7 +245,9 @@ def _or_shifted(words, column, offset, shift, start, stop):  # pragma: no cover 
         words[i] |= (np.uint64(column[i]) - offset) << shift
 
 
-def _or_shifted_np(words, column, offset, shift, start, stop):  # type: ignore[no-untyped-def]
+def _or_shifted_np(
+    words: np.ndarray, column: np.ndarray, offset: np.uint64, shift: np.uint64, start: int, stop: int
+) -> None:
     for a, b in _blocks(start, stop):
         val = np.subtract(column[a:b], offset, dtype=np.uint64)
         np.left_shift(val, shift, out=val)
@@ -277,7 +279,13 @@ def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - com
     return ascending
 
 
-def _compose_keys_np(columns, rowbits, out, start, stop):  # type: ignore[no-untyped-def]
+def _compose_keys_np(
+    columns: tuple[tuple[np.ndarray, np.uint64, np.uint64], ...],
+    rowbits: np.uint64,
+    out: np.ndarray,
+    start: int,
+    stop: int,
+) -> bool:
     rowmask = (np.uint64(1) << rowbits) - np.uint64(1)
     ascending = True
     spare = np.empty(min(BLOCK_ROWS, stop - start), dtype=np.uint64)
@@ -336,7 +344,9 @@ def _first_difference(pairs, start, stop):  # pragma: no cover - compiled
     return -1
 
 
-def _first_difference_np(pairs, start, stop):  # type: ignore[no-untyped-def]
+def _first_difference_np(
+    pairs: tuple[tuple[np.ndarray, np.ndarray], ...], start: int, stop: int
+) -> int:
     for a, b in _blocks(start, stop):
         differ = np.zeros(b - a, dtype=np.bool_)
         for x, y in pairs:
@@ -363,7 +373,9 @@ def first_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> int:
     return next((int(i) for i in found if i >= 0), -1)
 
 
-def _split_composites(comp, rowbits, order, start, stop):  # type: ignore[no-untyped-def]
+def _split_composites(
+    comp: np.ndarray, rowbits: np.uint64, order: np.ndarray, start: int, stop: int
+) -> None:
     rowmask = (np.uint64(1) << rowbits) - np.uint64(1)
     for a, b in _blocks(start, stop):
         np.bitwise_and(comp[a:b], rowmask, out=order[a:b].view(np.uint64))
@@ -631,7 +643,9 @@ def _valid_rows(rows: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int]:
     return (np.where(valid, rows, 0) if missing else rows), missing
 
 
-def _take_np(values, rows, out, valid, start, stop):  # type: ignore[no-untyped-def]
+def _take_np(
+    values: np.ndarray, rows: np.ndarray, out: np.ndarray, valid: np.ndarray, start: int, stop: int
+) -> int:
     missing = 0
     for a, b in _blocks(start, stop):
         safe, absent = _valid_rows(rows[a:b], valid[a:b])
@@ -734,7 +748,16 @@ def gather_lists(
     return offsets, out, valid, int(sum(missing))
 
 
-def _list_counts_np(starts, stops, rows, counts, sources, valid, start, stop):  # type: ignore[no-untyped-def]
+def _list_counts_np(
+    starts: np.ndarray,
+    stops: np.ndarray,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    sources: np.ndarray,
+    valid: np.ndarray,
+    start: int,
+    stop: int,
+) -> int:
     missing = 0
     for a, b in _blocks(start, stop):
         safe, absent = _valid_rows(rows[a:b], valid[a:b])
@@ -753,7 +776,9 @@ def _list_counts_np(starts, stops, rows, counts, sources, valid, start, stop):  
     return missing
 
 
-def _list_copy_np(sources, content, offsets, out, start, stop):  # type: ignore[no-untyped-def]
+def _list_copy_np(
+    sources: np.ndarray, content: np.ndarray, offsets: np.ndarray, out: np.ndarray, start: int, stop: int
+) -> None:
     for a, b in _blocks(start, stop):
         lo, hi = int(offsets[a]), int(offsets[b])
         if hi == lo:
@@ -838,7 +863,9 @@ def _merge_unique(keys, rows, queries, query_rows, friend, start, stop):  # prag
         friend[query_rows[i]] = rows[j] if j < m and keys[j] == v else -1
 
 
-def _merge_sorted_np(keys, queries, lo, found, start, stop):  # type: ignore[no-untyped-def]
+def _merge_sorted_np(
+    keys: np.ndarray, queries: np.ndarray, lo: np.ndarray, found: np.ndarray, start: int, stop: int
+) -> None:
     m = len(keys)
     for a, b in _blocks(start, stop):
         q = queries[a:b]
@@ -851,7 +878,15 @@ def _merge_sorted_np(keys, queries, lo, found, start, stop):  # type: ignore[no-
             found[a:b] = False
 
 
-def _merge_unique_np(keys, rows, queries, query_rows, friend, start, stop):  # type: ignore[no-untyped-def]
+def _merge_unique_np(
+    keys: np.ndarray,
+    rows: np.ndarray,
+    queries: np.ndarray,
+    query_rows: np.ndarray,
+    friend: np.ndarray,
+    start: int,
+    stop: int,
+) -> None:
     m = len(keys)
     for a, b in _blocks(start, stop):
         q = queries[a:b]

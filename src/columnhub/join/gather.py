@@ -152,11 +152,10 @@ def _gather_packed(
     flat = _leaf(layout)
     if flat is not None:
         data, mask = flat
-        values, valid, missing = gather_flat(np.asarray(data), rows)
+        values, row_valid, missing = gather_flat(np.asarray(data), rows)
+        valid: np.ndarray | None = row_valid if missing else None
         if mask is not None:
             valid, _, _ = gather_flat(mask, rows)  # False where the row is -1 too
-        elif not missing:
-            valid = None
         return _rebuild_leaf(layout, values, valid, option=optional)
     if not isinstance(layout, ak.contents.ListOffsetArray | ak.contents.ListArray):
         return None

@@ -66,7 +66,12 @@ _FIX = {
 
 
 def duplicate_error(
-    index: KeyIndex | IndexFacts, *, side: Side, validate: str, dataset: str | None = None, limit: int = 5
+    index: KeyIndex | IndexFacts,
+    *,
+    side: Side,
+    validate: str,
+    dataset: str | None = None,
+    limit: int = 5,
 ) -> DuplicateKeyError:
     """The error for duplicated keys in ``index`` (does not raise it)."""
     dups = index.duplicates(limit=limit)
