@@ -17,6 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -272,34 +273,50 @@ def prepare(
         for f in plan.friends
         if f.spec.match == "keyed"
     )
-    for friend in plan.friends:
-        if friend.spec.match != "keyed":
-            continue
-        facts = index_facts(
-            friend.dataset, friend.spec.friend_keys, cache=cache, report=report
-        )
-        check_unique(facts, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
-    if primary_needed:
-        writable = cache is not None and not cache.read_only
-        tail = any(f.has_tail for f in plan.friends)
-        primary = index_facts(
+    writable = cache is not None and not cache.read_only
+
+    def primary_facts() -> IndexFacts:
+        def read() -> list[dict[str, np.ndarray]]:
+            assert cache is not None
+            parts = _primary_keys(plan, cache, fresh, report)
+            return parts if parts is not None else _read_keys(plan.dataset, keys, report)
+
+        keys = plan.request.dataset.keys
+        return index_facts(
             plan.dataset,
-            plan.request.dataset.keys,
+            keys,
             cache=cache,
             report=report,
-            read=(lambda: _primary_keys(plan, cache, fresh, report)  # type: ignore[arg-type]
-                  or _read_keys(plan.dataset, plan.request.dataset.keys, report))
-            if writable
-            else None,
-            persist=tail,
+            read=read if writable else None,
+            persist=any(f.has_tail for f in plan.friends),
         )
-        for friend in plan.friends:
-            check_unique(
-                primary,
-                side="primary",
-                validate=friend.spec.validate_,
-                dataset=plan.request.dataset.name,
-            )
+
+    # the primary's index is built on a thread of its own while the friends' are
+    with ThreadPoolExecutor(1, thread_name_prefix="columnhub-index") as pool:
+        primary = pool.submit(primary_facts) if primary_needed else None
+        try:
+            for friend in plan.friends:
+                if friend.spec.match != "keyed":
+                    continue
+                facts = index_facts(
+                    friend.dataset, friend.spec.friend_keys, cache=cache, report=report
+                )
+                check_unique(
+                    facts, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name
+                )
+        except BaseException:
+            if primary is not None:
+                primary.cancel()  # leaving the pool waits for a build already running
+            raise
+        if primary is not None:
+            found = primary.result()
+            for friend in plan.friends:
+                check_unique(
+                    found,
+                    side="primary",
+                    validate=friend.spec.validate_,
+                    dataset=plan.request.dataset.name,
+                )
     return fresh
 
 
