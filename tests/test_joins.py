@@ -1099,3 +1099,19 @@ def test_gather_of_option_typed_numbers_equals_python(
             assert str(got.type) == str(ak.Array(view).type)
     finally:
         _kernels.numba_loaded = saved  # type: ignore[assignment]
+
+
+def test_facts_of_an_index_held_in_memory_are_made_from_it(
+    synth: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index a process still holds whose facts it no longer holds (a long-running
+    service forgets facts first): the facts come from the index, uniqueness included."""
+    from columnhub.datasets import resolve
+    from columnhub.spec import DatasetSpec
+
+    provider = _cold_memory(monkeypatch)
+    up = resolve(DatasetSpec(name="up", files=[str(p) for p in synth["up"]]))
+    index = provider.dataset_index(up, list(KEYS))
+    provider._facts.clear()
+    facts = provider.index_facts(up, list(KEYS))
+    assert (facts.rows, facts.is_unique) == (len(index), index.is_unique) == (len(index), True)

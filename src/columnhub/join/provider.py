@@ -190,9 +190,13 @@ def index_facts(
             facts = IndexFacts.from_bytes(blob)
             _remember_facts(key, facts)
             return facts
-    dataset_index(dataset, keys, cache=cache, report=report, read=read, persist=persist)
+    index = dataset_index(dataset, keys, cache=cache, report=report, read=read, persist=persist)
     with _memo_lock:
-        return _facts[key]
+        known = _facts.get(key)
+    if known is None:  # the index was in memory, its facts no longer
+        known = IndexFacts.of(index)
+        _remember_facts(key, known)
+    return known
 
 
 def _primary_keys(
