@@ -493,3 +493,38 @@ def test_minmax_and_split_composites_equal_python(values: list[int], rowbits: in
             rows, got = _kernels.split_composites(arr.copy(), rowbits)
             assert got.tolist() == keys
             assert rows.tolist() == [v & ((1 << rowbits) - 1) for v in values]
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    picks=st.lists(st.integers(-1, 30), max_size=20),
+    per_row=st.booleans(),
+)
+def test_locate_equals_brute_force(sizes: list[int], picks: list[int], per_row: bool) -> None:
+    """``(file, entry)`` of index rows, one file or several (empty ones too), -1 rows."""
+    n = sum(sizes)
+    where = [(f, e) for f, size in enumerate(sizes) for e in range(size)]
+    keys = {"event": np.arange(n, dtype=np.uint64)[::-1].copy()}
+    if per_row:
+        index = KeyIndex.build(keys, file=[f for f, _ in where], entry=[e for _, e in where])
+    else:
+        index = KeyIndex.from_files(
+            [{"event": keys["event"][:0]}]
+            if not n
+            else [
+                {"event": keys["event"][sum(sizes[:f]) : sum(sizes[: f + 1])]}
+                for f in range(len(sizes))
+            ]
+        )
+    rows = np.array([r for r in picks if r < n], dtype=np.int64)
+    before = rows.copy()
+    file, entry = index.locate(rows)
+    want = (
+        [where[r] if r >= 0 else (-1, -1) for r in rows.tolist()] if n else [(-1, -1) for _ in rows]
+    )
+    assert list(zip(file.tolist(), entry.tolist(), strict=True)) == want
+    assert file.dtype == np.int32
+    assert entry.dtype == np.int64
+    entry[:] = 99  # the answer is no view of the rows asked for
+    assert rows.tolist() == before.tolist()

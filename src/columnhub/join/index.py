@@ -471,16 +471,25 @@ class KeyIndex:
     def locate(self, rows: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """``(file, entry)`` of dataset rows (``-1`` rows give ``(-1, -1)``)."""
         r = np.asarray(rows, dtype=np.int64)
-        ok = r >= 0
-        safe = np.where(ok, r, 0)
         if len(self) == 0:
             return np.full(len(r), -1, dtype=np.int32), np.full(len(r), -1, dtype=np.int64)
-        if self.file_starts is not None:
-            file = np.searchsorted(self.file_starts, safe, side="right") - 1
-            entry = safe - self.file_starts[file]
+        missing = bool(r.size) and int(r.min()) < 0
+        ok = r >= 0 if missing else None
+        safe = np.where(ok, r, 0) if ok is not None else r
+        if self.file_starts is not None and len(self.file_starts) == 2:
+            # one file: the row is the entry (a copy: never a view of ``rows``)
+            file = np.zeros(len(r), dtype=np.int32)
+            entry = np.array(safe, dtype=np.int64)
+        elif self.file_starts is not None:
+            at = np.searchsorted(self.file_starts, safe, side="right") - 1
+            entry = safe - self.file_starts[at]
+            file = at.astype(np.int32)
         else:
-            file, entry = self.file[safe], self.entry[safe]
-        return np.where(ok, file, -1).astype(np.int32), np.where(ok, entry, -1)
+            file, entry = self.file[safe].astype(np.int32), self.entry[safe]
+        if ok is not None:
+            file[~ok] = -1
+            entry[~ok] = -1
+        return file, entry
 
     def key_columns(self, rows: npt.ArrayLike | None = None) -> dict[str, np.ndarray]:
         """The original key columns (``uint64``) of some rows (default: all, in row order)."""
