@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -788,6 +789,7 @@ def test_key_index_build_shows_progress(
     from columnhub.join import provider
 
     monkeypatch.setattr(provider, "_memo", OrderedDict())  # built here, not by another test
+    monkeypatch.setattr(provider, "_facts", OrderedDict())
     req = request(
         synth["primary"],
         ["up_MET_pt"],
@@ -828,3 +830,288 @@ def test_key_indexes_in_memory_are_bounded_by_bytes(
     assert list(provider._memo.values()) == [second]  # both do not fit: the older went
     assert provider.dataset_index(up, list(KEYS)) is not first  # built again
     assert first.nbytes >= len(first) * 16  # packed key and row per event at least
+
+
+# ---------------------------------------------------------------------------
+# a Parquet -> Parquet keyed join never loads numba (0.75 s of every process)
+
+
+def _imported(stderr: str) -> set[str]:
+    """Every module a process imported, from its ``-X importtime`` lines."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:"):
+            names.add(line.rsplit("|", 1)[-1].strip())
+    return names
+
+
+def _compiler(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in ("numba", "llvmlite"))
+
+
+def test_the_import_check_sees_numba() -> None:
+    """The check below can fail: a process that loads numba is seen doing it."""
+    code = "import numpy as np; from columnhub import _kernels; _kernels._load_numba()"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    assert "numba" in _compiler(_imported(done.stderr))
+
+
+def parquet_join_inputs(tmp_path: Path, *, n: int = 3000) -> dict[str, Any]:
+    """A primary in key order (row groups of 1000) and a shuffled friend (row groups of 700)
+    missing 200 of its events, with a flat and a jagged column; event numbers above 2**63.
+
+    Returns the paths, the primary table, and per event number the friend's values.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(7)
+    event = np.sort(rng.choice(2**40, n, replace=False)).astype(np.uint64) + np.uint64(2**63)
+    primary = pa.table({
+        "run": np.full(n, 316000, dtype=np.uint32),
+        "luminosityBlock": (1 + np.arange(n) // 700).astype(np.uint32),
+        "event": event,
+        "MET_pt": rng.random(n).astype(np.float32),
+        "PV_npvs": rng.integers(0, 60, n).astype(np.int32),
+    })
+    pq.write_table(primary, tmp_path / "primary.parquet", row_group_size=1000)
+    keep = rng.permutation(n)[: n - 200]  # 200 primary events without a partner
+    counts = rng.poisson(3, len(keep))
+    jets = [list(rng.random(c).astype(np.float32)) for c in counts]
+    friend_table = pa.table({
+        "run": primary["run"].to_numpy()[keep],
+        "luminosityBlock": primary["luminosityBlock"].to_numpy()[keep],
+        "event": event[keep],
+        "x": rng.random(len(keep)),
+        "jets": pa.array(jets, type=pa.list_(pa.float32())),
+    })
+    pq.write_table(friend_table, tmp_path / "friend.parquet", row_group_size=700)
+    truth = {
+        int(e): (float(x), [float(v) for v in j])
+        for e, x, j in zip(event[keep], friend_table["x"].to_numpy(), jets, strict=True)
+    }
+    spec = {
+        "dataset": {"name": "p", "files": [str(tmp_path / "primary.parquet")]},
+        "friends": [friend("f", [tmp_path / "friend.parquet"], ["x", "jets"], how="left")],
+        "chunk_size": 1000,
+    }
+    return {"spec": spec, "primary": primary, "truth": truth}
+
+
+def check_parquet_join(out: Path, inputs: dict[str, Any], column: str) -> dict[str, Any]:
+    """The delivered rows against the primary (in order) and a dict join; the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    table = pa.concat_tables(pq.read_table(out / name) for name in manifest["files"])
+    primary, truth = inputs["primary"], inputs["truth"]
+    assert table["event"].to_pylist() == primary["event"].to_pylist()
+    assert table[column].to_pylist() == primary[column].to_pylist()
+    for e, x, j in zip(
+        table["event"].to_pylist(), table["x"].to_pylist(), table["jets"].to_pylist(), strict=True
+    ):
+        want = truth.get(e)
+        assert (x, j) == ((None, None) if want is None else want)
+    return manifest
+
+
+@pytest.mark.parametrize("exchange", ["on", "off"])
+def test_keyed_parquet_join_through_the_cli_never_loads_numba(
+    tmp_path: Path, exchange: str
+) -> None:
+    """A cold keyed LEFT JOIN of a shuffled Parquet friend (flat + jagged columns), then a
+    later request over the same friend, through the ``columnhub`` entry point: the key
+    indexes, the matching, the friend exchange (or the per-chunk fetch plan) and the
+    gathers all run without numba; the output equals a dict join of the inputs."""
+    inputs = parquet_join_inputs(tmp_path)
+    env = {**os.environ, "COLUMNHUB_EXCHANGE": "1" if exchange == "on" else "0"}
+    for number, columns in enumerate([["MET_pt", "x", "jets"], ["PV_npvs", "x", "jets"]]):
+        path = tmp_path / f"spec-{number}.json"
+        path.write_text(json.dumps({**inputs["spec"], "columns": columns}))
+        out = tmp_path / f"out-{number}"
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", str(CLI), "deliver", str(path), "-o", str(out),
+             "--cache", str(tmp_path / "cache"), "--no-progress"],
+            check=False, capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _compiler(_imported(done.stderr)) == []
+        manifest = check_parquet_join(out, inputs, columns[0])
+        if number == 0:
+            assert manifest["friend_exchange"]["f"]["ran"] == (exchange == "on")
+
+
+def _cold_memory(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The key indexes and facts a process holds, emptied (a new process)."""
+    from collections import OrderedDict
+
+    from columnhub.join import provider
+
+    monkeypatch.setattr(provider, "_memo", OrderedDict())
+    monkeypatch.setattr(provider, "_facts", OrderedDict())
+    return provider
+
+
+def test_primary_keys_are_read_once_per_cold_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary's key index (one_to_one) and the matching share one read of the keys:
+    every primary entry's key columns are read from the file once, and a cold request
+    still counts no cache hit."""
+    from columnhub import sources
+
+    inputs = parquet_join_inputs(tmp_path)
+    _cold_memory(monkeypatch)
+    primary_file = str(tmp_path / "primary.parquet")
+    entries_read: collections.Counter[str] = collections.Counter()
+    real_read = sources.read
+
+    def counting_read(file: Any, spec: Any, columns: Any, **where: Any) -> Any:
+        if file.path == primary_file:
+            for name in columns:
+                entries_read[name] += where["stop"] - where["start"]
+        return real_read(file, spec, columns, **where)
+
+    monkeypatch.setattr(sources, "read", counting_read)
+    result = columnhub.deliver(
+        {**inputs["spec"], "columns": ["MET_pt", "x", "jets"]},
+        output=tmp_path / "out", cache=tmp_path / "cache",
+    )
+    n = inputs["primary"].num_rows
+    assert {k: entries_read[k] for k in KEYS} == dict.fromkeys(KEYS, n)
+    assert entries_read["MET_pt"] == n
+    assert result.manifest["cache"]["hits"] == 0
+    check_parquet_join(tmp_path / "out", inputs, "MET_pt")
+
+
+def test_later_request_with_cached_friend_columns_loads_no_key_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation takes the facts stored next to each key index: a later request whose
+    chunks find the friend's columns in the cache loads neither index (tens of MB each);
+    one whose chunks miss them loads the friend's index when a chunk needs it."""
+    inputs = parquet_join_inputs(tmp_path)
+    cache = tmp_path / "cache"
+    provider = _cold_memory(monkeypatch)
+    columnhub.deliver({**inputs["spec"], "columns": ["MET_pt", "x", "jets"]},
+                      output=tmp_path / "first", cache=cache)
+    assert len(provider._memo) == 2  # the friend's and the primary's, built
+
+    provider = _cold_memory(monkeypatch)
+    later = columnhub.deliver({**inputs["spec"], "columns": ["PV_npvs", "x", "jets"]},
+                              output=tmp_path / "later", cache=cache)
+    assert not provider._memo  # no index loaded
+    assert len(provider._facts) == 2
+    assert later.manifest["friend_exchange"]["f"]["ran"] is False
+    check_parquet_join(tmp_path / "later", inputs, "PV_npvs")
+
+    provider = _cold_memory(monkeypatch)  # other chunks: the friend's columns are not cached
+    other = columnhub.deliver({**inputs["spec"], "columns": ["PV_npvs", "x", "jets"],
+                               "chunk_size": 700}, output=tmp_path / "other", cache=cache)
+    assert [i.names for i in provider._memo.values()] == [KEYS]  # the friend's, loaded
+    assert other.manifest["friend_exchange"]["f"]["ran"] is True
+    check_parquet_join(tmp_path / "other", inputs, "PV_npvs")
+
+
+def test_duplicates_reported_alike_from_index_facts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A friend with repeated keys fails validation the same way whether its index is
+    built or only its cached facts are read (keys, counts and locations in the message)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs = parquet_join_inputs(tmp_path)
+    friend_table = pq.read_table(tmp_path / "friend.parquet")
+    dup = pa.concat_tables([friend_table, friend_table.slice(10, 3), friend_table.slice(500, 1)])
+    pq.write_table(dup, tmp_path / "dup.parquet", row_group_size=700)
+    spec = {**inputs["spec"], "columns": ["MET_pt", "x"],
+            "friends": [friend("f", [tmp_path / "dup.parquet"], ["x", "jets"])]}
+    messages = []
+    for _ in range(2):
+        provider = _cold_memory(monkeypatch)
+        with pytest.raises(DuplicateKeyError) as err:
+            columnhub.deliver(spec, output=tmp_path / "out", cache=tmp_path / "cache")
+        messages.append(str(err.value))
+    assert not provider._memo  # the second time from the facts alone
+    assert messages[0] == messages[1]
+    events = friend_table["event"].to_pylist()
+    assert "4 duplicated event key(s)" in messages[0]
+    for row in (10, 11, 12, 500):
+        assert f"event={events[row]}) x2 at " in messages[0]
+        assert f"dup.parquet entry {row}," in messages[0]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lists=st.lists(
+        st.one_of(st.none(), st.lists(st.one_of(st.none(), st.floats(-9, 9, width=32)), max_size=4)),
+        max_size=12,
+    ),
+    rows=st.lists(st.integers(-1, 11), max_size=15),
+    optional=st.booleans(),
+    source=st.sampled_from(["arrow", "awkward"]),
+    compiled=st.booleans(),
+)
+def test_gather_of_option_typed_numbers_equals_python(
+    lists: list[list[float | None] | None],
+    rows: list[int],
+    optional: bool,
+    source: str,
+    compiled: bool,
+) -> None:
+    """Option-typed numbers and lists of them (Parquet's nullable fields: bit masks from
+    Arrow; byte masks and unmasked from awkward) gathered with the numpy or the compiled
+    kernels: the Python lists' values, the types of an index view over the source."""
+    import pyarrow as pa
+
+    from columnhub import _kernels
+    from columnhub.join.gather import compact, gather
+
+    flat_values = [None if v is None else (v[0] if v and v[0] is not None else None) for v in lists]
+    item_lists = [v if v is not None else [] for v in lists]  # the list column's lists
+    if source == "arrow":
+        arrays = [
+            ak.from_arrow(pa.array(flat_values, type=pa.float32())),
+            ak.from_arrow(pa.array(item_lists, type=pa.list_(pa.float32()))),
+        ]
+    else:
+        arrays = [ak.Array(flat_values), ak.Array(item_lists)]
+    rows = [r for r in rows if r < len(lists) and (optional or r >= 0)]
+    idx = np.array(rows, dtype=np.int64)
+    saved = _kernels.numba_loaded
+    _kernels.numba_loaded = lambda: compiled  # type: ignore[assignment]
+    try:
+        for array, plain in zip(arrays, [flat_values, item_lists], strict=True):
+            got = compact(gather(array, idx, optional=optional))
+            assert got.tolist() == [plain[r] if r >= 0 else None for r in rows]
+            # awkward's own index view over the source: same type
+            index = ak.index.Index64(idx)
+            view = (
+                ak.contents.IndexedOptionArray.simplified(index, array.layout)
+                if optional
+                else ak.contents.IndexedArray.simplified(index, array.layout)
+            )
+            assert str(got.type) == str(ak.Array(view).type)
+    finally:
+        _kernels.numba_loaded = saved  # type: ignore[assignment]
+
+
+def test_facts_of_an_index_held_in_memory_are_made_from_it(
+    synth: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index a process still holds whose facts it no longer holds (a long-running
+    service forgets facts first): the facts come from the index, uniqueness included."""
+    from columnhub.datasets import resolve
+    from columnhub.spec import DatasetSpec
+
+    provider = _cold_memory(monkeypatch)
+    up = resolve(DatasetSpec(name="up", files=[str(p) for p in synth["up"]]))
+    index = provider.dataset_index(up, list(KEYS))
+    provider._facts.clear()
+    facts = provider.index_facts(up, list(KEYS))
+    assert (facts.rows, facts.is_unique) == (len(index), index.is_unique) == (len(index), True)

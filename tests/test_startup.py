@@ -444,7 +444,8 @@ def test_a_remote_input_records_nothing(primary: Path, tmp_path: Path, http_serv
 
 
 def test_numba_loads_on_the_first_kernel_call() -> None:
-    """Importing the engine (plan, chunk tasks, joins) costs no numba; the first kernel call loads it."""
+    """Importing the engine (plan, chunk tasks, joins) costs no numba, nor do the numpy
+    kernels; the first compiled-only kernel (the in-memory join's) loads it."""
     code = """
 import sys
 import numpy as np
@@ -455,15 +456,21 @@ rng = np.random.default_rng(1)
 values = rng.integers(-1000, 1000, 5000)
 rows = rng.integers(-1, 5000, 3000)
 lo, hi = _kernels.minmax(values)
+numpy_taken, _, _ = _kernels.gather_flat(values.astype(np.float64), rows)
+numpy_only = 'numba' in sys.modules
+keys = {"event": np.arange(10, dtype=np.uint64)}
+joined = columnhub.join.join_arrays(keys, {**keys, "x": np.arange(10.0)}, on="event")
 taken, valid, _ = _kernels.gather_flat(values.astype(np.float64), rows)  # uses the intrinsic
 ok = (lo, hi) == (values.min(), values.max())
 ok &= bool(np.array_equal(taken[rows >= 0], values[rows[rows >= 0]].astype(np.float64)))
 ok &= bool(np.array_equal(np.asarray(valid, dtype=bool), rows >= 0))
-print(before, 'numba' in sys.modules, ok)
+ok &= bool(np.array_equal(taken[rows >= 0], numpy_taken[rows >= 0]))
+ok &= joined["x"].tolist() == list(range(10))
+print(before, numpy_only, 'numba' in sys.modules, ok)
 """
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True", "True"]
+    assert out.stdout.split() == ["False", "False", "True", "True"]
 
 
 @pytest.mark.parametrize("as_request", [False, True])

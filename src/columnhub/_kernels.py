@@ -1,20 +1,31 @@
-"""Compiled loops: packing and joining event keys, gathering and selecting columns.
+"""Loops over event keys and columns: packing, matching, gathering, selecting.
 
-numpy alone needs one full pass (and one temporary array) per step of these
-loops; compiled with numba, each is one pass. Every kernel is compiled with
-``nogil=True``, so the large ones are split into row ranges and run on
-:func:`kernel_pool` threads in parallel (plain Python threads: safe to call
+Every kernel a delivery needs has two implementations that give the same
+arrays: vectorised numpy (a few passes, each over a block of rows small
+enough to stay in the CPU cache) and a loop compiled with numba (one pass,
+with prefetching for the random reads). The numpy one runs unless numba is
+already loaded in the process (:func:`numba_loaded`): loading numba costs a
+new process about 0.75 s before the first kernel runs, more than the compiled
+loops save on a request, so a delivery (plain, or with a keyed or aligned
+friend join) never loads it. The in-memory join of two tables
+(:func:`pair_runs`, :func:`merge_runs`, for :func:`columnhub.join.join_arrays`)
+has only a compiled implementation and loads numba on its first call; from
+then on the process takes the compiled loops everywhere.
+
+Every kernel is compiled with ``nogil=True``, and numpy releases the GIL in
+the operations used here, so the large ones are split into row ranges and run
+on :func:`kernel_pool` threads in parallel (plain Python threads: safe to call
 from several chunk tasks at once, unlike numba's own ``parallel=True``
 threading layers). Kernels are compiled on first use and cached on disk
 (``cache=True``).
 
-numba itself (and llvmlite) is imported on the first call of any kernel, not
-when this module is imported: ``numba`` and ``intrinsic`` below start as
-stand-ins that record each kernel, and the first call imports numba, makes
-every recorded kernel a real dispatcher in this module's namespace (where
-compiled code looks other kernels up) and runs. A process that never runs a
-kernel (``columnhub --help``, a result served from the cache) never pays for
-numba.
+numba itself (and llvmlite) is imported on the first call of any compiled
+kernel, not when this module is imported: ``numba`` and ``intrinsic`` below
+start as stand-ins that record each kernel, and the first call imports numba,
+makes every recorded kernel a real dispatcher in this module's namespace
+(where compiled code looks other kernels up) and runs. A process that never
+runs a compiled kernel (``columnhub --help``, a result served from the cache,
+a delivery) never pays for numba.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ __all__ = [
     "merge_sorted",
     "merge_unique",
     "minmax",
+    "numba_loaded",
     "or_shifted",
     "pair_runs",
     "select_lists",
@@ -211,21 +223,20 @@ def _split(fn: Callable[[int, int], Any], n: int) -> list[Any]:
     return _run_all(fn, _ranges(n))
 
 
-@numba.njit(nogil=True, cache=True)
-def _minmax(values, start, stop):  # pragma: no cover - compiled
-    lo = values[start]
-    hi = lo
-    for i in range(start + 1, stop):
-        v = values[i]
-        lo = min(lo, v)
-        hi = max(hi, v)
-    return lo, hi
+#: rows per block of the numpy kernels: their temporaries stay in the CPU cache
+BLOCK_ROWS = 1 << 16
+
+
+def _blocks(start: int, stop: int) -> list[tuple[int, int]]:
+    return [(a, min(a + BLOCK_ROWS, stop)) for a in range(start, stop, BLOCK_ROWS)]
 
 
 def minmax(values: np.ndarray) -> tuple[int, int]:
-    """``(min, max)`` of a non-empty integer array, in one pass."""
-    parts = _split(lambda a, b: _minmax(values, a, b), len(values))
-    return min(int(lo) for lo, _ in parts), max(int(hi) for _, hi in parts)
+    """``(min, max)`` of a non-empty integer array (numpy's vectorised reductions).
+
+    Two SIMD passes beat one scalar compiled pass here.
+    """
+    return int(values.min()), int(values.max())
 
 
 @numba.njit(nogil=True, cache=True)
@@ -234,10 +245,20 @@ def _or_shifted(words, column, offset, shift, start, stop):  # pragma: no cover 
         words[i] |= (np.uint64(column[i]) - offset) << shift
 
 
+def _or_shifted_np(
+    words: np.ndarray, column: np.ndarray, offset: np.uint64, shift: np.uint64, start: int, stop: int
+) -> None:
+    for a, b in _blocks(start, stop):
+        val = np.subtract(column[a:b], offset, dtype=np.uint64)
+        np.left_shift(val, shift, out=val)
+        np.bitwise_or(words[a:b], val, out=words[a:b])
+
+
 def or_shifted(words: np.ndarray, column: np.ndarray, offset: int, shift: int) -> None:
-    """``words |= (column - offset) << shift`` in place, in one pass (``uint64``)."""
+    """``words |= (column - offset) << shift`` in place (``uint64``, wrapping like C)."""
     off, sh = np.uint64(offset), np.uint64(shift)
-    _split(lambda a, b: _or_shifted(words, column, off, sh, a, b), len(words))
+    kernel = _or_shifted if numba_loaded() else _or_shifted_np
+    _split(lambda a, b: kernel(words, column, off, sh, a, b), len(words))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -258,8 +279,41 @@ def _compose_keys(columns, rowbits, out, start, stop):  # pragma: no cover - com
     return ascending
 
 
+def _compose_keys_np(
+    columns: tuple[tuple[np.ndarray, np.uint64, np.uint64], ...],
+    rowbits: np.uint64,
+    out: np.ndarray,
+    start: int,
+    stop: int,
+) -> bool:
+    rowmask = (np.uint64(1) << rowbits) - np.uint64(1)
+    ascending = True
+    spare = np.empty(min(BLOCK_ROWS, stop - start), dtype=np.uint64)
+    for a, b in _blocks(start, stop):
+        word = out[a:b]
+        for i, (values, offset, shift) in enumerate(columns):
+            val = word if i == 0 else spare[: b - a]
+            if offset:
+                np.subtract(values[a:b], offset, out=val, dtype=np.uint64)
+            else:
+                np.copyto(val, values[a:b], casting="unsafe")  # unsigned (or checked) integers
+            if shift + rowbits:
+                np.left_shift(val, shift + rowbits, out=val)
+            if i:
+                np.bitwise_or(word, val, out=word)
+        if rowbits:
+            rows = np.arange(a, b, dtype=np.uint64)
+            if b - 1 > rowmask:
+                np.bitwise_and(rows, rowmask, out=rows)
+            np.bitwise_or(word, rows, out=word)
+        if ascending:
+            lo = a - 1 if a > start else a  # the block's first row against the one before
+            ascending = bool(np.all(out[lo + 1 : b] >= out[lo : b - 1]))
+    return ascending
+
+
 def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: np.ndarray) -> bool:
-    """``out[i] = (key of row i) << rowbits | i`` in one pass over the key columns.
+    """``out[i] = (key of row i) << rowbits | i`` over the key columns.
 
     With ``rowbits`` 0, ``out`` holds the packed keys alone. ``columns`` are
     ``(values, offset, shift)``: the key is the OR of every ``(values -
@@ -275,7 +329,8 @@ def compose_keys(columns: list[tuple[np.ndarray, int, int]], rowbits: int, out: 
     packed = tuple((values, np.uint64(off), np.uint64(shift)) for values, off, shift in columns)
     rb = np.uint64(rowbits)
     ranges = _ranges(n)
-    parts = _run_all(lambda a, b: _compose_keys(packed, rb, out, a, b), ranges)
+    kernel = _compose_keys if numba_loaded() else _compose_keys_np
+    parts = _run_all(lambda a, b: kernel(packed, rb, out, a, b), ranges)
     return all(parts) and all(out[a - 1] <= out[a] for a, _ in ranges[1:])
 
 
@@ -289,30 +344,46 @@ def _first_difference(pairs, start, stop):  # pragma: no cover - compiled
     return -1
 
 
+def _first_difference_np(
+    pairs: tuple[tuple[np.ndarray, np.ndarray], ...], start: int, stop: int
+) -> int:
+    for a, b in _blocks(start, stop):
+        differ = np.zeros(b - a, dtype=np.bool_)
+        for x, y in pairs:
+            # as uint64, as the compiled loop compares (int64 against uint64 in
+            # numpy would go through float64 and lose precision above 2**53)
+            differ |= x[a:b].astype(np.uint64, copy=False) != y[a:b].astype(np.uint64, copy=False)
+        if differ.any():
+            return a + int(np.argmax(differ))
+    return -1
+
+
 def first_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> int:
     """The first row where any pair of integer columns differs, or ``-1``.
 
-    One pass over every pair at once, columns in their own integer types
-    (non-negative values: they are compared as ``uint64``).
+    Every pair at once, columns in their own integer types (non-negative
+    values: they are compared as ``uint64``), block by block, stopping at the
+    first block with a difference.
     """
     if not pairs:
         return -1
     packed = tuple((np.asarray(a), np.asarray(b)) for a, b in pairs)
-    found = _split(lambda a, b: _first_difference(packed, a, b), len(packed[0][0]))
+    kernel = _first_difference if numba_loaded() else _first_difference_np
+    found = _split(lambda a, b: kernel(packed, a, b), len(packed[0][0]))
     return next((int(i) for i in found if i >= 0), -1)
 
 
-@numba.njit(nogil=True, cache=True)
-def _split_composites(comp, rowbits, order, start, stop):  # pragma: no cover - compiled
+def _split_composites(
+    comp: np.ndarray, rowbits: np.uint64, order: np.ndarray, start: int, stop: int
+) -> None:
     rowmask = (np.uint64(1) << rowbits) - np.uint64(1)
-    for i in range(start, stop):
-        c = comp[i]
-        order[i] = np.int64(c & rowmask)
-        comp[i] = c >> rowbits
+    for a, b in _blocks(start, stop):
+        np.bitwise_and(comp[a:b], rowmask, out=order[a:b].view(np.uint64))
+        np.right_shift(comp[a:b], rowbits, out=comp[a:b])
 
 
 def split_composites(comp: np.ndarray, rowbits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(rows, keys)`` of composites ``key << rowbits | row``, in one pass.
+    """``(rows, keys)`` of composites ``key << rowbits | row`` (numpy, two SIMD passes).
 
     The keys replace the composites in ``comp`` (returned as ``keys``): a
     20M-row index then needs one array fewer at its peak.
@@ -565,12 +636,38 @@ def _take(values, rows, out, valid, start, stop, ahead):  # pragma: no cover - c
     return missing
 
 
+def _valid_rows(rows: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int]:
+    """``valid[:] = rows >= 0``; the rows with ``-1`` replaced by 0, and how many there were."""
+    np.greater_equal(rows, 0, out=valid)
+    missing = len(rows) - int(np.count_nonzero(valid))
+    return (np.where(valid, rows, 0) if missing else rows), missing
+
+
+def _take_np(
+    values: np.ndarray, rows: np.ndarray, out: np.ndarray, valid: np.ndarray, start: int, stop: int
+) -> int:
+    missing = 0
+    for a, b in _blocks(start, stop):
+        safe, absent = _valid_rows(rows[a:b], valid[a:b])
+        if absent == b - a:  # no row at all (``values`` may be empty)
+            out[a:b] = 0
+        else:
+            np.take(values, safe, out=out[a:b])
+            if absent:
+                out[a:b][~valid[a:b]] = 0
+        missing += absent
+    return missing
+
+
 def gather_flat(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """``(values[rows], valid, n_missing)``; rows ``-1`` give ``valid=False`` (value 0)."""
     n = len(rows)
     out = np.empty(n, dtype=values.dtype)
     valid = np.empty(n, dtype=np.bool_)
-    missing = _split(lambda a, b: _take(values, rows, out, valid, a, b, PREFETCH_DISTANCE), n)
+    if numba_loaded():
+        missing = _split(lambda a, b: _take(values, rows, out, valid, a, b, PREFETCH_DISTANCE), n)
+    else:
+        missing = _split(lambda a, b: _take_np(values, rows, out, valid, a, b), n)
     return out, valid, int(sum(missing))
 
 
@@ -627,16 +724,69 @@ def gather_lists(
     offsets[0] = 0
     sources = np.empty(n, dtype=np.int64)
     valid = np.empty(n, dtype=np.bool_)
-    missing = _split(
-        lambda a, b: _list_counts(
-            starts, stops, rows, offsets, sources, valid, a, b, PREFETCH_DISTANCE
-        ),
-        n,
-    )
+    compiled = numba_loaded()
+    if compiled:
+        missing = _split(
+            lambda a, b: _list_counts(
+                starts, stops, rows, offsets, sources, valid, a, b, PREFETCH_DISTANCE
+            ),
+            n,
+        )
+    else:
+        missing = _split(
+            lambda a, b: _list_counts_np(starts, stops, rows, offsets, sources, valid, a, b), n
+        )
     np.cumsum(offsets, out=offsets)
     out = np.empty(int(offsets[-1]), dtype=content.dtype)
-    _split(lambda a, b: _list_copy(sources, content, offsets, out, a, b, LIST_PREFETCH_DISTANCE), n)
+    if compiled:
+        _split(
+            lambda a, b: _list_copy(sources, content, offsets, out, a, b, LIST_PREFETCH_DISTANCE),
+            n,
+        )
+    else:
+        _split(lambda a, b: _list_copy_np(sources, content, offsets, out, a, b), n)
     return offsets, out, valid, int(sum(missing))
+
+
+def _list_counts_np(
+    starts: np.ndarray,
+    stops: np.ndarray,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    sources: np.ndarray,
+    valid: np.ndarray,
+    start: int,
+    stop: int,
+) -> int:
+    missing = 0
+    for a, b in _blocks(start, stop):
+        safe, absent = _valid_rows(rows[a:b], valid[a:b])
+        if absent == b - a:  # no row at all (``starts`` may be empty)
+            sources[a:b] = 0
+            counts[a + 1 : b + 1] = 0
+        else:
+            sources[a:b] = starts.take(safe)  # starts and stops of any integer type
+            ends = stops.take(safe).astype(np.int64, copy=False)
+            np.subtract(ends, sources[a:b], out=counts[a + 1 : b + 1])
+            if absent:
+                invalid = ~valid[a:b]
+                sources[a:b][invalid] = 0
+                counts[a + 1 : b + 1][invalid] = 0
+        missing += absent
+    return missing
+
+
+def _list_copy_np(
+    sources: np.ndarray, content: np.ndarray, offsets: np.ndarray, out: np.ndarray, start: int, stop: int
+) -> None:
+    for a, b in _blocks(start, stop):
+        lo, hi = int(offsets[a]), int(offsets[b])
+        if hi == lo:
+            continue
+        # the source position of every item: its list's start, then one by one
+        where = np.repeat(sources[a:b] - offsets[a:b], np.diff(offsets[a : b + 1]))
+        where += np.arange(lo, hi, dtype=np.int64)
+        np.take(content, where, out=out[lo:hi])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -713,29 +863,69 @@ def _merge_unique(keys, rows, queries, query_rows, friend, start, stop):  # prag
         friend[query_rows[i]] = rows[j] if j < m and keys[j] == v else -1
 
 
+def _merge_sorted_np(
+    keys: np.ndarray, queries: np.ndarray, lo: np.ndarray, found: np.ndarray, start: int, stop: int
+) -> None:
+    m = len(keys)
+    for a, b in _blocks(start, stop):
+        q = queries[a:b]
+        here = np.searchsorted(keys, q, side="left")
+        lo[a:b] = here
+        if m:
+            np.equal(keys.take(np.minimum(here, m - 1)), q, out=found[a:b])
+            found[a:b] &= here < m
+        else:
+            found[a:b] = False
+
+
+def _merge_unique_np(
+    keys: np.ndarray,
+    rows: np.ndarray,
+    queries: np.ndarray,
+    query_rows: np.ndarray,
+    friend: np.ndarray,
+    start: int,
+    stop: int,
+) -> None:
+    m = len(keys)
+    for a, b in _blocks(start, stop):
+        q = queries[a:b]
+        if not m:
+            friend[query_rows[a:b]] = -1
+            continue
+        at = np.minimum(np.searchsorted(keys, q, side="left"), m - 1)
+        partner = rows.take(at).astype(np.int64, copy=False)
+        np.putmask(partner, keys.take(at) != q, -1)
+        friend[query_rows[a:b]] = partner
+
+
 def merge_unique(
     keys: np.ndarray, rows: np.ndarray, queries: np.ndarray, query_rows: np.ndarray
 ) -> np.ndarray:
     """Per query row, the row of its key among unique sorted ``keys`` (``-1``: absent).
 
     ``friend[query_rows[i]] = rows[k]`` where ``keys[k] == queries[i]``; both
-    ``keys`` and ``queries`` sorted ``uint64``. One linear walk per row range
-    (what :func:`merge_sorted` does), writing the answer in place.
+    ``keys`` and ``queries`` sorted ``uint64``. Compiled: one linear walk per
+    row range (what :func:`merge_sorted` does), writing the answer in place;
+    numpy: a binary search per query, block by block.
     """
     n = len(queries)
     friend = np.empty(n, dtype=np.int64)
-    _split(lambda a, b: _merge_unique(keys, rows, queries, query_rows, friend, a, b), n)
+    kernel = _merge_unique if numba_loaded() else _merge_unique_np
+    _split(lambda a, b: kernel(keys, rows, queries, query_rows, friend, a, b), n)
     return friend
 
 
 def merge_sorted(keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.searchsorted(keys, queries)`` for sorted ``queries``, with ``keys[lo] == q``.
 
-    Both arrays sorted ``uint64``: one linear walk per row range instead of a
-    binary search per query (which misses the cache at every step).
+    Both arrays sorted ``uint64``. Compiled: one linear walk per row range
+    instead of a binary search per query (which misses the cache at every
+    step); numpy: ``searchsorted`` block by block.
     """
     n = len(queries)
     lo = np.empty(n, dtype=np.int64)
     found = np.empty(n, dtype=np.bool_)
-    _split(lambda a, b: _merge_sorted(keys, queries, lo, found, a, b), n)
+    kernel = _merge_sorted if numba_loaded() else _merge_sorted_np
+    _split(lambda a, b: kernel(keys, queries, lo, found, a, b), n)
     return lo, found

@@ -497,18 +497,19 @@ def _chunk_results(
     from columnhub.execute.chunk import run_chunk, run_tail
     from columnhub.execute.local import run_ordered
 
+    prepared: dict[int, set[str]] = {}
     if plan.friends:
         from columnhub.join.exchange import exchange
         from columnhub.join.provider import prepare
 
         # key indexes built once; duplicates reported before work
-        prepare(plan, cache=cache, report=index_report)
+        prepared = prepare(plan, cache=cache, report=index_report).fresh
         # scattered friends read once, into the cache in primary-chunk order
         exchanged = exchange(plan, cache=cache, staging=staging, workers=workers)
         if exchange_report is not None:
             exchange_report.update({n: r.to_dict() for n, r in exchanged.friends.items()})
     store = exchanged.store if exchanged is not None else None
-    fresh = exchanged.fresh if exchanged is not None else {}
+    fresh = _merge_fresh(prepared, exchanged.fresh if exchanged is not None else {})
     try:
         yield from run_ordered(
             lambda c: run_chunk(
@@ -523,6 +524,15 @@ def _chunk_results(
     tail = run_tail(plan, cache=cache)
     if tail is not None:
         yield tail
+
+
+def _merge_fresh(*stages: dict[int, set[str]]) -> dict[int, set[str]]:
+    """Per chunk index, the cache addresses any stage stored for this request."""
+    out: dict[int, set[str]] = {}
+    for stage in stages:
+        for index, keys in stage.items():
+            out.setdefault(index, set()).update(keys)
+    return out
 
 
 def _open_cache(cache: Any) -> ColumnCache | None:
@@ -714,7 +724,10 @@ def _execute(
                 prepared.wait()  # the primary's index, built meanwhile: checked before any part
             shared = {
                 "exchanged": exchanged.store if exchanged is not None else None,
-                "fresh": exchanged.fresh if exchanged is not None else {},
+                "fresh": _merge_fresh(
+                    prepared.fresh if prepared is not None else {},
+                    exchanged.fresh if exchanged is not None else {},
+                ),
             }
             main = [p for p in plan.parts if not p.tail]
             on_part = getattr(progress, "on_part", None)  # the service: each part's metadata

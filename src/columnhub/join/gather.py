@@ -1,8 +1,9 @@
 """Gathering columns by joined row indices, and the whole in-memory join.
 
 :func:`gather` copies flat numeric columns and lists of numbers (the columns of
-NanoAOD and PHYSLITE) with compiled, parallel loops into packed arrays, ready
-for Arrow; any other layout (records, nested lists, options) is wrapped in an
+NanoAOD and PHYSLITE; option-typed numbers too, as Parquet fields are) with the
+vectorised, parallel kernels of :mod:`columnhub._kernels` into packed arrays,
+ready for Arrow; any other layout (records, nested lists, options) is wrapped in an
 awkward ``IndexedOptionArray`` (rows ``-1`` become ``None``) or
 ``IndexedArray`` without copying.
 """
@@ -100,35 +101,77 @@ def _gather_checked(layout: ak.contents.Content, idx: np.ndarray, *, optional: b
     return ak.Array(out)
 
 
-def _gather_packed(
-    layout: ak.contents.Content, rows: np.ndarray, *, optional: bool
-) -> ak.contents.Content | None:
-    """Copy the rows of a flat numeric or list-of-numeric column (compiled, parallel).
-
-    Returns ``None`` for other layouts (records, options, nested lists), which
-    :func:`gather` then wraps in an index without copying.
-    """
-    if isinstance(layout, ak.contents.NumpyArray) and _plain(layout.data):
-        values, valid, missing = gather_flat(np.asarray(layout.data), rows)
-        out: ak.contents.Content = ak.contents.NumpyArray(values, parameters=layout.parameters)
-    elif (
-        isinstance(layout, ak.contents.ListOffsetArray | ak.contents.ListArray)
+def _leaf(layout: ak.contents.Content) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(values, valid)`` of a numeric column, ``valid`` ``None`` unless option-typed
+    with missing values (a Parquet field is option-typed even with none); else ``None``."""
+    if isinstance(layout, ak.contents.NumpyArray):
+        return (layout.data, None) if _plain(layout.data) else None
+    if not (
+        isinstance(
+            layout,
+            ak.contents.BitMaskedArray | ak.contents.ByteMaskedArray | ak.contents.UnmaskedArray,
+        )
         and isinstance(layout.content, ak.contents.NumpyArray)
         and _plain(layout.content.data)
     ):
-        starts = np.asarray(layout.starts.data)
-        stops = np.asarray(layout.stops.data)
-        content = layout.content
-        offsets, values, valid, missing = gather_lists(
-            starts, stops, np.asarray(content.data), rows
-        )
-        out = ak.contents.ListOffsetArray(
-            ak.index.Index64(offsets),
-            ak.contents.NumpyArray(values, parameters=content.parameters),
-            parameters=layout.parameters,
-        )
-    else:
         return None
+    n = len(layout)
+    values = layout.content.data[:n]
+    if isinstance(layout, ak.contents.UnmaskedArray):
+        return values, None
+    valid = np.asarray(layout.mask_as_bool(valid_when=True), dtype=np.bool_)[:n]
+    return values, None if valid.all() else valid
+
+
+def _rebuild_leaf(
+    layout: ak.contents.Content, values: np.ndarray, valid: np.ndarray | None, *, option: bool
+) -> ak.contents.Content:
+    """A packed leaf like ``layout`` (same parameters, option-typed if it was or ``option``)."""
+    numpy = layout if isinstance(layout, ak.contents.NumpyArray) else layout.content
+    out: ak.contents.Content = ak.contents.NumpyArray(values, parameters=numpy.parameters)
+    if isinstance(layout, ak.contents.NumpyArray) and not option:
+        return out
+    parameters = None if isinstance(layout, ak.contents.NumpyArray) else layout.parameters
+    if valid is None:
+        return ak.contents.UnmaskedArray(out, parameters=parameters)
+    return ak.contents.ByteMaskedArray(
+        ak.index.Index8(valid.view(np.int8)), out, valid_when=True, parameters=parameters
+    )
+
+
+def _gather_packed(
+    layout: ak.contents.Content, rows: np.ndarray, *, optional: bool
+) -> ak.contents.Content | None:
+    """Copy the rows of a flat numeric or list-of-numeric column (vectorised, parallel).
+
+    Numbers may be option-typed (Parquet fields are): values and validity are
+    copied apart. Returns ``None`` for other layouts (records, nested lists,
+    options of lists), which :func:`gather` then wraps in an index without
+    copying.
+    """
+    flat = _leaf(layout)
+    if flat is not None:
+        data, mask = flat
+        values, row_valid, missing = gather_flat(np.asarray(data), rows)
+        valid: np.ndarray | None = row_valid if missing else None
+        if mask is not None:
+            valid, _, _ = gather_flat(mask, rows)  # False where the row is -1 too
+        return _rebuild_leaf(layout, values, valid, option=optional)
+    if not isinstance(layout, ak.contents.ListOffsetArray | ak.contents.ListArray):
+        return None
+    item = _leaf(layout.content)
+    if item is None:
+        return None
+    data, mask = item
+    starts = np.asarray(layout.starts.data)
+    stops = np.asarray(layout.stops.data)
+    offsets, values, valid, missing = gather_lists(starts, stops, np.asarray(data), rows)
+    item_valid = None if mask is None else gather_lists(starts, stops, mask, rows)[1]
+    out = ak.contents.ListOffsetArray(
+        ak.index.Index64(offsets),
+        _rebuild_leaf(layout.content, values, item_valid, option=False),
+        parameters=layout.parameters,
+    )
     if not optional:
         return out
     if not missing:

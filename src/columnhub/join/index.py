@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from columnhub import _kernels
 from columnhub._kernels import (
     argsort_runs,
     compose_keys,
@@ -30,7 +31,7 @@ from columnhub._kernels import (
 from columnhub.errors import JoinError
 from columnhub.keys import KeyColumns, KeyPacking, format_key, integer_keys, normalize_keys
 
-__all__ = ["Duplicate", "KeyIndex", "sort_words"]
+__all__ = ["Duplicate", "IndexFacts", "KeyIndex", "sort_words"]
 
 _FORMAT = "columnhub-keyindex-2"
 #: formats read: 1 kept file and entry per row, 2 may keep file_starts instead
@@ -44,9 +45,10 @@ def sort_words(
 
     Single-word keys narrow enough to share a ``uint64`` with the row number are
     sorted as one composite value (a plain, vectorised ``np.sort``, stable by
-    construction). Other single-word keys are arg-sorted in a piece per core
-    and the pieces merged (``stable``: one stable ``np.argsort``). Keys
-    already in order are not sorted. Multi-word keys: ``np.lexsort`` (stable).
+    construction). Other single-word keys are arg-sorted by numpy (once
+    numba is loaded: in a piece per core and the pieces merged; ``stable``:
+    one stable ``np.argsort``). Keys already in order are not sorted.
+    Multi-word keys: ``np.lexsort`` (stable).
 
     Args:
         words: ``uint64`` packed keys, shape ``(n,)`` or ``(n, nwords)``.
@@ -73,6 +75,9 @@ def sort_words(
         copy = np.empty(n, dtype=np.uint64)
         if compose_keys([(words, 0, 0)], 0, copy):  # already in order
             return np.arange(n, dtype=np.int64), copy
+        if not _kernels.numba_loaded():  # numpy's vectorised (SIMD) arg-sort
+            order = np.argsort(words)
+            return order, np.take(words, order, out=copy)
         # too wide to carry the row: arg-sort a piece per core, then merge the pieces
         [(keys, rows, bounds)] = argsort_runs((words, kernel_pool_size()))
         if len(bounds) > 2:
@@ -120,6 +125,96 @@ class Duplicate:
         return (
             f"{format_key(list(self.key), list(self.key.values()))} x{self.count} at {where}{more}"
         )
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    """What validating a join needs of a :class:`KeyIndex`, without its arrays.
+
+    Stored in the column cache next to the index (JSON, a few hundred bytes),
+    so a request that reads no friend row checks ``validate`` without loading
+    the index. :func:`~columnhub.join.validate.check_unique` takes either.
+
+    Attributes:
+        rows: rows of the index.
+        is_unique: whether every key occurs once.
+        duplicated_keys: how many distinct keys occur more than once.
+        first_duplicates: the first of them (by the row of their first
+            occurrence), as :meth:`KeyIndex.duplicates` gives them.
+    """
+
+    rows: int
+    is_unique: bool
+    duplicated_keys: int = 0
+    first_duplicates: tuple[Duplicate, ...] = ()
+
+    #: how many duplicates the facts keep (what an error message shows)
+    KEPT = 5
+
+    @classmethod
+    def of(cls, index: KeyIndex) -> IndexFacts:
+        """The facts of ``index``."""
+        return cls(
+            rows=len(index),
+            is_unique=index.is_unique,
+            duplicated_keys=index.duplicated_key_count(),
+            first_duplicates=tuple(index.duplicates(limit=cls.KEPT)),
+        )
+
+    def duplicates(self, *, limit: int = 5) -> list[Duplicate]:
+        """The first duplicated keys, as :meth:`KeyIndex.duplicates` (at most :attr:`KEPT`)."""
+        return list(self.first_duplicates[:limit])
+
+    def duplicated_key_count(self) -> int:
+        """How many distinct keys occur more than once."""
+        return self.duplicated_keys
+
+    def to_bytes(self) -> bytes:
+        """JSON bytes for the column cache."""
+        return json.dumps(
+            {
+                "format": _FACTS_FORMAT,
+                "rows": self.rows,
+                "is_unique": self.is_unique,
+                "duplicated_keys": self.duplicated_keys,
+                "first_duplicates": [
+                    {"key": d.key, "count": d.count, "locations": [list(x) for x in d.locations]}
+                    for d in self.first_duplicates
+                ],
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IndexFacts:
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            JoinError: ``data`` is not serialised index facts.
+        """
+        try:
+            meta = json.loads(data.decode())
+            if meta.get("format") != _FACTS_FORMAT:
+                msg = f"unsupported key index facts format {meta.get('format')!r}"
+                raise JoinError(msg)
+            return cls(
+                rows=int(meta["rows"]),
+                is_unique=bool(meta["is_unique"]),
+                duplicated_keys=int(meta["duplicated_keys"]),
+                first_duplicates=tuple(
+                    Duplicate(
+                        key={str(k): int(v) for k, v in d["key"].items()},
+                        count=int(d["count"]),
+                        locations=tuple((f, int(e)) for f, e in d["locations"]),
+                    )
+                    for d in meta["first_duplicates"]
+                ),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            msg = f"not serialised columnhub key index facts ({len(data)} bytes): {err}"
+            raise JoinError(msg) from err
+
+
+_FACTS_FORMAT = "columnhub-keyindex-facts-1"
 
 
 class KeyIndex:
@@ -376,16 +471,25 @@ class KeyIndex:
     def locate(self, rows: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """``(file, entry)`` of dataset rows (``-1`` rows give ``(-1, -1)``)."""
         r = np.asarray(rows, dtype=np.int64)
-        ok = r >= 0
-        safe = np.where(ok, r, 0)
         if len(self) == 0:
             return np.full(len(r), -1, dtype=np.int32), np.full(len(r), -1, dtype=np.int64)
-        if self.file_starts is not None:
-            file = np.searchsorted(self.file_starts, safe, side="right") - 1
-            entry = safe - self.file_starts[file]
+        missing = bool(r.size) and int(r.min()) < 0
+        ok = r >= 0 if missing else None
+        safe = np.where(ok, r, 0) if ok is not None else r
+        if self.file_starts is not None and len(self.file_starts) == 2:
+            # one file: the row is the entry (a copy: never a view of ``rows``)
+            file = np.zeros(len(r), dtype=np.int32)
+            entry = np.array(safe, dtype=np.int64)
+        elif self.file_starts is not None:
+            at = np.searchsorted(self.file_starts, safe, side="right") - 1
+            entry = safe - self.file_starts[at]
+            file = at.astype(np.int32)
         else:
-            file, entry = self.file[safe], self.entry[safe]
-        return np.where(ok, file, -1).astype(np.int32), np.where(ok, entry, -1)
+            file, entry = self.file[safe].astype(np.int32), self.entry[safe]
+        if ok is not None:
+            file[~ok] = -1
+            entry[~ok] = -1
+        return file, entry
 
     def key_columns(self, rows: npt.ArrayLike | None = None) -> dict[str, np.ndarray]:
         """The original key columns (``uint64``) of some rows (default: all, in row order)."""

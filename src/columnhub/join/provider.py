@@ -4,6 +4,11 @@ Keyed joins look the chunk's keys up in the friend's :class:`KeyIndex` (built
 once per dataset, kept in the column cache and in memory per process), read
 only the friend entry ranges that hold partners, and gather; aligned joins
 read the same entry range of the friend and verify the keys row by row.
+
+Next to each key index the cache holds its :class:`~columnhub.join.index.IndexFacts`
+(uniqueness and the first duplicates, a few hundred bytes): validating a
+request needs only those, so a request whose chunks find the friend's
+columns in the cache never loads an index (tens of MB each).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +29,7 @@ from columnhub.datasets import ResolvedDataset
 from columnhub.errors import JoinError
 from columnhub.join.collection import fill_to_counts
 from columnhub.join.gather import compact, gather
-from columnhub.join.index import KeyIndex
+from columnhub.join.index import IndexFacts, KeyIndex
 from columnhub.join.match import Match, fetch_plan, match, unmatched_rows
 from columnhub.join.validate import Side, check_aligned, check_unique
 
@@ -35,10 +41,14 @@ if TYPE_CHECKING:
 __all__ = ["FriendRows", "Prepared", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
 
 _INDEX_VERSION = 1
+_FACTS_VERSION = 1
 #: key indexes kept in memory by a process, least recently used out first,
 #: at most this many bytes together (the newest is always kept)
 _MEMO_BYTES = int(os.environ.get("COLUMNHUB_INDEX_MEMORY", str(1 << 30)))
 _memo: OrderedDict[str, KeyIndex] = OrderedDict()
+#: facts of the indexes a process has met (small: no bound needed beyond a count)
+_facts: OrderedDict[str, IndexFacts] = OrderedDict()
+_FACTS_KEPT = 1024
 _memo_lock = threading.Lock()
 _build_locks: dict[str, threading.Lock] = {}
 
@@ -66,8 +76,44 @@ def _index_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
     )
 
 
+def _facts_key(dataset: ResolvedDataset, keys: Sequence[str]) -> str:
+    from columnhub.cache import entry_key
+
+    return entry_key(
+        kind="key-index-facts",
+        files=dataset.identity,
+        tree=dataset.spec.tree,
+        keys=list(keys),
+        version=(_INDEX_VERSION, _FACTS_VERSION),
+    )
+
+
+def _remember_facts(key: str, facts: IndexFacts) -> None:
+    with _memo_lock:
+        _facts[key] = facts
+        _facts.move_to_end(key)
+        while len(_facts) > _FACTS_KEPT:
+            _facts.popitem(last=False)
+
+
 #: ``report(dataset_name, files_read, files)`` while a key index is built
 IndexProgress = Callable[[str, int, int], None]
+
+
+#: the key columns of every file of a dataset, in file order (what an index is built from)
+KeyReader = Callable[[], list[dict[str, np.ndarray]]]
+
+
+def _read_keys(
+    dataset: ResolvedDataset, keys: Sequence[str], report: IndexProgress | None
+) -> list[dict[str, np.ndarray]]:
+    parts = []
+    for i, file in enumerate(dataset.files):
+        read = sources.read(file, dataset.spec, list(keys), start=0, stop=file.entries)
+        parts.append({k: np.asarray(ak.to_numpy(read[k])) for k in keys})
+        if report is not None:
+            report(dataset.spec.name, i + 1, len(dataset.files))
+    return parts
 
 
 def dataset_index(
@@ -76,11 +122,15 @@ def dataset_index(
     *,
     cache: ColumnCache | None = None,
     report: IndexProgress | None = None,
+    read: KeyReader | None = None,
+    persist: bool = True,
 ) -> KeyIndex:
     """The key index of a whole dataset: from memory, else the cache, else built.
 
     Building reads only the key columns, file by file (``report`` hears of
-    each file read).
+    each file read), or takes them from ``read``. A built index is stored in
+    the cache unless ``persist`` is false; a built or loaded one leaves its
+    :class:`IndexFacts` there.
     """
     key = _index_key(dataset, keys)
     with _memo_lock:
@@ -97,21 +147,110 @@ def dataset_index(
             if blob is not None:
                 index = KeyIndex.from_bytes(blob)
         if index is None:
-            parts = []
-            for i, file in enumerate(dataset.files):
-                read = sources.read(file, dataset.spec, list(keys), start=0, stop=file.entries)
-                parts.append({k: np.asarray(ak.to_numpy(read[k])) for k in keys})
-                if report is not None:
-                    report(dataset.spec.name, i + 1, len(dataset.files))
+            parts = read() if read is not None else _read_keys(dataset, keys, report)
             index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
-            if cache is not None:
+            del parts
+            if cache is not None and persist:
                 cache.put_bytes(key, index.to_bytes())
+        facts_key = _facts_key(dataset, keys)
+        if facts_key not in _facts:
+            facts = IndexFacts.of(index)
+            _remember_facts(facts_key, facts)
+            if cache is not None and not cache.contains(facts_key):
+                cache.put_bytes(facts_key, facts.to_bytes())
         with _memo_lock:
             _memo[key] = index
             while len(_memo) > 1 and sum(i.nbytes for i in _memo.values()) > _MEMO_BYTES:
                 _memo.popitem(last=False)
             _build_locks.pop(key, None)
         return index
+
+
+def index_facts(
+    dataset: ResolvedDataset,
+    keys: Sequence[str],
+    *,
+    cache: ColumnCache | None = None,
+    report: IndexProgress | None = None,
+    read: KeyReader | None = None,
+    persist: bool = True,
+) -> IndexFacts:
+    """What validation needs of a dataset's key index, loading the index only if need be.
+
+    From memory, else from the facts stored in the cache next to the index
+    (a few hundred bytes), else from the index itself (:func:`dataset_index`:
+    loaded, or built with ``read`` / ``report`` / ``persist`` as there).
+    """
+    key = _facts_key(dataset, keys)
+    with _memo_lock:
+        known = _facts.get(key)
+    if known is not None:
+        return known
+    if cache is not None:
+        blob = cache.get_bytes(key)
+        if blob is not None:
+            facts = IndexFacts.from_bytes(blob)
+            _remember_facts(key, facts)
+            return facts
+    index = dataset_index(dataset, keys, cache=cache, report=report, read=read, persist=persist)
+    with _memo_lock:
+        known = _facts.get(key)
+    if known is None:  # the index was in memory, its facts no longer
+        known = IndexFacts.of(index)
+        _remember_facts(key, known)
+    return known
+
+
+def _primary_keys(
+    plan: Plan,
+    cache: ColumnCache,
+    fresh: dict[int, set[str]],
+    report: IndexProgress | None,
+) -> list[dict[str, np.ndarray]] | None:
+    """The primary's key columns per file, read chunk by chunk as the chunk tasks read them.
+
+    Each chunk's key columns land in the column cache under the addresses the
+    chunk tasks (and the friend exchange) look up, so the keys are read once
+    per request; the addresses stored are added to ``fresh`` (per chunk
+    index: the chunk tasks count them as computed for this request, not as
+    hits). ``None`` when the chunks do not tile the files (then the index
+    reads the files itself).
+    """
+    from columnhub._concurrency import threads
+    from columnhub.execute.chunk import _ChunkWork
+    from columnhub.execute.local import run_ordered
+
+    dataset, names = plan.dataset, list(plan.request.dataset.keys)
+    by_file: list[list[Any]] = [[] for _ in dataset.files]
+    for chunk in plan.chunks:
+        by_file[chunk.file_index].append(chunk)
+    for info, chunks in zip(dataset.files, by_file, strict=True):
+        edges = [0, *(c.stop for c in chunks)]
+        if [c.start for c in chunks] != edges[:-1] or edges[-1] != info.entries:
+            return None
+
+    def one(chunk: Any) -> tuple[Any, dict[str, np.ndarray], list[str]]:
+        work = _ChunkWork(plan, chunk, cache)
+        work.resolve(names)
+        work.compute()  # reads (and stores) what the cache misses
+        columns = {k: np.asarray(ak.to_numpy(work.values[k])) for k in names}
+        return chunk, columns, [work.key(n) for n in work.to_read]
+
+    pieces: list[list[dict[str, np.ndarray]]] = [[] for _ in dataset.files]
+    done = 0
+    for chunk, columns, stored in run_ordered(one, plan.chunks, workers=threads()):
+        pieces[chunk.file_index].append(columns)
+        if stored:
+            fresh.setdefault(chunk.index, set()).update(stored)
+        if chunk.stop == dataset.files[chunk.file_index].entries:
+            done += 1
+            if report is not None:
+                report(dataset.spec.name, done, len(dataset.files))
+    return [
+        {k: np.concatenate([p[k] for p in file_pieces]) if file_pieces else np.zeros(0, np.uint64)
+         for k in names}
+        for file_pieces in pieces
+    ]
 
 
 def prepare(
@@ -133,9 +272,18 @@ def prepare(
     through this process. The friends' indexes are then ready when this
     returns; the primary's (needed only for its duplicate check, and for the
     unmatched rows of right and outer joins) may still be building: call
-    :meth:`Prepared.wait` before any part is written. On this process every
-    index is ready (and checked) when this returns.
+    :meth:`Prepared.wait` before any part is written.
+
+    On this process only the facts of an index already in the cache are
+    loaded (a task that needs the index loads it; none does when the
+    friend's columns are cached), and every check is done when this returns.
+    The primary's index is built from its key columns read chunk by chunk
+    into the column cache, where the chunk tasks find them; it is stored in
+    the cache only for a right or outer join (whose tail looks keys up in it).
+    ``Prepared.fresh`` holds, per chunk index, the cache addresses stored
+    here for this request (the chunk tasks count them as misses, not hits).
     """
+    fresh: dict[int, set[str]] = {}
     primary_needed = any(
         f.has_tail or f.spec.validate_ in ("one_to_one", "one_to_many")
         for f in plan.friends
@@ -143,26 +291,51 @@ def prepare(
     )
     if tasks is not None and cache is not None and not cache.read_only:
         return _prepare_on_cluster(plan, cache, tasks, primary=primary_needed)
-    for friend in plan.friends:
-        if friend.spec.match != "keyed":
-            continue
-        index = dataset_index(
-            friend.dataset, friend.spec.friend_keys, cache=cache, report=report
-        )
-        check_unique(index, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name)
-    if primary_needed:
-        primary = dataset_index(
-            plan.dataset, plan.request.dataset.keys, cache=cache, report=report
-        )
-        for friend in plan.friends:
-            check_unique(
-                primary,
-                side="primary",
-                validate=friend.spec.validate_,
-                dataset=plan.request.dataset.name,
-            )
-    return Prepared()
+    writable = cache is not None and not cache.read_only
 
+    def primary_facts() -> IndexFacts:
+        def read() -> list[dict[str, np.ndarray]]:
+            assert cache is not None
+            parts = _primary_keys(plan, cache, fresh, report)
+            return parts if parts is not None else _read_keys(plan.dataset, keys, report)
+
+        keys = plan.request.dataset.keys
+        return index_facts(
+            plan.dataset,
+            keys,
+            cache=cache,
+            report=report,
+            read=read if writable else None,
+            persist=any(f.has_tail for f in plan.friends),
+        )
+
+    # the primary's index is built on a thread of its own while the friends' are
+    with ThreadPoolExecutor(1, thread_name_prefix="columnhub-index") as pool:
+        primary = pool.submit(primary_facts) if primary_needed else None
+        try:
+            for friend in plan.friends:
+                if friend.spec.match != "keyed":
+                    continue
+                facts = index_facts(
+                    friend.dataset, friend.spec.friend_keys, cache=cache, report=report
+                )
+                check_unique(
+                    facts, side="friend", validate=friend.spec.validate_, dataset=friend.spec.name
+                )
+        except BaseException:
+            if primary is not None:
+                primary.cancel()  # leaving the pool waits for a build already running
+            raise
+        if primary is not None:
+            found = primary.result()
+            for friend in plan.friends:
+                check_unique(
+                    found,
+                    side="primary",
+                    validate=friend.spec.validate_,
+                    dataset=plan.request.dataset.name,
+                )
+    return Prepared(fresh=fresh)
 
 # the same on a Dask cluster: key pieces read as tasks, merged and checked on a worker
 
@@ -231,8 +404,15 @@ class Prepared:
     """Key index checks still running on a cluster (see :func:`prepare`)."""
 
     def __init__(
-        self, tasks: Tasks | None = None, checks: Sequence[Any] = (), held: Sequence[Any] = ()
+        self,
+        tasks: Tasks | None = None,
+        checks: Sequence[Any] = (),
+        held: Sequence[Any] = (),
+        *,
+        fresh: dict[int, set[str]] | None = None,
     ) -> None:
+        #: per chunk index, the cache addresses stored for this request (counted as misses)
+        self.fresh: dict[int, set[str]] = fresh if fresh is not None else {}
         self._tasks = tasks
         self._checks = list(checks)  # futures of the merge tasks (a failed check or None)
         self._held = list(held)  # those and the tasks they take

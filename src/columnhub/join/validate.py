@@ -8,7 +8,7 @@ import numpy as np
 
 from columnhub._kernels import first_difference
 from columnhub.errors import DuplicateKeyError, JoinError, KeyMismatchError
-from columnhub.join.index import KeyIndex
+from columnhub.join.index import IndexFacts, KeyIndex
 from columnhub.keys import KeyColumns, format_key, integer_keys
 
 __all__ = [
@@ -66,7 +66,12 @@ _FIX = {
 
 
 def duplicate_error(
-    index: KeyIndex, *, side: Side, validate: str, dataset: str | None = None, limit: int = 5
+    index: KeyIndex | IndexFacts,
+    *,
+    side: Side,
+    validate: str,
+    dataset: str | None = None,
+    limit: int = 5,
 ) -> DuplicateKeyError:
     """The error for duplicated keys in ``index`` (does not raise it)."""
     dups = index.duplicates(limit=limit)
@@ -82,11 +87,13 @@ def duplicate_error(
     return DuplicateKeyError(msg)
 
 
-def check_unique(index: KeyIndex, *, side: Side, validate: str, dataset: str | None = None) -> None:
+def check_unique(
+    index: KeyIndex | IndexFacts, *, side: Side, validate: str, dataset: str | None = None
+) -> None:
     """Raise :class:`DuplicateKeyError` if ``validate`` needs ``side`` unique and it is not.
 
     Args:
-        index: the key index of that side's whole dataset.
+        index: the key index of that side's whole dataset, or its facts.
         side: ``"primary"`` or ``"friend"``.
         validate: the join's ``validate`` setting.
         dataset: the dataset name, for the message.
