@@ -17,9 +17,14 @@ Guarantees:
   copied over another's), is never served: it counts as a miss and as
   ``corrupt``, and is deleted (unless the cache is read-only), so the next
   ``put`` rewrites it.
-* Writes go to a unique temporary file in the entry's directory, are fsynced
-  and renamed into place: readers never see a partial entry and concurrent
-  writers of one key leave exactly one complete entry.
+* Writes go to a unique temporary file in the entry's directory and are
+  renamed into place: readers never see a partial entry and concurrent
+  writers of one key leave exactly one complete entry. Entries are not
+  fsynced (a cold request writes hundreds of MB of them): after a crash or a
+  power loss an entry renamed into place can be short, or hold zeros where
+  its data never reached the disk. The prefix's payload length and the
+  xxh3 checksum over the whole entry make such an entry corrupt, hence a
+  miss that is recomputed, never wrong data.
 * Recency (for :meth:`ColumnCache.gc`) is the last ``get`` or ``put``: the
   entry file's mtime on local disks, a ``used/`` marker on object stores.
 * Hit/miss counters are kept in memory and written as small delta files (at
@@ -397,7 +402,9 @@ class ColumnCache:
             return
         self._ensure_root()
         try:
-            self._backend.write_atomic(path, chunks)
+            # no fsync: a crash can leave an entry short or zeroed, which its
+            # size and checksum turn into a miss (module docstring)
+            self._backend.write_atomic(path, chunks, durable=False)
         except OSError as err:
             msg = (
                 f"cannot write cache entry {path!r}: {err}; check the cache directory's "
