@@ -505,7 +505,7 @@ def _chunk_results(
         exchanged = exchange(plan, cache=cache, staging=staging, workers=workers)
         if exchange_report is not None:
             exchange_report.update({n: r.to_dict() for n, r in exchanged.friends.items()})
-    store = exchanged.store if exchanged is not None else None
+    store = exchanged.lookup if exchanged is not None else None
     fresh = exchanged.fresh if exchanged is not None else {}
     try:
         yield from run_ordered(
@@ -709,7 +709,7 @@ def _execute(
                     tasks=run_parts.tasks(plan),
                 )
             shared = {
-                "exchanged": exchanged.store if exchanged is not None else None,
+                "exchanged": exchanged.lookup if exchanged is not None else None,
                 "fresh": exchanged.fresh if exchanged is not None else {},
             }
             main = [p for p in plan.parts if not p.tail]

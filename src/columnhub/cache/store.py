@@ -51,7 +51,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from columnhub.cache import _format
 from columnhub.cache._backends import FileInfo, FsspecBackend, LocalBackend
@@ -61,7 +61,7 @@ from columnhub.errors import CacheError
 if TYPE_CHECKING:  # awkward loads with the first array, fsspec with the first URL
     import awkward as ak
 
-__all__ = ["CacheStats", "ColumnCache", "GCReport", "default_location"]
+__all__ = ["CacheStats", "ColumnCache", "ColumnLookup", "GCReport", "default_location"]
 
 #: Seconds between two writes of one instance's counter deltas.
 STATS_FLUSH_INTERVAL = 5.0
@@ -76,6 +76,14 @@ _CACHEDIR_TAG = (
 )
 _COUNTERS = ("hits", "misses", "puts", "skipped_puts", "corrupt")
 _LIVE: weakref.WeakSet[ColumnCache] = weakref.WeakSet()
+
+
+class ColumnLookup(Protocol):
+    """Anything a chunk task looks columns up in by address: a :class:`ColumnCache`, or
+    the friend exchange's columns held in memory for one request."""
+
+    def get(self, key: str) -> ak.Array | None:
+        """The array stored under ``key``, or ``None``."""
 
 
 def default_location() -> str:

@@ -69,7 +69,7 @@ from columnhub.join.gather import compact, gather
 from columnhub.join.match import Match, match
 
 if TYPE_CHECKING:
-    from columnhub.cache import ColumnCache
+    from columnhub.cache import ColumnCache, ColumnLookup
     from columnhub.execute.dask import Tasks
     from columnhub.join.index import KeyIndex
     from columnhub.plan import Chunk, Friend, Plan
@@ -392,8 +392,6 @@ def assemble_chunk(
     Returns:
         Bytes of the columns stored, and their addresses.
     """
-    from columnhub.execute.chunk import _ChunkWork
-
     spec = plan.friend(friend)
     rows = chunk_match.rows[friend]
     n = len(rows)
@@ -407,25 +405,303 @@ def assemble_chunk(
         where, values = np.zeros(0, dtype=np.int64), dict(empty)
     inverse = np.full(n, -1, dtype=np.int64)
     inverse[where] = np.arange(len(where), dtype=np.int64)
+    stored = 0
+    keys = []
+    for key, value in _joined(
+        plan, spec, chunk_match, lambda c: gather(values[c], inverse, optional=True), store
+    ):
+        keys.append(key)
+        stored += int(value.nbytes)
+    # a column that could not be stored (a full cache) is joined by the chunk task
+    # itself, as without the exchange: a full cache never fails a request
+    return stored, tuple(keys)
+
+
+def _joined(
+    plan: Plan,
+    spec: Friend,
+    chunk_match: ChunkMatch,
+    gathered: Callable[[str], ak.Array],
+    store: ColumnCache | None,
+) -> list[tuple[str, ak.Array]]:
+    """A chunk's friend columns, as the chunk task computes them, with their addresses.
+
+    ``gathered(column)`` gives the friend column's values in the chunk's row
+    order (``None`` where no partner); lists of a primary collection are then
+    filled to the counter and checked, and every column is stored in
+    ``store`` (if any) under the address the chunk task looks up.
+    """
+    from columnhub.execute.chunk import _ChunkWork
+
+    rows = chunk_match.rows[spec.spec.name]
+    n = len(rows)
     work = _ChunkWork(plan, chunk_match.chunk, store)
     work.values.update(chunk_match.values)
     pairs = Match(np.arange(n, dtype=np.int64), rows, primary_identity=True)
-    stored = 0
-    keys = []
+    out = []
     for name in _friend_names(plan, spec):
         source = plan.columns[name].source
         if source["column"] is None:  # <friend>_matched
             value = ak.Array(rows >= 0)
         else:
-            value = gather(values[source["column"]], inverse, optional=True)
+            value = gathered(source["column"])
             if source.get("counter") is not None:
                 value = work._join_collection(name, value, pairs, spec)
+        value = value if isinstance(value, ak.Array) else ak.Array(value)
         work._store(name, value)
-        keys.append(work.key(name))
-        stored += int(ak.Array(value).nbytes)
-    # a column that could not be stored (a full cache) is joined by the chunk task
-    # itself, as without the exchange: a full cache never fails a request
-    return stored, tuple(keys)
+        out.append((work.key(name), value))
+    return out
+
+
+class HeldColumns:
+    """A request's exchanged friend columns held in memory, written to the cache behind.
+
+    The chunk tasks look their friend columns up here (:meth:`get`) the
+    moment the exchange has made them, without waiting for them to be stored:
+    each column is handed to one background thread that stores it in
+    ``target`` (the column cache) while the chunk tasks run. A column that
+    cannot be stored (a full cache) only misses the next request; this one
+    has it in memory. :meth:`close` waits for every write (a request ends
+    with its columns stored) and lets the memory go.
+
+    Args:
+        target: where the columns are stored for later requests (``None``:
+            nowhere, e.g. no writable cache).
+        fallback: looked up for columns not held here (the request's
+            temporary store of key columns when there is no writable cache).
+    """
+
+    def __init__(self, target: ColumnCache | None, fallback: ColumnCache | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.target = target
+        self.fallback = fallback
+        self.failed_writes = 0
+        self._values: dict[str, ak.Array] = {}
+        self._writes: list[Any] = []
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="columnhub-cache-write")
+            if target is not None
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def hold(self, key: str, value: ak.Array) -> None:
+        """Hold ``value`` under ``key`` and store it in the target in the background."""
+        self._values[key] = value
+        if self._pool is not None:
+            self._writes.append(self._pool.submit(self._write, key, value))
+
+    def _write(self, key: str, value: ak.Array) -> None:
+        assert self.target is not None
+        try:
+            self.target.put(key, value)
+        except CacheError:  # a full or unwritable cache never fails a request
+            self.failed_writes += 1
+
+    def get(self, key: str) -> ak.Array | None:
+        """The column held under ``key`` (else the fallback's, else ``None``)."""
+        found = self._values.get(key)
+        if found is None and self.fallback is not None:
+            return self.fallback.get(key)
+        return found
+
+    def wait(self) -> None:
+        """Wait until every column handed so far is stored (or failed to be)."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+
+    def close(self) -> None:
+        """Wait for the writes, then let the held columns go."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._values.clear()
+
+
+def _take(array: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` of the Arrow array ``array`` (``-1``: null), as ``pc.take`` gives them.
+
+    Numbers, and lists of numbers, without nulls are taken with numpy (Arrow's
+    take copies a list column item by item, ~5x slower); anything else goes
+    to ``pyarrow.compute.take``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    missing = rows < 0
+    mask = missing if missing.any() else None
+    safe = np.where(missing, 0, rows) if mask is not None else rows
+    kind = array.type
+    plain = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    if array.null_count == 0 and plain:
+        return pa.array(array.to_numpy()[safe], type=kind, mask=mask)
+    listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if array.null_count == 0 and listed:
+        child = array.values  # not sliced: the offsets index it directly
+        inner = child.type
+        if child.null_count == 0 and (pa.types.is_integer(inner) or pa.types.is_floating(inner)):
+            offsets = np.asarray(array.offsets, dtype=np.int64)
+            starts = offsets[safe]
+            lengths = offsets[safe + 1] - starts
+            if mask is not None:
+                lengths[missing] = 0
+            out = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=out[1:])
+            if pa.types.is_large_list(kind) or int(out[-1]) < 2**31:
+                items = np.repeat(starts - out[:-1], lengths)
+                items += np.arange(int(out[-1]), dtype=np.int64)
+                width = np.int64 if pa.types.is_large_list(kind) else np.int32
+                cls = pa.LargeListArray if pa.types.is_large_list(kind) else pa.ListArray
+                return cls.from_arrays(
+                    pa.array(out.astype(width)),
+                    pa.array(child.to_numpy()[items], type=inner),
+                    type=kind,
+                    mask=None if mask is None else pa.array(mask),
+                )
+    return pc.take(array, pa.array(rows, mask=missing))
+
+
+def _parquet_bytes(friend: Friend, routing: Routing, columns: Sequence[str]) -> int | None:
+    """Uncompressed bytes of ``columns`` in the row groups the routing reads (``None``: not
+    every friend file is Parquet)."""
+    from columnhub.sources import parquet
+
+    files = friend.dataset.files
+    if any(files[b.file].format != "parquet" for b in routing.blocks):
+        return None
+    wanted = set(columns)
+    total = 0
+    for number in sorted({b.file for b in routing.blocks}):
+        meta = parquet._open(files[number].path).metadata
+        bounds = np.asarray(files[number].boundaries)
+        for block, (start, stop) in zip(routing.blocks, routing.ranges, strict=True):
+            if block.file != number:
+                continue
+            first = int(np.searchsorted(bounds, start, side="right") - 1)
+            last = int(np.searchsorted(bounds, stop, side="left"))
+            for g in range(first, max(last, first + 1)):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    chunk = group.column(c)
+                    if chunk.path_in_schema.split(".", 1)[0] in wanted:
+                        total += int(chunk.total_uncompressed_size)
+    return total
+
+
+def _read_table(friend: Friend, block: Block, entries: tuple[int, int], columns: Sequence[str]) -> Any:
+    """Entries ``entries`` of a Parquet friend's ``block`` as one Arrow table (read once)."""
+    from columnhub.errors import ColumnhubError, CorruptFileError
+    from columnhub.sources import parquet
+    from columnhub.sources._identity import verify_unchanged
+
+    delay = os.environ.get(_SLEEP_ENV)
+    if delay:
+        time.sleep(float(delay))
+    file = friend.dataset.files[block.file]
+    start, stop = entries
+    try:
+        handle = parquet._open(file.path)
+        bounds = np.asarray(file.boundaries)
+        first = int(np.searchsorted(bounds, start, side="right") - 1)
+        last = int(np.searchsorted(bounds, stop, side="left"))
+        groups = list(range(first, max(last, first + 1)))
+        table = handle.read_row_groups(groups, columns=list(columns))
+        table = table.slice(start - int(bounds[first]), stop - start)
+    except ColumnhubError as err:
+        verify_unchanged(file, friend.dataset.spec, cause=err)
+        raise
+    except Exception as err:
+        verify_unchanged(file, friend.dataset.spec, cause=err)
+        msg = f"reading rows {start}-{stop} of {file.path!r} failed ({err})"
+        raise CorruptFileError(msg) from err
+    verify_unchanged(file, friend.dataset.spec)
+    return table
+
+
+def _exchange_held(
+    plan: Plan,
+    friend: Friend,
+    matches: list[ChunkMatch],
+    routing: Routing,
+    columns: list[str],
+    *,
+    index: KeyIndex,
+    held: HeldColumns,
+    workers: int,
+    report: FriendExchange,
+    fresh: dict[int, set[str]],
+) -> None:
+    """The exchange in memory, Arrow-native: each block read once, one take per chunk.
+
+    The blocks' tables are laid end to end; each chunk's friend rows become
+    positions in them, and each column is taken once per chunk in primary-row
+    order (``None`` where no partner). The columns are handed to ``held``: the
+    chunk tasks get them at once, the cache writes happen behind them.
+    """
+    import pyarrow as pa
+
+    from columnhub.execute.local import run_ordered
+
+    name = friend.spec.name
+    t0 = time.perf_counter()
+    tables = list(
+        run_ordered(
+            lambda b: _read_table(friend, routing.blocks[b], routing.ranges[b], columns),
+            range(len(routing.blocks)),
+            workers=workers,
+        )
+    )
+    for block, (start, stop), table in zip(routing.blocks, routing.ranges, tables, strict=True):
+        report.reads.append((friend.dataset.files[block.file].path, start, stop))
+        report.entries_read += stop - start
+        report.bytes_read += int(table.nbytes)
+    # the blocks end to end: a (file, entry) is found by its global entry number
+    file_starts = friend.dataset.offsets
+    lows = np.array(
+        [file_starts[b.file] + lo for b, (lo, _) in zip(routing.blocks, routing.ranges, strict=True)],
+        dtype=np.int64,
+    )
+    placed = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
+    together = pa.concat_tables(tables)  # no copy: the blocks' chunks side by side
+    combined = {c: together.column(c).combine_chunks() for c in columns}
+    del tables, together
+    report.seconds["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    def assemble(local: int) -> tuple[int, list[str]]:
+        rows = matches[local].rows[name]
+        positions = np.full(len(rows), -1, dtype=np.int64)
+        found = np.flatnonzero(rows >= 0)
+        if found.size:
+            file, entry = index.locate(rows[found])
+            where = file_starts[file] + entry
+            block = np.searchsorted(lows, where, side="right") - 1
+            positions[found] = placed[block] + (where - lows[block])
+
+        def gathered(column: str) -> ak.Array:
+            return ak.from_arrow(_take(combined[column], positions))
+
+        stored = 0
+        keys = []
+        for key, value in _joined(plan, friend, matches[local], gathered, None):
+            held.hold(key, value)
+            stored += int(value.nbytes)
+            keys.append(key)
+        return stored, keys
+
+    for local, (stored, keys) in enumerate(
+        run_ordered(assemble, range(len(matches)), workers=workers)
+    ):
+        report.bytes_stored += stored
+        fresh.setdefault(matches[local].chunk.index, set()).update(keys)
+    report.seconds["assemble"] = time.perf_counter() - t0
 
 
 @dataclass
@@ -488,15 +764,27 @@ class Exchanged:
         fresh: per chunk (``Chunk.index``), the addresses the exchange
             stored for this request (the chunk task counts them as misses,
             not as cache hits).
+        held: the columns exchanged in memory (their cache writes running
+            behind), else ``None``.
     """
 
     friends: dict[str, FriendExchange]
     store: ColumnCache | None = None
     scratch: Path | None = None
     fresh: dict[int, set[str]] = field(default_factory=dict)
+    held: HeldColumns | None = None
+
+    @property
+    def lookup(self) -> ColumnLookup | None:
+        """What the chunk tasks look exchanged columns up in (``exchanged=`` of a part task)."""
+        if self.held is not None and len(self.held):
+            return self.held
+        return self.store
 
     def close(self) -> None:
-        """Delete the temporary store (the request's chunks are done with it)."""
+        """Wait for the cache writes, delete the temporary store (the chunks are done)."""
+        if self.held is not None:
+            self.held.close()
         if self.store is not None:
             self.store.close()
         if self.scratch is not None:
@@ -614,6 +902,9 @@ def exchange(
         for chunk_match in matched.values():
             result.fresh.setdefault(chunk_match.chunk.index, set()).update(chunk_match.fresh)
         t_match = time.perf_counter() - t0
+        held = result.held = HeldColumns(
+            target if result.store is None else None, fallback=result.store
+        )
         for name, numbers in todo.items():
             report = _exchange_friend(
                 plan,
@@ -623,6 +914,7 @@ def exchange(
                 target=target,
                 workers=workers,
                 spill=_Rounds(budget, scratch),
+                held=held,
                 fresh=result.fresh,
             )
             report.seconds["match"] = t_match
@@ -630,8 +922,9 @@ def exchange(
     except BaseException:
         result.close()
         raise
-    if result.store is None and result.scratch is not None:
-        result.close()
+    if result.store is None and result.scratch is not None:  # spilled rounds: done with them
+        shutil.rmtree(result.scratch, ignore_errors=True)
+        result.scratch = None
     return result
 
 
@@ -726,8 +1019,14 @@ def _exchange_friend(
     workers: int,
     spill: _Rounds,
     fresh: dict[int, set[str]],
+    held: HeldColumns | None = None,
 ) -> FriendExchange:
-    """Route, read and assemble one friend for the matched chunks (local thread pool)."""
+    """Route, read and assemble one friend for the matched chunks (local thread pool).
+
+    In memory (:func:`_exchange_held`) when the friend is Parquet and its
+    needed columns, read and taken per chunk, fit the memory budget; else
+    through per-chunk pieces, spilled beyond the budget.
+    """
     from columnhub.execute.local import run_ordered
 
     name = friend.spec.name
@@ -746,6 +1045,15 @@ def _exchange_friend(
         f"{len(routing.blocks) + routing.repeated} times by {len(matches)} chunk(s)"
     )
     columns = _read_names(plan, friend)
+    if held is not None:
+        needed = _parquet_bytes(friend, routing, columns)
+        # the columns read, and as much again taken in primary-chunk order
+        if needed is not None and 2 * needed <= spill.budget:
+            _exchange_held(
+                plan, friend, matches, routing, columns, index=_index(plan, friend, cache),
+                held=held, workers=workers, report=report, fresh=fresh,
+            )
+            return report
     empty: dict[str, ak.Array] = {}
     try:
         tasks = list(zip(routing.blocks, routing.ranges, routing.targets, strict=True))
