@@ -568,6 +568,36 @@ def _take(array: Any, rows: np.ndarray) -> Any:
     return pc.take(array, pa.array(rows, mask=missing))
 
 
+def _optional_like(layout: Any, form: Any) -> Any:
+    """``layout`` (taken by :func:`_take`) as an option type over ``form``'s options.
+
+    Arrow leaves out a validity buffer where nothing is missing, so a take
+    without ``None`` reads back without an option type; the per-chunk path's
+    values always have one (a join's choice, not the data's), and inside lists
+    the options ``form`` (the column as read) has. Wrapping in
+    ``UnmaskedArray`` adds them without a copy.
+    """
+    top = layout if layout.is_option else ak.contents.UnmaskedArray(layout)
+    return _options_below(top, form)
+
+
+def _options_below(layout: Any, form: Any) -> Any:
+    """``layout``'s contents given the options ``form`` has at each depth (no copy)."""
+    if form.is_option:
+        form = form.content
+    if layout.is_option:
+        inner = layout.content
+        fixed = _options_below(inner, form)
+        return layout if fixed is inner else layout.copy(content=fixed)
+    if layout.is_list and form.is_list:
+        content = layout.content
+        if form.content.is_option and not content.is_option:
+            content = ak.contents.UnmaskedArray(content)
+        fixed = _options_below(content, form.content)
+        return layout if fixed is layout.content else layout.copy(content=fixed)
+    return layout
+
+
 def _parquet_bytes(friend: Friend, routing: Routing, columns: Sequence[str]) -> int | None:
     """Uncompressed bytes of ``columns`` in the row groups the routing reads (``None``: not
     every friend file is Parquet)."""
@@ -672,6 +702,14 @@ def _exchange_held(
     together = pa.concat_tables(tables)  # no copy: the blocks' chunks side by side
     combined = {c: together.column(c).combine_chunks() for c in columns}
     del tables, together
+    # the types the per-chunk path gives (an option over the column as read): the
+    # same in every chunk and every path, whatever the data holds
+    like = {c: ak.to_layout(ak.from_arrow(combined[c].slice(0, 1))).form for c in columns}
+    expected = {
+        c: gather(ak.from_arrow(combined[c].slice(0, 1)), np.array([0, -1]), optional=True)
+        .layout.form.type
+        for c in columns
+    }
     report.seconds["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
 
@@ -686,7 +724,11 @@ def _exchange_held(
             positions[found] = placed[block] + (where - lows[block])
 
         def gathered(column: str) -> ak.Array:
-            return ak.from_arrow(_take(combined[column], positions))
+            taken = _optional_like(ak.to_layout(ak.from_arrow(_take(combined[column], positions))),
+                                   like[column])
+            if taken.form.type != expected[column]:  # a layout _take does not give as gather does
+                return gather(ak.from_arrow(combined[column]), positions, optional=True)
+            return ak.Array(taken)
 
         stored = 0
         keys = []
