@@ -539,6 +539,8 @@ def _take(array: Any, rows: np.ndarray) -> Any:
     mask = missing if missing.any() else None
     safe = np.where(missing, 0, rows) if mask is not None else rows
     kind = array.type
+    if len(array) == 0:  # every row is -1
+        return pc.take(array, pa.array(rows, mask=missing))
     plain = pa.types.is_integer(kind) or pa.types.is_floating(kind)
     if array.null_count == 0 and plain:
         return pa.array(array.to_numpy()[safe], type=kind, mask=mask)
@@ -680,6 +682,7 @@ def _exchange_held(
     from columnhub.execute.local import run_ordered
 
     name = friend.spec.name
+    report.in_memory = True
     t0 = time.perf_counter()
     tables = list(
         run_ordered(
@@ -761,6 +764,9 @@ class FriendExchange:
         bytes_stored: bytes of the friend's columns stored in primary-chunk order.
         rounds: spilled rounds (0: everything fitted in memory; on a Dask
             cluster 1: every piece went through the shared spill store).
+        in_memory: exchanged in memory (a Parquet friend whose needed
+            columns fit the budget): blocks read as Arrow tables, one take
+            per chunk, the columns handed to the chunk tasks in memory.
         memory_budget: the budget in bytes.
         seconds: wall time of the exchange's match, read and assemble steps.
     """
@@ -774,6 +780,7 @@ class FriendExchange:
     bytes_read: int = 0
     bytes_stored: int = 0
     rounds: int = 0
+    in_memory: bool = False
     memory_budget: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -789,6 +796,7 @@ class FriendExchange:
             "bytes_read": self.bytes_read,
             "bytes_stored": self.bytes_stored,
             "rounds": self.rounds,
+            "in_memory": self.in_memory,
             "memory_budget": self.memory_budget,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }
