@@ -9,6 +9,7 @@ same bytes, whatever the executor and number of workers.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 from collections.abc import Collection
@@ -55,15 +56,60 @@ def part_path(directory: Path, number: int, suffix: str) -> Path:
     return directory / f".part-{number:05d}.{suffix}.tmp-{token}"
 
 
-def publish_part(tmp: Path, rows: int) -> PartInfo:
+def publish_part(tmp: Path, rows: int, *, xxh3: str | None = None) -> PartInfo:
     """Rename a finished part from its temporary name to its final one (atomic).
 
     A retried task replaces its own part (same number), never another's.
+    ``xxh3``: the file's checksum if the writer computed it while writing
+    (else the file is read back to compute it).
     """
     final = tmp.parent / tmp.name[1:].rsplit(".tmp-", 1)[0]
     os.replace(tmp, final)
     stat = final.stat()
-    return PartInfo(final.name, rows, stat.st_size, file_checksum(final), stat.st_mtime_ns)
+    digest = xxh3 if xxh3 is not None else file_checksum(final)
+    return PartInfo(final.name, rows, stat.st_size, digest, stat.st_mtime_ns)
+
+
+class _HashingFile(io.RawIOBase):
+    """A file written once, front to back, that hashes (xxh3-64) every byte it writes.
+
+    The part's checksum comes out of the write itself: the part is not read
+    back to compute it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import xxhash
+
+        super().__init__()
+        self._file = open(path, "xb")  # noqa: SIM115 - closed by close()
+        self._digest = xxhash.xxh3_64()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._digest.update(view)
+        self._file.write(view)
+        self._size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes first
+            self._file.close()
+
+    def hexdigest(self) -> str:
+        """The checksum of every byte written so far."""
+        return str(self._digest.hexdigest())
 
 
 def writer_options(schema: pa.Schema, compression: str | None) -> dict[str, Any]:
@@ -123,7 +169,15 @@ class ParquetPart:
         self.rows = 0
         self._tmp = part_path(directory, number, "parquet")
         options = writer_options(schema, None if compression == "none" else compression)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, schema, **options)
+        self._sink = _HashingFile(self._tmp)
+        try:
+            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+                self._sink, schema, **options
+            )
+        except BaseException:
+            self._sink.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, table: pa.Table) -> None:
         """Append ``table``'s rows (cast to the part's schema)."""
@@ -141,10 +195,12 @@ class ParquetPart:
         writer, self._writer = self._writer, None
         try:
             writer.close()
+            self._sink.close()
         except BaseException:
+            self._sink.close()
             self._tmp.unlink(missing_ok=True)
             raise
-        return publish_part(self._tmp, self.rows)
+        return publish_part(self._tmp, self.rows, xxh3=self._sink.hexdigest())
 
     def abort(self) -> None:
         """Stop and delete the unfinished part."""
@@ -153,6 +209,7 @@ class ParquetPart:
             try:
                 writer.close()
             finally:
+                self._sink.close()
                 self._tmp.unlink(missing_ok=True)
 
 
