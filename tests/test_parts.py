@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import uproot
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,6 +127,40 @@ def test_parts_are_byte_identical_for_any_number_of_workers(
     got = first.to_awkward()
     for name in [*KEYS, *COLUMNS]:
         assert ak.to_list(got[name]) == ak.to_list(ref[name]), name
+    for result in results:  # checksums (taken while writing) of the bytes on disk
+        for part in result.manifest["parts"]:
+            data = (result.directory / part["name"]).read_bytes()
+            assert part["xxh3"] == xxhash.xxh3_64_hexdigest(data), part["name"]
+            assert part["bytes"] == len(data)
+
+
+def test_a_part_hashed_while_written_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The Parquet part writer: the checksum it computes while writing is the file's
+    (read back independently); an aborted part leaves no file, temporary or final."""
+    from columnhub.output.parquet import ParquetPart
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 6, size=5000)
+    table = pa.table(
+        {
+            "x": rng.normal(size=5000).astype(np.float32),
+            "jets": ak.to_arrow(
+                ak.unflatten(rng.normal(size=int(counts.sum())), counts), extensionarray=False
+            ),
+        }
+    )
+    part = ParquetPart(tmp_path, 7, schema=table.schema)
+    for start in range(0, 5000, 1300):
+        part.write(table.slice(start, 1300))
+    info = part.close()
+    data = (tmp_path / info.name).read_bytes()
+    assert info.name == "part-00007.parquet"
+    assert (info.xxh3, info.bytes, info.rows) == (xxhash.xxh3_64_hexdigest(data), len(data), 5000)
+    assert pq.read_table(tmp_path / info.name).equals(table)
+    aborted = ParquetPart(tmp_path, 8, schema=table.schema)
+    aborted.write(table)
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00007.parquet"]
 
 
 @settings(
