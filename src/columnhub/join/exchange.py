@@ -226,6 +226,7 @@ def match_chunk(
     friends: Sequence[str],
     store: ColumnCache | None = None,
     cache: ColumnCache | None = None,
+    held: HeldColumns | None = None,
 ) -> ChunkMatch:
     """Task: read one chunk's keys (and counters) and match them against each friend.
 
@@ -237,6 +238,9 @@ def match_chunk(
             addresses the chunk task uses: the column cache, or the request's
             temporary store.
         cache: where key indexes are kept.
+        held: (same process only) where the key columns read are handed to
+            the chunk tasks in memory, stored behind them, instead of being
+            stored in ``store`` first.
     """
     from columnhub.execute.chunk import _ChunkWork
 
@@ -244,7 +248,13 @@ def match_chunk(
     names = [*plan.request.dataset.keys, *_counters(plan, chosen)]
     work = _ChunkWork(plan, chunk, store)
     work.resolve(names)
+    if held is not None:
+        work.cache = None  # what is read goes to ``held`` below, not to the store now
     work.compute()  # reads and stores what it misses; no friend is joined for these names
+    if held is not None:
+        for name in [*work.to_read, *work.to_compute]:
+            value = work.values[name]
+            held.hold(work.key(name), value if isinstance(value, ak.Array) else ak.Array(value))
     keys = [np.asarray(ak.to_numpy(work.values[k])) for k in plan.request.dataset.keys]
     rows = {}
     for friend in chosen:
@@ -936,12 +946,16 @@ def exchange(
         return result
     t0 = time.perf_counter()
     try:
+        held = result.held = HeldColumns(
+            target if result.store is None else None, fallback=result.store
+        )
         matched = dict(
             zip(
                 chunks,
                 run_ordered(
                     lambda i: match_chunk(
-                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache
+                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache,
+                        held=held,
                     ),
                     chunks,
                     workers=workers,
@@ -952,9 +966,6 @@ def exchange(
         for chunk_match in matched.values():
             result.fresh.setdefault(chunk_match.chunk.index, set()).update(chunk_match.fresh)
         t_match = time.perf_counter() - t0
-        held = result.held = HeldColumns(
-            target if result.store is None else None, fallback=result.store
-        )
         for name, numbers in todo.items():
             report = _exchange_friend(
                 plan,
