@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -324,3 +325,37 @@ print(threads(), kernel_pool_size(), read_executor()._max_workers)
     assert done.returncode != 0
     assert "COLUMNHUB_THREADS must be a positive integer" in done.stderr
     assert "'many'" in done.stderr
+
+
+def test_the_deliver_command_runs_without_the_cyclic_collector(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """``columnhub deliver`` (the installed command, a new process) turns the cyclic
+    collector off; other commands keep it. Seen from inside the process: a
+    ``sitecustomize`` on the path records ``gc.isenabled()`` at exit."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import atexit, gc, os\n"
+        "atexit.register(lambda: open(os.environ['GC_PROBE'], 'w').write(str(gc.isenabled())))\n"
+    )
+    exe = Path(sys.executable).parent / "columnhub"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec(primary[:1], chunk_size=1000)))
+    seen = {}
+    for name, args in {
+        "deliver": ["deliver", str(spec_file), "-o", str(tmp_path / "out"), "--no-progress"],
+        "cache": ["cache", "stats", "--cache", str(tmp_path / "cache")],
+    }.items():
+        env = {
+            **os.environ,
+            "GC_PROBE": str(tmp_path / f"gc-{name}"),
+            "PYTHONPATH": os.pathsep.join([str(probe), os.environ.get("PYTHONPATH", "")]),
+            "COLUMNHUB_CACHE": str(tmp_path / "cache"),
+        }
+        subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=True)
+        seen[name] = (tmp_path / f"gc-{name}").read_text()
+    assert seen == {"deliver": "False", "cache": "True"}
+    got = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    ref = uproot_reference(primary[:1], ["MET_pt"], None)
+    assert got.column("MET_pt").to_pylist() == ak.to_list(ref["MET_pt"])
