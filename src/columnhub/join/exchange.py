@@ -674,7 +674,6 @@ def _exchange_held(
     routing: Routing,
     columns: list[str],
     *,
-    index: KeyIndex,
     held: HeldColumns,
     workers: int,
     report: FriendExchange,
@@ -683,7 +682,7 @@ def _exchange_held(
     """The exchange in memory, Arrow-native: each block read once, one take per chunk.
 
     The blocks' tables are laid end to end; each chunk's friend rows become
-    positions in them, and each column is taken once per chunk in primary-row
+    positions in them (from the routing), and each column is taken once per chunk in primary-row
     order (``None`` where no partner). The columns are handed to ``held``: the
     chunk tasks get them at once, the cache writes happen behind them.
     """
@@ -705,13 +704,12 @@ def _exchange_held(
         report.reads.append((friend.dataset.files[block.file].path, start, stop))
         report.entries_read += stop - start
         report.bytes_read += int(table.nbytes)
-    # the blocks end to end: a (file, entry) is found by its global entry number
-    file_starts = friend.dataset.offsets
-    lows = np.array(
-        [file_starts[b.file] + lo for b, (lo, _) in zip(routing.blocks, routing.ranges, strict=True)],
-        dtype=np.int64,
-    )
+    # the blocks' tables end to end: block k's read range starts at row placed[k]
     placed = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
+    positions_of = [np.full(len(m.rows[name]), -1, dtype=np.int64) for m in matches]
+    for k, targets in enumerate(routing.targets):
+        for local, where, entries in targets:  # entries: relative to the range's start
+            positions_of[local][where] = placed[k] + entries
     together = pa.concat_tables(tables)  # no copy: the blocks' chunks side by side
     combined = {c: together.column(c).combine_chunks() for c in columns}
     del tables, together
@@ -727,14 +725,7 @@ def _exchange_held(
     t0 = time.perf_counter()
 
     def assemble(local: int) -> tuple[int, list[str]]:
-        rows = matches[local].rows[name]
-        positions = np.full(len(rows), -1, dtype=np.int64)
-        found = np.flatnonzero(rows >= 0)
-        if found.size:
-            file, entry = index.locate(rows[found])
-            where = file_starts[file] + entry
-            block = np.searchsorted(lows, where, side="right") - 1
-            positions[found] = placed[block] + (where - lows[block])
+        positions = positions_of[local]
 
         def gathered(column: str) -> ak.Array:
             taken = _optional_like(ak.to_layout(ak.from_arrow(_take(combined[column], positions))),
@@ -1111,8 +1102,8 @@ def _exchange_friend(
         # the columns read, and as much again taken in primary-chunk order
         if needed is not None and 2 * needed <= spill.budget:
             _exchange_held(
-                plan, friend, matches, routing, columns, index=_index(plan, friend, cache),
-                held=held, workers=workers, report=report, fresh=fresh,
+                plan, friend, matches, routing, columns, held=held, workers=workers,
+                report=report, fresh=fresh,
             )
             return report
     empty: dict[str, ak.Array] = {}
