@@ -359,3 +359,30 @@ def test_the_deliver_command_runs_without_the_cyclic_collector(
     got = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     ref = uproot_reference(primary[:1], ["MET_pt"], None)
     assert got.column("MET_pt").to_pylist() == ak.to_list(ref["MET_pt"])
+
+
+def test_event_numbers_are_delta_encoded_and_read_back_by_other_readers(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """64-bit key columns are written DELTA_BINARY_PACKED (a dictionary is built and
+    abandoned for unique event numbers), small integers keep their dictionary, floats
+    BYTE_STREAM_SPLIT; pyarrow and DuckDB read the values uproot reads."""
+    duckdb = pytest.importorskip("duckdb")
+    result = columnhub.deliver(spec(primary), output=tmp_path / "out", cache=False)
+    path = result.files[0]
+    meta = pq.ParquetFile(path).metadata
+    encodings = {
+        meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
+        for i in range(meta.num_columns)
+    }
+    assert "DELTA_BINARY_PACKED" in encodings["event"]
+    assert "RLE_DICTIONARY" not in encodings["event"]
+    assert "RLE_DICTIONARY" in encodings["run"]
+    assert "BYTE_STREAM_SPLIT" in encodings["MET_pt"]
+    ref = uproot_reference(primary, [*KEYS, "MET_pt"], None)
+    got = pa.concat_tables(pq.read_table(f) for f in result.files)
+    for name in [*KEYS, "MET_pt"]:
+        assert got.column(name).to_pylist() == ak.to_list(ref[name]), name
+    files = [str(f) for f in result.files]
+    events = duckdb.sql(f"SELECT event FROM read_parquet({files!r})").fetchnumpy()["event"]
+    assert events.tolist() == ak.to_list(ref["event"])
