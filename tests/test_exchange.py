@@ -10,6 +10,7 @@ row groups and baskets, read with pyarrow and uproot.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import columnhub
-from columnhub.errors import SpecError
+from columnhub.errors import JoinError, SpecError
 from columnhub.join.exchange import MEMORY_ENV, SWITCH_ENV, memory_budget
 
 KEYS = ("run", "luminosityBlock", "event")
@@ -384,6 +385,73 @@ def test_in_memory_exchange_leaves_every_column_in_the_cache_and_a_lost_write_is
     assert rows(third) == expected
     assert third.to_arrow().column("y").to_pylist() == [e % 13 for e in range(N)]
     assert ColumnCache(cache).stats().corrupt >= len(entries) // 2
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_in_memory_exchange_of_a_collection_list_is_filled_and_checked(
+    shared_data: Path, tmp_path: Path, broken: bool
+) -> None:
+    """A Parquet friend's list joining the primary's Jet collection, exchanged in memory
+    (its chunks assembled while the chunk tasks run): filled to nJet where the event
+    has no partner; a list of another length is the join error the per-chunk path
+    gives, raised from the chunk that needs it, and nothing is published."""
+    source = shared_data / "nano_tt_v12.root"
+    with uproot.open(source) as f:
+        original = f["Events"].arrays([*KEYS, "nJet", "Jet_btagDeepFlavB"], library="ak")
+    rng = np.random.default_rng(9)
+    picked = rng.permutation(len(original))[: int(0.8 * len(original))]
+    ev = original[picked]
+    btag = ev.Jet_btagDeepFlavB * 2 + 1
+    if broken:  # one event's list loses an item
+        row = int(np.flatnonzero(ak.to_numpy(ev.nJet) > 0)[0])
+        lists = ak.to_list(btag)
+        lists[row] = lists[row][:-1]
+        btag = ak.Array(lists)
+    friend = tmp_path / "btag.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                **{k: ak.to_numpy(ev[k]) for k in KEYS},
+                "Jet_btagNew": ak.to_arrow(btag, extensionarray=False),
+            }
+        ),
+        friend,
+        row_group_size=50,
+    )
+    req = {
+        "dataset": {"name": "tt", "files": [str(source)]},
+        "columns": ["Jet_btagNew", "btag_matched"],
+        "chunk_size": 37,
+        "friends": [
+            {"name": "btag", "dataset": {"name": "btag", "files": [str(friend)]},
+             "columns": ["Jet_btagNew"]}
+        ],
+    }
+    if broken:
+        key = ", ".join(str(int(ev[k][row])) for k in KEYS)
+        with pytest.raises(JoinError, match="'Jet_btagNew' joins the primary's collection") as err:
+            columnhub.deliver(req, output=tmp_path / "out", cache=tmp_path / "cache")
+        assert key in str(err.value) or str(int(ev.event[row])) in str(err.value)
+        failed = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        assert failed["complete"] is False
+        assert failed["files"] == []
+        assert "Jet_btagNew" in failed["error"]
+        assert not list((tmp_path / "out").glob("part-*"))
+        return
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=tmp_path / "cache")
+    exchange = result.manifest["friend_exchange"]["btag"]
+    assert exchange["ran"], exchange
+    assert exchange["in_memory"], exchange
+    assert exchange["bytes_stored"] > 0
+    table = {
+        tuple(int(original[k][i]) for k in KEYS): ak.to_list(original.Jet_btagDeepFlavB[i] * 2 + 1)
+        for i in picked.tolist()
+    }
+    expected = [
+        table.get(tuple(int(original[k][i]) for k in KEYS), [None] * int(original.nJet[i]))
+        for i in range(len(original))
+    ]
+    assert ak.to_list(result.to_awkward().Jet_btagNew) == expected
 
 
 def _taken_reference(values: list[Any], rows: list[int]) -> list[Any]:

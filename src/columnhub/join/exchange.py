@@ -494,9 +494,28 @@ class HeldColumns:
             if target is not None
             else None
         )
+        self._makers: Any = None
+        self._pending: dict[str, Any] = {}
 
     def __len__(self) -> int:
-        return len(self._values)
+        """Columns held or promised."""
+        return len(self._values) + len(self._pending)
+
+    def promise(self, keys: Sequence[str], make: Callable[[], None], *, workers: int) -> None:
+        """Run ``make`` (which holds ``keys``) in the background; a :meth:`get` of one waits.
+
+        The chunk tasks start while the exchange still assembles later chunks;
+        an error of ``make`` is raised where one of its columns is looked up.
+        """
+        if self._makers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._makers = ThreadPoolExecutor(
+                max(1, workers), thread_name_prefix="columnhub-exchange"
+            )
+        future = self._makers.submit(make)
+        for key in keys:
+            self._pending[key] = future
 
     def hold(self, key: str, value: ak.Array) -> None:
         """Hold ``value`` under ``key`` and store it in the target in the background."""
@@ -512,11 +531,25 @@ class HeldColumns:
             self.failed_writes += 1
 
     def get(self, key: str) -> ak.Array | None:
-        """The column held under ``key`` (else the fallback's, else ``None``)."""
+        """The column held under ``key`` (else the fallback's, else ``None``).
+
+        A promised column is waited for; the error of the task making it, if
+        any, is raised here.
+        """
         found = self._values.get(key)
+        if found is None:
+            making = self._pending.get(key)
+            if making is not None:
+                making.result()
+                found = self._values.get(key)
         if found is None and self.fallback is not None:
             return self.fallback.get(key)
         return found
+
+    def settle(self) -> None:
+        """Wait until every promised column is made (errors are raised by :meth:`get`)."""
+        for making in set(self._pending.values()):
+            making.exception()
 
     def wait(self) -> None:
         """Wait until every column handed so far is stored (or failed to be)."""
@@ -525,8 +558,12 @@ class HeldColumns:
             write.result()
 
     def close(self) -> None:
-        """Wait for the writes, then let the held columns go."""
+        """Wait for the columns promised and their writes, then let the held columns go."""
         try:
+            self.settle()
+            if self._makers is not None:
+                self._makers.shutdown(wait=True)
+                self._makers = None
             self.wait()
         finally:
             if self._pool is not None:
@@ -682,10 +719,15 @@ def _exchange_held(
     """The exchange in memory, Arrow-native: each block read once, one take per chunk.
 
     The blocks' tables are laid end to end; each chunk's friend rows become
-    positions in them (from the routing), and each column is taken once per chunk in primary-row
-    order (``None`` where no partner). The columns are handed to ``held``: the
-    chunk tasks get them at once, the cache writes happen behind them.
+    positions in them (from the routing), and each column is taken once per
+    chunk in primary-row order (``None`` where no partner). Returns once the
+    blocks are read: each chunk is assembled in the background and handed to
+    ``held`` (the chunk tasks, started meanwhile, wait only for their own
+    chunk), and its cache writes happen behind the chunk tasks.
     """
+    import functools
+    import threading
+
     import pyarrow as pa
 
     from columnhub.execute.local import run_ordered
@@ -723,8 +765,10 @@ def _exchange_held(
     }
     report.seconds["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    lock = threading.Lock()
+    left = [len(matches)]
 
-    def assemble(local: int) -> tuple[int, list[str]]:
+    def assemble(local: int) -> None:
         positions = positions_of[local]
 
         def gathered(column: str) -> ak.Array:
@@ -735,19 +779,29 @@ def _exchange_held(
             return ak.Array(taken)
 
         stored = 0
-        keys = []
         for key, value in _joined(plan, friend, matches[local], gathered, None):
             held.hold(key, value)
             stored += int(value.nbytes)
-            keys.append(key)
-        return stored, keys
+        with lock:
+            report.bytes_stored += stored
+            left[0] -= 1
+            if not left[0]:
+                report.seconds["assemble"] = time.perf_counter() - t0
 
-    for local, (stored, keys) in enumerate(
-        run_ordered(assemble, range(len(matches)), workers=workers)
-    ):
-        report.bytes_stored += stored
-        fresh.setdefault(matches[local].chunk.index, set()).update(keys)
-    report.seconds["assemble"] = time.perf_counter() - t0
+    # the chunk tasks start now: each waits only for its own chunk's columns
+    for local, chunk_match in enumerate(matches):
+        keys = _friend_keys(plan, friend, chunk_match.chunk)
+        fresh.setdefault(chunk_match.chunk.index, set()).update(keys)
+        held.promise(keys, functools.partial(assemble, local), workers=workers)
+    report.settle = held.settle
+
+
+def _friend_keys(plan: Plan, friend: Friend, chunk: Chunk) -> list[str]:
+    """The addresses of a chunk's columns of ``friend`` (what :func:`_joined` stores)."""
+    from columnhub.execute.chunk import _ChunkWork
+
+    work = _ChunkWork(plan, chunk, None)
+    return [work.key(name) for name in _friend_names(plan, friend)]
 
 
 @dataclass
@@ -784,9 +838,13 @@ class FriendExchange:
     in_memory: bool = False
     memory_budget: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    #: waits for the chunks still being assembled in the background (in memory)
+    settle: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
+        """JSON-ready fields (once every chunk is assembled)."""
+        if self.settle is not None:
+            self.settle()
         return {
             "ran": self.ran,
             "reason": self.reason,
