@@ -758,9 +758,11 @@ def _exchange_held(
     # the types the per-chunk path gives (an option over the column as read): the
     # same in every chunk and every path, whatever the data holds
     like = {c: ak.to_layout(ak.from_arrow(combined[c].slice(0, 1))).form for c in columns}
-    expected = {
-        c: gather(ak.from_arrow(combined[c].slice(0, 1)), np.array([0, -1]), optional=True)
-        .layout.form.type
+    expected = {  # gather(..., optional=True)'s type: an option over the column's
+        c: ak.contents.IndexedOptionArray.simplified(
+            ak.index.Index64(np.array([0, -1], dtype=np.int64)),
+            ak.to_layout(ak.from_arrow(combined[c].slice(0, 1))),
+        ).form.type
         for c in columns
     }
     report.seconds["read"] = time.perf_counter() - t0
