@@ -323,7 +323,7 @@ def test_in_memory_exchange_gives_the_bytes_of_pieces_and_of_the_per_chunk_path(
     events = np.arange(N) if coverage == "every event" else np.sort(rng.permutation(N)[:2700])
     files = [write_friend_parquet(tmp_path / "friend.parquet", rng.permutation(events))]
     req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
-    held = columnhub.deliver(req, output=tmp_path / "held", cache=tmp_path / "c1")
+    held = columnhub.deliver(req, output=tmp_path / "held", cache=tmp_path / "c1", workers=2)
     exchange = held.manifest["friend_exchange"]["f"]
     assert exchange["ran"], exchange
     assert exchange["in_memory"], exchange
@@ -341,7 +341,11 @@ def test_in_memory_exchange_gives_the_bytes_of_pieces_and_of_the_per_chunk_path(
     monkeypatch.setenv(SWITCH_ENV, "0")
     off = columnhub.deliver(req, output=tmp_path / "off", cache=tmp_path / "c3")
     assert not off.manifest["friend_exchange"]["f"]["ran"]
-    for result in (pieces, off):
+    monkeypatch.delenv(SWITCH_ENV)
+    monkeypatch.delenv(MEMORY_ENV)
+    one = columnhub.deliver(req, output=tmp_path / "one", cache=tmp_path / "c4", workers=1)
+    assert one.manifest["friend_exchange"]["f"]["in_memory"]
+    for result in (pieces, off, one):
         assert [p.read_bytes() for p in result.files] == [p.read_bytes() for p in held.files]
 
 
