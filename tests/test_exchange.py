@@ -323,7 +323,9 @@ def test_in_memory_exchange_gives_the_bytes_of_pieces_and_of_the_per_chunk_path(
     events = np.arange(N) if coverage == "every event" else np.sort(rng.permutation(N)[:2700])
     files = [write_friend_parquet(tmp_path / "friend.parquet", rng.permutation(events))]
     req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    req["output"] = {"target_part_bytes": 40_000}  # several parts
     held = columnhub.deliver(req, output=tmp_path / "held", cache=tmp_path / "c1", workers=2)
+    assert len(held.files) >= 2
     exchange = held.manifest["friend_exchange"]["f"]
     assert exchange["ran"], exchange
     assert exchange["in_memory"], exchange
