@@ -678,7 +678,9 @@ def _parquet_bytes(friend: Friend, routing: Routing, columns: Sequence[str]) -> 
     return total
 
 
-def _read_table(friend: Friend, block: Block, entries: tuple[int, int], columns: Sequence[str]) -> Any:
+def _read_table(
+    friend: Friend, block: Block, entries: tuple[int, int], columns: Sequence[str]
+) -> Any:
     """Entries ``entries`` of a Parquet friend's ``block`` as one Arrow table (read once)."""
     from columnhub.errors import ColumnhubError, CorruptFileError
     from columnhub.sources import parquet
@@ -778,8 +780,9 @@ def _exchange_held(
         positions = positions_of[local]
 
         def gathered(column: str) -> ak.Array:
-            taken = _optional_like(ak.to_layout(ak.from_arrow(_take(combined[column], positions))),
-                                   like[column])
+            taken = _optional_like(
+                ak.to_layout(ak.from_arrow(_take(combined[column], positions))), like[column]
+            )
             if taken.form.type != expected[column]:  # a layout _take does not give as gather does
                 return gather(ak.from_arrow(combined[column]), positions, optional=True)
             return ak.Array(taken)

@@ -176,9 +176,7 @@ class ParquetPart:
         options = writer_options(schema, None if compression == "none" else compression)
         self._sink = _HashingFile(self._tmp)
         try:
-            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-                self._sink, schema, **options
-            )
+            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._sink, schema, **options)
         except BaseException:
             self._sink.close()
             self._tmp.unlink(missing_ok=True)
