@@ -220,6 +220,10 @@ def corrupt_local(path: str, how: str) -> None:
         raw = bytearray()
     elif how == "extend":
         raw += b"\x00"
+    elif how == "zeros":  # a crash before the data reached the disk: the size, no bytes
+        raw = bytearray(len(raw))
+    elif how == "zero-tail":  # only the first page reached the disk
+        raw[4096:] = bytes(len(raw) - 4096)
     else:  # flip one byte at a relative position: prefix, header or payload
         pos = {"flip-prefix": 9, "flip-header": 40, "flip-payload": len(raw) - 3}[how]
         raw[pos] ^= 0x01
@@ -227,11 +231,13 @@ def corrupt_local(path: str, how: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "how", ["flip-prefix", "flip-header", "flip-payload", "truncate", "empty", "extend"]
+    "how",
+    ["flip-prefix", "flip-header", "flip-payload", "truncate", "empty", "extend", "zeros",
+     "zero-tail"],
 )
 def test_corrupt_entry_is_a_miss_removed_and_rewritable(tmp_path: Path, how: str) -> None:
     cache = ColumnCache(tmp_path)
-    array = ak.Array([[float(i)] * (i % 4) for i in range(200)])
+    array = ak.Array([[float(i)] * (i % 4) for i in range(2000)])  # > 4096 bytes
     k = key(how)
     cache.put(k, array)
     corrupt_local(cache.entry_path(k), how)
@@ -241,6 +247,34 @@ def test_corrupt_entry_is_a_miss_removed_and_rewritable(tmp_path: Path, how: str
     assert (stats.corrupt, stats.misses, stats.hits) == (1, 1, 0)
     cache.put(k, array)
     assert same(array, cache.get(k))
+
+
+def test_entries_are_not_fsynced_and_a_lost_write_is_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries skip fsync (a cold request writes hundreds of MB); what a crash can
+    leave of an entry whose data never reached the disk (its size with zeros, a
+    short file, nothing) reads as a miss, never as data."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:  # the real fsync, counted
+        synced.append(fd)
+        real_fsync(fd)
+
+    cache = ColumnCache(tmp_path)
+    cache.put(key("nosync-first"), ak.Array([1.0]))  # the root and its CACHEDIR.TAG (synced)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    arrays = {i: ak.Array(np.arange(3000, dtype=np.float64) * i) for i in range(4)}
+    for i, array in arrays.items():
+        cache.put(key(("nosync", i)), array)
+    assert synced == []
+    for i, how in enumerate(["zeros", "zero-tail", "truncate", "empty"]):
+        corrupt_local(cache.entry_path(key(("nosync", i))), how)
+        assert cache.get(key(("nosync", i))) is None
+        cache.put(key(("nosync", i)), arrays[i])  # recomputed, rewritten, served
+        assert same(arrays[i], cache.get(key(("nosync", i))))
+    assert cache.stats().corrupt == 4
 
 
 def test_corrupt_bytes_entry_on_memory_store() -> None:

@@ -10,8 +10,10 @@ row groups and baskets, read with pyarrow and uproot.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import columnhub
-from columnhub.errors import SpecError
+from columnhub.errors import JoinError, SpecError
 from columnhub.join.exchange import MEMORY_ENV, SWITCH_ENV, memory_budget
 
 KEYS = ("run", "luminosityBlock", "event")
@@ -310,6 +312,198 @@ def test_changed_friend_is_never_served_from_exchanged_entries(
     assert_each_group_read_once(second.manifest, files)
 
 
+@pytest.mark.parametrize("coverage", ["every event", "90 % of events"])
+def test_in_memory_exchange_gives_the_bytes_of_pieces_and_of_the_per_chunk_path(
+    primary: Path, tmp_path: Path, coverage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Arrow-native in-memory exchange, the exchange through per-chunk pieces and
+    the per-chunk path write byte-identical parts (types included: a friend that
+    matches every event still gives option types), equal to the brute force."""
+    rng = np.random.default_rng(5)
+    events = np.arange(N) if coverage == "every event" else np.sort(rng.permutation(N)[:2700])
+    files = [write_friend_parquet(tmp_path / "friend.parquet", rng.permutation(events))]
+    req = request(primary, files, ["event", "x", "fx", "fj", "f_matched"])
+    req["output"] = {"target_part_bytes": 40_000}  # several parts
+    held = columnhub.deliver(req, output=tmp_path / "held", cache=tmp_path / "c1", workers=2)
+    assert len(held.files) >= 2
+    exchange = held.manifest["friend_exchange"]["f"]
+    assert exchange["ran"], exchange
+    assert exchange["in_memory"], exchange
+    assert_each_group_read_once(held.manifest, files)
+    assert rows(held) == reference(np.arange(N), events, how="left")
+    needed = sum(
+        pq.ParquetFile(files[0]).metadata.row_group(g).column(c).total_uncompressed_size
+        for g in range(pq.ParquetFile(files[0]).metadata.num_row_groups)
+        for c in (3, 4)  # fx, fj
+    )
+    monkeypatch.setenv(MEMORY_ENV, str(needed))  # the columns fit once, not twice
+    pieces = columnhub.deliver(req, output=tmp_path / "pieces", cache=tmp_path / "c2")
+    assert pieces.manifest["friend_exchange"]["f"]["ran"]
+    assert not pieces.manifest["friend_exchange"]["f"]["in_memory"]
+    monkeypatch.setenv(SWITCH_ENV, "0")
+    off = columnhub.deliver(req, output=tmp_path / "off", cache=tmp_path / "c3")
+    assert not off.manifest["friend_exchange"]["f"]["ran"]
+    monkeypatch.delenv(SWITCH_ENV)
+    monkeypatch.delenv(MEMORY_ENV)
+    one = columnhub.deliver(req, output=tmp_path / "one", cache=tmp_path / "c4", workers=1)
+    assert one.manifest["friend_exchange"]["f"]["in_memory"]
+    for result in (pieces, off, one):
+        assert [p.read_bytes() for p in result.files] == [p.read_bytes() for p in held.files]
+
+
+def test_in_memory_exchange_leaves_every_column_in_the_cache_and_a_lost_write_is_a_miss(
+    primary: Path, tmp_path: Path
+) -> None:
+    """The cache writes behind the chunk tasks are all done when deliver returns (a
+    later request reads the friend from the cache alone); an entry whose data never
+    reached the disk (zeroed, cut short) is a miss and is recomputed right."""
+    from columnhub.cache import ColumnCache
+
+    files = make_friend("shuffled", tmp_path)
+    cache = tmp_path / "cache"
+    first = columnhub.deliver(
+        request(primary, files, ["event", "x", "fx", "fj", "f_matched"]),
+        output=tmp_path / "one",
+        cache=cache,
+    )
+    assert first.manifest["friend_exchange"]["f"]["in_memory"]
+    later = request(primary, files, ["event", "x", "y", "fx", "fj", "f_matched"])
+    second = columnhub.deliver(later, output=tmp_path / "two", cache=cache)
+    assert second.manifest["friend_exchange"]["f"]["reason"].startswith("cached")
+    assert all(c["friend_entries_read"] == 0 for c in second.manifest["chunks"])
+    expected = reference(np.arange(N), friend_events(files), how="left")
+    assert rows(second) == expected
+    # what a crash before the data reached the disk leaves: the size with zeros, a
+    # first page only, nothing
+    entries = sorted(p for p in (cache / "objects").rglob("*") if p.is_file())
+    for i, path in enumerate(entries):
+        size = path.stat().st_size
+        if i % 3 == 0:
+            path.write_bytes(bytes(size))
+        elif i % 3 == 1:
+            keep = min(4096, size // 2)
+            path.write_bytes(path.read_bytes()[:keep] + bytes(size - keep))
+        else:
+            path.write_bytes(b"")
+    shutil.rmtree(tmp_path / "two")
+    third = columnhub.deliver(later, output=tmp_path / "two", cache=cache)
+    assert third.manifest["cache"]["hits"] == 0
+    assert rows(third) == expected
+    assert third.to_arrow().column("y").to_pylist() == [e % 13 for e in range(N)]
+    assert ColumnCache(cache).stats().corrupt >= len(entries) // 2
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_in_memory_exchange_of_a_collection_list_is_filled_and_checked(
+    shared_data: Path, tmp_path: Path, broken: bool
+) -> None:
+    """A Parquet friend's list joining the primary's Jet collection, exchanged in memory
+    (its chunks assembled while the chunk tasks run): filled to nJet where the event
+    has no partner; a list of another length is the join error the per-chunk path
+    gives, raised from the chunk that needs it, and nothing is published."""
+    source = shared_data / "nano_tt_v12.root"
+    with uproot.open(source) as f:
+        original = f["Events"].arrays([*KEYS, "nJet", "Jet_btagDeepFlavB"], library="ak")
+    rng = np.random.default_rng(9)
+    picked = rng.permutation(len(original))[: int(0.8 * len(original))]
+    ev = original[picked]
+    btag = ev.Jet_btagDeepFlavB * 2 + 1
+    if broken:  # one event's list loses an item
+        row = int(np.flatnonzero(ak.to_numpy(ev.nJet) > 0)[0])
+        lists = ak.to_list(btag)
+        lists[row] = lists[row][:-1]
+        btag = ak.Array(lists)
+    friend = tmp_path / "btag.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                **{k: ak.to_numpy(ev[k]) for k in KEYS},
+                "Jet_btagNew": ak.to_arrow(btag, extensionarray=False),
+            }
+        ),
+        friend,
+        row_group_size=50,
+    )
+    req = {
+        "dataset": {"name": "tt", "files": [str(source)]},
+        "columns": ["Jet_btagNew", "btag_matched"],
+        "chunk_size": 37,
+        "friends": [
+            {"name": "btag", "dataset": {"name": "btag", "files": [str(friend)]},
+             "columns": ["Jet_btagNew"]}
+        ],
+    }
+    if broken:
+        key = ", ".join(str(int(ev[k][row])) for k in KEYS)
+        with pytest.raises(JoinError, match="'Jet_btagNew' joins the primary's collection") as err:
+            columnhub.deliver(req, output=tmp_path / "out", cache=tmp_path / "cache")
+        assert key in str(err.value) or str(int(ev.event[row])) in str(err.value)
+        failed = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        assert failed["complete"] is False
+        assert failed["files"] == []
+        assert "Jet_btagNew" in failed["error"]
+        assert not list((tmp_path / "out").glob("part-*"))
+        return
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=tmp_path / "cache")
+    exchange = result.manifest["friend_exchange"]["btag"]
+    assert exchange["ran"], exchange
+    assert exchange["in_memory"], exchange
+    assert exchange["bytes_stored"] > 0
+    table = {
+        tuple(int(original[k][i]) for k in KEYS): ak.to_list(original.Jet_btagDeepFlavB[i] * 2 + 1)
+        for i in picked.tolist()
+    }
+    expected = [
+        table.get(tuple(int(original[k][i]) for k in KEYS), [None] * int(original.nJet[i]))
+        for i in range(len(original))
+    ]
+    assert ak.to_list(result.to_awkward().Jet_btagNew) == expected
+
+
+def _taken_reference(values: list[Any], rows: list[int]) -> list[Any]:
+    return [values[r] if r >= 0 else None for r in rows]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    kind=st.sampled_from(["float32", "int64", "list<float64>", "large_list<int32>", "string"]),
+    nulls=st.booleans(),
+    sliced=st.booleans(),
+)
+def test_take_matches_brute_force(data: st.DataObject, kind: str, nulls: bool, sliced: bool) -> None:
+    """``_take`` (numpy for numbers and lists of numbers) against a list comprehension."""
+    from columnhub.join.exchange import _take
+
+    n = data.draw(st.integers(0, 40))
+    maybe = (lambda s: st.one_of(st.none(), s)) if nulls else (lambda s: s)
+    if kind == "float32":
+        values = data.draw(st.lists(maybe(st.floats(-1e3, 1e3, width=32)), min_size=n, max_size=n))
+        array = pa.array(values, type=pa.float32())
+    elif kind == "int64":
+        values = data.draw(st.lists(maybe(st.integers(-(2**62), 2**62)), min_size=n, max_size=n))
+        array = pa.array(values, type=pa.int64())
+    elif kind == "list<float64>":
+        item = st.lists(maybe(st.floats(-1e3, 1e3)), max_size=5)
+        values = data.draw(st.lists(maybe(item), min_size=n, max_size=n))
+        array = pa.array(values, type=pa.list_(pa.float64()))
+    elif kind == "large_list<int32>":
+        item = st.lists(maybe(st.integers(-100, 100)), max_size=5)
+        values = data.draw(st.lists(maybe(item), min_size=n, max_size=n))
+        array = pa.array(values, type=pa.large_list(pa.int32()))
+    else:
+        values = data.draw(st.lists(maybe(st.text(max_size=3)), min_size=n, max_size=n))
+        array = pa.array(values, type=pa.string())
+    if sliced and n > 2:
+        array, values = array.slice(1, n - 2), values[1 : n - 1]
+    rows = data.draw(st.lists(st.integers(-1, len(values) - 1), max_size=30)) if values else (
+        data.draw(st.lists(st.just(-1), max_size=5))
+    )
+    got = _take(array, np.array(rows, dtype=np.int64))
+    assert got.type == array.type
+    assert got.to_pylist() == _taken_reference(values, rows)
+
+
 def test_memory_budget_must_be_a_positive_number(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MEMORY_ENV, "lots")
     with pytest.raises(SpecError, match="COLUMNHUB_EXCHANGE_MEMORY='lots'.*1 GiB"):
@@ -560,7 +754,11 @@ def test_exchange_on_a_local_cluster_gives_the_local_bytes(
     assert_each_group_read_once(on_dask.manifest, files)
     exchange = on_dask.manifest["friend_exchange"]["f"]
     assert exchange["reads"] == local.manifest["friend_exchange"]["f"]["reads"]
-    assert exchange["bytes_stored"] == local.manifest["friend_exchange"]["f"]["bytes_stored"]
+    # locally the Parquet friend is exchanged in memory (Arrow takes), on the cluster
+    # through pieces: the same values (the parts above), held in other layouts
+    assert local.manifest["friend_exchange"]["f"]["in_memory"]
+    assert not exchange["in_memory"]
+    assert exchange["bytes_stored"] > 0
     # the stage ran on the workers: a task per chunk, per block, per chunk again
     steps = exchange_keys([str(t["key"]) for t in stream.data], on_dask.manifest["request_hash"])
     assert len(steps.get("match", [])) == N // CHUNK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import uproot
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,6 +128,40 @@ def test_parts_are_byte_identical_for_any_number_of_workers(
     got = first.to_awkward()
     for name in [*KEYS, *COLUMNS]:
         assert ak.to_list(got[name]) == ak.to_list(ref[name]), name
+    for result in results:  # checksums (taken while writing) of the bytes on disk
+        for part in result.manifest["parts"]:
+            data = (result.directory / part["name"]).read_bytes()
+            assert part["xxh3"] == xxhash.xxh3_64_hexdigest(data), part["name"]
+            assert part["bytes"] == len(data)
+
+
+def test_a_part_hashed_while_written_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The Parquet part writer: the checksum it computes while writing is the file's
+    (read back independently); an aborted part leaves no file, temporary or final."""
+    from columnhub.output.parquet import ParquetPart
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 6, size=5000)
+    table = pa.table(
+        {
+            "x": rng.normal(size=5000).astype(np.float32),
+            "jets": ak.to_arrow(
+                ak.unflatten(rng.normal(size=int(counts.sum())), counts), extensionarray=False
+            ),
+        }
+    )
+    part = ParquetPart(tmp_path, 7, schema=table.schema)
+    for start in range(0, 5000, 1300):
+        part.write(table.slice(start, 1300))
+    info = part.close()
+    data = (tmp_path / info.name).read_bytes()
+    assert info.name == "part-00007.parquet"
+    assert (info.xxh3, info.bytes, info.rows) == (xxhash.xxh3_64_hexdigest(data), len(data), 5000)
+    assert pq.read_table(tmp_path / info.name).equals(table)
+    aborted = ParquetPart(tmp_path, 8, schema=table.schema)
+    aborted.write(table)
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00007.parquet"]
 
 
 @settings(
@@ -289,3 +325,64 @@ print(threads(), kernel_pool_size(), read_executor()._max_workers)
     assert done.returncode != 0
     assert "COLUMNHUB_THREADS must be a positive integer" in done.stderr
     assert "'many'" in done.stderr
+
+
+def test_the_deliver_command_runs_without_the_cyclic_collector(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """``columnhub deliver`` (the installed command, a new process) turns the cyclic
+    collector off; other commands keep it. Seen from inside the process: a
+    ``sitecustomize`` on the path records ``gc.isenabled()`` at exit."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import atexit, gc, os\n"
+        "atexit.register(lambda: open(os.environ['GC_PROBE'], 'w').write(str(gc.isenabled())))\n"
+    )
+    exe = Path(sys.executable).parent / "columnhub"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec(primary[:1], chunk_size=1000)))
+    seen = {}
+    for name, args in {
+        "deliver": ["deliver", str(spec_file), "-o", str(tmp_path / "out"), "--no-progress"],
+        "cache": ["cache", "stats", "--cache", str(tmp_path / "cache")],
+    }.items():
+        env = {
+            **os.environ,
+            "GC_PROBE": str(tmp_path / f"gc-{name}"),
+            "PYTHONPATH": os.pathsep.join([str(probe), os.environ.get("PYTHONPATH", "")]),
+            "COLUMNHUB_CACHE": str(tmp_path / "cache"),
+        }
+        subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=True)
+        seen[name] = (tmp_path / f"gc-{name}").read_text()
+    assert seen == {"deliver": "False", "cache": "True"}
+    got = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    ref = uproot_reference(primary[:1], ["MET_pt"], None)
+    assert got.column("MET_pt").to_pylist() == ak.to_list(ref["MET_pt"])
+
+
+def test_event_numbers_are_delta_encoded_and_read_back_by_other_readers(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """64-bit key columns are written DELTA_BINARY_PACKED (a dictionary is built and
+    abandoned for unique event numbers), small integers keep their dictionary, floats
+    BYTE_STREAM_SPLIT; pyarrow and DuckDB read the values uproot reads."""
+    duckdb = pytest.importorskip("duckdb")
+    result = columnhub.deliver(spec(primary), output=tmp_path / "out", cache=False)
+    path = result.files[0]
+    meta = pq.ParquetFile(path).metadata
+    encodings = {
+        meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
+        for i in range(meta.num_columns)
+    }
+    assert "DELTA_BINARY_PACKED" in encodings["event"]
+    assert "RLE_DICTIONARY" not in encodings["event"]
+    assert "RLE_DICTIONARY" in encodings["run"]
+    assert "BYTE_STREAM_SPLIT" in encodings["MET_pt"]
+    ref = uproot_reference(primary, [*KEYS, "MET_pt"], None)
+    got = pa.concat_tables(pq.read_table(f) for f in result.files)
+    for name in [*KEYS, "MET_pt"]:
+        assert got.column(name).to_pylist() == ak.to_list(ref[name]), name
+    files = [str(f) for f in result.files]
+    events = duckdb.sql(f"SELECT event FROM read_parquet({files!r})").fetchnumpy()["event"]
+    assert events.tolist() == ak.to_list(ref["event"])

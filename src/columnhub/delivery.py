@@ -508,7 +508,7 @@ def _chunk_results(
         exchanged = exchange(plan, cache=cache, staging=staging, workers=workers)
         if exchange_report is not None:
             exchange_report.update({n: r.to_dict() for n, r in exchanged.friends.items()})
-    store = exchanged.store if exchanged is not None else None
+    store = exchanged.lookup if exchanged is not None else None
     fresh = _merge_fresh(prepared, exchanged.fresh if exchanged is not None else {})
     try:
         yield from run_ordered(
@@ -723,7 +723,7 @@ def _execute(
                 )
                 prepared.wait()  # the primary's index, built meanwhile: checked before any part
             shared = {
-                "exchanged": exchanged.store if exchanged is not None else None,
+                "exchanged": exchanged.lookup if exchanged is not None else None,
                 "fresh": _merge_fresh(
                     prepared.fresh if prepared is not None else {},
                     exchanged.fresh if exchanged is not None else {},

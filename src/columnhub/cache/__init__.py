@@ -7,11 +7,18 @@ stores and serves entries.
 from __future__ import annotations
 
 from columnhub.cache.addressing import canonical_json, entry_key, is_valid_key
-from columnhub.cache.store import CacheStats, ColumnCache, GCReport, default_location
+from columnhub.cache.store import (
+    CacheStats,
+    ColumnCache,
+    ColumnLookup,
+    GCReport,
+    default_location,
+)
 
 __all__ = [
     "CacheStats",
     "ColumnCache",
+    "ColumnLookup",
     "GCReport",
     "canonical_json",
     "default_location",

@@ -141,10 +141,16 @@ class LocalBackend:
         out.flags.writeable = False
         return out
 
-    def write_atomic(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
-        """Write ``chunks`` to a temp file beside ``path``, fsync, rename over it.
+    def write_atomic(
+        self, path: str, chunks: Sequence[memoryview | bytes], *, durable: bool = True
+    ) -> None:
+        """Write ``chunks`` to a temp file beside ``path`` and rename it over ``path``.
 
-        Readers see either the old file, no file, or the complete new one.
+        Readers see either the old file, no file, or the complete new one. With
+        ``durable`` the file is fsynced before the rename (it survives a power
+        loss whole); without it the rename may reach the disk before the data,
+        so after a crash the file can be short or hold zeros: only for files
+        whose readers verify them (cache entries carry their size and checksum).
         """
         directory, name = os.path.split(path)
         for attempt in range(3):
@@ -159,8 +165,9 @@ class LocalBackend:
             try:
                 with open(fd, "wb") as f:
                     f.writelines(chunks)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 self.remove(tmp)
@@ -269,8 +276,11 @@ class FsspecBackend:
 
     read_bytes = read
 
-    def write_atomic(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
-        """Write under a temporary name, then move into place."""
+    def write_atomic(
+        self, path: str, chunks: Sequence[memoryview | bytes], *, durable: bool = True
+    ) -> None:
+        """Write under a temporary name, then move into place (``durable``: the store's own)."""
+        del durable  # an object store makes an object durable when the write returns
         directory, _, name = path.rpartition("/")
         tmp = f"{directory}/{temp_name(name)}"
         data = b"".join(chunks)

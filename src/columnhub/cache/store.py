@@ -17,9 +17,14 @@ Guarantees:
   copied over another's), is never served: it counts as a miss and as
   ``corrupt``, and is deleted (unless the cache is read-only), so the next
   ``put`` rewrites it.
-* Writes go to a unique temporary file in the entry's directory, are fsynced
-  and renamed into place: readers never see a partial entry and concurrent
-  writers of one key leave exactly one complete entry.
+* Writes go to a unique temporary file in the entry's directory and are
+  renamed into place: readers never see a partial entry and concurrent
+  writers of one key leave exactly one complete entry. Entries are not
+  fsynced (a cold request writes hundreds of MB of them): after a crash or a
+  power loss an entry renamed into place can be short, or hold zeros where
+  its data never reached the disk. The prefix's payload length and the
+  xxh3 checksum over the whole entry make such an entry corrupt, hence a
+  miss that is recomputed, never wrong data.
 * Recency (for :meth:`ColumnCache.gc`) is the last ``get`` or ``put``: the
   entry file's mtime on local disks, a ``used/`` marker on object stores.
 * Hit/miss counters are kept in memory and written as small delta files (at
@@ -46,7 +51,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from columnhub.cache import _format
 from columnhub.cache._backends import FileInfo, FsspecBackend, LocalBackend
@@ -56,7 +61,7 @@ from columnhub.errors import CacheError
 if TYPE_CHECKING:  # awkward loads with the first array, fsspec with the first URL
     import awkward as ak
 
-__all__ = ["CacheStats", "ColumnCache", "GCReport", "default_location"]
+__all__ = ["CacheStats", "ColumnCache", "ColumnLookup", "GCReport", "default_location"]
 
 #: Seconds between two writes of one instance's counter deltas.
 STATS_FLUSH_INTERVAL = 5.0
@@ -71,6 +76,14 @@ _CACHEDIR_TAG = (
 )
 _COUNTERS = ("hits", "misses", "puts", "skipped_puts", "corrupt")
 _LIVE: weakref.WeakSet[ColumnCache] = weakref.WeakSet()
+
+
+class ColumnLookup(Protocol):
+    """Anything a chunk task looks columns up in by address: a :class:`ColumnCache`, or
+    the friend exchange's columns held in memory for one request."""
+
+    def get(self, key: str) -> ak.Array | None:
+        """The array stored under ``key``, or ``None``."""
 
 
 def default_location() -> str:
@@ -397,7 +410,9 @@ class ColumnCache:
             return
         self._ensure_root()
         try:
-            self._backend.write_atomic(path, chunks)
+            # no fsync: a crash can leave an entry short or zeroed, which its
+            # size and checksum turn into a miss (module docstring)
+            self._backend.write_atomic(path, chunks, durable=False)
         except OSError as err:
             msg = (
                 f"cannot write cache entry {path!r}: {err}; check the cache directory's "

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from columnhub import sources
-from columnhub.cache import ColumnCache
+from columnhub.cache import ColumnCache, ColumnLookup
 from columnhub.errors import (
     CacheError,
     ColumnhubError,
@@ -62,7 +62,7 @@ def run_chunk(
     chunk: Chunk,
     *,
     cache: ColumnCache | None = None,
-    exchanged: ColumnCache | None = None,
+    exchanged: ColumnLookup | None = None,
     fresh: Collection[str] = (),
 ) -> ChunkResult:
     """Compute, select and convert the output columns of ``chunk``.
@@ -120,7 +120,7 @@ class _ChunkWork:
         plan: Plan,
         chunk: Chunk,
         cache: ColumnCache | None,
-        exchanged: ColumnCache | None = None,
+        exchanged: ColumnLookup | None = None,
         fresh: Collection[str] = (),
     ) -> None:
         self.plan = plan

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from columnhub.cache import ColumnCache
+    from columnhub.cache import ColumnCache, ColumnLookup
     from columnhub.execute.part import PartMeta
     from columnhub.plan import Part, Plan
 
@@ -59,7 +59,7 @@ def run_parts(
     schema: pa.Schema | None,
     *,
     workers: int = 1,
-    exchanged: ColumnCache | None = None,
+    exchanged: ColumnLookup | None = None,
     fresh: Mapping[int, Collection[str]] | None = None,
 ) -> Iterator[PartMeta]:
     """Part tasks on ``workers`` threads; each part's metadata as it finishes.

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from columnhub.cache import ColumnCache
+from columnhub.cache import ColumnCache, ColumnLookup
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.plan import Chunk, Part, Plan
 
@@ -79,7 +79,7 @@ def run_part(
     cache: ColumnCache | None = None,
     *,
     schema: pa.Schema | None = None,
-    exchanged: ColumnCache | None = None,
+    exchanged: ColumnLookup | None = None,
     fresh: Mapping[int, Collection[str]] | None = None,
 ) -> PartMeta:
     """Compute, select and write part ``part`` of ``plan`` into ``staging``.
@@ -159,7 +159,7 @@ def _results(
     plan: Plan,
     part: Part,
     cache: ColumnCache | None,
-    exchanged: ColumnCache | None,
+    exchanged: ColumnLookup | None,
     fresh: Mapping[int, Collection[str]],
 ) -> Iterator[ChunkResult]:
     """The part's chunk results in order, the next one computed while this one is written."""

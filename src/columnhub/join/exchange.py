@@ -70,7 +70,7 @@ from columnhub.join.gather import compact, gather
 from columnhub.join.match import Match, match
 
 if TYPE_CHECKING:
-    from columnhub.cache import ColumnCache
+    from columnhub.cache import ColumnCache, ColumnLookup
     from columnhub.execute.dask import Tasks
     from columnhub.join.index import KeyIndex
     from columnhub.plan import Chunk, Friend, Plan
@@ -230,6 +230,7 @@ def match_chunk(
     friends: Sequence[str],
     store: ColumnCache | None = None,
     cache: ColumnCache | None = None,
+    held: HeldColumns | None = None,
 ) -> ChunkMatch:
     """Task: read one chunk's keys (and counters) and match them against each friend.
 
@@ -241,6 +242,9 @@ def match_chunk(
             addresses the chunk task uses: the column cache, or the request's
             temporary store.
         cache: where key indexes are kept.
+        held: (same process only) where the key columns read are handed to
+            the chunk tasks in memory, stored behind them, instead of being
+            stored in ``store`` first.
     """
     from columnhub.execute.chunk import _ChunkWork
 
@@ -248,7 +252,13 @@ def match_chunk(
     names = [*plan.request.dataset.keys, *_counters(plan, chosen)]
     work = _ChunkWork(plan, chunk, store)
     work.resolve(names)
+    if held is not None:
+        work.cache = None  # what is read goes to ``held`` below, not to the store now
     work.compute()  # reads and stores what it misses; no friend is joined for these names
+    if held is not None:
+        for name in [*work.to_read, *work.to_compute]:
+            value = work.values[name]
+            held.hold(work.key(name), value if isinstance(value, ak.Array) else ak.Array(value))
     keys = [np.asarray(ak.to_numpy(work.values[k])) for k in plan.request.dataset.keys]
     rows = {}
     for friend in chosen:
@@ -424,8 +434,6 @@ def assemble_chunk(
     Returns:
         Bytes of the columns stored, and their addresses.
     """
-    from columnhub.execute.chunk import _ChunkWork
-
     spec = plan.friend(friend)
     rows = chunk_match.rows[friend]
     n = len(rows)
@@ -439,25 +447,402 @@ def assemble_chunk(
         where, values = np.zeros(0, dtype=np.int64), dict(empty)
     inverse = np.full(n, -1, dtype=np.int64)
     inverse[where] = np.arange(len(where), dtype=np.int64)
+    stored = 0
+    keys = []
+    for key, value in _joined(
+        plan, spec, chunk_match, lambda c: gather(values[c], inverse, optional=True), store
+    ):
+        keys.append(key)
+        stored += int(value.nbytes)
+    # a column that could not be stored (a full cache) is joined by the chunk task
+    # itself, as without the exchange: a full cache never fails a request
+    return stored, tuple(keys)
+
+
+def _joined(
+    plan: Plan,
+    spec: Friend,
+    chunk_match: ChunkMatch,
+    gathered: Callable[[str], ak.Array],
+    store: ColumnCache | None,
+) -> list[tuple[str, ak.Array]]:
+    """A chunk's friend columns, as the chunk task computes them, with their addresses.
+
+    ``gathered(column)`` gives the friend column's values in the chunk's row
+    order (``None`` where no partner); lists of a primary collection are then
+    filled to the counter and checked, and every column is stored in
+    ``store`` (if any) under the address the chunk task looks up.
+    """
+    from columnhub.execute.chunk import _ChunkWork
+
+    rows = chunk_match.rows[spec.spec.name]
+    n = len(rows)
     work = _ChunkWork(plan, chunk_match.chunk, store)
     work.values.update(chunk_match.values)
     pairs = Match(np.arange(n, dtype=np.int64), rows, primary_identity=True)
-    stored = 0
-    keys = []
+    out = []
     for name in _friend_names(plan, spec):
         source = plan.columns[name].source
         if source["column"] is None:  # <friend>_matched
             value = ak.Array(rows >= 0)
         else:
-            value = gather(values[source["column"]], inverse, optional=True)
+            value = gathered(source["column"])
             if source.get("counter") is not None:
                 value = work._join_collection(name, value, pairs, spec)
+        value = value if isinstance(value, ak.Array) else ak.Array(value)
         work._store(name, value)
-        keys.append(work.key(name))
-        stored += int(ak.Array(value).nbytes)
-    # a column that could not be stored (a full cache) is joined by the chunk task
-    # itself, as without the exchange: a full cache never fails a request
-    return stored, tuple(keys)
+        out.append((work.key(name), value))
+    return out
+
+
+class HeldColumns:
+    """A request's exchanged friend columns held in memory, written to the cache behind.
+
+    The chunk tasks look their friend columns up here (:meth:`get`) the
+    moment the exchange has made them, without waiting for them to be stored:
+    each column is handed to one background thread that stores it in
+    ``target`` (the column cache) while the chunk tasks run. A column that
+    cannot be stored (a full cache) only misses the next request; this one
+    has it in memory. :meth:`close` waits for every write (a request ends
+    with its columns stored) and lets the memory go.
+
+    Args:
+        target: where the columns are stored for later requests (``None``:
+            nowhere, e.g. no writable cache).
+        fallback: looked up for columns not held here (the request's
+            temporary store of key columns when there is no writable cache).
+    """
+
+    def __init__(self, target: ColumnCache | None, fallback: ColumnCache | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.target = target
+        self.fallback = fallback
+        self.failed_writes = 0
+        self._values: dict[str, ak.Array] = {}
+        self._writes: list[Any] = []
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="columnhub-cache-write")
+            if target is not None
+            else None
+        )
+        self._makers: Any = None
+        self._pending: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        """Columns held or promised."""
+        return len(self._values) + len(self._pending)
+
+    def promise(self, keys: Sequence[str], make: Callable[[], None], *, workers: int) -> None:
+        """Run ``make`` (which holds ``keys``) in the background; a :meth:`get` of one waits.
+
+        The chunk tasks start while the exchange still assembles later chunks;
+        an error of ``make`` is raised where one of its columns is looked up.
+        """
+        if self._makers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._makers = ThreadPoolExecutor(
+                max(1, workers), thread_name_prefix="columnhub-exchange"
+            )
+        future = self._makers.submit(make)
+        for key in keys:
+            self._pending[key] = future
+
+    def hold(self, key: str, value: ak.Array) -> None:
+        """Hold ``value`` under ``key`` and store it in the target in the background."""
+        self._values[key] = value
+        if self._pool is not None:
+            self._writes.append(self._pool.submit(self._write, key, value))
+
+    def _write(self, key: str, value: ak.Array) -> None:
+        assert self.target is not None
+        try:
+            self.target.put(key, value)
+        except CacheError:  # a full or unwritable cache never fails a request
+            self.failed_writes += 1
+
+    def get(self, key: str) -> ak.Array | None:
+        """The column held under ``key`` (else the fallback's, else ``None``).
+
+        A promised column is waited for; the error of the task making it, if
+        any, is raised here.
+        """
+        found = self._values.get(key)
+        if found is None:
+            making = self._pending.get(key)
+            if making is not None:
+                making.result()
+                found = self._values.get(key)
+        if found is None and self.fallback is not None:
+            return self.fallback.get(key)
+        return found
+
+    def settle(self) -> None:
+        """Wait until every promised column is made (errors are raised by :meth:`get`)."""
+        for making in set(self._pending.values()):
+            making.exception()
+
+    def wait(self) -> None:
+        """Wait until every column handed so far is stored (or failed to be)."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+
+    def close(self) -> None:
+        """Wait for the columns promised and their writes, then let the held columns go."""
+        try:
+            self.settle()
+            if self._makers is not None:
+                self._makers.shutdown(wait=True)
+                self._makers = None
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._values.clear()
+
+
+def _take(array: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` of the Arrow array ``array`` (``-1``: null), as ``pc.take`` gives them.
+
+    Numbers, and lists of numbers, without nulls are taken with numpy and a
+    take of the lists' items (Arrow's take of a list column copies list by
+    list: 2-3x the CPU); anything else goes to ``pyarrow.compute.take``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    missing = rows < 0
+    mask = missing if missing.any() else None
+    safe = np.where(missing, 0, rows) if mask is not None else rows
+    kind = array.type
+    if len(array) == 0:  # every row is -1
+        return pc.take(array, pa.array(rows, mask=missing))
+    plain = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    if array.null_count == 0 and plain:
+        return pa.array(array.to_numpy()[safe], type=kind, mask=mask)
+    listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if array.null_count == 0 and listed:
+        child = array.values  # not sliced: the offsets index it directly
+        inner = child.type
+        if child.null_count == 0 and (pa.types.is_integer(inner) or pa.types.is_floating(inner)):
+            large = pa.types.is_large_list(kind)
+            offsets = np.asarray(array.offsets)
+            starts = offsets[safe]
+            lengths = offsets[safe + 1] - starts
+            if mask is not None:
+                lengths[missing] = 0
+            out = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=out[1:])
+            total = int(out[-1])
+            if large or total < 2**31:
+                # each item's source: its list's start + its place in the list; int32
+                # where it fits (half the memory to write)
+                width = np.int64 if len(child) >= 2**31 else np.int32
+                items = np.repeat((starts - out[:-1]).astype(width), lengths)
+                items += np.arange(total, dtype=width)
+                cls = pa.LargeListArray if large else pa.ListArray
+                return cls.from_arrays(
+                    pa.array(out if large else out.astype(np.int32)),
+                    pc.take(child, pa.array(items)),
+                    type=kind,
+                    mask=None if mask is None else pa.array(mask),
+                )
+    return pc.take(array, pa.array(rows, mask=missing))
+
+
+def _optional_like(layout: Any, form: Any) -> Any:
+    """``layout`` (taken by :func:`_take`) as an option type over ``form``'s options.
+
+    Arrow leaves out a validity buffer where nothing is missing, so a take
+    without ``None`` reads back without an option type; the per-chunk path's
+    values always have one (a join's choice, not the data's), and inside lists
+    the options ``form`` (the column as read) has. Wrapping in
+    ``UnmaskedArray`` adds them without a copy.
+    """
+    top = layout if layout.is_option else ak.contents.UnmaskedArray(layout)
+    return _options_below(top, form)
+
+
+def _options_below(layout: Any, form: Any) -> Any:
+    """``layout``'s contents given the options ``form`` has at each depth (no copy)."""
+    if form.is_option:
+        form = form.content
+    if layout.is_option:
+        inner = layout.content
+        fixed = _options_below(inner, form)
+        return layout if fixed is inner else layout.copy(content=fixed)
+    if layout.is_list and form.is_list:
+        content = layout.content
+        if form.content.is_option and not content.is_option:
+            content = ak.contents.UnmaskedArray(content)
+        fixed = _options_below(content, form.content)
+        return layout if fixed is layout.content else layout.copy(content=fixed)
+    return layout
+
+
+def _parquet_bytes(friend: Friend, routing: Routing, columns: Sequence[str]) -> int | None:
+    """Uncompressed bytes of ``columns`` in the row groups the routing reads (``None``: not
+    every friend file is Parquet)."""
+    from columnhub.sources import parquet
+
+    files = friend.dataset.files
+    if any(files[b.file].format != "parquet" for b in routing.blocks):
+        return None
+    wanted = set(columns)
+    total = 0
+    for number in sorted({b.file for b in routing.blocks}):
+        meta = parquet._open(files[number].path).metadata
+        bounds = np.asarray(files[number].boundaries)
+        for block, (start, stop) in zip(routing.blocks, routing.ranges, strict=True):
+            if block.file != number:
+                continue
+            first = int(np.searchsorted(bounds, start, side="right") - 1)
+            last = int(np.searchsorted(bounds, stop, side="left"))
+            for g in range(first, max(last, first + 1)):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    chunk = group.column(c)
+                    if chunk.path_in_schema.split(".", 1)[0] in wanted:
+                        total += int(chunk.total_uncompressed_size)
+    return total
+
+
+def _read_table(
+    friend: Friend, block: Block, entries: tuple[int, int], columns: Sequence[str]
+) -> Any:
+    """Entries ``entries`` of a Parquet friend's ``block`` as one Arrow table (read once)."""
+    from columnhub.errors import ColumnhubError, CorruptFileError
+    from columnhub.sources import parquet
+    from columnhub.sources._identity import verify_unchanged
+
+    delay = os.environ.get(_SLEEP_ENV)
+    if delay:
+        time.sleep(float(delay))
+    file = friend.dataset.files[block.file]
+    start, stop = entries
+    try:
+        handle = parquet._open(file.path)
+        bounds = np.asarray(file.boundaries)
+        first = int(np.searchsorted(bounds, start, side="right") - 1)
+        last = int(np.searchsorted(bounds, stop, side="left"))
+        groups = list(range(first, max(last, first + 1)))
+        table = handle.read_row_groups(groups, columns=list(columns))
+        table = table.slice(start - int(bounds[first]), stop - start)
+    except ColumnhubError as err:
+        verify_unchanged(file, friend.dataset.spec, cause=err)
+        raise
+    except Exception as err:
+        verify_unchanged(file, friend.dataset.spec, cause=err)
+        msg = f"reading rows {start}-{stop} of {file.path!r} failed ({err})"
+        raise CorruptFileError(msg) from err
+    verify_unchanged(file, friend.dataset.spec)
+    return table
+
+
+def _exchange_held(
+    plan: Plan,
+    friend: Friend,
+    matches: list[ChunkMatch],
+    routing: Routing,
+    columns: list[str],
+    *,
+    held: HeldColumns,
+    workers: int,
+    report: FriendExchange,
+    fresh: dict[int, set[str]],
+) -> None:
+    """The exchange in memory, Arrow-native: each block read once, one take per chunk.
+
+    The blocks' tables are laid end to end; each chunk's friend rows become
+    positions in them (from the routing), and each column is taken once per
+    chunk in primary-row order (``None`` where no partner). Returns once the
+    blocks are read: each chunk is assembled in the background and handed to
+    ``held`` (the chunk tasks, started meanwhile, wait only for their own
+    chunk), and its cache writes happen behind the chunk tasks.
+    """
+    import functools
+    import threading
+
+    import pyarrow as pa
+
+    from columnhub.execute.local import run_ordered
+
+    name = friend.spec.name
+    report.in_memory = True
+    t0 = time.perf_counter()
+    tables = list(
+        run_ordered(
+            lambda b: _read_table(friend, routing.blocks[b], routing.ranges[b], columns),
+            range(len(routing.blocks)),
+            workers=workers,
+        )
+    )
+    for block, (start, stop), table in zip(routing.blocks, routing.ranges, tables, strict=True):
+        report.reads.append((friend.dataset.files[block.file].path, start, stop))
+        report.entries_read += stop - start
+        report.bytes_read += int(table.nbytes)
+    # the blocks' tables end to end: block k's read range starts at row placed[k]
+    placed = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
+    positions_of = [np.full(len(m.rows[name]), -1, dtype=np.int64) for m in matches]
+    for k, targets in enumerate(routing.targets):
+        for local, where, entries in targets:  # entries: relative to the range's start
+            positions_of[local][where] = placed[k] + entries
+    together = pa.concat_tables(tables)  # no copy: the blocks' chunks side by side
+    combined = {c: together.column(c).combine_chunks() for c in columns}
+    del tables, together
+    # the types the per-chunk path gives (an option over the column as read): the
+    # same in every chunk and every path, whatever the data holds
+    like = {c: ak.to_layout(ak.from_arrow(combined[c].slice(0, 1))).form for c in columns}
+    expected = {  # gather(..., optional=True)'s type: an option over the column's
+        c: ak.contents.IndexedOptionArray.simplified(
+            ak.index.Index64(np.array([0, -1], dtype=np.int64)),
+            ak.to_layout(ak.from_arrow(combined[c].slice(0, 1))),
+        ).form.type
+        for c in columns
+    }
+    report.seconds["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lock = threading.Lock()
+    left = [len(matches)]
+
+    def assemble(local: int) -> None:
+        positions = positions_of[local]
+
+        def gathered(column: str) -> ak.Array:
+            taken = _optional_like(
+                ak.to_layout(ak.from_arrow(_take(combined[column], positions))), like[column]
+            )
+            if taken.form.type != expected[column]:  # a layout _take does not give as gather does
+                return gather(ak.from_arrow(combined[column]), positions, optional=True)
+            return ak.Array(taken)
+
+        stored = 0
+        for key, value in _joined(plan, friend, matches[local], gathered, None):
+            held.hold(key, value)
+            stored += int(value.nbytes)
+        with lock:
+            report.bytes_stored += stored
+            left[0] -= 1
+            if not left[0]:
+                report.seconds["assemble"] = time.perf_counter() - t0
+
+    # the chunk tasks start now: each waits only for its own chunk's columns
+    for local, chunk_match in enumerate(matches):
+        keys = _friend_keys(plan, friend, chunk_match.chunk)
+        fresh.setdefault(chunk_match.chunk.index, set()).update(keys)
+        held.promise(keys, functools.partial(assemble, local), workers=workers)
+    report.settle = held.settle
+
+
+def _friend_keys(plan: Plan, friend: Friend, chunk: Chunk) -> list[str]:
+    """The addresses of a chunk's columns of ``friend`` (what :func:`_joined` stores)."""
+    from columnhub.execute.chunk import _ChunkWork
+
+    work = _ChunkWork(plan, chunk, None)
+    return [work.key(name) for name in _friend_names(plan, friend)]
 
 
 @dataclass
@@ -475,6 +860,9 @@ class FriendExchange:
         bytes_stored: bytes of the friend's columns stored in primary-chunk order.
         rounds: spilled rounds (0: everything fitted in memory; on a Dask
             cluster 1: every piece went through the shared spill store).
+        in_memory: exchanged in memory (a Parquet friend whose needed
+            columns fit the budget): blocks read as Arrow tables, one take
+            per chunk, the columns handed to the chunk tasks in memory.
         memory_budget: the budget in bytes.
         seconds: wall time of the exchange's match, read and assemble steps.
     """
@@ -488,11 +876,16 @@ class FriendExchange:
     bytes_read: int = 0
     bytes_stored: int = 0
     rounds: int = 0
+    in_memory: bool = False
     memory_budget: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    #: waits for the chunks still being assembled in the background (in memory)
+    settle: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
+        """JSON-ready fields (once every chunk is assembled)."""
+        if self.settle is not None:
+            self.settle()
         return {
             "ran": self.ran,
             "reason": self.reason,
@@ -503,6 +896,7 @@ class FriendExchange:
             "bytes_read": self.bytes_read,
             "bytes_stored": self.bytes_stored,
             "rounds": self.rounds,
+            "in_memory": self.in_memory,
             "memory_budget": self.memory_budget,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }
@@ -520,15 +914,27 @@ class Exchanged:
         fresh: per chunk (``Chunk.index``), the addresses the exchange
             stored for this request (the chunk task counts them as misses,
             not as cache hits).
+        held: the columns exchanged in memory (their cache writes running
+            behind), else ``None``.
     """
 
     friends: dict[str, FriendExchange]
     store: ColumnCache | None = None
     scratch: Path | None = None
     fresh: dict[int, set[str]] = field(default_factory=dict)
+    held: HeldColumns | None = None
+
+    @property
+    def lookup(self) -> ColumnLookup | None:
+        """What the chunk tasks look exchanged columns up in (``exchanged=`` of a part task)."""
+        if self.held is not None and len(self.held):
+            return self.held
+        return self.store
 
     def close(self) -> None:
-        """Delete the temporary store (the request's chunks are done with it)."""
+        """Wait for the cache writes, delete the temporary store (the chunks are done)."""
+        if self.held is not None:
+            self.held.close()
         if self.store is not None:
             self.store.close()
         if self.scratch is not None:
@@ -630,12 +1036,16 @@ def exchange(
         return result
     t0 = time.perf_counter()
     try:
+        held = result.held = HeldColumns(
+            target if result.store is None else None, fallback=result.store
+        )
         matched = dict(
             zip(
                 chunks,
                 run_ordered(
                     lambda i: match_chunk(
-                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache
+                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache,
+                        held=held,
                     ),
                     chunks,
                     workers=workers,
@@ -655,6 +1065,7 @@ def exchange(
                 target=target,
                 workers=workers,
                 spill=_Rounds(budget, scratch),
+                held=held,
                 fresh=result.fresh,
             )
             report.seconds["match"] = t_match
@@ -662,8 +1073,9 @@ def exchange(
     except BaseException:
         result.close()
         raise
-    if result.store is None and result.scratch is not None:
-        result.close()
+    if result.store is None and result.scratch is not None:  # spilled rounds: done with them
+        shutil.rmtree(result.scratch, ignore_errors=True)
+        result.scratch = None
     return result
 
 
@@ -758,8 +1170,14 @@ def _exchange_friend(
     workers: int,
     spill: _Rounds,
     fresh: dict[int, set[str]],
+    held: HeldColumns | None = None,
 ) -> FriendExchange:
-    """Route, read and assemble one friend for the matched chunks (local thread pool)."""
+    """Route, read and assemble one friend for the matched chunks (local thread pool).
+
+    In memory (:func:`_exchange_held`) when the friend is Parquet and its
+    needed columns, read and taken per chunk, fit the memory budget; else
+    through per-chunk pieces, spilled beyond the budget.
+    """
     from columnhub.execute.local import run_ordered
 
     name = friend.spec.name
@@ -778,6 +1196,15 @@ def _exchange_friend(
         f"{len(routing.blocks) + routing.repeated} times by {len(matches)} chunk(s)"
     )
     columns = _read_names(plan, friend)
+    if held is not None:
+        needed = _parquet_bytes(friend, routing, columns)
+        # the columns read, and as much again taken in primary-chunk order
+        if needed is not None and 2 * needed <= spill.budget:
+            _exchange_held(
+                plan, friend, matches, routing, columns, held=held, workers=workers,
+                report=report, fresh=fresh,
+            )
+            return report
     empty: dict[str, ak.Array] = {}
     try:
         tasks = list(zip(routing.blocks, routing.ranges, routing.targets, strict=True))
