@@ -92,8 +92,11 @@ class Runner:
         self.results = Path(config.state_dir).expanduser() / "results"
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # the Dask client (and with ``scheduler: local`` its LocalCluster) of all jobs: made
+        # without ``with`` (whose context variable must be reset by the thread that set it),
+        # so stop() closes them from whichever thread stops the runner
         self._client: Any = None
-        self._cluster = contextlib.ExitStack()  # the Dask client (and LocalCluster) of all jobs
+        self._cluster: Any = None
         self._client_lock = threading.Lock()
 
     # -- threads ------------------------------------------------------------------
@@ -120,8 +123,14 @@ class Runner:
             thread.join(timeout)
         self._threads = []
         with self._client_lock:
-            self._client = None
-            self._cluster.close()
+            client, cluster = self._client, self._cluster
+            self._client = self._cluster = None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if cluster is not None:
+                cluster.close()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -212,23 +221,52 @@ class Runner:
         return str(Path(self.config.state_dir).expanduser() / "cache")
 
     def _scheduler(self) -> Any:
-        """``None`` (threads here), else one Dask client shared by every job of this runner."""
+        """``None`` (threads here), else one Dask client shared by every job of this runner.
+
+        The same client ``deliver`` makes for one request (a ``LocalCluster`` of
+        ``workers`` processes, or a connection with its timeout), kept open for
+        all jobs. It is a plain ``distributed.Client``, never entered with
+        ``with``: its context manager sets a context variable that only the
+        thread which set it may reset, and :meth:`stop` runs in another thread.
+        """
         scheduler = self.config.scheduler
         if scheduler is None:
             return None
         with self._client_lock:
             if self._client is None:
-                from columnhub.execute.dask import _client
-
-                # what deliver does for one request (a LocalCluster of ``workers``
-                # processes, or a connection with its timeout), kept open for all
-                workers = self.config.workers
-                if workers is None:
-                    from columnhub._concurrency import threads
-
-                    workers = threads()
-                self._client = self._cluster.enter_context(_client(scheduler, workers=workers))
+                self._client, self._cluster = _open_client(scheduler, self.config.workers)
             return self._client
+
+
+def _open_client(scheduler: str, workers: int | None) -> tuple[Any, Any]:
+    """``(client, cluster or None)`` for ``scheduler`` (``"local"`` or an address)."""
+    from columnhub.errors import SpecError
+    from columnhub.execute.dask import SCHEDULER_ENV, _connect_timeout, _distributed
+
+    distributed = _distributed()
+    if scheduler == "local":
+        if workers is None:
+            from columnhub._concurrency import threads
+
+            workers = threads()
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        try:
+            return distributed.Client(cluster), cluster
+        except BaseException:
+            cluster.close()
+            raise
+    try:
+        client = distributed.Client(scheduler, timeout=_connect_timeout())
+    except (OSError, TimeoutError, ValueError) as err:
+        msg = (
+            f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
+            f"(--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is running, or "
+            "use --scheduler local"
+        )
+        raise SpecError(msg) from err
+    return client, None
 
 
 class _Tracker:
