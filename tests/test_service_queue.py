@@ -938,3 +938,52 @@ def test_request_states_on_every_backend(db_url: str) -> None:
     db = Database(db_url)
     check_derived_states(db, requests)
     db.close()
+
+
+# -- imports from several runner threads ---------------------------------------------------
+
+_RACE = r"""
+import sys, threading
+from columnhub import _fastpath
+
+spec = {"dataset": {"name": "d", "files": ["x.root"]}, "columns": ["a"]}
+seen_partial, errors = [], []
+importer = threading.Thread(target=lambda: __import__("columnhub.spec"))
+
+def probe():
+    while importer.is_alive() or not seen_partial:
+        module = sys.modules.get("columnhub.spec")
+        if module is not None and not hasattr(module, "Request"):
+            seen_partial.append(True)
+        try:
+            _fastpath.source_key(spec, chunk_size=None)
+        except Exception as err:
+            errors.append(repr(err))
+            return
+        if not importer.is_alive() and "columnhub.spec" in sys.modules:
+            return
+
+prober = threading.Thread(target=probe)
+prober.start()
+importer.start()
+importer.join()
+prober.join()
+print("partial" if seen_partial else "no-partial", errors[:1])
+"""
+
+
+def test_fastpath_source_key_while_another_thread_imports_the_spec_module(tmp_path: Path) -> None:
+    """A runner thread's fast-path lookup while another runner thread imports ``columnhub.spec``.
+
+    The module is in ``sys.modules`` before its ``Request`` class exists;
+    reading ``spec.Request`` then raised AttributeError and failed the job.
+    """
+    for _ in range(5):  # the probe must see the half-imported module at least once
+        out = subprocess.run(
+            [sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=120,
+            cwd=tmp_path, check=True,
+        ).stdout.strip()
+        assert out.endswith("[]"), out
+        if out.startswith("partial"):
+            return
+    pytest.fail("the half-imported columnhub.spec was never observed; the test proves nothing")
