@@ -905,3 +905,75 @@ def test_columnhub_help_does_not_import_the_service(tmp_path: Path) -> None:
     assert "--scheduler" in done.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
     assert not {m for m in imported if m.split(".")[0] in ("fastapi", "uvicorn", "sqlalchemy", "dask")}
+
+
+def test_a_limit_holds_across_two_replicas_on_one_postgresql(
+    tmp_path: Path, shared_data: Path, postgres_url: str
+) -> None:
+    """Two API replicas on one real PostgreSQL, one user's submissions at the same instant.
+
+    Each replica's own lock orders only its own submissions: the limit must
+    be checked where both meet, in the database. The test holds a lock on
+    the ``requests`` table that lets reads through but makes inserts wait,
+    so both replicas' submissions are in flight together (each has read
+    the user's count, or waits for the other's transaction) before any
+    commits: checked outside the database, both would pass the limit of 1.
+    """
+    import sqlalchemy as sa
+
+    limit, per_replica = 1, 3
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replicas.append(
+            make_config(
+                tmp_path / name, shared_data, database=postgres_url,
+                max_active_requests_per_user=limit,
+            )
+        )
+    with (
+        InProcess(create_app(replicas[0], runner=False)) as one,
+        InProcess(create_app(replicas[1], runner=False)) as two,
+    ):
+        engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        answers: list[tuple[int, str]] = []
+
+        def go(client: InProcess, i: int) -> None:
+            spec = tt_spec(shared_data, columns=["MET_pt"], chunk_size=40 + i)  # distinct works
+            r = client.post("/api/v1/requests", json=spec, headers=auth("alice"))
+            answers.append((r.status_code, r.json().get("error", {}).get("type", "")))
+
+        threads = [
+            threading.Thread(target=go, args=(client, i + per_replica * k))
+            for k, client in enumerate((one, two))
+            for i in range(per_replica)
+        ]
+        try:
+            with engine.connect() as blocker, engine.connect() as watcher:
+                blocker.exec_driver_sql("BEGIN")
+                blocker.exec_driver_sql("LOCK TABLE requests IN SHARE ROW EXCLUSIVE MODE")
+                for t in threads:
+                    t.start()
+
+                def waiting() -> int:  # one submission per replica is in the database at a time
+                    return int(
+                        watcher.exec_driver_sql(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()"
+                        ).scalar_one()
+                    )
+
+                wait_until(lambda: waiting() >= 2, "both replicas' submissions waiting")
+                blocker.exec_driver_sql("COMMIT")
+                for t in threads:
+                    t.join()
+        finally:
+            engine.dispose()
+        accepted = [a for a in answers if a[0] == 202]
+        refused = [a for a in answers if a[0] != 202]
+        assert len(answers) == 2 * per_replica
+        assert len(accepted) == limit, answers
+        assert refused == [(429, "QuotaExceededError")] * (2 * per_replica - limit)
+        listed = one.get("/api/v1/requests", headers=auth("alice")).json()
+        assert listed["total"] == limit
+        assert one.app.state.db.active_requests("alice") == limit

@@ -309,9 +309,13 @@ def _submit(
     data = _parse_json_or_yaml(body, content_type)
     samples = _job_specs(config, data)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    with lock:  # one user's submissions one at a time here: a limit is never passed by a race
+    with lock:  # one user's submissions one at a time in this replica
         _check_limits(config, db, user.user)
-        view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
+        # the active-requests limit again inside the submit's transaction, serialised by
+        # the database: exact across replicas (the check above answers most refusals early)
+        view = db.submit(
+            user.user, data, title, jobs, max_active=config.max_active_requests_per_user
+        )  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import datetime as dt
+import hashlib
 import threading
 import time
 import uuid
@@ -40,7 +41,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from columnhub.errors import RequestNotFoundError, ServiceError
+from columnhub.errors import QuotaExceededError, RequestNotFoundError, ServiceError
 
 __all__ = [
     "JOB_STATES",
@@ -442,6 +443,8 @@ class Database:
         spec: Mapping[str, Any],
         title: str | None,
         samples: Mapping[str, tuple[str, Mapping[str, Any]]],
+        *,
+        max_active: int | None = None,
     ) -> RequestView:
         """Record a request and queue its work, attaching to identical work already queued.
 
@@ -452,17 +455,26 @@ class Database:
             samples: sample name (``""`` for a single-sample request) ->
                 ``(request hash, job spec)``: the hash of the single-sample
                 request (``Request.hash``) and its ``model_dump(mode="json")``.
+            max_active: refuse the request when ``owner`` already has this many
+                queued or running (``None``: no limit). Checked in the submit's
+                own transaction, with the owner's submissions serialised by the
+                database (PostgreSQL: a transaction-level advisory lock on the
+                owner; SQLite: ``BEGIN IMMEDIATE``), so the limit holds across
+                every replica of one database.
 
         Returns:
             The new request. A sample whose hash has a queued or running job
             shares that job (single flight); any other gets a new queued job.
+
+        Raises:
+            QuotaExceededError: ``max_active`` reached (429).
         """
         if not samples:
             msg = "a request needs at least one sample; the spec named no dataset"
             raise ServiceError(msg)
         for attempt in range(_SUBMIT_RETRIES):
             try:
-                request_id = self._submit(owner, dict(spec), title, samples)
+                request_id = self._submit(owner, dict(spec), title, samples, max_active)
             except IntegrityError:  # another replica queued the same work at this instant
                 if attempt == _SUBMIT_RETRIES - 1:
                     raise
@@ -478,10 +490,13 @@ class Database:
         spec: dict[str, Any],
         title: str | None,
         samples: Mapping[str, tuple[str, Mapping[str, Any]]],
+        max_active: int | None,
     ) -> str:
         now = _now()
         request_id = uuid.uuid4().hex
         with self._writing() as session:
+            if max_active is not None:
+                self._check_active(session, owner, max_active)
             session.add(
                 RequestRecord(
                     id=request_id,
@@ -513,6 +528,36 @@ class Database:
                     session.flush()  # the unique index speaks now, inside the retry loop
                 session.add(RequestJob(request_id=request_id, sample=sample, job_id=job.id))
         return request_id
+
+    def _check_active(self, session: Session, owner: str, limit: int) -> None:
+        """Refuse ``owner``'s submission at ``limit`` live requests (inside the submit's transaction).
+
+        PostgreSQL: an advisory lock on the owner, held to the end of the
+        transaction, makes one replica's check-and-insert wait for another's
+        (the count is then read after the other's commit: READ COMMITTED reads
+        a new snapshot per statement). SQLite: the transaction's ``BEGIN
+        IMMEDIATE`` already holds the database's one write lock.
+        """
+        if not self.is_sqlite:
+            session.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _owner_lock_key(owner)}
+            )
+        states = self._states(owner).subquery()
+        active = int(
+            session.scalar(
+                sa.select(sa.func.count())
+                .select_from(states)
+                .where(states.c.state.in_(LIVE_STATES))
+            )
+            or 0
+        )
+        if active >= limit:
+            msg = (
+                f"user {owner!r} already has {active} requests queued or running, the most "
+                f"allowed at once (max_active_requests_per_user = {limit}); wait for one to "
+                "finish, or cancel one (DELETE /api/v1/requests/ID), then submit again"
+            )
+            raise QuotaExceededError(msg)
 
     def get(self, request_id: str, owner: str | None = None) -> RequestView:
         """The request ``request_id``; ``owner=None`` sees every user's (admin).
@@ -896,6 +941,12 @@ def _in_spec_order(spec: Mapping[str, Any], samples: dict[str, JobRow]) -> dict[
         order = [n for n in named if n in samples]
         return {n: samples[n] for n in [*order, *sorted(set(samples) - set(order))]}
     return dict(sorted(samples.items()))
+
+
+def _owner_lock_key(owner: str) -> int:
+    """The PostgreSQL advisory-lock key of ``owner``'s submissions (a signed 64-bit number)."""
+    digest = hashlib.sha256(b"columnhub-submit:" + owner.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _rowcount(result: Any) -> int:
