@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -977,3 +978,94 @@ def test_a_limit_holds_across_two_replicas_on_one_postgresql(
         listed = one.get("/api/v1/requests", headers=auth("alice")).json()
         assert listed["total"] == limit
         assert one.app.state.db.active_requests("alice") == limit
+
+
+# ---------------------------------------------------------------------------
+# complete work shared, never copied; a changed input runs again
+
+
+def _files_of(client: InProcess, request_id: str, user: str) -> tuple[dict[str, Any], list[bytes]]:
+    """The manifest (with ``path``) and every file's bytes, through the files route."""
+    m = client.get(f"/api/v1/requests/{request_id}/manifest", headers=auth(user))
+    assert m.status_code == 200, m.text
+    manifest = m.json()
+    data = []
+    for name in manifest["files"]:
+        r = client.get(f"/api/v1/requests/{request_id}/files/{name}", headers=auth(user))
+        assert r.status_code == 200, r.text
+        data.append(r.content)
+    return manifest, data
+
+
+def test_identical_work_after_completion_shares_the_result_folder(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    columns = ["Jet_pt", "nJet", "MET_pt"]
+    config = make_config(tmp_path, shared_data)
+    with InProcess(create_app(config)) as client:
+        first = submit(client, tt_spec(shared_data), "alice")
+        done = wait(client, first, "alice")
+        assert done["status"] == "complete", done
+        r = client.post("/api/v1/requests", json=tt_spec(shared_data), headers=auth("bob"))
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "complete"  # answered at submit: nothing queued
+        second = r.json()["id"]
+        status = client.get(f"/api/v1/requests/{second}", headers=auth("bob")).json()
+        assert status["samples"][""]["job"] == done["samples"][""]["job"]
+        m1, data1 = _files_of(client, first, "alice")
+        m2, data2 = _files_of(client, second, "bob")
+        assert m2["path"] == m1["path"]  # the same folder: nothing copied
+        assert sorted(p.name for p in config.results_dir.iterdir()) == [Path(m1["path"]).name]
+        assert data2 == data1
+        # the first owner cancelling their (complete) request leaves the shared result served
+        assert client.delete(f"/api/v1/requests/{first}", headers=auth("alice")).status_code == 200
+        _m, data3 = _files_of(client, second, "bob")
+        assert data3 == data1
+        # the rule for quotas: a shared result counts in full for each user holding it
+        assert client.app.state.db.stored_bytes("bob") == sum(p["bytes"] for p in m1["parts"])
+        assert client.app.state.db.stored_bytes("alice") == 0  # cancelled: not held
+    expected = reference(shared_data / "nano_tt_v12.root", columns, lambda e: e.nJet >= 4)
+    assert_same_rows(table_of(data2), expected, columns)
+
+
+@pytest.mark.parametrize("how", ["in_place", "replaced"])
+def test_a_rewritten_input_runs_the_work_again(
+    tmp_path: Path, shared_data: Path, how: str
+) -> None:
+    """Between two identical submissions an input file is rewritten: never the old result."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "events.root"
+    shutil.copyfile(shared_data / "nano_dy.root", path)
+    columns = ["nMuon", "MET_pt"]
+    spec = {
+        "dataset": {"files": [str(path)]},
+        "columns": columns,
+        "where": "nMuon >= 1",
+        "chunk_size": 200,
+    }
+    config = make_config(tmp_path, data)
+    with InProcess(create_app(config)) as client:
+        first = submit(client, spec, "alice")
+        assert wait(client, first, "alice")["status"] == "complete"
+        _m1, data1 = _files_of(client, first, "alice")
+        if how == "in_place":  # same inode, new bytes
+            shutil.copyfile(shared_data / "nano_dimuon.root", path)
+        else:  # a new file moved over the old name
+            shutil.copyfile(shared_data / "nano_dimuon.root", data / "new.root")
+            os.replace(data / "new.root", path)
+        second = submit(client, spec, "alice")
+        done = wait(client, second, "alice")
+        assert done["status"] == "complete", done
+        first_job = client.get(f"/api/v1/requests/{first}", headers=auth("alice")).json()
+        assert done["samples"][""]["job"] != first_job["samples"][""]["job"]
+        _m2, data2 = _files_of(client, second, "alice")
+    assert_same_rows(
+        table_of(data1), reference(shared_data / "nano_dy.root", columns, lambda e: e.nMuon >= 1),
+        columns,
+    )
+    assert_same_rows(
+        table_of(data2),
+        reference(shared_data / "nano_dimuon.root", columns, lambda e: e.nMuon >= 1),
+        columns,
+    )

@@ -309,15 +309,31 @@ def _submit(
     data = _parse_json_or_yaml(body, content_type)
     samples = _job_specs(config, data)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
+    reuse = _reusable(config, db, jobs)  # complete work, inputs unchanged: shared, not run again
     with lock:  # one user's submissions one at a time in this replica
         _check_limits(config, db, user.user)
         # the active-requests limit again inside the submit's transaction, serialised by
         # the database: exact across replicas (the check above answers most refusals early)
         view = db.submit(
-            user.user, data, title, jobs, max_active=config.max_active_requests_per_user
+            user.user, data, title, jobs, max_active=config.max_active_requests_per_user,
+            reuse=reuse,
         )  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
+
+
+def _reusable(
+    config: ServiceConfig, db: Any, jobs: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, str]:
+    """Sample -> the complete job whose result answers it as it is (``jobs.reusable_result``)."""
+    from columnhub.service.jobs import reusable_result
+
+    out = {}
+    for name, (request_hash, _spec) in jobs.items():
+        done = db.latest_complete(request_hash)
+        if done is not None and reusable_result(done, cache=config.cache):
+            out[name] = done.id
+    return out
 
 
 async def _read_body(request: HttpRequest) -> bytes:

@@ -445,6 +445,7 @@ class Database:
         samples: Mapping[str, tuple[str, Mapping[str, Any]]],
         *,
         max_active: int | None = None,
+        reuse: Mapping[str, str] | None = None,
     ) -> RequestView:
         """Record a request and queue its work, attaching to identical work already queued.
 
@@ -461,10 +462,15 @@ class Database:
                 database (PostgreSQL: a transaction-level advisory lock on the
                 owner; SQLite: ``BEGIN IMMEDIATE``), so the limit holds across
                 every replica of one database.
+            reuse: sample -> a complete job of the same hash whose result the
+                caller found reusable as it is (``jobs.reusable_result``): the
+                sample shares that job, and its result folder, if the job is
+                still complete (no copy, nothing queued).
 
         Returns:
-            The new request. A sample whose hash has a queued or running job
-            shares that job (single flight); any other gets a new queued job.
+            The new request. A sample in ``reuse`` shares that complete job; else
+            a sample whose hash has a queued or running job shares that job
+            (single flight); any other gets a new queued job.
 
         Raises:
             QuotaExceededError: ``max_active`` reached (429).
@@ -474,7 +480,7 @@ class Database:
             raise ServiceError(msg)
         for attempt in range(_SUBMIT_RETRIES):
             try:
-                request_id = self._submit(owner, dict(spec), title, samples, max_active)
+                request_id = self._submit(owner, dict(spec), title, samples, max_active, reuse)
             except IntegrityError:  # another replica queued the same work at this instant
                 if attempt == _SUBMIT_RETRIES - 1:
                     raise
@@ -491,6 +497,7 @@ class Database:
         title: str | None,
         samples: Mapping[str, tuple[str, Mapping[str, Any]]],
         max_active: int | None,
+        reuse: Mapping[str, str] | None = None,
     ) -> str:
         now = _now()
         request_id = uuid.uuid4().hex
@@ -508,11 +515,20 @@ class Database:
                 )
             )
             for sample, (request_hash, job_spec) in samples.items():
-                job = session.scalars(
-                    sa.select(Job)
-                    .where(Job.request_hash == request_hash, Job.state.in_(LIVE_STATES))
-                    .with_for_update()
-                ).first()
+                job = None
+                done_id = (reuse or {}).get(sample)
+                if done_id is not None:  # still complete (not expired since it was checked)
+                    job = session.get(Job, done_id, with_for_update=True)
+                    if job is not None and (
+                        job.state != "complete" or job.request_hash != request_hash
+                    ):
+                        job = None
+                if job is None:
+                    job = session.scalars(
+                        sa.select(Job)
+                        .where(Job.request_hash == request_hash, Job.state.in_(LIVE_STATES))
+                        .with_for_update()
+                    ).first()
                 if job is None:
                     job = Job(
                         id=uuid.uuid4().hex,
@@ -866,6 +882,17 @@ class Database:
                 .execution_options(synchronize_session=False)
             )
             return _rowcount(result) == 1
+
+    def latest_complete(self, request_hash: str) -> JobRow | None:
+        """The complete job of ``request_hash`` that finished last, or ``None``."""
+        with self._reading() as session:
+            job = session.scalars(
+                sa.select(Job)
+                .where(Job.request_hash == request_hash, Job.state == "complete")
+                .order_by(Job.finished_at.desc(), Job.id.desc())
+                .limit(1)
+            ).first()
+            return None if job is None else JobRow.of(job)
 
     def job(self, job_id: str) -> JobRow:
         """The job ``job_id`` (for runners and tests).

@@ -38,7 +38,7 @@ from columnhub.service.db import Database, JobRow, empty_progress
 if TYPE_CHECKING:
     from columnhub.execute.part import PartMeta
 
-__all__ = ["JobStopped", "Runner", "RunnerConfig"]
+__all__ = ["JobStopped", "Runner", "RunnerConfig", "reusable_result"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,50 @@ def _open_client(scheduler: str, workers: int | None) -> tuple[Any, Any]:
         )
         raise SpecError(msg) from err
     return client, None
+
+
+def reusable_result(job: JobRow, *, cache: str | None) -> bool:
+    """Whether the complete ``job``'s result answers its work again now, as it is.
+
+    The check of ``deliver``'s whole-result fast path (:mod:`columnhub._fastpath`),
+    with plain file-system calls only (no uproot): what the delivery of the
+    job's spec recorded in the cache under its source key must name the
+    result the job's folder holds (the same result key), every input must
+    still resolve to the same files with the same quick identity (device,
+    inode, size, modification time, ROOT UUID or Parquet footer), and every
+    part the folder's complete manifest lists must be there with its size and
+    modification time. Anything uncertain (no record, a remote file, a model,
+    another replica's working directory) is ``False``: the work runs again.
+
+    Args:
+        job: a complete job.
+        cache: the service's column cache (``ServiceConfig.cache``).
+    """
+    if job.state != "complete" or not job.output_dir or cache is None:
+        return False
+    from columnhub import _fastpath
+    from columnhub.cache import ColumnCache
+    from columnhub.delivery import _intact
+    from columnhub.errors import ColumnhubError
+    from columnhub.output.manifest import read_manifest
+    from columnhub.spec import Request
+
+    try:
+        # the source key the runner's deliver(Request.from_dict(job.spec)) recorded under
+        key = _fastpath.source_key(Request.from_dict(job.spec), chunk_size=None)
+        known = _fastpath.lookup(ColumnCache(cache, read_only=True), key)
+        if known is None:
+            return False
+        directory = Path(job.output_dir)
+        manifest = read_manifest(directory)
+    except (ColumnhubError, OSError, ValueError):
+        return False
+    return (
+        manifest is not None
+        and manifest.get("result_key") == known.result_key
+        and _intact(directory, manifest)
+        and _fastpath.unchanged(known)
+    )
 
 
 class _Tracker:
