@@ -1069,3 +1069,104 @@ def test_a_rewritten_input_runs_the_work_again(
         reference(shared_data / "nano_dimuon.root", columns, lambda e: e.nMuon >= 1),
         columns,
     )
+
+
+# ---------------------------------------------------------------------------
+# result retention
+
+
+def _backdate(db_url: str, *, requests: list[str], jobs: list[str], days: float) -> None:
+    """Move requests' submission and jobs' end ``days`` into the past (the real database)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    past = time.time() - days * 86400
+    when = sa.func.datetime(past, "unixepoch")
+    try:
+        with engine.begin() as conn:
+            for rid in requests:
+                conn.execute(sa.text("UPDATE requests SET created_at = :t WHERE id = :i"),
+                             {"t": conn.scalar(sa.select(when)), "i": rid})
+            for jid in jobs:
+                conn.execute(sa.text("UPDATE jobs SET finished_at = :t WHERE id = :i"),
+                             {"t": conn.scalar(sa.select(when)), "i": jid})
+    finally:
+        engine.dispose()
+
+
+def test_expired_results_are_removed_and_an_identical_request_runs_again(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    config = make_config(tmp_path, shared_data)
+    old_spec = tt_spec(shared_data, columns=["MET_pt", "nJet"])
+    kept_spec = tt_spec(shared_data, columns=["nJet"])
+    with InProcess(create_app(config)) as client:
+        old = submit(client, old_spec, "alice")
+        kept = submit(client, kept_spec, "alice")
+        bad = submit(client, tt_spec(shared_data, columns=["No_such_column"]), "alice")
+        jobs = {rid: wait(client, rid, "alice")["samples"][""]["job"] for rid in (old, kept, bad)}
+        assert wait(client, bad, "alice")["status"] == "failed"
+        again = submit(client, kept_spec, "bob")  # shares kept's job: a live reference
+        assert client.get(f"/api/v1/requests/{again}", headers=auth("bob")).json()[
+            "samples"][""]["job"] == jobs[kept]
+        folders = {rid: config.result_directory(jobs[rid]) for rid in jobs}
+        assert all(folders[rid].is_dir() for rid in (old, kept))  # bad failed before writing
+        _backdate(config.database, requests=[old, kept, bad], jobs=list(jobs.values()), days=2)
+        # only an admin sweeps; a ttl longer than their age keeps everything
+        r = client.post("/api/v1/admin/sweep?ttl=7d", headers=auth("alice"))
+        assert r.status_code == 403
+        r = client.post("/api/v1/admin/sweep?ttl=3d", headers=auth("root"))
+        assert r.status_code == 200 and r.json()["expired"] == []
+        r = client.post("/api/v1/admin/sweep?ttl=1d", headers=auth("root"))
+        assert r.status_code == 200, r.text
+        assert sorted(r.json()["expired"]) == sorted([jobs[old], jobs[bad]])
+        assert not folders[old].exists() and not folders[bad].exists()
+        assert folders[kept].is_dir()
+        # the expired request says so; its files are never served, never a 404
+        status = client.get(f"/api/v1/requests/{old}", headers=auth("alice")).json()
+        assert status["status"] == "failed"
+        assert status["error"]["type"] == "ResultExpiredError"
+        for url in (f"/api/v1/requests/{old}/manifest",
+                    f"/api/v1/requests/{old}/files/part-00000.parquet"):
+            r = client.get(url, headers=auth("alice"))
+            assert r.status_code == 409 and "ResultExpiredError" in r.json()["error"]["message"]
+        failed = client.get(f"/api/v1/requests/{bad}", headers=auth("alice")).json()
+        assert failed["status"] == "failed" and failed["error"]["type"] != "ResultExpiredError"
+        # the kept result is still served to both of its users
+        _m, kept_data = _files_of(client, kept, "alice")
+        assert _files_of(client, again, "bob")[1] == kept_data
+        # an identical request runs the work again, into a new folder
+        new = submit(client, old_spec, "alice")
+        done = wait(client, new, "alice")
+        assert done["status"] == "complete" and done["samples"][""]["job"] != jobs[old]
+        _m, new_data = _files_of(client, new, "alice")
+    expected = reference(shared_data / "nano_tt_v12.root", ["MET_pt", "nJet"], lambda e: e.nJet >= 4)
+    assert_same_rows(table_of(new_data), expected, ["MET_pt", "nJet"])
+    expected = reference(shared_data / "nano_tt_v12.root", ["nJet"], lambda e: e.nJet >= 4)
+    assert_same_rows(table_of(kept_data), expected, ["nJet"])
+
+
+def test_result_ttl_sweeps_by_itself(tmp_path: Path, shared_data: Path) -> None:
+    config = make_config(tmp_path, shared_data, result_ttl="1s")
+    assert config.result_ttl == 1.0
+    with InProcess(create_app(config)) as client:
+        rid = submit(client, tt_spec(shared_data, columns=["MET_pt"]), "alice")
+        job = wait(client, rid, "alice")["samples"][""]["job"]
+
+        def expired() -> bool:
+            body = client.get(f"/api/v1/requests/{rid}", headers=auth("alice")).json()
+            return bool(body["error"]) and body["error"]["type"] == "ResultExpiredError"
+
+        wait_until(expired, "the request's result swept after result_ttl")
+        assert not config.result_directory(job).exists()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("7d", 604800.0), ("12h", 43200.0), ("90", 90.0)])
+def test_result_ttl_reads_durations(tmp_path: Path, text: str, seconds: float) -> None:
+    assert load_config(state_dir=tmp_path, result_ttl=text).result_ttl == seconds
+    assert load_config(state_dir=tmp_path).result_ttl is None
+
+
+def test_a_bad_result_ttl_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="7d"):
+        load_config(state_dir=tmp_path, result_ttl="a week")

@@ -883,6 +883,77 @@ class Database:
             )
             return _rowcount(result) == 1
 
+    def expire(self, before: dt.datetime) -> builtins.list[JobRow]:
+        """Take the results no live request references out of service; the jobs to remove.
+
+        A job's folder may go when the job finished (complete, failed or
+        cancelled) before ``before`` and no *live* request references it: a
+        request not cancelled that was submitted at or after ``before``, or
+        that still has a queued or running job. A complete job is marked
+        failed with ``error_type`` ``ResultExpiredError`` (its requests say
+        why and how to get it again; an identical submission then runs the
+        work again, never sharing it); a failed or cancelled one keeps its
+        state and error. Both lose their ``output_dir``, so a job is handed
+        out once. Queued and running jobs are never touched.
+
+        The candidates are locked (``FOR UPDATE``; SQLite: the write lock)
+        before their references are counted, so a submit attaching to a
+        complete job at the same instant either commits first (and keeps
+        it) or finds it expired (and queues the work again).
+
+        Args:
+            before: naive UTC; what finished (and was last asked for) before it goes.
+
+        Returns:
+            The jobs taken out, as they were (their ``output_dir`` still set):
+            the caller removes those folders.
+        """
+        now = _now()
+        with self._writing() as session:
+            candidates = session.scalars(
+                sa.select(Job)
+                .where(
+                    Job.state.in_(("complete", "failed", "cancelled")),
+                    Job.finished_at < before,
+                    Job.output_dir.is_not(None),
+                )
+                .order_by(Job.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not candidates:
+                return []
+            busy = (
+                sa.select(RequestJob.request_id)
+                .join(Job, Job.id == RequestJob.job_id)
+                .where(Job.state.in_(LIVE_STATES))
+            )
+            referenced = set(
+                session.scalars(
+                    sa.select(RequestJob.job_id)
+                    .join(RequestRecord, RequestRecord.id == RequestJob.request_id)
+                    .where(
+                        RequestJob.job_id.in_([j.id for j in candidates]),
+                        RequestRecord.cancelled.is_(False),
+                        sa.or_(RequestRecord.created_at >= before, RequestRecord.id.in_(busy)),
+                    )
+                )
+            )
+            out = []
+            for job in candidates:
+                if job.id in referenced:
+                    continue
+                out.append(JobRow.of(job))
+                if job.state == "complete":
+                    job.state = "failed"
+                    job.error_type = "ResultExpiredError"
+                    job.error_message = (
+                        f"the result was removed at {_iso(now)}, after the service's "
+                        "result_ttl with no request asking for it; submit the request again "
+                        "to have it delivered anew"
+                    )
+                job.output_dir = None
+            return out
+
     def latest_complete(self, request_hash: str) -> JobRow | None:
         """The complete job of ``request_hash`` that finished last, or ``None``."""
         with self._reading() as session:

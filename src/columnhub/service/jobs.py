@@ -22,6 +22,7 @@ submissions).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from columnhub.service.db import Database, JobRow, empty_progress
 if TYPE_CHECKING:
     from columnhub.execute.part import PartMeta
 
-__all__ = ["JobStopped", "Runner", "RunnerConfig", "reusable_result"]
+__all__ = ["JobStopped", "Runner", "RunnerConfig", "reusable_result", "sweep_results"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,35 @@ def _open_client(scheduler: str, workers: int | None) -> tuple[Any, Any]:
         )
         raise SpecError(msg) from err
     return client, None
+
+
+def sweep_results(db: Database, results: Path, ttl_s: float) -> list[str]:
+    """Remove the results no live request references that finished over ``ttl_s`` ago.
+
+    The jobs are taken out of service in the database first
+    (:meth:`Database.expire <columnhub.service.db.Database.expire>`: a
+    complete one is then failed as ``ResultExpiredError``, so nothing lists
+    a removed file as complete), then their folders are removed. Only
+    folders directly inside ``results`` are removed (a job's default
+    ``results/<job id>``).
+
+    Returns:
+        The ids of the jobs taken out.
+    """
+    before = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=float(ttl_s))
+    gone = db.expire(before)
+    root = Path(results).resolve()
+    for job in gone:
+        if not job.output_dir:
+            continue
+        folder = Path(job.output_dir).resolve()
+        if folder.parent != root:  # never anything outside the service's results
+            log.warning("columnhub: not removing %s (job %s): not in %s", folder, job.id, root)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+    if gone:
+        log.info("columnhub: %d expired results removed", len(gone))
+    return [job.id for job in gone]
 
 
 def reusable_result(job: JobRow, *, cache: str | None) -> bool:
