@@ -957,12 +957,12 @@ def test_a_limit_holds_across_two_replicas_on_one_postgresql(
                     t.start()
 
                 def waiting() -> int:  # one submission per replica is in the database at a time
-                    return int(
-                        watcher.exec_driver_sql(
-                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                            "AND datname = current_database()"
-                        ).scalar_one()
-                    )
+                    n = watcher.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    ).scalar_one()
+                    watcher.rollback()  # pg_stat_activity is one snapshot per transaction
+                    return int(n)
 
                 wait_until(lambda: waiting() >= 2, "both replicas' submissions waiting")
                 blocker.exec_driver_sql("COMMIT")
