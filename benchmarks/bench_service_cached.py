@@ -32,7 +32,9 @@ from typing import Any
 
 import httpx
 
-DATA = Path(os.environ.get("COLUMNHUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(
+    os.environ.get("COLUMNHUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 FINAL = ("complete", "failed", "cancelled")
 
 
@@ -73,7 +75,9 @@ def timed(
     return out, jobs
 
 
-def summary(mode: str, seconds: list[float], cpu: float, jobs: set[str], results: Path) -> dict[str, Any]:
+def summary(
+    mode: str, seconds: list[float], cpu: float, jobs: set[str], results: Path
+) -> dict[str, Any]:
     return {
         "mode": mode,
         "n": len(seconds),
@@ -94,22 +98,26 @@ def inproc(tmp: Path, n: int) -> dict[str, Any]:
 
     config = load_config(state_dir=tmp / "state", data_roots=[DATA], workers=2)
     app = create_app(config)
-    with anyio.from_thread.start_blocking_portal() as portal:
-        with portal.wrap_async_context_manager(app.router.lifespan_context(app)):
-            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
+    with (
+        anyio.from_thread.start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(app.router.lifespan_context(app)),
+    ):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
 
-            def post() -> dict[str, Any]:
-                r = portal.call(lambda: client.post("/api/v1/requests", json=spec(DATA / "nano_tt_v12.root")))
-                return dict(r.json())
+        def post() -> dict[str, Any]:
+            r = portal.call(
+                lambda: client.post("/api/v1/requests", json=spec(DATA / "nano_tt_v12.root"))
+            )
+            return dict(r.json())
 
-            def get(rid: str) -> dict[str, Any]:
-                return dict(portal.call(lambda: client.get(f"/api/v1/requests/{rid}")).json())
+        def get(rid: str) -> dict[str, Any]:
+            return dict(portal.call(lambda: client.get(f"/api/v1/requests/{rid}")).json())
 
-            post()  # warm: imports, first delivery
-            c0 = time.process_time()
-            seconds, jobs = timed(post, get, n)
-            cpu = time.process_time() - c0
-            portal.call(client.aclose)
+        post()  # warm: imports, first delivery
+        c0 = time.process_time()
+        seconds, jobs = timed(post, get, n)
+        cpu = time.process_time() - c0
+        portal.call(client.aclose)
     return summary("inproc", seconds, cpu, jobs, config.results_dir)
 
 
@@ -119,8 +127,20 @@ def served(tmp: Path) -> Iterator[tuple[str, int]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "columnhub"
-    cmd = [str(exe), "serve", "--port", str(port), "--state-dir", str(tmp / "state"),
-           "--data-root", str(DATA), "--workers", "2", "--log-level", "warning"]
+    cmd = [
+        str(exe),
+        "serve",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(tmp / "state"),
+        "--data-root",
+        str(DATA),
+        "--workers",
+        "2",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -153,7 +173,9 @@ def serve(tmp: Path, n: int) -> dict[str, Any]:
             return total
 
         def post() -> dict[str, Any]:
-            return dict(client.post("/api/v1/requests", json=spec(DATA / "nano_tt_v12.root")).json())
+            return dict(
+                client.post("/api/v1/requests", json=spec(DATA / "nano_tt_v12.root")).json()
+            )
 
         def get(rid: str) -> dict[str, Any]:
             return dict(client.get(f"/api/v1/requests/{rid}").json())

@@ -1116,12 +1116,16 @@ def test_expired_results_are_removed_and_an_identical_request_runs_again(
         r = client.post("/api/v1/admin/sweep?ttl=7d", headers=auth("alice"))
         assert r.status_code == 403
         r = client.post("/api/v1/admin/sweep?ttl=3d", headers=auth("root"))
-        assert r.status_code == 200 and r.json()["expired"] == []
+        assert r.status_code == 200
+        assert r.json()["expired"] == []
         r = client.post("/api/v1/admin/sweep?ttl=1d", headers=auth("root"))
         assert r.status_code == 200, r.text
         assert sorted(r.json()["expired"]) == sorted([jobs[old], jobs[bad]])
-        assert not folders[old].exists() and not folders[bad].exists()
+        assert not folders[old].exists()
+        assert not folders[bad].exists()
         assert folders[kept].is_dir()
+        kept_bytes = sum(p.stat().st_size for p in folders[kept].glob("part-*"))
+        assert client.app.state.db.stored_bytes("alice") == kept_bytes  # removed: not counted
         # the expired request says so; its files are never served, never a 404
         status = client.get(f"/api/v1/requests/{old}", headers=auth("alice")).json()
         assert status["status"] == "failed"
@@ -1129,16 +1133,19 @@ def test_expired_results_are_removed_and_an_identical_request_runs_again(
         for url in (f"/api/v1/requests/{old}/manifest",
                     f"/api/v1/requests/{old}/files/part-00000.parquet"):
             r = client.get(url, headers=auth("alice"))
-            assert r.status_code == 409 and "ResultExpiredError" in r.json()["error"]["message"]
+            assert r.status_code == 409
+            assert "ResultExpiredError" in r.json()["error"]["message"]
         failed = client.get(f"/api/v1/requests/{bad}", headers=auth("alice")).json()
-        assert failed["status"] == "failed" and failed["error"]["type"] != "ResultExpiredError"
+        assert failed["status"] == "failed"
+        assert failed["error"]["type"] != "ResultExpiredError"
         # the kept result is still served to both of its users
         _m, kept_data = _files_of(client, kept, "alice")
         assert _files_of(client, again, "bob")[1] == kept_data
         # an identical request runs the work again, into a new folder
         new = submit(client, old_spec, "alice")
         done = wait(client, new, "alice")
-        assert done["status"] == "complete" and done["samples"][""]["job"] != jobs[old]
+        assert done["status"] == "complete"
+        assert done["samples"][""]["job"] != jobs[old]
         _m, new_data = _files_of(client, new, "alice")
     expected = reference(shared_data / "nano_tt_v12.root", ["MET_pt", "nJet"], lambda e: e.nJet >= 4)
     assert_same_rows(table_of(new_data), expected, ["MET_pt", "nJet"])

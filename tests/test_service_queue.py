@@ -980,8 +980,12 @@ def test_fastpath_source_key_while_another_thread_imports_the_spec_module(tmp_pa
     """
     for _ in range(5):  # the probe must see the half-imported module at least once
         out = subprocess.run(
-            [sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=120,
-            cwd=tmp_path, check=True,
+            [sys.executable, "-c", _RACE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            check=True,
         ).stdout.strip()
         assert out.endswith("[]"), out
         if out.startswith("partial"):

@@ -346,10 +346,14 @@ def _submit(
         _check_limits(config, db, user.user)
         # the active-requests limit again inside the submit's transaction, serialised by
         # the database: exact across replicas (the check above answers most refusals early)
-        view = db.submit(
-            user.user, data, title, jobs, max_active=config.max_active_requests_per_user,
+        view = db.submit(  # wakes this replica's runners
+            user.user,
+            data,
+            title,
+            jobs,
+            max_active=config.max_active_requests_per_user,
             reuse=reuse,
-        )  # wakes this replica's runners
+        )
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
 
@@ -546,7 +550,9 @@ class _Services:
         if config.result_ttl is not None:
             self._sweeping.clear()
             self._sweeper = threading.Thread(
-                target=self._sweep_loop, args=(config.result_ttl,), name="columnhub-sweep",
+                target=self._sweep_loop,
+                args=(config.result_ttl,),
+                name="columnhub-sweep",
                 daemon=True,
             )
             self._sweeper.start()
@@ -559,7 +565,7 @@ class _Services:
         while not self._sweeping.wait(interval):
             try:
                 sweep_results(self.db, self.config.results_dir, ttl_s)
-            except Exception:  # the database is away for a moment: the next round tries again
+            except Exception:  # noqa: BLE001 - the database is away a moment: the next round tries again
                 _log.exception("columnhub: sweeping expired results failed")
 
     def problems(self) -> list[str]:

@@ -893,8 +893,8 @@ class Database:
         failed with ``error_type`` ``ResultExpiredError`` (its requests say
         why and how to get it again; an identical submission then runs the
         work again, never sharing it); a failed or cancelled one keeps its
-        state and error. Both lose their ``output_dir``, so a job is handed
-        out once. Queued and running jobs are never touched.
+        state and error. Both lose their ``output_dir`` (so a job is handed
+        out once) and their ``stored_bytes`` (no quota counts them). Queued and running jobs are never touched.
 
         The candidates are locked (``FOR UPDATE``; SQLite: the write lock)
         before their references are counted, so a submit attaching to a
@@ -952,6 +952,7 @@ class Database:
                         "to have it delivered anew"
                     )
                 job.output_dir = None
+                job.stored_bytes = 0  # nothing held any more: no user's quota counts it
             return out
 
     def latest_complete(self, request_hash: str) -> JobRow | None:
