@@ -991,3 +991,71 @@ def test_fastpath_source_key_while_another_thread_imports_the_spec_module(tmp_pa
         if out.startswith("partial"):
             return
     pytest.fail("the half-imported columnhub.spec was never observed; the test proves nothing")
+
+
+# -- retention -------------------------------------------------------------------------
+
+
+def _end(db: Database, state: str) -> str:
+    """Claim the oldest queued job and end it in ``state`` (complete with 10 bytes, or failed)."""
+    job = db.claim("w", 30, results="/srv/results")  # output_dir /srv/results/<id>
+    assert job is not None
+    if state == "complete":
+        assert db.finish(job.id, "w", 10)
+    elif state == "failed":
+        assert db.fail(job.id, "w", "SpecError", "bad column")
+    return job.id
+
+
+def test_expire_takes_out_only_results_no_live_request_references(db_url: str) -> None:
+    import datetime as dt
+
+    db = Database(db_url)
+    one = {"": ("a" * 32, {"x": "a"})}
+    done = db.submit("alice", {}, None, one)  # complete, asked for by no live request
+    _end(db, "complete")
+    bad = db.submit("alice", {}, None, {"": ("b" * 32, {"x": "b"})})
+    _end(db, "failed")
+    dropped = db.submit("bob", {}, None, {"": ("c" * 32, {"x": "c"})})
+    _end(db, "complete")
+    db.cancel(dropped.id, "bob")  # a cancelled request is no live reference
+    running = db.submit("dave", {}, None, {"": ("d" * 32, {"x": "d"})})
+    assert db.claim("w", 30) is not None  # running: never touched
+    waiting = db.submit(
+        "carol", {}, None, {"e": ("e" * 32, {"x": "e"}), "f": ("f" * 32, {"x": "f"})}
+    )
+    kept = _end(db, "complete")  # one sample complete, one queued: live, so it is kept
+    (queued,) = {j.id for j in waiting.samples.values()} - {kept}
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    assert db.expire(now - dt.timedelta(hours=1)) == []  # everything finished since
+    # every request was submitted before ``now + 1 h``: only live ones keep their jobs
+    gone = db.expire(now + dt.timedelta(hours=1))
+    ids = {v.samples[""].id for v in (done, bad, dropped)}
+    assert {j.id for j in gone} == ids
+    assert all(j.output_dir for j in gone)  # as they were: the caller removes the folders
+    assert db.expire(now + dt.timedelta(hours=1)) == []  # handed out once
+    expired = db.get(done.id)
+    assert expired.status == "failed"
+    assert expired.error is not None
+    assert expired.error["type"] == "ResultExpiredError"
+    assert db.job(done.samples[""].id).stored_bytes == 0
+    assert db.job(done.samples[""].id).output_dir is None
+    assert db.get(bad.id).error == {"type": "SpecError", "message": "bad column"}
+    assert db.job(kept).state == "complete"
+    assert db.job(queued).state == "queued"
+    assert db.job(running.samples[""].id).state == "running"
+    # a submit told to share the expired job queues the work again instead
+    again = db.submit("alice", {}, None, one, reuse={"": done.samples[""].id})
+    assert again.samples[""].id != done.samples[""].id
+    assert again.status == "queued"
+    # and one told to share a complete job shares it
+    spec = next(
+        (h, s)
+        for h, s in (("e" * 32, {"x": "e"}), ("f" * 32, {"x": "f"}))
+        if h == db.job(kept).request_hash
+    )
+    shared = db.submit("erin", {}, None, {"": spec}, reuse={"": kept})
+    assert shared.samples[""].id == kept
+    assert shared.status == "complete"
+    assert db.stored_bytes("erin") == 10
+    db.close()
