@@ -1059,3 +1059,52 @@ def test_expire_takes_out_only_results_no_live_request_references(db_url: str) -
     assert shared.status == "complete"
     assert db.stored_bytes("erin") == 10
     db.close()
+
+
+# -- sharing a complete result ---------------------------------------------------------
+
+_CHANGES = st.lists(
+    st.sampled_from(["rewrite_input", "replace_input", "touch_input", "touch_part", "none"]),
+    max_size=3,
+)
+
+
+@settings(max_examples=10, deadline=None)  # each example delivers once for real
+@given(changes=_CHANGES)
+def test_a_complete_result_is_shared_only_while_nothing_changed(
+    files: list[Path], changes: list[str]
+) -> None:
+    """``reusable_result`` against the reference: reusable iff no input or part changed."""
+    import shutil
+    import tempfile
+
+    from columnhub.service.jobs import reusable_result
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        inputs = [root / f"in{i}.root" for i in range(len(files))]
+        for src, dst in zip(files, inputs, strict=True):
+            shutil.copyfile(src, dst)
+        cache = str(root / "cache")
+        db = Database(f"sqlite:///{root / 'db.sqlite'}")
+        view = submit(db, request(inputs, ["MET_pt"], "MET_pt > 20"))
+        assert Runner(db, Config(root / "state", cache=cache)).run_once()
+        job = db.job(view.samples[""].id)
+        assert job.state == "complete"
+        assert reusable_result(job, cache=cache)  # just delivered: shared as it is
+        changed = False
+        for i, change in enumerate(changes):
+            later = time.time() + 10 + i  # a modification time no earlier write had
+            if change == "rewrite_input":  # same inode, other events
+                shutil.copyfile(files[1], inputs[0])
+            elif change == "replace_input":  # a new file moved over the name
+                shutil.copyfile(files[1], root / "new.root")
+                os.replace(root / "new.root", inputs[0])
+            elif change == "touch_input":
+                os.utime(inputs[0], (later, later))
+            elif change == "touch_part":
+                part = sorted(Path(job.output_dir or "").glob("part-*"))[0]
+                os.utime(part, (later, later))
+            changed = changed or change != "none"
+        assert reusable_result(job, cache=cache) is (not changed), changes
+        db.close()
