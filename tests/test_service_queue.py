@@ -1103,7 +1103,7 @@ def test_a_complete_result_is_shared_only_while_nothing_changed(
             elif change == "touch_input":
                 os.utime(inputs[0], (later, later))
             elif change == "touch_part":
-                part = sorted(Path(job.output_dir or "").glob("part-*"))[0]
+                part = min(Path(job.output_dir or "").glob("part-*"))
                 os.utime(part, (later, later))
             changed = changed or change != "none"
         assert reusable_result(job, cache=cache) is (not changed), changes
