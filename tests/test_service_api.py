@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -905,3 +906,274 @@ def test_columnhub_help_does_not_import_the_service(tmp_path: Path) -> None:
     assert "--scheduler" in done.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
     assert not {m for m in imported if m.split(".")[0] in ("fastapi", "uvicorn", "sqlalchemy", "dask")}
+
+
+def test_a_limit_holds_across_two_replicas_on_one_postgresql(
+    tmp_path: Path, shared_data: Path, postgres_url: str
+) -> None:
+    """Two API replicas on one real PostgreSQL, one user's submissions at the same instant.
+
+    Each replica's own lock orders only its own submissions: the limit must
+    be checked where both meet, in the database. The test holds a lock on
+    the ``requests`` table that lets reads through but makes inserts wait,
+    so both replicas' submissions are in flight together (each has read
+    the user's count, or waits for the other's transaction) before any
+    commits: checked outside the database, both would pass the limit of 1.
+    """
+    import sqlalchemy as sa
+
+    limit, per_replica = 1, 3
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replicas.append(
+            make_config(
+                tmp_path / name, shared_data, database=postgres_url,
+                max_active_requests_per_user=limit,
+            )
+        )
+    with (
+        InProcess(create_app(replicas[0], runner=False)) as one,
+        InProcess(create_app(replicas[1], runner=False)) as two,
+    ):
+        engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        answers: list[tuple[int, str]] = []
+
+        def go(client: InProcess, i: int) -> None:
+            spec = tt_spec(shared_data, columns=["MET_pt"], chunk_size=40 + i)  # distinct works
+            r = client.post("/api/v1/requests", json=spec, headers=auth("alice"))
+            answers.append((r.status_code, r.json().get("error", {}).get("type", "")))
+
+        threads = [
+            threading.Thread(target=go, args=(client, i + per_replica * k))
+            for k, client in enumerate((one, two))
+            for i in range(per_replica)
+        ]
+        try:
+            with engine.connect() as blocker, engine.connect() as watcher:
+                blocker.exec_driver_sql("BEGIN")
+                blocker.exec_driver_sql("LOCK TABLE requests IN SHARE ROW EXCLUSIVE MODE")
+                for t in threads:
+                    t.start()
+
+                def waiting() -> int:  # one submission per replica is in the database at a time
+                    n = watcher.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    ).scalar_one()
+                    watcher.rollback()  # pg_stat_activity is one snapshot per transaction
+                    return int(n)
+
+                wait_until(lambda: waiting() >= 2, "both replicas' submissions waiting")
+                blocker.exec_driver_sql("COMMIT")
+                for t in threads:
+                    t.join()
+        finally:
+            engine.dispose()
+        accepted = [a for a in answers if a[0] == 202]
+        refused = [a for a in answers if a[0] != 202]
+        assert len(answers) == 2 * per_replica
+        assert len(accepted) == limit, answers
+        assert refused == [(429, "QuotaExceededError")] * (2 * per_replica - limit)
+        listed = one.get("/api/v1/requests", headers=auth("alice")).json()
+        assert listed["total"] == limit
+        assert one.app.state.db.active_requests("alice") == limit
+
+
+# ---------------------------------------------------------------------------
+# complete work shared, never copied; a changed input runs again
+
+
+def _files_of(client: InProcess, request_id: str, user: str) -> tuple[dict[str, Any], list[bytes]]:
+    """The manifest (with ``path``) and every file's bytes, through the files route."""
+    m = client.get(f"/api/v1/requests/{request_id}/manifest", headers=auth(user))
+    assert m.status_code == 200, m.text
+    manifest = m.json()
+    data = []
+    for name in manifest["files"]:
+        r = client.get(f"/api/v1/requests/{request_id}/files/{name}", headers=auth(user))
+        assert r.status_code == 200, r.text
+        data.append(r.content)
+    return manifest, data
+
+
+def test_identical_work_after_completion_shares_the_result_folder(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    columns = ["Jet_pt", "nJet", "MET_pt"]
+    config = make_config(tmp_path, shared_data)
+    with InProcess(create_app(config)) as client:
+        first = submit(client, tt_spec(shared_data), "alice")
+        done = wait(client, first, "alice")
+        assert done["status"] == "complete", done
+        r = client.post("/api/v1/requests", json=tt_spec(shared_data), headers=auth("bob"))
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "complete"  # answered at submit: nothing queued
+        second = r.json()["id"]
+        status = client.get(f"/api/v1/requests/{second}", headers=auth("bob")).json()
+        assert status["samples"][""]["job"] == done["samples"][""]["job"]
+        m1, data1 = _files_of(client, first, "alice")
+        m2, data2 = _files_of(client, second, "bob")
+        assert m2["path"] == m1["path"]  # the same folder: nothing copied
+        assert sorted(p.name for p in config.results_dir.iterdir()) == [Path(m1["path"]).name]
+        assert data2 == data1
+        # the first owner cancelling their (complete) request leaves the shared result served
+        assert client.delete(f"/api/v1/requests/{first}", headers=auth("alice")).status_code == 200
+        _m, data3 = _files_of(client, second, "bob")
+        assert data3 == data1
+        # the rule for quotas: a shared result counts in full for each user holding it
+        assert client.app.state.db.stored_bytes("bob") == sum(p["bytes"] for p in m1["parts"])
+        assert client.app.state.db.stored_bytes("alice") == 0  # cancelled: not held
+    expected = reference(shared_data / "nano_tt_v12.root", columns, lambda e: e.nJet >= 4)
+    assert_same_rows(table_of(data2), expected, columns)
+
+
+@pytest.mark.parametrize("how", ["in_place", "replaced"])
+def test_a_rewritten_input_runs_the_work_again(
+    tmp_path: Path, shared_data: Path, how: str
+) -> None:
+    """Between two identical submissions an input file is rewritten: never the old result."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "events.root"
+    shutil.copyfile(shared_data / "nano_dy.root", path)
+    columns = ["nMuon", "MET_pt"]
+    spec = {
+        "dataset": {"files": [str(path)]},
+        "columns": columns,
+        "where": "nMuon >= 1",
+        "chunk_size": 200,
+    }
+    config = make_config(tmp_path, data)
+    with InProcess(create_app(config)) as client:
+        first = submit(client, spec, "alice")
+        assert wait(client, first, "alice")["status"] == "complete"
+        _m1, data1 = _files_of(client, first, "alice")
+        if how == "in_place":  # same inode, new bytes
+            shutil.copyfile(shared_data / "nano_dimuon.root", path)
+        else:  # a new file moved over the old name
+            shutil.copyfile(shared_data / "nano_dimuon.root", data / "new.root")
+            os.replace(data / "new.root", path)
+        second = submit(client, spec, "alice")
+        done = wait(client, second, "alice")
+        assert done["status"] == "complete", done
+        first_job = client.get(f"/api/v1/requests/{first}", headers=auth("alice")).json()
+        assert done["samples"][""]["job"] != first_job["samples"][""]["job"]
+        _m2, data2 = _files_of(client, second, "alice")
+    assert_same_rows(
+        table_of(data1), reference(shared_data / "nano_dy.root", columns, lambda e: e.nMuon >= 1),
+        columns,
+    )
+    assert_same_rows(
+        table_of(data2),
+        reference(shared_data / "nano_dimuon.root", columns, lambda e: e.nMuon >= 1),
+        columns,
+    )
+
+
+# ---------------------------------------------------------------------------
+# result retention
+
+
+def _backdate(db_url: str, *, requests: list[str], jobs: list[str], days: float) -> None:
+    """Move requests' submission and jobs' end ``days`` into the past (the real database)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    past = time.time() - days * 86400
+    when = sa.func.datetime(past, "unixepoch")
+    try:
+        with engine.begin() as conn:
+            for rid in requests:
+                conn.execute(sa.text("UPDATE requests SET created_at = :t WHERE id = :i"),
+                             {"t": conn.scalar(sa.select(when)), "i": rid})
+            for jid in jobs:
+                conn.execute(sa.text("UPDATE jobs SET finished_at = :t WHERE id = :i"),
+                             {"t": conn.scalar(sa.select(when)), "i": jid})
+    finally:
+        engine.dispose()
+
+
+def test_expired_results_are_removed_and_an_identical_request_runs_again(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    config = make_config(tmp_path, shared_data)
+    old_spec = tt_spec(shared_data, columns=["MET_pt", "nJet"])
+    kept_spec = tt_spec(shared_data, columns=["nJet"])
+    with InProcess(create_app(config)) as client:
+        old = submit(client, old_spec, "alice")
+        kept = submit(client, kept_spec, "alice")
+        bad = submit(client, tt_spec(shared_data, columns=["No_such_column"]), "alice")
+        jobs = {rid: wait(client, rid, "alice")["samples"][""]["job"] for rid in (old, kept, bad)}
+        assert wait(client, bad, "alice")["status"] == "failed"
+        again = submit(client, kept_spec, "bob")  # shares kept's job: a live reference
+        assert client.get(f"/api/v1/requests/{again}", headers=auth("bob")).json()[
+            "samples"][""]["job"] == jobs[kept]
+        folders = {rid: config.result_directory(jobs[rid]) for rid in jobs}
+        assert all(folders[rid].is_dir() for rid in (old, kept))  # bad failed before writing
+        _backdate(config.database, requests=[old, kept, bad], jobs=list(jobs.values()), days=2)
+        # only an admin sweeps; a ttl longer than their age keeps everything
+        r = client.post("/api/v1/admin/sweep?ttl=7d", headers=auth("alice"))
+        assert r.status_code == 403
+        r = client.post("/api/v1/admin/sweep?ttl=3d", headers=auth("root"))
+        assert r.status_code == 200
+        assert r.json()["expired"] == []
+        r = client.post("/api/v1/admin/sweep?ttl=1d", headers=auth("root"))
+        assert r.status_code == 200, r.text
+        assert sorted(r.json()["expired"]) == sorted([jobs[old], jobs[bad]])
+        assert not folders[old].exists()
+        assert not folders[bad].exists()
+        assert folders[kept].is_dir()
+        kept_bytes = sum(p.stat().st_size for p in folders[kept].glob("part-*"))
+        assert client.app.state.db.stored_bytes("alice") == kept_bytes  # removed: not counted
+        # the expired request says so; its files are never served, never a 404
+        status = client.get(f"/api/v1/requests/{old}", headers=auth("alice")).json()
+        assert status["status"] == "failed"
+        assert status["error"]["type"] == "ResultExpiredError"
+        for url in (f"/api/v1/requests/{old}/manifest",
+                    f"/api/v1/requests/{old}/files/part-00000.parquet"):
+            r = client.get(url, headers=auth("alice"))
+            assert r.status_code == 409
+            assert "ResultExpiredError" in r.json()["error"]["message"]
+        failed = client.get(f"/api/v1/requests/{bad}", headers=auth("alice")).json()
+        assert failed["status"] == "failed"
+        assert failed["error"]["type"] != "ResultExpiredError"
+        # the kept result is still served to both of its users
+        _m, kept_data = _files_of(client, kept, "alice")
+        assert _files_of(client, again, "bob")[1] == kept_data
+        # an identical request runs the work again, into a new folder
+        new = submit(client, old_spec, "alice")
+        done = wait(client, new, "alice")
+        assert done["status"] == "complete"
+        assert done["samples"][""]["job"] != jobs[old]
+        _m, new_data = _files_of(client, new, "alice")
+    expected = reference(shared_data / "nano_tt_v12.root", ["MET_pt", "nJet"], lambda e: e.nJet >= 4)
+    assert_same_rows(table_of(new_data), expected, ["MET_pt", "nJet"])
+    expected = reference(shared_data / "nano_tt_v12.root", ["nJet"], lambda e: e.nJet >= 4)
+    assert_same_rows(table_of(kept_data), expected, ["nJet"])
+
+
+def test_result_ttl_sweeps_by_itself(tmp_path: Path, shared_data: Path) -> None:
+    config = make_config(tmp_path, shared_data, result_ttl="1s")
+    assert config.result_ttl == 1.0
+    with InProcess(create_app(config)) as client:
+        rid = submit(client, tt_spec(shared_data, columns=["MET_pt"]), "alice")
+        job = wait(client, rid, "alice")["samples"][""]["job"]
+
+        def expired() -> bool:
+            body = client.get(f"/api/v1/requests/{rid}", headers=auth("alice")).json()
+            return bool(body["error"]) and body["error"]["type"] == "ResultExpiredError"
+
+        wait_until(expired, "the request's result swept after result_ttl")
+        assert not config.result_directory(job).exists()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("7d", 604800.0), ("12h", 43200.0), ("90", 90.0)])
+def test_result_ttl_reads_durations(tmp_path: Path, text: str, seconds: float) -> None:
+    assert load_config(state_dir=tmp_path, result_ttl=text).result_ttl == seconds
+    assert load_config(state_dir=tmp_path).result_ttl is None
+
+
+def test_a_bad_result_ttl_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="7d"):
+        load_config(state_dir=tmp_path, result_ttl="a week")

@@ -92,8 +92,11 @@ def source_key(request: Any, *, chunk_size: int | None) -> str | None:
             return None  # the full path names the problem
         source: Any = {"file": hashlib.sha256(data).hexdigest(), "base": base}
     else:
-        spec = sys.modules.get("columnhub.spec")  # not imported: it cannot be a Request
-        if spec is not None and isinstance(request, spec.Request):
+        # not imported: it cannot be a Request; another thread still importing it (a
+        # partially initialised module without ``Request`` yet): not one either, since
+        # no instance exists before its class
+        spec_class = getattr(sys.modules.get("columnhub.spec"), "Request", None)
+        if spec_class is not None and isinstance(request, spec_class):
             request = request.model_dump(mode="json", by_alias=True)
         elif not isinstance(request, dict) or not _plain(request):
             return None

@@ -152,6 +152,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     reader = Depends(principal("read"))
     submitter = Depends(principal("submit"))
+    administrator = Depends(principal("admin"))
 
     # -- health --------------------------------------------------------------------
 
@@ -279,6 +280,37 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         stats = ColumnCache(config.cache, read_only=True).stats()
         return dict(stats.to_dict())
 
+    # -- retention -----------------------------------------------------------------
+
+    @app.post(f"{API}/admin/sweep", tags=["admin"])
+    def sweep(ttl: str | None = None, user: Principal = administrator) -> dict[str, Any]:
+        """Remove now the results no live request references, finished over ``ttl`` ago.
+
+        ``ttl`` (e.g. ``7d``, ``12h``, ``0s``) defaults to the service's
+        ``result_ttl``. A complete request whose result goes reads failed
+        (``ResultExpiredError``); submitting it again runs the work again.
+        """
+        from columnhub.service.config import parse_duration
+        from columnhub.service.jobs import sweep_results
+
+        if ttl is None and config.result_ttl is None:
+            msg = (
+                "no ttl given and the service has no result_ttl; ask for "
+                f"POST {API}/admin/sweep?ttl=7d (any duration: s, m, h, d, w), or set "
+                "result_ttl in the service's configuration"
+            )
+            raise SpecError(msg)
+        try:
+            seconds = config.result_ttl if ttl is None else parse_duration(ttl)
+        except ValueError as err:
+            msg = f"ttl: {err}"
+            raise SpecError(msg) from err
+        if seconds is None or seconds < 0:
+            msg = f"ttl must be a duration of 0 or more, got {ttl!r}"
+            raise SpecError(msg)
+        expired = sweep_results(db, config.results_dir, seconds)
+        return {"expired": expired, "ttl_s": seconds}
+
     def _owner(user: Principal) -> str | None:
         """Whose requests ``user`` may see: their own, or everyone's for an admin."""
         return None if "admin" in user.scopes else user.user
@@ -309,11 +341,35 @@ def _submit(
     data = _parse_json_or_yaml(body, content_type)
     samples = _job_specs(config, data)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    with lock:  # one user's submissions one at a time here: a limit is never passed by a race
+    reuse = _reusable(config, db, jobs)  # complete work, inputs unchanged: shared, not run again
+    with lock:  # one user's submissions one at a time in this replica
         _check_limits(config, db, user.user)
-        view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
+        # the active-requests limit again inside the submit's transaction, serialised by
+        # the database: exact across replicas (the check above answers most refusals early)
+        view = db.submit(  # wakes this replica's runners
+            user.user,
+            data,
+            title,
+            jobs,
+            max_active=config.max_active_requests_per_user,
+            reuse=reuse,
+        )
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
+
+
+def _reusable(
+    config: ServiceConfig, db: Any, jobs: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, str]:
+    """Sample -> the complete job whose result answers it as it is (``jobs.reusable_result``)."""
+    from columnhub.service.jobs import reusable_result
+
+    out = {}
+    for name, (request_hash, _spec) in jobs.items():
+        done = db.latest_complete(request_hash)
+        if done is not None and reusable_result(done, cache=config.cache):
+            out[name] = done.id
+    return out
 
 
 async def _read_body(request: HttpRequest) -> bytes:
@@ -466,6 +522,8 @@ class _Services:
         self.cluster: Any = None
         self._lock = threading.Lock()
         self._user_locks: dict[str, threading.Lock] = {}
+        self._sweeping = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     def user_lock(self, user: str) -> threading.Lock:
         """The lock that orders ``user``'s submissions in this replica (limits checked inside)."""
@@ -489,6 +547,26 @@ class _Services:
             _log.info("LocalCluster at %s", self.cluster.scheduler_address)
         self.runner = Runner(self.db, config)
         self.runner.start()
+        if config.result_ttl is not None:
+            self._sweeping.clear()
+            self._sweeper = threading.Thread(
+                target=self._sweep_loop,
+                args=(config.result_ttl,),
+                name="columnhub-sweep",
+                daemon=True,
+            )
+            self._sweeper.start()
+
+    def _sweep_loop(self, ttl_s: float) -> None:
+        """Remove expired results now and then (every replica may: the database takes turns)."""
+        from columnhub.service.jobs import sweep_results
+
+        interval = min(max(ttl_s / 4, 0.2), 600.0)
+        while not self._sweeping.wait(interval):
+            try:
+                sweep_results(self.db, self.config.results_dir, ttl_s)
+            except Exception:  # noqa: BLE001 - the database is away a moment: the next round tries again
+                _log.exception("columnhub: sweeping expired results failed")
 
     def problems(self) -> list[str]:
         """Why this replica is not ready (empty: ready)."""
@@ -503,7 +581,11 @@ class _Services:
         return out
 
     def stop(self) -> None:
-        """Stop the runners, then close the cluster."""
+        """Stop the result sweep and the runners, then close the cluster."""
+        self._sweeping.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
+            self._sweeper = None
         try:
             if self.runner is not None:
                 self.runner.stop()

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from columnhub.errors import SpecError
 
-__all__ = ["DEFAULT_STATE_DIR", "ServiceConfig", "load_config"]
+__all__ = ["DEFAULT_STATE_DIR", "ServiceConfig", "load_config", "parse_duration"]
 
 #: where the service keeps its database, results and cache unless told otherwise
 DEFAULT_STATE_DIR = Path("~/.local/share/columnhub-service")
@@ -75,6 +75,11 @@ class ServiceConfig(BaseModel):
         max_stored_bytes_per_user: bytes of results a user may hold; a new
             request beyond it is refused with HTTP 403 (``None``: no limit).
             YAML may give a size such as ``500G``.
+        result_ttl: seconds a finished job's result is kept after it was last
+            asked for (``None``, the default: kept for ever); then it is
+            removed (``Runner`` sweep, or ``POST /api/v1/admin/sweep``) and an
+            identical request runs the work again. YAML may give ``7d``,
+            ``12h``, ``30m`` or ``90s``.
         runners: jobs this replica runs at once.
         lease_s: seconds a running job's claim lasts without a heartbeat
             (after a crash, another runner resumes it after this long).
@@ -103,6 +108,7 @@ class ServiceConfig(BaseModel):
     oidc_user_claim: str = "sub"
     max_active_requests_per_user: int = Field(default=8, ge=1)
     max_stored_bytes_per_user: int | None = Field(default=None, ge=0)
+    result_ttl: float | None = Field(default=None, gt=0)
     runners: int = Field(default=1, ge=1)
     lease_s: float = Field(default=30.0, gt=0)
     insecure_no_auth: bool = False
@@ -125,6 +131,13 @@ class ServiceConfig(BaseModel):
             from columnhub.cli.cache import parse_size
 
             return parse_size(value)
+        return value
+
+    @field_validator("result_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_duration(value)
         return value
 
     @model_validator(mode="before")
@@ -250,3 +263,26 @@ def _describe(err: ValidationError, path: str | os.PathLike[str] | None) -> str:
             message = str(e["msg"]).removeprefix("Value error, ")
             lines.append(f"  - {key}: {message} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``7d``, ``12h``, ``30m``, ``90s`` or ``3600``.
+
+    >>> parse_duration("7d"), parse_duration("1.5h"), parse_duration("90")
+    (604800.0, 5400.0, 90.0)
+    """
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _UNITS else "s"
+    number = raw[:-1] if raw[-1:] in _UNITS else raw
+    try:
+        value = float(number)
+    except ValueError:
+        msg = (
+            f"{text!r} is not a duration; give a number with a unit: s, m, h, d or w "
+            "(e.g. 7d, 12h, 30m)"
+        )
+        raise ValueError(msg) from None
+    return value * _UNITS[unit]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import datetime as dt
+import hashlib
 import threading
 import time
 import uuid
@@ -40,7 +41,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from columnhub.errors import RequestNotFoundError, ServiceError
+from columnhub.errors import QuotaExceededError, RequestNotFoundError, ServiceError
 
 __all__ = [
     "JOB_STATES",
@@ -442,6 +443,9 @@ class Database:
         spec: Mapping[str, Any],
         title: str | None,
         samples: Mapping[str, tuple[str, Mapping[str, Any]]],
+        *,
+        max_active: int | None = None,
+        reuse: Mapping[str, str] | None = None,
     ) -> RequestView:
         """Record a request and queue its work, attaching to identical work already queued.
 
@@ -452,17 +456,31 @@ class Database:
             samples: sample name (``""`` for a single-sample request) ->
                 ``(request hash, job spec)``: the hash of the single-sample
                 request (``Request.hash``) and its ``model_dump(mode="json")``.
+            max_active: refuse the request when ``owner`` already has this many
+                queued or running (``None``: no limit). Checked in the submit's
+                own transaction, with the owner's submissions serialised by the
+                database (PostgreSQL: a transaction-level advisory lock on the
+                owner; SQLite: ``BEGIN IMMEDIATE``), so the limit holds across
+                every replica of one database.
+            reuse: sample -> a complete job of the same hash whose result the
+                caller found reusable as it is (``jobs.reusable_result``): the
+                sample shares that job, and its result folder, if the job is
+                still complete (no copy, nothing queued).
 
         Returns:
-            The new request. A sample whose hash has a queued or running job
-            shares that job (single flight); any other gets a new queued job.
+            The new request. A sample in ``reuse`` shares that complete job; else
+            a sample whose hash has a queued or running job shares that job
+            (single flight); any other gets a new queued job.
+
+        Raises:
+            QuotaExceededError: ``max_active`` reached (429).
         """
         if not samples:
             msg = "a request needs at least one sample; the spec named no dataset"
             raise ServiceError(msg)
         for attempt in range(_SUBMIT_RETRIES):
             try:
-                request_id = self._submit(owner, dict(spec), title, samples)
+                request_id = self._submit(owner, dict(spec), title, samples, max_active, reuse)
             except IntegrityError:  # another replica queued the same work at this instant
                 if attempt == _SUBMIT_RETRIES - 1:
                     raise
@@ -478,10 +496,14 @@ class Database:
         spec: dict[str, Any],
         title: str | None,
         samples: Mapping[str, tuple[str, Mapping[str, Any]]],
+        max_active: int | None,
+        reuse: Mapping[str, str] | None = None,
     ) -> str:
         now = _now()
         request_id = uuid.uuid4().hex
         with self._writing() as session:
+            if max_active is not None:
+                self._check_active(session, owner, max_active)
             session.add(
                 RequestRecord(
                     id=request_id,
@@ -493,11 +515,20 @@ class Database:
                 )
             )
             for sample, (request_hash, job_spec) in samples.items():
-                job = session.scalars(
-                    sa.select(Job)
-                    .where(Job.request_hash == request_hash, Job.state.in_(LIVE_STATES))
-                    .with_for_update()
-                ).first()
+                job = None
+                done_id = (reuse or {}).get(sample)
+                if done_id is not None:  # still complete (not expired since it was checked)
+                    job = session.get(Job, done_id, with_for_update=True)
+                    if job is not None and (
+                        job.state != "complete" or job.request_hash != request_hash
+                    ):
+                        job = None
+                if job is None:
+                    job = session.scalars(
+                        sa.select(Job)
+                        .where(Job.request_hash == request_hash, Job.state.in_(LIVE_STATES))
+                        .with_for_update()
+                    ).first()
                 if job is None:
                     job = Job(
                         id=uuid.uuid4().hex,
@@ -513,6 +544,36 @@ class Database:
                     session.flush()  # the unique index speaks now, inside the retry loop
                 session.add(RequestJob(request_id=request_id, sample=sample, job_id=job.id))
         return request_id
+
+    def _check_active(self, session: Session, owner: str, limit: int) -> None:
+        """Refuse ``owner``'s submission at ``limit`` live requests (inside the submit's transaction).
+
+        PostgreSQL: an advisory lock on the owner, held to the end of the
+        transaction, makes one replica's check-and-insert wait for another's
+        (the count is then read after the other's commit: READ COMMITTED reads
+        a new snapshot per statement). SQLite: the transaction's ``BEGIN
+        IMMEDIATE`` already holds the database's one write lock.
+        """
+        if not self.is_sqlite:
+            session.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _owner_lock_key(owner)}
+            )
+        states = self._states(owner).subquery()
+        active = int(
+            session.scalar(
+                sa.select(sa.func.count())
+                .select_from(states)
+                .where(states.c.state.in_(LIVE_STATES))
+            )
+            or 0
+        )
+        if active >= limit:
+            msg = (
+                f"user {owner!r} already has {active} requests queued or running, the most "
+                f"allowed at once (max_active_requests_per_user = {limit}); wait for one to "
+                "finish, or cancel one (DELETE /api/v1/requests/ID), then submit again"
+            )
+            raise QuotaExceededError(msg)
 
     def get(self, request_id: str, owner: str | None = None) -> RequestView:
         """The request ``request_id``; ``owner=None`` sees every user's (admin).
@@ -822,6 +883,89 @@ class Database:
             )
             return _rowcount(result) == 1
 
+    def expire(self, before: dt.datetime) -> builtins.list[JobRow]:
+        """Take the results no live request references out of service; the jobs to remove.
+
+        A job's folder may go when the job finished (complete, failed or
+        cancelled) before ``before`` and no *live* request references it: a
+        request not cancelled that was submitted at or after ``before``, or
+        that still has a queued or running job. A complete job is marked
+        failed with ``error_type`` ``ResultExpiredError`` (its requests say
+        why and how to get it again; an identical submission then runs the
+        work again, never sharing it); a failed or cancelled one keeps its
+        state and error. Both lose their ``output_dir`` (so a job is handed
+        out once) and their ``stored_bytes`` (no quota counts them). Queued and running jobs are never touched.
+
+        The candidates are locked (``FOR UPDATE``; SQLite: the write lock)
+        before their references are counted, so a submit attaching to a
+        complete job at the same instant either commits first (and keeps
+        it) or finds it expired (and queues the work again).
+
+        Args:
+            before: naive UTC; what finished (and was last asked for) before it goes.
+
+        Returns:
+            The jobs taken out, as they were (their ``output_dir`` still set):
+            the caller removes those folders.
+        """
+        now = _now()
+        with self._writing() as session:
+            candidates = session.scalars(
+                sa.select(Job)
+                .where(
+                    Job.state.in_(("complete", "failed", "cancelled")),
+                    Job.finished_at < before,
+                    Job.output_dir.is_not(None),
+                )
+                .order_by(Job.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not candidates:
+                return []
+            busy = (
+                sa.select(RequestJob.request_id)
+                .join(Job, Job.id == RequestJob.job_id)
+                .where(Job.state.in_(LIVE_STATES))
+            )
+            referenced = set(
+                session.scalars(
+                    sa.select(RequestJob.job_id)
+                    .join(RequestRecord, RequestRecord.id == RequestJob.request_id)
+                    .where(
+                        RequestJob.job_id.in_([j.id for j in candidates]),
+                        RequestRecord.cancelled.is_(False),
+                        sa.or_(RequestRecord.created_at >= before, RequestRecord.id.in_(busy)),
+                    )
+                )
+            )
+            out = []
+            for job in candidates:
+                if job.id in referenced:
+                    continue
+                out.append(JobRow.of(job))
+                if job.state == "complete":
+                    job.state = "failed"
+                    job.error_type = "ResultExpiredError"
+                    job.error_message = (
+                        f"the result was removed at {_iso(now)}, after the service's "
+                        "result_ttl with no request asking for it; submit the request again "
+                        "to have it delivered anew"
+                    )
+                job.output_dir = None
+                job.stored_bytes = 0  # nothing held any more: no user's quota counts it
+            return out
+
+    def latest_complete(self, request_hash: str) -> JobRow | None:
+        """The complete job of ``request_hash`` that finished last, or ``None``."""
+        with self._reading() as session:
+            job = session.scalars(
+                sa.select(Job)
+                .where(Job.request_hash == request_hash, Job.state == "complete")
+                .order_by(Job.finished_at.desc(), Job.id.desc())
+                .limit(1)
+            ).first()
+            return None if job is None else JobRow.of(job)
+
     def job(self, job_id: str) -> JobRow:
         """The job ``job_id`` (for runners and tests).
 
@@ -896,6 +1040,12 @@ def _in_spec_order(spec: Mapping[str, Any], samples: dict[str, JobRow]) -> dict[
         order = [n for n in named if n in samples]
         return {n: samples[n] for n in [*order, *sorted(set(samples) - set(order))]}
     return dict(sorted(samples.items()))
+
+
+def _owner_lock_key(owner: str) -> int:
+    """The PostgreSQL advisory-lock key of ``owner``'s submissions (a signed 64-bit number)."""
+    digest = hashlib.sha256(b"columnhub-submit:" + owner.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _rowcount(result: Any) -> int:

@@ -22,6 +22,7 @@ submissions).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from columnhub.service.db import Database, JobRow, empty_progress
 if TYPE_CHECKING:
     from columnhub.execute.part import PartMeta
 
-__all__ = ["JobStopped", "Runner", "RunnerConfig"]
+__all__ = ["JobStopped", "Runner", "RunnerConfig", "reusable_result", "sweep_results"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,11 @@ class Runner:
         self.results = Path(config.state_dir).expanduser() / "results"
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # the Dask client (and with ``scheduler: local`` its LocalCluster) of all jobs: made
+        # without ``with`` (whose context variable must be reset by the thread that set it),
+        # so stop() closes them from whichever thread stops the runner
         self._client: Any = None
-        self._cluster = contextlib.ExitStack()  # the Dask client (and LocalCluster) of all jobs
+        self._cluster: Any = None
         self._client_lock = threading.Lock()
 
     # -- threads ------------------------------------------------------------------
@@ -120,8 +124,14 @@ class Runner:
             thread.join(timeout)
         self._threads = []
         with self._client_lock:
-            self._client = None
-            self._cluster.close()
+            client, cluster = self._client, self._cluster
+            self._client = self._cluster = None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if cluster is not None:
+                cluster.close()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -212,23 +222,125 @@ class Runner:
         return str(Path(self.config.state_dir).expanduser() / "cache")
 
     def _scheduler(self) -> Any:
-        """``None`` (threads here), else one Dask client shared by every job of this runner."""
+        """``None`` (threads here), else one Dask client shared by every job of this runner.
+
+        The same client ``deliver`` makes for one request (a ``LocalCluster`` of
+        ``workers`` processes, or a connection with its timeout), kept open for
+        all jobs. It is a plain ``distributed.Client``, never entered with
+        ``with``: its context manager sets a context variable that only the
+        thread which set it may reset, and :meth:`stop` runs in another thread.
+        """
         scheduler = self.config.scheduler
         if scheduler is None:
             return None
         with self._client_lock:
             if self._client is None:
-                from columnhub.execute.dask import _client
-
-                # what deliver does for one request (a LocalCluster of ``workers``
-                # processes, or a connection with its timeout), kept open for all
-                workers = self.config.workers
-                if workers is None:
-                    from columnhub._concurrency import threads
-
-                    workers = threads()
-                self._client = self._cluster.enter_context(_client(scheduler, workers=workers))
+                self._client, self._cluster = _open_client(scheduler, self.config.workers)
             return self._client
+
+
+def _open_client(scheduler: str, workers: int | None) -> tuple[Any, Any]:
+    """``(client, cluster or None)`` for ``scheduler`` (``"local"`` or an address)."""
+    from columnhub.errors import SpecError
+    from columnhub.execute.dask import SCHEDULER_ENV, _connect_timeout, _distributed
+
+    distributed = _distributed()
+    if scheduler == "local":
+        if workers is None:
+            from columnhub._concurrency import threads
+
+            workers = threads()
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        try:
+            return distributed.Client(cluster), cluster
+        except BaseException:
+            cluster.close()
+            raise
+    try:
+        client = distributed.Client(scheduler, timeout=_connect_timeout())
+    except (OSError, TimeoutError, ValueError) as err:
+        msg = (
+            f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
+            f"(--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is running, or "
+            "use --scheduler local"
+        )
+        raise SpecError(msg) from err
+    return client, None
+
+
+def sweep_results(db: Database, results: Path, ttl_s: float) -> list[str]:
+    """Remove the results no live request references that finished over ``ttl_s`` ago.
+
+    The jobs are taken out of service in the database first
+    (:meth:`Database.expire <columnhub.service.db.Database.expire>`: a
+    complete one is then failed as ``ResultExpiredError``, so nothing lists
+    a removed file as complete), then their folders are removed. Only
+    folders directly inside ``results`` are removed (a job's default
+    ``results/<job id>``).
+
+    Returns:
+        The ids of the jobs taken out.
+    """
+    before = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=float(ttl_s))
+    gone = db.expire(before)
+    root = Path(results).resolve()
+    for job in gone:
+        if not job.output_dir:
+            continue
+        folder = Path(job.output_dir).resolve()
+        if folder.parent != root:  # never anything outside the service's results
+            log.warning("columnhub: not removing %s (job %s): not in %s", folder, job.id, root)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+    if gone:
+        log.info("columnhub: %d expired results removed", len(gone))
+    return [job.id for job in gone]
+
+
+def reusable_result(job: JobRow, *, cache: str | None) -> bool:
+    """Whether the complete ``job``'s result answers its work again now, as it is.
+
+    The check of ``deliver``'s whole-result fast path (:mod:`columnhub._fastpath`),
+    with plain file-system calls only (no uproot): what the delivery of the
+    job's spec recorded in the cache under its source key must name the
+    result the job's folder holds (the same result key), every input must
+    still resolve to the same files with the same quick identity (device,
+    inode, size, modification time, ROOT UUID or Parquet footer), and every
+    part the folder's complete manifest lists must be there with its size and
+    modification time. Anything uncertain (no record, a remote file, a model,
+    another replica's working directory) is ``False``: the work runs again.
+
+    Args:
+        job: a complete job.
+        cache: the service's column cache (``ServiceConfig.cache``).
+    """
+    if job.state != "complete" or not job.output_dir or cache is None:
+        return False
+    from columnhub import _fastpath
+    from columnhub.cache import ColumnCache
+    from columnhub.delivery import _intact
+    from columnhub.errors import ColumnhubError
+    from columnhub.output.manifest import read_manifest
+    from columnhub.spec import Request
+
+    try:
+        # the source key the runner's deliver(Request.from_dict(job.spec)) recorded under
+        key = _fastpath.source_key(Request.from_dict(job.spec), chunk_size=None)
+        known = _fastpath.lookup(ColumnCache(cache, read_only=True), key)
+        if known is None:
+            return False
+        directory = Path(job.output_dir)
+        manifest = read_manifest(directory)
+    except (ColumnhubError, OSError, ValueError):
+        return False
+    return (
+        manifest is not None
+        and manifest.get("result_key") == known.result_key
+        and _intact(directory, manifest)
+        and _fastpath.unchanged(known)
+    )
 
 
 class _Tracker:
