@@ -298,13 +298,18 @@ def main() -> int:
 
             # -- fully cached requests, one after the other ---------------------------
             cached, cached_jobs, post_s = [], [], []
+            answered_at_submit = 0  # complete in the POST reply: the completed job shared
             for _ in range(args.cached):
                 c0 = time.monotonic()
-                rid = client.post("/api/v1/requests", json=spec_a(path, chunk)).json()["id"]
+                posted = client.post("/api/v1/requests", json=spec_a(path, chunk)).json()
+                rid = posted["id"]
                 post_s.append(time.monotonic() - c0)
                 status = wait_final(client, rid, 0.002, c0 + 60)
                 cached.append(time.monotonic() - c0)
-                cached_jobs.append(status["samples"][""]["job"])
+                if posted["status"] == "complete":
+                    answered_at_submit += 1
+                else:  # a job of its own: where its time went is in the database
+                    cached_jobs.append(status["samples"][""]["job"])
                 if status["status"] != "complete":
                     wrong.append((rid, status["status"]))
             cache_stats = client.get("/api/v1/cache/stats").json()
@@ -368,9 +373,11 @@ def main() -> int:
         "identical_jobs": len(identical_jobs),
         "identical_computed": computed_identical,
         "jobs_computed": len(computed),
+        "cached_n": len(cached),
         "cached_p50_ms": pct(cached, 50) * 1e3,
         "cached_p95_ms": pct(cached, 95) * 1e3,
         "cached_post_p50_ms": pct(post_s, 50) * 1e3,
+        "cached_answered_at_submit": answered_at_submit,
         "cached_queue_p50_ms": pct(queue_ms, 50),
         "cached_run_p50_ms": pct(run_ms, 50),
         "cached_run_p95_ms": pct(run_ms, 95),
@@ -456,9 +463,13 @@ def print_report(f: dict[str, Any], failed: list[dict[str, Any]], wrong: list[An
             f"{f['cached_p50_ms']:.1f} / {f['cached_p95_ms']:.1f}",
         ),
         (
-            "  of which: POST p50 / queued p50 / job run p50, p95 (ms)",
+            "  answered in the POST reply (the completed job shared)",
+            f"{f['cached_answered_at_submit']} of {f['cached_n']}",
+        ),
+        (
+            "  POST p50; the others: queued p50 / job run p50, p95 (ms)",
             (
-                f"{f['cached_post_p50_ms']:.1f} / {f['cached_queue_p50_ms']:.1f}"
+                f"{f['cached_post_p50_ms']:.1f}; {f['cached_queue_p50_ms']:.1f}"
                 f" / {f['cached_run_p50_ms']:.1f}, {f['cached_run_p95_ms']:.1f}"
             ),
         ),
