@@ -683,6 +683,13 @@ def test_serve_refuses_a_bad_config_as_a_user_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_serve_result_ttl_flag_is_read_as_a_duration(tmp_path: Path) -> None:
+    done = run_cli("serve", "--result-ttl", "soon", "--state-dir", str(tmp_path / "state"))
+    assert done.returncode == 2
+    assert "result_ttl: 'soon' is not a duration" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_serve_with_a_database_that_is_down_says_so(tmp_path: Path) -> None:
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))

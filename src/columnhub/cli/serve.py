@@ -73,6 +73,11 @@ def register(sub: Any) -> None:
     p.add_argument("--models", metavar="LOC", help="model registry (never taken from a request)")
     p.add_argument("--runners", type=int, metavar="N", help="jobs this replica runs at once")
     p.add_argument(
+        "--result-ttl",
+        metavar="AGE",
+        help="remove results no request has used for AGE (7d, 12h, 30m; default: keep)",
+    )
+    p.add_argument(
         "--insecure-no-auth",
         action="store_true",
         default=None,
@@ -90,7 +95,7 @@ def register(sub: Any) -> None:
 _SETTINGS = (
     "host", "port", "scheduler", "workers", "data_roots", "url_prefixes", "token_file",
     "oidc_issuer", "oidc_audience", "database", "state_dir", "cache", "models", "runners",
-    "insecure_no_auth", "log_level",
+    "insecure_no_auth", "log_level", "result_ttl",
 )
 
 
