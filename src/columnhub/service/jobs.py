@@ -93,7 +93,7 @@ class Runner:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._client: Any = None
-        self._cluster: Any = None
+        self._cluster = contextlib.ExitStack()  # the Dask client (and LocalCluster) of all jobs
         self._client_lock = threading.Lock()
 
     # -- threads ------------------------------------------------------------------
@@ -120,12 +120,8 @@ class Runner:
             thread.join(timeout)
         self._threads = []
         with self._client_lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-            if self._cluster is not None:
-                self._cluster.close()
-                self._cluster = None
+            self._client = None
+            self._cluster.close()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -221,21 +217,16 @@ class Runner:
             return None
         with self._client_lock:
             if self._client is None:
-                from columnhub._extras import require
+                from columnhub.execute.dask import _client
 
-                distributed = require("distributed", what="the service's Dask scheduler")
-                if scheduler == "local":
+                # what deliver does for one request (a LocalCluster of ``workers``
+                # processes, or a connection with its timeout), kept open for all
+                workers = self.config.workers
+                if workers is None:
                     from columnhub._concurrency import threads
 
-                    self._cluster = distributed.LocalCluster(
-                        n_workers=self.config.workers or threads(),
-                        threads_per_worker=1,
-                        processes=True,
-                        dashboard_address=None,
-                    )
-                    self._client = distributed.Client(self._cluster)
-                else:
-                    self._client = distributed.Client(scheduler)
+                    workers = threads()
+                self._client = self._cluster.enter_context(_client(scheduler, workers=workers))
             return self._client
 
 
