@@ -42,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from columnhub.service.auth import Authenticator, Principal, challenge_headers, principal
+from columnhub.service.servicex import router as servicex_router
 
 if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
@@ -279,6 +280,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         """Whose requests ``user`` may see: their own, or everyone's for an admin."""
         return None if "admin" in user.scopes else user.user
 
+    app.include_router(servicex_router)  # the ServiceX front door (docs/servicex.md)
     return app
 
 
