@@ -236,7 +236,7 @@ def _v2_query(
     """A presigned URL as boto3's ``generate_presigned_url`` makes it (query-string auth)."""
     from urllib.parse import urlsplit
 
-    from botocore.auth import HmacV1Auth
+    from botocore.auth import HmacV1QueryAuth
     from botocore.awsrequest import HTTPHeaders
     from botocore.credentials import Credentials
 
@@ -252,9 +252,12 @@ def _v2_query(
     rest = [(k, v) for k, v in query if k not in ("AWSAccessKeyId", "Signature", "Expires")]
 
     def check(secret: str) -> bool:
-        signer = HmacV1Auth(Credentials(params["AWSAccessKeyId"], secret))
+        signer = HmacV1QueryAuth(Credentials(params["AWSAccessKeyId"], secret))
+        signer._get_date = lambda: str(expires)  # type: ignore[method-assign]  # the URL's
         split = urlsplit(_url(request, rest))
-        expected = signer.get_signature(request.method, split, HTTPHeaders(), expires=str(expires))
+        # botocore signs the bucket's path ("auth path"), without the endpoint's /s3
+        path = split.path.removeprefix(PREFIX)
+        expected = signer.get_signature(request.method, split, HTTPHeaders(), auth_path=path)
         return hmac.compare_digest(expected, params["Signature"])
 
     return params["AWSAccessKeyId"], check

@@ -33,7 +33,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from columnhub._extras import require
-from columnhub.errors import ColumnhubError, DatasetError, ServiceError, SpecError
+from columnhub.errors import (
+    ColumnhubError,
+    DatasetError,
+    PermissionDeniedError,
+    ServiceError,
+    SpecError,
+)
 
 require("fastapi", what="the columnhub service")
 from fastapi import APIRouter, Depends
@@ -219,7 +225,11 @@ def _submit(app: Any, user: Principal, data: Any) -> dict[str, str]:
     spec = translate(
         fields["codegen"], fields["selection"], files=files, result_format=fields["result-format"]
     )
-    jobs = _job_specs(config, spec)  # inputs checked against the data roots and URL prefixes
+    try:
+        jobs = _job_specs(config, spec)  # inputs checked against the data roots and URL prefixes
+    except PermissionDeniedError as err:
+        err.status = 400  # a file outside the roots: the client shows a 400's message as is
+        raise
     _check_limits(config, db, user.user)
     samples = {name: (req.hash, req.model_dump(mode="json")) for name, req in jobs.items()}
     stored = {"servicex": {**fields, "files": files}, "request": spec}

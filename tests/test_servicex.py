@@ -1,0 +1,526 @@
+"""The ServiceX front door: the REAL ``servicex`` client (3.3) against ``columnhub serve``.
+
+``columnhub serve`` runs on a loopback port (a subprocess); the client reads a
+``servicex.yaml`` written in ``tmp_path`` that points at it, exactly as a
+ServiceX user's notebook would. Every delivered file is compared with a
+direct uproot read of the same selection. The client's poll interval (5 s)
+is shortened here, in the client, never in the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import httpx
+import pytest
+import uproot
+import yaml
+
+pytestmark = [
+    pytest.mark.service,
+    # the servicex client's make_it_sync runs each sync call on a new event loop it never
+    # closes (make_it_sync 2.0): its loop and self-pipe sockets are left to the collector
+    pytest.mark.filterwarnings("ignore:unclosed event loop:ResourceWarning"),
+    # ... and its query cache (TinyDB) leaves its db.json open
+    pytest.mark.filterwarnings(
+        r"ignore:unclosed file <_io.TextIOWrapper name='[^']*/\.servicex/db\.json':ResourceWarning"
+    ),
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <(socket.socket fd=\d+, family=1|function BaseEventLoop"
+        r".__del__|_io.FileIO name='[^']*/\.servicex/db\.json'):pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+servicex = pytest.importorskip("servicex")
+
+ENTRY_POINT = Path(sys.executable).parent / "columnhub"
+SERVICEX_CLI = Path(sys.executable).parent / "servicex"
+KEYS = ["run", "luminosityBlock", "event"]
+TOKENS = {"alice": "tok-alice", "bob": "tok-bob"}
+_LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+
+
+# ---------------------------------------------------------------------------
+# the service and the client
+
+
+class Served:
+    """A ``columnhub serve`` subprocess on loopback."""
+
+    def __init__(self, tmp: Path, shared_data: Path, *, tokens: bool, extra: list[str]) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        args = [
+            sys.executable, str(ENTRY_POINT), "serve", "--port", "0", "--workers", "2",
+            "--data-root", str(shared_data), "--state-dir", str(self.state), *extra,
+        ]
+        if tokens:
+            table = {
+                hashlib.sha256(tok.encode()).hexdigest(): {"user": user, "scopes": ["read", "submit"]}
+                for user, tok in TOKENS.items()
+            }
+            (tmp / "tokens.yaml").write_text(yaml.safe_dump({"tokens": table}))
+            args += ["--token-file", str(tmp / "tokens.yaml")]
+        self.log_path = tmp / "serve.log"
+        self._log = self.log_path.open("w")
+        env = {**os.environ, "COLUMNHUB_CACHE": str(tmp / "unused-default-cache")}
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        end = time.monotonic() + 180
+        while True:
+            found = _LISTENING.search(self.log_path.read_text())
+            if found:
+                self.url = found.group(1)
+                break
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                pytest.fail(f"columnhub serve did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
+
+
+def _serve(
+    factory: pytest.TempPathFactory, shared_data: Path, *, tokens: bool, extra: tuple[str, ...] = ()
+) -> Iterator[Served]:
+    served = Served(factory.mktemp("sxserve"), shared_data, tokens=tokens, extra=list(extra))
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path, hanging_server: Any
+) -> Iterator[Served]:
+    """The service with auth on (a static token file); URLs of the hanging server allowed."""
+    prefix = f"http://127.0.0.1:{hanging_server.port}/"
+    yield from _serve(tmp_path_factory, shared_data, tokens=True, extra=("--url-prefix", prefix))
+
+
+@pytest.fixture(scope="module")
+def served_open(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[Served]:
+    """The service with auth off (loopback only)."""
+    yield from _serve(tmp_path_factory, shared_data, tokens=False)
+
+
+@pytest.fixture(autouse=True)
+def _fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client polls every 5 s by default: 0.1 s here (the client's setting, not the server's)."""
+    from servicex import query_core
+
+    original = query_core.Query.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("servicex_polling_interval", 0.1)
+        kwargs.setdefault("minio_polling_interval", 0.1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(query_core.Query, "__init__", init)
+
+
+@pytest.fixture(autouse=True)
+def _client_loops_closed() -> Iterator[None]:
+    """Close the event loops and query caches the client leaves open (see ``pytestmark``).
+
+    make_it_sync gives each sync call a new loop it never closes; a failed
+    transformation's loop stays referenced by the log records of the client's
+    ``logger.error(exc_info=...)`` until the session ends, where its
+    ResourceWarning would escape this module's filters.
+    """
+    yield
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(
+        t.name.startswith("ThreadPoolExecutor") for t in threading.enumerate()
+    ):  # make_it_sync's one-call executors: their threads hold the loops until they end
+        time.sleep(0.05)
+    gc.collect()
+    from tinydb import TinyDB
+
+    for leaked in gc.get_objects():
+        if isinstance(leaked, asyncio.AbstractEventLoop):
+            if not leaked.is_running() and not leaked.is_closed():
+                leaked.close()
+        elif isinstance(leaked, TinyDB):  # the client's query cache (its db.json)
+            leaked.close()
+
+
+def client_config(tmp: Path, served: Served, token: str | None) -> Path:
+    """A servicex.yaml pointing at the service, as a ServiceX user writes it."""
+    endpoint: dict[str, Any] = {"endpoint": served.url, "name": "columnhub"}
+    if token is not None:
+        endpoint["token"] = token
+    path = tmp / "servicex.yaml"
+    path.write_text(yaml.safe_dump({"api_endpoints": [endpoint], "cache_path": str(tmp / "sx")}))
+    return path
+
+
+def deliver(spec: dict[str, Any], config: Path, **kwargs: Any) -> dict[str, list[str]]:
+    """``servicex.deliver`` with the files (or URLs) of each sample (raises what the client raised)."""
+    out = servicex.deliver(spec, config_path=str(config), progress_bar="none", **kwargs)
+    return {name: list(files) for name, files in out.items()}
+
+
+def sample(name: str, files: list[Path], query: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {
+        "Name": name,
+        "Dataset": servicex.dataset.FileList([str(f) for f in files]),
+        "Query": json.dumps(query),
+        "Codegen": "columnhub",
+        **more,
+    }
+
+
+def spec_of(*samples: dict[str, Any], fmt: str = "parquet", delivery: str = "LocalCache") -> dict[str, Any]:
+    return {"General": {"OutputFormat": fmt, "Delivery": delivery}, "Sample": list(samples)}
+
+
+# a selection with several chunks and parts, so several result objects
+QUERY = {
+    "columns": ["Jet_pt", "nJet", "MET_pt"],
+    "where": "nJet >= 4",
+    "chunk_size": 50,
+    "output": {"target_part_bytes": 1},
+}
+
+
+def reference(path: Path, columns: list[str], mask_of: Any) -> ak.Array:
+    """The selection read directly with uproot (the independent reference)."""
+    with uproot.open(path) as f:
+        events = f["Events"].arrays([*KEYS, *columns])
+    return events[mask_of(events)]
+
+
+def read_parquet(files: list[str]) -> ak.Array:
+    return ak.concatenate([ak.from_parquet(f) for f in sorted(files)])
+
+
+def assert_same(got: ak.Array, expected: ak.Array, columns: list[str]) -> None:
+    assert len(expected) > 0  # the selection keeps events, so a wrong one would show
+    assert len(got) == len(expected)
+    for name in [*KEYS, *columns]:
+        assert ak.to_list(got[name]) == ak.to_list(expected[name]), name
+
+
+def request_id_of(path: str) -> str:
+    """The transformation id of a downloaded file (the client's folder is named by it)."""
+    return Path(path).parent.name
+
+
+def token_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---------------------------------------------------------------------------
+# deliveries compared with uproot
+
+
+def test_parquet_delivery_equals_a_direct_uproot_read(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    files = deliver(spec_of(sample("tt", [shared_data / "nano_tt_v12.root"], QUERY)), config)["tt"]
+    expected = reference(shared_data / "nano_tt_v12.root", ["Jet_pt", "nJet", "MET_pt"],
+                         lambda e: e.nJet >= 4)
+    assert len(files) > 1  # several parts, each one result object the client downloaded
+    assert_same(read_parquet(files), expected, ["Jet_pt", "nJet", "MET_pt"])
+    # the same bytes as the service's own result parts; as many objects as files-completed
+    rid = request_id_of(files[0])
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
+        status = http.get(f"/servicex/transformation/{rid}").json()
+        manifest = http.get(f"/api/v1/requests/{rid}/manifest").json()
+    assert status["status"] == "Complete"
+    assert status["files-completed"] == status["files"] == len(files) == len(manifest["files"])
+    for name in manifest["files"]:
+        local = next(f for f in files if Path(f).name == name)
+        assert Path(local).read_bytes() == (Path(manifest["path"]) / name).read_bytes()
+
+
+def test_root_file_output_equals_a_direct_uproot_read(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    query = {"columns": ["Muon_pt", "MET_pt"], "where": "nMuon >= 2"}
+    spec = spec_of(sample("dy", [shared_data / "nano_dy.root"], query), fmt="root-ttree")
+    files = deliver(spec, config)["dy"]
+    assert files and all(f.endswith(".root") for f in files)
+    arrays = []
+    for f in sorted(files):
+        with uproot.open(f) as opened:
+            arrays.append(opened["Events"].arrays([*KEYS, "nMuon", "Muon_pt", "MET_pt"]))
+    expected = reference(shared_data / "nano_dy.root", ["nMuon", "Muon_pt", "MET_pt"], lambda e: e.nMuon >= 2)
+    assert_same(ak.concatenate(arrays), expected, ["nMuon", "Muon_pt", "MET_pt"])
+
+
+def test_several_samples_in_one_spec(served: Served, shared_data: Path, tmp_path: Path) -> None:
+    config = client_config(tmp_path, served, TOKENS["bob"])
+    query = {"columns": ["Jet_pt", "nJet"], "where": "nJet >= 2"}
+    spec = spec_of(
+        sample("tt", [shared_data / "nano_tt_v12.root"], query),
+        sample("dy", [shared_data / "nano_dy.root"], query),
+    )
+    out = deliver(spec, config)
+    assert set(out) == {"tt", "dy"}
+    assert request_id_of(out["tt"][0]) != request_id_of(out["dy"][0])  # one transformation each
+    for name, path in (("tt", "nano_tt_v12.root"), ("dy", "nano_dy.root")):
+        expected = reference(shared_data / path, ["Jet_pt", "nJet"], lambda e: e.nJet >= 2)
+        assert_same(read_parquet(out[name]), expected, ["Jet_pt", "nJet"])
+
+
+def test_urls_delivery_downloads_with_a_plain_get(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    query = {"columns": ["Muon_pt", "MET_pt"], "where": "nMuon >= 1"}
+    spec = spec_of(sample("dy", [shared_data / "nano_dy.root"], query), delivery="URLs")
+    urls = deliver(spec, config)["dy"]
+    assert urls and all(u.startswith(served.url + "/s3/") for u in urls)
+    tables = []
+    for url in urls:
+        r = httpx.get(url)  # no token, no S3 client: the URL's own signature
+        assert r.status_code == 200, r.text
+        tables.append(ak.from_parquet(_write(tmp_path / Path(url.split("?")[0]).name, r.content)))
+        tampered = re.sub(r"Signature=[^&]+", "Signature=AAAA", url)
+        refused = httpx.get(tampered)
+        assert refused.status_code == 403
+        assert "<Code>SignatureDoesNotMatch</Code>" in refused.text
+    expected = reference(shared_data / "nano_dy.root", ["nMuon", "Muon_pt", "MET_pt"], lambda e: e.nMuon >= 1)
+    assert_same(ak.concatenate(tables), expected, ["nMuon", "Muon_pt", "MET_pt"])
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_repeated_deliver_is_answered_from_columnhubs_cache(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    query = {"columns": ["Electron_pt", "MET_phi"], "where": "nElectron >= 1", "chunk_size": 100}
+    spec = spec_of(sample("tt", [shared_data / "nano_tt_v12.root"], query))
+    first = deliver(spec, config)["tt"]
+    again = deliver(spec, config, ignore_local_cache=True)["tt"]
+    ids = request_id_of(first[0]), request_id_of(again[0])
+    assert ids[0] != ids[1]  # the client did submit a new transformation
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
+        manifests = [http.get(f"/api/v1/requests/{i}/manifest").json() for i in ids]
+    assert manifests[0]["events_read"] > 0
+    assert manifests[1]["events_read"] == 0  # no input read again
+    assert manifests[1]["cache"]["misses"] == 0 and manifests[1]["cache"]["hits"] > 0
+    expected = reference(
+        shared_data / "nano_tt_v12.root", ["nElectron", "Electron_pt", "MET_phi"], lambda e: e.nElectron >= 1
+    )
+    for files in (first, again):
+        assert_same(read_parquet(files), expected, ["nElectron", "Electron_pt", "MET_phi"])
+
+
+def test_without_auth_no_token_is_needed(
+    served_open: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served_open, None)
+    query = {"columns": ["Muon_pt"], "where": "nMuon >= 2"}
+    files = deliver(spec_of(sample("dy", [shared_data / "nano_dy.root"], query)), config)["dy"]
+    expected = reference(shared_data / "nano_dy.root", ["nMuon", "Muon_pt"], lambda e: e.nMuon >= 2)
+    assert_same(read_parquet(files), expected, ["nMuon", "Muon_pt"])
+
+
+# ---------------------------------------------------------------------------
+# tokens and signatures
+
+
+def test_refresh_gives_a_signed_short_lived_jwt_and_bad_tokens_are_refused(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    import jwt
+
+    with httpx.Client(base_url=served.url) as http:
+        r = http.post("/token/refresh", headers=token_headers(TOKENS["alice"]))
+        assert r.status_code == 200, r.text
+        access = r.json()["access_token"]
+        claims = jwt.decode(access, options={"verify_signature": False})
+        assert claims["sub"] == "alice"
+        assert 120 <= claims["exp"] - time.time() <= 900 + 5
+        assert http.get("/servicex/transformation", headers=token_headers(access)).status_code == 200
+        # a forged token (same claims, another key) and a bad refresh token: 401 with a message
+        forged = jwt.encode({**claims, "sub": "bob"}, "x" * 32, algorithm="HS256")
+        for headers in (token_headers(forged), token_headers("tok-nobody"), {}):
+            refused = http.get("/servicex/transformation", headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.json()["message"]
+        assert http.post("/token/refresh", headers=token_headers("tok-nobody")).status_code == 401
+        assert http.post("/token/refresh", headers=token_headers(access)).status_code == 401
+    # the real client with a bad token in servicex.yaml is refused
+    config = client_config(tmp_path, served, "tok-nobody")
+    query = {"columns": ["MET_pt"]}
+    with pytest.raises(Exception, match="rejected|Not authorized"):
+        deliver(spec_of(sample("dy", [shared_data / "nano_dy.root"], query)), config)
+
+
+def test_s3_reads_need_the_transformations_own_signature(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    config = client_config(tmp_path, served, TOKENS["bob"])
+    files = deliver(spec_of(sample("tt", [shared_data / "nano_tt_v12.root"], QUERY)), config)["tt"]
+    other = deliver(
+        spec_of(sample("dy", [shared_data / "nano_dy.root"], {"columns": ["MET_pt"]})), config
+    )["dy"]
+    rid, other_id = request_id_of(files[0]), request_id_of(other[0])
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["bob"])) as http:
+        status = http.get(f"/servicex/transformation/{rid}").json()
+        other_status = http.get(f"/servicex/transformation/{other_id}").json()
+
+    def s3(access: str, secret: str) -> Any:
+        return boto3.client(
+            "s3", endpoint_url=f"http://{status['minio-endpoint']}", aws_access_key_id=access,
+            aws_secret_access_key=secret, region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
+
+    good = s3(status["minio-access-key"], status["minio-secret-key"])
+    listed = good.list_objects_v2(Bucket=rid, MaxKeys=2)
+    keys = [o["Key"] for o in listed["Contents"]]
+    while listed["IsTruncated"]:  # pages of two
+        listed = good.list_objects_v2(
+            Bucket=rid, MaxKeys=2, ContinuationToken=listed["NextContinuationToken"]
+        )
+        keys += [o["Key"] for o in listed["Contents"]]
+    assert sorted(keys) == sorted(Path(f).name for f in files)
+    assert len(keys) == status["files-completed"]
+    whole = Path(next(f for f in files if Path(f).name == keys[0])).read_bytes()
+    part = good.get_object(Bucket=rid, Key=keys[0], Range="bytes=4-99")["Body"].read()
+    assert part == whole[4:100]
+    with pytest.raises(ClientError, match="403"):  # HEAD: the status alone, as S3 answers
+        s3(status["minio-access-key"], "0" * 64).head_bucket(Bucket=rid)
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+        s3(status["minio-access-key"], "0" * 64).get_object(Bucket=rid, Key=keys[0])
+    # another transformation's key does not open this bucket
+    with pytest.raises(ClientError, match="InvalidAccessKeyId"):
+        s3(other_status["minio-access-key"], other_status["minio-secret-key"]).get_object(
+            Bucket=rid, Key=keys[0]
+        )
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        good.get_object(Bucket=rid, Key="part-99999.parquet")
+    unsigned = httpx.get(f"{served.url}/s3/{rid}/{keys[0]}")
+    assert unsigned.status_code == 403
+    assert "<Code>AccessDenied</Code>" in unsigned.text
+
+
+# ---------------------------------------------------------------------------
+# refusals, cancel
+
+
+def refused(spec: dict[str, Any], config: Path) -> str:
+    """What the client says when the service refuses a transformation (the message it shows)."""
+    from servicex.servicex_client import ReturnValueException
+
+    with pytest.raises(ReturnValueException) as info:
+        deliver(spec, config)
+    return str(info.value)
+
+
+def test_unsupported_requests_are_400_with_the_message_the_client_shows(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    dy = [shared_data / "nano_dy.root"]
+    said = refused(spec_of(sample("dy", dy, {"columns": ["MET_pt"], "samples": {}})), config)
+    assert "Invalid transform request: the 'columnhub' codegen's selection has 'samples'" in said
+    hostile = {"columns": ["x"], "define": {"x": "__import__('os').system('true')"}}
+    said = refused(spec_of(sample("dy", dy, hostile)), config)
+    assert "Invalid transform request" in said and "__import__" in said
+    said = refused(spec_of(sample("x", [Path("/etc/passwd")], {"columns": ["MET_pt"]})), config)
+    assert "Invalid transform request" in said and "/etc/passwd" in said
+    rucio = spec_of({
+        "Name": "r", "Dataset": servicex.dataset.Rucio("mc23_13p6TeV:some.dataset"),
+        "Query": json.dumps({"columns": ["MET_pt"]}), "Codegen": "columnhub",
+    })
+    assert "no resolver for rucio:// DIDs" in refused(rucio, config)
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
+        body = {
+            "title": "t", "file-list": [str(shared_data / "nano_dy.root")], "selection": "{}",
+            "codegen": "columnhub", "result-destination": "object-store",
+            "result-format": "root-rntuple",
+        }
+        r = http.post("/servicex/transformation", json=body)
+        assert r.status_code == 400 and "root-rntuple" in r.json()["message"]
+        r = http.post("/servicex/transformation", json={**body, "codegen": "uproot-raw"})
+        assert r.status_code == 400 and "not supported yet" in r.json()["message"]
+
+
+def test_cancel_through_the_servicex_cli(
+    served: Served, hanging_server: Any, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    # a file on a server that never answers: the transformation runs until cancelled
+    query = {"dataset": {"timeout": 600}, "columns": ["MET_pt"]}
+    spec = {
+        "General": {"OutputFormat": "parquet", "Delivery": "LocalCache"},
+        "Sample": [{
+            "Name": "stuck", "Dataset": servicex.dataset.FileList([hanging_server.url("never.root")]),
+            "Query": json.dumps(query), "Codegen": "columnhub",
+        }],
+    }
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["files"] = deliver(spec, config)
+        except Exception as err:  # noqa: BLE001 - the client's exception is the outcome
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    client = servicex.servicex_client.ServiceXClient(config_path=str(config))
+    end = time.monotonic() + 120
+    while True:
+        running = [t for t in client.get_transforms() if t.title == "stuck"]
+        if running:
+            break
+        assert time.monotonic() < end, "the transformation never showed"
+        time.sleep(0.1)
+    rid = running[0].request_id
+    assert str(running[0].status.value) in ("Submitted", "Running")
+    done = subprocess.run(
+        [str(SERVICEX_CLI), "transforms", "cancel", "-c", str(config), rid],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )
+    said = done.stdout + done.stderr
+    # servicex 3.3.1's CLI sends the cancel, then hands asyncio.run() the None its sync
+    # cancel_transform returned (a bug of the client's CLI): the cancel is made, the command
+    # fails after it. What counts is below: the transformation is cancelled.
+    assert done.returncode == 0 or "a coroutine was expected, got None" in said, said
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert "files" not in outcome
+    assert "canceled" in str(outcome["error"])
+    assert client.get_transform_status(rid).status.value == "Canceled"
+    # a cancelled transformation's bucket serves nothing
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
+        assert http.get(f"/servicex/transformation/{rid}/results").json() == {"results": []}
+
