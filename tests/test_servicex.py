@@ -64,12 +64,25 @@ class Served:
         self.tmp = tmp
         self.state = tmp / "state"
         args = [
-            sys.executable, str(ENTRY_POINT), "serve", "--port", "0", "--workers", "2",
-            "--data-root", str(shared_data), "--state-dir", str(self.state), *extra,
+            sys.executable,
+            str(ENTRY_POINT),
+            "serve",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--data-root",
+            str(shared_data),
+            "--state-dir",
+            str(self.state),
+            *extra,
         ]
         if tokens:
             table = {
-                hashlib.sha256(tok.encode()).hexdigest(): {"user": user, "scopes": ["read", "submit"]}
+                hashlib.sha256(tok.encode()).hexdigest(): {
+                    "user": user,
+                    "scopes": ["read", "submit"],
+                }
                 for user, tok in TOKENS.items()
             }
             (tmp / "tokens.yaml").write_text(yaml.safe_dump({"tokens": table}))
@@ -192,7 +205,9 @@ def sample(name: str, files: list[Path], query: dict[str, Any], **more: Any) -> 
     }
 
 
-def spec_of(*samples: dict[str, Any], fmt: str = "parquet", delivery: str = "LocalCache") -> dict[str, Any]:
+def spec_of(
+    *samples: dict[str, Any], fmt: str = "parquet", delivery: str = "LocalCache"
+) -> dict[str, Any]:
     return {"General": {"OutputFormat": fmt, "Delivery": delivery}, "Sample": list(samples)}
 
 
@@ -241,8 +256,9 @@ def test_parquet_delivery_equals_a_direct_uproot_read(
 ) -> None:
     config = client_config(tmp_path, served, TOKENS["alice"])
     files = deliver(spec_of(sample("tt", [shared_data / "nano_tt_v12.root"], QUERY)), config)["tt"]
-    expected = reference(shared_data / "nano_tt_v12.root", ["Jet_pt", "nJet", "MET_pt"],
-                         lambda e: e.nJet >= 4)
+    expected = reference(
+        shared_data / "nano_tt_v12.root", ["Jet_pt", "nJet", "MET_pt"], lambda e: e.nJet >= 4
+    )
     assert len(files) > 1  # several parts, each one result object the client downloaded
     assert_same(read_parquet(files), expected, ["Jet_pt", "nJet", "MET_pt"])
     # the same bytes as the service's own result parts; as many objects as files-completed
@@ -264,12 +280,15 @@ def test_root_file_output_equals_a_direct_uproot_read(
     query = {"columns": ["Muon_pt", "MET_pt"], "where": "nMuon >= 2"}
     spec = spec_of(sample("dy", [shared_data / "nano_dy.root"], query), fmt="root-ttree")
     files = deliver(spec, config)["dy"]
-    assert files and all(f.endswith(".root") for f in files)
+    assert files
+    assert all(f.endswith(".root") for f in files)
     arrays = []
     for f in sorted(files):
         with uproot.open(f) as opened:
             arrays.append(opened["Events"].arrays([*KEYS, "nMuon", "Muon_pt", "MET_pt"]))
-    expected = reference(shared_data / "nano_dy.root", ["nMuon", "Muon_pt", "MET_pt"], lambda e: e.nMuon >= 2)
+    expected = reference(
+        shared_data / "nano_dy.root", ["nMuon", "Muon_pt", "MET_pt"], lambda e: e.nMuon >= 2
+    )
     assert_same(ak.concatenate(arrays), expected, ["nMuon", "Muon_pt", "MET_pt"])
 
 
@@ -295,7 +314,8 @@ def test_urls_delivery_downloads_with_a_plain_get(
     query = {"columns": ["Muon_pt", "MET_pt"], "where": "nMuon >= 1"}
     spec = spec_of(sample("dy", [shared_data / "nano_dy.root"], query), delivery="URLs")
     urls = deliver(spec, config)["dy"]
-    assert urls and all(u.startswith(served.url + "/s3/") for u in urls)
+    assert urls
+    assert all(u.startswith(served.url + "/s3/") for u in urls)
     tables = []
     for url in urls:
         r = httpx.get(url)  # no token, no S3 client: the URL's own signature
@@ -305,7 +325,9 @@ def test_urls_delivery_downloads_with_a_plain_get(
         refused = httpx.get(tampered)
         assert refused.status_code == 403
         assert "<Code>SignatureDoesNotMatch</Code>" in refused.text
-    expected = reference(shared_data / "nano_dy.root", ["nMuon", "Muon_pt", "MET_pt"], lambda e: e.nMuon >= 1)
+    expected = reference(
+        shared_data / "nano_dy.root", ["nMuon", "Muon_pt", "MET_pt"], lambda e: e.nMuon >= 1
+    )
     assert_same(ak.concatenate(tables), expected, ["nMuon", "Muon_pt", "MET_pt"])
 
 
@@ -328,9 +350,12 @@ def test_a_repeated_deliver_is_answered_from_columnhubs_cache(
         manifests = [http.get(f"/api/v1/requests/{i}/manifest").json() for i in ids]
     assert manifests[0]["events_read"] > 0
     assert manifests[1]["events_read"] == 0  # no input read again
-    assert manifests[1]["cache"]["misses"] == 0 and manifests[1]["cache"]["hits"] > 0
+    assert manifests[1]["cache"]["misses"] == 0
+    assert manifests[1]["cache"]["hits"] > 0
     expected = reference(
-        shared_data / "nano_tt_v12.root", ["nElectron", "Electron_pt", "MET_phi"], lambda e: e.nElectron >= 1
+        shared_data / "nano_tt_v12.root",
+        ["nElectron", "Electron_pt", "MET_phi"],
+        lambda e: e.nElectron >= 1,
     )
     for files in (first, again):
         assert_same(read_parquet(files), expected, ["nElectron", "Electron_pt", "MET_phi"])
@@ -362,7 +387,9 @@ def test_refresh_gives_a_signed_short_lived_jwt_and_bad_tokens_are_refused(
         claims = jwt.decode(access, options={"verify_signature": False})
         assert claims["sub"] == "alice"
         assert 120 <= claims["exp"] - time.time() <= 900 + 5
-        assert http.get("/servicex/transformation", headers=token_headers(access)).status_code == 200
+        assert (
+            http.get("/servicex/transformation", headers=token_headers(access)).status_code == 200
+        )
         # a forged token (same claims, another key) and a bad refresh token: 401 with a message
         forged = jwt.encode({**claims, "sub": "bob"}, "x" * 32, algorithm="HS256")
         for headers in (token_headers(forged), token_headers("tok-nobody"), {}):
@@ -374,7 +401,7 @@ def test_refresh_gives_a_signed_short_lived_jwt_and_bad_tokens_are_refused(
     # the real client with a bad token in servicex.yaml is refused
     config = client_config(tmp_path, served, "tok-nobody")
     query = {"columns": ["MET_pt"]}
-    with pytest.raises(Exception, match="rejected|Not authorized"):
+    with pytest.raises(Exception, match=r"rejected|Not authorized"):
         deliver(spec_of(sample("dy", [shared_data / "nano_dy.root"], query)), config)
 
 
@@ -397,8 +424,11 @@ def test_s3_reads_need_the_transformations_own_signature(
 
     def s3(access: str, secret: str) -> Any:
         return boto3.client(
-            "s3", endpoint_url=f"http://{status['minio-endpoint']}", aws_access_key_id=access,
-            aws_secret_access_key=secret, region_name="us-east-1",
+            "s3",
+            endpoint_url=f"http://{status['minio-endpoint']}",
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
         )
 
@@ -426,6 +456,19 @@ def test_s3_reads_need_the_transformations_own_signature(
         )
     with pytest.raises(ClientError, match="NoSuchKey"):
         good.get_object(Bucket=rid, Key="part-99999.parquet")
+    # a SigV4 presigned URL (botocore's other presigning) also downloads with a plain GET
+    v4 = boto3.client(
+        "s3",
+        endpoint_url=f"http://{status['minio-endpoint']}",
+        aws_access_key_id=status["minio-access-key"],
+        aws_secret_access_key=status["minio-secret-key"],
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+    url = v4.generate_presigned_url("get_object", Params={"Bucket": rid, "Key": keys[0]})
+    assert "X-Amz-Signature=" in url
+    assert httpx.get(url).content == whole
+    assert httpx.get(url.replace(rid, other_id)).status_code == 403
     unsigned = httpx.get(f"{served.url}/s3/{rid}/{keys[0]}")
     assert unsigned.status_code == 403
     assert "<Code>AccessDenied</Code>" in unsigned.text
@@ -453,24 +496,35 @@ def test_unsupported_requests_are_400_with_the_message_the_client_shows(
     assert "Invalid transform request: the 'columnhub' codegen's selection has 'samples'" in said
     hostile = {"columns": ["x"], "define": {"x": "__import__('os').system('true')"}}
     said = refused(spec_of(sample("dy", dy, hostile)), config)
-    assert "Invalid transform request" in said and "__import__" in said
+    assert "Invalid transform request" in said
+    assert "__import__" in said
     said = refused(spec_of(sample("x", [Path("/etc/passwd")], {"columns": ["MET_pt"]})), config)
-    assert "Invalid transform request" in said and "/etc/passwd" in said
-    rucio = spec_of({
-        "Name": "r", "Dataset": servicex.dataset.Rucio("mc23_13p6TeV:some.dataset"),
-        "Query": json.dumps({"columns": ["MET_pt"]}), "Codegen": "columnhub",
-    })
+    assert "Invalid transform request" in said
+    assert "/etc/passwd" in said
+    rucio = spec_of(
+        {
+            "Name": "r",
+            "Dataset": servicex.dataset.Rucio("mc23_13p6TeV:some.dataset"),
+            "Query": json.dumps({"columns": ["MET_pt"]}),
+            "Codegen": "columnhub",
+        }
+    )
     assert "no resolver for rucio:// DIDs" in refused(rucio, config)
     with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
         body = {
-            "title": "t", "file-list": [str(shared_data / "nano_dy.root")], "selection": "{}",
-            "codegen": "columnhub", "result-destination": "object-store",
+            "title": "t",
+            "file-list": [str(shared_data / "nano_dy.root")],
+            "selection": "{}",
+            "codegen": "columnhub",
+            "result-destination": "object-store",
             "result-format": "root-rntuple",
         }
         r = http.post("/servicex/transformation", json=body)
-        assert r.status_code == 400 and "root-rntuple" in r.json()["message"]
+        assert r.status_code == 400
+        assert "root-rntuple" in r.json()["message"]
         r = http.post("/servicex/transformation", json={**body, "codegen": "uproot-raw"})
-        assert r.status_code == 400 and "not supported yet" in r.json()["message"]
+        assert r.status_code == 400
+        assert "not supported yet" in r.json()["message"]
 
 
 def test_cancel_through_the_servicex_cli(
@@ -481,10 +535,14 @@ def test_cancel_through_the_servicex_cli(
     query = {"dataset": {"timeout": 600}, "columns": ["MET_pt"]}
     spec = {
         "General": {"OutputFormat": "parquet", "Delivery": "LocalCache"},
-        "Sample": [{
-            "Name": "stuck", "Dataset": servicex.dataset.FileList([hanging_server.url("never.root")]),
-            "Query": json.dumps(query), "Codegen": "columnhub",
-        }],
+        "Sample": [
+            {
+                "Name": "stuck",
+                "Dataset": servicex.dataset.FileList([hanging_server.url("never.root")]),
+                "Query": json.dumps(query),
+                "Codegen": "columnhub",
+            }
+        ],
     }
     outcome: dict[str, Any] = {}
 
@@ -508,7 +566,11 @@ def test_cancel_through_the_servicex_cli(
     assert str(running[0].status.value) in ("Submitted", "Running")
     done = subprocess.run(
         [str(SERVICEX_CLI), "transforms", "cancel", "-c", str(config), rid],
-        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
     )
     said = done.stdout + done.stderr
     # servicex 3.3.1's CLI sends the cancel, then hands asyncio.run() the None its sync
@@ -523,4 +585,3 @@ def test_cancel_through_the_servicex_cli(
     # a cancelled transformation's bucket serves nothing
     with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
         assert http.get(f"/servicex/transformation/{rid}/results").json() == {"results": []}
-

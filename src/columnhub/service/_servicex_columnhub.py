@@ -40,7 +40,9 @@ def output_format(result_format: str) -> str:
         raise SpecError(msg) from None
 
 
-def translate(codegen: str, selection: str, *, files: list[str], result_format: str) -> dict[str, Any]:
+def translate(
+    codegen: str, selection: str, *, files: list[str], result_format: str
+) -> dict[str, Any]:
     """The columnhub spec (a dictionary) of a transformation with the ``columnhub`` codegen.
 
     The primary dataset's ``files`` are the transformation's files (any

@@ -213,6 +213,9 @@ def _v4_query(
     except (KeyError, ValueError) as err:
         msg = f"malformed presigned URL ({err}); presign it with botocore/aioboto3"
         raise S3Error(msg, code="AuthorizationQueryParametersError", status=400) from err
+    if stamp[:8] != date:
+        msg = f"the presigned URL's date {stamp} is not its credential's date {date}"
+        raise S3Error(msg, code="AccessDenied", status=403)
     if time.time() > start.timestamp() + expires:
         msg = "the presigned URL expired; ask the servicex client for a new one"
         raise S3Error(msg, code="AccessDenied", status=403)
@@ -407,4 +410,3 @@ def get_object(request: HttpRequest, bucket: str, key: str) -> Response:
         media_type="application/octet-stream",
         headers={"etag": found.etag, "last-modified": _http_date(found.modified)},
     )
-

@@ -373,7 +373,10 @@ def _run_resolver(resolver: str, did: str) -> list[str]:
     try:
         done = subprocess.run(
             [*shlex.split(resolver), did],
-            capture_output=True, text=True, timeout=RESOLVER_TIMEOUT_S, check=False,
+            capture_output=True,
+            text=True,
+            timeout=RESOLVER_TIMEOUT_S,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
         msg = f"the resolver {resolver!r} of {did!r} did not run ({err})"
@@ -474,9 +477,7 @@ def delete(request: HttpRequest, request_id: str, user: Principal = _submitter) 
 
 
 @router.get("/servicex/datasets")
-def datasets(
-    request: HttpRequest, user: Principal = _reader
-) -> dict[str, Any]:
+def datasets(request: HttpRequest, user: Principal = _reader) -> dict[str, Any]:
     """The datasets (DIDs and file lists) of the caller's transformations."""
     finder = request.query_params.get("did-finder")
     found = _datasets(request, user)
