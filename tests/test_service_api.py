@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -364,9 +365,19 @@ def test_bad_input_is_4xx_never_5xx(service: InProcess, shared_data: Path) -> No
         )
         assert r.status_code == status, (body, r.text)
         assert r.json()["error"]["type"] == kind
+    huge = {**tt_spec(shared_data), "define": {f"x{i}": "MET_pt * 2" for i in range(100_000)}}
+    r = service.post("/api/v1/requests", json=huge, headers=auth("alice"))
+    assert r.status_code == 400
+    assert "bytes accepted" in r.json()["error"]["message"]
     for query in ("per_page=0", "page=x", "state=done"):
         r = service.get(f"/api/v1/requests?{query}", headers=auth("alice"))
         assert r.status_code == 400, query
+    r = service.post(
+        "/api/v1/requests", json=tt_spec(shared_data), params={"title": "x" * 501},
+        headers=auth("alice"),
+    )
+    assert r.status_code == 400
+    assert "title" in r.json()["error"]["message"]
     r = service.get("/api/v1/requests")
     assert r.status_code == 401
     assert r.headers["www-authenticate"].startswith("Bearer")
@@ -393,6 +404,21 @@ def test_any_json_body_is_answered_without_a_server_error(service: InProcess, bo
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"type", "message"}
+
+
+def test_a_yaml_body_is_the_same_request_as_its_json(service: InProcess, shared_data: Path) -> None:
+    spec = tt_spec(shared_data, columns=["nJet", "MET_pt"])
+    as_json = submit(service, spec, "root")
+    r = service.post(
+        "/api/v1/requests", content=yaml.safe_dump(spec).encode(),
+        headers={**auth("root"), "Content-Type": "application/yaml"},
+    )
+    assert r.status_code == 202, r.text
+    db = service.app.state.db
+    jobs = [db.get(rid).samples[""] for rid in (as_json, r.json()["id"])]
+    assert jobs[0].request_hash == jobs[1].request_hash
+    for rid in (as_json, r.json()["id"]):
+        assert wait(service, rid, "root")["status"] == "complete"
 
 
 def test_a_spec_error_has_the_clis_message(
@@ -559,6 +585,28 @@ def test_per_user_limits_refuse_with_429_and_403(
         assert client.app.state.db.stored_bytes("alice") > 1
 
 
+def test_a_limit_holds_for_submissions_at_once(
+    tmp_path: Path, shared_data: Path, slow_parts: None
+) -> None:
+    config = make_config(tmp_path, shared_data, max_active_requests_per_user=2)
+    with InProcess(create_app(config)) as client:
+        barrier = threading.Barrier(6)
+        answers: list[int] = []
+
+        def go(i: int) -> None:
+            spec = tt_spec(shared_data, columns=["MET_pt"], chunk_size=40 + i)  # 6 distinct works
+            barrier.wait()
+            answers.append(client.post("/api/v1/requests", json=spec, headers=auth("alice")).status_code)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(answers) == [202, 202, 429, 429, 429, 429]
+        assert client.app.state.db.active_requests("alice") <= 2
+
+
 def test_several_samples(service: InProcess, shared_data: Path) -> None:
     spec = {
         "samples": {
@@ -634,6 +682,19 @@ def test_serve_refuses_a_bad_config_as_a_user_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_serve_with_a_database_that_is_down_says_so(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+psycopg://columnhub:s3cret@127.0.0.1:{port}/columnhub"
+    done = run_cli("serve", "--database", url, "--state-dir", str(tmp_path / "state"))
+    assert done.returncode == 2
+    assert f"127.0.0.1:{port}" in done.stderr
+    assert "columnhub: error: cannot open the service database" in done.stderr
+    assert "s3cret" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # ---------------------------------------------------------------------------
 # end to end: `columnhub serve` on a loopback port with a LocalCluster
 
@@ -641,41 +702,60 @@ def test_serve_refuses_a_bad_config_as_a_user_error(tmp_path: Path) -> None:
 _LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("serve")
-    tokens = write_token_file(tmp / "tokens.yaml")
-    log = (tmp / "serve.log").open("w")
-    env = {**os.environ, "COLUMNHUB_CACHE": str(tmp / "unused-default-cache")}
+def dask_workers(pid: int) -> list[int]:
+    """The Dask worker processes a process started (its children running ``spawn_main``)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    out = []
+    for child in children:
+        with contextlib.suppress(OSError):  # gone since
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+    return out
+
+
+@contextlib.contextmanager
+def serving(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, log_name: str = "serve.log"
+) -> Iterator[dict[str, Any]]:
+    """``columnhub serve --port 0 ARGS`` as a process; its URL read from its log; killed at the end."""
+    log_path = tmp / log_name
+    log = log_path.open("w")
+    full_env = {**os.environ, "COLUMNHUB_CACHE": str(tmp / "unused-default-cache"), **(env or {})}
     proc = subprocess.Popen(
-        [
-            sys.executable, str(ENTRY_POINT), "serve", "--port", "0", "--scheduler", "local",
-            "--workers", "2", "--data-root", str(shared_data), "--state-dir", str(tmp / "state"),
-            "--token-file", str(tokens),
-        ],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [sys.executable, str(ENTRY_POINT), "serve", "--port", "0", *args],
+        stdout=log, stderr=subprocess.STDOUT, env=full_env,
     )
-    text = ""
     url = None
     end = time.monotonic() + 180
-    while url is None:
-        text = (tmp / "serve.log").read_text()
-        found = _LISTENING.search(text)
-        if found:
-            url = found.group(1)
-        elif proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            pytest.fail(f"columnhub serve did not start:\n{text}")
-        else:
-            time.sleep(0.1)
-    info = {"url": url, "proc": proc, "log": tmp / "serve.log", "state": tmp / "state"}
     try:
-        yield info
+        while url is None:
+            text = log_path.read_text()
+            found = _LISTENING.search(text)
+            if found:
+                url = found.group(1)
+            elif proc.poll() is not None or time.monotonic() > end:
+                pytest.fail(f"columnhub serve did not start:\n{text}")
+            else:
+                time.sleep(0.1)
+        yield {"url": url, "proc": proc, "log": log_path}
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("serve")
+    tokens = write_token_file(tmp / "tokens.yaml")
+    with serving(
+        tmp, "--scheduler", "local", "--workers", "2", "--data-root", str(shared_data),
+        "--state-dir", str(tmp / "state"), "--token-file", str(tokens),
+    ) as info:
+        yield info
 
 
 @pytest.mark.distributed
@@ -707,11 +787,7 @@ def test_serve_end_to_end_with_a_local_cluster(served: dict[str, Any], shared_da
             assert_same_rows(table_of(data), expected, ["Jet_pt", "nJet"])
     # the service started a LocalCluster: its worker processes are the service's children
     assert "LocalCluster at tcp://127.0.0.1:" in served["log"].read_text()
-    children = subprocess.run(
-        ["pgrep", "-P", str(served["proc"].pid)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    assert len(workers) == 2  # --workers 2
+    assert len(dask_workers(served["proc"].pid)) == 2  # --workers 2
 
 
 @pytest.mark.distributed
@@ -741,11 +817,83 @@ def test_pyarrow_reads_a_part_lazily_over_http_ranges(
 @pytest.mark.distributed
 def test_serve_stops_cleanly_on_sigterm(served: dict[str, Any]) -> None:
     proc = served["proc"]
+    workers = dask_workers(proc.pid)
+    assert workers  # the LocalCluster's
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), "workers gone")
     text = served["log"].read_text()
     assert "Finished server process" in text
     assert "Traceback" not in text
+
+
+def test_ctrl_c_hands_a_running_request_back_and_a_restart_completes_it(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    from columnhub.service.db import Database
+
+    tokens = write_token_file(tmp_path / "tokens.yaml")
+    state = tmp_path / "state"
+    args = ("--data-root", str(shared_data), "--state-dir", str(state), "--token-file", str(tokens))
+    spec = tt_spec(shared_data, chunk_size=20)  # 10 parts
+    with serving(tmp_path, *args, "--workers", "1", env={"COLUMNHUB_TEST_PART_SLEEP": "0.5"}) as first:
+        with httpx.Client(base_url=first["url"], timeout=60) as client:
+            rid = submit(client, spec, "alice")
+
+            def parts_done() -> int:
+                r = client.get(f"/api/v1/requests/{rid}", headers=auth("alice"))
+                return int(r.json()["progress"]["parts_done"])
+
+            wait_until(lambda: parts_done() >= 1, "a part was delivered")
+        first["proc"].send_signal(signal.SIGINT)
+        assert first["proc"].wait(timeout=120) == 130
+        log = first["log"].read_text()
+        assert "Finished server process" in log
+        assert "Traceback" not in log
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    try:
+        view = db.get(rid)
+        assert view.status == "queued"  # handed back, not left running nor marked complete
+        job = view.samples[""]
+        assert not (Path(job.output_dir) / "manifest.json").exists() or not json.loads(
+            (Path(job.output_dir) / "manifest.json").read_text()
+        )["complete"]
+    finally:
+        db.close()
+    with (
+        serving(tmp_path, *args, log_name="serve2.log") as second,
+        httpx.Client(base_url=second["url"], timeout=60) as client,
+    ):
+        assert wait(client, rid, "alice")["status"] == "complete"
+        m = client.get(f"/api/v1/requests/{rid}/manifest", headers=auth("alice")).json()
+        data = [
+            client.get(f"/api/v1/requests/{rid}/files/{f}", headers=auth("alice")).content
+            for f in m["files"]
+        ]
+    assert m["path"] == job.output_dir
+    assert sorted(p.name for p in Path(m["path"]).glob("part-*")) == sorted(m["files"])
+    expected = reference(
+        shared_data / "nano_tt_v12.root", ["Jet_pt", "nJet", "MET_pt"], lambda e: e.nJet >= 4
+    )
+    assert_same_rows(table_of(data), expected, ["Jet_pt", "nJet", "MET_pt"])
+
+
+def test_an_api_only_replica_queues_and_another_runs_the_work(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    config = make_config(tmp_path, shared_data)
+    with InProcess(create_app(config, runner=False)) as api:
+        rid = submit(api, tt_spec(shared_data, columns=["MET_pt", "nJet"]), "alice")
+        assert api.get(f"/api/v1/requests/{rid}", headers=auth("alice")).json()["status"] == "queued"
+        assert api.app.state.services.runner is None  # nothing runs here
+        with InProcess(create_app(config)) as worker:  # a replica on the same database
+            assert wait(worker, rid, "alice")["status"] == "complete"
+        assert wait(api, rid, "alice")["status"] == "complete"
+        m = api.get(f"/api/v1/requests/{rid}/manifest", headers=auth("alice")).json()
+    columns = ["MET_pt", "nJet"]
+    expected = reference(shared_data / "nano_tt_v12.root", columns, lambda e: e.nJet >= 4)
+    data = [(Path(m["path"]) / f).read_bytes() for f in m["files"]]
+    assert_same_rows(table_of(data), expected, columns)
 
 
 def test_columnhub_help_does_not_import_the_service(tmp_path: Path) -> None:

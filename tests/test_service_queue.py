@@ -157,7 +157,9 @@ class Config:
 db = Database(url)
 runner = Runner(db, Config(Path(state_dir), runners=int(runners), lease_s=float(lease_s)))
 print("ready", flush=True)
-if mode == "drain":  # until no job is left to do (by any replica)
+if mode == "drain":  # when the test says go, until no job is left to do (by any replica)
+    while not Path(log_path + ".go").exists():
+        time.sleep(0.01)
     runner.start()
     while True:
         counts = db.job_counts()
@@ -254,6 +256,10 @@ def test_migrations_make_the_contract_tables_and_upgrading_again_changes_nothing
     }
     assert columns["requests"] >= {"id", "owner", "title", "created_at", "cancelled", "spec"}
     assert columns["request_jobs"] >= {"request_id", "sample", "job_id"}
+    if db.is_sqlite:  # readers never wait for the writer; writers wait for each other
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
     view = db.submit("alice", {"x": 1}, "t", {"": ("h" * 32, {"x": 1})})
     db.upgrade()  # again: a no-op that keeps the data
     other = Database(db_url)  # another replica starting on the same database
@@ -440,6 +446,15 @@ def test_two_replicas_deliver_every_job_exactly_once(
         for log in logs
     ]
     try:
+        wait_for(
+            lambda: all(
+                "ready" in output_of(log) or p.poll() is not None
+                for p, log in zip(procs, logs, strict=True)
+            ),
+            "both replicas started",
+        )
+        for log in logs:  # both start claiming at the same moment
+            Path(f"{log}.go").touch()
         for proc, log in zip(procs, logs, strict=True):
             assert proc.wait(timeout=300) == 0, output_of(log)
     finally:
@@ -448,6 +463,7 @@ def test_two_replicas_deliver_every_job_exactly_once(
                 proc.kill()
     started = deliveries(*logs)
     assert started == collections.Counter(dict.fromkeys(wanted, 1))  # each job run once
+    assert all(deliveries(log) for log in logs)  # both replicas took jobs: they contended
     results = state / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(wanted)  # one output dir per job
     for job in db.jobs():
@@ -474,7 +490,7 @@ def test_a_runner_killed_mid_delivery_is_resumed_after_its_lease(
     job_id = view.samples[""].id
     log = tmp_path / "killed.log"
     proc = start_runner_process(
-        db_url, state, log, lease_s=6, runners=1, mode="forever", env={PART_SLEEP: "0.4"}
+        db_url, state, log, lease_s=8, runners=1, mode="forever", env={PART_SLEEP: "0.4"}
     )
     try:
         wait_for(
@@ -494,7 +510,7 @@ def test_a_runner_killed_mid_delivery_is_resumed_after_its_lease(
     assert [p for p in output.iterdir() if p.name.startswith(".staging")]  # what it left
     manifest = output / "manifest.json"
     assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
-    runner = Runner(db, Config(state, lease_s=6))
+    runner = Runner(db, Config(state, lease_s=8))
     assert not runner.run_once()  # the dead runner's lease still holds
     wait_for(runner.run_once, "the lease to expire and the job to be claimed again", timeout=60)
     job = db.job(job_id)
@@ -640,22 +656,21 @@ def test_a_job_whose_runner_keeps_dying_is_failed_not_retried_forever(db_url: st
 def test_the_heartbeat_holds_the_lease_through_a_part_longer_than_it(
     files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A part runs 4 s with a 3 s lease: no other runner may claim the job meanwhile."""
+    """A part runs 7 s with a 5 s lease: no other runner may claim the job meanwhile."""
     state = tmp_path / "state"
     db = Database(f"sqlite:///{state / 'columnhub.db'}")
     columns = ["MET_pt"]
-    view = submit(db, request(files, columns, chunk_size=600))  # 2 parts, one per file
+    view = submit(db, request(files[:1], columns, chunk_size=600))  # one part
     job_id = view.samples[""].id
-    monkeypatch.setenv(PART_SLEEP, "4")
-    runner = Runner(db, Config(state, lease_s=3))
+    monkeypatch.setenv(PART_SLEEP, "7")
+    runner = Runner(db, Config(state, lease_s=5))
     thread = threading.Thread(target=runner.run_once)
     thread.start()
-    other = Runner(db, Config(state, lease_s=3))
     stolen = []
     try:
         wait_for(lambda: db.job(job_id).state == "running", "the job claimed")
         while thread.is_alive():
-            claimed = other.db.claim("thief", 3)
+            claimed = db.claim("thief", 5)
             if claimed is not None:
                 stolen.append(claimed)
                 break
@@ -665,7 +680,7 @@ def test_the_heartbeat_holds_the_lease_through_a_part_longer_than_it(
     assert not stolen
     job = db.job(job_id)
     assert (job.state, job.attempts) == ("complete", 1)
-    check_result(state / "results" / job_id, files, columns, None)
+    check_result(state / "results" / job_id, files[:1], columns, None)
     db.close()
 
 
@@ -696,23 +711,39 @@ def test_stopping_a_runner_hands_its_job_back_to_the_queue(
     db.close()
 
 
+def _task_keys(dask_scheduler: Any) -> list[str]:
+    """Every task key the scheduler has seen (run on the scheduler)."""
+    return sorted({str(entry[0]) for entry in dask_scheduler.transition_log})
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_runner_with_a_local_dask_cluster_delivers_and_reports_parts(
+def test_a_runner_on_a_dask_scheduler_delivers_and_reports_parts(
     files: list[Path], tmp_path: Path
 ) -> None:
-    pytest.importorskip("distributed")
+    """The service's Dask set-up: a scheduler address in the config, one client for all jobs."""
+    distributed = pytest.importorskip("distributed")
     state = tmp_path / "state"
     db = Database(f"sqlite:///{state / 'columnhub.db'}")
     columns, where = ["Jet_pt", "Muon_pt"], "MET_pt > 15"
     first = submit(db, request(files, columns, where))
     second = submit(db, request(files, ["MET_pt"]))
-    runner = Runner(db, Config(state, scheduler="local", workers=1))
-    try:
-        assert runner.run_once()
-        assert runner.run_once()  # the same cluster serves the next job
-    finally:
-        runner.stop()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        runner = Runner(db, Config(state, scheduler=cluster.scheduler_address, workers=1))
+        try:
+            assert runner.run_once()
+            assert runner.run_once()  # the same client serves the next job
+            with distributed.Client(cluster.scheduler_address) as client:
+                keys = client.run_on_scheduler(_task_keys)
+        finally:
+            runner.stop()
+    # the part tasks ran on the cluster (the key names the request), not in threads here
+    for view in (first, second):
+        job = db.job(view.samples[""].id)
+        parts = {k for k in keys if k.startswith(f"columnhub-{job.request_hash[:16]}-part-")}
+        assert len(parts) == 6
     for view, cols, cut in ((first, columns, where), (second, ["MET_pt"], None)):
         job = db.job(view.samples[""].id)
         assert job.state == "complete", job.error
@@ -722,4 +753,188 @@ def test_a_runner_with_a_local_dask_cluster_delivers_and_reports_parts(
         assert job.progress["bytes"] == job.stored_bytes
         assert job.progress["cache_misses"] == manifest["cache"]["misses"]
         assert job.progress["events"] == job.progress["events_total"] == 1200
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("mysql://db.example/columnhub", ["'mysql' is not supported", "postgresql+psycopg://"]),
+        ("not a url", ["'not a url' is not a URL", "sqlite:///PATH"]),
+        (
+            "postgresql://postgres@127.0.0.1:1/columnhub",
+            ["cannot open the service database", "127.0.0.1:1/columnhub", "--database"],
+        ),
+        ("sqlite:////proc/columnhub/columnhub.db", ["cannot create /proc/columnhub", "state_dir"]),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_a_clear_error(url: str, named: list[str]) -> None:
+    from columnhub.errors import ServiceError
+
+    with pytest.raises(ServiceError) as err:
+        Database(url)
+    for part in named:
+        assert part in str(err.value)
+
+
+@pytest.mark.slow
+def test_idle_runner_threads_wake_on_submit_and_run_jobs_side_by_side(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No polling (an hour between looks): only the submit's wake-up can start the jobs."""
+    from columnhub.service import jobs
+
+    monkeypatch.setattr(jobs, "POLL_S", 3600.0)
+    monkeypatch.setenv(PART_SLEEP, "0.3")
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    runner = Runner(db, Config(state, runners=2))
+    runner.start()
+    try:
+        time.sleep(0.5)  # both threads found nothing and wait
+        first = submit(db, request(files, ["MET_pt"]))
+        second = submit(db, request(files, ["Jet_pt"]))
+        both = [first.samples[""].id, second.samples[""].id]
+        wait_for(
+            lambda: [db.job(j).state for j in both] == ["running", "running"],
+            "both jobs running at once, one per runner thread",
+        )
+        wait_for(lambda: all(db.job(j).state == "complete" for j in both), "both jobs done")
+    finally:
+        runner.stop()
+    claims = {db.job(j).claimed_by for j in both}
+    assert len(claims) == 2
+    check_result(state / "results" / both[0], files, ["MET_pt"], None)
+    check_result(state / "results" / both[1], files, ["Jet_pt"], None)
+    db.close()
+
+
+def test_a_wakeup_between_looking_and_waiting_is_not_lost() -> None:
+    """Runner threads read the generation, look for work, then wait: a submit in between counts."""
+    from columnhub.service.db import Wakeup
+
+    wakeup = Wakeup()
+    seen = [wakeup.generation, wakeup.generation]  # two runner threads looked: nothing queued
+    wakeup.set()  # a submit, before either waits
+    woke = []
+    threads = [threading.Thread(target=lambda s=s: woke.append(wakeup.wait(s, 30.0))) for s in seen]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert woke == [True, True]
+    assert not wakeup.wait(wakeup.generation, 0.01)  # nothing new: it times out
+
+
+# -- derived request states --------------------------------------------------------
+
+STATES = ["queued", "running", "complete", "failed", "cancelled"]
+
+
+def reference_state(cancelled: bool, job_states: list[str]) -> str:
+    """The contract's rule, written out: cancelled > failed > complete (all) > queued (all) > running."""
+    if cancelled or "cancelled" in job_states:
+        return "cancelled"
+    if "failed" in job_states:
+        return "failed"
+    if all(s == "complete" for s in job_states):
+        return "complete"
+    if all(s == "queued" for s in job_states):
+        return "queued"
+    return "running"
+
+
+def check_derived_states(db: Database, requests: list[tuple[str, bool, list[str]]]) -> None:
+    """Store ``(owner, cancelled, job states)`` rows; every query must agree with the rule."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from columnhub.service.db import Job, RequestJob, RequestRecord, empty_progress
+
+    start = dt.datetime(2026, 1, 1)
+    want: dict[str, tuple[str, str]] = {}  # id -> (owner, state)
+    with Session(db.engine) as session, session.begin():
+        for i, (owner, cancelled, job_states) in enumerate(requests):
+            rid = f"{i:032x}"
+            session.add(
+                RequestRecord(
+                    id=rid,
+                    owner=owner,
+                    title=None,
+                    cancelled=cancelled,
+                    spec={},
+                    created_at=start + dt.timedelta(seconds=i),
+                )
+            )
+            for k, state in enumerate(job_states):
+                jid = f"{i:016x}{k:016x}"
+                session.add(
+                    Job(
+                        id=jid,
+                        request_hash=jid,
+                        spec={},
+                        state=state,
+                        attempts=0,
+                        progress=empty_progress(),
+                        stored_bytes=0,
+                        created_at=start,
+                    )
+                )
+                session.flush()
+                session.add(RequestJob(request_id=rid, sample=f"s{k}", job_id=jid))
+            want[rid] = (owner, reference_state(cancelled, job_states))
+    newest_first = sorted(want, reverse=True)
+    for rid, (_owner, state) in want.items():
+        assert db.get(rid).status == state
+    assert db.counts() == {s: sum(1 for _, w in want.values() if w == s) for s in STATES}
+    for owner in {o for o, _ in want.values()} | {None}:
+        mine = [r for r in newest_first if owner is None or want[r][0] == owner]
+        pages, page = [], 1
+        while True:
+            views, total = db.list(owner, page=page, per_page=2)
+            assert total == len(mine)
+            if not views:
+                break
+            pages += [v.id for v in views]
+            page += 1
+        assert pages == mine
+        for state in STATES:
+            views, total = db.list(owner, state=state, per_page=1000)
+            assert [v.id for v in views] == [r for r in mine if want[r][1] == state]
+            assert total == len(views)
+        if owner is not None:
+            live = sum(1 for r in mine if want[r][1] in ("queued", "running"))
+            assert db.active_requests(owner) == live
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["alice", "bob"]),
+            st.booleans(),
+            st.lists(st.sampled_from(STATES), min_size=1, max_size=3),
+        ),
+        max_size=12,
+    )
+)
+def test_request_states_lists_and_counts_follow_the_rule(
+    requests: list[tuple[str, bool, list[str]]],
+) -> None:
+    db = Database("sqlite://")
+    check_derived_states(db, requests)
+    db.close()
+
+
+def test_request_states_on_every_backend(db_url: str) -> None:
+    """Every one- and two-job combination, on SQLite and PostgreSQL alike."""
+    combos = [[a] for a in STATES] + [[a, b] for a in STATES for b in STATES]
+    requests = [
+        (("alice", "bob")[i % 2], cancelled, states)
+        for i, states in enumerate(combos)
+        for cancelled in (False, True)
+    ]
+    db = Database(db_url)
+    check_derived_states(db, requests)
     db.close()

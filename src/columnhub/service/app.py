@@ -107,7 +107,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.database)
+    db = Database(config.database)  # an unusable URL or server: a ServiceError naming it
     authenticator = Authenticator.from_config(config)
 
     @contextlib.asynccontextmanager
@@ -173,16 +173,20 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
 
     @app.post(f"{API}/requests", status_code=202, tags=["requests"])
     async def submit(
-        request: HttpRequest, title: str | None = None, user: Principal = submitter
+        request: HttpRequest,
+        title: str | None = Query(None, max_length=500),
+        user: Principal = submitter,
     ) -> dict[str, Any]:
         """Submit a spec (JSON, or YAML with a YAML content type): one dataset or ``samples:``.
 
         Answers 202 with the request's id at once; the work is queued (or
         attached to identical work already queued or running).
         """
-        body = await request.body()
+        body = await _read_body(request)
         kind = request.headers.get("content-type", "")
-        return await run_in_threadpool(_submit, config, db, user, body, kind, title)
+        services: _Services = request.app.state.services
+        lock = services.user_lock(user.user)
+        return await run_in_threadpool(_submit, config, db, user, body, kind, title, lock)
 
     @app.get(f"{API}/requests", tags=["requests"])
     def list_requests(
@@ -237,7 +241,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     @app.get(single_path, tags=["results"])
     def file(request_id: str, name: str, user: Principal = reader) -> FileResponse:
         """A result file of a single-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)), only="")
         if list(done) != [""]:
             msg = (
                 f"request {request_id} has several samples ({', '.join(done)}); "
@@ -251,7 +255,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
         request_id: str, sample: str, name: str, user: Principal = reader
     ) -> FileResponse:
         """A result file of one sample of a multi-sample request (HTTP Range: 206, 416)."""
-        done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
+        done = _complete_samples(config, db.get(request_id, owner=_owner(user)), only=sample)
         if sample not in done:
             from columnhub.errors import RequestNotFoundError
 
@@ -295,26 +299,38 @@ def _submit(
     body: bytes,
     content_type: str,
     title: str | None,
+    lock: threading.Lock,
 ) -> dict[str, Any]:
     """Validate a submitted spec, check limits and data access, queue it (single flight)."""
     data = _parse_json_or_yaml(body, content_type)
     samples = _job_specs(config, data)
-    _check_limits(config, db, user.user)
     jobs = {name: (req.hash, req.model_dump(mode="json")) for name, req in samples.items()}
-    view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
+    with lock:  # one user's submissions one at a time here: a limit is never passed by a race
+        _check_limits(config, db, user.user)
+        view = db.submit(user.user, data, title, jobs)  # wakes this replica's runners
     out = view.to_json()
     return {"id": out["id"], "status": out["status"], "samples": list(samples)}
+
+
+async def _read_body(request: HttpRequest) -> bytes:
+    """The request body, refused once it passes :data:`MAX_SPEC_BYTES` (never all read first)."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            msg = (
+                f"the spec is more than the {MAX_SPEC_BYTES} bytes accepted; a spec names "
+                "files and columns (list many files with a glob pattern or a folder)"
+            )
+            raise SpecError(msg)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse_json_or_yaml(body: bytes, content_type: str) -> Any:
     from columnhub.spec import _parse_json, _parse_yaml
 
-    if len(body) > MAX_SPEC_BYTES:
-        msg = (
-            f"the spec is {len(body)} bytes, more than the {MAX_SPEC_BYTES} accepted; a spec "
-            "names files and columns (list many files with a glob pattern)"
-        )
-        raise SpecError(msg)
     try:
         text = body.decode()
     except UnicodeDecodeError as err:
@@ -377,12 +393,16 @@ def _check_limits(config: ServiceConfig, db: Any, user: str) -> None:
 # results
 
 
-def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, Any]]:
+def _complete_samples(
+    config: ServiceConfig, view: Any, *, only: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Each sample's manifest plus ``path``; 409 unless the request is complete.
 
     Args:
         config: the service settings.
         view: the request (a :class:`~columnhub.service.db.RequestView`).
+        only: read only this sample's manifest (a file download); the others
+            are named with an empty mapping. ``None``: every sample's.
     """
     status = view.status
     if status != "complete":
@@ -397,6 +417,9 @@ def _complete_samples(config: ServiceConfig, view: Any) -> dict[str, dict[str, A
 
     out: dict[str, dict[str, Any]] = {}
     for name, job in view.samples.items():
+        if only is not None and name != only:
+            out[name] = {}
+            continue
         directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
         if manifest is None or not manifest.get("complete"):  # never serve a partial result
@@ -438,6 +461,12 @@ class _Services:
         self.runner: Any = None
         self.cluster: Any = None
         self._lock = threading.Lock()
+        self._user_locks: dict[str, threading.Lock] = {}
+
+    def user_lock(self, user: str) -> threading.Lock:
+        """The lock that orders ``user``'s submissions in this replica (limits checked inside)."""
+        with self._lock:
+            return self._user_locks.setdefault(user, threading.Lock())
 
     def start(self) -> None:
         """Start the ``LocalCluster`` (if asked) and the runners."""

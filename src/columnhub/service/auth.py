@@ -417,13 +417,14 @@ class OIDCVerifier:
                 f"configured {self.issuer!r}; fix --oidc-issuer"
             )
             raise ServiceUnavailableError(msg)
+        jwks_uri = str(doc["jwks_uri"])
         try:
-            _check_https(doc["jwks_uri"], what="the issuer's jwks_uri")
+            _check_https(jwks_uri, what="the issuer's jwks_uri")
         except SpecError as err:
             raise ServiceUnavailableError(str(err)) from err
         self._issuer_exact = issuer
-        self._jwks_uri = doc["jwks_uri"]
-        return doc["jwks_uri"]
+        self._jwks_uri = jwks_uri
+        return jwks_uri
 
     def _fetch_keys(self) -> None:
         import jwt

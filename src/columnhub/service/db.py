@@ -36,7 +36,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -53,6 +53,7 @@ __all__ = [
     "RequestJob",
     "RequestRecord",
     "RequestView",
+    "Wakeup",
     "empty_progress",
     "request_state",
 ]
@@ -320,6 +321,36 @@ class RequestView:
 # the database
 
 
+class Wakeup:
+    """Work was queued in this process: a counter that runners wait to see change.
+
+    Unlike an ``Event`` that each waiter clears, no wake-up is ever lost: a
+    runner reads :attr:`generation` *before* it looks for work, and
+    :meth:`wait` returns at once if anything was queued since.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """How many times work was queued."""
+        with self._changed:
+            return self._generation
+
+    def set(self) -> None:
+        """Work was queued: wake every waiting runner."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Wait until work is queued after generation ``seen``; ``False`` on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != seen, timeout)
+
+
 class Database:
     """The service's database: requests, jobs and the queue.
 
@@ -333,7 +364,8 @@ class Database:
     Attributes:
         engine: the SQLAlchemy engine.
         url: the URL, as SQLAlchemy reads it.
-        wakeup: set by :meth:`submit`; the runners of this process wait on it.
+        wakeup: a :class:`Wakeup` set by :meth:`submit`; the runners of this
+            process wait on it.
     """
 
     def __init__(self, url: str, *, upgrade: bool = True) -> None:
@@ -344,9 +376,19 @@ class Database:
         self._write = sessionmaker(
             self.engine.execution_options(columnhub_begin="IMMEDIATE"), expire_on_commit=False
         )
-        self.wakeup = threading.Event()
+        self.wakeup = Wakeup()
         if upgrade:
-            self.upgrade()
+            try:
+                self.upgrade()
+            except (OperationalError, OSError) as err:
+                where = self.url.render_as_string(hide_password=True)
+                reason = getattr(err, "orig", None) or err
+                msg = (
+                    f"cannot open the service database {where} ({reason}); check the URL "
+                    "(--database or `database:` in the config file), that the server is "
+                    "running and reachable, and that the directory is writable"
+                )
+                raise ServiceError(msg) from err
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -518,30 +560,57 @@ class Database:
             msg = f"state {state!r} is not a request state; use one of {', '.join(REQUEST_STATES)}"
             raise ServiceError(msg)
         with self._reading() as session:
-            states = self._states(session, owner)
-            ids = [rid for rid, s in states if state is None or s == state]
-            chosen = ids[(page - 1) * per_page : page * per_page]
+            states = self._states(owner).subquery()
+            wanted = sa.true() if state is None else states.c.state == state
+            total = session.scalar(sa.select(sa.func.count()).select_from(states).where(wanted))
+            chosen = session.scalars(
+                sa.select(states.c.id)
+                .where(wanted)
+                .order_by(states.c.created_at.desc(), states.c.id.desc())
+                .limit(per_page)
+                .offset((page - 1) * per_page)
+            ).all()
             records = session.scalars(
                 sa.select(RequestRecord).where(RequestRecord.id.in_(chosen))
             ).all()
             by_id = {r.id: r for r in records}
             views = self._views(session, [by_id[i] for i in chosen if i in by_id])
-        return views, len(ids)
+        return views, int(total or 0)
 
-    def _states(self, session: Session, owner: str | None) -> builtins.list[tuple[str, str]]:
-        """``(request id, derived state)`` of ``owner``'s requests, newest first."""
+    @staticmethod
+    def _states(owner: str | None) -> sa.Select[tuple[str, dt.datetime, str]]:
+        """``(id, created_at, state)`` of ``owner``'s requests (``None``: all), state derived in SQL.
+
+        The same rules as :func:`request_state`, aggregated by the database
+        (one row per request, whatever the number of jobs).
+        """
+
+        def any_(state: str) -> sa.ColumnElement[bool]:
+            return sa.func.max(sa.case((Job.state == state, 1), else_=0)) == 1
+
+        def all_(state: str) -> sa.ColumnElement[bool]:
+            return sa.func.min(sa.case((Job.state == state, 1), else_=0)) == 1
+
+        derived = sa.case(
+            (sa.or_(RequestRecord.cancelled == sa.true(), any_("cancelled")), "cancelled"),
+            (any_("failed"), "failed"),
+            (all_("complete"), "complete"),
+            (all_("queued"), "queued"),
+            else_="running",
+        )
         query = (
-            sa.select(RequestRecord.id, RequestRecord.cancelled, Job.state)
+            sa.select(
+                RequestRecord.id.label("id"),
+                RequestRecord.created_at.label("created_at"),
+                derived.label("state"),
+            )
             .join(RequestJob, RequestJob.request_id == RequestRecord.id)
             .join(Job, Job.id == RequestJob.job_id)
-            .order_by(RequestRecord.created_at.desc(), RequestRecord.id.desc())
+            .group_by(RequestRecord.id, RequestRecord.created_at, RequestRecord.cancelled)
         )
         if owner is not None:
             query = query.where(RequestRecord.owner == owner)
-        grouped: dict[str, tuple[bool, builtins.list[str]]] = {}
-        for rid, cancelled, job_state in session.execute(query):
-            grouped.setdefault(rid, (bool(cancelled), []))[1].append(job_state)
-        return [(rid, request_state(c, s)) for rid, (c, s) in grouped.items()]
+        return query
 
     def _views(
         self, session: Session, records: builtins.list[RequestRecord]
@@ -779,7 +848,9 @@ class Database:
     def active_requests(self, owner: str) -> int:
         """How many of ``owner``'s requests are queued or running."""
         with self._reading() as session:
-            return sum(1 for _, s in self._states(session, owner) if s in LIVE_STATES)
+            states = self._states(owner).subquery()
+            live = sa.select(sa.func.count()).where(states.c.state.in_(LIVE_STATES))
+            return int(session.scalar(live.select_from(states)) or 0)
 
     def stored_bytes(self, owner: str) -> int:
         """Bytes of the results of ``owner``'s requests that are not cancelled.
@@ -803,8 +874,10 @@ class Database:
         """Requests by derived state (every state present, 0 when none)."""
         with self._reading() as session:
             counts = dict.fromkeys(REQUEST_STATES, 0)
-            for _, s in self._states(session, None):
-                counts[s] += 1
+            states = self._states(None).subquery()
+            query = sa.select(states.c.state, sa.func.count()).group_by(states.c.state)
+            for state, n in session.execute(query):
+                counts[state] = int(n)
             return counts
 
     def job_counts(self) -> dict[str, int]:
@@ -855,7 +928,15 @@ def _engine(url: sa.URL) -> Engine:
         return sa.create_engine(url, pool_pre_ping=True)
     memory = url.database in (None, "", ":memory:")
     if not memory:
-        Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(url.database or "").expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            msg = (
+                f"cannot create {directory} for the service database {url} ({err.strerror}); "
+                "choose a writable state_dir or another --database"
+            )
+            raise ServiceError(msg) from err
     engine = sa.create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_MS / 1000},

@@ -125,14 +125,15 @@ class Runner:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
+            seen = self.db.wakeup.generation  # before looking: a later submit is never missed
             try:
                 ran = self.run_once()
             except Exception:  # the database is away: keep the thread, try again
                 log.exception("columnhub runner %s: claiming a job failed", self.worker_id)
                 ran = False
                 self._stopping.wait(POLL_S)
-            if not ran and not self._stopping.is_set() and self.db.wakeup.wait(POLL_S):
-                self.db.wakeup.clear()
+            if not ran and not self._stopping.is_set():
+                self.db.wakeup.wait(seen, POLL_S)
 
     # -- one job --------------------------------------------------------------------
 
