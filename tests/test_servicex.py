@@ -585,3 +585,65 @@ def test_cancel_through_the_servicex_cli(
     # a cancelled transformation's bucket serves nothing
     with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["alice"])) as http:
         assert http.get(f"/servicex/transformation/{rid}/results").json() == {"results": []}
+
+
+# ---------------------------------------------------------------------------
+# UprootRaw and FuncADL_Uproot queries (translated by columnhub.service.servicex_query)
+
+
+def test_uproot_raw_and_func_adl_queries_equal_uproots_own_reading(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    from servicex import query as sxquery
+
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    dy = shared_data / "nano_dy.root"
+    raw = sxquery.UprootRaw(
+        [{"treename": "Events", "filter_name": ["MET_*", "Muon_pt"], "cut": "nMuon >= 2"}]
+    )
+    adl = (
+        sxquery.FuncADL_Uproot()
+        .FromTree("Events")
+        .Where(lambda e: e.nMuon >= 1)
+        .Select(lambda e: {"met": e.MET_pt, "mu_pt": e.Muon_pt})
+    )
+    spec = spec_of(
+        {"Name": "raw", "Dataset": servicex.dataset.FileList([str(dy)]), "Query": raw},
+        {"Name": "adl", "Dataset": servicex.dataset.FileList([str(dy)]), "Query": adl},
+    )
+    out = deliver(spec, config)
+    with uproot.open(dy) as f:
+        tree = f["Events"]
+        met_branches = [b for b in tree.keys() if b.startswith("MET_")]
+        want_raw = tree.arrays([*met_branches, "Muon_pt"], cut="nMuon >= 2")
+        events = tree.arrays(["MET_pt", "Muon_pt", "nMuon"])
+    want_adl = events[events.nMuon >= 1]
+    got_raw = read_parquet(out["raw"])
+    assert len(want_raw) > 0
+    assert len(met_branches) > 1  # the glob chose several branches (read from the file)
+    for name in [*met_branches, "Muon_pt"]:
+        assert ak.to_list(got_raw[name]) == ak.to_list(want_raw[name]), name
+    got_adl = read_parquet(out["adl"])
+    assert len(got_adl) == len(want_adl) > 0
+    assert ak.to_list(got_adl["met"]) == ak.to_list(want_adl["MET_pt"])
+    assert ak.to_list(got_adl["mu_pt"]) == ak.to_list(want_adl["Muon_pt"])
+
+
+def test_a_hostile_uproot_raw_cut_is_refused_with_the_message_shown(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    from servicex import query as sxquery
+
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    hostile = sxquery.UprootRaw(
+        [{"treename": "Events", "filter_name": ["MET_pt"], "cut": "__import__('os').getpid() > 0"}]
+    )
+    spec = spec_of(
+        {
+            "Name": "x",
+            "Dataset": servicex.dataset.FileList([str(shared_data / "nano_dy.root")]),
+            "Query": hostile,
+        }
+    )
+    said = refused(spec, config)
+    assert "Invalid transform request: uproot-raw query 1, cut: method call .getpid()" in said

@@ -42,7 +42,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import FileResponse, Response
 from fastapi.routing import APIRoute
 
-__all__ = ["PREFIX", "S3Error", "router"]
+__all__ = ["PREFIX", "S3Error", "object_key", "router"]
 
 #: where the object store is, on the service's own port
 PREFIX = "/s3"
@@ -256,7 +256,7 @@ def _v2_query(
 
     def check(secret: str) -> bool:
         signer = HmacV1QueryAuth(Credentials(params["AWSAccessKeyId"], secret))
-        signer._get_date = lambda: str(expires)  # type: ignore[method-assign]  # the URL's
+        signer._get_date = lambda: str(expires)  # the URL's date: the Expires it carries
         split = urlsplit(_url(request, rest))
         # botocore signs the bucket's path ("auth path"), without the endpoint's /s3
         path = split.path.removeprefix(PREFIX)
@@ -305,7 +305,7 @@ def _objects(request: HttpRequest, bucket: str) -> list[_Object] | None:
     for sample, manifest in manifests.items():
         folder = Path(manifest["path"])
         for part in manifest.get("parts", []):
-            key = f"{sample}/{part['name']}" if sample else part["name"]
+            key = object_key(sample, part["name"])
             path = folder / part["name"]
             stat = path.stat()
             out.append(
@@ -318,6 +318,14 @@ def _objects(request: HttpRequest, bucket: str) -> list[_Object] | None:
                 )
             )
     return out
+
+
+def object_key(sample: str, name: str) -> str:
+    """The object key of a result part: its name, after its sample's (``Events_part-00000.parquet``).
+
+    Flat (no ``/``): the servicex client saves each object under its key in one folder.
+    """
+    return f"{sample}_{name}" if sample else name
 
 
 def _http_date(when: dt.datetime) -> str:

@@ -220,13 +220,20 @@ def _submit(app: Any, user: Principal, data: Any) -> dict[str, str]:
     from columnhub.service.app import _check_limits, _job_specs
 
     config, db = app.state.config, app.state.db
+    from columnhub.service.access import check_entry
+
     fields = _fields(data)
     files = fields["file-list"] or resolve_did(fields["did"], config.servicex_resolvers)
-    spec = translate(
-        fields["codegen"], fields["selection"], files=files, result_format=fields["result-format"]
-    )
     try:
-        jobs = _job_specs(config, spec)  # inputs checked against the data roots and URL prefixes
+        for entry in files:  # before a translator reads any file's branch list
+            check_entry(entry, data_roots=config.data_roots, url_prefixes=config.url_prefixes)
+        spec = translate(
+            fields["codegen"],
+            fields["selection"],
+            files=files,
+            result_format=fields["result-format"],
+        )
+        jobs = _job_specs(config, spec)  # friends' inputs checked too
     except PermissionDeniedError as err:
         err.status = 400  # a file outside the roots: the client shows a 400's message as is
         raise
@@ -292,7 +299,9 @@ def translate(
     """The columnhub spec of a transformation: its codegen's translator.
 
     ``columnhub``: :func:`columnhub.service._servicex_columnhub.translate`;
-    ``uproot-raw`` and ``uproot``: ``columnhub.service.servicex_query.translate``.
+    ``uproot-raw`` and ``uproot``: ``columnhub.service.servicex_query.expand``
+    (the files must have been checked against the data roots: it may read
+    their branch lists).
 
     Raises:
         SpecError: the query cannot be served (the message names the construct).
@@ -313,7 +322,8 @@ def translate(
             "'columnhub' codegen (the query is a columnhub request as JSON)"
         )
         raise SpecError(msg) from None
-    spec: dict[str, Any] = module.translate(
+    # expand: translate, reading the branch lists a pattern query needs (metadata only)
+    spec: dict[str, Any] = module.expand(
         codegen, selection, files=files, result_format=result_format
     )
     return spec
@@ -616,7 +626,7 @@ def _result_objects(request: HttpRequest, view: Any) -> list[dict[str, Any]]:
         for part in manifest.get("parts", []):
             out.append(
                 {
-                    "key": f"{sample}/{part['name']}" if sample else part["name"],
+                    "key": s3.object_key(sample, part["name"]),
                     "bytes": int(part["bytes"]),
                     "rows": int(part.get("rows", 0)),
                     "created": created,
