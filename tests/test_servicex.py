@@ -129,7 +129,21 @@ def served(
 ) -> Iterator[Served]:
     """The service with auth on (a static token file); URLs of the hanging server allowed."""
     prefix = f"http://127.0.0.1:{hanging_server.port}/"
-    yield from _serve(tmp_path_factory, shared_data, tokens=True, extra=("--url-prefix", prefix))
+    folder = tmp_path_factory.mktemp("resolver")
+    resolver = folder / "opendata.py"  # a command resolver: prints the files of a DID
+    resolver.write_text(
+        "import sys\n"
+        f"files = {{'cernopendata://1234': [{str(shared_data / 'nano_dy.root')!r}, "
+        f"{str(shared_data / 'nano_tt_v12.root')!r}]}}\n"
+        "if sys.argv[1] not in files: sys.exit(f'no dataset {sys.argv[1]}')\n"
+        "print('\\n'.join(files[sys.argv[1]]))\n"
+    )
+    config = folder / "service.yaml"
+    config.write_text(
+        yaml.safe_dump({"servicex_resolvers": {"cernopendata": f"{sys.executable} {resolver}"}})
+    )
+    extra = ("--url-prefix", prefix, "--config", str(config))
+    yield from _serve(tmp_path_factory, shared_data, tokens=True, extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -647,3 +661,65 @@ def test_a_hostile_uproot_raw_cut_is_refused_with_the_message_shown(
     )
     said = refused(spec, config)
     assert "Invalid transform request: uproot-raw query 1, cut: method call .getpid()" in said
+
+
+# ---------------------------------------------------------------------------
+# DIDs through a configured resolver, datasets, a failure at run time
+
+
+def test_a_did_resolves_through_the_configured_resolver(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["bob"])
+    query = json.dumps({"columns": ["MET_pt"], "where": "MET_pt > 20"})
+    opendata = servicex.dataset.CERNOpenData(1234)
+    spec = spec_of(
+        {"Name": "all", "Dataset": opendata, "Query": query, "Codegen": "columnhub"},
+        {
+            "Name": "first",
+            "Dataset": servicex.dataset.CERNOpenData(1234),
+            "NFiles": 1,
+            "Query": query,
+            "Codegen": "columnhub",
+        },
+    )
+    out = deliver(spec, config)
+    both = [
+        reference(shared_data / n, ["MET_pt"], lambda e: e.MET_pt > 20)
+        for n in ("nano_dy.root", "nano_tt_v12.root")
+    ]
+    assert_same(read_parquet(out["all"]), ak.concatenate(both), ["MET_pt"])
+    assert_same(read_parquet(out["first"]), both[0], ["MET_pt"])  # ?files=1: the first file
+    # the datasets the servicex CLI lists: the DID, its files, get and delete by id
+    client = servicex.servicex_client.ServiceXClient(config_path=str(config))
+    listed = {d.name: d for d in client.get_datasets()}
+    assert listed["cernopendata://1234"].n_files == 2
+    assert [f.paths for f in listed["cernopendata://1234"].files] == [
+        str(shared_data / "nano_dy.root"),
+        str(shared_data / "nano_tt_v12.root"),
+    ]
+    did_id = listed["cernopendata://1234"].id
+    assert client.get_dataset(did_id).name == "cernopendata://1234"
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["bob"])) as http:
+        assert http.delete(f"/servicex/datasets/{did_id}").json()["stale"] is True
+        assert http.get("/servicex/datasets/12345").status_code == 404
+    unknown = spec_of(
+        {
+            "Name": "u",
+            "Dataset": servicex.dataset.CERNOpenData(999),
+            "Query": query,
+            "Codegen": "columnhub",
+        }
+    )
+    assert "no dataset cernopendata://999" in refused(unknown, config)
+
+
+def test_a_failure_at_run_time_is_fatal_with_its_error_shown(
+    served: Served, shared_data: Path, tmp_path: Path
+) -> None:
+    config = client_config(tmp_path, served, TOKENS["alice"])
+    query = {"columns": ["Jet_ptt"]}  # no such branch: known once the files are opened
+    said = refused(spec_of(sample("bad", [shared_data / "nano_dy.root"], query)), config)
+    assert "Fatal issue in ServiceX server" in said
+    assert "Jet_ptt" in said
+    assert "Jet_pt" in said  # the closest names, as columnhub says it
