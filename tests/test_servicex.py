@@ -28,6 +28,8 @@ import httpx
 import pytest
 import uproot
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = [
     pytest.mark.service,
@@ -538,7 +540,7 @@ def test_unsupported_requests_are_400_with_the_message_the_client_shows(
         assert "root-rntuple" in r.json()["message"]
         r = http.post("/servicex/transformation", json={**body, "codegen": "uproot-raw"})
         assert r.status_code == 400
-        assert "not supported yet" in r.json()["message"]
+        assert "treename" in r.json()["message"]  # the UprootRaw translator's refusal
 
 
 def test_cancel_through_the_servicex_cli(
@@ -546,7 +548,7 @@ def test_cancel_through_the_servicex_cli(
 ) -> None:
     config = client_config(tmp_path, served, TOKENS["alice"])
     # a file on a server that never answers: the transformation runs until cancelled
-    query = {"dataset": {"timeout": 600}, "columns": ["MET_pt"]}
+    query = {"dataset": {"timeout": 60}, "columns": ["MET_pt"]}
     spec = {
         "General": {"OutputFormat": "parquet", "Delivery": "LocalCache"},
         "Sample": [
@@ -628,7 +630,7 @@ def test_uproot_raw_and_func_adl_queries_equal_uproots_own_reading(
     out = deliver(spec, config)
     with uproot.open(dy) as f:
         tree = f["Events"]
-        met_branches = [b for b in tree.keys() if b.startswith("MET_")]
+        met_branches = [b for b in tree.keys(recursive=False) if b.startswith("MET_")]
         want_raw = tree.arrays([*met_branches, "Muon_pt"], cut="nMuon >= 2")
         events = tree.arrays(["MET_pt", "Muon_pt", "nMuon"])
     want_adl = events[events.nMuon >= 1]
@@ -723,3 +725,76 @@ def test_a_failure_at_run_time_is_fatal_with_its_error_shown(
     assert "Fatal issue in ServiceX server" in said
     assert "Jet_ptt" in said
     assert "Jet_pt" in said  # the closest names, as columnhub says it
+
+
+# ---------------------------------------------------------------------------
+# the columnhub codegen and DID parsing, without a server (properties)
+
+_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=12)
+_files = st.lists(_names.map(lambda n: f"/data/{n}.root"), min_size=1, max_size=5)
+
+
+@settings(deadline=None)  # the first example imports the service's modules
+@given(
+    files=_files,
+    fmt=st.sampled_from(["parquet", "root-file"]),
+    tree=st.one_of(st.none(), _names),
+    given_files=st.one_of(st.none(), _files),
+    where=st.one_of(st.none(), st.just("MET_pt > 10")),
+)
+def test_the_columnhub_codegen_reads_the_transformations_files(
+    files: list[str], fmt: str, tree: str | None, given_files: list[str] | None, where: str | None
+) -> None:
+    from columnhub.service._servicex_columnhub import translate
+    from columnhub.spec import load_request
+
+    query: dict[str, Any] = {"columns": ["MET_pt"]}
+    dataset: dict[str, Any] = {}
+    if tree is not None:
+        dataset["tree"] = tree
+    if given_files is not None:
+        dataset["files"] = given_files
+    if dataset:
+        query["dataset"] = dataset
+    if where is not None:
+        query["where"] = where
+    spec = translate("columnhub", json.dumps(query), files=files, result_format=fmt)
+    request = load_request(spec)
+    assert list(request.dataset.files) == files  # the Sample's Dataset, whatever the query said
+    assert request.dataset.tree == (tree or "Events")
+    assert request.output.format == {"parquet": "parquet", "root-file": "root"}[fmt]
+    assert request.where == where
+    assert list(request.columns) == ["MET_pt"]
+
+
+@settings(deadline=None)  # the first example imports the service's modules
+@given(
+    scheme=st.sampled_from(["rucio", "cernopendata", "xrootd"]),
+    name=_names,
+    listed=st.lists(_names, min_size=1, max_size=6),
+    limit=st.one_of(st.none(), st.integers(min_value=1, max_value=8)),
+)
+def test_a_did_keeps_the_first_n_files_its_resolver_lists(
+    scheme: str, name: str, listed: list[str], limit: int | None
+) -> None:
+    from columnhub.errors import DatasetError
+    from columnhub.service.servicex import resolve_did
+
+    seen = []
+
+    def resolver(did: str) -> list[str]:
+        seen.append(did)
+        return listed
+
+    module = type(sys)("sx_test_resolver")
+    module.files = resolver  # type: ignore[attr-defined]
+    sys.modules["sx_test_resolver"] = module
+    try:
+        did = f"{scheme}://{name}" + (f"?files={limit}" if limit is not None else "")
+        got = resolve_did(did, {scheme: "python:sx_test_resolver:files"})
+        assert got == (listed[:limit] if limit is not None else listed)
+        assert seen == [f"{scheme}://{name}"]  # the resolver never sees ?files=
+        with pytest.raises(DatasetError, match=f"no resolver for {scheme}://"):
+            resolve_did(did, {})
+    finally:
+        del sys.modules["sx_test_resolver"]
