@@ -18,7 +18,7 @@ from typing import Any
 import awkward as ak
 import pytest
 import uproot
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import columnhub
@@ -80,13 +80,13 @@ def _func_adl_reference(qastle_text: str, path: Path, tree: str = "Events") -> a
     return func_adl_uproot.generate_function(qastle_text)([str(path)], tree)
 
 
-def _same_value(a: Any, b: Any) -> bool:
+def _same_value(a: Any, b: Any, *, rel: float = 1e-6, abs_: float = 1e-9) -> bool:
     if isinstance(a, list) or isinstance(b, list):
         return (
             isinstance(a, list)
             and isinstance(b, list)
             and len(a) == len(b)
-            and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+            and all(_same_value(x, y, rel=rel, abs_=abs_) for x, y in zip(a, b, strict=True))
         )
     if a is None or b is None:
         return a is b
@@ -94,7 +94,7 @@ def _same_value(a: Any, b: Any) -> bool:
         return bool(a) == bool(b) and type(a) is type(b)
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
 def _assert_same(got: ak.Array, want: ak.Array, *, what: str) -> None:
@@ -170,8 +170,8 @@ def test_uproot_raw_filter_names_and_cut(shared_data: Path, tmp_path: Path) -> N
     ],
 )
 def test_uproot_raw_expressions(shared_data: Path, tmp_path: Path, expressions: list[str]) -> None:
-    dy = shared_data / "nano_dy.root"
-    query = {"treename": "Events", "expressions": expressions, "cut": "num(Jet_pt) > 0"}
+    dy = shared_data / "nano_dimuon.root"  # it has an event without jets: empty lists reduced
+    query = {"treename": "Events", "expressions": expressions, "cut": "MET_pt > 1"}  # keeps it
     # Python's and/or/not raise on arrays in uproot; columnhub gives them Python's
     # meaning (numbers compared with 0, never bitwise): the reference spells that out
     python_logic = {
@@ -217,6 +217,7 @@ def test_uproot_raw_aliases_and_numeric_cut(shared_data: Path, tmp_path: Path) -
         ("/^Electron_.*/", ["float[]"]),
         (None, ["uint64_t", "int32_t"]),
         (["Jet_[pe]t*", "nJet"], None),
+        ("/Jet_pt/", None),  # from the start, as uproot: not FatJet_pt, GenJet_pt
     ],
 )
 def test_uproot_raw_patterns(
@@ -275,6 +276,27 @@ def test_uproot_raw_several_trees_root_output(shared_data: Path, tmp_path: Path)
         _compare_with_uproot(result, _uproot_reference(dy, query, tree))
 
 
+def test_expand_refuses_before_reading() -> None:
+    """A refused query is refused by expand before any file is opened (here: none exists)."""
+    selection = _uproot_raw(
+        {"treename": "Events", "filter_name": "Jet_*"},
+        {"treename": "Events", "filter_name": "MET_*", "cut": "MET_pt.sum()"},
+    )
+    with pytest.raises(SpecError, match=r"query 2, cut: method call \.sum\(\)"):
+        expand("uproot-raw", selection, files=["/nonexistent/x.root"], result_format="parquet")
+
+
+def test_uproot_raw_one_renamed_tree_is_one_request() -> None:
+    selection = _uproot_raw({"treename": {"Events": "zjets"}, "filter_name": "MET_pt"})
+    spec = translate("uproot-raw", selection, files=["x.root"], result_format="root-file")
+    request = columnhub.load_request(spec)
+    assert isinstance(request, columnhub.Request)
+    assert request.dataset.name == "zjets"
+    assert request.dataset.tree == "Events"
+    assert request.output.format == "root"
+    assert not request.output.include_keys  # uproot delivers only what was asked
+
+
 def test_uproot_raw_refusals() -> None:
     files = ["/nonexistent/never-read.root"]  # translate is pure: the file is never opened
 
@@ -301,11 +323,13 @@ def test_uproot_raw_refusals() -> None:
         [{"treename": "Events", "expressions": "x", "aliases": {"x": "y", "y": "x"}}],
         "cycle",
     )
+    for regex in ("/(a+)+$/", "/(Jet_|Jet)*pt/", "/(x*y?)*z/i"):
+        refused([{"treename": "Events", "filter_name": regex}], "exponential")
+    refused([{"treename": "Events", "filter_name": "/Jet_(pt/"}], "regex /Jet_\\(pt/ is invalid")
+    doubling = {f"a{i}": f"a{i + 1} + a{i + 1}" for i in range(30)}
     refused(
-        [
-            {"treename": "Events", "filter_name": "/(a+)+$/"},
-        ],
-        "exponential",
+        [{"treename": "Events", "expressions": "a0", "aliases": {**doubling, "a30": "MET_pt"}}],
+        "expands to more than 10000 characters",
     )
     refused(
         [{"treename": "Events", "filter_name": "x"}, {"treename": "Events", "filter_name": "y"}],
@@ -371,6 +395,71 @@ def test_uproot_raw_random_text_is_refused_or_translated(text: str) -> None:
             continue
         assert columnhub.Request.from_dict(spec).columns
     assert not sentinel.exists()
+
+
+def _binary(ops: list[str]) -> Any:
+    return lambda children: st.tuples(children, st.sampled_from(ops), children).map(
+        lambda t: f"({t[0]} {t[1]} {t[2]})"
+    )
+
+
+_JAGGED = st.recursive(
+    st.sampled_from(["Jet_pt", "Jet_eta"]),
+    lambda c: st.one_of(
+        _binary(["+", "-", "*"])(c),
+        c.map(lambda x: f"abs({x})"),
+        c.map(lambda x: f"({x} * MET_pt)"),
+    ),
+    max_leaves=3,
+)
+_FLAT = st.recursive(
+    st.sampled_from(["MET_pt", "MET_phi", "2", "0.5"])
+    | _JAGGED.map(lambda x: f"sum({x})")
+    | _JAGGED.map(lambda x: f"num({x})")
+    | _JAGGED.map(lambda x: f"sum({x}[Jet_pt > 25])")
+    | _JAGGED.map(lambda x: f"count_nonzero({x} > 0, axis=1)"),
+    lambda c: st.one_of(_binary(["+", "-", "*"])(c), c.map(lambda x: f"abs({x})")),
+    max_leaves=4,
+)
+_COMPARISON = st.tuples(_FLAT, st.sampled_from(["<", "<=", ">", ">=", "!="]), _FLAT).map(
+    lambda t: f"({t[0]} {t[1]} {t[2]})"
+) | _JAGGED.map(lambda x: f"any({x} > 20)")
+_BOOLEAN = st.recursive(
+    _COMPARISON,
+    lambda c: st.one_of(_binary(["&", "|", "^"])(c), c.map(lambda x: f"~{x}")),
+    max_leaves=3,
+)
+
+
+@pytest.fixture(scope="module")
+def dy_events(shared_data: Path) -> tuple[Any, dict[str, Any]]:
+    tree = uproot.open(shared_data / "nano_dy.root")["Events"]
+    names = ["MET_pt", "MET_phi", "Jet_pt", "Jet_eta"]
+    arrays = tree.arrays(names)
+    return tree, {n: arrays[n] for n in names}
+
+
+@settings(deadline=None)  # the first example opens the file
+@given(expression=_FLAT | _BOOLEAN | _JAGGED)
+def test_uproot_raw_translation_keeps_the_meaning(
+    dy_events: tuple[Any, dict[str, Any]], expression: str
+) -> None:
+    """A random uproot expression computes what uproot computes, once translated.
+
+    Without missing values: where they meet ``&``/``|`` columnhub's three-valued
+    logic (``False & None`` is False) differs from awkward's (None), as documented.
+    """
+    from columnhub.expressions import parse
+
+    assume("_" in expression)  # uproot gives a constant as one number, not one per event
+    tree, columns = dy_events
+    selection = json.dumps([{"treename": "Events", "expressions": [expression]}])
+    spec = translate("uproot-raw", selection, files=["x.root"], result_format="parquet")
+    name = spec["columns"][0]
+    text = spec.get("define", {}).get(name, name)
+    got = parse(text).evaluate(columns)
+    want = tree.arrays([expression], language=_servicex_language())[expression]
+    assert _same_value(ak.to_list(got), want.tolist(), rel=1e-5, abs_=1e-3), (expression, text)
 
 
 # -- FuncADL_Uproot ----------------------------------------------------------------------
@@ -504,6 +593,8 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
         ),
         ("Select(lambda e: {'pt': __import__('os').system('ls')})", r"method call \.system\(\)"),
         ("Select(lambda e: {'pt': e.Jet_pt.Where(lambda j: j.pt > 3)})", r"attribute access \.pt"),
+        ("Select(lambda e: {'one': e.Jet_pt.Select(lambda j: 1)})", "does not use its argument"),
+        ("Select(lambda e: {'n': e.Jet_pt.Where(lambda j: e.MET_pt > 3).Count()})", "does not use"),
     ],
 )
 def test_func_adl_refusals(text: str, match: str) -> None:
@@ -522,6 +613,21 @@ def test_func_adl_python_refusal() -> None:
             files=["x.root"],
             result_format="parquet",
         )
+
+
+def test_func_adl_other_tree(shared_data: Path, tmp_path: Path) -> None:
+    """A tree other than Events (NanoAOD's Runs) is read with the event numbers it has."""
+    dy = shared_data / "nano_dy.root"
+    selection = _yaml_query(
+        "FromTree('Runs').Select(lambda r: {'sumw': r.genEventSumw_, 'n': r.genEventCount_})"
+    )
+    assert trees_needing_branches("uproot", selection) == ["Runs"]
+    spec = expand("uproot", selection, files=[str(dy)], result_format="parquet")
+    assert spec["dataset"]["keys"] == ["run"]
+    got = _deliver(spec, tmp_path).to_awkward()
+    reference = _func_adl_reference(selection, dy, "Runs")
+    for field in reference.fields:
+        _assert_same(got[field], reference[field], what=field)
 
 
 def test_func_adl_needs_a_tree() -> None:
@@ -544,6 +650,12 @@ def test_func_adl_needs_a_tree() -> None:
         "(Select (call EventDataset 'f' 'Events') (lambda (list e) (dict (list 'a') (list (subscript e 0)))))",
         "(((((",
         "",
+        "(Select (call EventDataset 'f' 'Events') (lambda (list e) (dict (list 'a' 'b') (list 1))))",
+        "(Select (call EventDataset 'f' 'Events') (lambda (list e) (dict (list 'a') (list "
+        + "(+ 1 " * 300
+        + "1"
+        + ")" * 300
+        + "))))",
     ],
 )
 def test_func_adl_hostile_qastle(text: str) -> None:

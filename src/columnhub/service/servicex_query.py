@@ -55,7 +55,7 @@ __all__ = [
 CODEGENS: tuple[str, ...] = ("uproot-raw", "uproot")
 
 #: the longest selection text accepted (qastle and JSON are parsed whole)
-MAX_SELECTION_LENGTH = 200_000
+MAX_SELECTION_LENGTH = 100_000
 
 #: tree name -> its branches as ``(name, typename)`` in the tree's order
 BranchList = Mapping[str, Sequence[tuple[str, str]]]
@@ -108,7 +108,13 @@ def translate(
         msg = "the request names no input files; give a file list (or a dataset) to read"
         raise SpecError(msg)
     text = _check_selection(codegen, selection)
-    samples = _uproot_raw(text, branches or {}) if codegen == "uproot-raw" else [_func_adl(text)]
+    if codegen == "uproot-raw":
+        samples = _uproot_raw(text, branches or {})
+    else:
+        sample = _func_adl(text)
+        if sample.tree != _EVENTS:
+            sample.keys = _keys(sample.tree, (branches or {}).get(sample.tree), "func_adl")
+        samples = [sample]
     spec = _spec(samples, files=list(files), fmt=fmt)
     from columnhub.spec import load_request
 
@@ -128,7 +134,8 @@ def trees_needing_branches(codegen: str, selection: str) -> list[str]:
     """
     text = _check_selection(codegen, selection)
     if codegen != "uproot-raw":
-        return []
+        tree = _func_adl(text).tree
+        return [] if tree == _EVENTS else [tree]
     out: list[str] = []
     for i, query in enumerate(_uproot_raw_queries(text)):
         if "copy_histograms" in query:
@@ -150,6 +157,10 @@ def expand(codegen: str, selection: str, *, files: list[str], result_format: str
         SpecError: an unsupported query (as :func:`translate`).
         DatasetError: a file or tree cannot be read.
     """
+    try:  # pure first: a query columnhub refuses is refused before anything is read
+        return translate(codegen, selection, files=files, result_format=result_format)
+    except LookupError:
+        pass
     trees = trees_needing_branches(codegen, selection)
     branches = {tree: _read_branches(files, tree) for tree in trees}
     return translate(
@@ -418,6 +429,7 @@ class _UprootEmitter:
         self.where = where
         self.expanding: list[str] = []
         self.parsed: dict[str, ast.expr] = {}
+        self.expanded: dict[str, str] = {}
 
     def refuse(self, what: str, fix: str = "") -> NoReturn:
         msg = f"{self.where}: {what} is not supported by columnhub" + (f"; {fix}" if fix else "")
@@ -434,11 +446,23 @@ class _UprootEmitter:
                 chain = " -> ".join([*self.expanding, name])
                 msg = f"{self.where}: the aliases refer to each other in a cycle ({chain})"
                 raise SpecError(msg)
+            if name in self.expanded:
+                return self.expanded[name]
             self.expanding.append(name)
             try:
-                return _paren(self.emit(self.alias_tree(name), depth + 1))
+                text = _paren(self.emit(self.alias_tree(name), depth + 1))
             finally:
                 self.expanding.pop()
+            from columnhub.expressions import MAX_LENGTH
+
+            if len(text) > MAX_LENGTH:
+                msg = (
+                    f"{self.where}: alias {name!r} expands to more than {MAX_LENGTH} characters; "
+                    "simplify the aliases"
+                )
+                raise SpecError(msg)
+            self.expanded[name] = text
+            return text
         if name in ("pi", "e"):
             self.refuse(
                 f"the name {name!r}",
@@ -802,7 +826,7 @@ def _regex_test(regex: str, flags: str, what: str, where: str) -> Callable[[str]
         raise SpecError(msg) from None
     if _nested_repeat(regex, bits):
         msg = (
-            f"{where}: the {what} regex /{regex}/ repeats a repeated group (such as (a+)+), "
+            f"{where}: the {what} regex /{regex}/ repeats a repeat or an alternation (such as (a+)+ or (a|ab)*), "
             "which can take exponential time; columnhub refuses it: simplify the regex"
         )
         raise SpecError(msg)
@@ -810,7 +834,7 @@ def _regex_test(regex: str, flags: str, what: str, where: str) -> Callable[[str]
 
 
 def _nested_repeat(regex: str, flags: int) -> bool:
-    """Whether a regex has a repeat inside a repeat (catastrophic backtracking risk)."""
+    """Whether a regex repeats a repeat or an alternation (catastrophic backtracking risk)."""
     import re._parser as sre_parse  # the standard library's regex parser (Python >= 3.11)
 
     repeats = {
@@ -830,6 +854,8 @@ def _nested_repeat(regex: str, flags: int) -> bool:
 
     def walk(items: Any, inside: bool) -> bool:
         for op, arg in items:
+            if op is sre_parse.BRANCH and inside:
+                return True  # (a|ab)* can backtrack exponentially too
             if op in repeats:
                 _low, high, sub = arg
                 if high != 1 and inside:
@@ -847,11 +873,18 @@ def _nested_repeat(regex: str, flags: int) -> bool:
 
 
 def _uproot_raw(text: str, branches: BranchList) -> list[_Sample]:
+    """Every tree query as a sample; every query is checked before a missing branch list counts."""
     samples: list[_Sample] = []
+    missing: LookupError | None = None
     for i, query in enumerate(_uproot_raw_queries(text)):
         tq = _tree_query(i, query)
         for tree, out in tq.trees:
-            samples.append(_uproot_sample(tq, tree, out, branches))
+            try:
+                samples.append(_uproot_sample(tq, tree, out, branches))
+            except LookupError as err:
+                missing = missing or err
+    if missing is not None:
+        raise missing
     return samples
 
 
@@ -1088,6 +1121,8 @@ class _FuncAdl:
         body = node.body
         if isinstance(body, ast.Dict):
             fields: dict[str, str] = {}
+            if len(body.keys) != len(body.values):
+                self.refuse("a dictionary with more keys than values (or fewer)")
             for key, value in zip(body.keys, body.values, strict=True):
                 if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
                     self.refuse("a dictionary key that is not a string")
@@ -1210,7 +1245,13 @@ class _FuncAdl:
                 "a dictionary inside a collection's Select",
                 "build the dictionary at the event level",
             )
-        inner = {**env, node.args.args[0].arg: _paren(source)}
+        param = node.args.args[0].arg
+        if not any(isinstance(n, ast.Name) and n.id == param for n in ast.walk(node.body)):
+            self.refuse(
+                f"a collection's lambda that does not use its argument {param!r}",
+                "it would give one value per event, not one per object",
+            )
+        inner = {**env, param: _paren(source)}
         return self.expr(node.body, inner, depth + 1)
 
 
@@ -1229,9 +1270,35 @@ def _tree_of(node: ast.Call) -> str:
     return tree.value
 
 
+def _nesting(text: str) -> int:
+    """The deepest parenthesis nesting of qastle text, outside quoted strings (a linear scan)."""
+    depth = deepest = 0
+    quote = ""
+    escaped = False
+    for ch in text:
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
+
+
 def _func_adl(text: str) -> _Sample:
     import qastle
 
+    if _nesting(text) > 2 * _MAX_DEPTH:
+        msg = f"func_adl: the query nests more than {2 * _MAX_DEPTH} levels deep; simplify it"
+        raise SpecError(msg)
     try:
         tree = qastle.insert_linq_nodes(qastle.text_ast_to_python_ast(text))
     except RecursionError:
