@@ -127,6 +127,7 @@ def _authorize(request: HttpRequest, bucket: str) -> None:
         return
     from columnhub.service._servicex_keys import service_keys
 
+    require("botocore", what="S3 signature checks of the ServiceX front door")
     keys = service_keys(request.app)
     query = parse_qsl(request.scope.get("query_string", b"").decode(), keep_blank_values=True)
     params = dict(query)
