@@ -798,3 +798,97 @@ def test_a_did_keeps_the_first_n_files_its_resolver_lists(
             resolve_did(did, {})
     finally:
         del sys.modules["sx_test_resolver"]
+
+
+# ---------------------------------------------------------------------------
+# an OIDC access token as the refresh token (in process, a real issuer on loopback)
+
+
+def test_an_oidc_token_refreshes_into_a_service_jwt_with_its_scopes(tmp_path: Path) -> None:
+    import http.server
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from columnhub.service.app import create_app
+    from columnhub.service.config import load_config
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    public.update(kid="k1", alg="ES256", use="sig")
+    documents: dict[str, Any] = {}
+
+    class Issuer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(documents[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Issuer)
+    issuer = f"http://127.0.0.1:{server.server_address[1]}/realm"
+    documents["/realm/.well-known/openid-configuration"] = {
+        "issuer": issuer,
+        "jwks_uri": issuer + "/jwks",
+    }
+    documents["/realm/jwks"] = {"keys": [public]}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def oidc(scope: str) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": issuer,
+            "aud": "columnhub",
+            "sub": "olga",
+            "iat": now,
+            "exp": now + 300,
+            "scope": scope,
+        }
+        return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+
+    config = load_config(
+        state_dir=tmp_path / "state", oidc_issuer=issuer, oidc_audience="columnhub"
+    )
+    app = create_app(config, runner=False)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            out = []
+            for scope in ("openid read submit", "openid read"):
+                r = await client.post("/token/refresh", headers=token_headers(oidc(scope)))
+                out.append(r)
+                access = r.json()["access_token"]
+                out.append(
+                    await client.get("/servicex/transformation", headers=token_headers(access))
+                )
+                out.append(
+                    await client.post(
+                        "/servicex/transformation", json={}, headers=token_headers(access)
+                    )
+                )
+            return out
+
+    try:
+        (full, full_list, full_submit, reader, reader_list, reader_submit) = asyncio.run(run())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    claims = jwt.decode(full.json()["access_token"], options={"verify_signature": False})
+    assert claims["sub"] == "olga"
+    assert set(claims["scope"].split()) == {"read", "submit"}
+    assert full_list.status_code == reader_list.status_code == 200
+    assert full_submit.status_code == 400  # in: an empty transformation is refused as such
+    assert (
+        "file-list" in full_submit.json()["message"] or "selection" in full_submit.json()["message"]
+    )
+    assert reader.status_code == 200
+    assert reader_submit.status_code == 403  # a read-only OIDC token gives a read-only JWT
+    assert "submit" in reader_submit.json()["message"]
