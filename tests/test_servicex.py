@@ -144,7 +144,8 @@ def served(
     config.write_text(
         yaml.safe_dump({"servicex_resolvers": {"cernopendata": f"{sys.executable} {resolver}"}})
     )
-    extra = ("--url-prefix", prefix, "--config", str(config))
+    # two runners: the cancel test's job stays stuck on the hanging server until its timeout
+    extra = ("--url-prefix", prefix, "--config", str(config), "--runners", "2")
     yield from _serve(tmp_path_factory, shared_data, tokens=True, extra=extra)
 
 
@@ -179,7 +180,7 @@ def _client_loops_closed() -> Iterator[None]:
     ResourceWarning would escape this module's filters.
     """
     yield
-    end = time.monotonic() + 30
+    end = time.monotonic() + 5
     while time.monotonic() < end and any(
         t.name.startswith("ThreadPoolExecutor") for t in threading.enumerate()
     ):  # make_it_sync's one-call executors: their threads hold the loops until they end
@@ -488,6 +489,20 @@ def test_s3_reads_need_the_transformations_own_signature(
     unsigned = httpx.get(f"{served.url}/s3/{rid}/{keys[0]}")
     assert unsigned.status_code == 403
     assert "<Code>AccessDenied</Code>" in unsigned.text
+    with httpx.Client(base_url=served.url, headers=token_headers(TOKENS["bob"])) as http:
+        # a complete transformation cannot be cancelled (POST, the newer client's way) ...
+        late = http.post(f"/servicex/transformation/{rid}/cancel")
+        assert late.status_code == 400
+        assert "not in progress" in late.json()["message"]
+        # ... it can be deleted: then it is Canceled and its objects are gone
+        assert http.delete(f"/servicex/transformation/{rid}").status_code == 200
+        assert http.get(f"/servicex/transformation/{rid}").json()["status"] == "Canceled"
+        assert http.get(f"/servicex/transformation/{rid}/results").json() == {"results": []}
+        alice = token_headers(TOKENS["alice"])  # another user's transformation: not found
+        assert http.delete(f"/servicex/transformation/{other_id}", headers=alice).status_code == 404
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        good.get_object(Bucket=rid, Key=keys[0])
+    assert good.list_objects_v2(Bucket=rid)["KeyCount"] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -538,7 +553,8 @@ def test_unsupported_requests_are_400_with_the_message_the_client_shows(
         r = http.post("/servicex/transformation", json=body)
         assert r.status_code == 400
         assert "root-rntuple" in r.json()["message"]
-        r = http.post("/servicex/transformation", json={**body, "codegen": "uproot-raw"})
+        uproot_raw = {**body, "codegen": "uproot-raw", "result-format": "parquet"}
+        r = http.post("/servicex/transformation", json=uproot_raw)
         assert r.status_code == 400
         assert "treename" in r.json()["message"]  # the UprootRaw translator's refusal
 
