@@ -908,3 +908,47 @@ def test_an_oidc_token_refreshes_into_a_service_jwt_with_its_scopes(tmp_path: Pa
     assert reader.status_code == 200
     assert reader_submit.status_code == 403  # a read-only OIDC token gives a read-only JWT
     assert "submit" in reader_submit.json()["message"]
+
+
+def test_a_queued_transformation_and_a_configured_object_store_endpoint(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    from columnhub.service.app import create_app
+    from columnhub.service.config import load_config
+
+    config = load_config(
+        state_dir=tmp_path / "state",
+        data_roots=[shared_data],
+        servicex_s3_endpoint="https://sx.example.org/s3",
+    )
+    app = create_app(config, runner=False)  # nothing runs: the transformation stays queued
+    body = {
+        "title": "queued",
+        "file-list": [str(shared_data / "nano_dy.root")],
+        "selection": json.dumps({"columns": ["MET_pt"]}),
+        "codegen": "columnhub",
+        "result-destination": "object-store",
+        "result-format": "parquet",
+    }
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any], httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            rid = (await client.post("/servicex/transformation", json=body)).json()["request_id"]
+            status = (await client.get(f"/servicex/transformation/{rid}")).json()
+            results = (await client.get(f"/servicex/transformation/{rid}/results")).json()
+            listing = await client.get(f"/s3/{rid}", params={"list-type": "2"})
+            return status, results, listing
+
+    status, results, listing = asyncio.run(run())
+    assert status["status"] == "Submitted"
+    assert (status["files-completed"], status["files-failed"]) == (0, 0)
+    assert results == {"results": []}
+    assert status["minio-endpoint"] == "sx.example.org/s3"
+    assert status["minio-secured"] is True
+    assert listing.status_code == 200
+    assert "<KeyCount>0</KeyCount>" in listing.text  # no object before the request completes
+    # the client reads this status as its own model
+    from servicex.models import TransformStatus
+
+    assert TransformStatus(**status).status.value == "Submitted"

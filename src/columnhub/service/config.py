@@ -84,8 +84,9 @@ class ServiceConfig(BaseModel):
             tokens and object-store credentials with (default
             ``state_dir/servicex.key``, made at first use; replicas share one).
         servicex_token_ttl_s: seconds an access token of ``/token/refresh`` lasts.
-        servicex_s3_endpoint: ``host:port[/path]`` handed to ServiceX clients for
-            downloads (default: the host they reached the service at, ``/s3``).
+        servicex_s3_endpoint: ``[https://]host:port/s3`` handed to ServiceX clients
+            for downloads (default: the host they reached the service at, ``/s3``;
+            ``https://`` behind a TLS proxy).
         servicex_resolvers: DID scheme (``rucio``, ``cernopendata``) -> its
             resolver: ``python:package.module:function`` (called with the DID,
             returns the files) or a command (run with the DID as its last

@@ -657,6 +657,10 @@ def _status(request: HttpRequest, view: Any) -> dict[str, Any]:
     access, secret = service_keys(request.app).s3_credentials(view.id)
     config = request.app.state.config
     endpoint = config.servicex_s3_endpoint or f"{request.headers.get('host', '')}{s3.PREFIX}"
+    secured = request.url.scheme == "https"
+    scheme, sep, rest = endpoint.partition("://")
+    if sep:  # a configured https://host/s3 (behind a TLS proxy) says whether it is secured
+        endpoint, secured = rest, scheme == "https"
     return {
         "request_id": view.id,
         "did": fields.get("did") or _file_list_name(list(fields.get("files") or [])),
@@ -678,7 +682,7 @@ def _status(request: HttpRequest, view: Any) -> dict[str, Any]:
         "submit-time": _iso(view.created_at),
         "finish-time": _iso(view.finished_at),
         "minio-endpoint": endpoint,
-        "minio-secured": request.url.scheme == "https",
+        "minio-secured": secured,
         "minio-access-key": access,
         "minio-secret-key": secret,
         "log-url": None,
