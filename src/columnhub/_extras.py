@@ -31,6 +31,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "aiohttp": ("http", "aiohttp"),
     "requests": ("http", "requests"),
     "fastapi": ("service", "fastapi"),
+    "botocore": ("service", "botocore"),
     "uvicorn": ("service", "uvicorn"),
     "prometheus_client": ("service", "prometheus-client"),
     "httpx": ("service", "httpx"),

@@ -42,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from columnhub.service.auth import Authenticator, Principal, challenge_headers, principal
+from columnhub.service.servicex import router as servicex_router
 
 if TYPE_CHECKING:
     from columnhub.service.config import ServiceConfig
@@ -321,6 +322,7 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     metrics.install(app)  # GET /metrics and the HTTP latency histogram
     dashboard.install(app)  # GET /, its static files, GET /api/v1/overview
 
+    app.include_router(servicex_router)  # the ServiceX front door (docs/servicex.md)
     return app
 
 

@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_STATE_DIR", "ServiceConfig", "load_config", "parse_duration"
 DEFAULT_STATE_DIR = Path("~/.local/share/columnhub-service")
 
 #: config keys that hold local paths (made relative to a config file's folder)
-_PATH_KEYS = ("state_dir", "token_file", "data_roots", "cache", "models")
+_PATH_KEYS = ("state_dir", "token_file", "data_roots", "cache", "models", "servicex_secret_file")
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -85,6 +85,17 @@ class ServiceConfig(BaseModel):
             (after a crash, another runner resumes it after this long).
         insecure_no_auth: allow a non-loopback ``host`` with no authentication.
         log_level: the server's log level.
+        servicex_secret_file: the key the ServiceX front door signs its access
+            tokens and object-store credentials with (default
+            ``state_dir/servicex.key``, made at first use; replicas share one).
+        servicex_token_ttl_s: seconds an access token of ``/token/refresh`` lasts.
+        servicex_s3_endpoint: ``[https://]host:port/s3`` handed to ServiceX clients
+            for downloads (default: the host they reached the service at, ``/s3``;
+            ``https://`` behind a TLS proxy).
+        servicex_resolvers: DID scheme (``rucio``, ``cernopendata``) -> its
+            resolver: ``python:package.module:function`` (called with the DID,
+            returns the files) or a command (run with the DID as its last
+            argument, prints one file per line). See ``docs/servicex.md``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -113,8 +124,12 @@ class ServiceConfig(BaseModel):
     lease_s: float = Field(default=30.0, gt=0)
     insecure_no_auth: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    servicex_secret_file: Path | None = None
+    servicex_token_ttl_s: float = Field(default=900.0, ge=120)
+    servicex_s3_endpoint: str | None = None
+    servicex_resolvers: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("state_dir", "token_file", mode="after")
+    @field_validator("state_dir", "token_file", "servicex_secret_file", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.abspath(os.path.expanduser(value)))
