@@ -226,7 +226,7 @@ def describe(
     info, columns = read()
     if dict(info.check) == _check_from(path, fmt, stamp) and _agrees(info.identity_dict, stamp):
         schema = _schema_key(columns)
-        if _columns(cache, schema) is None:
+        if _get(cache, schema) is None:  # one list per schema, shared by the files of a dataset
             _put(cache, schema, list(columns.items()))
         entry = {
             "layout": _LAYOUT,
