@@ -677,3 +677,76 @@ def test_a_plan_from_cached_metadata_is_the_plan_from_the_files(
     from_cache = make_plan(req, cache=store)
     assert opens.opened == []  # planned without opening a file
     assert _plan_facts(from_cache) == _plan_facts(storing) == _plan_facts(from_files)
+
+
+def test_a_remote_file_is_planned_from_cached_metadata_until_it_changes(
+    primary: Path, shared_data: Path, tmp_path: Path, http_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTP: the stamp is what storage says (size, ETag / Last-Modified) and the UUID
+    read with one ranged request; the file itself is opened only when that changes."""
+    from columnhub.sources import root
+
+    name = f"remote-{uuid.uuid4().hex}.root"
+    url = http_server.put(primary, name=name)
+    req = load_request({"dataset": {"name": "r", "files": [url]}, "columns": ["MET_pt", "Jet_pt"],
+                        "where": "nJet >= 2", "chunk_size": 64})
+    store = ColumnCache(tmp_path / "cache")
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    first = make_plan(req, cache=store)
+    assert opens.opened == [url]
+    root.forget_files()
+    opens.opened.clear()
+    again = make_plan(req, cache=store)
+    assert opens.opened == []
+    assert _plan_facts(again) == _plan_facts(first)
+
+    http_server.put(shared_data / "nano_dy.root", name=name)  # another file at the same URL
+    root.forget_files()
+    changed = make_plan(req, cache=store)
+    assert opens.opened == [url]
+    assert [f.identity_dict["uuid"] for f in changed.dataset.files] == [
+        read_uuid(shared_data / "nano_dy.root")
+    ]
+    assert changed.dataset.entries == uproot.open(shared_data / "nano_dy.root")["Events"].num_entries
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=store)
+    got = result.to_awkward()
+    ref = uproot.open(shared_data / "nano_dy.root")["Events"].arrays(["MET_pt", "nJet"])
+    assert ak.to_list(got.MET_pt) == ak.to_list(ref.MET_pt[ref.nJet >= 2])
+
+
+def test_an_unreadable_branch_is_named_from_cached_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What uproot said of a branch it cannot read is stored too: the same error, file unopened."""
+    from columnhub.errors import UnreadableBranchError
+    from columnhub.sources import root
+
+    n = 7
+    good = tmp_path / "good.root"
+    with uproot.recreate(good, compression=None) as file:
+        file.mktree("Events", {"run": np.uint32, "luminosityBlock": np.uint32,
+                               "event": np.uint64, "weird": np.float64, "y": np.float32})
+        file["Events"].extend({"run": np.ones(n, np.uint32), "luminosityBlock": np.ones(n, np.uint32),
+                               "event": np.arange(n, dtype=np.uint64), "weird": np.arange(n) * 1.5,
+                               "y": np.arange(n, dtype=np.float32)})
+    bad = tmp_path / "bad.root"
+    bad.write_bytes(good.read_bytes().replace(b"TLeafD", b"TLeafX"))  # a leaf class uproot lacks
+    req = load_request({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y", "weird"]})
+    store = ColumnCache(tmp_path / "cache")
+    with pytest.raises(UnreadableBranchError) as direct_err:
+        make_plan(req)  # no cache: from the file
+    root.forget_files()
+    with pytest.raises(UnreadableBranchError):
+        make_plan(req, cache=store)  # from the file, stored
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    with pytest.raises(UnreadableBranchError) as cached_err:
+        make_plan(req, cache=store)
+    assert opens.opened == []
+    assert str(cached_err.value) == str(direct_err.value)
+    assert "'weird'" in str(cached_err.value) and "TLeafX" in str(cached_err.value)
+    ok = make_plan(load_request({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y"]}),
+                   cache=store)
+    assert opens.opened == [] and ok.dataset.entries == n

@@ -61,7 +61,7 @@ def column_types(
     """
     if cache is not None and file.format == "root":
         facts = branch_facts(file, spec, names, cache=cache)
-        if all(n in facts for n in names):
+        if all(facts.get(n, {}).get("type") is not None for n in names):
             return {n: str(facts[n]["type"]) for n in names}
     if file.format == "parquet":
         from columnhub.sources import parquet
@@ -112,7 +112,8 @@ def branch_facts(
 ) -> dict[str, dict[str, Any]]:
     """What planning asks of the branches ``names`` of a ROOT file (metadata only).
 
-    Per branch: ``type`` (as :func:`column_types` spells it), ``unreadable``
+    Per branch: ``type`` (as :func:`column_types` spells it; ``None`` for a
+    branch uproot cannot read), ``unreadable``
     (``None``, or what uproot says of a branch it cannot read), ``list`` (a
     list per event), ``zbytes`` / ``bytes`` (compressed / uncompressed size,
     ``None`` when unknown). With a ``cache``, kept with the file's metadata,

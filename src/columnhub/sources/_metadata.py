@@ -276,8 +276,8 @@ def branch_facts(
 ) -> dict[str, dict[str, Any]]:
     """What planning asks of the branches ``names`` of ``file``, stored with its metadata.
 
-    Per branch: ``type`` (as ``sources.column_types`` spells it),
-    ``unreadable`` (``None``, or what uproot says of a branch it cannot
+    Per branch: ``type`` (as ``sources.column_types`` spells it; ``None`` when uproot
+    cannot read it), ``unreadable`` (``None``, or what uproot says of a branch it cannot
     read), ``list`` (one list per event) and ``zbytes`` / ``bytes`` (its
     compressed / uncompressed size; ``None`` when unknown). Branches not
     stored yet are computed with ``compute(missing)`` (which opens the file)

@@ -423,8 +423,9 @@ def branch_facts(
 ) -> dict[str, dict[str, Any]]:
     """What planning asks of each of ``names`` (see ``_metadata.branch_facts``), from the tree.
 
-    A name whose type or readability cannot be read is left out (asked
-    again, the file names the problem).
+    A name whose readability cannot be read, or the type of a readable one,
+    is left out (asked again, the file names the problem); an unreadable
+    branch has no ``type``.
     """
     import uproot
 
@@ -433,10 +434,15 @@ def branch_facts(
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            kind = column_types(file, spec, [name])[name]
             unreadable = _unreadable(tree[name], unknown) if isinstance(tree, uproot.TTree) else None
         except Exception:  # noqa: BLE001 - left to the caller, which names it
             continue
+        try:
+            kind: str | None = column_types(file, spec, [name])[name]
+        except Exception:  # noqa: BLE001 - left to the caller, which names it
+            if unreadable is None:
+                continue
+            kind = None  # what is stored is that uproot cannot read it
         sizes: list[int | None] = []
         for attribute in ("compressed_bytes", "uncompressed_bytes"):
             try:
