@@ -512,35 +512,43 @@ def direct(primary: Path, where: Any, columns: list[str]) -> dict[str, list[Any]
     return {name: ak.to_list(ref[name][keep]) for name in [*KEYS, *columns]}
 
 
-#: the second request of each case, after a first one with MET_pt and Jet_pt under
-#: (nJet >= 2) & (MET_pt > 15): other columns, another selection, another output
+#: the second request of each case, after a first one with MET_pt, Jet_pt and a keyed
+#: friend's score under (nJet >= 2) & (MET_pt > 15): (its changes, its selection as a
+#: direct read computes it, whether it joins the friend)
 CHUNK_HITS = {
     "subset of the columns": (
         {"columns": ["Jet_pt"]},
         lambda ev: (ev.nJet >= 2) & (ev.MET_pt > 15),
+        False,
     ),
     "another where": (
         {"where": "(nJet >= 3) | (MET_pt < 20)"},
         lambda ev: (ev.nJet >= 3) | (ev.MET_pt < 20),
+        True,
+    ),
+    "the friend's column with another primary column subset": (
+        {"columns": ["MET_pt"]},
+        lambda ev: (ev.nJet >= 2) & (ev.MET_pt > 15),
+        True,
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(CHUNK_HITS))
 def test_every_column_chunk_cached_imports_neither_numba_nor_uproot(
-    primary: Path, tmp_path: Path, case: str
+    primary: Path, friend_file: Path, tmp_path: Path, case: str
 ) -> None:
     """A request whose columns an earlier, different request cached plans without opening a file."""
     cache = str(tmp_path / "cache")
     first_spec = tmp_path / "first.json"
-    first_spec.write_text(json.dumps(spec_dict(primary)))
+    first_spec.write_text(json.dumps(spec_dict(primary, friend_file)))
     first, imported = run_cli("deliver", str(first_spec), "-o", str(tmp_path / "a"), "--cache", cache)
     assert first.returncode == 0, first.stderr
     assert "uproot" in imported  # the first one plans from the file and reads it
 
-    change, where = CHUNK_HITS[case]
+    change, where, with_friend = CHUNK_HITS[case]
     spec = tmp_path / "second.json"
-    spec.write_text(json.dumps(spec_dict(primary, **change)))
+    spec.write_text(json.dumps(spec_dict(primary, friend_file if with_friend else None, **change)))
     done, imported = run_cli("deliver", str(spec), "-o", str(tmp_path / "b"), "--cache", cache)
     assert done.returncode == 0, done.stderr
     assert "whole result reused" not in done.stdout  # another request: built from column chunks
@@ -548,16 +556,20 @@ def test_every_column_chunk_cached_imports_neither_numba_nor_uproot(
     assert "numba" not in imported
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert all(c["read"] == [] for c in manifest["chunks"])  # no branch read from the file
-    if case == "subset of the columns":
-        assert manifest["cache"]["misses"] == 0  # the selection too was cached
-    else:  # only the new selection's mask is computed, once per chunk, from cached columns
+    if "where" in change:  # only the new selection's mask is computed, from cached columns
         assert manifest["cache"]["misses"] == len(manifest["chunks"])
+    else:
+        assert manifest["cache"]["misses"] == 0  # the selection too was cached
     columns = change.get("columns", ["MET_pt", "Jet_pt"])
     got = columnhub.Result.open(tmp_path / "b").to_awkward()
     ref = direct(primary, where, ["nJet", *columns])
-    assert got.fields == [*KEYS, *(["MET_pt"] if "MET_pt" in columns else []), "nJet", "Jet_pt"]
-    for name, values in ref.items():
-        assert ak.to_list(got[name]) == values, name
+    expected = [*KEYS, *(["MET_pt"] if "MET_pt" in columns else [])]
+    expected += ["nJet", "Jet_pt"] if "Jet_pt" in columns else []
+    assert got.fields == expected + (["score"] if with_friend else [])
+    for name in expected:
+        assert ak.to_list(got[name]) == ref[name], name
+    if with_friend:  # the friend's score of each event is its event number % 97
+        assert ak.to_list(got.score) == [float(e % 97) for e in ref["event"]]
 
 
 def test_a_rewritten_file_is_planned_from_the_file_again(shared_data: Path, tmp_path: Path) -> None:
