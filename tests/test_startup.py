@@ -585,7 +585,8 @@ def test_a_rewritten_file_is_planned_from_the_file_again(shared_data: Path, tmp_
         )
         versions.append(made)
     old, new = versions
-    assert old.stat().st_size == new.stat().st_size and read_uuid(old) != read_uuid(new)
+    assert old.stat().st_size == new.stat().st_size
+    assert read_uuid(old) != read_uuid(new)
     path = tmp_path / "data" / "ev.root"
     path.parent.mkdir()
     shutil.copyfile(old, path)
@@ -758,7 +759,9 @@ def test_an_unreadable_branch_is_named_from_cached_metadata(
         make_plan(req, cache=store)
     assert opens.opened == []
     assert str(cached_err.value) == str(direct_err.value)
-    assert "'weird'" in str(cached_err.value) and "TLeafX" in str(cached_err.value)
+    assert "'weird'" in str(cached_err.value)
+    assert "TLeafX" in str(cached_err.value)
     ok = make_plan(load_request({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y"]}),
                    cache=store)
-    assert opens.opened == [] and ok.dataset.entries == n
+    assert opens.opened == []
+    assert ok.dataset.entries == n

@@ -24,6 +24,7 @@ The module imports neither uproot nor pyarrow nor numpy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -168,10 +169,8 @@ def _put(cache: ColumnCache, key: str, data: Any) -> None:
     """Store ``data`` as JSON under ``key`` (best effort: a failed write is no error)."""
     if cache.read_only:
         return
-    try:
+    with contextlib.suppress(CacheError):
         cache.put_bytes(key, json.dumps(data, separators=(",", ":")).encode())
-    except CacheError:
-        pass
 
 
 def _schema_key(columns: dict[str, str]) -> str:

@@ -390,7 +390,7 @@ def check_readable(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> N
             raise UnreadableBranchError(unreadable_message(spec, name, file.path, found))
 
 
-def _unreadable(branch: Any, unknown: type) -> dict[str, Any] | None:
+def _unreadable(branch: Any, unknown: Any) -> dict[str, Any] | None:
     """What uproot says of a branch it cannot read as an array; ``None`` when it can."""
     interpretation = branch.interpretation
     if not isinstance(interpretation, unknown):
@@ -435,7 +435,7 @@ def branch_facts(
     for name in names:
         try:
             unreadable = _unreadable(tree[name], unknown) if isinstance(tree, uproot.TTree) else None
-        except Exception:  # noqa: BLE001 - left to the caller, which names it
+        except Exception:  # noqa: BLE001, S112 - left to the caller, which names it
             continue
         try:
             kind: str | None = column_types(file, spec, [name])[name]
