@@ -67,15 +67,22 @@ def current_stamp(path: str, fmt: str, spec: DatasetSpec) -> dict[str, Any] | No
     or Parquet footer digest. A ROOT file on remote storage: size, ETag /
     Last-Modified / mtime as storage reports them (one metadata request) and
     the header's UUID (one ranged read of 70 bytes). A remote Parquet file,
-    a storage that does not answer, or a file that is not what its format
-    says has none.
+    a failed metadata request, or a file that is not what its format says
+    has none.
+
+    Raises:
+        SourceTimeoutError: remote storage did not answer within the dataset's timeout.
+        SourceConnectionError: remote storage refused the connection.
     """
     if is_url(path):
         if fmt != "root":
             return None
         from columnhub.sources._identity import remote_header_uuid, remote_stamp
 
-        stamp = remote_stamp(path, timeout=spec.timeout)
+        # storage that does not answer fails the request here, as opening the file would
+        # (a second wait of the dataset's timeout would only delay the same error)
+        where = f"dataset {spec.name!r}: storage for {path}"
+        stamp = remote_stamp(path, timeout=spec.timeout, what=where)
         if "size" not in stamp:
             return None
         uuid = remote_header_uuid(path, timeout=spec.timeout)
