@@ -765,3 +765,37 @@ def test_an_unreadable_branch_is_named_from_cached_metadata(
                    cache=store)
     assert opens.opened == []
     assert ok.dataset.entries == n
+
+
+def test_a_computed_counter_is_planned_from_cached_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file without NanoAOD counters: whether a branch holds lists is stored too."""
+    from columnhub.sources import root
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 5, 40)
+    jets = {n: ak.unflatten(rng.normal(size=int(counts.sum())).astype(np.float32), counts)
+            for n in ("Jet_pt", "Jet_eta")}
+    path = tmp_path / "nocounters.root"
+    with uproot.recreate(path) as file:
+        file["Events"] = {"run": np.ones(40, np.uint32), "luminosityBlock": np.ones(40, np.uint32),
+                          "event": np.arange(40, dtype=np.uint64), "MET_pt": np.arange(40.0), **jets}
+    with uproot.open(path) as file:
+        assert "nJet" not in file["Events"].keys()  # uproot names its counters nJet_pt, nJet_eta
+    req = load_request({"dataset": {"name": "d", "files": [str(path)]},
+                        "columns": ["Jet_pt", "Jet_eta", "MET_pt"], "chunk_size": 16})
+    store = ColumnCache(tmp_path / "cache")
+    root.forget_files()
+    from_files = make_plan(req)
+    root.forget_files()
+    make_plan(req, cache=store)
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    from_cache = make_plan(req, cache=store)
+    assert opens.opened == []
+    assert from_cache.columns["nJet"].source == {"counts": "Jet_pt"}  # computed from the lists
+    assert _plan_facts(from_cache) == _plan_facts(from_files)
+    got = columnhub.deliver(req, output=tmp_path / "out", cache=store).to_awkward()
+    assert ak.to_list(got.nJet) == counts.tolist()
+    assert ak.to_list(got.Jet_eta) == ak.to_list(jets["Jet_eta"])
