@@ -782,7 +782,7 @@ def test_a_computed_counter_is_planned_from_cached_metadata(
         file["Events"] = {"run": np.ones(40, np.uint32), "luminosityBlock": np.ones(40, np.uint32),
                           "event": np.arange(40, dtype=np.uint64), "MET_pt": np.arange(40.0), **jets}
     with uproot.open(path) as file:
-        assert "nJet" not in file["Events"].keys()  # uproot names its counters nJet_pt, nJet_eta
+        assert "nJet" not in file["Events"]  # uproot names its counters nJet_pt, nJet_eta
     req = load_request({"dataset": {"name": "d", "files": [str(path)]},
                         "columns": ["Jet_pt", "Jet_eta", "MET_pt"], "chunk_size": 16})
     store = ColumnCache(tmp_path / "cache")
