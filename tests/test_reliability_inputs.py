@@ -351,9 +351,10 @@ def test_delivery_never_serves_an_entry_copied_over_another_key(
                "chunk_size": CHUNK, "output": {"target_part_bytes": 1}}
     columnhub.deliver(request, output=tmp_path / "o1", workers=2, cache=cache, progress=False)
     entries = sorted((tmp_path / "cache" / "objects").glob("*/*"))
-    # one per column chunk, the record of the whole result and the fast path's
-    # record of the request (columnhub._fastpath)
-    assert len(entries) == len(KEYS + columns) * (EVENTS // CHUNK) + 2
+    # one per column chunk, the record of the whole result, the fast path's
+    # record of the request (columnhub._fastpath), and the input file's planning
+    # metadata with its column list (columnhub.sources._metadata)
+    assert len(entries) == len(KEYS + columns) * (EVENTS // CHUNK) + 4
     # a column chunk (kind 1 in the entry's prefix), not the result record (kind 2)
     donor = next(e for e in entries if e.read_bytes()[10:12] == b"\x01\x00")
     for entry in entries:
@@ -424,8 +425,9 @@ def test_tiny_chunks_are_coarsened_and_said_so(
     for name in KEYS + ["MET_pt"]:
         assert np.array_equal(ak.to_numpy(got[name]), ref[name]), name
     entries = list((tmp_path / "cache" / "objects").glob("*/*"))
-    # + the result record and the fast path's record of the request
-    assert len(entries) == len(KEYS + ["MET_pt"]) * MAX_BASKET_SPLIT + 2
+    # + the result record, the fast path's record of the request, and the file's
+    # planning metadata with its column list
+    assert len(entries) == len(KEYS + ["MET_pt"]) * MAX_BASKET_SPLIT + 4
 
 
 def test_open_trees_are_bounded_by_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

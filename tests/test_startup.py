@@ -506,3 +506,303 @@ def test_what_the_request_hash_leaves_out_is_not_the_same_delivery(
     assert moved.directory == tmp_path / "elsewhere"
     assert moved.manifest["cache"]["reused_result"] == str((tmp_path / "ab").resolve())
     assert moved.to_awkward().MET_pt.tolist() == ref
+
+
+# ---------------------------------------------------------------------------
+# every column chunk cached: planned from the cached file metadata, no uproot, no numba
+
+
+def direct(primary: Path, where: Any, columns: list[str]) -> dict[str, list[Any]]:
+    """The rows a request delivers, from a direct uproot read of ``primary``."""
+    ref = uproot.open(primary)["Events"].arrays(list(dict.fromkeys([*KEYS, *columns, "nJet", "MET_pt"])))
+    keep = where(ref)
+    return {name: ak.to_list(ref[name][keep]) for name in [*KEYS, *columns]}
+
+
+#: the second request of each case, after a first one with MET_pt, Jet_pt and a keyed
+#: friend's score under (nJet >= 2) & (MET_pt > 15): (its changes, its selection as a
+#: direct read computes it, whether it joins the friend)
+CHUNK_HITS = {
+    "subset of the columns": (
+        {"columns": ["Jet_pt"]},
+        lambda ev: (ev.nJet >= 2) & (ev.MET_pt > 15),
+        False,
+    ),
+    "another where": (
+        {"where": "(nJet >= 3) | (MET_pt < 20)"},
+        lambda ev: (ev.nJet >= 3) | (ev.MET_pt < 20),
+        True,
+    ),
+    "the friend's column with another primary column subset": (
+        {"columns": ["MET_pt"]},
+        lambda ev: (ev.nJet >= 2) & (ev.MET_pt > 15),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_HITS))
+def test_every_column_chunk_cached_imports_neither_numba_nor_uproot(
+    primary: Path, friend_file: Path, tmp_path: Path, case: str
+) -> None:
+    """A request whose columns an earlier, different request cached plans without opening a file."""
+    cache = str(tmp_path / "cache")
+    first_spec = tmp_path / "first.json"
+    first_spec.write_text(json.dumps(spec_dict(primary, friend_file)))
+    first, imported = run_cli("deliver", str(first_spec), "-o", str(tmp_path / "a"), "--cache", cache)
+    assert first.returncode == 0, first.stderr
+    assert "uproot" in imported  # the first one plans from the file and reads it
+
+    change, where, with_friend = CHUNK_HITS[case]
+    spec = tmp_path / "second.json"
+    spec.write_text(json.dumps(spec_dict(primary, friend_file if with_friend else None, **change)))
+    done, imported = run_cli("deliver", str(spec), "-o", str(tmp_path / "b"), "--cache", cache)
+    assert done.returncode == 0, done.stderr
+    assert "whole result reused" not in done.stdout  # another request: built from column chunks
+    assert "uproot" not in imported
+    assert "numba" not in imported
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert all(c["read"] == [] for c in manifest["chunks"])  # no branch read from the file
+    if "where" in change:  # only the new selection's mask is computed, from cached columns
+        assert manifest["cache"]["misses"] == len(manifest["chunks"])
+    else:
+        assert manifest["cache"]["misses"] == 0  # the selection too was cached
+    columns = change.get("columns", ["MET_pt", "Jet_pt"])
+    got = columnhub.Result.open(tmp_path / "b").to_awkward()
+    ref = direct(primary, where, ["nJet", *columns])
+    expected = [*KEYS, *(["MET_pt"] if "MET_pt" in columns else [])]
+    expected += ["nJet", "Jet_pt"] if "Jet_pt" in columns else []
+    assert got.fields == expected + (["score"] if with_friend else [])
+    for name in expected:
+        assert ak.to_list(got[name]) == ref[name], name
+    if with_friend:  # the friend's score of each event is its event number % 97
+        assert ak.to_list(got.score) == [float(e % 97) for e in ref["event"]]
+
+
+def test_a_rewritten_file_is_planned_from_the_file_again(shared_data: Path, tmp_path: Path) -> None:
+    """Same path, inode, size and modification time, other contents and ROOT UUID: never
+    planned from the metadata stored for the file it replaced (whose columns it would serve)."""
+    from columnhub.synth import synthesize
+
+    versions = []
+    for seed in (1, 2):  # uncompressed flat branches: the same size for any seed
+        (made,) = synthesize(
+            shared_data / "nano_tt_v12.root", events=600, output=tmp_path / f"v{seed}.root",
+            seed=seed, branches=["MET_*"], compression="none", basket_events=200,
+        )
+        versions.append(made)
+    old, new = versions
+    assert old.stat().st_size == new.stat().st_size
+    assert read_uuid(old) != read_uuid(new)
+    path = tmp_path / "data" / "ev.root"
+    path.parent.mkdir()
+    shutil.copyfile(old, path)
+    cache = str(tmp_path / "cache")
+    request = {"dataset": {"name": "ev", "files": [str(path)]}, "columns": ["MET_pt"],
+               "chunk_size": 200}
+    spec = tmp_path / "a.json"
+    spec.write_text(json.dumps(request))
+    first, _ = run_cli("deliver", str(spec), "-o", str(tmp_path / "a"), "--cache", cache)
+    assert first.returncode == 0, first.stderr
+
+    _same_size_rewrite(path, lambda data: data.__setitem__(slice(None), new.read_bytes()))
+    assert read_uuid(path) == read_uuid(new)
+    # another request over the cached column: planned from the file, read from the file
+    spec = tmp_path / "b.json"
+    spec.write_text(json.dumps({**request, "columns": ["MET_pt", "MET_phi"]}))
+    done, imported = run_cli("deliver", str(spec), "-o", str(tmp_path / "b"), "--cache", cache)
+    assert done.returncode == 0, done.stderr
+    assert "uproot" in imported
+    result = columnhub.Result.open(tmp_path / "b")
+    assert [f["uuid"] for f in result.manifest["inputs"]] == [read_uuid(new)]
+    assert result.manifest["cache"]["hits"] == 0
+    got = result.to_awkward()
+    ref = uproot.open(new)["Events"].arrays([*KEYS, "MET_pt", "MET_phi"])
+    stale = uproot.open(old)["Events"]["MET_pt"].array()
+    assert ak.to_list(ref.MET_pt) != ak.to_list(stale)  # the test can tell them apart
+    for name in [*KEYS, "MET_pt", "MET_phi"]:
+        assert ak.to_list(got[name]) == ak.to_list(ref[name]), name
+
+
+def _plan_facts(plan: Any) -> dict[str, Any]:
+    """What of a plan could come from file metadata, in comparable form."""
+    return {
+        "files": [*plan.dataset.files, *(f for fr in plan.friends for f in fr.dataset.files)],
+        "checks": [f.check for f in plan.dataset.files],
+        "columns": plan.dataset.columns,
+        "absent": plan.dataset.absent,
+        "chunks": plan.chunks,
+        "parts": plan.parts,
+        "bytes_per_event": plan.bytes_per_event,
+        "outputs": plan.outputs,
+        "collections": plan.collections,
+        "definitions": {n: (c.kind, c.deps, c.fingerprint) for n, c in plan.columns.items()},
+        "result_key": _result_key(plan),
+    }
+
+
+class _CountingOpens:
+    """Counts the ROOT files opened with uproot (a wrapper of the real ``open_tree``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from columnhub.sources import root
+
+        self.opened: list[str] = []
+        real = root.open_tree
+
+        def counting(path: str, spec: Any) -> Any:
+            self.opened.append(path)
+            return real(path, spec)
+
+        monkeypatch.setattr(root, "open_tree", counting)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    columns=st.lists(st.sampled_from(COLUMNS), min_size=1, max_size=4, unique=True),
+    where=st.sampled_from(WHERES),
+    chunk=st.sampled_from([50, 64, 1000]),
+    compression=st.sampled_from(["zstd", "none"]),
+    with_friend=st.booleans(),
+)
+def test_a_plan_from_cached_metadata_is_the_plan_from_the_files(
+    primary: Path,
+    friend_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    columns: list[str],
+    where: str | None,
+    chunk: int,
+    compression: str,
+    with_friend: bool,
+) -> None:
+    from columnhub.sources import root
+
+    second = tmp_path_factory.mktemp("other") / "tt2.root"  # a second file of the dataset
+    shutil.copyfile(primary, second)
+    data = spec_dict(primary, friend_file if with_friend else None, where=where, chunk_size=chunk)
+    data["dataset"]["files"] = [str(primary), str(second)]
+    data["columns"] = [*columns, *(["score"] if with_friend else [])]
+    data["output"] = {"compression": compression}
+    req = load_request(data)
+    store = ColumnCache(tmp_path_factory.mktemp("cache"))
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    from_files = make_plan(req)  # no cache: the files themselves
+    assert opens.opened  # really read from the files
+    root.forget_files()
+    storing = make_plan(req, cache=store)  # reads the files and stores what it read
+    root.forget_files()
+    opens.opened.clear()
+    from_cache = make_plan(req, cache=store)
+    assert opens.opened == []  # planned without opening a file
+    assert _plan_facts(from_cache) == _plan_facts(storing) == _plan_facts(from_files)
+
+
+def test_a_remote_file_is_planned_from_cached_metadata_until_it_changes(
+    primary: Path, shared_data: Path, tmp_path: Path, http_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTP: the stamp is what storage says (size, ETag / Last-Modified) and the UUID
+    read with one ranged request; the file itself is opened only when that changes."""
+    from columnhub.sources import root
+
+    name = f"remote-{uuid.uuid4().hex}.root"
+    url = http_server.put(primary, name=name)
+    req = load_request({"dataset": {"name": "r", "files": [url]}, "columns": ["MET_pt", "Jet_pt"],
+                        "where": "nJet >= 2", "chunk_size": 64})
+    store = ColumnCache(tmp_path / "cache")
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    first = make_plan(req, cache=store)
+    assert opens.opened == [url]
+    root.forget_files()
+    opens.opened.clear()
+    again = make_plan(req, cache=store)
+    assert opens.opened == []
+    assert _plan_facts(again) == _plan_facts(first)
+
+    http_server.put(shared_data / "nano_dy.root", name=name)  # another file at the same URL
+    root.forget_files()
+    changed = make_plan(req, cache=store)
+    assert opens.opened == [url]
+    assert [f.identity_dict["uuid"] for f in changed.dataset.files] == [
+        read_uuid(shared_data / "nano_dy.root")
+    ]
+    assert changed.dataset.entries == uproot.open(shared_data / "nano_dy.root")["Events"].num_entries
+    result = columnhub.deliver(req, output=tmp_path / "out", cache=store)
+    got = result.to_awkward()
+    ref = uproot.open(shared_data / "nano_dy.root")["Events"].arrays(["MET_pt", "nJet"])
+    assert ak.to_list(got.MET_pt) == ak.to_list(ref.MET_pt[ref.nJet >= 2])
+
+
+def test_an_unreadable_branch_is_named_from_cached_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What uproot said of a branch it cannot read is stored too: the same error, file unopened."""
+    from columnhub.errors import UnreadableBranchError
+    from columnhub.sources import root
+
+    n = 7
+    good = tmp_path / "good.root"
+    with uproot.recreate(good, compression=None) as file:
+        file.mktree("Events", {"run": np.uint32, "luminosityBlock": np.uint32,
+                               "event": np.uint64, "weird": np.float64, "y": np.float32})
+        file["Events"].extend({"run": np.ones(n, np.uint32), "luminosityBlock": np.ones(n, np.uint32),
+                               "event": np.arange(n, dtype=np.uint64), "weird": np.arange(n) * 1.5,
+                               "y": np.arange(n, dtype=np.float32)})
+    bad = tmp_path / "bad.root"
+    bad.write_bytes(good.read_bytes().replace(b"TLeafD", b"TLeafX"))  # a leaf class uproot lacks
+    req = load_request({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y", "weird"]})
+    store = ColumnCache(tmp_path / "cache")
+    with pytest.raises(UnreadableBranchError) as direct_err:
+        make_plan(req)  # no cache: from the file
+    root.forget_files()
+    with pytest.raises(UnreadableBranchError):
+        make_plan(req, cache=store)  # from the file, stored
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    with pytest.raises(UnreadableBranchError) as cached_err:
+        make_plan(req, cache=store)
+    assert opens.opened == []
+    assert str(cached_err.value) == str(direct_err.value)
+    assert "'weird'" in str(cached_err.value)
+    assert "TLeafX" in str(cached_err.value)
+    ok = make_plan(load_request({"dataset": {"name": "d", "files": [str(bad)]}, "columns": ["y"]}),
+                   cache=store)
+    assert opens.opened == []
+    assert ok.dataset.entries == n
+
+
+def test_a_computed_counter_is_planned_from_cached_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file without NanoAOD counters: whether a branch holds lists is stored too."""
+    from columnhub.sources import root
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 5, 40)
+    jets = {n: ak.unflatten(rng.normal(size=int(counts.sum())).astype(np.float32), counts)
+            for n in ("Jet_pt", "Jet_eta")}
+    path = tmp_path / "nocounters.root"
+    with uproot.recreate(path) as file:
+        file["Events"] = {"run": np.ones(40, np.uint32), "luminosityBlock": np.ones(40, np.uint32),
+                          "event": np.arange(40, dtype=np.uint64), "MET_pt": np.arange(40.0), **jets}
+    with uproot.open(path) as file:
+        assert "nJet" not in file["Events"]  # uproot names its counters nJet_pt, nJet_eta
+    req = load_request({"dataset": {"name": "d", "files": [str(path)]},
+                        "columns": ["Jet_pt", "Jet_eta", "MET_pt"], "chunk_size": 16})
+    store = ColumnCache(tmp_path / "cache")
+    root.forget_files()
+    from_files = make_plan(req)
+    root.forget_files()
+    make_plan(req, cache=store)
+    opens = _CountingOpens(monkeypatch)
+    root.forget_files()
+    from_cache = make_plan(req, cache=store)
+    assert opens.opened == []
+    assert from_cache.columns["nJet"].source == {"counts": "Jet_pt"}  # computed from the lists
+    assert _plan_facts(from_cache) == _plan_facts(from_files)
+    got = columnhub.deliver(req, output=tmp_path / "out", cache=store).to_awkward()
+    assert ak.to_list(got.nJet) == counts.tolist()
+    assert ak.to_list(got.Jet_eta) == ak.to_list(jets["Jet_eta"])

@@ -22,6 +22,7 @@ from columnhub.errors import ColumnNotFoundError, DatasetError, DatasetFileNotFo
 if TYPE_CHECKING:  # numpy and the pydantic models load when used: see columnhub/_fastpath.py
     import numpy as np
 
+    from columnhub.cache import ColumnCache
     from columnhub.spec import DatasetSpec
 
 __all__ = ["FileInfo", "ResolvedDataset", "is_url", "resolve"]
@@ -139,8 +140,12 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def resolve(spec: DatasetSpec) -> ResolvedDataset:
-    """Find a dataset's files and read their metadata (in parallel, metadata only)."""
+def resolve(spec: DatasetSpec, *, cache: ColumnCache | None = None) -> ResolvedDataset:
+    """Find a dataset's files and read their metadata (in parallel, metadata only).
+
+    With a ``cache``, the metadata of files seen before comes from it
+    (``columnhub.sources.describe``).
+    """
     paths = _expand(spec)
     from columnhub.sources import describe
 
@@ -148,10 +153,12 @@ def resolve(spec: DatasetSpec) -> ResolvedDataset:
 
     workers = min(threads(), len(paths))
     if workers <= 1:
-        described = [describe(p, fmt, spec) for p, fmt in paths]
+        described = [describe(p, fmt, spec, cache=cache) for p, fmt in paths]
     else:
         with ThreadPoolExecutor(workers) as pool:
-            described = list(pool.map(lambda pf: describe(pf[0], pf[1], spec), paths))
+            described = list(
+                pool.map(lambda pf: describe(pf[0], pf[1], spec, cache=cache), paths)
+            )
     files = tuple(info for info, _ in described)
     first = described[0][1]
     absent: dict[str, list[str]] = {}

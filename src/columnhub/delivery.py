@@ -179,7 +179,9 @@ def deliver(
     workers = _workers(workers)
     directory = Path(req.output.directory) if req.output.directory else None
     directory = directory or default_output_directory(req)
-    plan = make_plan(req)  # user errors surface here, before anything is written
+    # user errors surface here, before anything is written; with the cache opened by
+    # _deliver_known, input files planned before are not opened (sources._metadata)
+    plan = make_plan(req, cache=fast.store if fast.opened else None)
     t_plan = time.perf_counter() - t0
     _check_not_input(directory, plan)
     store = fast.store if fast.opened else _open_cache(cache)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from columnhub.expressions import Expression, parse
 from columnhub.keys import check_key_type
 from columnhub.join.collection import collection_of, counter_of
 from columnhub.spec import FriendSpec, Request
+
+if TYPE_CHECKING:
+    from columnhub.cache import ColumnCache
 
 __all__ = [
     "MAX_BASKET_SPLIT",
@@ -296,14 +299,22 @@ def _warn_coarsened(request: Request, dataset: ResolvedDataset, chunks: list[Chu
         )
 
 
-def make_plan(request: Request) -> Plan:
-    """Resolve ``request`` into a :class:`Plan` (metadata I/O only)."""
-    dataset = resolve(request.dataset)
-    friends = tuple(_resolve_friend(request, dataset, spec) for spec in request.friends)
+def make_plan(request: Request, *, cache: ColumnCache | None = None) -> Plan:
+    """Resolve ``request`` into a :class:`Plan` (metadata I/O only).
+
+    With a ``cache``, what the plan reads of each input file (entries,
+    boundaries, columns, branch types and sizes) is kept in it, so a file
+    planned before is planned with a ``stat`` and a header read, without
+    opening it (:mod:`columnhub.sources._metadata`).
+    """
+    dataset = resolve(request.dataset, cache=cache)
+    friends = tuple(
+        _resolve_friend(request, dataset, spec, cache=cache) for spec in request.friends
+    )
     _check_defines(request, dataset)
     models = _load_models(request)
     _check_friends(request, dataset, friends, models)
-    resolver = _Resolver(request, dataset, friends, models)
+    resolver = _Resolver(request, dataset, friends, models, cache=cache)
     for name in request.dataset.keys:
         if name not in dataset.columns:
             hint = closest(name, dataset.columns)
@@ -313,7 +324,7 @@ def make_plan(request: Request) -> Plan:
                 + "; set dataset.keys to the dataset's key columns"
             )
             raise ColumnNotFoundError(msg)
-    _check_key_types(request.dataset.name, dataset, request.dataset.keys)
+    _check_key_types(request.dataset.name, dataset, request.dataset.keys, cache=cache)
     wanted = list(request.columns)
     if request.output.include_keys:
         wanted = [k for k in request.dataset.keys if k not in wanted] + wanted
@@ -336,6 +347,7 @@ def make_plan(request: Request) -> Plan:
         dataset.files[0],
         request.dataset,
         [n for n, c in resolver.done.items() if c.kind == "source"],
+        cache=cache,
     )
     chunks: list[Chunk] = []
     for i, info in enumerate(dataset.files):
@@ -343,7 +355,8 @@ def make_plan(request: Request) -> Plan:
             chunks.append(Chunk(index=len(chunks), file_index=i, start=start, stop=stop))
     _warn_coarsened(request, dataset, chunks)
     per_event = _bytes_per_event(
-        dataset, wanted, resolver.done, compressed=request.output.compression != "none"
+        dataset, wanted, resolver.done, compressed=request.output.compression != "none",
+        cache=cache,
     )
     grouped = group_parts(
         [c.entries for c in chunks],
@@ -378,6 +391,7 @@ def _bytes_per_event(
     columns: dict[str, ColumnDef],
     *,
     compressed: bool = True,
+    cache: ColumnCache | None = None,
 ) -> float:
     """Estimated output bytes per event: the size of the outputs in the first file.
 
@@ -393,7 +407,7 @@ def _bytes_per_event(
     info = dataset.files[0]
     if branches and info.entries:
         try:
-            sized = _branch_bytes(dataset, branches, compressed=compressed)
+            sized = _branch_bytes(dataset, branches, compressed=compressed, cache=cache)
         except Exception:  # noqa: BLE001 - an estimate: sizes unknown count as guesses
             sized = {}
     total = sum(sized.get(n, _GUESS_BYTES) for n in outputs)
@@ -401,7 +415,11 @@ def _bytes_per_event(
 
 
 def _branch_bytes(
-    dataset: ResolvedDataset, names: list[str], *, compressed: bool
+    dataset: ResolvedDataset,
+    names: list[str],
+    *,
+    compressed: bool,
+    cache: ColumnCache | None = None,
 ) -> dict[str, float]:
     """(Un)compressed bytes per entry of each of ``names`` in the dataset's first file."""
     info = dataset.files[0]
@@ -423,6 +441,13 @@ def _branch_bytes(
                     )
                     totals[top] = totals.get(top, 0.0) + size
         return {n: b / info.entries for n, b in totals.items()}
+    if cache is not None:
+        from columnhub.sources import branch_facts
+
+        facts = branch_facts(info, dataset.spec, names, cache=cache)
+        size = "zbytes" if compressed else "bytes"
+        if all(n in facts for n in names):  # else the tree names the problem
+            return {n: float(facts[n][size]) / info.entries for n in names}
     from columnhub.sources.root import _cached_tree
 
     tree = _cached_tree(info, dataset.spec)
@@ -498,8 +523,14 @@ def _load_models(request: Request) -> tuple[Model, ...]:
     return tuple(models)
 
 
-def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec) -> Friend:
-    dataset = resolve(spec.dataset)
+def _resolve_friend(
+    request: Request,
+    primary: ResolvedDataset,
+    spec: FriendSpec,
+    *,
+    cache: ColumnCache | None = None,
+) -> Friend:
+    dataset = resolve(spec.dataset, cache=cache)
     keys = spec.friend_keys
     if len(keys) != len(request.dataset.keys):
         msg = (
@@ -509,7 +540,7 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
         )
         raise JoinError(msg)
     dataset.require(keys, what=f"friend {spec.name!r} key column")
-    _check_key_types(spec.dataset.name, dataset, keys)
+    _check_key_types(spec.dataset.name, dataset, keys, cache=cache)
     dataset.require(spec.columns, what=f"friend {spec.name!r} column")
     if spec.match == "aligned":
         counts = [f.entries for f in dataset.files]
@@ -525,7 +556,13 @@ def _resolve_friend(request: Request, primary: ResolvedDataset, spec: FriendSpec
     return Friend(spec=spec, dataset=dataset, fingerprint=fp)
 
 
-def _check_key_types(name: str, dataset: ResolvedDataset, keys: tuple[str, ...]) -> None:
+def _check_key_types(
+    name: str,
+    dataset: ResolvedDataset,
+    keys: tuple[str, ...],
+    *,
+    cache: ColumnCache | None = None,
+) -> None:
     """Key columns of a type that cannot be a key fail here, before any data is read.
 
     From the first file's branch or Parquet types: float, boolean and jagged
@@ -535,7 +572,7 @@ def _check_key_types(name: str, dataset: ResolvedDataset, keys: tuple[str, ...])
     from columnhub.sources import column_types
 
     first = dataset.files[0]
-    for column, type_name in column_types(first, dataset.spec, keys).items():
+    for column, type_name in column_types(first, dataset.spec, keys, cache=cache).items():
         check_key_type(column, type_name, where=f"dataset {name!r} ({first.path})")
 
 
@@ -609,9 +646,12 @@ class _Resolver:
         dataset: ResolvedDataset,
         friends: tuple[Friend, ...],
         models: tuple[Model, ...] = (),
+        *,
+        cache: ColumnCache | None = None,
     ) -> None:
         self.request = request
         self.dataset = dataset
+        self.cache = cache  # file metadata kept there (sources._metadata)
         self.model_columns: dict[str, tuple[Model, str]] = {}
         for model in models:
             for output, column in model.columns.items():
@@ -655,7 +695,7 @@ class _Resolver:
                 return False  # jesup_Jet_pt with jesup_Muon_pt: not one collection
             dataset = friend.dataset
         for name, column in zip(names, columns, strict=True):
-            if _is_list_column(dataset, column):
+            if _is_list_column(dataset, column, cache=self.cache):
                 self.counters[counter] = name
                 return True
         return False
@@ -778,7 +818,9 @@ class _Resolver:
         raise ColumnNotFoundError(msg)
 
 
-def _is_list_column(dataset: ResolvedDataset, name: str) -> bool:
+def _is_list_column(
+    dataset: ResolvedDataset, name: str, *, cache: ColumnCache | None = None
+) -> bool:
     """True when column ``name`` of ``dataset`` holds a list per event (metadata only)."""
     info = dataset.files[0]
     typename = dataset.columns.get(name, "")
@@ -786,6 +828,12 @@ def _is_list_column(dataset: ResolvedDataset, name: str) -> bool:
         return typename.startswith(("list", "large_list"))
     if typename:  # an RNTuple field's C++ type
         return typename.startswith(("std::vector<", "ROOT::RVec<", "ROOT::VecOps::RVec<"))
+    if cache is not None:
+        from columnhub.sources import branch_facts
+
+        facts = branch_facts(info, dataset.spec, [name], cache=cache)
+        if name in facts:
+            return bool(facts[name]["list"])
     import awkward as ak
 
     from columnhub.sources.root import _cached_tree  # the tree describe() opened

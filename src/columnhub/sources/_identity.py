@@ -45,14 +45,21 @@ def local_stamp(path: str) -> dict[str, int]:
     }
 
 
-def remote_stamp(url: str, *, timeout: float) -> dict[str, Any]:
+def remote_stamp(url: str, *, timeout: float, what: str | None = None) -> dict[str, Any]:
     """What storage says of a URL now: size, and ETag / Last-Modified / mtime if given.
 
     One metadata request (HTTP ``HEAD``, XRootD ``stat``) through fsspec. An
-    empty dict when storage does not answer within ``timeout`` seconds.
+    empty dict when storage does not answer within ``timeout`` seconds, or
+    fails otherwise; with ``what`` (e.g. ``"dataset 'x': storage for <url>"``),
+    storage that does not answer in time, or refuses connections, raises instead.
+
+    Raises:
+        SourceTimeoutError: with ``what``: no answer within ``timeout`` seconds.
+        SourceConnectionError: with ``what``: the server refused the connection.
     """
     import fsspec
 
+    from columnhub.errors import SourceConnectionError, SourceTimeoutError
     from columnhub.sources._timeout import call_with_timeout
 
     def info() -> dict[str, Any]:
@@ -60,7 +67,13 @@ def remote_stamp(url: str, *, timeout: float) -> dict[str, Any]:
         return dict(fs.info(inner))
 
     try:
-        found = call_with_timeout(info, seconds=timeout, what=f"storage for {url}")
+        found = call_with_timeout(
+            info, seconds=timeout, what=what or f"storage for {url}", url=url if what else None
+        )
+    except (SourceTimeoutError, SourceConnectionError):
+        if what is not None:
+            raise
+        return {}
     except Exception:  # noqa: BLE001 - no stamp: nothing to compare
         return {}
     out: dict[str, Any] = {}

@@ -1,6 +1,9 @@
 """ROOT source: TTree (and RNTuple where uproot reads it) through uproot.
 
 Local files, ``root://`` (XRootD, through fsspec-xrootd) and ``https://``.
+uproot is imported by the functions that open or read a file, not with the
+module: a request served from the cache (its plan from cached file metadata,
+its columns from cached chunks) uses :func:`read_executor` and never imports it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import awkward as ak
-import uproot
 
 from columnhub._extras import missing_dependency
 from columnhub.datasets import FileInfo, is_url
@@ -29,14 +31,17 @@ from columnhub.errors import (
     closest,
 )
 from columnhub.sources._errors import classify
+from columnhub.sources._metadata import unreadable_message
 from columnhub.sources._timeout import call_with_timeout
 from columnhub.spec import DatasetSpec
 
 __all__ = [
+    "branch_facts",
     "check_readable",
     "column_types",
     "describe",
     "forget_files",
+    "is_list",
     "open_tree",
     "read",
     "read_executor",
@@ -187,6 +192,8 @@ def open_tree(path: str, spec: DatasetSpec) -> Any:
 
 
 def _open_tree(path: str, spec: DatasetSpec) -> Any:
+    import uproot
+
     # whole seconds: the XRootD client (through fsspec-xrootd) accepts only an int
     options: dict[str, Any] = {"timeout": max(1, math.ceil(spec.timeout))} if is_url(path) else {}
     try:
@@ -300,6 +307,8 @@ def _check_of(path: str, identity: dict[str, Any], spec: DatasetSpec) -> dict[st
 
 
 def _describe(path: str, spec: DatasetSpec) -> tuple[FileInfo, dict[str, str]]:
+    import uproot
+
     tree = open_tree(path, spec)
     try:
         entries = int(tree.num_entries)
@@ -345,6 +354,8 @@ def column_types(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> dic
     A numpy name for one number per entry (``uint32``, ``float32``, ``bool``),
     else the branch's C++ type (``int32_t[]``).
     """
+    import uproot
+
     tree = _cached_tree(file, spec)
     out: dict[str, str] = {}
     for name in names:
@@ -366,28 +377,94 @@ _CXX_NUMBERS = {"float": "float32", "double": "float64", "bool": "bool"}
 
 def check_readable(file: FileInfo, spec: DatasetSpec, names: Sequence[str]) -> None:
     """Raise :class:`UnreadableBranchError` for the first of ``names`` uproot cannot interpret."""
+    import uproot
+
     tree = _cached_tree(file, spec)
     if not isinstance(tree, uproot.TTree):
         return
     unknown = uproot.interpretation.identify.UnknownInterpretation
     for name in names:
         branch = tree[name]
-        interpretation = branch.interpretation
-        if isinstance(interpretation, unknown):
-            msg = (
-                f"dataset {spec.name!r}: branch {name!r} of {file.path} has a type uproot cannot "
-                f"read as an array (type {branch.typename!r}, leaf class "
-                f"{', '.join(leaf.classname for leaf in branch.member('fLeaves')) or 'none'}: "
-                f"{interpretation.reason}); leave it out "
-                "of the request (and out of define/where), or convert it to a plain numeric branch"
-            )
-            raise UnreadableBranchError(msg)
+        found = _unreadable(branch, unknown)
+        if found is not None:
+            raise UnreadableBranchError(unreadable_message(spec, name, file.path, found))
+
+
+def _unreadable(branch: Any, unknown: Any) -> dict[str, Any] | None:
+    """What uproot says of a branch it cannot read as an array; ``None`` when it can."""
+    interpretation = branch.interpretation
+    if not isinstance(interpretation, unknown):
+        return None
+    return {
+        "typename": str(branch.typename),
+        "leaves": [str(leaf.classname) for leaf in branch.member("fLeaves")],
+        "reason": str(interpretation.reason),
+    }
+
+
+def is_list(file: FileInfo, spec: DatasetSpec, name: str) -> bool:
+    """True when branch ``name`` holds a list per event (its awkward form; metadata only).
+
+    A branch whose type cannot be read counts as no list.
+    """
+    tree = _cached_tree(file, spec)
+    try:
+        form = tree[name].interpretation.awkward_form(tree.file)
+    except Exception:  # noqa: BLE001 - an unreadable type counts as no list
+        return False
+    options = ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm
+    while isinstance(form, options):
+        form = form.content
+    return isinstance(form, ak.forms.ListOffsetForm | ak.forms.ListForm)
+
+
+def branch_facts(
+    file: FileInfo, spec: DatasetSpec, names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """What planning asks of each of ``names`` (see ``_metadata.branch_facts``), from the tree.
+
+    A name whose readability cannot be read, or the type of a readable one,
+    is left out (asked again, the file names the problem); an unreadable
+    branch has no ``type``.
+    """
+    import uproot
+
+    tree = _cached_tree(file, spec)
+    unknown = uproot.interpretation.identify.UnknownInterpretation
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            unreadable = _unreadable(tree[name], unknown) if isinstance(tree, uproot.TTree) else None
+        except Exception:  # noqa: BLE001, S112 - left to the caller, which names it
+            continue
+        try:
+            kind: str | None = column_types(file, spec, [name])[name]
+        except Exception:  # noqa: BLE001 - left to the caller, which names it
+            if unreadable is None:
+                continue
+            kind = None  # what is stored is that uproot cannot read it
+        sizes: list[int | None] = []
+        for attribute in ("compressed_bytes", "uncompressed_bytes"):
+            try:
+                sizes.append(int(getattr(tree[name], attribute)))
+            except Exception:  # noqa: BLE001 - unknown: the plan guesses
+                sizes.append(None)
+        out[name] = {
+            "type": kind,
+            "unreadable": unreadable,
+            "list": is_list(file, spec, name),
+            "zbytes": sizes[0],
+            "bytes": sizes[1],
+        }
+    return out
 
 
 def read(
     file: FileInfo, spec: DatasetSpec, columns: Sequence[str], *, start: int, stop: int
 ) -> dict[str, ak.Array]:
     """Columns ``columns`` of entries ``[start, stop)`` of one ROOT file."""
+    import uproot
+
     if not columns:
         return {}
     tree = _cached_tree(file, spec)
