@@ -46,9 +46,12 @@ def test_float_leaves_are_byte_stream_split(shared_data: Path, tmp_path: Path) -
     for path in ("MET_pt", "Jet_pt.list.element", "Jet_eta.list.element", "Muon_pt.list.element"):
         assert "BYTE_STREAM_SPLIT" in got[path], path
         assert "RLE_DICTIONARY" not in got[path], path
-    for path in ("run", "luminosityBlock", "event", "nJet"):  # integers: dictionary, as before
+    for path in ("run", "luminosityBlock", "nJet"):  # narrow integers: dictionary, as before
         assert "BYTE_STREAM_SPLIT" not in got[path], path
         assert "RLE_DICTIONARY" in got[path], path
+    # 64-bit event numbers (unique, nearly sorted): deltas, never a dictionary
+    assert "DELTA_BINARY_PACKED" in got["event"]
+    assert "RLE_DICTIONARY" not in got["event"]
 
     # every reader in the package, and common outside ones, read it back unchanged
     tree = uproot.open(shared_data / "nano_tt_v12.root")["Events"]
