@@ -147,9 +147,8 @@ def resolve(spec: DatasetSpec, *, cache: ColumnCache | None = None) -> ResolvedD
     (``columnhub.sources.describe``).
     """
     paths = _expand(spec)
-    from columnhub.sources import describe
-
     from columnhub._concurrency import threads
+    from columnhub.sources import describe
 
     workers = min(threads(), len(paths))
     if workers <= 1:

@@ -21,8 +21,8 @@ from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.datasets import ResolvedDataset, resolve
 from columnhub.errors import ColumnNotFoundError, JoinError, KeyMismatchError, SpecError, closest
 from columnhub.expressions import Expression, parse
-from columnhub.keys import check_key_type
 from columnhub.join.collection import collection_of, counter_of
+from columnhub.keys import check_key_type
 from columnhub.spec import FriendSpec, Request
 
 if TYPE_CHECKING:
@@ -834,16 +834,6 @@ def _is_list_column(
         facts = branch_facts(info, dataset.spec, [name], cache=cache)
         if name in facts:
             return bool(facts[name]["list"])
-    import awkward as ak
+    from columnhub.sources.root import is_list
 
-    from columnhub.sources.root import _cached_tree  # the tree describe() opened
-
-    tree = _cached_tree(info, dataset.spec)
-    try:
-        form = tree[name].interpretation.awkward_form(tree.file)
-    except Exception:  # noqa: BLE001 - an unreadable type counts as no list
-        return False
-    options = ak.forms.IndexedOptionForm | ak.forms.ByteMaskedForm | ak.forms.UnmaskedForm
-    while isinstance(form, options):
-        form = form.content
-    return isinstance(form, ak.forms.ListOffsetForm | ak.forms.ListForm)
+    return is_list(info, dataset.spec, name)

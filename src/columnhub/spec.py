@@ -70,7 +70,7 @@ _Yaml12Loader.add_implicit_resolver(
 
 def _load_yaml(text: str) -> Any:
     """YAML (or JSON) text as plain data, with YAML 1.2 booleans (see :class:`_Yaml12Loader`)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class _Frozen(BaseModel):
@@ -746,10 +746,7 @@ def load_request(
             "or JSON spec, and name data files under dataset: files:"
         )
         raise SpecError(msg) from None
-    if path.suffix == ".json":
-        data = _parse_json(text)
-    else:
-        data = _parse_yaml(text)
+    data = _parse_json(text) if path.suffix == ".json" else _parse_yaml(text)
     return _from_data(rebase_paths(data, path.resolve().parent))
 
 
@@ -864,7 +861,7 @@ def default_dataset_name(files: list[str]) -> str:
         name = path.rsplit("/", 1)[-1]
         stem = name.split(".", 1)[0] if "." in name else name
         stems.append(re.split(r"[*?\[]", stem, maxsplit=1)[0])
-    name = os.path.commonprefix(stems).rstrip("_-. ")
+    name = os.path.commonprefix(stems).rstrip("_-. ")  # noqa: RUF071 - a name prefix, not a path
     if name:
         return name
     parents = {p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}

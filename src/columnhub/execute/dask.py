@@ -30,7 +30,16 @@ if TYPE_CHECKING:
     from columnhub.execute.part import PartMeta
     from columnhub.plan import Part, Plan
 
-__all__ = ["SCHEDULER_ENV", "Executor", "RunParts", "Tasks", "executor_for", "run_parts"]
+__all__ = [
+    "SCHEDULER_ENV",
+    "Executor",
+    "RunParts",
+    "Tasks",
+    "connect",
+    "executor_for",
+    "local_cluster",
+    "run_parts",
+]
 
 #: the scheduler address used when ``deliver`` is given none (Dask's own name)
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -150,20 +159,37 @@ def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
         )
         raise SpecError(msg)
     if scheduler == "local":
-        cluster = distributed.LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # a free port: never a clash over 8787 (a warning)
-        )
+        cluster = local_cluster(workers)
         try:
             with distributed.Client(cluster) as client:
                 yield client
         finally:
             cluster.close()
         return
+    with connect(scheduler) as client:
+        yield client
+
+
+def local_cluster(workers: int) -> Any:
+    """A ``LocalCluster`` of ``workers`` single-threaded worker processes.
+
+    Its dashboard takes a free port: never a clash over 8787 (a warning, an
+    error under ``-W error``) with another cluster on the machine.
+    """
+    return _distributed().LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
+
+
+def connect(scheduler: str) -> Any:
+    """A ``distributed.Client`` of the scheduler at address ``scheduler``.
+
+    Raises:
+        SpecError: no scheduler answers there within ``$COLUMNHUB_SCHEDULER_TIMEOUT``
+            (default 30s; the message names the address and the fixes).
+    """
     try:
-        client = distributed.Client(scheduler, timeout=_connect_timeout())
+        return _distributed().Client(scheduler, timeout=_connect_timeout())
     except (OSError, TimeoutError, ValueError) as err:
         msg = (
             f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
@@ -171,8 +197,6 @@ def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
             "use --scheduler local"
         )
         raise SpecError(msg) from err
-    with client:
-        yield client
 
 
 def run_parts(

@@ -130,7 +130,8 @@ def run_part(
                     inference = metrics
                 else:
                     inference.merge(metrics)
-        assert writer is not None and schema is not None  # a part has a chunk or is the tail
+        assert writer is not None  # a part has a chunk or is the tail
+        assert schema is not None
         info = _close(writer)
     except BaseException:
         if writer is not None:

@@ -52,6 +52,7 @@ outer joins (the tail, read once after the chunks) stay on the per-chunk path.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -150,7 +151,7 @@ def blocks(boundaries: Sequence[Sequence[int]], target: int) -> list[Block]:
     for f, edges in enumerate(boundaries):
         edges = [int(e) for e in edges]
         start = edges[0]
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        for lo, hi in itertools.pairwise(edges):
             if hi - start > target and lo > start:
                 out.append(Block(f, start, lo))
                 start = lo

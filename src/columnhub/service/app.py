@@ -538,13 +538,10 @@ class _Services:
 
         config = self.config
         if config.scheduler == "local":
-            distributed = require("distributed", what="scheduler: local")
-            self.cluster = distributed.LocalCluster(
-                n_workers=config.workers or 2,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-            )
+            require("distributed", what="scheduler: local")
+            from columnhub.execute.dask import local_cluster
+
+            self.cluster = local_cluster(config.workers or 2)
             config = config.model_copy(update={"scheduler": self.cluster.scheduler_address})
             _log.info("LocalCluster at %s", self.cluster.scheduler_address)
         self.runner = Runner(self.db, config)

@@ -240,34 +240,25 @@ class Runner:
 
 
 def _open_client(scheduler: str, workers: int | None) -> tuple[Any, Any]:
-    """``(client, cluster or None)`` for ``scheduler`` (``"local"`` or an address)."""
-    from columnhub.errors import SpecError
-    from columnhub.execute.dask import SCHEDULER_ENV, _connect_timeout, _distributed
+    """``(client, cluster or None)`` for ``scheduler`` (``"local"`` or an address).
 
-    distributed = _distributed()
-    if scheduler == "local":
-        if workers is None:
-            from columnhub._concurrency import threads
+    A plain client, never entered with ``with``: :meth:`Runner.stop` closes it
+    from whichever thread stops the runner.
+    """
+    from columnhub.execute.dask import _distributed, connect, local_cluster
 
-            workers = threads()
-        cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        try:
-            return distributed.Client(cluster), cluster
-        except BaseException:
-            cluster.close()
-            raise
+    if scheduler != "local":
+        return connect(scheduler), None
+    if workers is None:
+        from columnhub._concurrency import threads
+
+        workers = threads()
+    cluster = local_cluster(workers)
     try:
-        client = distributed.Client(scheduler, timeout=_connect_timeout())
-    except (OSError, TimeoutError, ValueError) as err:
-        msg = (
-            f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
-            f"(--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is running, or "
-            "use --scheduler local"
-        )
-        raise SpecError(msg) from err
-    return client, None
+        return _distributed().Client(cluster), cluster
+    except BaseException:
+        cluster.close()
+        raise
 
 
 def sweep_results(db: Database, results: Path, ttl_s: float) -> list[str]:

@@ -96,7 +96,7 @@ def _serves_ranges(url: str, *, timeout: float) -> bool | None:
     """Whether the server of ``url`` answers a byte-range request with 206 (``None``: unknown)."""
     request = urllib.request.Request(url, headers={"Range": "bytes=0-15"})
     try:
-        with urllib.request.urlopen(request, timeout=min(timeout, 10.0)) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=min(timeout, 10.0)) as response:
             return int(response.status) == 206
     except (OSError, ValueError, urllib.error.URLError):
         return None
@@ -155,15 +155,16 @@ def classify(
             "dataset's 'timeout'"
         )
         return SourceTimeoutError(msg)
-    if remote and path.lower().startswith(("http://", "https://")):
-        if "range request" in text or _serves_ranges(path, timeout=timeout) is False:
-            msg = (
-                f"{where}: the HTTP server of {path} does not support byte-range requests "
-                f"(it answers a Range request with the whole file), and reading {fmt} files "
-                "needs them; serve the file from a server that supports ranges (XRootD, "
-                "nginx, Apache, S3, ...) or copy it to a local disk"
-            )
-            return SourceProtocolError(msg)
+    if (remote and path.lower().startswith(("http://", "https://"))) and (
+        "range request" in text or _serves_ranges(path, timeout=timeout) is False
+    ):
+        msg = (
+            f"{where}: the HTTP server of {path} does not support byte-range requests "
+            f"(it answers a Range request with the whole file), and reading {fmt} files "
+            "needs them; serve the file from a server that supports ranges (XRootD, "
+            "nginx, Apache, S3, ...) or copy it to a local disk"
+        )
+        return SourceProtocolError(msg)
     msg = (
         f"{where}: {doing} of {path!r} failed ({type(err).__name__}: {err}); "
         f"the file may be truncated, corrupt or not {fmt} at all"
