@@ -784,12 +784,14 @@ def _execute(
         "complete": True,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "format": req.output.format,
-        "events": sum(m.rows for m in ordered),
+        "events": sum(m.events for m in ordered),
         "events_read": plan.dataset.entries,
         "files": [p["name"] for p in parts],
         "parts": parts,
         "columns": ordered[0].columns,
-        "keys": list(req.dataset.keys) if req.output.include_keys else [],
+        "keys": (
+            list(req.dataset.keys) if req.output.include_keys and not req.output.explode else []
+        ),
         "cache": {
             "hits": sum(m.hits for m in ordered),
             "misses": sum(m.misses for m in ordered),

@@ -229,6 +229,12 @@ class OutputSpec(_Frozen):
         compression: Parquet codec (``zstd``, ``lz4``, ``snappy``, ``none``...).
         include_keys: write the event-key columns too (default; needed to use
             the result as a friend dataset later).
+        explode: write one row per object instead of one per event: after the
+            selection, every column in ``columns`` must be a list of one
+            collection (the same number of objects in every event), and each
+            is written flattened. Event keys and the collections' counters
+            are not written (they are per event); the manifest's ``events``
+            still counts events, its parts' ``rows`` count objects.
     """
 
     format: Literal["parquet", "root"] = "parquet"
@@ -236,6 +242,7 @@ class OutputSpec(_Frozen):
     target_part_bytes: int = Field(default=_DEFAULT_PART_BYTES, gt=0)
     compression: str = "zstd"
     include_keys: bool = True
+    explode: bool = False
 
     @field_validator("directory", mode="before")
     @classmethod
@@ -350,7 +357,11 @@ class Request(_Frozen):
             "models": [m.model_dump(mode="json") for m in self.models],
             "registry": self.registry,
             "chunk_size": self.chunk_size,
-            "output": self.output.model_dump(mode="json", exclude={"directory"}),
+            "output": self.output.model_dump(
+                mode="json",
+                # explode only when set: the hashes of one-row-per-event requests stay
+                exclude={"directory"} if self.output.explode else {"directory", "explode"},
+            ),
         }
 
     @property

@@ -27,7 +27,9 @@ from columnhub.cache import ColumnCache, ColumnLookup
 from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.plan import Chunk, Part, Plan
 
-__all__ = ["PartMeta", "chunk_record", "column_types", "root_counters", "run_part"]
+__all__ = [
+    "PartMeta", "chunk_record", "column_types", "explode", "root_counters", "run_part",
+]
 
 #: test hook: seconds each part task sleeps before it starts (tests kill a
 #: worker while its task runs); never set it outside tests
@@ -41,7 +43,7 @@ class PartMeta:
     Attributes:
         index: the part's number in the plan.
         name: the part's file name in the staging directory.
-        rows: rows written.
+        rows: rows written (objects when the request's ``output.explode`` is set).
         bytes: the file's size.
         xxh3: the file's xxh3-64 checksum (hex).
         mtime_ns: the file's modification time.
@@ -54,6 +56,7 @@ class PartMeta:
         chunks: one record per chunk (the manifest's ``chunks``).
         inference: the inference metrics of its models (or ``None``).
         seconds: wall time of the task.
+        events: selected events written (``rows``, unless exploded).
     """
 
     index: int
@@ -70,6 +73,7 @@ class PartMeta:
     chunks: list[dict[str, Any]] = field(default_factory=list)
     inference: Any = None
     seconds: float = 0.0
+    events: int = 0
 
 
 def run_part(
@@ -110,11 +114,14 @@ def run_part(
     directory = Path(staging)
     writer: Any = None
     records: list[dict[str, Any]] = []
-    hits = misses = events_in = 0
+    hits = misses = events_in = events = 0
     inference: Any = None
     try:
         for result in _results(plan, part, cache, exchanged, fresh or {}):
             table = result.table
+            events += table.num_rows
+            if plan.request.output.explode:
+                table = explode(plan, result)
             if schema is None:
                 schema = table.schema
             if writer is None:
@@ -153,7 +160,66 @@ def run_part(
         chunks=records,
         inference=inference,
         seconds=time.perf_counter() - t0,
+        events=events,
     )
+
+
+def explode(plan: Plan, result: ChunkResult) -> pa.Table:
+    """The selected rows of one chunk as one row per object (``output.explode``).
+
+    Every column the request names must be a list, with the same number of
+    objects as the first one in every event (a missing list counts as
+    none); the lists are flattened. Columns the request does not name (event
+    keys, counters added for the collections) are left out.
+
+    Raises:
+        SpecError: a requested column holds one value per event.
+        JoinError: two columns have different numbers of objects in an event.
+    """
+    import pyarrow.compute as pc
+
+    from columnhub.errors import JoinError, SpecError
+
+    table = result.table
+    names = list(plan.request.columns)
+    flat = [n for n in names if not _is_list_type(table.schema.field(n).type)]
+    if flat:
+        msg = (
+            f"output.explode writes one row per object, but column(s) {', '.join(flat)} hold "
+            "one value per event; with explode every delivered column is a list of one "
+            f"collection (Jet_pt, Jet_eta): drop {', '.join(flat)} from columns, or turn "
+            "explode off"
+        )
+        raise SpecError(msg)
+    counts = {n: pc.fill_null(pc.list_value_length(table[n]), 0) for n in names}
+    first = names[0]
+    for name in names[1:]:
+        differ = pc.not_equal(counts[name], counts[first])
+        if pc.any(differ).as_py():
+            i = pc.index(differ, True).as_py()
+            c = result.chunk
+            where = (
+                f"file {plan.dataset.files[c.file_index].path!r}, entries [{c.start}, {c.stop})"
+                if "tail" not in result.details
+                else "the friend rows without partner"
+            )
+            msg = (
+                f"output.explode: columns {first!r} and {name!r} have "
+                f"{counts[first][i].as_py()} and {counts[name][i].as_py()} objects in selected "
+                f"event {i} of {where}; explode only lists of one collection (the same number "
+                "of objects in every event), or deliver them without explode"
+            )
+            raise JoinError(msg)
+    fields, arrays = [], []
+    for name in names:
+        kind = table.schema.field(name).type
+        arrays.append(pc.list_flatten(table[name]))
+        fields.append(pa.field(name, kind.value_type, nullable=kind.value_field.nullable))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _is_list_type(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_list(kind) or pa.types.is_large_list(kind))
 
 
 def _results(
