@@ -518,6 +518,24 @@ def _q_select_then_where(q: Any) -> Any:
     )
 
 
+def _q_select_many(q: Any) -> Any:
+    return q.SelectMany(lambda e: e.Jet_pt.Where(lambda j: j > 30)).Select(
+        lambda j: {"pt": j, "twice": j * 2}
+    )
+
+
+def _q_select_many_dict(q: Any) -> Any:
+    return q.Where(lambda e: e.MET_pt > 20).SelectMany(
+        lambda e: e.Jet_pt.Select(lambda j: {"pt": j, "frac": j / e.MET_pt})
+    )
+
+
+def _q_select_then_select_many(q: Any) -> Any:
+    return q.Select(lambda e: {"pt": e.Jet_pt, "met": e.MET_pt}).SelectMany(
+        lambda r: r.pt.Select(lambda p: {"pt": p, "frac": p / r.met})
+    )
+
+
 _FUNC_ADL_QUERIES = {
     "columns": (
         _q_columns,
@@ -549,6 +567,27 @@ _FUNC_ADL_QUERIES = {
             ".Where(lambda r: r.met > 25).Select(lambda r: {'pt': r.pt, 'n': r.pt.Count(), 'met': r.met})"
         ),
     ),
+    "select_many": (
+        _q_select_many,
+        (
+            "FromTree('Events').SelectMany(lambda e: e.Jet_pt.Where(lambda j: j > 30))"
+            ".Select(lambda j: {'pt': j, 'twice': j * 2})"
+        ),
+    ),
+    "select_many_dict": (
+        _q_select_many_dict,
+        (
+            "FromTree('Events').Where(lambda e: e.MET_pt > 20)"
+            ".SelectMany(lambda e: e.Jet_pt.Select(lambda j: {'pt': j, 'frac': j / e.MET_pt}))"
+        ),
+    ),
+    "select_then_select_many": (
+        _q_select_then_select_many,
+        (
+            "FromTree('Events').Select(lambda e: {'pt': e.Jet_pt, 'met': e.MET_pt})"
+            ".SelectMany(lambda r: r.pt.Select(lambda p: {'pt': p, 'frac': p / r.met}))"
+        ),
+    ),
 }
 
 
@@ -559,7 +598,7 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
     from_python = _python_query(build)
     from_yaml = _yaml_query(yaml_text)
     assert from_python.startswith("(call ")  # the two forms
-    assert from_yaml.startswith("(Select ")
+    assert from_yaml.startswith(("(Select ", "(SelectMany "))
     spec = translate("uproot", from_python, files=[str(tt)], result_format="parquet")
     # both forms are one request
     assert (
@@ -572,6 +611,7 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
     reference = _func_adl_reference(from_python, tt)
     assert [f for f in got.fields if f in reference.fields] == reference.fields
     assert set(got.fields) - set(reference.fields) <= {"nJet"}  # Jet_pt comes with its counter
+    assert len(got) == len(reference)  # SelectMany: one row per jet
     for field in reference.fields:
         _assert_same(got[field], reference[field], what=field)
 
@@ -580,7 +620,21 @@ def test_func_adl_python_and_yaml(shared_data: Path, tmp_path: Path, name: str) 
     ("text", "match"),
     [
         ("Select(lambda e: {'pt': e.Jet_pt.OrderBy(lambda j: j)})", "OrderBy is not supported"),
-        ("SelectMany(lambda e: e.Jet_pt)", "SelectMany over the events"),
+        ("SelectMany(lambda e: e.Jet_pt)", "SelectMany must end with a Select returning a dict"),
+        (
+            "SelectMany(lambda e: e.Jet_pt).SelectMany(lambda j: j).Select(lambda j: {'a': j})",
+            "SelectMany after a SelectMany",
+        ),
+        ("SelectMany(lambda e: e).Select(lambda j: {'a': j})", "returns the event"),
+        (
+            "SelectMany(lambda e: e.Jet_pt.Select(lambda j: {'pt': j, 'met': e.MET_pt}))",
+            "per-object entry 'met' that does not use the object 'j'",
+        ),
+        (
+            "SelectMany(lambda e: e.Jet_pt).Where(lambda j: 1 > 0).Select(lambda j: {'a': j})",
+            "Where on objects that does not use its argument",
+        ),
+        ("SelectMany(lambda e: e.Jet).Select(lambda j: {'a': j.__class__})", "'__class__'"),
         ("Select(lambda e: e.MET_pt)", "dictionary of columns"),
         ("Select(lambda e: {'pt': e.Jet_pt.First()})", "First is not supported"),
         ("Select(lambda e: {'pt': e.Jet_pt.pt()})", r"method call \.pt\(\)"),
@@ -603,10 +657,41 @@ def test_func_adl_refusals(text: str, match: str) -> None:
         translate("uproot", qastle_text, files=["x.root"], result_format="parquet")
 
 
+def test_func_adl_select_many_objects_of_a_collection(shared_data: Path, tmp_path: Path) -> None:
+    """``e.Jet`` as NanoAOD objects (``j.pt`` is ``Jet_pt``), Where on objects before and after
+    the dictionary: one row per jet, as a direct uproot read flattened here."""
+    tt = shared_data / "nano_tt_v12.root"
+    selection = _yaml_query(
+        "FromTree('Events').Where(lambda e: e.MET_pt > 20)"
+        ".SelectMany(lambda e: e.Jet.Where(lambda j: j.pt > 25))"
+        ".Select(lambda j: {'pt': j.pt, 'eta': j.eta, 'm': j.mass})"
+        ".Where(lambda r: abs(r.eta) < 2.4 and r.m > 5)"
+    )
+    spec = translate("uproot", selection, files=[str(tt)], result_format="root-file")
+    assert spec["output"]["explode"] is True
+    result = _deliver(spec, tmp_path)
+    with uproot.open(tt) as f:
+        events = f["Events"].arrays(["Jet_pt", "Jet_eta", "Jet_mass", "MET_pt"])
+    events = events[events.MET_pt > 20]
+    jets = ak.zip({"pt": events.Jet_pt, "eta": events.Jet_eta, "m": events.Jet_mass})
+    jets = jets[jets.pt > 25]
+    jets = ak.flatten(jets[(abs(jets.eta) < 2.4) & (jets.m > 5)])
+    got: dict[str, list[float]] = {"pt": [], "eta": [], "m": []}
+    for part in result.files:
+        with uproot.open(part) as f:
+            arrays = f["Events"].arrays(list(got))
+        for name in got:
+            got[name] += arrays[name].tolist()
+    assert len(jets) > 0
+    for name in got:
+        _assert_same(ak.Array(got[name]), jets[name], what=name)
+    assert result.manifest["events"] == len(events)
+
+
 def test_func_adl_python_refusal() -> None:
     """The Python client's text (call ...) is refused the same way."""
     selection = sxquery.FuncADL_Uproot().FromTree("Events").SelectMany(lambda e: e.Jet_pt)
-    with pytest.raises(SpecError, match="SelectMany over the events"):
+    with pytest.raises(SpecError, match="SelectMany must end with a Select returning a dict"):
         translate(
             "uproot",
             selection.generate_selection_string(),

@@ -181,6 +181,7 @@ class _Sample:
     define: dict[str, str] = field(default_factory=dict)
     where: str | None = None
     keys: list[str] | None = None
+    explode: bool = False
 
 
 def _output_format(result_format: str) -> str:
@@ -211,7 +212,9 @@ def _check_selection(codegen: str, selection: str) -> str:
 
 
 def _spec(samples: list[_Sample], *, files: list[str], fmt: str) -> dict[str, Any]:
-    output = {"format": fmt, "include_keys": False}
+    output: dict[str, Any] = {"format": fmt, "include_keys": False}
+    if any(s.explode for s in samples):  # func_adl's SelectMany: one row per object
+        output["explode"] = True
 
     def body(s: _Sample) -> dict[str, Any]:
         out: dict[str, Any] = {"columns": list(s.columns)}
@@ -1049,18 +1052,49 @@ class _Event:
 
 @dataclass(frozen=True)
 class _Record:
-    """The dictionary a Select returned: an attribute is one of its entries."""
+    """The dictionary a Select returned: an attribute is one of its entries.
+
+    ``objects``: after a SelectMany, one dictionary per object (every entry a
+    per-event list of one collection, delivered one row per object).
+    """
 
     fields: dict[str, str]
+    objects: bool = False
 
 
-_Value = _Event | _Record | str
+@dataclass(frozen=True)
+class _Objects:
+    """The objects a SelectMany gave: each one element of the per-event lists ``base``.
+
+    ``prefix``: for ``e.Jet`` (or ``e.Jet_pt``), the NanoAOD collection the
+    objects belong to: an attribute ``j.pt`` is the column ``Jet_pt``.
+    ``masks``: the object Wheres applied so far, in order.
+    """
+
+    base: str
+    prefix: str | None = None
+    masks: tuple[str, ...] = ()
+
+    @property
+    def expr(self) -> str:
+        """The objects themselves (the per-event lists, masked)."""
+        return self.masked(self.base)
+
+    def masked(self, column: str) -> str:
+        return _paren(column) + "".join(f"[{m}]" for m in self.masks)
+
+    def where(self, mask: str) -> _Objects:
+        return _Objects(self.base, self.prefix, (*self.masks, mask))
+
+
+_Value = _Event | _Record | _Objects | str
 
 
 class _FuncAdl:
     def __init__(self) -> None:
         self.tree: str | None = None
         self.wheres: list[str] = []
+        self.explode = False
 
     def refuse(self, what: str, fix: str = "") -> NoReturn:
         msg = f"func_adl: {what} is not supported by columnhub" + (f"; {fix}" if fix else "")
@@ -1083,18 +1117,119 @@ class _FuncAdl:
             return _Event()
         if isinstance(node, linq.Where):
             current = self.query(node.source, depth + 1)
+            if _per_object(current):
+                return self.where_objects(node.predicate, current, depth)
             self.wheres.append(self.lambda_body(node.predicate, [current], depth))
             return current
         if isinstance(node, linq.Select):
             current = self.query(node.source, depth + 1)
+            if _per_object(current):
+                return self.select_objects(node.selector, current, depth)
             return self.lambda_value(node.selector, [current], depth)
         if isinstance(node, linq.SelectMany):
-            self.refuse(
-                "SelectMany over the events (one output row per object)",
-                "columnhub delivers one row per event: Select(lambda e: {'jet_pt': e.Jet_pt}) "
-                "gives each event's list",
-            )
+            current = self.query(node.source, depth + 1)
+            return self.select_many(node.selector, current, depth)
         self.refuse(self.name_of(node))
+
+    # one row per object: SelectMany over a collection of the event, then Where/Select
+
+    def select_many(self, node: ast.AST, current: _Value, depth: int) -> _Value:
+        """The objects of one collection of each event (delivered with ``output.explode``)."""
+        import qastle.linq_util as linq
+
+        if _per_object(current):
+            self.refuse("a SelectMany after a SelectMany (objects of objects)")
+        if not isinstance(node, ast.Lambda) or len(node.args.args) != 1:
+            self.refuse(f"{_describe(node)} where a one-argument lambda belongs")
+        env: dict[str, _Value] = {node.args.args[0].arg: current}
+        self.explode = True
+        body = node.body
+        if isinstance(body, linq.Select) and isinstance(body.selector, ast.Lambda) and isinstance(
+            body.selector.body, ast.Dict
+        ):  # e.Jet_pt.Select(lambda j: {'pt': j, ...}): the dictionary of each object
+            source = self.objects(body.source, env, depth + 1)
+            return self.select_objects(body.selector, source, depth + 1, env)
+        return self.objects(body, env, depth + 1)
+
+    def objects(self, node: ast.AST, env: dict[str, _Value], depth: int) -> _Objects:
+        """The objects of a collection of the event: ``e.Jet``, ``e.Jet_pt``, ``e.Jet.Where(...)``."""
+        import qastle.linq_util as linq
+
+        if depth > _MAX_DEPTH:
+            msg = f"func_adl: the expression nests deeper than {_MAX_DEPTH} levels; simplify it"
+            raise SpecError(msg)
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and isinstance(env.get(node.value.id), _Event)
+        ):
+            name = self.member(_Event(), node.attr)
+            return _Objects(name, prefix=name)
+        if isinstance(node, linq.Where):
+            source = self.objects(node.source, env, depth + 1)
+            found = self.where_objects(node.predicate, source, depth + 1, env)
+            assert isinstance(found, _Objects)
+            return found
+        value = self.value(node, env, depth)
+        if not isinstance(value, str):
+            self.refuse(
+                "a SelectMany whose lambda returns the event or a dictionary",
+                "return one collection of the event: SelectMany(lambda e: e.Jet_pt)",
+            )
+        return _Objects(value)
+
+    def select_objects(
+        self,
+        node: ast.AST,
+        current: _Value,
+        depth: int,
+        outer: Mapping[str, _Value] | None = None,
+    ) -> _Value:
+        """A Select on objects: a dictionary of per-object columns, or new objects."""
+        if not isinstance(node, ast.Lambda) or len(node.args.args) != 1:
+            self.refuse(f"{_describe(node)} where a one-argument lambda belongs")
+        param = node.args.args[0].arg
+        env: dict[str, _Value] = {**(outer or {}), param: current}
+        if isinstance(node.body, ast.Dict):
+            record = self.record(node.body, env, depth)  # inside SelectMany: sees the event too
+            for name, value in zip(record.fields, node.body.values, strict=True):
+                if not _uses(value, param):
+                    self.refuse(
+                        f"the per-object entry {name!r} that does not use the object {param!r}",
+                        "it would be one value per event, not one per object",
+                    )
+            return _Record(record.fields, objects=True)
+        if not _uses(node.body, param):
+            self.refuse(
+                f"a Select on objects that does not use its argument {param!r}",
+                "it would give one value per event, not one per object",
+            )
+        return _Objects(self.expr(node.body, env, depth + 1))
+
+    def where_objects(
+        self,
+        node: ast.AST,
+        current: _Value,
+        depth: int,
+        outer: Mapping[str, _Value] | None = None,
+    ) -> _Value:
+        """A Where on objects: the objects (or each entry of their dictionary) masked."""
+        if not isinstance(node, ast.Lambda) or len(node.args.args) != 1:
+            self.refuse(f"{_describe(node)} where a one-argument lambda belongs")
+        param = node.args.args[0].arg
+        if not _uses(node.body, param):
+            self.refuse(
+                f"a Where on objects that does not use its argument {param!r}",
+                "filter the events with a Where before the SelectMany",
+            )
+        if isinstance(current, _Objects):
+            mask = self.expr(node.body, {**(outer or {}), param: current}, depth + 1)
+            return current.where(mask)
+        assert isinstance(current, _Record)
+        mask = self.lambda_body(node, [_Record(current.fields)], depth)
+        return _Record(
+            {k: f"{_paren(v)}[{_paren(mask)}]" for k, v in current.fields.items()}, objects=True
+        )
 
     def name_of(self, node: ast.AST) -> str:
         import qastle.linq_util as linq
@@ -1120,18 +1255,22 @@ class _FuncAdl:
         env = dict(zip(params, args, strict=True))
         body = node.body
         if isinstance(body, ast.Dict):
-            fields: dict[str, str] = {}
-            if len(body.keys) != len(body.values):
-                self.refuse("a dictionary with more keys than values (or fewer)")
-            for key, value in zip(body.keys, body.values, strict=True):
-                if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-                    self.refuse("a dictionary key that is not a string")
-                if not key.value or any(ch.isspace() for ch in key.value):
-                    msg = f"func_adl: the column name {key.value!r} is not valid (no spaces)"
-                    raise SpecError(msg)
-                fields[key.value] = self.expr(value, env, depth + 1)
-            return _Record(fields)
+            return self.record(body, env, depth)
         return self.value(body, env, depth + 1)
+
+    def record(self, body: ast.Dict, env: dict[str, _Value], depth: int) -> _Record:
+        """A dictionary of columns, its entries evaluated in ``env``."""
+        fields: dict[str, str] = {}
+        if len(body.keys) != len(body.values):
+            self.refuse("a dictionary with more keys than values (or fewer)")
+        for key, value in zip(body.keys, body.values, strict=True):
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                self.refuse("a dictionary key that is not a string")
+            if not key.value or any(ch.isspace() for ch in key.value):
+                msg = f"func_adl: the column name {key.value!r} is not valid (no spaces)"
+                raise SpecError(msg)
+            fields[key.value] = self.expr(value, env, depth + 1)
+        return _Record(fields)
 
     def lambda_body(self, node: ast.AST, args: list[_Value], depth: int) -> str:
         out = self.lambda_value(node, args, depth)
@@ -1160,6 +1299,10 @@ class _FuncAdl:
                 )
                 raise SpecError(msg)
             return _paren(base.fields[name])
+        if isinstance(base, _Objects) and base.prefix is not None:
+            if name.startswith("__") or not _COLUMN_NAME.fullmatch(name):
+                self.refuse(f"the column name {name!r}")
+            return base.masked(f"{base.prefix}_{name}")
         self.refuse(f"attribute access .{name} on a column", "objects have no attributes here")
 
     def expr(self, node: ast.AST, env: dict[str, _Value], depth: int) -> str:
@@ -1178,6 +1321,8 @@ class _FuncAdl:
             bound = env[node.id]
             if isinstance(bound, str):
                 return bound
+            if isinstance(bound, _Objects):
+                return bound.expr
             self.refuse(
                 f"using the whole {'event' if isinstance(bound, _Event) else 'dictionary'} {node.id!r} as a value"
             )
@@ -1255,6 +1400,14 @@ class _FuncAdl:
         return self.expr(node.body, inner, depth + 1)
 
 
+def _per_object(value: _Value) -> bool:
+    return isinstance(value, _Objects) or (isinstance(value, _Record) and value.objects)
+
+
+def _uses(node: ast.AST, name: str) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
+
+
 def _tree_of(node: ast.Call) -> str:
     args = node.args
     tree = args[1] if len(args) >= 2 else None
@@ -1321,6 +1474,12 @@ def _func_adl(text: str) -> _Sample:
     except RecursionError:
         msg = "func_adl: the query nests too deeply; simplify it"
         raise SpecError(msg) from None
+    if isinstance(result, _Objects):
+        msg = (
+            "func_adl: a SelectMany must end with a Select returning a dictionary of the "
+            "object's columns, e.g. .SelectMany(lambda e: e.Jet_pt).Select(lambda j: {'pt': j})"
+        )
+        raise SpecError(msg)
     if not isinstance(result, _Record):
         msg = (
             "func_adl: the query must end with a Select returning a dictionary of columns, "
@@ -1342,5 +1501,10 @@ def _func_adl(text: str) -> _Sample:
     if where is not None and len(wheres) > 1:
         where = _validate(where, "func_adl: Where")
     return _Sample(
-        name=translator.tree, tree=translator.tree, columns=columns, define=define, where=where
+        name=translator.tree,
+        tree=translator.tree,
+        columns=columns,
+        define=define,
+        where=where,
+        explode=translator.explode,
     )
