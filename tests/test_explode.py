@@ -70,19 +70,21 @@ def test_explode_root_output(shared_data: Path, tmp_path: Path) -> None:
     for part in result.files:
         with uproot.open(part) as f:
             tree = f["Events"]
-            assert not [b for b in tree.keys() if b.startswith("n")]  # flat: no counters
+            assert not [b for b in tree if b.startswith("n")]  # flat: no counters
             arrays = tree.arrays(list(got), library="np")
         for name in got:
             got[name] += arrays[name].tolist()
-    for name in got:
-        assert got[name] == want[name].tolist(), name
+    for name, values in got.items():
+        assert values == want[name].tolist(), name
 
 
 def test_explode_is_part_of_the_request_hash(shared_data: Path, tmp_path: Path) -> None:
     """The per-event result in the cache is never served for the exploded request."""
     tt = shared_data / "nano_tt_v12.root"
     per_event = {**_spec(tt), "output": {}}
-    assert columnhub.Request.from_dict(per_event).hash != columnhub.Request.from_dict(_spec(tt)).hash
+    assert (
+        columnhub.Request.from_dict(per_event).hash != columnhub.Request.from_dict(_spec(tt)).hash
+    )
     assert "explode" not in columnhub.Request.from_dict(per_event).canonical()["output"]
     cache = tmp_path / "cache"
     first = columnhub.deliver(per_event, cache=cache)
@@ -104,9 +106,7 @@ def test_explode_refuses_per_event_columns(shared_data: Path, tmp_path: Path) ->
         columnhub.deliver(spec, output=tmp_path / "out")
 
 
-_jagged = st.lists(
-    st.lists(st.floats(0, 100, width=32), max_size=4), min_size=1, max_size=40
-)
+_jagged = st.lists(st.lists(st.floats(0, 100, width=32), max_size=4), min_size=1, max_size=40)
 
 
 @settings(deadline=None)

@@ -683,8 +683,8 @@ def test_func_adl_select_many_objects_of_a_collection(shared_data: Path, tmp_pat
         for name in got:
             got[name] += arrays[name].tolist()
     assert len(jets) > 0
-    for name in got:
-        _assert_same(ak.Array(got[name]), jets[name], what=name)
+    for name, values in got.items():
+        _assert_same(ak.Array(values), jets[name], what=name)
     assert result.manifest["events"] == len(events)
 
 

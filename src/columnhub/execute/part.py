@@ -28,7 +28,12 @@ from columnhub.execute.chunk import ChunkResult, run_chunk, run_tail
 from columnhub.plan import Chunk, Part, Plan
 
 __all__ = [
-    "PartMeta", "chunk_record", "column_types", "explode", "root_counters", "run_part",
+    "PartMeta",
+    "chunk_record",
+    "column_types",
+    "explode",
+    "root_counters",
+    "run_part",
 ]
 
 #: test hook: seconds each part task sleeps before it starts (tests kill a

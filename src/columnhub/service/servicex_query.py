@@ -1144,8 +1144,10 @@ class _FuncAdl:
         env: dict[str, _Value] = {node.args.args[0].arg: current}
         self.explode = True
         body = node.body
-        if isinstance(body, linq.Select) and isinstance(body.selector, ast.Lambda) and isinstance(
-            body.selector.body, ast.Dict
+        if (
+            isinstance(body, linq.Select)
+            and isinstance(body.selector, ast.Lambda)
+            and isinstance(body.selector.body, ast.Dict)
         ):  # e.Jet_pt.Select(lambda j: {'pt': j, ...}): the dictionary of each object
             source = self.objects(body.source, env, depth + 1)
             return self.select_objects(body.selector, source, depth + 1, env)
