@@ -286,7 +286,12 @@ def arrays(
         return _each_sample(req.requests(), lambda r: arrays(r, workers=workers, cache=shared))
     plan = make_plan(req)
     results = _chunk_results(plan, workers=_workers(workers), cache=_open_cache(cache))
-    tables = [r.table for r in results]
+    if req.output.explode:  # one row per object, as the part writer writes them
+        from columnhub.execute.part import explode
+
+        tables = [explode(plan, r) for r in results]
+    else:
+        tables = [r.table for r in results]
     # one schema, as the writer does (a right/outer tail has null-typed columns)
     tables = [t.cast(tables[0].schema) for t in tables]
     if not tables:
