@@ -121,9 +121,9 @@ _jagged = st.lists(st.lists(st.floats(0, 100, width=32), max_size=4), min_size=1
 
 
 @settings(deadline=None)
-@given(events=_jagged, cut=st.floats(0, 100), chunk=st.integers(1, 50), data=st.data())
+@given(events=_jagged, cut=st.integers(0, 100), chunk=st.integers(1, 50), data=st.data())
 def test_explode_equals_flatten_of_the_selection(
-    events: list[list[float]], cut: float, chunk: int, data: st.DataObject
+    events: list[list[float]], cut: int, chunk: int, data: st.DataObject
 ) -> None:
     """Random jagged Parquet: the exploded output is ak.flatten of the selected events."""
     n = len(events)
@@ -145,8 +145,8 @@ def test_explode_equals_flatten_of_the_selection(
         spec = {
             "dataset": {"files": [str(path)]},
             "columns": ["Jet_pt", "Jet_phi", "hard"],
-            "define": {"hard": f"Jet_pt > {cut!r}"},
-            "where": f"MET_pt > {cut!r}",
+            "define": {"hard": f"Jet_pt > {cut}"},  # exact in float32
+            "where": f"MET_pt > {cut}",
             "chunk_size": chunk,
             "output": {"explode": True},
         }
@@ -154,12 +154,12 @@ def test_explode_equals_flatten_of_the_selection(
         got = result.to_awkward() if result.files else None
         events_out = result.manifest["events"]
     ref = ak.from_arrow(table)
-    ref = ref[ref.MET_pt > np.float32(cut)]
+    ref = ref[ref.MET_pt > cut]
     assert events_out == len(ref)
     want = {
         "Jet_pt": ak.flatten(ref.Jet_pt).tolist(),
         "Jet_phi": ak.flatten(ref.Jet_phi).tolist(),
-        "hard": ak.flatten(ref.Jet_pt > np.float32(cut)).tolist(),
+        "hard": ak.flatten(ref.Jet_pt > cut).tolist(),
     }
     for name, values in want.items():
         assert (got[name].tolist() if got is not None and len(got) else []) == values, name
