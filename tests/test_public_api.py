@@ -34,7 +34,7 @@ def test_every_error_is_a_columnhub_error_and_a_builtin() -> None:
 
 def test_subpackages() -> None:
     assert sorted(columnhub.cache.__all__) == [
-        "CacheStats", "ColumnCache", "GCReport", "canonical_json", "default_location",
+        "CacheStats", "ColumnCache", "ColumnLookup", "GCReport", "canonical_json", "default_location",
         "entry_key", "is_valid_key",
     ]
     assert {"KeyIndex", "match", "gather", "join_arrays", "unmatched_rows"} <= set(
