@@ -475,12 +475,17 @@ def test_a_failed_sample_raises_a_sample_error(
         service.client().deliver(spec, output=tmp_path / "out", progress=False)
     assert set(info.value.errors) == {"tt"}
     assert isinstance(info.value.errors["tt"], errors.ColumnNotFoundError)
-    # the service answers 409 for the manifest of a request with a failed sample (for now),
-    # so the complete samples are downloaded only if it serves them
-    if info.value.results:
-        assert set(info.value.results) == {"dy"}
-        assert (tmp_path / "out" / "dy" / "manifest.json").is_file()
+    # as embedded: the sample that was delivered still is, and equals a direct read
+    assert set(info.value.results) == {"dy"}
+    got = info.value.results["dy"].to_awkward()
+    ref = uproot.open(data / "nano_dy.root")["Events"].arrays(["MET_pt"])
+    assert got["MET_pt"].to_list() == ref["MET_pt"].to_list()
     assert not (tmp_path / "out" / "tt" / "manifest.json").exists()
+    # the failed sample's files are refused by name, its manifest entry says why
+    rid = service.client().requests()[0]["id"]
+    manifest = service.client().manifest(rid)
+    assert manifest["samples"]["tt"]["complete"] is False
+    assert manifest["samples"]["tt"]["error"]["type"] == "ColumnNotFoundError"
 
 
 @settings(deadline=None)

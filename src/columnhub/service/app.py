@@ -229,7 +229,9 @@ def create_app(config: ServiceConfig, *, runner: bool = True) -> FastAPI:
     def manifest(request_id: str, user: Principal = reader) -> dict[str, Any]:
         """The result's manifest plus ``path`` (its folder on the shared filesystem).
 
-        Several samples: ``{"samples": {name: manifest}}``. 409 until complete.
+        Several samples: ``{"samples": {name: manifest}}``. 409 until complete; once
+        every sample has ended and some failed, the delivered samples are served and
+        a failed one reads ``{"complete": false, "error": {"type", "message"}}``.
         """
         done = _complete_samples(config, db.get(request_id, owner=_owner(user)))
         if list(done) == [""]:
@@ -467,7 +469,15 @@ def _complete_samples(
             are named with an empty mapping. ``None``: every sample's.
     """
     status = view.status
-    if status != "complete":
+    # several samples, all ended, some failed: the delivered ones are served (as the
+    # embedded deliver returns them in SampleError.results); a failed one reads
+    # {"complete": false, "error": ...} in the manifest and answers 409 for its files
+    partial = (
+        status == "failed"
+        and any(view.samples)
+        and all(j.state in ("complete", "failed", "cancelled") for j in view.samples.values())
+    )
+    if status != "complete" and not partial:
         error = view.error
         why = f" ({error['type']}: {error['message']})" if error else ""
         msg = (
@@ -481,6 +491,16 @@ def _complete_samples(
     for name, job in view.samples.items():
         if only is not None and name != only:
             out[name] = {}
+            continue
+        if job.state != "complete":
+            error = {"type": job.error_type, "message": job.error_message}
+            if only is not None:
+                msg = (
+                    f"sample {name!r} of request {view.id} is {job.state} "
+                    f"({error['type']}: {error['message']}); it has no result to read"
+                )
+                raise _status_error(ServiceError, 409, msg)
+            out[name] = {"complete": False, "error": error}
             continue
         directory = Path(job.output_dir) if job.output_dir else config.result_directory(job.id)
         manifest = read_manifest(directory)
