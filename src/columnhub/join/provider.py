@@ -158,10 +158,8 @@ def dataset_index(
             _remember_facts(facts_key, facts)
             if cache is not None and not cache.contains(facts_key):
                 cache.put_bytes(facts_key, facts.to_bytes())
+        _remember(key, index)
         with _memo_lock:
-            _memo[key] = index
-            while len(_memo) > 1 and sum(i.nbytes for i in _memo.values()) > _MEMO_BYTES:
-                _memo.popitem(last=False)
             _build_locks.pop(key, None)
         return index
 
