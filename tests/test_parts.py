@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import columnhub
-from columnhub.plan import group_parts, make_plan
+import columnhub.plan
+from columnhub.plan import MIN_PART_BYTES, group_parts, make_plan, part_target
 from columnhub.spec import load_request
 from columnhub.synth import synthesize
 
@@ -95,6 +96,74 @@ def test_part_size_comes_from_the_branches_compressed_sizes(primary: list[Path])
     sizes = [p["bytes"] for p in result.manifest["parts"]]
     # every part but the last near the target (Parquet zstd vs the files' ROOT zstd:1)
     assert all(7_500 <= s <= 120_000 for s in sizes[:-1]), sizes
+
+
+def test_a_friends_columns_count_their_own_bytes_per_entry(
+    primary: list[Path], shared_data: Path, tmp_path: Path
+) -> None:
+    friend_files = synthesize(
+        shared_data / "nano_tt_v12.root",
+        events=4000,
+        output=tmp_path / "friend",
+        branches=["MET_pt", "Jet_pt"],
+        seed=3,
+        shuffle=True,
+    )
+    request = spec(
+        primary,
+        friends=[
+            {
+                "name": "sys",
+                "dataset": {"name": "sys", "files": [str(f) for f in friend_files]},
+                "columns": ["Jet_pt"],
+                "prefix": "sys_",
+            }
+        ],
+    )
+    request["columns"] = ["MET_pt", "sys_Jet_pt"]
+    plan = make_plan(load_request(request))
+    assert plan.outputs == (*KEYS, "MET_pt", "nsys", "sys_Jet_pt")
+    mine = uproot.open(primary[0])["Events"]
+    theirs = uproot.open(friend_files[0])["Events"]
+    expected = sum(mine[n].compressed_bytes for n in [*KEYS, "MET_pt"]) / mine.num_entries
+    expected += theirs["Jet_pt"].compressed_bytes / theirs.num_entries
+    expected += columnhub.plan._GUESS_BYTES  # the counter nsys: computed, its size a guess
+    assert plan.bytes_per_event == pytest.approx(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    total=st.floats(0.0, 1e12),
+    target=st.integers(1, 2**40),
+    min_parts=st.integers(1, 64),
+)
+def test_the_part_target_leaves_min_parts_of_at_least_the_floor(
+    total: float, target: int, min_parts: int
+) -> None:
+    got = part_target(total, target, min_parts=min_parts)
+    assert got <= target  # never above what the user asked for
+    if total / min_parts >= MIN_PART_BYTES:
+        assert got <= total / min_parts  # at least min_parts parts' worth
+    assert got >= min(target, MIN_PART_BYTES)  # small results stay whole
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_min_parts_splits_a_result_under_the_target(
+    primary: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    monkeypatch.setattr(columnhub.plan, "MIN_PART_BYTES", 1)  # the test data is small
+    request = spec(primary, chunk_size=500, where=WHERE)  # default target: 256 MiB
+    plan = make_plan(load_request(request))
+    assert len(plan.parts) == plan.request.output.min_parts == 4
+    assert [i for p in plan.parts for i in p.chunks] == list(range(len(plan.chunks)))
+    result = columnhub.deliver(request, output=tmp_path / "out", workers=workers, cache=False)
+    assert len(result.files) == 4
+    got = ak.from_arrow(pa.concat_tables(pq.read_table(f) for f in result.files))
+    expected = uproot_reference(primary, [*KEYS, *COLUMNS], WHERE)
+    for name in [*KEYS, *COLUMNS]:
+        assert ak.to_list(got[name]) == ak.to_list(expected[name]), name
+    request["output"] = {"min_parts": 1}
+    assert len(make_plan(load_request(request)).parts) == 1
 
 
 # -- identical bytes, the same rows ------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "Part",
     "Plan",
     "group_parts",
+    "part_target",
     "make_plan",
     "split_entries",
 ]
@@ -217,7 +218,7 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     >>> split_entries([0, 100, 200, 300], 150)
     [(0, 100), (100, 200), (200, 300)]
     >>> split_entries([0, 1000], 400)
-    [(0, 334), (334, 667), (667, 1000)]
+    [(0, 333), (333, 667), (667, 1000)]
     >>> len(split_entries([0, 10_000], 1))
     64
     """
@@ -243,8 +244,33 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     return [r for r in out if r[1] > r[0]]
 
 
+#: the smallest part :func:`part_target` aims at to reach ``output.min_parts``
+MIN_PART_BYTES = 8 * 1024**2
+
+
+def part_target(total_bytes: float, target_bytes: int, *, min_parts: int) -> float:
+    """The part size a result of about ``total_bytes`` is grouped toward.
+
+    ``target_bytes``, or less where that leaves fewer than ``min_parts``
+    parts: parts are the unit of parallel work (each is read, computed and
+    encoded by one task), so a result below the target is still written by
+    several tasks at once. Never below :data:`MIN_PART_BYTES`, so a small
+    result stays one file. A function of the plan's numbers only: the same
+    request gives the same parts on any machine and any number of workers.
+
+    >>> part_target(64e6, 256 * 1024**2, min_parts=4)
+    16000000.0
+    >>> part_target(1e6, 256 * 1024**2, min_parts=4) == MIN_PART_BYTES
+    True
+    >>> part_target(64e9, 256 * 1024**2, min_parts=4) == 256 * 1024**2
+    True
+    """
+    spread = max(total_bytes / max(min_parts, 1), float(MIN_PART_BYTES))
+    return min(float(target_bytes), spread)
+
+
 def group_parts(
-    entries: Iterable[int], *, bytes_per_event: float, target_bytes: int
+    entries: Iterable[int], *, bytes_per_event: float, target_bytes: float
 ) -> list[tuple[int, ...]]:
     """Consecutive chunk indices grouped into parts of about ``target_bytes``.
 
@@ -356,12 +382,17 @@ def make_plan(request: Request, *, cache: ColumnCache | None = None) -> Plan:
     _warn_coarsened(request, dataset, chunks)
     per_event = _bytes_per_event(
         dataset, wanted, resolver.done, compressed=request.output.compression != "none",
-        cache=cache,
+        cache=cache, friends=friends,
     )
+    entries = [c.entries for c in chunks]
     grouped = group_parts(
-        [c.entries for c in chunks],
+        entries,
         bytes_per_event=per_event,
-        target_bytes=request.output.target_part_bytes,
+        target_bytes=part_target(
+            sum(entries) * per_event,
+            request.output.target_part_bytes,
+            min_parts=request.output.min_parts,
+        ),
     )
     parts = [Part(index=i, chunks=g) for i, g in enumerate(grouped)]
     if any(f.has_tail for f in friends):
@@ -392,24 +423,40 @@ def _bytes_per_event(
     *,
     compressed: bool = True,
     cache: ColumnCache | None = None,
+    friends: Iterable[Friend] = (),
 ) -> float:
     """Estimated output bytes per event: the size of the outputs in the first file.
 
     Branches of the primary count their compressed bytes per entry (ROOT
     ``fBasketBytes``, Parquet column chunk sizes), or their uncompressed
-    bytes for an output written without compression; other columns count as
-    :data:`_GUESS_BYTES`. Metadata only; a file whose sizes cannot be read
-    counts every column as a guess. The selection is not known yet, so a
-    ``where`` that keeps few events gives smaller parts.
+    bytes for an output written without compression; a friend's column
+    counts its bytes per entry in the friend's first file (one partner an
+    event); other columns count as :data:`_GUESS_BYTES`. Metadata only; a
+    file whose sizes cannot be read counts its columns as guesses. The
+    selection is not known yet, so a ``where`` that keeps few events gives
+    smaller parts.
     """
-    branches = [n for n in outputs if n in columns and columns[n].kind == "source"]
     sized: dict[str, float] = {}
-    info = dataset.files[0]
-    if branches and info.entries:
+    by_friend = {f.spec.name: f for f in friends}
+    groups: dict[str, list[str]] = {}  # "" : the primary's branches
+    for n in outputs:
+        column = columns.get(n)
+        if column is None:
+            continue
+        if column.kind == "source":
+            groups.setdefault("", []).append(n)
+        elif column.kind == "friend" and column.source.get("friend") in by_friend:
+            groups.setdefault(column.source["friend"], []).append(n)
+    for owner, names in groups.items():
+        source = dataset if not owner else by_friend[owner].dataset
+        if not source.files or not source.files[0].entries:
+            continue
+        branches = names if not owner else [columns[n].source["column"] for n in names]
         try:
-            sized = _branch_bytes(dataset, branches, compressed=compressed, cache=cache)
+            got = _branch_bytes(source, branches, compressed=compressed, cache=cache)
         except Exception:  # noqa: BLE001 - an estimate: sizes unknown count as guesses
-            sized = {}
+            continue
+        sized.update({n: got[b] for n, b in zip(names, branches, strict=True) if b in got})
     total = sum(sized.get(n, _GUESS_BYTES) for n in outputs)
     return max(float(total), 1.0)
 

@@ -226,6 +226,11 @@ class OutputSpec(_Frozen):
         format: ``parquet`` (default) or ``root`` (a TTree).
         directory: output directory; default a per-request folder in the cache.
         target_part_bytes: a new part file starts once a part reaches this size.
+        min_parts: split a result into at least this many parts (4 by
+            default), each of at least 8 MiB, even when it is smaller than
+            ``target_part_bytes``: parts are the unit of parallel work, so a
+            64 MB result is written by several tasks at once, not by one. The
+            part boundaries never depend on the number of workers.
         compression: Parquet codec (``zstd``, ``lz4``, ``snappy``, ``none``...).
         include_keys: write the event-key columns too (default; needed to use
             the result as a friend dataset later).
@@ -240,6 +245,7 @@ class OutputSpec(_Frozen):
     format: Literal["parquet", "root"] = "parquet"
     directory: str | None = None
     target_part_bytes: int = Field(default=_DEFAULT_PART_BYTES, gt=0)
+    min_parts: int = Field(default=4, ge=1)
     compression: str = "zstd"
     include_keys: bool = True
     explode: bool = False
