@@ -30,6 +30,12 @@ from columnhub.errors import ColumnhubError, ServiceUnavailableError
 
 __all__ = ["Terminated", "main"]
 
+# numpy's OpenBLAS starts a thread per core at import that spins for a while
+# (about 0.15 CPU-s a command on 2 cores, taken from the work); columnhub does
+# no linear algebra, so the command runs it on one thread unless told otherwise.
+# Set before anything imports numpy. (Dask's nanny does the same for workers.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 #: modules under ``columnhub.cli`` that add sub-commands, in help order.
 COMMANDS = ("deliver", "synth", "cache", "serve", "client")
 
