@@ -523,6 +523,33 @@ def test_fill_to_counts_matches_brute_force(
         assert first_mismatch(array, wrong) == (i, counts[i], counts[i] + 1)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 4), min_size=1, max_size=15),
+    counter_delta=st.lists(st.integers(-1, 1), min_size=15, max_size=15),
+    start=st.integers(0, 3),
+    dtype=st.sampled_from([np.uint32, np.int32, np.int64, np.uint8]),
+)
+def test_first_mismatch_of_plain_lists_and_counters_matches_brute_force(
+    lengths: list[int], counter_delta: list[int], start: int, dtype: type
+) -> None:
+    """The fast path (a file's lists: offsets, numpy counters, sliced) against a loop."""
+    n = len(lengths)
+    whole = ak.unflatten(np.arange(sum(lengths) + 7, dtype=np.float32)[: sum(lengths)], lengths)
+    array = whole[min(start, n - 1) :]  # sliced: offsets need not start at 0
+    got_lengths = lengths[min(start, n - 1) :]
+    counter = np.array(
+        [max(0, x + d) for x, d in zip(got_lengths, counter_delta, strict=False)], dtype=dtype
+    )
+    want = next(
+        ((i, x, int(c)) for i, (x, c) in enumerate(zip(got_lengths, counter, strict=True)) if x != c),
+        None,
+    )
+    assert first_mismatch(array, counter) == want
+    assert first_mismatch(array, ak.Array(counter)) == want
+    assert first_mismatch(array, counter.tolist()) == want  # the general path agrees
+
+
 # ---------------------------------------------------------------------------
 # ATLAS PHYSLITE: coffea's PHYSLITESchema groups the AuxDyn columns itself
 

@@ -61,6 +61,10 @@ def is_list(array: Any) -> bool:
 
 def _counts(array: Any) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the list length (0 where missing) and whether the row is present."""
+    layout = ak.to_layout(array, allow_record=False)
+    if isinstance(layout, ak.contents.ListOffsetArray):  # what files give: no missing rows
+        lengths = np.diff(np.asarray(layout.offsets.data)).astype(np.int64, copy=False)
+        return lengths, np.ones(len(lengths), dtype=bool)
     arr = array if isinstance(array, ak.Array) else ak.Array(array)
     present = ~np.asarray(ak.to_numpy(ak.is_none(arr, axis=0)), dtype=bool)
     lengths = np.asarray(ak.to_numpy(ak.fill_none(ak.num(arr, axis=1), 0)), dtype=np.int64)
@@ -68,6 +72,11 @@ def _counts(array: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _counter_values(counter: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(counter, np.ndarray | ak.Array):
+        layout = ak.to_layout(counter, allow_record=False)
+        if isinstance(layout, ak.contents.NumpyArray) and layout.data.ndim == 1:
+            values = np.asarray(layout.data).astype(np.int64, copy=False)
+            return values, np.ones(len(values), dtype=bool)
     arr = counter if isinstance(counter, ak.Array) else ak.Array(counter)
     present = ~np.asarray(ak.to_numpy(ak.is_none(arr, axis=0)), dtype=bool)
     values = np.asarray(ak.to_numpy(ak.fill_none(arr, 0)), dtype=np.int64)
