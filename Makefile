@@ -12,6 +12,9 @@ $(PY):
 
 install: $(PY)
 	$(PIP) install -q -e '.[all]'
+	@# what pip does for a regular install; an editable one compiles on first import,
+	@# never where PYTHONDONTWRITEBYTECODE=1 (each command would compile its sources)
+	$(PY) -m compileall -q src/columnhub
 
 ## Main job: install everything, deliver examples/demo.yaml on ../shared/data.
 demo: install

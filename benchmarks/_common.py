@@ -55,6 +55,22 @@ KEYS = ["run", "luminosityBlock", "event"]
 PYTHON = sys.executable
 
 
+def byte_compile() -> None:
+    """Byte-compile this checkout's ``columnhub``, as ``pip install`` does for a user.
+
+    An editable install leaves compiling to the first import, and a machine
+    with ``PYTHONDONTWRITEBYTECODE=1`` (this one) never writes the ``.pyc``
+    files: every timed ``columnhub`` process would compile its own sources
+    (0.06-0.08 s), which no installed package (uproot, DuckDB, polars) pays.
+    """
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "src" / "columnhub"), quiet=1)
+
+
+byte_compile()
+
+
 def env() -> dict[str, str]:
     """The environment of a child: this checkout's sources first on the path."""
     e = dict(os.environ)

@@ -71,13 +71,18 @@ def run_parts(
 
     if not parts:
         return
+    # the largest parts first (then in order): a big part started last would
+    # leave the other workers idle while it finishes (parts are published in
+    # the plan's order whatever order they run in)
+    entries = [sum(plan.chunks[i].entries for i in part.chunks) for part in parts]
+    order = sorted(range(len(parts)), key=lambda k: (-entries[k], k))
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="columnhub-part") as pool:
         pending: set[Future[Any]] = {
             pool.submit(
-                run_part, plan, part, staging, cache,
+                run_part, plan, parts[k], staging, cache,
                 schema=schema, exchanged=exchanged, fresh=fresh,
             )
-            for part in parts
+            for k in order
         }
         try:
             while pending:
