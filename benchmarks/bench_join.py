@@ -18,6 +18,13 @@ one run, runs taking turns:
   through its Python API (the join happens again for the later request);
 - polars: ``scan_parquet(primary).join(scan_parquet(friend), how="left",
   maintain_order="left").sink_parquet(out)``;
+- a minimal pyarrow+numpy join written for this benchmark (``_NUMPY_JOIN``):
+  both files read on 2 threads, the keys packed into one integer, one
+  ``argsort`` + ``searchsorted``, ``pyarrow.compute.take``, 4 part files
+  encoded on 2 threads; no cache, no validation, no progress. What a
+  hand-written Python join of this machine's libraries costs: the reference
+  for columnhub's own overhead, and for how far a numpy/pyarrow engine can
+  get from DuckDB's compiled, parallel one;
 - the floor: pyarrow alone reading both files and writing the columns side
   by side without any join (not a correct result: what reading and writing
   alone cost).
@@ -366,6 +373,48 @@ pq.write_table(table, out, compression="zstd")
 """
 
 
+_NUMPY_JOIN = """
+import os, sys
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+primary, out, cols = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+friend = sys.argv[4:]
+keys = ["run", "luminosityBlock", "event"]
+pool = ThreadPoolExecutor(2)
+p_job = pool.submit(pq.read_table, primary, columns=[*keys, *cols])
+f_jobs = [pool.submit(pq.read_table, f, columns=[*keys, "x", "jets"]) for f in friend]
+p = p_job.result()
+f = pa.concat_tables(j.result() for j in f_jobs).combine_chunks()
+# the keys packed into one uint64 (bit widths from the data), the friend's sorted
+def widths(*tables):
+    return [max(1, int(max(pc.max(t[k]).as_py() for t in tables)).bit_length()) for k in keys]
+bits = widths(p, f)
+assert sum(bits) <= 64, bits
+def pack(t):
+    out, shift = np.zeros(t.num_rows, np.uint64), 0
+    for k, b in zip(reversed(keys), reversed(bits)):
+        out |= t[k].to_numpy().astype(np.uint64) << np.uint64(shift)
+        shift += b
+    return out
+pk, fk = pack(p), pack(f)
+order = np.argsort(fk)
+fk = fk[order]
+at = np.minimum(np.searchsorted(fk, pk), len(fk) - 1)
+rows = np.where(fk[at] == pk, order[at], -1)  # friend row of each primary row, -1: none
+edges = np.linspace(0, p.num_rows, 5).astype(np.int64)  # 4 files, encoded on 2 threads
+os.makedirs(out)
+def part(i):
+    a, b = int(edges[i]), int(edges[i + 1])
+    take = pa.array(rows[a:b], mask=rows[a:b] < 0)
+    t = p.slice(a, b - a)
+    for name in ("x", "jets"):
+        t = t.append_column(name, pc.take(f[name], take))
+    pq.write_table(t, os.path.join(out, f"part-{i:05d}.parquet"), compression="zstd")
+list(pool.map(part, range(4)))
+"""
+
+
 def join_spec(primary: list[Path], friend: list[Path], columns: list[str]) -> dict[str, Any]:
     """The columnhub request of a keyed left join: keys, ``columns`` and the friend's."""
     return {
@@ -435,7 +484,7 @@ def bench_process(
     for layout in layouts:
         friend = inputs[layout]
         every = [*primary, *friend]
-        engines = ["columnhub", "duckdb", "polars", "pyarrow floor"]
+        engines = ["columnhub", "duckdb", "polars", "numpy join", "pyarrow floor"]
         runs: dict[str, dict[str, list[Run]]] = {e: {"first": [], "later": []} for e in engines}
         with scratch_dir(data) as tmp:
             scratch = Path(tmp)
@@ -453,11 +502,12 @@ def bench_process(
                         ),
                         "duckdb": python_script(_DUCKDB, *peer_args),
                         "polars": python_script(_POLARS, *peer_args),
+                        "numpy join": python_script(_NUMPY_JOIN, *peer_args),
                         "pyarrow floor": python_script(_PYARROW_FLOOR, *peer_args),
                     }
                     for engine, cmd in cmds.items():
                         out = scratch / f"out-{engine.replace(' ', '-')}-{req}-{r}"
-                        if engine != "columnhub":
+                        if engine not in ("columnhub", "numpy join"):  # these write a folder
                             out = out.with_suffix(".parquet")
                         fresh(out)
                         cmd = [str(out) if c in ("{out}", "") else c for c in cmd]
@@ -489,6 +539,7 @@ PROCESS_LABELS = {
     "columnhub": "columnhub deliver (CLI)",
     "duckdb": "DuckDB COPY (LEFT JOIN ... ORDER BY row) TO parquet",
     "polars": "polars scan_parquet.join.sink_parquet",
+    "numpy join": "minimal pyarrow+numpy join, 4 parts on 2 threads",
     "pyarrow floor": "pyarrow floor: read both, write unjoined",
 }
 
@@ -516,7 +567,7 @@ def print_process(figures: dict[str, Any], layouts: list[str]) -> None:
             print(f"{label:52s} {a['best_s']:9.3f} {a['cpu_s']:6.2f} {b['best_s']:9.3f} {b['cpu_s']:6.2f}")
         ch = f["columnhub"]
         for req, name in (("first", "cold"), ("later", "friend cached")):
-            for peer in ("duckdb", "polars", "pyarrow floor"):
+            for peer in ("duckdb", "polars", "numpy join", "pyarrow floor"):
                 ratio = f[peer][req]["best_s"] / ch[req]["best_s"]
                 f.setdefault("ratios", {})[f"{req}_vs_{peer.replace(' ', '_')}"] = ratio
                 print(f"{layout} {name}: columnhub vs {peer:14s} = {ratio:.2f}x")

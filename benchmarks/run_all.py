@@ -167,6 +167,20 @@ TARGETS: dict[str, list[Target]] = {
             command=f"{_J} --parts process --layouts shuffled",
         ),
         Target(
+            "keyed left join, shuffled friend, cold: vs a minimal pyarrow+numpy join script",
+            "info",
+            0,
+            ("process_shuffled_first_vs_numpy_join",),
+            command=f"{_J} --parts process --layouts shuffled",
+        ),
+        Target(
+            "keyed left join, shuffled friend, later request: vs a minimal pyarrow+numpy join",
+            "info",
+            0,
+            ("process_shuffled_later_vs_numpy_join",),
+            command=f"{_J} --parts process --layouts shuffled",
+        ),
+        Target(
             "keyed left join, shuffled friend, cold: vs the pyarrow floor (no join)",
             "info",
             0,
