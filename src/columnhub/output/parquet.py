@@ -64,6 +64,14 @@ def publish_part(tmp: Path, rows: int, *, xxh3: str | None = None) -> PartInfo:
     (else the file is read back to compute it).
     """
     final = tmp.parent / tmp.name[1:].rsplit(".tmp-", 1)[0]
+    # on disk here, in the part task, while other parts are still being written:
+    # publishing the result then finds nothing left to flush (one fsync per part
+    # at the end, one after another, took ~30 ms for 45 MB)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, final)
     stat = final.stat()
     digest = xxh3 if xxh3 is not None else file_checksum(final)
