@@ -1138,3 +1138,20 @@ def test_without_httpx_the_error_names_the_extra() -> None:
     assert done.returncode == 1
     assert "MissingDependencyError" in done.stderr
     assert "pip install 'columnhub[service]'" in done.stderr
+
+
+@pytest.mark.parametrize("word", ["on", "off", "yes", "no"])
+def test_config_reads_yaml_1_2_words_as_text(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, word: str
+) -> None:
+    """A token or URL that YAML 1.1 would read as a boolean is the text it says (as in specs)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("COLUMNHUB_URL", raising=False)
+    monkeypatch.delenv("COLUMNHUB_TOKEN", raising=False)
+    config = tmp_path / "columnhub" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f"url: http://127.0.0.1:1\ntoken: {word}\n")
+    assert yaml.safe_load(config.read_text())["token"] in (True, False)  # what 1.1 makes of it
+    settings_ = client_settings()
+    assert settings_.token == word
+    assert settings_.token_from is not None

@@ -122,11 +122,11 @@ def config_path() -> Path:
 def _read_config(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
-    import yaml
+    from columnhub import _yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        data = _yaml.load(path.read_text())
+    except (OSError, _yaml.YAMLError) as err:
         msg = f"the columnhub client config {path} cannot be read ({err}); fix or remove it"
         raise SpecError(msg) from err
     if data is None:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from columnhub import _yaml
 from columnhub.errors import ExpressionError, SpecError
 
 __all__ = [
@@ -44,33 +45,11 @@ __all__ = [
 
 CMS_KEYS: tuple[str, ...] = ("run", "luminosityBlock", "event")
 _DEFAULT_PART_BYTES = 256 * 1024**2
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 core-schema booleans.
-
-    PyYAML implements YAML 1.1, where ``on``, ``off``, ``yes``, ``no``, ``y``
-    and ``n`` are booleans, so a friend's ``on: [run, event]`` would become the
-    key ``True``. In YAML 1.2 only ``true`` and ``false`` are; everything else
-    stays a string. A resolver on the safe loader is enough for that (no
-    second YAML library to install).
-    """
-
-    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML's class-level table
-        first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-
-_Yaml12Loader.add_implicit_resolver(
-    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
 
 
 def _load_yaml(text: str) -> Any:
-    """YAML (or JSON) text as plain data, with YAML 1.2 booleans (see :class:`_Yaml12Loader`)."""
-    return yaml.load(text, Loader=_Yaml12Loader)
+    """YAML (or JSON) text as plain data, with YAML 1.2 booleans (:mod:`columnhub._yaml`)."""
+    return _yaml.load(text)
 
 
 class _Frozen(BaseModel):

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from columnhub import _yaml
 from columnhub.errors import ModelError, ModelNotFoundError, closest
 
 __all__ = [
@@ -243,8 +243,8 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
     card_path = Path(path).resolve()
     try:
         text = card_path.read_text()
-        document = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as err:
+        document = _yaml.load(text)
+    except (OSError, _yaml.YAMLError) as err:
         msg = f"cannot read model card {str(card_path)!r}: {err}"
         raise ModelError(msg) from err
     if not isinstance(document, dict):
@@ -310,8 +310,8 @@ class ModelRegistry:
         index: dict[tuple[str, str], Path] = {}
         for p in self._card_files():
             try:
-                document = yaml.safe_load(p.read_text())
-            except (OSError, yaml.YAMLError) as err:
+                document = _yaml.load(p.read_text())
+            except (OSError, _yaml.YAMLError) as err:
                 msg = f"cannot read model card {str(p)!r}: {err}"
                 raise ModelError(msg) from err
             if not isinstance(document, dict) or "name" not in document:

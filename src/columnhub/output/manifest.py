@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     that was there before is unchanged.
     """
     path = directory / MANIFEST
-    tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
+    # unique per writer, not only per process (two threads of a service)
+    tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         with open(tmp, "w") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

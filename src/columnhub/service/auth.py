@@ -252,12 +252,12 @@ class TokenFile:
             self._stat = None
 
     def _parse(self, data: bytes) -> list[tuple[str, Principal]]:
-        import yaml
+        from columnhub import _yaml
 
         where = f"token file {str(self.path)!r}"
         try:
-            doc = yaml.safe_load(data)
-        except yaml.YAMLError as err:
+            doc = _yaml.load(data)
+        except _yaml.YAMLError as err:
             msg = f"{where} is not valid YAML ({err})"
             raise SpecError(msg) from err
         tokens = doc.get("tokens") if isinstance(doc, Mapping) else None

@@ -27,9 +27,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from columnhub import _yaml
 from columnhub.errors import SpecError
 
 __all__ = ["DEFAULT_STATE_DIR", "ServiceConfig", "load_config", "parse_duration"]
@@ -233,8 +233,8 @@ def _read(path: Path) -> dict[str, Any]:
         msg = f"service config file {str(path)!r} does not exist; give the path of a YAML file"
         raise SpecError(msg)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = _yaml.load(path.read_text())
+    except _yaml.YAMLError as err:
         msg = f"service config file {str(path)!r} is not valid YAML: {err}"
         raise SpecError(msg) from None
     if data is None:
