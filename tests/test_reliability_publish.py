@@ -220,7 +220,9 @@ def test_whole_result_reuse_reports_what_this_run_did(shared_data: Path, tmp_pat
 
 
 def test_second_request_waits_for_the_lock_then_fails_clearly(
-    shared_data: Path, tmp_path: Path, clean: dict[str, list[bytes]],
+    shared_data: Path,
+    tmp_path: Path,
+    clean: dict[str, list[bytes]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -246,9 +248,16 @@ def test_two_requests_racing_for_one_directory(
     out = tmp_path / "out"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, json.dumps(request(shared_data, columns)), str(out),
-             str(tmp_path / f"cache{i}")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                json.dumps(request(shared_data, columns)),
+                str(out),
+                str(tmp_path / f"cache{i}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for i, columns in enumerate((SMALL, LARGE))
     ]
@@ -268,10 +277,14 @@ def test_two_requests_racing_for_one_directory(
 def small_disk(path: Path, size: str = "2m") -> Iterator[bool]:
     """A size-capped tmpfs at ``path``; yields False where mounting is not allowed."""
     path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True, check=False,
-    ).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
     try:
         yield mounted
     finally:
@@ -292,6 +305,7 @@ def fill(disk: Path, *, leave: int) -> Path:
 
 def cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI in a child; ``fsize`` caps each file it writes (RLIMIT_FSIZE, SIGXFSZ ignored)."""
+
     def limit() -> None:
         import resource
 
@@ -299,7 +313,11 @@ def cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess[str
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     return subprocess.run(
-        [str(CLI), *args], capture_output=True, text=True, timeout=300, check=False,
+        [str(CLI), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         preexec_fn=limit if fsize is not None else None,  # noqa: PLW1509
     )
 
@@ -317,15 +335,20 @@ def test_full_output_disk_is_one_clear_error_and_keeps_the_previous_result(
     large = spec_file(tmp_path, request(shared_data, LARGE))
     with small_disk(tmp_path / "disk") as mounted:
         out = tmp_path / "disk" / "out"
-        done = cli("deliver", spec_file(tmp_path, request(shared_data, SMALL)), "-o", str(out),
-                   "--cache", cache)
+        done = cli(
+            "deliver",
+            spec_file(tmp_path, request(shared_data, SMALL)),
+            "-o",
+            str(out),
+            "--cache",
+            cache,
+        )
         assert done.returncode == 0, done.stderr
         if mounted:
             filler = fill(tmp_path / "disk", leave=24 * 1024)  # less than the new result
             full = cli("deliver", large, "-o", str(out), "--cache", cache)
         else:  # no mounting here: every file the child writes is capped instead
-            full = cli("deliver", large, "-o", str(out), "--cache", cache, "--no-cache",
-                       fsize=4096)
+            full = cli("deliver", large, "-o", str(out), "--cache", cache, "--no-cache", fsize=4096)
         assert full.returncode == 2, full.stderr
         assert ("ran out of space" if mounted else "hit a file size limit") in full.stderr
         assert str(out) in full.stderr
@@ -347,12 +370,17 @@ def test_disk_full_at_the_manifest_switch_undoes_the_publish(
         if not mounted:
             pytest.skip("mount -t tmpfs is not allowed here (needs root)")
         out = tmp_path / "disk" / "out"
-        done = cli("deliver", spec_file(tmp_path, request(shared_data, SMALL)), "-o", str(out),
-                   "--cache", cache)
+        done = cli(
+            "deliver",
+            spec_file(tmp_path, request(shared_data, SMALL)),
+            "-o",
+            str(out),
+            "--cache",
+            cache,
+        )
         assert done.returncode == 0, done.stderr
         large = spec_file(tmp_path, request(shared_data, LARGE))
-        child = start_stopped("moved", "deliver", large, "-o", str(out), "--cache", cache,
-                              cli=True)
+        child = start_stopped("moved", "deliver", large, "-o", str(out), "--cache", cache, cli=True)
         filler = fill(tmp_path / "disk", leave=0)
         os.kill(child.pid, signal.SIGCONT)
         _, err = child.communicate(timeout=300)
@@ -372,8 +400,14 @@ def test_full_disk_while_a_reused_result_is_copied(
     assert first.returncode == 0, first.stderr
     with small_disk(tmp_path / "disk") as mounted:
         out = tmp_path / "disk" / "out"
-        done = cli("deliver", spec_file(tmp_path, request(shared_data, SMALL)), "-o", str(out),
-                   "--cache", cache)
+        done = cli(
+            "deliver",
+            spec_file(tmp_path, request(shared_data, SMALL)),
+            "-o",
+            str(out),
+            "--cache",
+            cache,
+        )
         assert done.returncode == 0, done.stderr
         if mounted:
             fill(tmp_path / "disk", leave=24 * 1024)
@@ -450,8 +484,9 @@ def test_sigterm_cleans_up_staging_like_ctrl_c(
     out, cache = tmp_path / "out", tmp_path / "cache"
     deliver(request(shared_data, SMALL), out, cache)
     large = spec_file(tmp_path, request(shared_data, LARGE))
-    child = start_stopped("staged", "deliver", large, "-o", str(out), "--cache", str(cache),
-                          cli=True)
+    child = start_stopped(
+        "staged", "deliver", large, "-o", str(out), "--cache", str(cache), cli=True
+    )
     assert list(out.glob(".staging-*/part-*"))  # the new parts, written, not yet published
     os.kill(child.pid, signal.SIGTERM)
     os.kill(child.pid, signal.SIGCONT)
@@ -491,9 +526,19 @@ def test_unreadable_dataset_directory_is_a_clear_error(shared_data: Path, entry:
         shutil.copy(shared_data / "nano_dy.root", locked / "sample.root")
         locked.chmod(0)
         done = subprocess.run(
-            [sys.executable, "-c", UNREADABLE, entry.format(d=locked),
-             str(shared_data / "nano_dy.root"), str(base / "prime"), str(base / "out")],
-            capture_output=True, text=True, timeout=300, check=False,
+            [
+                sys.executable,
+                "-c",
+                UNREADABLE,
+                entry.format(d=locked),
+                str(shared_data / "nano_dy.root"),
+                str(base / "prime"),
+                str(base / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         assert done.returncode == 0, done.stderr
         assert "Traceback" not in done.stderr
@@ -514,8 +559,9 @@ def test_part_named_user_file_is_refused_not_overwritten(
     with pytest.raises(OutputError, match=mine.name):
         deliver(request(shared_data, LARGE), out, cache)
     assert mine.read_bytes() == b"my own file"
-    assert columnhub.Result.open(out).files == [out / n for n in ("part-00000.parquet",
-                                                                  "part-00001.parquet")]
+    assert columnhub.Result.open(out).files == [
+        out / n for n in ("part-00000.parquet", "part-00001.parquet")
+    ]
     holds(out, clean["small"])
 
 
@@ -568,3 +614,35 @@ def test_fresh_part_names_never_clash_and_stay_part_names(
     assert _fresh_names(names, taken) == fresh  # deterministic
     if not taken.intersection(plain):
         assert fresh == plain
+
+
+def test_temporary_files_of_dead_writers_are_removed_and_a_live_ones_kept(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """What a killed delivery leaves (a half-written manifest or journal under either
+    temp-name form, a staging folder) goes with the next delivery; a live writer's stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    gone = int(dead.stdout)  # exited: no process has this pid now (short of reuse)
+    live = os.getppid()
+    leftovers = [
+        f".manifest.json.tmp-{gone}",
+        f".manifest.json.tmp-{gone}-1a2b3c4d",
+        f".columnhub-publish.json.tmp-{gone}-deadbeef",
+    ]
+    for name in leftovers:
+        (out / name).write_text("{")
+    (out / f".staging-{gone}-0").mkdir()
+    kept = out / f".manifest.json.tmp-{live}-0badf00d"
+    kept.write_text("{")
+    result = columnhub.deliver(request(shared_data, SMALL), output=out, cache=False, progress=False)
+    assert result.manifest["complete"]
+    names = {p.name for p in out.iterdir()}
+    assert not names & {*leftovers, f".staging-{gone}-0"}, names
+    assert kept.exists()

@@ -854,7 +854,9 @@ _LOCK_TIMEOUT_DEFAULT = 600.0
 _PART_NAME = re.compile(r"^part-\d{5,}(?:\.\d+)?\.(?:parquet|root)$")
 _VARIANT = re.compile(r"^(part-\d+)(?:\.\d+)?\.")
 _STAGING = re.compile(r"^\.staging-(\d+)-\d+$")
-_MANIFEST_TMP = re.compile(rf"^\.(?:{re.escape(MANIFEST)}|{re.escape(_JOURNAL[1:])})\.tmp-(\d+)$")
+_MANIFEST_TMP = re.compile(
+    rf"^\.(?:{re.escape(MANIFEST)}|{re.escape(_JOURNAL[1:])})\.tmp-(\d+)(?:-[0-9a-f]+)?$"
+)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
