@@ -590,6 +590,9 @@ def render(
                 lines.append(
                     f"| {o.name} | {t.label} | {t.wanted()} | {t.show(value)} | {ok} | {cmd} |"
                 )
+    join = next((o for o in outcomes if o.name == "join" and o.figures), None)
+    if join is not None and join.figures is not None:
+        lines += cold_join(join.figures)
     scale = next((o for o in outcomes if o.name == "scaleout" and o.figures), None)
     if scale is not None and scale.figures is not None and "model" in scale.figures:
         lines += scaling_model(scale.figures)
@@ -618,6 +621,16 @@ def render(
                 "</details>",
             ]
     return "\n".join(lines) + "\n"
+
+
+def cold_join(f: dict[str, Any]) -> list[str]:
+    """The cold keyed join section (from ``bench_join``'s own figures)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_join import cold_join_section
+    finally:
+        sys.path.pop(0)
+    return cold_join_section(f)
 
 
 def scaling_model(f: dict[str, Any]) -> list[str]:
