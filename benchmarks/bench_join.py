@@ -590,32 +590,42 @@ def cold_join_section(figures: dict[str, Any]) -> list[str]:
         "",
         "## The cold keyed join against DuckDB",
         "",
-        f"A cold first request of the shuffled-friend join (`bench_join.py --parts process`):"
-        f" columnhub {ch:.2f} s ({cpu('columnhub'):.2f} CPU s), DuckDB {duck:.2f} s"
-        f" ({cpu('duckdb'):.2f} CPU s), a minimal pyarrow+numpy join script {lean:.2f} s"
-        f" ({cpu('numpy join'):.2f} CPU s), and pyarrow reading both files and writing"
-        f" them unjoined {floor:.2f} s. What it takes:",
+        (
+            f"A cold first request of the shuffled-friend join (`bench_join.py --parts process`):"
+            f" columnhub {ch:.2f} s ({cpu('columnhub'):.2f} CPU s), DuckDB {duck:.2f} s"
+            f" ({cpu('duckdb'):.2f} CPU s), a minimal pyarrow+numpy join script {lean:.2f} s"
+            f" ({cpu('numpy join'):.2f} CPU s), and pyarrow reading both files and writing"
+            f" them unjoined {floor:.2f} s. What it takes:"
+        ),
         "",
-        "- DuckDB's join and Parquet writer are compiled and parallel: it uses"
-        f" {cpu('duckdb') / duck:.1f} cores on average over its whole process, start-up"
-        " included. Reading and writing alone with pyarrow, on one thread for the write,"
-        f" already take {floor / duck:.2f} times DuckDB's time for the whole job here.",
-        "- A join written with the same libraries columnhub uses (numpy sorts and"
-        " searches, `pyarrow.compute.take`, 4 part files encoded on 2 threads; no cache,"
-        f" no validation) takes {lean:.2f} s: columnhub's cold request, which also writes"
-        " the friend's columns into the column cache in primary-chunk order, builds and"
-        " checks both key indexes (`validate: one_to_one`) and makes its output durable,"
-        f" takes {ch / lean:.2f} times that script's time.",
-        "- The rest of columnhub's time is its start-up (interpreter and imports:"
-        " awkward, numpy, pyarrow, pydantic), run on one core before any file is"
-        " read, and the kernel's work of faulting in a fresh process's memory, which"
-        " every side pays for what it allocates.",
-        "- So the cold target (>= 1.0x DuckDB) needs a compiled, GIL-free join and gather"
-        " (or DuckDB itself as the engine of this one step), not more numpy: the"
-        " numpy/pyarrow path is within reach of what these libraries allow. The later"
-        " request, which reads the exchanged friend columns aligned from the cache and"
-        f" joins nothing, is {best('duckdb', 'later') / best('columnhub', 'later'):.2f}x"
-        " DuckDB (DuckDB joins again).",
+        (
+            "- DuckDB's join and Parquet writer are compiled and parallel: it uses"
+            f" {cpu('duckdb') / duck:.1f} cores on average over its whole process, start-up"
+            " included. Reading and writing alone with pyarrow, on one thread for the write,"
+            f" already take {floor / duck:.2f} times DuckDB's time for the whole job here."
+        ),
+        (
+            "- A join written with the same libraries columnhub uses (numpy sorts and"
+            " searches, `pyarrow.compute.take`, 4 part files encoded on 2 threads; no cache,"
+            f" no validation) takes {lean:.2f} s: columnhub's cold request, which also writes"
+            " the friend's columns into the column cache in primary-chunk order, builds and"
+            " checks both key indexes (`validate: one_to_one`) and makes its output durable,"
+            f" takes {ch / lean:.2f} times that script's time."
+        ),
+        (
+            "- The rest of columnhub's time is its start-up (interpreter and imports:"
+            " awkward, numpy, pyarrow, pydantic), run on one core before any file is"
+            " read, and the kernel's work of faulting in a fresh process's memory, which"
+            " every side pays for what it allocates."
+        ),
+        (
+            "- So the cold target (>= 1.0x DuckDB) needs a compiled, GIL-free join and gather"
+            " (or DuckDB itself as the engine of this one step), not more numpy: the"
+            " numpy/pyarrow path is within reach of what these libraries allow. The later"
+            " request, which reads the exchanged friend columns aligned from the cache and"
+            f" joins nothing, is {best('duckdb', 'later') / best('columnhub', 'later'):.2f}x"
+            " DuckDB (DuckDB joins again)."
+        ),
     ]
 
 
