@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import columnhub
 import columnhub.plan
-from columnhub.plan import MIN_PART_BYTES, group_parts, make_plan, part_target
+from columnhub.plan import MIN_PART_BYTES, group_evenly, group_parts, make_plan, min_part_count
 from columnhub.spec import load_request
 from columnhub.synth import synthesize
 
@@ -137,14 +137,32 @@ def test_a_friends_columns_count_their_own_bytes_per_entry(
     target=st.integers(1, 2**40),
     min_parts=st.integers(1, 64),
 )
-def test_the_part_target_leaves_min_parts_of_at_least_the_floor(
+def test_min_part_count_asks_for_min_parts_of_at_least_the_floor(
     total: float, target: int, min_parts: int
 ) -> None:
-    got = part_target(total, target, min_parts=min_parts)
-    assert got <= target  # never above what the user asked for
-    if total / min_parts >= MIN_PART_BYTES:
-        assert got <= total / min_parts  # at least min_parts parts' worth
-    assert got >= min(target, MIN_PART_BYTES)  # small results stay whole
+    count = min_part_count(total, target, min_parts=min_parts)
+    if count is None:
+        assert total >= min_parts * target  # the target alone gives min_parts parts
+    else:
+        assert 1 <= count <= min_parts
+        assert count == 1 or total / count >= MIN_PART_BYTES  # never below the floor
+        assert count == min_parts or total / (count + 1) < MIN_PART_BYTES  # as many as it may
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    entries=st.lists(st.integers(1, 1000), min_size=1, max_size=60),
+    parts=st.integers(1, 12),
+)
+def test_group_evenly_covers_every_chunk_in_order(entries: list[int], parts: int) -> None:
+    groups = group_evenly(entries, parts)
+    assert [i for g in groups for i in g] == list(range(len(entries)))
+    assert 1 <= len(groups) <= parts
+    share = sum(entries) / parts
+    if max(entries) <= share / 2:  # chunks small against a share: exactly the parts asked
+        assert len(groups) == min(parts, len(entries))
+        for g in groups:  # each within a chunk of its share
+            assert abs(sum(entries[i] for i in g) - share) <= 2 * max(entries)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -269,6 +287,45 @@ def test_parts_concatenate_to_the_rows_of_arrays(
     for name in expected.fields:
         assert ak.to_list(got[name]) == ak.to_list(expected[name]), name
     assert sum(rows) == result.events == len(expected)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunk_size=st.integers(200, 2500),
+    min_parts=st.integers(1, 7),
+    floor=st.sampled_from([1, 20_000, 10**9]),
+)
+def test_min_parts_parts_are_the_same_bytes_for_any_workers(
+    primary: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_size: int,
+    min_parts: int,
+    floor: int,
+) -> None:
+    """min_parts (with any floor on the part size): whole chunks per part, at least
+    min(min_parts, chunks) parts when the floor allows, the same files for 1 and 3 workers."""
+    monkeypatch.setattr(columnhub.plan, "MIN_PART_BYTES", floor)
+    request = spec(primary, chunk_size=chunk_size, where=WHERE, output={"min_parts": min_parts})
+    plan = make_plan(load_request(request))
+    assert [i for p in plan.parts for i in p.chunks] == list(range(len(plan.chunks)))
+    total = sum(c.entries for c in plan.chunks) * plan.bytes_per_event
+    if total / min_parts >= floor:  # the floor does not bind: min_parts' worth of parts
+        biggest = max(c.entries for c in plan.chunks) * plan.bytes_per_event
+        if biggest <= total / min_parts / 2:  # chunks small enough to be grouped that finely
+            assert len(plan.parts) >= min_parts
+    else:
+        assert len(plan.parts) <= max(1, -(-total // floor) + 1)
+    files = {}
+    for workers in (1, 3):
+        out = tmp_path_factory.mktemp("min-parts")
+        result = columnhub.deliver(request, output=out, workers=workers, cache=False)
+        files[workers] = [(out / n).read_bytes() for n in result.manifest["files"]]
+    assert files[1] == files[3]
+    got = ak.from_arrow(pa.concat_tables(pq.read_table(pa.BufferReader(b)) for b in files[1]))
+    expected = uproot_reference(primary, [*KEYS, *COLUMNS], WHERE)
+    for name in [*KEYS, *COLUMNS]:
+        assert ak.to_list(got[name]) == ak.to_list(expected[name]), name
 
 
 def test_an_empty_result_keeps_one_part_with_the_columns(

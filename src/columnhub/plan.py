@@ -9,7 +9,7 @@ ranges aligned to basket boundaries). It reads metadata only.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,9 +36,10 @@ __all__ = [
     "Model",
     "Part",
     "Plan",
+    "group_evenly",
     "group_parts",
     "make_plan",
-    "part_target",
+    "min_part_count",
     "split_entries",
 ]
 
@@ -244,33 +245,63 @@ def split_entries(boundaries: Iterable[int], chunk_size: int) -> list[tuple[int,
     return [r for r in out if r[1] > r[0]]
 
 
-#: the smallest part :func:`part_target` aims at to reach ``output.min_parts``
+#: the smallest part :func:`min_part_count` makes to reach ``output.min_parts``
 MIN_PART_BYTES = 8 * 1024**2
 
 
-def part_target(total_bytes: float, target_bytes: int, *, min_parts: int) -> float:
-    """The part size a result of about ``total_bytes`` is grouped toward.
+def min_part_count(total_bytes: float, target_bytes: int, *, min_parts: int) -> int | None:
+    """How many parts ``output.min_parts`` asks of a result of ``total_bytes``, or ``None``.
 
-    ``target_bytes``, or less where that leaves fewer than ``min_parts``
-    parts: parts are the unit of parallel work (each is read, computed and
-    encoded by one task), so a result below the target is still written by
-    several tasks at once. Never below :data:`MIN_PART_BYTES`, so a small
-    result stays one file. A function of the plan's numbers only: the same
-    request gives the same parts on any machine and any number of workers.
+    Parts are the unit of parallel work (each is read, computed and encoded
+    by one task), so a result that ``target_bytes`` would cut into fewer
+    than ``min_parts`` parts is cut into ``min_parts`` instead, as long as
+    each stays at least :data:`MIN_PART_BYTES` (a small result stays one
+    file). ``None``: the target gives ``min_parts`` parts or more by itself.
+    A function of the plan's numbers only: the same request gives the same
+    parts on any machine and any number of workers.
 
-    >>> part_target(64e6, 256 * 1024**2, min_parts=4)
-    16000000.0
-    >>> part_target(1e6, 256 * 1024**2, min_parts=4) == MIN_PART_BYTES
-    True
-    >>> part_target(64e9, 256 * 1024**2, min_parts=4) == 256 * 1024**2
+    >>> min_part_count(64e6, 256 * 1024**2, min_parts=4)
+    4
+    >>> min_part_count(20e6, 256 * 1024**2, min_parts=4)  # 8 MiB each at most twice
+    2
+    >>> min_part_count(1e6, 256 * 1024**2, min_parts=4)
+    1
+    >>> min_part_count(64e9, 256 * 1024**2, min_parts=4) is None
     True
     """
-    spread = max(total_bytes / max(min_parts, 1), float(MIN_PART_BYTES))
-    return min(float(target_bytes), spread)
+    if total_bytes >= min_parts * target_bytes:
+        return None
+    return max(1, min(min_parts, int(total_bytes // MIN_PART_BYTES)))
+
+
+def group_evenly(entries: Sequence[int], parts: int) -> list[tuple[int, ...]]:
+    """Consecutive chunk indices grouped into ``parts`` parts of about equal entries.
+
+    Each cut falls on the chunk boundary nearest its share of the entries; a
+    chunk is never split, so uneven chunks can give fewer parts.
+
+    >>> group_evenly([100] * 8, 4)
+    [(0, 1), (2, 3), (4, 5), (6, 7)]
+    >>> group_evenly([100, 100, 100, 500], 4)  # the last chunk is half of it all
+    [(0, 1), (2,), (3,)]
+    >>> group_evenly([100] * 3, 1)
+    [(0, 1, 2)]
+    """
+    n = len(entries)
+    ends = np.cumsum(np.asarray(entries, dtype=np.float64))
+    total = float(ends[-1]) if n else 0.0
+    cuts: set[int] = set()
+    if total > 0:
+        for i in range(1, max(1, parts)):
+            j = int(np.argmin(np.abs(ends - total * i / parts)))  # cut after chunk j
+            if 0 < j + 1 < n:
+                cuts.add(j + 1)
+    edges = [0, *sorted(cuts), n]
+    return [tuple(range(a, b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def group_parts(
-    entries: Iterable[int], *, bytes_per_event: float, target_bytes: float
+    entries: Iterable[int], *, bytes_per_event: float, target_bytes: int
 ) -> list[tuple[int, ...]]:
     """Consecutive chunk indices grouped into parts of about ``target_bytes``.
 
@@ -385,14 +416,17 @@ def make_plan(request: Request, *, cache: ColumnCache | None = None) -> Plan:
         cache=cache, friends=friends,
     )
     entries = [c.entries for c in chunks]
-    grouped = group_parts(
-        entries,
-        bytes_per_event=per_event,
-        target_bytes=part_target(
-            sum(entries) * per_event,
-            request.output.target_part_bytes,
-            min_parts=request.output.min_parts,
-        ),
+    count = min_part_count(
+        sum(entries) * per_event,
+        request.output.target_part_bytes,
+        min_parts=request.output.min_parts,
+    )
+    grouped = (
+        group_parts(
+            entries, bytes_per_event=per_event, target_bytes=request.output.target_part_bytes
+        )
+        if count is None
+        else group_evenly(entries, count)
     )
     parts = [Part(index=i, chunks=g) for i, g in enumerate(grouped)]
     if any(f.has_tail for f in friends):
