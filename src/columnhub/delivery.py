@@ -726,7 +726,8 @@ def _execute(
                 # scattered friends read once, into the cache in primary-chunk order
                 # (on the cluster's workers when the part tasks run there)
                 exchanged = exchange(
-                    plan, cache=cache, staging=staging, workers=workers, tasks=tasks
+                    plan, cache=cache, staging=staging, workers=workers, tasks=tasks,
+                    prepared=prepared,
                 )
                 prepared.wait()  # the primary's index, built meanwhile: checked before any part
             shared = {

@@ -66,7 +66,7 @@ import awkward as ak
 import numpy as np
 
 from columnhub import sources
-from columnhub.errors import CacheError, SpecError
+from columnhub.errors import CacheError, JoinError, SpecError
 from columnhub.join.gather import compact, gather
 from columnhub.join.match import Match, match
 
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from columnhub.cache import ColumnCache, ColumnLookup
     from columnhub.execute.dask import Tasks
     from columnhub.join.index import KeyIndex
+    from columnhub.join.provider import Prepared
     from columnhub.plan import Chunk, Friend, Plan
 
 __all__ = [
@@ -977,6 +978,7 @@ def exchange(
     staging: Path | None = None,
     workers: int = 1,
     tasks: Tasks | None = None,
+    prepared: Prepared | None = None,
 ) -> Exchanged:
     """Run the exchange for every keyed friend that needs it, before the chunk tasks.
 
@@ -989,6 +991,10 @@ def exchange(
         workers: tasks run at once on the local thread pool.
         tasks: the request's Dask tasks: run the stage on the cluster's
             workers (``None``: on the local thread pool).
+        prepared: :func:`~columnhub.join.provider.prepare`'s result, on a
+            cluster: the friends' key indexes still being built there (the
+            match tasks wait for them, not this process), and their checks,
+            waited for here before anything is gathered.
 
     Returns:
         What ran; call :meth:`Exchanged.close` once the chunk tasks are done.
@@ -1008,6 +1014,8 @@ def exchange(
         if reason is not None:
             result.friends[friend.spec.name] = FriendExchange(False, reason)
     if not todo:
+        if prepared is not None:
+            prepared.wait_friends()
         return result
     budget = memory_budget()
 
@@ -1028,7 +1036,7 @@ def exchange(
     if tasks is not None:
         try:
             _on_cluster(plan, todo, chunks, tasks, cache=cache, target=target, scratch=scratch,
-                        result=result, budget=budget)
+                        result=result, budget=budget, prepared=prepared)
         except BaseException:
             result.close()
             raise
@@ -1259,10 +1267,48 @@ def _layout(plan: Plan, friend: str) -> list[Block]:
     return blocks([f.boundaries for f in spec.dataset.files], max(1, plan.request.chunk_size))
 
 
+def _match_task(
+    plan: Plan,
+    chunk: Chunk,
+    *,
+    friends: Sequence[str],
+    store: ColumnCache | None,
+    cache: ColumnCache | None,
+    indexes: dict[str, KeyIndex],
+) -> ChunkMatch | None:
+    """Task: :func:`match_chunk` against the friends' ``indexes`` (by cache address).
+
+    The indexes come from the tasks that built them (futures), not from the
+    cache, which they may not have reached yet. ``None`` when a friend's
+    index fails its own uniqueness check: the client raises that check's
+    error (an error raised here would be retried as if a worker had died).
+    """
+    from columnhub.join.provider import _adopt
+    from columnhub.join.validate import check_unique
+
+    _adopt(indexes)
+    for name in friends:
+        spec = plan.friend(name)
+        try:
+            check_unique(_index(plan, spec, cache), side="friend", validate=spec.spec.validate_)
+        except JoinError:
+            return None
+    return match_chunk(plan, chunk, friends=friends, store=store, cache=cache)
+
+
 def _locate_task(
-    plan: Plan, friend: str, index_cache: ColumnCache | None, chunk_match: ChunkMatch
+    plan: Plan,
+    friend: str,
+    index_cache: ColumnCache | None,
+    chunk_match: ChunkMatch | None,
+    indexes: dict[str, KeyIndex] | None = None,
 ) -> ChunkRoute:
     """Task: :func:`locate_rows` for one matched chunk (the routing's work, chunk by chunk)."""
+    from columnhub.join.provider import _adopt
+
+    if chunk_match is None:  # the friend's index failed its check: see _match_task
+        return {}
+    _adopt(indexes or {})
     spec = plan.friend(friend)
     return locate_rows(
         _index(plan, spec, index_cache), chunk_match.rows[friend], _layout(plan, friend)
@@ -1274,13 +1320,13 @@ def _route_task(plan: Plan, friend: str, *located: ChunkRoute) -> Routing:
     return combine_routes(located, _layout(plan, friend))
 
 
-def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
+def _routing_summary(routing: Routing, *matches: ChunkMatch | None) -> dict[str, Any]:
     """Task: the small part of a routing and its matches the client needs."""
     return {
         "blocks": len(routing.blocks),
         "repeated": routing.repeated,
         "targets": [[c for c, _, _ in t] for t in routing.targets],
-        "fresh": {m.chunk.index: m.fresh for m in matches},
+        "fresh": {m.chunk.index: m.fresh for m in matches if m is not None},
     }
 
 
@@ -1377,6 +1423,7 @@ def _on_cluster(
     scratch: Callable[[], Path],
     result: Exchanged,
     budget: int,
+    prepared: Prepared | None = None,
 ) -> None:
     """The exchange's tasks on a Dask cluster; fills ``result`` from their metadata.
 
@@ -1388,6 +1435,15 @@ def _on_cluster(
     from columnhub.join.provider import _index_key
 
     index_cache = cache
+    # the friends' indexes, by cache address, where prepare builds them on the cluster
+    building = prepared.indexes if prepared is not None else {}
+    indexes = {
+        key: building[key]
+        for key in (
+            _index_key(plan.friend(n).dataset, plan.friend(n).spec.friend_keys) for n in todo
+        )
+        if key in building
+    }
     if result.store is not None:  # no writable cache: the indexes reach workers through it
         for name in todo:
             friend = plan.friend(name)
@@ -1399,11 +1455,14 @@ def _on_cluster(
         t0 = time.perf_counter()
         matched = {
             i: tasks.submit(
-                match_chunk, plan, plan.chunks[i], friends=list(todo), store=target,
-                cache=index_cache, key=f"exchange-match-{i:05d}",
+                _match_task, plan, plan.chunks[i], friends=list(todo), store=target,
+                cache=index_cache, indexes=indexes, key=f"exchange-match-{i:05d}",
+                # spread: else every match would run where the index was built
+                **tasks.spread(n),
             )
-            for i in chunks
+            for n, i in enumerate(chunks)
         }
+        spread = {i: n for n, i in enumerate(chunks)}
         held += matched.values()
         routed: dict[str, Any] = {}
         summaries: dict[str, Any] = {}
@@ -1411,8 +1470,9 @@ def _on_cluster(
             mine = [matched[i] for i in numbers]
             located = [  # the routing's work, chunk by chunk; combined by one small task
                 tasks.submit(
-                    _locate_task, plan, name, index_cache, matched[i],
+                    _locate_task, plan, name, index_cache, matched[i], indexes,
                     key=f"exchange-locate-{name}-{plan.chunks[i].index:05d}",
+                    **tasks.spread(spread[i]),  # where its match ran
                 )
                 for i in numbers
             ]
@@ -1424,6 +1484,8 @@ def _on_cluster(
                 _routing_summary, routed[name], *mine, key=f"exchange-routed-{name}"
             )
         held += [*routed.values(), *summaries.values()]
+        if prepared is not None:  # a friend's failed check first, as without the cluster
+            prepared.wait_friends()
         summary = dict(zip(summaries, tasks.gather(list(summaries.values())), strict=True))
         for info in summary.values():
             for index, fresh in info["fresh"].items():
