@@ -857,13 +857,15 @@ def test_layout_tasks_give_the_routing_block_by_block(data: st.DataObject) -> No
             continue
         assert got is not None
         (routed, span, targets), at = got
-        assert routed == block and routing.blocks[at] == block
-        assert span == routing.ranges[at] and targets is routing.targets[at]
+        assert routed == block
+        assert routing.blocks[at] == block
+        assert span == routing.ranges[at]
+        assert targets is routing.targets[at]
         for chunk in range(len(chunks)):  # the chunk lists the block iff it takes rows of it
             wants = any(c == chunk for c, _, _ in targets)
             listed = chunk < len(of_chunks) and number in of_chunks[chunk]
             assert wants == listed
-    for chunk, listed in enumerate(of_chunks):
+    for listed in of_chunks:
         assert listed == sorted(listed)  # in layout order, as the reads were before
 
 
