@@ -198,7 +198,7 @@ def _connect_early(req: Request, scheduler: Scheduler) -> Any:
     from columnhub.execute.dask import early
 
     keyed = any(f.match == "keyed" for f in req.friends)
-    return early(scheduler, key=f"columnhub-{req.hash[:16]}", numba=keyed)
+    return early(scheduler, key=f"columnhub-{req.hash[:16]}", joins=keyed)
 
 
 def _deliver_planned(

@@ -179,20 +179,20 @@ class Early:
     """A connection to a running cluster made in the background while the request is planned.
 
     Connecting (and importing ``distributed``) takes the client a few tenths of
-    a second, and a fresh worker's first tasks import columnhub, awkward,
-    uproot and numba (about a second each): both happen here while this
-    process plans the request. Once connected, one *warm-up* task per worker
+    a second, and a fresh worker's first tasks import columnhub, awkward and
+    uproot (about half a second): both happen here while this process plans
+    the request. Once connected, one *warm-up* task per worker
     (:func:`warm`) does those imports, so the request's first tasks find the
     workers ready. :meth:`client` gives the connection (its error, if any, is
     raised there, as :func:`connect` raises it); :meth:`close` closes it.
     """
 
-    def __init__(self, scheduler: str, *, key: str, numba: bool) -> None:
+    def __init__(self, scheduler: str, *, key: str, joins: bool) -> None:
         import threading
 
         self._scheduler = scheduler
         self._key = key
-        self._numba = numba
+        self._joins = joins
         self._client: Any = None
         self._error: BaseException | None = None
         self._closed = False
@@ -213,7 +213,7 @@ class Early:
                 # fire and forget: nothing waits for it, and it runs even so
                 distributed.fire_and_forget(
                     client.submit(
-                        warm, self._numba, key=f"{self._key}-warm-{n:05d}-{run}", pure=False,
+                        warm, self._joins, key=f"{self._key}-warm-{n:05d}-{run}", pure=False,
                         workers=[worker], allow_other_workers=False,
                     )
                 )
@@ -233,23 +233,27 @@ class Early:
             self._client.close()
 
 
-def early(scheduler: Any, *, key: str, numba: bool = False) -> Early | None:
+def early(scheduler: Any, *, key: str, joins: bool = False) -> Early | None:
     """Start connecting to ``scheduler`` now when it names a running cluster (:class:`Early`).
 
     ``None`` for the thread pool, ``"local"`` and a ``distributed.Client``
     (nothing to connect to, or already connected). ``key`` starts the
-    warm-up tasks' keys (``columnhub-<request hash>``); ``numba``: the
-    warm-up also loads numba's kernels (a request with a keyed join).
+    warm-up tasks' keys (``columnhub-<request hash>``); ``joins``: the
+    warm-up also runs the key index code once (a request with a keyed join).
     """
     if scheduler is None:
         scheduler = os.environ.get(SCHEDULER_ENV) or None
     if not isinstance(scheduler, str) or not scheduler or scheduler == "local":
         return None
-    return Early(scheduler, key=key, numba=numba)
+    return Early(scheduler, key=key, joins=joins)
 
 
-def warm(numba: bool = False) -> None:
-    """Task: import what a request's tasks need (and numba, if ``numba``) on this worker."""
+def warm(joins: bool = False) -> None:
+    """Task: import what a request's tasks need on this worker (``joins``: and build an index).
+
+    numba is not loaded here: a worker takes the compiled kernels only once
+    something else has loaded it (see :func:`columnhub._kernels.numba_loaded`).
+    """
     import awkward  # noqa: F401
     import uproot  # noqa: F401
 
@@ -258,20 +262,12 @@ def warm(numba: bool = False) -> None:
     import columnhub.join.match
     import columnhub.join.provider  # noqa: F401
 
-    if numba:
-        from columnhub import _kernels
-
-        _kernels._load_numba()
-        _warm_kernels()
+    if joins:
+        _warm_joins()
 
 
-def _warm_kernels() -> None:
-    """Build and match a tiny key index with NanoAOD's key types.
-
-    A compiled kernel is loaded from numba's cache on its first call with
-    each type: about 0.4 s for an index build's kernels, paid here rather
-    than by the first index merge or match.
-    """
+def _warm_joins() -> None:
+    """Build and match a tiny key index with NanoAOD's key types (the code paths' first run)."""
     import numpy as np
 
     from columnhub.join.index import KeyIndex
