@@ -524,6 +524,9 @@ def _prepare_on_cluster(
     try:
         for n, (dataset, keys, checked) in enumerate(wanted):
             key = _index_key(dataset, keys)
+            # a friend's index first (the exchange waits for it), its store and the
+            # primary's index (waited for only before the parts) after the exchange's tasks
+            first = {"priority": 1} if n < friends else {"priority": -1}
             pieces: list[Any] = []
             files: list[int] = []
             if not cache.contains(key):
@@ -533,18 +536,20 @@ def _prepare_on_cluster(
                         pieces.append(
                             tasks.submit(
                                 _key_piece, dataset, keys, f, start, stop,
-                                key=f"index-{n}-read-{f:05d}-{start}",
+                                key=f"index-{n}-read-{f:05d}-{start}", **first,
                             )
                         )
                         files.append(f)
             merged = tasks.submit(
-                _merge_index, dataset, keys, files, cache, *pieces, key=f"index-{n}-merge"
+                _merge_index, dataset, keys, files, cache, *pieces, key=f"index-{n}-merge",
+                **first,
             )
             if n < friends:
                 indexes[key] = merged
             checks.append(
                 tasks.submit(
-                    _store_index, dataset, keys, cache, checked, merged, key=f"index-{n}-store"
+                    _store_index, dataset, keys, cache, checked, merged, key=f"index-{n}-store",
+                    priority=-1,
                 )
             )
             # the pieces are not held: the merge, until it has run, keeps them
