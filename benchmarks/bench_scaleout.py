@@ -21,8 +21,9 @@ started by the command (``--scheduler local --workers N``), and the local
 executor (threads, ``--workers N``). For each run on a running cluster the
 script also reports, from the scheduler's task stream and the workers' own
 CPU counters: the client process's CPU seconds against the workers', when
-the first task started and how long after the last one the command ended
-(the client's serial share), the seconds during which every worker was busy,
+the first task started (the warm-up each worker runs while the client still
+plans, see docs/scaleout.md) and the first of the request's own tasks, how
+long after the last one the command ended (the client's serial share), the seconds during which every worker was busy,
 and each stage's tasks and seconds of work. On a busy machine the wall times
 of 1 vs 2 workers are unreliable (two workers compete for the cores with
 everything else); these figures are not.
