@@ -357,3 +357,56 @@ def test_duplicate_keys_found_on_the_cluster_give_the_local_error(
     manifest = read_manifest(tmp_path / "dask")
     assert manifest is None or not manifest["complete"]  # reported before any part: none
     assert not list((tmp_path / "dask").glob("part-*"))
+
+
+def test_a_scheduler_address_is_connected_while_planning_and_each_worker_warmed(
+    primary: list[Path], tmp_path: Path, client: Any
+) -> None:
+    keys = primary_keys(primary)
+    rows = np.random.default_rng(5).permutation(len(keys["event"]))
+    friend = write_friend(tmp_path / "friend", keys, rows)
+    request = friend_spec(primary, friend)
+    with distributed.get_task_stream(client) as stream:
+        on_dask = columnhub.deliver(
+            request, output=tmp_path / "dask", scheduler=client.scheduler.address,
+            cache=tmp_path / "c-dask",
+        )
+    warmed = [t["worker"] for t in stream.data if "-warm-" in str(t["key"])]
+    assert sorted(warmed) == sorted(client.nthreads())  # one warm-up task per worker
+    local = columnhub.deliver(request, output=tmp_path / "local", workers=2, cache=False)
+    assert [f.name for f in on_dask.files] == [f.name for f in local.files]
+    for a, b in zip(local.files, on_dask.files, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_an_unreachable_scheduler_address_is_a_user_error(
+    primary: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from columnhub.errors import SpecError
+
+    monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "1s")
+    with pytest.raises(SpecError, match="cannot connect to the Dask scheduler"):
+        columnhub.deliver(
+            spec(primary), output=tmp_path / "out", scheduler="tcp://127.0.0.1:9", cache=False
+        )
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest is None or not manifest["complete"]
+
+
+def test_the_index_built_on_the_cluster_is_the_local_build_byte_for_byte(
+    primary: list[Path], tmp_path: Path, client: Any
+) -> None:
+    keys = primary_keys(primary)
+    rows = np.random.default_rng(11).permutation(len(keys["event"]))[:2500]
+    friend = write_friend(tmp_path / "friend", keys, rows, files=3, basket=170)
+    request = friend_spec(primary, friend)
+    columnhub.deliver(request, output=tmp_path / "dask", scheduler=client, cache=tmp_path / "c")
+    plan = make_plan(load_request(request))
+    dataset = plan.friend("f").dataset
+    blob = ColumnCache(tmp_path / "c").get_bytes(provider._index_key(dataset, KEYS))
+    assert blob is not None
+    direct = [uproot.open(f)["Events"].arrays(KEYS, library="np") for f in friend]
+    built = KeyIndex.from_files(
+        [{k: d[k] for k in KEYS} for d in direct], file_names=[f.path for f in dataset.files]
+    )
+    assert blob == built.to_bytes()

@@ -818,3 +818,61 @@ def test_exchange_on_a_cluster_matches_brute_force(
     if exchange["ran"]:
         assert all(c.get("friend_entries_read", 0) == 0 for c in result.manifest["chunks"])
         assert len(exchange["reads"]) == exchange["blocks"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_layout_tasks_give_the_routing_block_by_block(data: st.DataObject) -> None:
+    """The cluster's per-layout-block tasks against the routing they are cut from."""
+    from columnhub.join import exchange as ex
+
+    files = data.draw(st.integers(1, 3))
+    boundaries = []
+    for _ in range(files):
+        sizes = data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=6))
+        boundaries.append(np.concatenate([[0], np.cumsum(sizes)]).tolist())
+    layout = ex.blocks(boundaries, data.draw(st.integers(1, 12)))
+    entries = [(f, e) for f, edges in enumerate(boundaries) for e in range(edges[-1])]
+    chunks = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        picked = data.draw(st.lists(st.sampled_from(entries), max_size=10, unique=True))
+        chunks.append(
+            {
+                b: (np.array([p for p, _ in rows], dtype=np.int64),
+                    np.array([e for _, e in rows], dtype=np.int64))
+                for b, rows in _by_block(layout, picked).items()
+            }
+        )
+    routing = ex.combine_routes(chunks, layout)
+    of_chunks = ex._blocks_of_chunks(routing, layout)
+    if routing.repeated <= 0:
+        assert of_chunks is None
+        assert all(ex._layout_block_task(routing, b) is None for b in layout)
+        return
+    assert of_chunks is not None
+    for number, block in enumerate(layout):
+        got = ex._layout_block_task(routing, block)
+        if block not in routing.blocks:
+            assert got is None
+            continue
+        assert got is not None
+        (routed, span, targets), at = got
+        assert routed == block
+        assert routing.blocks[at] == block
+        assert span == routing.ranges[at]
+        assert targets is routing.targets[at]
+        for chunk in range(len(chunks)):  # the chunk lists the block iff it takes rows of it
+            wants = any(c == chunk for c, _, _ in targets)
+            listed = chunk < len(of_chunks) and number in of_chunks[chunk]
+            assert wants == listed
+    for listed in of_chunks:
+        assert listed == sorted(listed)  # in layout order, as the reads were before
+
+
+def _by_block(layout: list[Any], picked: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """``(position, entry)`` pairs of chunk rows ``picked`` (file, entry) by layout block."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for position, (f, e) in enumerate(picked):
+        b = next(i for i, x in enumerate(layout) if x.file == f and x.start <= e < x.stop)
+        out.setdefault(b, []).append((position, e))
+    return dict(sorted(out.items()))

@@ -164,7 +164,6 @@ def deliver(
     fast = _deliver_known(request, output=output, chunk_size=chunk_size, cache=cache, t0=t0)
     if isinstance(fast, Result):
         return fast
-    from columnhub.plan import make_plan
     from columnhub.spec import Samples
 
     req = _load(request, chunk_size=chunk_size)
@@ -179,6 +178,44 @@ def deliver(
     workers = _workers(workers)
     directory = Path(req.output.directory) if req.output.directory else None
     directory = directory or default_output_directory(req)
+    with contextlib.ExitStack() as stack:
+        connecting = _connect_early(req, scheduler)
+        if connecting is not None:  # a running cluster: connected (and warmed) while planning
+            stack.callback(connecting.close)
+            scheduler = connecting
+        return _deliver_planned(
+            req, fast, directory, own_directory, t0=t0, workers=workers, progress=progress,
+            cache=cache, scheduler=scheduler,
+        )
+
+
+def _connect_early(req: Request, scheduler: Scheduler) -> Any:
+    """:func:`columnhub.execute.dask.early` for ``req`` (``None``: nothing to connect to)."""
+    if scheduler is None and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        return None  # the thread pool: nothing of distributed imported
+    if not isinstance(scheduler, str | None) or scheduler == "local":
+        return None
+    from columnhub.execute.dask import early
+
+    keyed = any(f.match == "keyed" for f in req.friends)
+    return early(scheduler, key=f"columnhub-{req.hash[:16]}", joins=keyed)
+
+
+def _deliver_planned(
+    req: Request,
+    fast: Any,
+    directory: Path,
+    own_directory: Any,
+    *,
+    t0: float,
+    workers: int,
+    progress: Any,
+    cache: Any,
+    scheduler: Scheduler,
+) -> Result:
+    """:func:`deliver` of one request from its plan on."""
+    from columnhub.plan import make_plan
+
     # user errors surface here, before anything is written; with the cache opened by
     # _deliver_known, input files planned before are not opened (sources._metadata)
     plan = make_plan(req, cache=fast.store if fast.opened else None)
@@ -726,7 +763,8 @@ def _execute(
                 # scattered friends read once, into the cache in primary-chunk order
                 # (on the cluster's workers when the part tasks run there)
                 exchanged = exchange(
-                    plan, cache=cache, staging=staging, workers=workers, tasks=tasks
+                    plan, cache=cache, staging=staging, workers=workers, tasks=tasks,
+                    prepared=prepared,
                 )
                 prepared.wait()  # the primary's index, built meanwhile: checked before any part
             shared = {

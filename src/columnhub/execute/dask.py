@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEDULER_ENV",
+    "Early",
     "Executor",
     "RunParts",
     "Tasks",
     "connect",
+    "early",
     "executor_for",
     "local_cluster",
     "run_parts",
@@ -148,6 +150,9 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
 
 @contextlib.contextmanager
 def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
+    if isinstance(scheduler, Early):  # connected in the background (closed by its owner)
+        yield scheduler.client()
+        return
     distributed = _distributed()
     if isinstance(scheduler, distributed.Client):
         yield scheduler
@@ -168,6 +173,115 @@ def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
         return
     with connect(scheduler) as client:
         yield client
+
+
+class Early:
+    """A connection to a running cluster made in the background while the request is planned.
+
+    Connecting (and importing ``distributed``) takes the client a few tenths of
+    a second, and a fresh worker's first tasks import columnhub, awkward and
+    uproot (about half a second): both happen here while this process plans
+    the request. Once connected, one *warm-up* task per worker
+    (:func:`warm`) does those imports, so the request's first tasks find the
+    workers ready. :meth:`client` gives the connection (its error, if any, is
+    raised there, as :func:`connect` raises it); :meth:`close` closes it.
+    """
+
+    def __init__(self, scheduler: str, *, key: str, joins: bool) -> None:
+        import threading
+
+        self._scheduler = scheduler
+        self._key = key
+        self._joins = joins
+        self._client: Any = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._connect, name="columnhub-connect", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> None:
+        try:
+            client = connect(self._scheduler)
+        except BaseException as err:  # noqa: BLE001 - raised by client(), in the caller's thread
+            self._error = err
+            return
+        self._client = client
+        with contextlib.suppress(Exception):  # a warm-up is only a hint
+            run = secrets.token_hex(4)
+            distributed = _distributed()
+            for n, worker in enumerate(sorted(client.nthreads())):
+                # fire and forget: nothing waits for it, and it runs even so
+                distributed.fire_and_forget(
+                    client.submit(
+                        warm, self._joins, key=f"{self._key}-warm-{n:05d}-{run}", pure=False,
+                        workers=[worker], allow_other_workers=False,
+                    )
+                )
+
+    def client(self) -> Any:
+        """The ``distributed.Client`` (waits for the connection; its error is raised here)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._client
+
+    def close(self) -> None:
+        """Close the connection (waits for it to be made first)."""
+        self._thread.join()
+        if self._client is not None and not self._closed:
+            self._closed = True
+            self._client.close()
+
+
+def early(scheduler: Any, *, key: str, joins: bool = False) -> Early | None:
+    """Start connecting to ``scheduler`` now when it names a running cluster (:class:`Early`).
+
+    ``None`` for the thread pool, ``"local"`` and a ``distributed.Client``
+    (nothing to connect to, or already connected). ``key`` starts the
+    warm-up tasks' keys (``columnhub-<request hash>``); ``joins``: the
+    warm-up also runs the key index code once (a request with a keyed join).
+    """
+    if scheduler is None:
+        scheduler = os.environ.get(SCHEDULER_ENV) or None
+    if not isinstance(scheduler, str) or not scheduler or scheduler == "local":
+        return None
+    return Early(scheduler, key=key, joins=joins)
+
+
+def warm(joins: bool = False) -> None:
+    """Task: import what a request's tasks need on this worker (``joins``: and build an index).
+
+    numba is not loaded here: a worker takes the compiled kernels only once
+    something else has loaded it (see :func:`columnhub._kernels.numba_loaded`).
+    """
+    import awkward  # noqa: F401
+    import uproot  # noqa: F401
+
+    import columnhub.execute.part
+    import columnhub.join.exchange
+    import columnhub.join.match
+    import columnhub.join.provider  # noqa: F401
+
+    if joins:
+        _warm_joins()
+
+
+def _warm_joins() -> None:
+    """Build and match a tiny key index with NanoAOD's key types (the code paths' first run)."""
+    import numpy as np
+
+    from columnhub.join.index import KeyIndex
+    from columnhub.join.match import match
+
+    n = 64
+    keys = {
+        "run": np.ones(n, dtype=np.uint32),
+        "luminosityBlock": np.arange(n, dtype=np.uint32) // 8,
+        "event": np.arange(n, dtype=np.uint64)[::-1].copy(),
+    }
+    other = {**keys, "event": keys["event"] + np.uint64(n)}
+    index = KeyIndex.from_files([keys, other], file_names=["a", "b"])
+    match({k: v[::2].copy() for k, v in other.items()}, index)
 
 
 def local_cluster(workers: int) -> Any:
@@ -218,15 +332,13 @@ def run_parts(
     same :class:`~columnhub.errors.ColumnhubError`; the other tasks are then
     cancelled.
     """
-    from columnhub.execute.part import run_part
-
     distributed = _distributed()
     if not parts:
         return
     run = secrets.token_hex(4)  # keys of a new delivery never meet an older one's
     futures = [
         client.submit(
-            run_part,
+            _run_part_synced,
             plan,
             part,
             str(Path(staging).resolve()),
@@ -245,6 +357,28 @@ def run_parts(
             yield future.result()
     finally:
         client.cancel([f for f in futures if not f.done()])
+
+
+def _run_part_synced(
+    plan: Plan, part: Part, staging: str, cache: ColumnCache | None, **options: Any
+) -> PartMeta:
+    """Task: :func:`~columnhub.execute.part.run_part`, its file then flushed to disk (fsync).
+
+    The worker that wrote the part holds its dirty pages: flushed here, on
+    every worker at once, the client's own fsync before publishing (which
+    makes the result durable) finds nothing left to write.
+    """
+    from columnhub.execute.part import run_part
+
+    meta = run_part(plan, part, staging, cache, **options)
+    path = Path(staging) / meta.name
+    with contextlib.suppress(OSError):  # the client's fsync still runs (and reports)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return meta
 
 
 def _retries() -> int:

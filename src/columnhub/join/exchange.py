@@ -66,7 +66,7 @@ import awkward as ak
 import numpy as np
 
 from columnhub import sources
-from columnhub.errors import CacheError, SpecError
+from columnhub.errors import CacheError, JoinError, SpecError
 from columnhub.join.gather import compact, gather
 from columnhub.join.match import Match, match
 
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from columnhub.cache import ColumnCache, ColumnLookup
     from columnhub.execute.dask import Tasks
     from columnhub.join.index import KeyIndex
+    from columnhub.join.provider import Prepared
     from columnhub.plan import Chunk, Friend, Plan
 
 __all__ = [
@@ -977,6 +978,7 @@ def exchange(
     staging: Path | None = None,
     workers: int = 1,
     tasks: Tasks | None = None,
+    prepared: Prepared | None = None,
 ) -> Exchanged:
     """Run the exchange for every keyed friend that needs it, before the chunk tasks.
 
@@ -989,6 +991,10 @@ def exchange(
         workers: tasks run at once on the local thread pool.
         tasks: the request's Dask tasks: run the stage on the cluster's
             workers (``None``: on the local thread pool).
+        prepared: :func:`~columnhub.join.provider.prepare`'s result, on a
+            cluster: the friends' key indexes still being built there (the
+            match tasks wait for them, not this process), and their checks,
+            waited for here before anything is gathered.
 
     Returns:
         What ran; call :meth:`Exchanged.close` once the chunk tasks are done.
@@ -1008,6 +1014,8 @@ def exchange(
         if reason is not None:
             result.friends[friend.spec.name] = FriendExchange(False, reason)
     if not todo:
+        if prepared is not None:
+            prepared.wait_friends()
         return result
     budget = memory_budget()
 
@@ -1028,7 +1036,7 @@ def exchange(
     if tasks is not None:
         try:
             _on_cluster(plan, todo, chunks, tasks, cache=cache, target=target, scratch=scratch,
-                        result=result, budget=budget)
+                        result=result, budget=budget, prepared=prepared)
         except BaseException:
             result.close()
             raise
@@ -1259,10 +1267,48 @@ def _layout(plan: Plan, friend: str) -> list[Block]:
     return blocks([f.boundaries for f in spec.dataset.files], max(1, plan.request.chunk_size))
 
 
+def _match_task(
+    plan: Plan,
+    chunk: Chunk,
+    *,
+    friends: Sequence[str],
+    store: ColumnCache | None,
+    cache: ColumnCache | None,
+    indexes: dict[str, KeyIndex],
+) -> ChunkMatch | None:
+    """Task: :func:`match_chunk` against the friends' ``indexes`` (by cache address).
+
+    The indexes come from the tasks that built them (futures), not from the
+    cache, which they may not have reached yet. ``None`` when a friend's
+    index fails its own uniqueness check: the client raises that check's
+    error (an error raised here would be retried as if a worker had died).
+    """
+    from columnhub.join.provider import _adopt
+    from columnhub.join.validate import check_unique
+
+    _adopt(indexes)
+    for name in friends:
+        spec = plan.friend(name)
+        try:
+            check_unique(_index(plan, spec, cache), side="friend", validate=spec.spec.validate_)
+        except JoinError:
+            return None
+    return match_chunk(plan, chunk, friends=friends, store=store, cache=cache)
+
+
 def _locate_task(
-    plan: Plan, friend: str, index_cache: ColumnCache | None, chunk_match: ChunkMatch
+    plan: Plan,
+    friend: str,
+    index_cache: ColumnCache | None,
+    chunk_match: ChunkMatch | None,
+    indexes: dict[str, KeyIndex] | None = None,
 ) -> ChunkRoute:
     """Task: :func:`locate_rows` for one matched chunk (the routing's work, chunk by chunk)."""
+    from columnhub.join.provider import _adopt
+
+    if chunk_match is None:  # the friend's index failed its check: see _match_task
+        return {}
+    _adopt(indexes or {})
     spec = plan.friend(friend)
     return locate_rows(
         _index(plan, spec, index_cache), chunk_match.rows[friend], _layout(plan, friend)
@@ -1274,13 +1320,13 @@ def _route_task(plan: Plan, friend: str, *located: ChunkRoute) -> Routing:
     return combine_routes(located, _layout(plan, friend))
 
 
-def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
+def _routing_summary(routing: Routing, *matches: ChunkMatch | None) -> dict[str, Any]:
     """Task: the small part of a routing and its matches the client needs."""
     return {
         "blocks": len(routing.blocks),
         "repeated": routing.repeated,
         "targets": [[c for c, _, _ in t] for t in routing.targets],
-        "fresh": {m.chunk.index: m.fresh for m in matches},
+        "fresh": {m.chunk.index: m.fresh for m in matches if m is not None},
     }
 
 
@@ -1288,14 +1334,77 @@ def _routing_summary(routing: Routing, *matches: ChunkMatch) -> dict[str, Any]:
 _BlockRoute = tuple[Block, tuple[int, int], tuple[tuple[int, np.ndarray, np.ndarray], ...]]
 
 
-def _block_task(routing: Routing, number: int) -> _BlockRoute:
-    """Task: block ``number`` of ``routing`` alone.
+def _layout_block_task(routing: Routing, block: Block) -> tuple[_BlockRoute, int] | None:
+    """Task: layout block ``block``'s routing and its number in ``routing``.
 
     A read task takes this small piece rather than the whole routing, so the
     scheduler can run the reads on every worker instead of on the one that
-    holds the routing.
+    holds the routing. ``None`` when no chunk needs the block, or when the exchange does not run
+    (no block is needed twice): the read tasks are submitted for every block
+    of the layout together with the routing, before it is known.
     """
-    return routing.blocks[number], routing.ranges[number], routing.targets[number]
+    if routing.repeated <= 0:
+        return None
+    for number, routed in enumerate(routing.blocks):
+        if routed == block:
+            return (routed, routing.ranges[number], routing.targets[number]), number
+    return None
+
+
+def _blocks_of_chunks(routing: Routing, layout: Sequence[Block]) -> list[list[int]] | None:
+    """Task: per chunk (number among the matches routed), the layout blocks it takes rows of.
+
+    ``None`` when the exchange does not run (see :func:`_layout_block_task`).
+    """
+    if routing.repeated <= 0:
+        return None
+    where = {b: n for n, b in enumerate(layout)}
+    out: dict[int, list[int]] = {}
+    for block, targets in zip(routing.blocks, routing.targets, strict=True):
+        for chunk, _, _ in targets:
+            out.setdefault(chunk, []).append(where[block])
+    return [out.get(c, []) for c in range(max(out, default=-1) + 1)]
+
+
+def _read_layout_task(
+    plan: Plan,
+    friend: str,
+    block: tuple[_BlockRoute, int] | None,
+    number: int,
+    *,
+    columns: Sequence[str],
+    pieces: ColumnCache,
+) -> tuple[tuple[str, int, int], int] | None:
+    """Task: :func:`_read_task` of layout block ``number`` (``None``: not read, see above).
+
+    The pieces are stored under the layout block's number; the first block
+    of the routing also stores the zero-row arrays.
+    """
+    if block is None:
+        return None
+    route, routed = block
+    return _read_task(plan, friend, route, number, columns=columns, pieces=pieces, first=routed == 0)
+
+
+def _assemble_layout_task(
+    plan: Plan,
+    friend: str,
+    chunk_match: ChunkMatch | None,
+    local: int,
+    of_chunks: list[list[int]] | None,
+    *reads: Any,
+    columns: Sequence[str],
+    pieces: ColumnCache,
+    store: ColumnCache,
+) -> tuple[int, tuple[str, ...]] | None:
+    """Task: :func:`_assemble_task` with its blocks from ``of_chunks`` (``None``: not run)."""
+    if of_chunks is None or chunk_match is None:
+        return None
+    blocks = of_chunks[local] if local < len(of_chunks) else []
+    return _assemble_task(
+        plan, friend, chunk_match, local, *reads, blocks=blocks, columns=columns, pieces=pieces,
+        store=store,
+    )
 
 
 def _read_task(
@@ -1306,11 +1415,13 @@ def _read_task(
     *,
     columns: Sequence[str],
     pieces: ColumnCache,
+    first: bool | None = None,
 ) -> tuple[tuple[str, int, int], int]:
     """Task: read block ``number`` (``block``: its routing) once and store its pieces in ``pieces``.
 
-    Block 0 also stores a zero-row array of each column (for chunks without
-    partners). Returns the read ``(file, start, stop)`` and the bytes read.
+    The first block (``first``; default: block 0) also stores a zero-row
+    array of each column (for chunks without partners). Returns the read
+    ``(file, start, stop)`` and the bytes read.
     """
     spec = plan.friend(friend)
     got = read_block(plan, friend, *block, columns=columns)
@@ -1318,7 +1429,7 @@ def _read_task(
         pieces.put(_piece_key(spec, number, local, "\0rows"), ak.Array(where))
         for c in columns:
             pieces.put(_piece_key(spec, number, local, c), values[c])
-    if number == 0:
+    if number == 0 if first is None else first:
         for c in columns:
             pieces.put(_piece_key(spec, -1, -1, c), got.columns[0][c][:0])
     return got.read, got.bytes_read
@@ -1377,6 +1488,7 @@ def _on_cluster(
     scratch: Callable[[], Path],
     result: Exchanged,
     budget: int,
+    prepared: Prepared | None = None,
 ) -> None:
     """The exchange's tasks on a Dask cluster; fills ``result`` from their metadata.
 
@@ -1388,6 +1500,15 @@ def _on_cluster(
     from columnhub.join.provider import _index_key
 
     index_cache = cache
+    # the friends' indexes, by cache address, where prepare builds them on the cluster
+    building = prepared.indexes if prepared is not None else {}
+    indexes = {
+        key: building[key]
+        for key in (
+            _index_key(plan.friend(n).dataset, plan.friend(n).spec.friend_keys) for n in todo
+        )
+        if key in building
+    }
     if result.store is not None:  # no writable cache: the indexes reach workers through it
         for name in todo:
             friend = plan.friend(name)
@@ -1399,11 +1520,14 @@ def _on_cluster(
         t0 = time.perf_counter()
         matched = {
             i: tasks.submit(
-                match_chunk, plan, plan.chunks[i], friends=list(todo), store=target,
-                cache=index_cache, key=f"exchange-match-{i:05d}",
+                _match_task, plan, plan.chunks[i], friends=list(todo), store=target,
+                cache=index_cache, indexes=indexes, key=f"exchange-match-{i:05d}",
+                # spread: else every match would run where the index was built
+                **tasks.spread(n),
             )
-            for i in chunks
+            for n, i in enumerate(chunks)
         }
+        spread = {i: n for n, i in enumerate(chunks)}
         held += matched.values()
         routed: dict[str, Any] = {}
         summaries: dict[str, Any] = {}
@@ -1411,8 +1535,9 @@ def _on_cluster(
             mine = [matched[i] for i in numbers]
             located = [  # the routing's work, chunk by chunk; combined by one small task
                 tasks.submit(
-                    _locate_task, plan, name, index_cache, matched[i],
+                    _locate_task, plan, name, index_cache, matched[i], indexes,
                     key=f"exchange-locate-{name}-{plan.chunks[i].index:05d}",
+                    **tasks.spread(spread[i]),  # where its match ran
                 )
                 for i in numbers
             ]
@@ -1424,75 +1549,90 @@ def _on_cluster(
                 _routing_summary, routed[name], *mine, key=f"exchange-routed-{name}"
             )
         held += [*routed.values(), *summaries.values()]
-        summary = dict(zip(summaries, tasks.gather(list(summaries.values())), strict=True))
-        for info in summary.values():
-            for index, fresh in info["fresh"].items():
-                result.fresh.setdefault(index, set()).update(fresh)
-        t_match = time.perf_counter() - t0
+        # the reads and assemblies too, before the routing is known: one read task per
+        # block of the layout (a block no chunk needs is not read) and one assembly per
+        # chunk, so no round trip through this process separates them from the routing
+        from columnhub.cache import ColumnCache
+
+        staged: dict[str, tuple[list[Any], list[Any], Path, ColumnCache]] = {}
         for name, numbers in todo.items():
             friend = plan.friend(name)
-            info = summary[name]
-            report = FriendExchange(
-                False, "", blocks=info["blocks"], chunks=len(numbers), memory_budget=budget
-            )
-            report.seconds["match"] = t_match
-            result.friends[name] = report
-            if info["repeated"] <= 0:
-                report.reason = "each friend block is needed by one chunk: read chunk by chunk"
-                continue
-            report.ran = True
-            report.reason = (
-                f"scattered: {info['blocks']} friend block(s) needed "
-                f"{info['blocks'] + info['repeated']} times by {len(numbers)} chunk(s)"
-            )
-            report.rounds = 1  # every piece goes through the shared spill store
+            layout = _layout(plan, name)
             columns = _read_names(plan, friend)
-            from columnhub.cache import ColumnCache
-
             where = scratch() / f"pieces-{friend.fingerprint[:16]}"
             pieces = ColumnCache(where)
-            try:
+            staged[name] = ([], [], where, pieces)
+            of_chunks = tasks.submit(
+                _blocks_of_chunks, routed[name], layout, key=f"exchange-routed-chunks-{name}"
+            )
+            routes = [
+                tasks.submit(
+                    _layout_block_task, routed[name], block, key=f"exchange-block-{name}-{b:05d}"
+                )
+                for b, block in enumerate(layout)
+            ]
+            reads = [
+                tasks.submit(
+                    _read_layout_task, plan, name, routes[b], b, columns=columns,
+                    pieces=pieces, key=f"exchange-read-{name}-{b:05d}", **tasks.spread(b),
+                )
+                for b in range(len(layout))
+            ]
+            assembled = [
+                tasks.submit(
+                    _assemble_layout_task, plan, name, matched[numbers[local]], local, of_chunks,
+                    *reads, columns=columns, pieces=pieces, store=target,
+                    key=f"exchange-assemble-{name}-{plan.chunks[numbers[local]].index:05d}",
+                    **tasks.spread(local),
+                )
+                for local in range(len(numbers))
+            ]
+            staged[name][0].extend(reads)
+            staged[name][1].extend(assembled)
+            held += [of_chunks, *routes, *reads, *assembled]
+        if prepared is not None:  # a friend's failed check first, as without the cluster
+            prepared.wait_friends()
+        try:
+            summary = dict(zip(summaries, tasks.gather(list(summaries.values())), strict=True))
+            for info in summary.values():
+                for index, fresh in info["fresh"].items():
+                    result.fresh.setdefault(index, set()).update(fresh)
+            t_match = time.perf_counter() - t0
+            for name, numbers in todo.items():
+                friend = plan.friend(name)
+                info = summary[name]
+                report = FriendExchange(
+                    False, "", blocks=info["blocks"], chunks=len(numbers), memory_budget=budget
+                )
+                report.seconds["match"] = t_match
+                result.friends[name] = report
+                reads, assembled, _, _ = staged[name]
+                if info["repeated"] <= 0:  # its read and assembly tasks do nothing
+                    report.reason = "each friend block is needed by one chunk: read chunk by chunk"
+                    continue
+                report.ran = True
+                report.reason = (
+                    f"scattered: {info['blocks']} friend block(s) needed "
+                    f"{info['blocks'] + info['repeated']} times by {len(numbers)} chunk(s)"
+                )
+                report.rounds = 1  # every piece goes through the shared spill store
                 t0 = time.perf_counter()
-                routes = [
-                    tasks.submit(
-                        _block_task, routed[name], b, key=f"exchange-block-{name}-{b:05d}"
-                    )
-                    for b in range(info["blocks"])
-                ]
-                reads = [
-                    tasks.submit(
-                        _read_task, plan, name, routes[b], b, columns=columns,
-                        pieces=pieces, key=f"exchange-read-{name}-{b:05d}", **tasks.spread(b),
-                    )
-                    for b in range(info["blocks"])
-                ]
-                held += [*routes, *reads]
-                of_chunk: list[list[int]] = [[] for _ in numbers]
-                for b, chunk_numbers in enumerate(info["targets"]):
-                    for local in chunk_numbers:
-                        of_chunk[local].append(b)
-                assembled = [
-                    tasks.submit(
-                        _assemble_task, plan, name, matched[numbers[local]], local,
-                        *[reads[b] for b in (of_chunk[local] or [0])],
-                        blocks=of_chunk[local], columns=columns, pieces=pieces, store=target,
-                        key=f"exchange-assemble-{name}-{plan.chunks[numbers[local]].index:05d}",
-                        **tasks.spread(local),
-                    )
-                    for local in range(len(numbers))
-                ]
-                held += assembled
-                for read, bytes_read in tasks.gather(reads):
+                for got in tasks.gather(reads):
+                    if got is None:
+                        continue
+                    read, bytes_read = got
                     report.reads.append(read)
                     report.entries_read += read[2] - read[1]
                     report.bytes_read += bytes_read
                 report.seconds["read"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                for local, (stored, keys) in enumerate(tasks.gather(assembled)):
+                for local, got in enumerate(tasks.gather(assembled)):
+                    stored, keys = got
                     report.bytes_stored += stored
                     result.fresh.setdefault(plan.chunks[numbers[local]].index, set()).update(keys)
                 report.seconds["assemble"] = time.perf_counter() - t0
-            finally:
+        finally:
+            for _, _, where, pieces in staged.values():
                 pieces.close()
                 shutil.rmtree(where, ignore_errors=True)
     finally:

@@ -363,16 +363,15 @@ def _merge_index(
     keys: Sequence[str],
     files: Sequence[int],
     cache: ColumnCache,
-    checks: Sequence[_Check],
     *pieces: dict[str, np.ndarray],
-) -> Exception | None:
-    """Task: the dataset's key index from its pieces (in file and entry order), cached.
+) -> KeyIndex:
+    """Task: the dataset's key index from its pieces (in file and entry order).
 
-    ``files`` is the file number of each piece. The index is stored in
-    ``cache`` under the address :func:`dataset_index` looks up, kept in this
-    worker's memory, and checked (``checks``). A failed check is *returned*
-    (the client raises it): an error raised here would be retried as if a
-    worker had died.
+    ``files`` is the file number of each piece; without pieces the index is
+    loaded from ``cache``. The index is kept in this worker's memory and
+    returned: the tasks that match against it take it as an argument (it
+    travels worker to worker), while :func:`_store_index` stores it in the
+    cache and checks it.
     """
     key = _index_key(dataset, keys)
     index = None
@@ -388,8 +387,26 @@ def _merge_index(
             for ps in per_file
         ]
         index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
-        cache.put_bytes(key, index.to_bytes())
     _remember(key, index)
+    return index
+
+
+def _store_index(
+    dataset: ResolvedDataset,
+    keys: Sequence[str],
+    cache: ColumnCache,
+    checks: Sequence[_Check],
+    index: KeyIndex,
+) -> Exception | None:
+    """Task: store ``index`` (:func:`_merge_index`'s) in ``cache``, and check it.
+
+    Stored under the address :func:`dataset_index` looks up. A failed check is
+    *returned* (the client raises it): an error raised here would be retried
+    as if a worker had died.
+    """
+    key = _index_key(dataset, keys)
+    if not cache.contains(key):
+        cache.put_bytes(key, index.to_bytes())
     for side, validate, name in checks:
         try:
             check_unique(index, side=side, validate=validate, dataset=name)
@@ -398,8 +415,24 @@ def _merge_index(
     return None
 
 
+def _adopt(indexes: Mapping[str, KeyIndex]) -> None:
+    """Keep the indexes a task was given (by cache address) in this worker's memory."""
+    for key, index in indexes.items():
+        with _memo_lock:
+            known = _memo.get(key)
+        if known is not index:
+            _remember(key, index)
+
+
 class Prepared:
-    """Key index checks still running on a cluster (see :func:`prepare`)."""
+    """Key index checks still running on a cluster (see :func:`prepare`).
+
+    Attributes:
+        fresh: per chunk index, the cache addresses stored for this request.
+        indexes: the friends' key indexes being built on the cluster, by cache
+            address (futures): the exchange's tasks take them as arguments,
+            so they start as soon as the index exists, before it is stored.
+    """
 
     def __init__(
         self,
@@ -408,30 +441,45 @@ class Prepared:
         held: Sequence[Any] = (),
         *,
         fresh: dict[int, set[str]] | None = None,
+        indexes: Mapping[str, Any] | None = None,
+        friends: int = 0,
     ) -> None:
         #: per chunk index, the cache addresses stored for this request (counted as misses)
         self.fresh: dict[int, set[str]] = fresh if fresh is not None else {}
+        self.indexes: dict[str, Any] = dict(indexes or {})
         self._tasks = tasks
-        self._checks = list(checks)  # futures of the merge tasks (a failed check or None)
+        self._checks = list(checks)  # futures of the store tasks (a failed check or None)
+        self._friends = friends  # the first ``friends`` checks are the friends'
         self._held = list(held)  # those and the tasks they take
 
+    def wait_friends(self) -> None:
+        """Wait for the friends' checks; the first that failed is raised here."""
+        if self._tasks is None or not self._friends:
+            return
+        friends, self._friends = self._checks[: self._friends], 0
+        for error in self._tasks.gather(friends):
+            if error is not None:
+                raise error
+
     def wait(self) -> None:
-        """Wait for the checks; the first that failed is raised here."""
+        """Wait for the checks (the friends' first); the first that failed is raised here."""
         if self._tasks is None:
             return
-        tasks, self._tasks = self._tasks, None
         try:
-            for error in tasks.gather(self._checks):
+            self.wait_friends()
+            for error in self._tasks.gather(self._checks):
                 if error is not None:
                     raise error
         finally:
-            tasks.release(self._held)
+            self.release()
 
     def release(self) -> None:
-        """Cancel what still runs (after an error elsewhere); nothing is checked."""
+        """Drop what the checks hold, cancelling what still runs (after an error elsewhere)."""
         if self._tasks is not None:
             self._tasks.release(self._held)
             self._tasks = None
+        self._held = []
+        self.indexes = {}
 
 
 def _prepare_on_cluster(
@@ -441,12 +489,12 @@ def _prepare_on_cluster(
 
     A dataset's keys are read as one task per run of baskets (row groups) of
     about ``chunk_size`` entries, and merged into the index by one task per
-    dataset, which stores it in the column cache and checks duplicates; the
-    indexes of several datasets are built at once. An index already in the
-    cache is only checked (on a worker, which keeps it in memory). The
-    friends' checks are waited for here (the first that failed is raised);
-    the primary's are returned, still running, so that the friend exchange
-    runs meanwhile.
+    dataset, which keeps it (a future: the friend exchange's tasks take it);
+    one more task per dataset stores it in the column cache and checks
+    duplicates. An index already in the cache is loaded (on a worker, which
+    keeps it in memory) and checked. Nothing is waited for here: the
+    exchange waits for the friends' checks before it gathers anything
+    (:meth:`Prepared.wait_friends`), and :meth:`Prepared.wait` for the rest.
     """
     from columnhub.plan import split_entries
 
@@ -460,6 +508,7 @@ def _prepare_on_cluster(
                     [("friend", friend.spec.validate_, friend.spec.name)],
                 )
             )
+    friends = len(wanted)
     if primary:
         wanted.append(
             (
@@ -468,13 +517,16 @@ def _prepare_on_cluster(
                 [("primary", f.spec.validate_, plan.request.dataset.name) for f in plan.friends],
             )
         )
-    merged = []
-    held: list[list[Any]] = []  # per dataset: its tasks
+    checks = []
+    indexes: dict[str, Any] = {}
+    held: list[Any] = []
     size = max(1, plan.request.chunk_size)
-    pending = None
     try:
-        for n, (dataset, keys, checks) in enumerate(wanted):
+        for n, (dataset, keys, checked) in enumerate(wanted):
             key = _index_key(dataset, keys)
+            # a friend's index first (the exchange waits for it), its store and the
+            # primary's index (waited for only before the parts) after the exchange's tasks
+            first = {"priority": 1} if n < friends else {"priority": -1}
             pieces: list[Any] = []
             files: list[int] = []
             if not cache.contains(key):
@@ -484,29 +536,28 @@ def _prepare_on_cluster(
                         pieces.append(
                             tasks.submit(
                                 _key_piece, dataset, keys, f, start, stop,
-                                key=f"index-{n}-read-{f:05d}-{start}",
+                                key=f"index-{n}-read-{f:05d}-{start}", **first,
                             )
                         )
                         files.append(f)
-            merged.append(
+            merged = tasks.submit(
+                _merge_index, dataset, keys, files, cache, *pieces, key=f"index-{n}-merge",
+                **first,
+            )
+            if n < friends:
+                indexes[key] = merged
+            checks.append(
                 tasks.submit(
-                    _merge_index, dataset, keys, files, cache, checks, *pieces,
-                    key=f"index-{n}-merge",
+                    _store_index, dataset, keys, cache, checked, merged, key=f"index-{n}-store",
+                    priority=-1,
                 )
             )
-            held.append([*pieces, merged[-1]])
-        if primary:  # the last one: checked later, while the exchange runs
-            pending = Prepared(tasks, [merged.pop()], held.pop())
-        for error in tasks.gather(merged):
-            if error is not None:
-                raise error
+            # the pieces are not held: the merge, until it has run, keeps them
+            held += [merged, checks[-1]]
     except BaseException:
-        if pending is not None:
-            pending.release()
+        tasks.release(held)
         raise
-    finally:
-        tasks.release([f for fs in held for f in fs])
-    return pending if pending is not None else Prepared()
+    return Prepared(tasks, checks, held, indexes=indexes, friends=friends)
 
 
 @dataclass(frozen=True)
