@@ -332,13 +332,15 @@ def run_parts(
     same :class:`~columnhub.errors.ColumnhubError`; the other tasks are then
     cancelled.
     """
+    from columnhub.execute.part import run_part
+
     distributed = _distributed()
     if not parts:
         return
     run = secrets.token_hex(4)  # keys of a new delivery never meet an older one's
     futures = [
         client.submit(
-            _run_part_synced,
+            run_part,
             plan,
             part,
             str(Path(staging).resolve()),
@@ -357,28 +359,6 @@ def run_parts(
             yield future.result()
     finally:
         client.cancel([f for f in futures if not f.done()])
-
-
-def _run_part_synced(
-    plan: Plan, part: Part, staging: str, cache: ColumnCache | None, **options: Any
-) -> PartMeta:
-    """Task: :func:`~columnhub.execute.part.run_part`, its file then flushed to disk (fsync).
-
-    The worker that wrote the part holds its dirty pages: flushed here, on
-    every worker at once, the client's own fsync before publishing (which
-    makes the result durable) finds nothing left to write.
-    """
-    from columnhub.execute.part import run_part
-
-    meta = run_part(plan, part, staging, cache, **options)
-    path = Path(staging) / meta.name
-    with contextlib.suppress(OSError):  # the client's fsync still runs (and reports)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return meta
 
 
 def _retries() -> int:
