@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -141,11 +142,13 @@ def test_min_part_count_asks_for_min_parts_of_at_least_the_floor(
     total: float, target: int, min_parts: int
 ) -> None:
     count = min_part_count(total, target, min_parts=min_parts)
+    by_target = math.ceil(total / target)  # what the target alone makes, about
+    wanted = min(min_parts, int(total // MIN_PART_BYTES))  # min_parts, within the floor
     if count is None:
-        assert total >= min_parts * target  # the target alone gives min_parts parts
+        assert wanted <= max(by_target, 1)  # the rule only ever adds parts
     else:
-        assert 1 <= count <= min_parts
-        assert count == 1 or total / count >= MIN_PART_BYTES  # never below the floor
+        assert by_target < count <= min_parts
+        assert total / count >= MIN_PART_BYTES  # never below the floor
         assert count == min_parts or total / (count + 1) < MIN_PART_BYTES  # as many as it may
 
 

@@ -9,6 +9,7 @@ ranges aligned to basket boundaries). It reads metadata only.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -256,7 +257,8 @@ def min_part_count(total_bytes: float, target_bytes: int, *, min_parts: int) -> 
     by one task), so a result that ``target_bytes`` would cut into fewer
     than ``min_parts`` parts is cut into ``min_parts`` instead, as long as
     each stays at least :data:`MIN_PART_BYTES` (a small result stays one
-    file). ``None``: the target gives ``min_parts`` parts or more by itself.
+    file). ``None``: the target gives as many parts or more by itself (the
+    rule only ever adds parts).
     A function of the plan's numbers only: the same request gives the same
     parts on any machine and any number of workers.
 
@@ -264,14 +266,16 @@ def min_part_count(total_bytes: float, target_bytes: int, *, min_parts: int) -> 
     4
     >>> min_part_count(20e6, 256 * 1024**2, min_parts=4)  # 8 MiB each at most twice
     2
-    >>> min_part_count(1e6, 256 * 1024**2, min_parts=4)
-    1
+    >>> min_part_count(1e6, 256 * 1024**2, min_parts=4) is None  # one part either way
+    True
     >>> min_part_count(64e9, 256 * 1024**2, min_parts=4) is None
     True
+    >>> min_part_count(64e6, 1024**2, min_parts=4) is None  # a small target: more parts
+    True
     """
-    if total_bytes >= min_parts * target_bytes:
-        return None
-    return max(1, min(min_parts, int(total_bytes // MIN_PART_BYTES)))
+    by_target = math.ceil(total_bytes / target_bytes)
+    wanted = min(min_parts, int(total_bytes // MIN_PART_BYTES))
+    return wanted if wanted > max(by_target, 1) else None
 
 
 def group_evenly(entries: Sequence[int], parts: int) -> list[tuple[int, ...]]:
