@@ -672,16 +672,28 @@ def _reuse(
     copied: Path | None = None
     if where != directory:
         copied = _new_staging(directory)
+        staging = copied
+
+        def copy_part(part: dict[str, Any]) -> dict[str, Any] | None:
+            """One part copied and verified in one pass, then flushed (None: it differs)."""
+            copy = staging / part["name"]
+            if file_checksum(where / part["name"], copy_to=copy) != part["xxh3"]:
+                return None
+            _fsync(copy)  # here, beside the other copies: publishing finds it on disk
+            _pause_at("copying")
+            return {**part, "mtime_ns": copy.stat().st_mtime_ns}
+
         try:
-            parts = []
-            for i, part in enumerate(manifest["parts"]):  # copied and verified in one pass
-                copy = copied / part["name"]
-                if file_checksum(where / part["name"], copy_to=copy) != part["xxh3"]:
-                    shutil.rmtree(copied, ignore_errors=True)
-                    return None
-                parts.append({**part, "mtime_ns": copy.stat().st_mtime_ns})
-                if i == 0:
-                    _pause_at("copying")
+            from concurrent.futures import ThreadPoolExecutor
+
+            from columnhub._concurrency import threads
+
+            with ThreadPoolExecutor(min(threads(), len(manifest["parts"]) or 1)) as pool:
+                done = list(pool.map(copy_part, manifest["parts"]))
+            if any(p is None for p in done):
+                shutil.rmtree(copied, ignore_errors=True)
+                return None
+            parts = [p for p in done if p is not None]
             _pause_at("staged")
         except BaseException:
             shutil.rmtree(copied, ignore_errors=True)
