@@ -27,7 +27,7 @@ from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.cache import ColumnCache, default_location, entry_key
 from columnhub.datasets import is_url
 from columnhub.errors import CacheError, ColumnhubError, OutputError, SampleError, SpecError
-from columnhub.output.manifest import MANIFEST, read_manifest, write_manifest
+from columnhub.output.manifest import MANIFEST, fsync_path, read_manifest, write_manifest
 from columnhub.result import Result
 
 if TYPE_CHECKING:  # loaded when a request is planned: a whole-result hit needs none of them
@@ -679,7 +679,7 @@ def _reuse(
             copy = staging / part["name"]
             if file_checksum(where / part["name"], copy_to=copy) != part["xxh3"]:
                 return None
-            _fsync(copy)  # here, beside the other copies: publishing finds it on disk
+            fsync_path(copy)  # here, beside the other copies: publishing finds it on disk
             _pause_at("copying")
             return {**part, "mtime_ns": copy.stat().st_mtime_ns}
 
@@ -1177,14 +1177,6 @@ def _fresh_names(names: list[str], taken: set[str]) -> list[str]:
         k += 1
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(
     staging: Path, directory: Path, previous: dict[str, Any] | None, manifest: dict[str, Any]
 ) -> dict[str, Any]:
@@ -1211,7 +1203,7 @@ def _publish(
     }
     old = [n for n in (previous or {}).get("files", []) if n not in renamed.values()]
     for name in original:  # on disk before anything points at it
-        _fsync(staging / name)
+        fsync_path(staging / name)
     journal = {"pid": os.getpid(), "incoming": names, "replaces": old}
     tmp = directory / f".{_JOURNAL}.tmp-{os.getpid()}"
     try:

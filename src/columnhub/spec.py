@@ -47,11 +47,6 @@ CMS_KEYS: tuple[str, ...] = ("run", "luminosityBlock", "event")
 _DEFAULT_PART_BYTES = 256 * 1024**2
 
 
-def _load_yaml(text: str) -> Any:
-    """YAML (or JSON) text as plain data, with YAML 1.2 booleans (:mod:`columnhub._yaml`)."""
-    return _yaml.load(text)
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
@@ -748,7 +743,7 @@ def load_request(
 
 def _parse_yaml(text: str) -> Any:
     try:
-        return _load_yaml(text)
+        return _yaml.load(text)
     except yaml.YAMLError as err:
         msg = f"the request is not valid YAML/JSON: {err}"
         raise SpecError(msg) from None

@@ -15,9 +15,18 @@ from typing import Any
 
 from columnhub.errors import OutputError
 
-__all__ = ["MANIFEST", "read_manifest", "write_manifest"]
+__all__ = ["MANIFEST", "fsync_path", "read_manifest", "write_manifest"]
 
 MANIFEST = "manifest.json"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (``fsync`` of a read-only open)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
@@ -39,11 +48,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # the rename on disk too (not every file system can)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(directory)
     return path
 
 

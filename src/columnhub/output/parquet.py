@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from columnhub._checksum import file_checksum
 from columnhub.errors import OutputError
+from columnhub.output.manifest import fsync_path
 
 __all__ = [
     "ParquetPart",
@@ -67,11 +68,7 @@ def publish_part(tmp: Path, rows: int, *, xxh3: str | None = None) -> PartInfo:
     # on disk here, in the part task, while other parts are still being written:
     # publishing the result then finds nothing left to flush (one fsync per part
     # at the end, one after another, took ~30 ms for 45 MB)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, final)
     stat = final.stat()
     digest = xxh3 if xxh3 is not None else file_checksum(final)
