@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -410,3 +411,25 @@ def test_the_index_built_on_the_cluster_is_the_local_build_byte_for_byte(
         [{k: d[k] for k in KEYS} for d in direct], file_names=[f.path for f in dataset.files]
     )
     assert blob == built.to_bytes()
+
+
+def test_close_cluster_stops_the_heartbeats_then_closes_workers_and_scheduler() -> None:
+    from columnhub.execute.dask import _stop_heartbeat, close_cluster, local_cluster
+
+    cluster = local_cluster(2)
+    client = distributed.Client(cluster)
+
+    def heartbeating(dask_worker: Any) -> bool:
+        return bool(dask_worker.periodic_callbacks["heartbeat"].is_running())
+
+    assert set(client.run(heartbeating).values()) == {True}
+    pids = list(client.run(os.getpid).values())
+    client.run(_stop_heartbeat)  # the step close_cluster takes before closing
+    assert set(client.run(heartbeating).values()) == {False}
+    close_cluster(cluster, client)
+    assert cluster.status.value == "closed"
+    assert client.status == "closed"
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)

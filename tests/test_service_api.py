@@ -1171,8 +1171,12 @@ def test_result_ttl_sweeps_by_itself(tmp_path: Path, shared_data: Path) -> None:
             body = client.get(f"/api/v1/requests/{rid}", headers=auth("alice")).json()
             return bool(body["error"]) and body["error"]["type"] == "ResultExpiredError"
 
+        # the sweep takes the job out of service first, then removes its folder
         wait_until(expired, "the request's result swept after result_ttl")
-        assert not config.result_directory(job).exists()
+        wait_until(
+            lambda: not config.result_directory(job).exists(), "the swept result's folder removed"
+        )
+        assert expired()  # and it stays expired: nothing lists the removed folder as complete
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("7d", 604800.0), ("12h", 43200.0), ("90", 90.0)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import secrets
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from columnhub.errors import SpecError
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,6 +42,7 @@ __all__ = [
     "connect",
     "early",
     "executor_for",
+    "close_cluster",
     "local_cluster",
     "run_parts",
 ]
@@ -165,11 +169,12 @@ def _client(scheduler: Any, *, workers: int) -> Iterator[Any]:
         raise SpecError(msg)
     if scheduler == "local":
         cluster = local_cluster(workers)
+        client = None
         try:
-            with distributed.Client(cluster) as client:
-                yield client
+            client = distributed.Client(cluster)
+            yield client
         finally:
-            cluster.close()
+            close_cluster(cluster, client)
         return
     with connect(scheduler) as client:
         yield client
@@ -293,6 +298,38 @@ def local_cluster(workers: int) -> Any:
     return _distributed().LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
+
+
+def _stop_heartbeat(dask_worker: Any) -> None:
+    """On a worker (``Client.run``): stop its periodic heartbeat to the scheduler."""
+    callback = getattr(dask_worker, "periodic_callbacks", {}).get("heartbeat")
+    if callback is not None:
+        callback.stop()
+
+
+def close_cluster(cluster: Any, client: Any = None) -> None:
+    """Close ``client`` (if given) and ``cluster`` (a ``LocalCluster``) quietly.
+
+    ``LocalCluster.close`` retires the workers and then stops the scheduler; a
+    worker's heartbeat still in flight then fails on the closed connection and
+    the worker logs a ``CommClosedError`` traceback into the service's log,
+    which reads like a crash though nothing was lost. The workers' heartbeats
+    are stopped first (through ``client``, or a short-lived one), so nothing
+    talks to the scheduler while it goes; the closing goes ahead whatever that
+    step did.
+    """
+    try:
+        if client is None:
+            client = _distributed().Client(cluster, timeout=10)
+        client.run(_stop_heartbeat)
+    except Exception as err:  # noqa: BLE001 - best effort: the close below is what counts
+        _log.debug("workers' heartbeats not stopped before closing: %s", err)
+    finally:
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            cluster.close()
 
 
 def connect(scheduler: str) -> Any:

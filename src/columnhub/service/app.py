@@ -610,5 +610,7 @@ class _Services:
                 self.runner.stop()
         finally:
             if self.cluster is not None:
-                self.cluster.close()
+                from columnhub.execute.dask import close_cluster
+
+                close_cluster(self.cluster)
                 self.cluster = None

@@ -126,12 +126,12 @@ class Runner:
         with self._client_lock:
             client, cluster = self._client, self._cluster
             self._client = self._cluster = None
-        try:
-            if client is not None:
-                client.close()
-        finally:
-            if cluster is not None:
-                cluster.close()
+        if cluster is not None:
+            from columnhub.execute.dask import close_cluster
+
+            close_cluster(cluster, client)
+        elif client is not None:
+            client.close()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
