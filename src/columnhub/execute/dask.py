@@ -39,10 +39,10 @@ __all__ = [
     "Executor",
     "RunParts",
     "Tasks",
+    "close_cluster",
     "connect",
     "early",
     "executor_for",
-    "close_cluster",
     "local_cluster",
     "run_parts",
 ]
