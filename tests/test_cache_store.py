@@ -146,6 +146,23 @@ def test_bytes_round_trip_and_kind_mismatch(cache: ColumnCache) -> None:
         cache.get_bytes(key("arr"))
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.binary(max_size=200), max_size=6))
+def test_bytes_stored_from_pieces_read_back_as_their_concatenation(
+    cache: ColumnCache, pieces: list[bytes]
+) -> None:
+    k = key(f"pieces-{len(pieces)}-{sum(map(len, pieces))}")
+    views = [memoryview(p) if i % 2 else p for i, p in enumerate(pieces)]
+    if not pieces:
+        with pytest.raises(CacheError, match="takes bytes"):
+            cache.put_bytes(k, views)
+        return
+    cache.put_bytes(k, views)
+    assert cache.get_bytes(k) == b"".join(pieces)
+    cache.put_bytes(k, tuple(pieces))
+    assert cache.get_bytes(k) == b"".join(pieces)
+
+
 def test_bad_keys_and_values_are_refused(tmp_path: Path) -> None:
     cache = ColumnCache(tmp_path)
     for bad in ["../../etc/passwd", "ABCDEF0123456789", "abc", ""]:
@@ -155,6 +172,8 @@ def test_bad_keys_and_values_are_refused(tmp_path: Path) -> None:
         cache.put(key(1), np.arange(3))  # type: ignore[arg-type]
     with pytest.raises(CacheError, match="takes bytes"):
         cache.put_bytes(key(1), "text")  # type: ignore[arg-type]
+    with pytest.raises(CacheError, match="takes bytes"):
+        cache.put_bytes(key(1), [b"ok", "text"])  # type: ignore[list-item]
     (tmp_path / "file").write_text("x")
     with pytest.raises(CacheError, match="not a directory"):
         ColumnCache(tmp_path / "file")

@@ -504,6 +504,82 @@ def test_take_matches_brute_force(data: st.DataObject, kind: str, nulls: bool, s
     assert got.to_pylist() == _taken_reference(values, rows)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["bool", "int8", "uint16", "int32", "uint64", "float32", "float64"]),
+)
+def test_arrow_of_and_numpy_of_agree_with_pyarrows_own(data: st.DataObject, dtype: str) -> None:
+    """The pandas-free conversions give what ``pa.array`` / ``to_numpy`` give."""
+    from columnhub._arrow import arrow_of, numpy_of
+
+    n = data.draw(st.integers(0, 70))
+    raw = data.draw(st.lists(st.integers(0, 255), min_size=n, max_size=n))
+    values = np.array(raw).astype(dtype) if dtype != "bool" else np.array(raw) % 3 == 0
+    mask = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n)))
+    mask = None if mask is None else np.array(mask, dtype=bool)
+    got = arrow_of(values, mask)
+    want = pa.array(values, mask=mask)
+    assert got.type == want.type
+    assert got.null_count == want.null_count
+    assert got.equals(want)
+    got.validate(full=True)
+    # back, also from a slice (an offset into the buffers), nulls' slots left aside
+    start = data.draw(st.integers(0, n))
+    stop = data.draw(st.integers(start, n))
+    piece = want.slice(start, stop - start)
+    back = numpy_of(piece)
+    assert back.dtype == values.dtype
+    keep = ~mask[start:stop] if mask is not None else np.ones(stop - start, dtype=bool)
+    assert np.array_equal(back[keep], values[start:stop][keep])
+
+
+def test_a_cold_keyed_join_never_imports_pandas(tmp_path: Path) -> None:
+    """pyarrow imports pandas on its first ``pa.array(numpy)`` or ``to_numpy()``: 0.14 s."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    keys = {"run": np.ones(n, np.uint32), "luminosityBlock": np.ones(n, np.uint32),
+            "event": np.arange(1, n + 1, dtype=np.uint64)}
+    jets = pa.array([[1.0] * int(k) for k in rng.integers(0, 4, n)], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({**keys, "MET_pt": rng.random(n).astype(np.float32)}),
+                   tmp_path / "p.parquet")
+    order = rng.permutation(n)
+    pq.write_table(
+        pa.table({**{k: v[order] for k, v in keys.items()},
+                  "x": np.arange(n, dtype=np.float32)[order], "jets": jets.take(order)}),
+        tmp_path / "f.parquet",
+    )
+    spec = {
+        "dataset": {"name": "p", "files": [str(tmp_path / "p.parquet")]},
+        "columns": ["MET_pt", "x", "jets"],
+        "chunk_size": 1000,
+        "friends": [{"name": "f", "dataset": {"name": "f", "files": [str(tmp_path / "f.parquet")]},
+                     "columns": ["x", "jets"], "how": "left"}],
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cli = Path(sys.executable).parent / "columnhub"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(cli), "deliver", str(tmp_path / "spec.json"),
+         "-o", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--no-progress"],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "pyarrow.compute" in imported  # the run did join (it read the importtime lines)
+    assert "pandas" not in imported
+    got = columnhub.Result.open(tmp_path / "out").to_arrow()
+    assert got["event"].to_pylist() == keys["event"].tolist()
+    assert got["x"].to_pylist() == (keys["event"] - 1).astype(np.float32).tolist()
+    assert got["jets"].to_pylist() == jets.to_pylist()
+
+
 def test_memory_budget_must_be_a_positive_number(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MEMORY_ENV, "lots")
     with pytest.raises(SpecError, match="COLUMNHUB_EXCHANGE_MEMORY='lots'.*1 GiB"):

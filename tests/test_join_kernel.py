@@ -306,23 +306,41 @@ def test_key_index_serialisation_roundtrip_and_locate() -> None:
         assert file.tolist() == [0, 0, 2, 2, -1]
         assert entry.tolist() == [0, 399, 0, 599, -1]
     assert KeyIndex.from_bytes(index.to_bytes()).file_names == index.file_names
-    # a blob of the first format (file and entry per row), as older caches hold
+    # blobs of the first two formats (.npz archives), as older caches hold: format 1
+    # kept file and entry per row, format 2 may keep file_starts instead
     import io
     import json
 
-    meta = json.loads(np.load(io.BytesIO(explicit.to_bytes()))["meta"].tobytes())
-    meta["format"] = "columnhub-keyindex-1"
-    old = io.BytesIO()
-    np.savez(
-        old,
-        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-        order=explicit.order,
-        sorted_words=explicit.sorted_words,
-        row_file=explicit.file,
-        row_entry=explicit.entry,
-    )
-    legacy = KeyIndex.from_bytes(old.getvalue())
-    assert legacy.locate(rows)[1].tolist() == [0, 399, 0, 599, -1]
+    for version, where in (
+        (1, {"row_file": explicit.file, "row_entry": explicit.entry}),
+        (2, {"file_starts": index.file_starts}),
+    ):
+        meta = {
+            "format": f"columnhub-keyindex-{version}",
+            "packing": index.packing.to_dict(),
+            "is_unique": True,
+            "file_names": ["f0.root", "empty.root", "f2.root"],
+        }
+        old = io.BytesIO()
+        np.savez(
+            old,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            order=index.order,
+            sorted_words=index.sorted_words,
+            **where,
+        )
+        legacy = KeyIndex.from_bytes(old.getvalue())
+        assert legacy.locate(rows)[0].tolist() == [0, 0, 2, 2, -1]
+        assert legacy.locate(rows)[1].tolist() == [0, 399, 0, 599, -1]
+        assert np.array_equal(legacy.sorted_words, index.sorted_words)
+    # the raw format: one blob from its pieces, read back as views of it
+    blob = index.to_bytes()
+    assert blob == b"".join(bytes(c) for c in index.to_chunks())
+    back = KeyIndex.from_bytes(blob)
+    assert not back.order.flags.writeable  # views of the blob, not copies
+    assert np.array_equal(back.order, index.order)
+    with pytest.raises(JoinError, match="not a serialised"):
+        KeyIndex.from_bytes(blob[: len(blob) - 64])  # truncated: an array past the end
     cols = index.key_columns([5, 450])
     assert cols["event"].tolist() == [int(keys["event"][5]), int(keys["event"][450])]
     with pytest.raises(JoinError, match="not a serialised"):

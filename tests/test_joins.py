@@ -1017,6 +1017,58 @@ def test_later_request_with_cached_friend_columns_loads_no_key_index(
     check_parquet_join(tmp_path / "other", inputs, "PV_npvs")
 
 
+def test_key_indexes_are_in_the_cache_when_deliver_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index is written on a thread of its own while the request goes on; deliver
+    waits for the write, so the next process finds it, equal to the one built."""
+    from columnhub.cache import ColumnCache
+    from columnhub.join.index import KeyIndex
+
+    inputs = parquet_join_inputs(tmp_path)
+    provider = _cold_memory(monkeypatch)
+    columnhub.deliver({**inputs["spec"], "columns": ["MET_pt", "x", "jets"]},
+                      output=tmp_path / "first", cache=tmp_path / "cache")
+    assert not provider._pending  # every write waited for
+    cache = ColumnCache(tmp_path / "cache")
+    assert len(provider._memo) == 2  # the friend's and the primary's, built
+    stored_keys = [key for key in provider._memo if cache.contains(key)]
+    assert len(stored_keys) == 1  # the friend's: a left join keeps no primary index
+    for key in stored_keys:
+        built = provider._memo[key]
+        blob = cache.get_bytes(key)
+        assert blob is not None
+        stored = KeyIndex.from_bytes(blob)
+        assert np.array_equal(stored.sorted_words, built.sorted_words)
+        assert np.array_equal(stored.order, built.order)
+        assert stored.packing == built.packing
+
+
+def test_a_failed_index_write_is_raised_by_wait_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from columnhub.cache import ColumnCache, entry_key
+    from columnhub.errors import CacheError
+    from columnhub.join.index import KeyIndex
+
+    provider = _cold_memory(monkeypatch)
+    index = KeyIndex.build({"event": np.arange(10, dtype=np.uint64)})
+
+    class Full(ColumnCache):
+        def put_bytes(self, key: str, data: Any) -> None:
+            msg = f"cannot write cache entry {key}: No space left on device"
+            raise CacheError(msg)
+
+    provider._store_later(ColumnCache(tmp_path / "ok"), entry_key(kind="t", n=1), index)
+    provider._store_later(Full(tmp_path / "full"), entry_key(kind="t", n=2), index)
+    with pytest.raises(CacheError, match="No space left"):
+        provider.wait_stored()
+    provider.wait_stored()  # reported once: nothing pending any more
+    blob = ColumnCache(tmp_path / "ok").get_bytes(entry_key(kind="t", n=1))
+    assert blob is not None
+    assert np.array_equal(KeyIndex.from_bytes(blob).sorted_words, index.sorted_words)
+
+
 def test_duplicates_reported_alike_from_index_facts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -801,6 +801,10 @@ def _execute(
             if again:
                 for meta in run_parts(plan, again, staging, cache, first, **shared):
                     metas[meta.index] = meta
+            if plan.friends:
+                from columnhub.join.provider import wait_stored
+
+                wait_stored()  # key indexes built here, written meanwhile: in the cache now
     finally:
         if prepared is not None:
             prepared.release()  # after an error: nothing left running

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -113,10 +114,17 @@ def encode_array(array: ak.Array, *, key: str) -> list[memoryview]:
     return _assemble(KIND_ARRAY, header, payload, offset)
 
 
-def encode_bytes(data: bytes | bytearray | memoryview, *, key: str) -> list[memoryview]:
-    """The chunks of the entry file holding the opaque ``data`` under ``key``."""
-    view = memoryview(data).cast("B")
-    return _assemble(KIND_BYTES, {"key": key}, [view], view.nbytes)
+def encode_bytes(
+    data: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview], *, key: str
+) -> list[memoryview]:
+    """The chunks of the entry file holding the opaque ``data`` under ``key``.
+
+    ``data`` may be a sequence of pieces, stored as their concatenation
+    without joining them first.
+    """
+    pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    views = [memoryview(p).cast("B") for p in pieces]
+    return _assemble(KIND_BYTES, {"key": key}, views, sum(v.nbytes for v in views))
 
 
 def decode(buf: np.ndarray[Any, np.dtype[np.uint8]] | bytes, *, key: str) -> Decoded:

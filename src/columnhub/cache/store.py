@@ -49,7 +49,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -456,21 +456,28 @@ class ColumnCache:
             return
         self._write(key, _format.encode_array(array, key=key))
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(
+        self, key: str, data: bytes | bytearray | memoryview | Sequence[bytes | memoryview]
+    ) -> None:
         """Store the opaque ``data`` under ``key`` (replacing any entry there).
+
+        ``data`` may also be a list or tuple of bytes-like pieces: stored as
+        their concatenation (what :meth:`get_bytes` returns), written piece by
+        piece without joining them in memory first.
 
         Raises:
             CacheError: ``key`` is malformed, ``data`` is not bytes-like, or
                 the entry cannot be written.
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
+        pieces = data if isinstance(data, list | tuple) else [data]
+        if not pieces or not all(isinstance(p, bytes | bytearray | memoryview) for p in pieces):
             msg = f"ColumnCache.put_bytes() takes bytes, got {type(data).__name__}; encode it first"
             raise CacheError(msg)
         self._check_key(key)
         if self._read_only:
             self._count("skipped_puts")
             return
-        self._write(key, _format.encode_bytes(data, key=key))
+        self._write(key, _format.encode_bytes(pieces, key=key))
 
     def set_recency(self, key: str, when: float) -> None:
         """Mark the entry of ``key`` as last used at ``when`` (seconds since the epoch).

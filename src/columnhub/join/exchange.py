@@ -616,22 +616,24 @@ def _take(array: Any, rows: np.ndarray) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from columnhub._arrow import arrow_of, numpy_of
+
     missing = rows < 0
     mask = missing if missing.any() else None
     safe = np.where(missing, 0, rows) if mask is not None else rows
     kind = array.type
     if len(array) == 0:  # every row is -1
-        return pc.take(array, pa.array(rows, mask=missing))
+        return pc.take(array, arrow_of(rows, missing))
     plain = pa.types.is_integer(kind) or pa.types.is_floating(kind)
     if array.null_count == 0 and plain:
-        return pa.array(array.to_numpy()[safe], type=kind, mask=mask)
+        return arrow_of(numpy_of(array)[safe], mask)
     listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
     if array.null_count == 0 and listed:
         child = array.values  # not sliced: the offsets index it directly
         inner = child.type
         if child.null_count == 0 and (pa.types.is_integer(inner) or pa.types.is_floating(inner)):
             large = pa.types.is_large_list(kind)
-            offsets = np.asarray(array.offsets)
+            offsets = numpy_of(array.offsets)
             starts = offsets[safe]
             lengths = offsets[safe + 1] - starts
             if mask is not None:
@@ -647,12 +649,12 @@ def _take(array: Any, rows: np.ndarray) -> Any:
                 items += np.arange(total, dtype=width)
                 cls = pa.LargeListArray if large else pa.ListArray
                 return cls.from_arrays(
-                    pa.array(out if large else out.astype(np.int32)),
-                    pc.take(child, pa.array(items)),
+                    arrow_of(out if large else out.astype(np.int32)),
+                    pc.take(child, arrow_of(items)),
                     type=kind,
-                    mask=None if mask is None else pa.array(mask),
+                    mask=None if mask is None else arrow_of(mask),
                 )
-    return pc.take(array, pa.array(rows, mask=missing))
+    return pc.take(array, arrow_of(rows, missing))
 
 
 def _optional_like(layout: Any, form: Any) -> Any:
@@ -1513,7 +1515,7 @@ def _on_cluster(
         for name in todo:
             friend = plan.friend(name)
             key = _index_key(friend.dataset, friend.spec.friend_keys)
-            result.store.put_bytes(key, _index(plan, friend, cache).to_bytes())
+            result.store.put_bytes(key, _index(plan, friend, cache).to_chunks())
         index_cache = result.store
     held: list[Any] = []
     try:

@@ -33,9 +33,41 @@ from columnhub.keys import KeyColumns, KeyPacking, format_key, integer_keys, nor
 
 __all__ = ["Duplicate", "IndexFacts", "KeyIndex", "sort_words"]
 
-_FORMAT = "columnhub-keyindex-2"
-#: formats read: 1 kept file and entry per row, 2 may keep file_starts instead
-_FORMATS = ("columnhub-keyindex-1", _FORMAT)
+_FORMAT = "columnhub-keyindex-3"
+#: formats read: 1 kept file and entry per row, 2 may keep file_starts instead (both
+#: ``.npz`` archives), 3 is 2's arrays as raw aligned bytes (:meth:`KeyIndex.to_chunks`)
+_FORMATS = ("columnhub-keyindex-1", "columnhub-keyindex-2", _FORMAT)
+_MAGIC = b"CHKEYIX\0"
+_ALIGN = 64
+
+
+def _read_raw(view: memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header and the arrays (views) of a format-3 index blob."""
+    start = len(_MAGIC) + 4
+    hlen = int.from_bytes(view[len(_MAGIC) : start], "little")
+    meta: dict[str, Any] = json.loads(bytes(view[start : start + hlen]))
+    base = start + hlen
+    size = view.nbytes - base
+    arrays = {}
+    for name, descr, shape, offset, nbytes in meta["arrays"]:
+        dt = np.lib.format.descr_to_dtype(_tuples(descr))
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset < 0 or offset + nbytes > size or nbytes != count * dt.itemsize:
+            msg = f"array {name!r} [{offset}, {offset + nbytes}) does not fit the payload"
+            raise ValueError(msg)
+        flat = np.frombuffer(view, dtype=dt, count=count, offset=base + offset)
+        arrays[name] = flat.reshape(shape)
+    return meta, arrays
+
+
+def _tuples(descr: Any) -> Any:
+    """A dtype description read back from JSON: its field lists as the tuples numpy wants."""
+    if isinstance(descr, str):
+        return descr
+    out = []
+    for name, sub, *shape in descr:  # (name, dtype) or (name, dtype, shape)
+        out.append((name, _tuples(sub), *(tuple(s) for s in shape)))
+    return out
 
 
 def sort_words(
@@ -547,43 +579,75 @@ class KeyIndex:
         return int((eq & ~np.concatenate(([False], eq[:-1]))).sum())
 
     # --------------------------------------------------------- serialisation
-    def to_bytes(self) -> bytes:
-        """The index as bytes (an ``.npz`` archive, no pickle) for the column cache."""
-        meta = {
-            "format": _FORMAT,
-            "packing": self.packing.to_dict(),
-            "is_unique": self.is_unique,
-            "file_names": list(self.file_names),
-        }
+    def to_chunks(self) -> list[memoryview]:
+        """The index as the pieces of one blob, in order (:meth:`to_bytes` joins them).
+
+        The layout (``columnhub-keyindex-3``): the 8-byte magic
+        ``b"CHKEYIX\\0"``, the JSON header's length (``<u4``), the JSON header
+        (the packing, uniqueness, file names, and each array's name, dtype,
+        offset and size), padded so the arrays start 64-byte aligned; then the
+        arrays' raw little-endian bytes, each at a 64-aligned offset. The
+        arrays are handed over as views: nothing is copied to store the index
+        (:meth:`ColumnCache.put_bytes <columnhub.cache.ColumnCache.put_bytes>`
+        writes the pieces), and :meth:`from_bytes` reads them back as views.
+        """
         where = (
             {"file_starts": self.file_starts}
             if self.file_starts is not None
             else {"row_file": self.file, "row_entry": self.entry}
         )
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            order=self.order,
-            sorted_words=self.sorted_words,
-            **where,
-        )
-        return buf.getvalue()
+        arrays = {"order": self.order, "sorted_words": self.sorted_words, **where}
+        payload: list[memoryview] = []
+        described = []
+        offset = 0
+        for name, array in arrays.items():
+            data = np.ascontiguousarray(array)
+            if data.dtype.byteorder == ">":
+                data = data.astype(data.dtype.newbyteorder("<"))
+            # as .npy files describe it: structured key words keep their fields
+            descr = np.lib.format.dtype_to_descr(data.dtype)
+            described.append([name, descr, list(data.shape), offset, int(data.nbytes)])
+            payload.append(data.reshape(-1).view(np.uint8).data)
+            offset += data.nbytes
+            if offset % _ALIGN:
+                payload.append(memoryview(bytes(_ALIGN - offset % _ALIGN)))
+                offset += _ALIGN - offset % _ALIGN
+        meta = {
+            "format": _FORMAT,
+            "packing": self.packing.to_dict(),
+            "is_unique": self.is_unique,
+            "file_names": list(self.file_names),
+            "arrays": described,
+        }
+        text = json.dumps(meta, separators=(",", ":")).encode()
+        text += b" " * ((-(len(_MAGIC) + 4 + len(text))) % _ALIGN)
+        head = _MAGIC + len(text).to_bytes(4, "little") + text
+        return [memoryview(head), *payload]
+
+    def to_bytes(self) -> bytes:
+        """The index as bytes for the column cache (no pickle; see :meth:`to_chunks`)."""
+        return b"".join(self.to_chunks())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> KeyIndex:
-        """Inverse of :meth:`to_bytes`.
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> KeyIndex:
+        """Inverse of :meth:`to_bytes`; also reads the ``.npz`` archives of formats 1 and 2.
+
+        The arrays are views of ``data`` (read-only when ``data`` is ``bytes``).
 
         Raises:
             JoinError: ``data`` is not a serialised key index.
         """
+        view = memoryview(data).cast("B")
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                meta: dict[str, Any] = json.loads(npz["meta"].tobytes().decode())
-                names = ("order", "sorted_words", "row_file", "row_entry", "file_starts")
-                arrays = {k: npz[k] for k in names if k in npz.files}
-        except (OSError, ValueError, KeyError) as err:
-            msg = f"not a serialised columnhub key index ({len(data)} bytes): {err}"
+            if bytes(view[: len(_MAGIC)]) == _MAGIC:
+                meta, arrays = _read_raw(view)
+            else:
+                with np.load(io.BytesIO(view), allow_pickle=False) as npz:
+                    meta = json.loads(npz["meta"].tobytes().decode())
+                    names = ("order", "sorted_words", "row_file", "row_entry", "file_starts")
+                    arrays = {k: npz[k] for k in names if k in npz.files}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            msg = f"not a serialised columnhub key index ({view.nbytes} bytes): {err}"
             raise JoinError(msg) from err
         if meta.get("format") not in _FORMATS:
             msg = f"unsupported key index format {meta.get('format')!r}; expected {_FORMAT!r}"

@@ -17,7 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from columnhub.execute.dask import Tasks
     from columnhub.plan import Friend, Plan
 
-__all__ = ["FriendRows", "Prepared", "dataset_index", "friend_chunk", "prepare", "tail_rows"]
+__all__ = [
+    "FriendRows",
+    "Prepared",
+    "dataset_index",
+    "friend_chunk",
+    "prepare",
+    "tail_rows",
+    "wait_stored",
+]
 
 _INDEX_VERSION = 1
 _FACTS_VERSION = 1
@@ -116,6 +124,46 @@ def _read_keys(
     return parts
 
 
+#: index stores under way (:func:`_store_later`), waited for by :func:`wait_stored`
+_pending: list[Future[None]] = []
+_pending_lock = threading.Lock()
+_store_pool: ThreadPoolExecutor | None = None
+
+
+def _store_later(cache: ColumnCache, key: str, index: KeyIndex) -> None:
+    """Write ``index`` into ``cache`` under ``key`` on a thread of its own.
+
+    Writing a 2M-event index (32 MB) takes 0.03-0.07 s that the request's
+    critical path need not wait for: this process holds the index in memory
+    (the cache entry serves later processes), so the friend exchange goes on
+    while it is written. :func:`wait_stored` waits for the writes (a
+    delivery does, before it finishes) and raises the first error.
+    """
+    global _store_pool
+    with _pending_lock:
+        if _store_pool is None:
+            _store_pool = ThreadPoolExecutor(1, thread_name_prefix="columnhub-index-store")
+        _pending.append(_store_pool.submit(cache.put_bytes, key, index.to_chunks()))
+
+
+def wait_stored() -> None:
+    """Wait until every key index built by this process is written to its cache.
+
+    Raises:
+        CacheError: a write failed (the first error; the others are dropped).
+    """
+    with _pending_lock:
+        pending = list(_pending)
+        _pending.clear()
+    first: BaseException | None = None
+    for future in pending:
+        err = future.exception()
+        if err is not None and first is None:
+            first = err
+    if first is not None:
+        raise first
+
+
 def dataset_index(
     dataset: ResolvedDataset,
     keys: Sequence[str],
@@ -151,7 +199,7 @@ def dataset_index(
             index = KeyIndex.from_files(parts, file_names=[f.path for f in dataset.files])
             del parts
             if cache is not None and persist:
-                cache.put_bytes(key, index.to_bytes())
+                _store_later(cache, key, index)
         facts_key = _facts_key(dataset, keys)
         if facts_key not in _facts:
             facts = IndexFacts.of(index)
@@ -406,7 +454,7 @@ def _store_index(
     """
     key = _index_key(dataset, keys)
     if not cache.contains(key):
-        cache.put_bytes(key, index.to_bytes())
+        cache.put_bytes(key, index.to_chunks())
     for side, validate, name in checks:
         try:
             check_unique(index, side=side, validate=validate, dataset=name)
