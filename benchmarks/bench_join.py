@@ -616,12 +616,11 @@ def cold_join_section(figures: dict[str, Any]) -> list[str]:
             "- The rest of columnhub's time is its start-up (interpreter and imports:"
             " awkward, numpy, pyarrow, pydantic), run on one core before any file is"
             " read, and the kernel's work of faulting in a fresh process's memory, which"
-            " every side pays for what it allocates. Two costs of that kind are gone:"
-            " pyarrow imports pandas (0.14 s, on the critical path) the first time"
-            " `pa.array` or `to_numpy` sees a numpy array, so columnhub hands Arrow the"
-            " buffers itself (`columnhub._arrow`); and the CLI turns off numpy's"
-            " transparent-huge-page requests, whose memory compaction made a command's"
-            " system time vary from 0.25 to 0.9 s on this machine."
+            " every side pays for what it allocates (on this machine a fresh process's"
+            " system time varies by up to 0.5 s between identical runs). One cost of that"
+            " kind is gone: pyarrow imports pandas (0.14 s, on the critical path) the"
+            " first time `pa.array` or `to_numpy` sees a numpy array, so columnhub hands"
+            " Arrow the buffers itself (`columnhub._arrow`)."
         ),
         (
             "- So the cold target (>= 1.0x DuckDB) needs a compiled, GIL-free join and gather"

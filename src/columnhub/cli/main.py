@@ -35,14 +35,6 @@ __all__ = ["Terminated", "main"]
 # no linear algebra, so the command runs it on one thread unless told otherwise.
 # Set before anything imports numpy. (Dask's nanny does the same for workers.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# numpy asks the kernel for transparent huge pages for every array of 4 MiB or
-# more (madvise). Where the kernel then compacts memory on the fault (its
-# default defrag setting "madvise", as here), each fresh 2 MiB page can stall:
-# a cold 2M-event join spent 0.25-0.9 s of system time, varying run to run,
-# against a steady 0.3 s on 4 KiB pages (a 0.97-1.05 s command instead of
-# 0.98-1.38 s). A command runs for a second, too short for huge pages' fewer
-# TLB misses to pay that back. Set before anything imports numpy.
-os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 #: modules under ``columnhub.cli`` that add sub-commands, in help order.
 COMMANDS = ("deliver", "synth", "cache", "serve", "client")
