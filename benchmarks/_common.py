@@ -156,6 +156,9 @@ class PageCache:
     ``warm``: every input file is read once (so every side reads from memory;
     outputs are written through the page cache as usual). ``drop``: the page
     cache is emptied (root only), so every side reads its inputs from disk.
+    Either way the data the runs before wrote is flushed to disk first
+    (``sync``), so the kernel's write-back of one run's output does not take
+    cores from the next timed process.
     """
 
     mode: str = "warm"
@@ -179,8 +182,8 @@ class PageCache:
         return "inputs in the page cache for every side (read once before every timed process)"
 
     def prepare(self, inputs: Iterable[Path]) -> None:
+        os.sync()
         if self.mode == "drop":
-            os.sync()
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
             return
         for path in inputs:
