@@ -1044,7 +1044,7 @@ def test_key_indexes_are_in_the_cache_when_deliver_returns(
         assert stored.packing == built.packing
 
 
-def test_a_failed_index_write_is_raised_by_wait_stored(
+def test_a_failed_index_write_is_reported_by_wait_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from columnhub.cache import ColumnCache, entry_key
@@ -1061,12 +1061,36 @@ def test_a_failed_index_write_is_raised_by_wait_stored(
 
     provider._store_later(ColumnCache(tmp_path / "ok"), entry_key(kind="t", n=1), index)
     provider._store_later(Full(tmp_path / "full"), entry_key(kind="t", n=2), index)
-    with pytest.raises(CacheError, match="No space left"):
-        provider.wait_stored()
-    provider.wait_stored()  # reported once: nothing pending any more
+    errors = provider.wait_stored()
+    assert [type(e) for e in errors] == [CacheError]
+    assert "No space left" in str(errors[0])
+    assert provider.wait_stored() == []  # reported once: nothing pending any more
     blob = ColumnCache(tmp_path / "ok").get_bytes(entry_key(kind="t", n=1))
     assert blob is not None
     assert np.array_equal(KeyIndex.from_bytes(blob).sorted_words, index.sorted_words)
+
+
+def test_a_key_index_the_cache_cannot_take_costs_a_warning_not_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from columnhub.errors import CacheError
+    from columnhub.join.index import KeyIndex
+
+    inputs = parquet_join_inputs(tmp_path)
+    _cold_memory(monkeypatch)
+
+    def full(self: KeyIndex) -> Any:
+        msg = "cannot write cache entry: No space left on device"
+        raise CacheError(msg)
+
+    monkeypatch.setattr(KeyIndex, "to_chunks", full)
+    with pytest.warns(RuntimeWarning, match="could not store a key index.*No space left"):
+        result = columnhub.deliver({**inputs["spec"], "columns": ["MET_pt", "x", "jets"]},
+                                   output=tmp_path / "out", cache=tmp_path / "cache")
+    assert result.manifest["complete"] is True
+    assert result.manifest["cache"]["partial"] is True
+    assert "No space left" in result.manifest["cache"]["error"]
+    check_parquet_join(tmp_path / "out", inputs, "MET_pt")
 
 
 def test_duplicates_reported_alike_from_index_facts(

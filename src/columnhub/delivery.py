@@ -762,6 +762,7 @@ def _execute(
     metas: dict[int, Any] = {}
     exchanged: Any = None
     prepared: Any = None
+    index_errors: list[CacheError] = []
     try:
         with executor_for(scheduler, workers=workers) as run_parts:
             if plan.friends:
@@ -804,7 +805,8 @@ def _execute(
             if plan.friends:
                 from columnhub.join.provider import wait_stored
 
-                wait_stored()  # key indexes built here, written meanwhile: in the cache now
+                # key indexes built here, written meanwhile: in the cache now
+                index_errors = wait_stored()
     finally:
         if prepared is not None:
             prepared.release()  # after an error: nothing left running
@@ -855,6 +857,7 @@ def _execute(
             "hits": sum(m.hits for m in ordered),
             "misses": sum(m.misses for m in ordered),
             "location": cache.location if cache else None,
+            **_index_write_failed(index_errors),
         },
         "inputs": plan.dataset.identity,
         "friends": {f.spec.name: f.dataset.identity for f in plan.friends},
@@ -874,6 +877,22 @@ def _execute(
             "parts_s": [round(m.seconds, 6) for m in ordered],
         },
     }
+
+
+def _index_write_failed(errors: list[CacheError]) -> dict[str, Any]:
+    """The manifest's ``cache`` fields (and a warning) when key indexes could not be stored.
+
+    Like the result's record (:func:`_record`): the delivery is complete, the
+    next request builds the indexes again instead of loading them.
+    """
+    if not errors:
+        return {}
+    msg = (
+        f"the result is complete, but the cache could not store a key index ({errors[0]}); "
+        "the next request with this friend builds it again"
+    )
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    return {"partial": True, "error": str(errors[0])}
 
 
 def _friend_exchange(

@@ -26,7 +26,7 @@ import numpy as np
 
 from columnhub import sources
 from columnhub.datasets import ResolvedDataset
-from columnhub.errors import JoinError
+from columnhub.errors import CacheError, JoinError
 from columnhub.join.collection import fill_to_counts
 from columnhub.join.gather import compact, gather
 from columnhub.join.index import IndexFacts, KeyIndex
@@ -125,7 +125,7 @@ def _read_keys(
 
 
 #: index stores under way (:func:`_store_later`), waited for by :func:`wait_stored`
-_pending: list[Future[None]] = []
+_pending: list[Future[CacheError | None]] = []
 _pending_lock = threading.Lock()
 _store_pool: ThreadPoolExecutor | None = None
 
@@ -137,31 +137,34 @@ def _store_later(cache: ColumnCache, key: str, index: KeyIndex) -> None:
     critical path need not wait for: this process holds the index in memory
     (the cache entry serves later processes), so the friend exchange goes on
     while it is written. :func:`wait_stored` waits for the writes (a
-    delivery does, before it finishes) and raises the first error.
+    delivery does, before it finishes).
     """
     global _store_pool
+
+    def store() -> CacheError | None:
+        try:
+            cache.put_bytes(key, index.to_chunks())
+        except CacheError as err:  # a full or unwritable cache never fails a request
+            return err
+        return None
+
     with _pending_lock:
         if _store_pool is None:
             _store_pool = ThreadPoolExecutor(1, thread_name_prefix="columnhub-index-store")
-        _pending.append(_store_pool.submit(cache.put_bytes, key, index.to_chunks()))
+        _pending.append(_store_pool.submit(store))
 
 
-def wait_stored() -> None:
+def wait_stored() -> list[CacheError]:
     """Wait until every key index built by this process is written to its cache.
 
-    Raises:
-        CacheError: a write failed (the first error; the others are dropped).
+    Returns:
+        The writes' errors (a full or unwritable cache): the indexes are
+        then rebuilt by the next request instead of loaded.
     """
     with _pending_lock:
         pending = list(_pending)
         _pending.clear()
-    first: BaseException | None = None
-    for future in pending:
-        err = future.exception()
-        if err is not None and first is None:
-            first = err
-    if first is not None:
-        raise first
+    return [err for err in (f.result() for f in pending) if err is not None]
 
 
 def dataset_index(
