@@ -560,6 +560,8 @@ def render(
         "  to work on the development machine), so every side reads its inputs, and its",
         "  Python modules and shared libraries, from disk (imports get slower for all).",
         "  Outputs go to files on the same disk as the inputs (`bench-data/scratch-*`).",
+        "  Either way, `sync` runs before each timed process, so the kernel's write-back",
+        "  of the outputs before it does not take cores from it.",
         "- Every output of every side is checked (first round) against an independent",
         "  reference (a direct uproot read; the friend values generated from the event index),",
         "  so a fast wrong answer fails the benchmark instead of winning it.",
