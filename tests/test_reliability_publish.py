@@ -328,6 +328,13 @@ def spec_file(tmp_path: Path, req: dict[str, Any]) -> str:
     return str(path)
 
 
+def deliver_small_with_the_cli(shared_data: Path, tmp_path: Path, out: Path, cache: str) -> None:
+    """The small result delivered into ``out`` by the CLI (the previous result of a test)."""
+    spec = spec_file(tmp_path, request(shared_data, SMALL))
+    done = cli("deliver", spec, "-o", str(out), "--cache", cache)
+    assert done.returncode == 0, done.stderr
+
+
 def test_full_output_disk_is_one_clear_error_and_keeps_the_previous_result(
     shared_data: Path, tmp_path: Path, clean: dict[str, list[bytes]]
 ) -> None:
@@ -335,15 +342,7 @@ def test_full_output_disk_is_one_clear_error_and_keeps_the_previous_result(
     large = spec_file(tmp_path, request(shared_data, LARGE))
     with small_disk(tmp_path / "disk") as mounted:
         out = tmp_path / "disk" / "out"
-        done = cli(
-            "deliver",
-            spec_file(tmp_path, request(shared_data, SMALL)),
-            "-o",
-            str(out),
-            "--cache",
-            cache,
-        )
-        assert done.returncode == 0, done.stderr
+        deliver_small_with_the_cli(shared_data, tmp_path, out, cache)
         if mounted:
             filler = fill(tmp_path / "disk", leave=24 * 1024)  # less than the new result
             full = cli("deliver", large, "-o", str(out), "--cache", cache)
@@ -370,15 +369,7 @@ def test_disk_full_at_the_manifest_switch_undoes_the_publish(
         if not mounted:
             pytest.skip("mount -t tmpfs is not allowed here (needs root)")
         out = tmp_path / "disk" / "out"
-        done = cli(
-            "deliver",
-            spec_file(tmp_path, request(shared_data, SMALL)),
-            "-o",
-            str(out),
-            "--cache",
-            cache,
-        )
-        assert done.returncode == 0, done.stderr
+        deliver_small_with_the_cli(shared_data, tmp_path, out, cache)
         large = spec_file(tmp_path, request(shared_data, LARGE))
         child = start_stopped("moved", "deliver", large, "-o", str(out), "--cache", cache, cli=True)
         filler = fill(tmp_path / "disk", leave=0)
@@ -400,15 +391,7 @@ def test_full_disk_while_a_reused_result_is_copied(
     assert first.returncode == 0, first.stderr
     with small_disk(tmp_path / "disk") as mounted:
         out = tmp_path / "disk" / "out"
-        done = cli(
-            "deliver",
-            spec_file(tmp_path, request(shared_data, SMALL)),
-            "-o",
-            str(out),
-            "--cache",
-            cache,
-        )
-        assert done.returncode == 0, done.stderr
+        deliver_small_with_the_cli(shared_data, tmp_path, out, cache)
         if mounted:
             fill(tmp_path / "disk", leave=24 * 1024)
             full = cli("deliver", large, "-o", str(out), "--cache", cache)
