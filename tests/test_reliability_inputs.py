@@ -511,4 +511,6 @@ def test_peak_memory_does_not_grow_with_the_number_of_files(tmp_path: Path) -> N
 
     few, many = peak(4), peak(32)
     print(f"peak RSS: {few / 1024:.0f} MB with 4 files, {many / 1024:.0f} MB with 32")
-    assert many / few < 1.3, (few, many)
+    # the bug grew ~13 MB per file; what grows now (~1.5 MB per file: the plan, its
+    # manifest, uproot's file objects) is far from it, but makes a ratio bound flaky
+    assert (many - few) / 1024 / 28 < 4, (few, many)

@@ -1,7 +1,8 @@
 """Checksums of files (private; light: xxhash only).
 
-A delivered part's checksum, and the digest of a Parquet file's footer that
-is part of its identity. Kept apart from the Parquet writer and the sources
+A delivered part's checksum, the digest of a Parquet file's footer that is
+part of its identity, and a local file's stamp (size, modification time,
+inode, device). Kept apart from the Parquet writer and the sources
 so that a whole-result cache hit checks its files without importing pyarrow.
 """
 
@@ -12,7 +13,7 @@ import struct
 from contextlib import nullcontext
 from pathlib import Path
 
-__all__ = ["file_checksum", "footer_hash"]
+__all__ = ["file_checksum", "footer_hash", "local_stamp"]
 
 
 def file_checksum(path: Path, *, copy_to: Path | None = None) -> str:
@@ -55,3 +56,18 @@ def footer_hash(path: str) -> str | None:
             return str(xxhash.xxh3_64_hexdigest(handle.read(length)))
     except OSError:
         return None
+
+
+def local_stamp(path: str) -> dict[str, int]:
+    """Size, modification time, inode and device of a local file (one ``stat``).
+
+    Raises:
+        OSError: the file cannot be stat'ed (gone, no permission).
+    """
+    stat = os.stat(path)
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "device": stat.st_dev,
+    }

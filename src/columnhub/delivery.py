@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from columnhub import _fastpath
+from columnhub import _fastpath, _readahead
 from columnhub._checksum import file_checksum
 from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.cache import ColumnCache, default_location, entry_key
@@ -164,6 +164,30 @@ def deliver(
     fast = _deliver_known(request, output=output, chunk_size=chunk_size, cache=cache, t0=t0)
     if isinstance(fast, Result):
         return fast
+    if scheduler is None and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        _readahead.start(request, fast.store)  # the command line's: reads while it imports
+    try:
+        return _deliver_new(
+            request, fast, output=output, workers=workers, chunk_size=chunk_size, cache=cache,
+            progress=progress, scheduler=scheduler, t0=t0,
+        )
+    finally:
+        _readahead.close()
+
+
+def _deliver_new(
+    request: Any,
+    fast: _NotKnown,
+    *,
+    output: str | os.PathLike[str] | None,
+    workers: int | None,
+    chunk_size: int | None,
+    cache: Any,
+    progress: Any,
+    scheduler: Scheduler,
+    t0: float,
+) -> Result | dict[str, Result]:
+    """:func:`deliver` of a request whose result is not known before planning."""
     from columnhub.spec import Samples
 
     req = _load(request, chunk_size=chunk_size)
@@ -246,6 +270,7 @@ def _deliver_planned(
             manifest["result_key"] = identity
             _record(store, identity, directory, manifest)
             _fastpath.remember(store, fast.key, plan, identity, directory=own_directory)
+            _readahead.remember(store, plan)
         except BaseException as err:  # Ctrl-C and SIGTERM (the CLI) too: no staging left
             shutil.rmtree(staging, ignore_errors=True)
             if previous is None or not previous.get("complete"):

@@ -55,9 +55,12 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Deliver and print what was delivered (one summary per sample for several)."""
+    from columnhub import _readahead
     from columnhub.cache import ColumnCache
     from columnhub.delivery import deliver
     from columnhub.errors import SampleError
+
+    _readahead.arm(args.spec)  # a new process: read while the engine imports
 
     cache: ColumnCache | str | bool | None = False if args.no_cache else args.cache
     if args.cache_read_only and not args.no_cache:

@@ -728,13 +728,7 @@ def _read_table(
     file = friend.dataset.files[block.file]
     start, stop = entries
     try:
-        handle = parquet._open(file.path)
-        bounds = np.asarray(file.boundaries)
-        first = int(np.searchsorted(bounds, start, side="right") - 1)
-        last = int(np.searchsorted(bounds, stop, side="left"))
-        groups = list(range(first, max(last, first + 1)))
-        table = handle.read_row_groups(groups, columns=list(columns))
-        table = table.slice(start - int(bounds[first]), stop - start)
+        table = parquet.read_table(file, columns, start=start, stop=stop)
     except ColumnhubError as err:
         verify_unchanged(file, friend.dataset.spec, cause=err)
         raise

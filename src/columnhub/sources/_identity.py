@@ -11,10 +11,9 @@ data is used or cached; it costs a ``stat`` and a small read (~0.02 ms locally).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from columnhub._checksum import footer_hash
+from columnhub._checksum import footer_hash, local_stamp
 from columnhub._rootheader import HEADER_BYTES, parse_uuid, read_uuid
 from columnhub.datasets import FileInfo, is_url
 from columnhub.errors import InputChangedError
@@ -29,20 +28,6 @@ __all__ = [
     "remote_stamp",
     "verify_unchanged",
 ]
-
-def local_stamp(path: str) -> dict[str, int]:
-    """Size, modification time, inode and device of a local file (one ``stat``).
-
-    Raises:
-        OSError: the file cannot be stat'ed (gone, no permission).
-    """
-    stat = os.stat(path)
-    return {
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "inode": stat.st_ino,
-        "device": stat.st_dev,
-    }
 
 
 def remote_stamp(url: str, *, timeout: float, what: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from columnhub.errors import ColumnhubError, CorruptFileError, DatasetFileNotFou
 from columnhub.sources._errors import classify
 from columnhub.spec import DatasetSpec
 
-__all__ = ["column_types", "describe", "read"]
+__all__ = ["column_types", "describe", "read", "read_table"]
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -94,6 +94,35 @@ def column_types(file: FileInfo, names: Sequence[str]) -> dict[str, str]:
     return {name: str(schema.field(name).type) for name in names}
 
 
+def read_table(file: FileInfo, columns: Sequence[str], *, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of ``file`` with ``columns``, as one Arrow table.
+
+    Reads only the row groups that hold them. Row groups that a new
+    ``columnhub deliver`` process read ahead while it imported
+    (:mod:`columnhub._readahead`) are taken from memory when they are of the
+    file the plan saw.
+    """
+    from columnhub import _readahead
+
+    bounds = np.asarray(file.boundaries)
+    first = int(np.searchsorted(bounds, start, side="right") - 1)
+    last = int(np.searchsorted(bounds, stop, side="left"))
+    groups = list(range(first, max(last, first + 1)))
+    held = _readahead.take(file.path, groups, columns, file.check)
+    if all(t is None for t in held):
+        table = _open(file.path).read_row_groups(groups, columns=list(columns))
+    else:
+        import pyarrow as pa
+
+        handle = None
+        for k, (group, t) in enumerate(zip(groups, held, strict=True)):
+            if t is None:
+                handle = handle or _open(file.path)
+                held[k] = handle.read_row_group(group, columns=list(columns))
+        table = held[0] if len(held) == 1 else pa.concat_tables(held)
+    return table.slice(start - int(bounds[first]), stop - start)
+
+
 def read(
     file: FileInfo, columns: Sequence[str], *, start: int, stop: int
 ) -> dict[str, ak.Array]:
@@ -101,14 +130,7 @@ def read(
     if not columns:
         return {}
     try:
-        meta = _open(file.path)
-        bounds = np.asarray(file.boundaries)
-        first = int(np.searchsorted(bounds, start, side="right") - 1)
-        last = int(np.searchsorted(bounds, stop, side="left"))
-        groups = list(range(first, max(last, first + 1)))
-        table = meta.read_row_groups(groups, columns=list(columns))
-        offset = start - int(bounds[first])
-        table = table.slice(offset, stop - start)
+        table = read_table(file, columns, start=start, stop=stop)
     except ColumnhubError:
         raise
     except Exception as err:
