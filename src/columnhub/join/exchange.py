@@ -1044,34 +1044,37 @@ def exchange(
         held = result.held = HeldColumns(
             target if result.store is None else None, fallback=result.store
         )
-        matched = dict(
-            zip(
-                chunks,
-                run_ordered(
-                    lambda i: match_chunk(
-                        plan, plan.chunks[i], friends=list(todo), store=target, cache=cache,
-                        held=held,
-                    ),
-                    chunks,
-                    workers=workers,
-                ),
-                strict=True,
+        layouts = {name: _layout(plan, name) for name in todo}
+
+        def match_and_locate(i: int) -> tuple[ChunkMatch, dict[str, ChunkRoute]]:
+            found = match_chunk(
+                plan, plan.chunks[i], friends=list(todo), store=target, cache=cache, held=held
             )
+            located = {  # the chunk's part of the routing, on the pool (numpy sorts)
+                name: locate_rows(
+                    _index(plan, plan.friend(name), cache), found.rows[name], layouts[name]
+                )
+                for name in todo
+            }
+            return found, located
+
+        matched = dict(
+            zip(chunks, run_ordered(match_and_locate, chunks, workers=workers), strict=True)
         )
-        for chunk_match in matched.values():
+        for chunk_match, _ in matched.values():
             result.fresh.setdefault(chunk_match.chunk.index, set()).update(chunk_match.fresh)
         t_match = time.perf_counter() - t0
         for name, numbers in todo.items():
             report = _exchange_friend(
                 plan,
                 plan.friend(name),
-                [matched[i] for i in numbers],
-                cache=cache,
+                [matched[i][0] for i in numbers],
                 target=target,
                 workers=workers,
                 spill=_Rounds(budget, scratch),
                 held=held,
                 fresh=result.fresh,
+                located=[matched[i][1][name] for i in numbers],
             )
             report.seconds["match"] = t_match
             result.friends[name] = report
@@ -1170,14 +1173,16 @@ def _exchange_friend(
     friend: Friend,
     matches: list[ChunkMatch],
     *,
-    cache: ColumnCache | None,
     target: ColumnCache,
     workers: int,
     spill: _Rounds,
     fresh: dict[int, set[str]],
+    located: list[ChunkRoute],
     held: HeldColumns | None = None,
 ) -> FriendExchange:
     """Route, read and assemble one friend for the matched chunks (local thread pool).
+
+    ``located``: each chunk's rows by block (:func:`locate_rows`, run with the match).
 
     In memory (:func:`_exchange_held`) when the friend is Parquet and its
     needed columns, read and taken per chunk, fit the memory budget; else
@@ -1187,8 +1192,7 @@ def _exchange_friend(
 
     name = friend.spec.name
     t0 = time.perf_counter()
-    layout = blocks([f.boundaries for f in friend.dataset.files], max(1, plan.request.chunk_size))
-    routing = route(_index(plan, friend, cache), name, matches, layout)
+    routing = combine_routes(located, _layout(plan, name))
     report = FriendExchange(
         False, "", blocks=len(routing.blocks), chunks=len(matches), memory_budget=spill.budget
     )
@@ -1259,6 +1263,7 @@ def _piece_key(friend: Friend, block: int, local: int, column: str) -> str:
 
 
 def _layout(plan: Plan, friend: str) -> list[Block]:
+    """The blocks of friend ``friend``, of about a chunk each (:func:`blocks`)."""
     spec = plan.friend(friend)
     return blocks([f.boundaries for f in spec.dataset.files], max(1, plan.request.chunk_size))
 
