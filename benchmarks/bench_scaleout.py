@@ -28,6 +28,13 @@ and each stage's tasks and seconds of work. On a busy machine the wall times
 of 1 vs 2 workers are unreliable (two workers compete for the cores with
 everything else); these figures are not.
 
+The machine's own ceiling is measured beside it (:func:`machine_ceiling`):
+the same request delivered by one single-threaded process alone, and by two
+such processes started together. On a 2-core virtual machine two busy
+processes each run slower than one alone (shared caches, memory bandwidth,
+the hypervisor), so ``2 x alone / together`` is what any 2 workers can reach
+here at best; the Dask ratio is also given as a share of it.
+
 The scaling model for N workers (``docs/benchmarks.md``, section "Scaling
 model", written by :func:`scaling_model_section`) is worked out from the
 one-worker run's stages: a stage of ``n`` tasks of ``t`` seconds each takes
@@ -46,6 +53,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import time
@@ -262,6 +270,61 @@ def deliver_on(client: Any, cmd: list[str], cache: Path) -> tuple[Run, dict[str,
     return run, figures
 
 
+def machine_ceiling(
+    base: list[str], scratch: Path, inputs: list[Path], *, repeat: int, page_cache: PageCache
+) -> dict[str, Any]:
+    """What two processes of this work gain over one on this machine: the ceiling of 2 vs 1.
+
+    The same request, delivered by one single-threaded process (the local
+    executor, ``--workers 1``, ``COLUMNHUB_THREADS=1``: what one Dask worker
+    does, without Dask), alone, then as two copies started together (each
+    with its own output and cache). With perfect cores two copies finish in
+    the time of one; ``ceiling = 2 x alone / together``. Two Dask workers on
+    the same cores cannot beat it (they also share the cores with the client
+    and the scheduler).
+    """
+    import subprocess
+
+    env = {"COLUMNHUB_THREADS": "1"}
+    alone: list[float] = []
+    together: list[float] = []
+
+    def cmd(k: int) -> list[str]:
+        return [*base, str(fresh(scratch / f"out-ceiling-{k}")), "--workers", "1"]
+
+    for _ in range(repeat):
+        page_cache.prepare(inputs)
+        run = run_process(cmd(0), extra_env={**env, "COLUMNHUB_CACHE": str(fresh(scratch / "c0"))})
+        run.check("columnhub deliver (one single-threaded process)")
+        alone.append(run.wall)
+        page_cache.prepare(inputs)
+        environ = {**os.environ, **env}
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                cmd(k), env={**environ, "COLUMNHUB_CACHE": str(fresh(scratch / f"c{k}"))},
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for k in (1, 2)
+        ]
+        for proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode:
+                msg = f"columnhub deliver (two single-threaded processes) failed:\n{err[-2000:]}"
+                raise SystemExit(msg)
+        together.append(time.perf_counter() - t0)
+    for k in (0, 1, 2):
+        shutil.rmtree(scratch / f"out-ceiling-{k}", ignore_errors=True)
+        shutil.rmtree(scratch / f"c{k}", ignore_errors=True)
+    return {
+        "alone_s": round(min(alone), 4),
+        "together_s": round(min(together), 4),
+        "ceiling": 2 * min(alone) / min(together),
+        "all_alone_s": [round(x, 4) for x in alone],
+        "all_together_s": [round(x, 4) for x in together],
+    }
+
+
 def manifest_info(out: Path) -> dict[str, Any]:
     """Parts, events and part checksums of a delivery, from its manifest."""
     m = json.loads((out / "manifest.json").read_text())
@@ -318,6 +381,9 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
                 info[name] = manifest_info(out)
                 shutil.rmtree(out)
                 shutil.rmtree(cache, ignore_errors=True)
+        ceiling = machine_ceiling(
+            base, scratch, [primary, friend], repeat=repeat, page_cache=page_cache
+        )
     if len({i["events"] for i in info.values()}) != 1:
         msg = f"the executors delivered different numbers of events: { {k: i['events'] for k, i in info.items()} }"
         raise SystemExit(msg)
@@ -340,10 +406,12 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
         "dask_overhead_s": dask_overhead(),
         "input_bytes": input_bytes(primary, friend),
         "output_bytes": info["local1"]["output_bytes"],
+        "machine_ceiling": ceiling,
     }
     if available:
         s = figures["seconds"]
         figures["dask2_vs_dask1"] = s["running1"] / s["running2"]
+        figures["dask2_vs_dask1_of_ceiling"] = figures["dask2_vs_dask1"] / ceiling["ceiling"]
         figures["dask2_vs_dask1_with_start"] = s["start1"] / s["start2"]
         figures["dask2_vs_dask1_warm_workers"] = s["warm1"] / s["warm2"]
     print_figures(figures)
@@ -518,7 +586,14 @@ def print_figures(f: dict[str, Any]) -> None:
             " executor is not merged)"
         )
         return
+    c = f["machine_ceiling"]
+    print(
+        f"machine ceiling: one single-threaded process of the request {c['alone_s']:.3f} s, two"
+        f" at once {c['together_s']:.3f} s: 2 processes give at most {c['ceiling']:.2f}x one here"
+    )
     print(f"Dask, running cluster, 2 workers vs 1 = {f['dask2_vs_dask1']:.2f}x")
+    print(f"Dask, running cluster, 2 vs 1 as a share of the machine's ceiling = "
+          f"{f['dask2_vs_dask1_of_ceiling']:.0%}")
     print(f"Dask, cluster start included, 2 workers vs 1 = {f['dask2_vs_dask1_with_start']:.2f}x")
     print(f"Dask, running cluster with warm workers, 2 vs 1 = {f['dask2_vs_dask1_warm_workers']:.2f}x")
     print("(CPU s of the running-cluster rows: the client process only; of the others: every process)")

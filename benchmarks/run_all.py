@@ -273,6 +273,22 @@ TARGETS: dict[str, list[Target]] = {
             missing="not available (no `--scheduler` in `columnhub deliver`: Dask executor not merged)",
         ),
         Target(
+            "machine ceiling: two single-threaded processes of the same request at once vs one"
+            " (what 2 workers can reach on these cores at best)",
+            "info",
+            0.0,
+            ("machine_ceiling.ceiling",),
+            command="python benchmarks/bench_scaleout.py",
+        ),
+        Target(
+            "Dask 2 vs 1 workers as a share of that machine ceiling",
+            "info",
+            0.0,
+            ("dask2_vs_dask1_of_ceiling",),
+            command="python benchmarks/bench_scaleout.py",
+            missing="not available (no `--scheduler` in `columnhub deliver`: Dask executor not merged)",
+        ),
+        Target(
             "Dask: 2 workers vs 1, the cluster start included in the command (--scheduler local)",
             "info",
             0.0,
