@@ -221,11 +221,14 @@ class _ReadAhead:
 
     def _plan(self) -> list[_Pass]:
         """Every pass, registered before any is read: a read that comes first waits for it."""
+        wanted_reads = _wanted(self.source, self.cache)
+        if not wanted_reads:
+            return []
         import pyarrow.parquet as pq
 
         left = _budget()
         passes = []
-        for path, wanted in _wanted(self.source, self.cache):
+        for path, wanted in wanted_reads:
             before = local_stamp(path)
             handle = pq.ParquetFile(path)
             present = set(handle.schema_arrow.names)
