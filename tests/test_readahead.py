@@ -228,6 +228,10 @@ def test_what_is_read_ahead(tmp_path: Path) -> None:
     assert variant(lambda d: d[f][0].update(match="aligned")) == []
     assert variant(lambda d: d.pop(f)) == []
     assert variant(lambda d: d.update(samples={"a": {}})) == []
+    assert variant(lambda d: d["dataset"].update(files={"a.root": "Events"})) == []  # a fileset
+    # a ROOT primary: the friend is read ahead, not the primary's keys
+    root = variant(lambda d: d["dataset"].update(files=["primary.root"]))
+    assert root == wanted[1:]
     # the friend's own keys when it names them
     on = variant(lambda d: d[f][0].update(on=["run", "event"]))
     assert on[1] == (str(files[0]), ["run", "event"])
@@ -257,6 +261,28 @@ def test_a_later_process_reads_nothing_ahead_for_columns_in_the_cache(tmp_path: 
     assert _readahead._wanted(str(spec), ColumnCache(ro)) != []
     write_friend_parquet(files[0], friend_events(files), scale=3.0)
     assert _readahead._wanted(str(spec), cache) != []
+
+
+def test_the_cache_note_covers_a_root_primary(tmp_path: Path) -> None:
+    """A ROOT primary joined to a Parquet friend: a later process reads nothing ahead."""
+    from test_exchange import write_friend_root
+
+    _, files = make_spec(tmp_path, "shuffled")
+    write_friend_root(tmp_path / "primary.root", np.arange(N))
+    spec = tmp_path / "root.json"
+    spec.write_text(json.dumps({
+        "dataset": {"name": "p", "files": ["primary.root"]},
+        "columns": ["event", "g_fx"],
+        "chunk_size": CHUNK,
+        "friends": [{"name": "g", "dataset": {"name": "g", "files": [files[0].name]},
+                     "columns": ["fx", "fj"], "prefix": "g_"}],
+    }))
+    cache = ColumnCache(tmp_path / "cache")
+    reads = _readahead._wanted(str(spec), cache)
+    assert [p for p, _ in reads] == [str(files[0])] * 2  # the friend's keys, then its columns
+    result = columnhub.deliver(spec, output=tmp_path / "out", cache=cache)
+    assert result.complete
+    assert _readahead._wanted(str(spec), cache) == []
 
 
 def test_arm_applies_to_the_named_spec_only(tmp_path: Path) -> None:

@@ -142,8 +142,9 @@ def _budget() -> int:
 def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]]]:
     """``(file, columns)`` to read, in order: the primary's keys, each friend's keys, then its columns.
 
-    Empty unless a keyed friend is a list of local Parquet files whose columns
-    the ``cache`` has no note of (:func:`remember`).
+    Empty unless the primary is a list of local files and a keyed friend a
+    list of local Parquet files whose columns the ``cache`` has no note of
+    (:func:`remember`). The primary's keys are read only if it is Parquet too.
     """
     text = Path(source).read_text(encoding="utf-8")
     if source.endswith(".json"):
@@ -156,18 +157,22 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
         return []
     folder = Path(source).resolve().parent
 
-    def files(dataset: Any) -> list[str]:
+    def local(dataset: Any) -> list[str]:
+        """The dataset's files when each is a plain local path, else ``[]``."""
         entries = dataset.get("files") if isinstance(dataset, dict) else None
-        if not isinstance(entries, list) or not entries:
+        if not isinstance(entries, list):
             return []
         out = []
         for entry in entries:
-            if not isinstance(entry, str) or not entry.endswith(".parquet"):
-                return []
-            if "://" in entry or any(c in entry for c in "*?["):
+            if not isinstance(entry, str) or "://" in entry or any(c in entry for c in "*?["):
                 return []
             out.append(str(folder / entry))  # an absolute entry stays itself
         return out
+
+    def files(dataset: Any) -> list[str]:
+        """The dataset's files when each is a local Parquet file, else ``[]``."""
+        paths = local(dataset)
+        return paths if all(p.endswith(".parquet") for p in paths) else []
 
     def keys(dataset: Any, on: Any = None) -> list[str]:
         names = on if on is not None else dataset.get("keys", _CMS_KEYS)
@@ -181,7 +186,8 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
         and f.get("match", "keyed") == "keyed"
         and isinstance(f.get("dataset"), dict)
     ]
-    if not keyed:
+    everything = local(dataset)  # ROOT or Parquet: what a note in the cache is about
+    if not keyed or not everything:  # several samples (a fileset), a dataset by name: none
         return []
     primary = files(dataset)
     first: list[tuple[str, list[str]]] = []
@@ -189,7 +195,8 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
     for friend in keyed:
         paths = files(friend["dataset"])
         columns = [c for c in friend.get("columns", []) if isinstance(c, str)]
-        if not paths or (cache is not None and cache.contains(_exchanged_key(primary, paths, columns))):
+        noted = cache is not None and cache.contains(_exchanged_key(everything, paths, columns))
+        if not paths or noted:
             continue
         names = keys(friend["dataset"], friend.get("on"))
         first += [(f, names) for f in paths]
