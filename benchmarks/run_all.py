@@ -139,6 +139,14 @@ TARGETS: dict[str, list[Target]] = {
             command=f"{_J} --parts process --layouts shuffled",
         ),
         Target(
+            "keyed left join, shuffled friend, cold, `--no-cache` (no column cache filled): vs"
+            " DuckDB",
+            "info",
+            0.0,
+            ("process_shuffled_first_no_cache_vs_duckdb",),
+            command=f"{_J} --parts process --layouts shuffled",
+        ),
+        Target(
             "keyed left join, shuffled friend, later request (friend cached): vs DuckDB",
             ">=",
             1.5,
@@ -547,8 +555,10 @@ def render(
         f"- date: {started.isoformat(timespec='seconds')}",
         f"- machine: {m['platform']}, Python {m['python']}",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB",
-        f"- command: `{shlex.join(['python', 'benchmarks/run_all.py', *argv])}`"
-        " (from the repository root)",
+        (
+            f"- command: `{shlex.join(['python', 'benchmarks/run_all.py', *argv])}`"
+            " (from the repository root)"
+        ),
     ]
     if note:
         lines.append(f"- **caveat: {note}**")
