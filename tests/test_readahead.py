@@ -113,6 +113,25 @@ def test_read_ahead_gives_the_joined_rows_of_the_brute_force(
     assert off.to_arrow().equals(result.to_arrow())
 
 
+def test_a_parquet_primary_alone_is_read_ahead_and_delivered_as_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary = write_primary(tmp_path / "p.parquet", np.arange(N))
+    spec = tmp_path / "plain.yaml"  # YAML: parsed by the read-ahead too
+    spec.write_text(
+        "dataset: {name: p, files: [p.parquet]}\n"
+        f"columns: [x, y]\nwhere: y > 3\nchunk_size: {CHUNK}\n"
+    )
+    served = counting_takes(monkeypatch)
+    _readahead.arm(spec)
+    result = columnhub.deliver(spec, output=tmp_path / "out", cache=tmp_path / "cache")
+    assert served and set(served) == {str(primary)}
+    direct = pq.read_table(primary).to_pylist()
+    want = [(r["event"], r["x"], r["y"]) for r in direct if r["y"] > 3]
+    got = [(r["event"], r["x"], r["y"]) for r in result.to_arrow().to_pylist()]
+    assert got == want
+
+
 def test_a_friend_changed_after_it_was_read_ahead_is_read_again(tmp_path: Path) -> None:
     spec, files = make_spec(tmp_path, "shuffled")
     friend = files[0]
@@ -121,7 +140,8 @@ def test_a_friend_changed_after_it_was_read_ahead_is_read_again(tmp_path: Path) 
     assert _readahead._state is not None
     _readahead._state.thread.join()
     held = [h for passes in _readahead._state.groups.values() for h in passes]
-    assert held and all(h.table is not None for h in held)
+    assert held
+    assert all(h.table is not None for h in held)
     # the same events, other values; the old modification time put back
     old = os.stat(friend)
     write_friend_parquet(friend, friend_events(files), scale=2.0)
@@ -138,7 +158,9 @@ def test_a_group_not_started_is_read_by_the_reader_and_not_read_ahead(tmp_path: 
     state = _readahead._state = _readahead._ReadAhead(str(spec), None)
     passes = state._plan()  # registered, nothing read yet
     assert [(p.path, p.columns) for p in passes][1:] == [
-        (path, ["run", "luminosityBlock", "event"]), (path, ["fx", "fj"])
+        (path, ["run", "luminosityBlock", "event"]),
+        (path, ["fx", "fj"]),
+        (str(tmp_path / "primary.parquet"), ["x"]),  # the request's own (others: not in it)
     ]
     # a read that comes first claims group 0 of the friend's columns: it reads it itself
     assert _readahead.take(path, [0], ["fx", "fj"], info.check) == [None]
@@ -206,11 +228,14 @@ def test_what_is_read_ahead(tmp_path: Path) -> None:
     wanted = _readahead._wanted(str(spec), None)
     keys = ["run", "luminosityBlock", "event"]
     primary = str(tmp_path / "primary.parquet")
-    # relative paths are the spec folder's; the primary's keys, the friend's keys, its columns
+    own = (primary, ["x", "fx", "fj", "f_matched"])  # the request's columns, keys aside
+    # relative paths are the spec folder's; the primary's keys, the friend's keys, its
+    # columns, then the request's own columns of the primary
     assert wanted == [
         (primary, keys),
         *[(str(f), keys) for f in files],
         *[(str(f), ["fx", "fj"]) for f in files],
+        own,
     ]
 
     def variant(change: Any) -> list[Any]:
@@ -221,17 +246,19 @@ def test_what_is_read_ahead(tmp_path: Path) -> None:
         return _readahead._wanted(str(other), None)
 
     f = "friends"
-    # nothing where a guess could be wrong, or where nothing is to be joined
-    assert variant(lambda d: d[f][0]["dataset"].update(files=["friend*.parquet"])) == []
-    assert variant(lambda d: d[f][0]["dataset"].update(files=["root://host//f.parquet"])) == []
-    assert variant(lambda d: d[f][0]["dataset"].update(files=["f.root"])) == []
-    assert variant(lambda d: d[f][0].update(match="aligned")) == []
-    assert variant(lambda d: d.pop(f)) == []
+    # no friend read where a guess could be wrong: the primary's own columns only
+    only_own = [(primary, [*keys, "x", "fx", "fj", "f_matched"])]
+    assert variant(lambda d: d[f][0]["dataset"].update(files=["friend*.parquet"])) == only_own
+    assert variant(lambda d: d[f][0]["dataset"].update(files=["root://h//f.parquet"])) == only_own
+    assert variant(lambda d: d[f][0]["dataset"].update(files=["f.root"])) == only_own
+    assert variant(lambda d: d[f][0].update(match="aligned")) == only_own
+    assert variant(lambda d: d.pop(f)) == only_own
+    # nothing at all for several samples, a fileset, or a primary that is not local Parquet
     assert variant(lambda d: d.update(samples={"a": {}})) == []
-    assert variant(lambda d: d["dataset"].update(files={"a.root": "Events"})) == []  # a fileset
-    # a ROOT primary: the friend is read ahead, not the primary's keys
-    root = variant(lambda d: d["dataset"].update(files=["primary.root"]))
-    assert root == wanted[1:]
+    assert variant(lambda d: d["dataset"].update(files={"a.root": "Events"})) == []
+    assert variant(lambda d: (d.pop(f), d["dataset"].update(files=["p.root"]))) == []
+    # a ROOT primary: the friend is read ahead, not the primary
+    assert variant(lambda d: d["dataset"].update(files=["primary.root"])) == wanted[1:-1]
     # the friend's own keys when it names them
     on = variant(lambda d: d[f][0].update(on=["run", "event"]))
     assert on[1] == (str(files[0]), ["run", "event"])
@@ -248,19 +275,26 @@ def test_nothing_is_read_ahead_past_the_budget(
     assert served == []
 
 
-def test_a_later_process_reads_nothing_ahead_for_columns_in_the_cache(tmp_path: Path) -> None:
+def test_a_later_process_reads_none_of_a_friend_whose_columns_are_cached(tmp_path: Path) -> None:
     spec, files = make_spec(tmp_path, "shuffled")
     cache = ColumnCache(tmp_path / "cache")
-    assert _readahead._wanted(str(spec), cache) != []
+
+    def friend_read(wanted: list[Any]) -> bool:
+        return any(path == str(files[0]) for path, _ in wanted)
+
+    assert friend_read(_readahead._wanted(str(spec), cache))
     columnhub.deliver(spec, output=tmp_path / "out", cache=cache)
-    # the friend's columns are in the cache now: a later request reads nothing ahead
-    assert _readahead._wanted(str(spec), cache) == []
+    # the friend's columns are in the cache now: a later request reads only the primary's own
+    primary = str(tmp_path / "primary.parquet")
+    assert _readahead._wanted(str(spec), cache) == [
+        (primary, ["run", "luminosityBlock", "event", "x", "fx", "fj", "f_matched"])
+    ]
     # a read-only cache gets no note, and a changed friend file is read ahead again
     ro = tmp_path / "ro"
     columnhub.deliver(spec, output=tmp_path / "out2", cache=ColumnCache(ro, read_only=True))
-    assert _readahead._wanted(str(spec), ColumnCache(ro)) != []
+    assert friend_read(_readahead._wanted(str(spec), ColumnCache(ro)))
     write_friend_parquet(files[0], friend_events(files), scale=3.0)
-    assert _readahead._wanted(str(spec), cache) != []
+    assert friend_read(_readahead._wanted(str(spec), cache))
 
 
 def test_the_cache_note_covers_a_root_primary(tmp_path: Path) -> None:
@@ -282,7 +316,7 @@ def test_the_cache_note_covers_a_root_primary(tmp_path: Path) -> None:
     assert [p for p, _ in reads] == [str(files[0])] * 2  # the friend's keys, then its columns
     result = columnhub.deliver(spec, output=tmp_path / "out", cache=cache)
     assert result.complete
-    assert _readahead._wanted(str(spec), cache) == []
+    assert _readahead._wanted(str(spec), cache) == []  # and nothing of the ROOT primary
 
 
 def test_arm_applies_to_the_named_spec_only(tmp_path: Path) -> None:

@@ -2,11 +2,11 @@
 
 ``columnhub deliver`` in a new process spends its first ~0.3 s importing
 (awkward, pydantic, pyarrow) and validating the request on one core, while
-the other cores wait. For a keyed join of local Parquet files the first reads
-are certain: the key columns of the primary and of each friend (to match
-them), then the friend's columns (the exchange). :func:`start` reads them on
-a thread of its own meanwhile, row group by row group, as Arrow tables held
-here; :func:`take` hands a read those row groups instead of reading them
+the other cores wait. For local Parquet files the first reads are certain:
+for a keyed join the key columns of the primary and of each friend (to match
+them) and the friend's columns (the exchange), and the request's own columns
+of a Parquet primary. :func:`start` reads them on a thread of its own
+meanwhile, row group by row group, as Arrow tables held here; :func:`take` hands a read those row groups instead of reading them
 again. Only the command line arms it (:func:`arm`), and
 :func:`columnhub.delivery.deliver` starts it once the request is not a
 whole-result cache hit; a notebook has its imports done already.
@@ -22,7 +22,7 @@ It never changes a result:
   (globs, URLs, datasets by name, several samples: nothing is read ahead), a
   column the file lacks is not read, an error stops the read-ahead silently
   (the delivery then reads, and reports, as usual);
-- at most ``$COLUMNHUB_READAHEAD_BYTES`` (default 1 GiB, uncompressed, from
+- at most ``$COLUMNHUB_READAHEAD_BYTES`` (default 512 MiB, uncompressed, from
   the footers) is held, and :func:`close` (at the end of the delivery) stops
   it and lets go of everything.
 """
@@ -134,17 +134,20 @@ def close() -> None:
 
 def _budget() -> int:
     try:
-        return int(os.environ.get(_BUDGET_ENV, str(1 << 30)))
+        return int(os.environ.get(_BUDGET_ENV, str(512 << 20)))
     except ValueError:
-        return 1 << 30
+        return 512 << 20
 
 
 def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]]]:
-    """``(file, columns)`` to read, in order: the primary's keys, each friend's keys, then its columns.
+    """``(file, columns)`` to read, in order.
 
-    Empty unless the primary is a list of local files and a keyed friend a
-    list of local Parquet files whose columns the ``cache`` has no note of
-    (:func:`remember`). The primary's keys are read only if it is Parquet too.
+    For each keyed friend that is a list of local Parquet files whose columns
+    the ``cache`` has no note of (:func:`remember`): the primary's keys (if it
+    is Parquet), the friend's keys, then its columns. Then, if the primary is
+    a list of local Parquet files, the request's columns (those a file lacks
+    are left out when it is read). Empty unless the primary is a list of local
+    files.
     """
     text = Path(source).read_text(encoding="utf-8")
     if source.endswith(".json"):
@@ -153,7 +156,7 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
         from columnhub import _yaml
 
         data = _yaml.load(text)
-    if not isinstance(data, dict) or "samples" in data or not data.get("friends"):
+    if not isinstance(data, dict) or "samples" in data:
         return []
     folder = Path(source).resolve().parent
 
@@ -179,17 +182,19 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
         return [str(n) for n in names] if isinstance(names, list | tuple) else []
 
     dataset = data.get("dataset")
+    friends = data.get("friends") or []
     keyed = [
         f
-        for f in data["friends"]
+        for f in (friends if isinstance(friends, list) else [])
         if isinstance(f, dict)
         and f.get("match", "keyed") == "keyed"
         and isinstance(f.get("dataset"), dict)
     ]
     everything = local(dataset)  # ROOT or Parquet: what a note in the cache is about
-    if not keyed or not everything:  # several samples (a fileset), a dataset by name: none
+    if not everything:  # several samples (a fileset), a dataset by name: none
         return []
     primary = files(dataset)
+    asked = [c for c in data.get("columns") or [] if isinstance(c, str)]
     first: list[tuple[str, list[str]]] = []
     then: list[tuple[str, list[str]]] = []
     for friend in keyed:
@@ -201,9 +206,11 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
         names = keys(friend["dataset"], friend.get("on"))
         first += [(f, names) for f in paths]
         then += [(f, columns) for f in paths]
-    if not then:
-        return []
-    return [(f, keys(dataset)) for f in primary] + first + then
+    reads = [(f, keys(dataset)) for f in primary] + first + then if then else []
+    if primary and asked:  # the request's own columns (those in the files), read last
+        own = [c for c in asked if c not in keys(dataset)] if then else [*keys(dataset), *asked]
+        reads += [(f, list(dict.fromkeys(own))) for f in primary]
+    return reads
 
 
 class _ReadAhead:
