@@ -24,10 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from columnhub import _yaml
 from columnhub.errors import ExpressionError, SpecError
 
 __all__ = [
@@ -356,6 +354,8 @@ class Request(_Frozen):
 
     def to_yaml(self) -> str:
         """The request as YAML text."""
+        import yaml
+
         return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def replace(self, **changes: Any) -> Request:
@@ -504,6 +504,8 @@ class Samples(_Frozen):
 
     def to_yaml(self) -> str:
         """The samples as YAML text."""
+        import yaml
+
         return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -742,9 +744,11 @@ def load_request(
 
 
 def _parse_yaml(text: str) -> Any:
+    from columnhub import _yaml  # not for JSON specs: PyYAML takes 9 ms to import
+
     try:
         return _yaml.load(text)
-    except yaml.YAMLError as err:
+    except _yaml.YAMLError as err:
         msg = f"the request is not valid YAML/JSON: {err}"
         raise SpecError(msg) from None
 
