@@ -6,8 +6,9 @@ the other cores wait. For local Parquet files the first reads are certain:
 for a keyed join the key columns of the primary and of each friend (to match
 them) and the friend's columns (the exchange), and the request's own columns
 of a Parquet primary. :func:`start` reads them on a thread of its own
-meanwhile, row group by row group, as Arrow tables held here; :func:`take` hands a read those row groups instead of reading them
-again. Only the command line arms it (:func:`arm`), and
+meanwhile, row group by row group, as Arrow tables held here; :func:`take`
+hands a read those row groups instead of reading them again. Only the
+command line arms it (:func:`arm`), and
 :func:`columnhub.delivery.deliver` starts it once the request is not a
 whole-result cache hit; a notebook has its imports done already.
 
@@ -34,7 +35,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,6 +195,7 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
     if not everything:  # several samples (a fileset), a dataset by name: none
         return []
     primary = files(dataset)
+    primary_keys = keys(dataset)
     asked = [c for c in data.get("columns") or [] if isinstance(c, str)]
     first: list[tuple[str, list[str]]] = []
     then: list[tuple[str, list[str]]] = []
@@ -206,9 +208,10 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
         names = keys(friend["dataset"], friend.get("on"))
         first += [(f, names) for f in paths]
         then += [(f, columns) for f in paths]
-    reads = [(f, keys(dataset)) for f in primary] + first + then if then else []
+    reads = [(f, primary_keys) for f in primary] + first + then if then else []
     if primary and asked:  # the request's own columns (those in the files), read last
-        own = [c for c in asked if c not in keys(dataset)] if then else [*keys(dataset), *asked]
+        # with a join, the keys were read first; alone, a chunk reads them with its columns
+        own = [c for c in asked if c not in primary_keys] if then else [*primary_keys, *asked]
         reads += [(f, list(dict.fromkeys(own))) for f in primary]
     return reads
 
@@ -319,16 +322,16 @@ class _ReadAhead:
             self.groups.clear()
 
 
+@dataclass(eq=False)  # held by identity: two reads of a group are not "equal"
 class _Held:
     """One row group read ahead: its table once read, and the file's stamp then."""
 
-    def __init__(self, columns: list[str]) -> None:
-        self.columns = columns
-        #: planned, reading (then done is set), or claimed by a read that came first
-        self.state = "planned"
-        self.done = threading.Event()
-        self.table: Any = None
-        self.stamp: dict[str, Any] | None = None
+    columns: list[str]
+    #: planned, reading (then done is set), or claimed by a read that came first
+    state: str = "planned"
+    done: threading.Event = field(default_factory=threading.Event)
+    table: Any = None
+    stamp: dict[str, Any] | None = None
 
 
 @dataclass

@@ -164,7 +164,7 @@ def deliver(
     fast = _deliver_known(request, output=output, chunk_size=chunk_size, cache=cache, t0=t0)
     if isinstance(fast, Result):
         return fast
-    if scheduler is None and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+    if _on_threads(scheduler):
         _readahead.start(request, fast.store)  # the command line's: reads while it imports
     try:
         return _deliver_new(
@@ -213,9 +213,14 @@ def _deliver_new(
         )
 
 
+def _on_threads(scheduler: Scheduler) -> bool:
+    """Whether the part tasks run on this process's threads (no Dask scheduler named)."""
+    return scheduler is None and not os.environ.get("DASK_SCHEDULER_ADDRESS")
+
+
 def _connect_early(req: Request, scheduler: Scheduler) -> Any:
     """:func:`columnhub.execute.dask.early` for ``req`` (``None``: nothing to connect to)."""
-    if scheduler is None and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+    if _on_threads(scheduler):
         return None  # the thread pool: nothing of distributed imported
     if not isinstance(scheduler, str | None) or scheduler == "local":
         return None
