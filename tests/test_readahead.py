@@ -155,7 +155,7 @@ def test_a_group_not_started_is_read_by_the_reader_and_not_read_ahead(tmp_path: 
     spec, files = make_spec(tmp_path, "shuffled")
     path = str(files[0])
     info, _ = parquet.describe(path, DatasetSpec(name="f", files=(path,)))
-    state = _readahead._state = _readahead._ReadAhead(str(spec), None)
+    state = _readahead._state = _readahead._ReadAhead(_readahead._wanted(str(spec), None))
     passes = state._plan()  # registered, nothing read yet
     assert [(p.path, p.columns) for p in passes][1:] == [
         (path, ["run", "luminosityBlock", "event"]),
@@ -204,7 +204,7 @@ def test_any_mix_of_held_and_read_groups_gives_pyarrows_rows(
                      "columns": ["v"]}],
     }))
     info, _ = parquet.describe(str(path), DatasetSpec(name="g", files=(str(path),)))
-    state = _readahead._state = _readahead._ReadAhead(str(spec), None)
+    state = _readahead._state = _readahead._ReadAhead(_readahead._wanted(str(spec), None))
     try:
         passes = state._plan()
         # reads that came first claim some groups of some passes; the read-ahead reads the rest

@@ -71,8 +71,17 @@ def start(request: Any, cache: ColumnCache | None) -> None:
     if source is None or not isinstance(request, str | os.PathLike) or os.fspath(request) != source:
         return
     close()
-    _state = _ReadAhead(source, cache)
-    _state.thread.start()
+    with contextlib.suppress(Exception):  # only a guess: a spec it cannot read, none
+        reads = _wanted(source, cache)
+        if not reads:
+            return
+        # pyarrow is imported here, before the thread starts: imported on the
+        # thread it would share the GIL with the engine's imports and start
+        # reading ~0.1 s later, when the engine is nearly ready to read itself
+        import pyarrow.parquet  # noqa: F401
+
+        _state = _ReadAhead(reads)
+        _state.thread.start()
 
 
 def remember(cache: ColumnCache | None, plan: Plan) -> None:
@@ -217,9 +226,8 @@ def _wanted(source: str, cache: ColumnCache | None) -> list[tuple[str, list[str]
 
 
 class _ReadAhead:
-    def __init__(self, source: str, cache: ColumnCache | None) -> None:
-        self.source = source
-        self.cache = cache
+    def __init__(self, reads: list[tuple[str, list[str]]]) -> None:
+        self.reads = reads
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         #: (path, group) -> what each pass over the file read of that group
@@ -238,14 +246,11 @@ class _ReadAhead:
 
     def _plan(self) -> list[_Pass]:
         """Every pass, registered before any is read: a read that comes first waits for it."""
-        wanted_reads = _wanted(self.source, self.cache)
-        if not wanted_reads:
-            return []
         import pyarrow.parquet as pq
 
         left = _budget()
         passes = []
-        for path, wanted in wanted_reads:
+        for path, wanted in self.reads:
             before = local_stamp(path)
             handle = pq.ParquetFile(path)
             present = set(handle.schema_arrow.names)
