@@ -129,6 +129,28 @@ def run_process(
     return Run(wall, _children_cpu() - c0, proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_together(cmds: Sequence[Sequence[str]], *, extra_envs: Sequence[dict[str, str]]) -> float:
+    """Start every command of ``cmds`` at once (each with its extra environment); wall seconds.
+
+    Raises ``SystemExit`` with the stderr tail of the first command that fails.
+    """
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            list(cmd), env={**env(), **extra}, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for cmd, extra in zip(cmds, extra_envs, strict=True)
+    ]
+    errors = [(cmd, proc.communicate()[1], proc.returncode) for cmd, proc in zip(cmds, procs, strict=True)]
+    wall = time.perf_counter() - t0
+    for cmd, err, rc in errors:
+        if rc:
+            msg = f"{' '.join(cmd[:3])} ... (started together with others) failed:\n{err[-2000:]}"
+            raise SystemExit(msg)
+    return wall
+
+
 def python_script(code: str, *args: str) -> list[str]:
     """``python -c CODE ARGS``: a peer's script as a new process."""
     return [PYTHON, "-c", code, *args]

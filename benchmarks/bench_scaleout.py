@@ -53,7 +53,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import time
@@ -69,6 +68,7 @@ from _common import (
     columnhub_cmd,
     fresh,
     run_process,
+    run_together,
     scratch_dir,
     synth_root,
     write_json,
@@ -283,8 +283,6 @@ def machine_ceiling(
     the same cores cannot beat it (they also share the cores with the client
     and the scheduler).
     """
-    import subprocess
-
     env = {"COLUMNHUB_THREADS": "1"}
     alone: list[float] = []
     together: list[float] = []
@@ -298,21 +296,12 @@ def machine_ceiling(
         run.check("columnhub deliver (one single-threaded process)")
         alone.append(run.wall)
         page_cache.prepare(inputs)
-        environ = {**os.environ, **env}
-        t0 = time.perf_counter()
-        procs = [
-            subprocess.Popen(
-                cmd(k), env={**environ, "COLUMNHUB_CACHE": str(fresh(scratch / f"c{k}"))},
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        together.append(
+            run_together(
+                [cmd(1), cmd(2)],
+                extra_envs=[{**env, "COLUMNHUB_CACHE": str(fresh(scratch / f"c{k}"))} for k in (1, 2)],
             )
-            for k in (1, 2)
-        ]
-        for proc in procs:
-            _, err = proc.communicate()
-            if proc.returncode:
-                msg = f"columnhub deliver (two single-threaded processes) failed:\n{err[-2000:]}"
-                raise SystemExit(msg)
-        together.append(time.perf_counter() - t0)
+        )
     for k in (0, 1, 2):
         shutil.rmtree(scratch / f"out-ceiling-{k}", ignore_errors=True)
         shutil.rmtree(scratch / f"c{k}", ignore_errors=True)

@@ -250,6 +250,15 @@ TARGETS: dict[str, list[Target]] = {
             command=f"{_D} --parts process",
         ),
         Target(
+            "columnhub deliver over the floor this machine reaches (read and encode CPU / the "
+            "speed-up of two floor processes at once, instead of / cores)",
+            "info",
+            0,
+            ("deliver_over_machine_floor",),
+            unit="%",
+            command=f"{_D} --parts process",
+        ),
+        Target(
             "columnhub deliver vs ServiceX's engine (func_adl_uproot + ak.to_parquet)",
             "info",
             0,
