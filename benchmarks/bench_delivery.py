@@ -115,6 +115,7 @@ _IMPORTS = "import uproot, awkward, pyarrow.parquet"
 
 PROCESS_LABELS = {
     "columnhub": "columnhub deliver (CLI)",
+    "columnhub_no_cache": "  the same, --no-cache (fills no column cache)",
     "script": "physicist's script: uproot arrays(cut=) + ak.to_parquet",
     "func_adl": "ServiceX engine: func_adl_uproot + ak.to_parquet",
 }
@@ -175,6 +176,9 @@ def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str
             cache = scratch / f"cache-{r}"
             cmds = {
                 "columnhub": columnhub_cmd("deliver", str(spec_file), "-o", "{out}", "--no-progress"),
+                "columnhub_no_cache": columnhub_cmd(
+                    "deliver", str(spec_file), "-o", "{out}", "--no-progress", "--no-cache"
+                ),
                 "script": python_script(_SCRIPT, *args),
                 "func_adl": python_script(_FUNC_ADL, *args[:3]),
                 "floor": python_script(_FLOOR, *args),
@@ -182,7 +186,7 @@ def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str
             }
             for name, cmd in cmds.items():
                 out = scratch / f"out-{name}-{r}"
-                if name != "columnhub":
+                if not name.startswith("columnhub"):
                     out = out.with_suffix(".parquet")
                 cmd = [str(out) if c == "{out}" else c for c in cmd]
                 page_cache.prepare([path])
@@ -239,6 +243,7 @@ def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str
         "speedup_two_processes": round(speedup, 3),
         "machine_floor_s": round(machine_floor, 4),
         "deliver_over_machine_floor": ch / machine_floor - 1,
+        "deliver_no_cache_over_floor": best_runs["columnhub_no_cache"].wall / floor - 1,
         "deliver_vs_script": best_runs["script"].wall / ch,
         "deliver_vs_func_adl": best_runs["func_adl"].wall / ch,
         "deliver_over_floor": ch / floor - 1,
@@ -264,6 +269,10 @@ def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str
         f"{best_runs['floor'].wall:.3f} s, speed-up {speedup:.2f} of {ncores})"
     )
     print(f"columnhub deliver over the CPU floor = {figures['deliver_over_floor']:+.1%}")
+    print(
+        "columnhub deliver --no-cache over the CPU floor = "
+        f"{figures['deliver_no_cache_over_floor']:+.1%}"
+    )
     print(
         "columnhub deliver over the floor this machine reaches = "
         f"{figures['deliver_over_machine_floor']:+.1%}"

@@ -250,6 +250,14 @@ TARGETS: dict[str, list[Target]] = {
             command=f"{_D} --parts process",
         ),
         Target(
+            "columnhub deliver --no-cache (no column cache filled) over the CPU floor",
+            "info",
+            0,
+            ("deliver_no_cache_over_floor",),
+            unit="%",
+            command=f"{_D} --parts process",
+        ),
+        Target(
             "columnhub deliver over the floor this machine reaches (read and encode CPU / the "
             "speed-up of two floor processes at once, instead of / cores)",
             "info",
