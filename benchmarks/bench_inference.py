@@ -112,10 +112,13 @@ def best_of_with_usage(label: str, repeat: int, fn: Callable[[], Any]) -> tuple[
     return best, result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while choosing, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 @contextlib.contextmanager
@@ -126,7 +129,7 @@ def triton_server(
     python = REPO / ".venv-triton" / "bin" / "python"
     if not python.exists():
         subprocess.run([str(REPO / "scripts" / "setup-triton-venv.sh")], check=True)
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    http, grpc, metrics = _free_ports(3)
     ready = workdir / f"ready-{max_batch}-{instances}"
     ready.unlink(missing_ok=True)
     args = [str(python), str(REPO / "tests" / "triton_server.py")]
@@ -144,7 +147,9 @@ def triton_server(
         deadline = time.monotonic() + 120
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                msg = f"triton server did not start; see {workdir / 'server.log'}"
+                log.flush()
+                tail = (workdir / "server.log").read_text(errors="replace")[-3000:]
+                msg = f"triton server did not start; the end of its log:\n{tail}"
                 raise RuntimeError(msg)
             time.sleep(0.1)
         yield http, grpc

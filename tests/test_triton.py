@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,13 @@ MAX_BATCH = 512  # the servers' max_batch_size
 READY_TIMEOUT_S = 120.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while choosing, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 @dataclass
@@ -55,10 +58,14 @@ class TritonServer:
 
     models: list[str]
     workdir: Path
-    http_port: int = field(default_factory=_free_port)
-    grpc_port: int = field(default_factory=_free_port)
-    metrics_port: int = field(default_factory=_free_port)
+    http_port: int = 0  #: 0: free ports are chosen
+    grpc_port: int = 0
+    metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.http_port and self.grpc_port and self.metrics_port):
+            self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
 
     @property
     def ready_file(self) -> Path:
@@ -280,7 +287,7 @@ def test_remote_feature_count_is_checked(servers: list[TritonServer], models_dir
 
 def test_all_servers_down_raises(models_dir: Path, hanging_server: Any) -> None:
     card = _card(models_dir, "jet")
-    dead = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{hanging_server.port}"]
+    dead = [f"127.0.0.1:{_free_ports(1)[0]}", f"127.0.0.1:{hanging_server.port}"]
     arrays = [ak.Array([[1.0, 2.0], [3.0]])] * 5
     for protocol in ("http", "grpc"):
         remote = _remote(card, dead, protocol, timeout_s=1.0, retries=2, backoff_ms=1)
