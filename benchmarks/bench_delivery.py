@@ -473,7 +473,13 @@ def main(argv: list[str] | None = None) -> None:
     if "process" in args.parts:
         print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")
         figures["process"] = bench_process(path, repeat=args.repeat, page_cache=page_cache)
-        for key in ("deliver_vs_script", "deliver_vs_func_adl", "deliver_over_floor"):
+        for key in (
+            "deliver_vs_script",
+            "deliver_vs_func_adl",
+            "deliver_over_floor",
+            "deliver_no_cache_over_floor",
+            "deliver_over_machine_floor",
+        ):
             figures[key] = figures["process"][key]
         print()
     if "kernel" in args.parts:

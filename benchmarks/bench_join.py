@@ -853,7 +853,7 @@ def bench_memory(primary: Path, friend: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2_000_000, help="primary events")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N, whole processes")
+    parser.add_argument("--repeat", type=int, default=5, help="best of N, whole processes")
     parser.add_argument(
         "--quick", action="store_true", help="a small smoke run (200k events, one round)"
     )
