@@ -394,6 +394,21 @@ def test_an_unreachable_scheduler_address_is_a_user_error(
     assert manifest is None or not manifest["complete"]
 
 
+def test_a_scheduler_host_that_does_not_resolve_fails_at_once(
+    primary: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No 30 s of retries for a host name no resolver knows (``.invalid``: RFC 6761)."""
+    from columnhub.errors import SpecError
+
+    # a retry loop would end in "Timed out trying to connect", not in this message
+    monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "1s")
+    address = "tcp://no-such-scheduler.invalid:8786"
+    with pytest.raises(SpecError, match="host 'no-such-scheduler.invalid' does not resolve"):
+        columnhub.deliver(spec(primary), output=tmp_path / "out", scheduler=address, cache=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest is None or not manifest["complete"]
+
+
 def test_the_index_built_on_the_cluster_is_the_local_build_byte_for_byte(
     primary: list[Path], tmp_path: Path, client: Any
 ) -> None:

@@ -335,17 +335,53 @@ def close_cluster(cluster: Any, client: Any = None) -> None:
 def connect(scheduler: str) -> Any:
     """A ``distributed.Client`` of the scheduler at address ``scheduler``.
 
+    A host name that does not resolve fails at once; a scheduler that
+    refuses or does not answer is waited for (it may be starting, as under
+    dask-jobqueue) up to ``$COLUMNHUB_SCHEDULER_TIMEOUT``.
+
     Raises:
-        SpecError: no scheduler answers there within ``$COLUMNHUB_SCHEDULER_TIMEOUT``
-            (default 30s; the message names the address and the fixes).
+        SpecError: the address's host does not resolve, or no scheduler
+            answers there within ``$COLUMNHUB_SCHEDULER_TIMEOUT`` (default
+            30s; the message names the address and the fixes).
     """
+    distributed = _distributed()
+    _check_host(scheduler)
     try:
-        return _distributed().Client(scheduler, timeout=_connect_timeout())
+        return distributed.Client(scheduler, timeout=_connect_timeout())
     except (OSError, TimeoutError, ValueError) as err:
         msg = (
             f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
             f"(--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is running, or "
             "use --scheduler local"
+        )
+        raise SpecError(msg) from err
+
+
+def _check_host(scheduler: str) -> None:
+    """Raise :class:`SpecError` at once if a TCP/TLS ``scheduler``'s host does not resolve.
+
+    Dask would retry it until its connect timeout (30 s by default), and a
+    typo in a host name is not fixed by waiting. Other schemes, and an
+    address Dask cannot parse, are left to Dask (which names the problem).
+    """
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(scheduler)
+        if scheme not in ("tcp", "tls"):
+            return
+        host, port = parse_host_port(location)
+    except (ValueError, TypeError):
+        return  # Dask reports it
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        msg = (
+            f"cannot connect to the Dask scheduler at {scheduler!r}: its host {host!r} does not "
+            f"resolve ({err}); check the address (--scheduler, or ${SCHEDULER_ENV}), or use "
+            "--scheduler local"
         )
         raise SpecError(msg) from err
 
