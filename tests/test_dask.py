@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import pickle
 import subprocess
@@ -386,10 +388,53 @@ def test_an_unreachable_scheduler_address_is_a_user_error(
     from columnhub.errors import SpecError
 
     monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "1s")
-    with pytest.raises(SpecError, match="cannot connect to the Dask scheduler"):
+    with pytest.raises(SpecError, match="cannot connect to the Dask scheduler") as caught:
         columnhub.deliver(
             spec(primary), output=tmp_path / "out", scheduler="tcp://127.0.0.1:9", cache=False
         )
+    assert "nothing listens at 127.0.0.1:9" in str(caught.value)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest is None or not manifest["complete"]
+
+
+def test_a_server_that_is_not_a_scheduler_is_a_user_error_not_a_hang(
+    primary: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TCP server that accepts and never answers (a dashboard's port given for the scheduler's).
+
+    Dask's own connect timeout covers the TCP connection only: its handshake
+    would wait for ever.
+    """
+    import socket
+    import threading
+
+    from columnhub.errors import SpecError
+    from columnhub.execute import dask as on_dask
+
+    monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "1s")
+    monkeypatch.setattr(on_dask, "_HANDSHAKE_GRACE_S", 1.0)
+    accepted: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):  # closed at the end of the test
+                while True:
+                    accepted.append(server.accept()[0])  # held open, never answered
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            with pytest.raises(SpecError, match="does not answer as a Dask scheduler"):
+                columnhub.deliver(
+                    spec(primary), output=tmp_path / "out", scheduler=f"tcp://127.0.0.1:{port}",
+                    cache=False,
+                )
+        finally:
+            for conn in accepted:
+                conn.close()
+    assert accepted  # the client did reach it
     manifest = read_manifest(tmp_path / "out")
     assert manifest is None or not manifest["complete"]
 

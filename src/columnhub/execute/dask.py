@@ -344,17 +344,52 @@ def connect(scheduler: str) -> Any:
             answers there within ``$COLUMNHUB_SCHEDULER_TIMEOUT`` (default
             30s; the message names the address and the fixes).
     """
+    import threading
+
+    from dask.utils import parse_timedelta
+
     distributed = _distributed()
     _check_host(scheduler)
-    try:
-        return distributed.Client(scheduler, timeout=_connect_timeout())
-    except (OSError, TimeoutError, ValueError) as err:
-        msg = (
-            f"cannot connect to the Dask scheduler at {scheduler!r} ({err}); check the address "
-            f"(--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is running, or "
-            "use --scheduler local"
-        )
-        raise SpecError(msg) from err
+    timeout = _connect_timeout()
+    made: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def make() -> None:
+        try:
+            client = distributed.Client(scheduler, timeout=timeout)
+        except BaseException as err:  # noqa: BLE001 - raised below, in the caller's thread
+            with lock:
+                made.setdefault("error", err)
+            return
+        with lock:
+            if "error" not in made:
+                made["client"] = client
+                return
+        client.close()  # too late: the caller has given up on it
+
+    # Dask's timeout covers the TCP connection, not the handshake after it: a
+    # server that accepts and never answers (a dashboard's port given for the
+    # scheduler's) would keep Client() waiting for ever
+    thread = threading.Thread(target=make, name="columnhub-dask-client", daemon=True)
+    thread.start()
+    thread.join(parse_timedelta(timeout) + _HANDSHAKE_GRACE_S)
+    with lock:
+        made.setdefault("error", TimeoutError(f"no Dask handshake within {timeout}"))
+        err: BaseException = made["error"]
+    if "client" in made:
+        return made["client"]
+    if not isinstance(err, OSError | TimeoutError | ValueError):
+        raise err
+    msg = (
+        f"cannot connect to the Dask scheduler at {scheduler!r} ({err}){_diagnosis(scheduler)}"
+        f"; check the address (--scheduler, or ${SCHEDULER_ENV}) and that the scheduler is "
+        "running, or use --scheduler local"
+    )
+    raise SpecError(msg) from err
+
+
+#: seconds past ``$COLUMNHUB_SCHEDULER_TIMEOUT`` that connecting may take (the handshake)
+_HANDSHAKE_GRACE_S = 5.0
 
 
 def _check_host(scheduler: str) -> None:
@@ -384,6 +419,35 @@ def _check_host(scheduler: str) -> None:
             "--scheduler local"
         )
         raise SpecError(msg) from err
+
+
+def _diagnosis(scheduler: str) -> str:
+    """What one plain TCP connection to a TCP/TLS ``scheduler`` finds, for the error message.
+
+    Dask's own message after its retries only says it timed out: whether
+    nothing listens there, nothing answers, or something that is not a
+    scheduler does (a dashboard's port, 8787, for the scheduler's, 8786)
+    tells the user what to fix.
+    """
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(scheduler)
+        if scheme not in ("tcp", "tls"):
+            return ""
+        host, port = parse_host_port(location)
+        with socket.create_connection((host, port), timeout=2):
+            pass
+    except ConnectionRefusedError:
+        return f": nothing listens at {host}:{port}"
+    except TimeoutError:
+        return f": nothing answers at {host}:{port} (a firewall, or a host that is down?)"
+    except (OSError, ValueError, TypeError):
+        return ""
+    hint = " (8787 is a dashboard's port; a scheduler's is 8786 by default)" if port == 8787 else ""
+    return f": something listens at {host}:{port} but does not answer as a Dask scheduler{hint}"
 
 
 def run_parts(
