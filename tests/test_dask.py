@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import os
 import pickle
 import subprocess
@@ -448,7 +447,7 @@ def test_a_scheduler_host_that_does_not_resolve_fails_at_once(
     # a retry loop would end in "Timed out trying to connect", not in this message
     monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "1s")
     address = "tcp://no-such-scheduler.invalid:8786"
-    with pytest.raises(SpecError, match="host 'no-such-scheduler.invalid' does not resolve"):
+    with pytest.raises(SpecError, match=r"host 'no-such-scheduler\.invalid' does not resolve"):
         columnhub.deliver(spec(primary), output=tmp_path / "out", scheduler=address, cache=False)
     manifest = read_manifest(tmp_path / "out")
     assert manifest is None or not manifest["complete"]
@@ -493,3 +492,95 @@ def test_close_cluster_stops_the_heartbeats_then_closes_workers_and_scheduler() 
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+# ---------------------------------------------------------------------------
+# a worker that does not share the file system
+
+
+def _can_unshare_mounts() -> bool:
+    try:
+        run = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"],
+            capture_output=True, timeout=30, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return run.returncode == 0
+
+
+@pytest.fixture
+def split_cluster(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A scheduler, a worker, and a worker that sees ``hidden/`` as an empty tmpfs of its own.
+
+    The second worker runs in a mount namespace of its own (``unshare``, as
+    root), as a worker on a node without the shared file system would:
+    the same paths, other directories.
+    """
+    if not _can_unshare_mounts():
+        pytest.skip("needs mount namespaces (unshare --mount, as root)")
+    import signal
+    import socket
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).parent / "dask")
+    worker = [dask, "worker", address, "--nthreads", "1", "--no-dashboard"]
+    commands = [
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        [*worker, "--name", "shared"],
+        [
+            "unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs none "$0" && exec "$@"', str(hidden), *worker, "--name", "elsewhere",
+        ],
+    ]
+    procs = []
+    try:
+        for n, command in enumerate(commands):
+            with (tmp_path / f"dask-{n}.log").open("wb") as log:  # the child keeps its own fd
+                procs.append(
+                    subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+            if n == 0:
+                time.sleep(1.0)
+        with distributed.Client(address, timeout="60s") as c:
+            c.wait_for_workers(2, timeout=120)
+        yield address, hidden
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_worker_that_does_not_see_the_cache_or_the_output_is_named_before_any_work(
+    primary: list[Path], tmp_path: Path, split_cluster: tuple[str, Path]
+) -> None:
+    """Not a bare FileNotFoundError from a part task, nor a friend read again unseen."""
+    from columnhub.errors import SpecError
+
+    address, hidden = split_cluster
+    request = spec(primary)
+    with pytest.raises(SpecError, match=r"worker 'elsewhere' .* does not see the column cache"):
+        columnhub.deliver(request, output=tmp_path / "out-1", scheduler=address, cache=hidden)
+    with pytest.raises(SpecError, match=r"worker 'elsewhere' .* the output's staging directory"):
+        columnhub.deliver(request, output=hidden / "out-2", scheduler=address, cache=False)
+    # nothing was written, and nothing is left behind: no part, no probe, no staging
+    for out in (tmp_path / "out-1", hidden / "out-2"):
+        manifest = read_manifest(out)
+        assert manifest is None or not manifest["complete"]
+        assert not list(out.glob("*.parquet"))
+        assert not list(out.glob(".staging-*"))
+    assert not list(hidden.rglob(".columnhub-probe-*"))
+    # where both are shared, the same cluster delivers what the threads here deliver
+    shared = columnhub.deliver(
+        request, output=tmp_path / "out-3", scheduler=address, cache=tmp_path / "cache"
+    )
+    local = columnhub.deliver(request, output=tmp_path / "threads", workers=2, cache=False)
+    assert [f.read_bytes() for f in shared.files] == [f.read_bytes() for f in local.files]

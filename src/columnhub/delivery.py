@@ -795,6 +795,7 @@ def _execute(
     index_errors: list[CacheError] = []
     try:
         with executor_for(scheduler, workers=workers) as run_parts:
+            run_parts.check_shared(staging, cache)  # on a cluster: before any task writes
             if plan.friends:
                 from columnhub.join.exchange import exchange
                 from columnhub.join.provider import prepare

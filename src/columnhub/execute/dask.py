@@ -128,6 +128,74 @@ class Executor:
         """A :class:`Tasks` for ``plan`` on the cluster, or ``None`` on the thread pool."""
         return None if self.client is None else Tasks(self.client, plan)
 
+    def check_shared(self, staging: Path, cache: ColumnCache | None) -> None:
+        """Raise :class:`SpecError` unless every worker sees ``staging`` and the cache as this process does.
+
+        On a cluster, tasks write the parts into ``staging`` and pass the
+        exchange's columns through the column cache: a worker on a node
+        where either is another directory (not on the shared file system,
+        or mounted elsewhere) would fail with a bare ``FileNotFoundError``,
+        or read a friend again where the exchange's columns should be. A
+        probe file is written to each (a local cache that is not
+        read-only), and one task per connected worker looks for it. Workers
+        that join later are not checked; nothing to check on the thread pool.
+        """
+        if self.client is None:
+            return
+        workers = sorted(self.client.nthreads())
+        if not workers:  # an adaptive cluster with none yet: its workers are not known
+            return
+        token = secrets.token_hex(8)
+        places = {"the output's staging directory": Path(staging)}
+        if cache is not None and not cache.read_only and "://" not in cache.location:
+            places["the column cache"] = Path(cache.root)
+        probes: dict[str, str] = {}
+        try:
+            for what, directory in places.items():
+                probe = directory / f".columnhub-probe-{token}"
+                probe.write_text(token, encoding="utf-8")
+                probes[what] = str(probe)
+            futures = [
+                self.client.submit(
+                    _unseen, probes, token, key=f"columnhub-probe-{n:05d}-{token}", pure=False,
+                    workers=[worker], allow_other_workers=False,
+                )
+                for n, worker in enumerate(workers)
+            ]
+            unseen = self.client.gather(futures)
+        finally:
+            for probe in probes.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
+        for worker, missing in zip(workers, unseen, strict=True):
+            if missing:
+                what = " and ".join(f"{w} ({places[w]})" for w in missing)
+                with contextlib.suppress(Exception):  # its name, when the scheduler says it
+                    name = self.client.scheduler_info()["workers"][worker]["name"]
+                    worker = f"{name!r} ({worker})" if str(name) != worker else worker
+                msg = (
+                    f"Dask worker {worker} does not see {what} as this process does: on a "
+                    "cluster the output directory and the column cache must be on a file "
+                    "system every worker mounts at the same path (or the cache an fsspec URL "
+                    "such as s3://bucket/columnhub); choose such paths, or run without "
+                    "--scheduler"
+                )
+                raise SpecError(msg)
+
+
+def _unseen(probes: Mapping[str, str], token: str) -> list[str]:
+    """Task: which of the probe files ``probes`` (what -> path) this worker cannot read as ``token``."""
+    missing = []
+    for what, path in probes.items():
+        try:
+            with open(path, encoding="utf-8") as f:
+                seen = f.read() == token
+        except OSError:
+            seen = False
+        if not seen:
+            missing.append(what)
+    return missing
+
 
 @contextlib.contextmanager
 def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
