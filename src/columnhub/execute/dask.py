@@ -153,8 +153,14 @@ class Executor:
         try:
             for what, directory in places.items():
                 probe = directory / f".columnhub-probe-{token}"
-                probe.write_text(token, encoding="utf-8")
+                try:  # a cache's root may not exist yet (its first entry makes it)
+                    directory.mkdir(parents=True, exist_ok=True)
+                    probe.write_text(token, encoding="utf-8")
+                except OSError:  # not writable here: the request reports that itself
+                    continue
                 probes[what] = str(probe)
+            if not probes:
+                return
             futures = [
                 self.client.submit(
                     _unseen, probes, token, key=f"columnhub-probe-{n:05d}-{token}", pure=False,
