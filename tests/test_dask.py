@@ -562,17 +562,23 @@ def split_cluster(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 def test_a_worker_that_does_not_see_the_cache_or_the_output_is_named_before_any_work(
     primary: list[Path], tmp_path: Path, split_cluster: tuple[str, Path]
 ) -> None:
-    """Not a bare FileNotFoundError from a part task, nor a friend read again unseen."""
+    """Named before any task: not a FileNotFoundError, an input "removed", a friend read twice."""
     from columnhub.errors import SpecError
 
     address, hidden = split_cluster
     request = spec(primary)
+    copies = []
+    for f in primary:  # inputs only this process sees
+        copies.append(hidden / f.name)
+        copies[-1].write_bytes(f.read_bytes())
+    with pytest.raises(SpecError, match=r"worker 'elsewhere' .* does not see the input file"):
+        columnhub.deliver(spec(copies), output=tmp_path / "out-0", scheduler=address, cache=False)
     with pytest.raises(SpecError, match=r"worker 'elsewhere' .* does not see the column cache"):
         columnhub.deliver(request, output=tmp_path / "out-1", scheduler=address, cache=hidden)
     with pytest.raises(SpecError, match=r"worker 'elsewhere' .* the output's staging directory"):
         columnhub.deliver(request, output=hidden / "out-2", scheduler=address, cache=False)
     # nothing was written, and nothing is left behind: no part, no probe, no staging
-    for out in (tmp_path / "out-1", hidden / "out-2"):
+    for out in (tmp_path / "out-0", tmp_path / "out-1", hidden / "out-2"):
         manifest = read_manifest(out)
         assert manifest is None or not manifest["complete"]
         assert not list(out.glob("*.parquet"))

@@ -795,7 +795,8 @@ def _execute(
     index_errors: list[CacheError] = []
     try:
         with executor_for(scheduler, workers=workers) as run_parts:
-            run_parts.check_shared(staging, cache)  # on a cluster: before any task writes
+            # on a cluster: every worker sees the inputs, staging and cache, before any task
+            run_parts.check_shared(staging, cache, _first_local_files(plan))
             if plan.friends:
                 from columnhub.join.exchange import exchange
                 from columnhub.join.provider import prepare
@@ -1073,6 +1074,15 @@ def _disk_full_is_output_error(directory: Path) -> Iterator[None]:
             "Free some space or deliver into another directory"
         )
         raise OutputError(msg) from err
+
+
+def _first_local_files(plan: Plan) -> list[str]:
+    """The first local file of the primary and of each friend (what a worker must see too)."""
+    from columnhub.datasets import is_url
+
+    datasets = [plan.dataset, *(f.dataset for f in plan.friends)]
+    firsts = [next((f.path for f in d.files if not is_url(f.path)), None) for d in datasets]
+    return list(dict.fromkeys(p for p in firsts if p is not None))
 
 
 def _new_staging(directory: Path) -> Path:

@@ -128,17 +128,23 @@ class Executor:
         """A :class:`Tasks` for ``plan`` on the cluster, or ``None`` on the thread pool."""
         return None if self.client is None else Tasks(self.client, plan)
 
-    def check_shared(self, staging: Path, cache: ColumnCache | None) -> None:
-        """Raise :class:`SpecError` unless every worker sees ``staging`` and the cache as this process does.
+    def check_shared(
+        self, staging: Path, cache: ColumnCache | None, inputs: Sequence[str] = ()
+    ) -> None:
+        """Raise :class:`SpecError` unless every worker sees these paths as this process does.
 
-        On a cluster, tasks write the parts into ``staging`` and pass the
-        exchange's columns through the column cache: a worker on a node
-        where either is another directory (not on the shared file system,
-        or mounted elsewhere) would fail with a bare ``FileNotFoundError``,
-        or read a friend again where the exchange's columns should be. A
-        probe file is written to each (a local cache that is not
-        read-only), and one task per connected worker looks for it. Workers
-        that join later are not checked; nothing to check on the thread pool.
+        On a cluster, tasks read the inputs, write the parts into ``staging``
+        and pass the exchange's columns through the column cache: a worker
+        on a node where one of them is another directory (not on the shared
+        file system, or mounted elsewhere) would fail with a bare
+        ``FileNotFoundError``, report an input as removed while it was
+        read, or read a friend again where the exchange's columns should
+        be. A probe file is written to ``staging`` and to a local cache
+        that is not read-only, and one task per connected worker looks for
+        them and for the local files of ``inputs`` (one per dataset is
+        enough: a file system is mounted whole), with the sizes this
+        process sees. Workers that join later are not checked; nothing to
+        check on the thread pool.
         """
         if self.client is None:
             return
@@ -159,12 +165,17 @@ class Executor:
                 except OSError:  # not writable here: the request reports that itself
                     continue
                 probes[what] = str(probe)
-            if not probes:
+            sizes = {}
+            for path in inputs:
+                with contextlib.suppress(OSError):  # a file gone here is reported by the request
+                    sizes[path] = os.stat(path).st_size
+                    places[f"the input file {path}"] = Path(path)
+            if not probes and not sizes:
                 return
             futures = [
                 self.client.submit(
-                    _unseen, probes, token, key=f"columnhub-probe-{n:05d}-{token}", pure=False,
-                    workers=[worker], allow_other_workers=False,
+                    _unseen, probes, token, sizes, key=f"columnhub-probe-{n:05d}-{token}",
+                    pure=False, workers=[worker], allow_other_workers=False,
                 )
                 for n, worker in enumerate(workers)
             ]
@@ -175,22 +186,28 @@ class Executor:
                     os.unlink(probe)
         for worker, missing in zip(workers, unseen, strict=True):
             if missing:
-                what = " and ".join(f"{w} ({places[w]})" for w in missing)
+                what = " and ".join(
+                    w if w.startswith("the input file") else f"{w} ({places[w]})" for w in missing
+                )
                 with contextlib.suppress(Exception):  # its name, when the scheduler says it
                     name = self.client.scheduler_info()["workers"][worker]["name"]
                     worker = f"{name!r} ({worker})" if str(name) != worker else worker
                 msg = (
                     f"Dask worker {worker} does not see {what} as this process does: on a "
-                    "cluster the output directory and the column cache must be on a file "
-                    "system every worker mounts at the same path (or the cache an fsspec URL "
-                    "such as s3://bucket/columnhub); choose such paths, or run without "
-                    "--scheduler"
+                    "cluster the input files, the output directory and the column cache must "
+                    "be on a file system every worker mounts at the same path (or given as "
+                    "URLs, root:// or s3://, that every worker reaches); choose such paths, "
+                    "or run without --scheduler"
                 )
                 raise SpecError(msg)
 
 
-def _unseen(probes: Mapping[str, str], token: str) -> list[str]:
-    """Task: which of the probe files ``probes`` (what -> path) this worker cannot read as ``token``."""
+def _unseen(probes: Mapping[str, str], token: str, sizes: Mapping[str, int]) -> list[str]:
+    """Task: what this worker does not see as the client does.
+
+    ``probes``: what -> a probe file that must hold ``token``; ``sizes``:
+    input file -> its size. The answer names each (``the input file PATH``).
+    """
     missing = []
     for what, path in probes.items():
         try:
@@ -200,6 +217,13 @@ def _unseen(probes: Mapping[str, str], token: str) -> list[str]:
             seen = False
         if not seen:
             missing.append(what)
+    for path, size in sizes.items():
+        try:
+            seen = os.stat(path).st_size == size
+        except OSError:
+            seen = False
+        if not seen:
+            missing.append(f"the input file {path}")
     return missing
 
 
