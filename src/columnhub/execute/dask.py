@@ -499,15 +499,10 @@ def _check_host(scheduler: str) -> None:
     """
     import socket
 
-    from distributed.comm.addressing import parse_address, parse_host_port
-
-    try:
-        scheme, location = parse_address(scheduler)
-        if scheme not in ("tcp", "tls"):
-            return
-        host, port = parse_host_port(location)
-    except (ValueError, TypeError):
-        return  # Dask reports it
+    address = _host_port(scheduler)
+    if address is None:
+        return
+    host, port = address
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
@@ -517,6 +512,20 @@ def _check_host(scheduler: str) -> None:
             "--scheduler local"
         )
         raise SpecError(msg) from err
+
+
+def _host_port(scheduler: str) -> tuple[str, int] | None:
+    """The host and port of a ``tcp://`` or ``tls://`` address; ``None`` for others (Dask's to judge)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(scheduler)
+        if scheme not in ("tcp", "tls"):
+            return None
+        host, port = parse_host_port(location)
+        return str(host), int(port)
+    except (ValueError, TypeError):
+        return None
 
 
 def _diagnosis(scheduler: str) -> str:
@@ -529,20 +538,18 @@ def _diagnosis(scheduler: str) -> str:
     """
     import socket
 
-    from distributed.comm.addressing import parse_address, parse_host_port
-
+    address = _host_port(scheduler)
+    if address is None:
+        return ""
+    host, port = address
     try:
-        scheme, location = parse_address(scheduler)
-        if scheme not in ("tcp", "tls"):
-            return ""
-        host, port = parse_host_port(location)
         with socket.create_connection((host, port), timeout=2):
             pass
     except ConnectionRefusedError:
         return f": nothing listens at {host}:{port}"
     except TimeoutError:
         return f": nothing answers at {host}:{port} (a firewall, or a host that is down?)"
-    except (OSError, ValueError, TypeError):
+    except OSError:
         return ""
     hint = " (8787 is a dashboard's port; a scheduler's is 8786 by default)" if port == 8787 else ""
     return f": something listens at {host}:{port} but does not answer as a Dask scheduler{hint}"
