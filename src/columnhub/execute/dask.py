@@ -169,7 +169,6 @@ class Executor:
             for path in inputs:
                 with contextlib.suppress(OSError):  # a file gone here is reported by the request
                     sizes[path] = os.stat(path).st_size
-                    places[f"the input file {path}"] = Path(path)
             if not probes and not sizes:
                 return
             futures = [
@@ -186,9 +185,8 @@ class Executor:
                     os.unlink(probe)
         for worker, missing in zip(workers, unseen, strict=True):
             if missing:
-                what = " and ".join(
-                    w if w.startswith("the input file") else f"{w} ({places[w]})" for w in missing
-                )
+                # a probe's place with its path; an input file is named with its own
+                what = " and ".join(f"{w} ({places[w]})" if w in places else w for w in missing)
                 with contextlib.suppress(Exception):  # its name, when the scheduler says it
                     name = self.client.scheduler_info()["workers"][worker]["name"]
                     worker = f"{name!r} ({worker})" if str(name) != worker else worker
@@ -472,10 +470,11 @@ def connect(scheduler: str) -> Any:
     thread.start()
     thread.join(parse_timedelta(timeout) + _HANDSHAKE_GRACE_S)
     with lock:
-        made.setdefault("error", TimeoutError(f"no Dask handshake within {timeout}"))
-        err: BaseException = made["error"]
-    if "client" in made:
-        return made["client"]
+        if "client" in made:
+            return made["client"]
+        err: BaseException = made.setdefault(
+            "error", TimeoutError(f"no Dask handshake within {timeout}")
+        )
     if not isinstance(err, OSError | TimeoutError | ValueError):
         raise err
     msg = (

@@ -1075,6 +1075,7 @@ def exchange(
                 held=held,
                 fresh=result.fresh,
                 located=[matched[i][1][name] for i in numbers],
+                layout=layouts[name],
             )
             report.seconds["match"] = t_match
             result.friends[name] = report
@@ -1178,11 +1179,13 @@ def _exchange_friend(
     spill: _Rounds,
     fresh: dict[int, set[str]],
     located: list[ChunkRoute],
+    layout: list[Block],
     held: HeldColumns | None = None,
 ) -> FriendExchange:
     """Route, read and assemble one friend for the matched chunks (local thread pool).
 
-    ``located``: each chunk's rows by block (:func:`locate_rows`, run with the match).
+    ``located``: each chunk's rows by block of ``layout`` (:func:`locate_rows`,
+    run with the match).
 
     In memory (:func:`_exchange_held`) when the friend is Parquet and its
     needed columns, read and taken per chunk, fit the memory budget; else
@@ -1192,7 +1195,7 @@ def _exchange_friend(
 
     name = friend.spec.name
     t0 = time.perf_counter()
-    routing = combine_routes(located, _layout(plan, name))
+    routing = combine_routes(located, layout)
     report = FriendExchange(
         False, "", blocks=len(routing.blocks), chunks=len(matches), memory_budget=spill.budget
     )
