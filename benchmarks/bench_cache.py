@@ -130,6 +130,7 @@ def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str
         "events": uproot.open(path)["Events"].num_entries,
         "repeat": repeat,
         "page_cache": page_cache.mode,
+        "memory": page_cache.memory,
         "seconds": {k: round(v.wall, 4) for k, v in best_runs.items()},
         "cpu_seconds": {k: round(v.cpu, 4) for k, v in best_runs.items()},
         "all_seconds": {k: [round(x.wall, 4) for x in v] for k, v in runs.items()},
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = ensure_input(args.events, args.data)
     figures: dict[str, Any] = {}
     if "process" in args.parts:
-        page_cache = PageCache(args.page_cache)
+        page_cache = PageCache(args.page_cache, memory=args.memory)
         print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")
         figures["process"] = bench_process(path, repeat=args.repeat, page_cache=page_cache)
         print()

@@ -229,6 +229,7 @@ def bench_process(path: Path, *, repeat: int, page_cache: PageCache) -> dict[str
         "repeat": repeat,
         "cores": ncores,
         "page_cache": page_cache.mode,
+        "memory": page_cache.memory,
         "seconds": {k: round(v.wall, 4) for k, v in best_runs.items()},
         "cpu_seconds": {k: round(v.cpu, 4) for k, v in best_runs.items()},
         "all_seconds": {k: [round(x.wall, 4) for x in v] for k, v in runs.items()},
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.events, args.repeat = 200_000, 1
     path = ensure_input(args.events, args.data)
-    page_cache = PageCache(args.page_cache)
+    page_cache = PageCache(args.page_cache, memory=args.memory)
     figures: dict[str, Any] = {}
     if "process" in args.parts:
         print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")

@@ -480,7 +480,12 @@ def bench_process(
     inputs = join_inputs(events, data=data)
     truth = join_truth(events)
     primary = inputs["primary"]
-    figures: dict[str, Any] = {"events": events, "repeat": repeat, "page_cache": page_cache.mode}
+    figures: dict[str, Any] = {
+        "events": events,
+        "repeat": repeat,
+        "page_cache": page_cache.mode,
+        "memory": page_cache.memory,
+    }
     for layout in layouts:
         friend = inputs[layout]
         every = [*primary, *friend]
@@ -892,7 +897,7 @@ def main(argv: list[str] | None = None) -> None:
         args.kernel_events, args.kernel_repeat = 200_000, 1
         args.aligned_events, args.friend_events = 200_000, 2_000_000
 
-    page_cache = PageCache(args.page_cache)
+    page_cache = PageCache(args.page_cache, memory=args.memory)
     figures: dict[str, Any] = {}
     if "process" in args.parts:
         print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")

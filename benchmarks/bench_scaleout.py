@@ -388,6 +388,7 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
         "target_part_bytes": part_bytes(events),
         "repeat": repeat,
         "page_cache": page_cache.mode,
+        "memory": page_cache.memory,
         "available": available,
         "seconds": {k: round(v[0].wall, 4) for k, v in best.items()},
         "cpu_seconds": {k: round(v[0].cpu, 4) for k, v in best.items()},
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.repeat = 400_000, 1
-    page_cache = PageCache(args.page_cache)
+    page_cache = PageCache(args.page_cache, memory=args.memory)
     print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")
     figures = bench(args.events, data=args.data, repeat=args.repeat, page_cache=page_cache)
     if args.json:

@@ -485,7 +485,13 @@ def quick_args(name: str, flags: set[str]) -> list[str]:
 
 
 def run_one(
-    name: str, script: Path, *, quick: bool, timeout: float, page_cache: str | None = None
+    name: str,
+    script: Path,
+    *,
+    quick: bool,
+    timeout: float,
+    page_cache: str | None = None,
+    memory: str | None = None,
 ) -> Outcome:
     """Run one benchmark script in a subprocess."""
     flags = script_flags(script)
@@ -496,6 +502,8 @@ def run_one(
             command += quick_args(name, flags)
         if page_cache and "--page-cache" in flags:
             command += ["--page-cache", page_cache]
+        if memory and "--memory" in flags:
+            command += ["--memory", memory]
         if "--json" in flags:
             command += ["--json", str(figures_path)]
         t0 = time.perf_counter()
@@ -605,6 +613,16 @@ def render(
         "  Outputs go to files on the same disk as the inputs (`bench-data/scratch-*`).",
         "  Either way, `sync` runs before each timed process, so the kernel's write-back",
         "  of the outputs before it does not take cores from it.",
+        "- **Memory** (`--memory warm`, the default): after that, the harness touches and",
+        "  frees 2 GiB before each timed process. This machine is a Firecracker VM whose",
+        "  balloon device hands free guest memory back to the host (free page reporting,",
+        "  2 MiB blocks, ~2 s after they are freed). A process that touches memory the",
+        "  host took back pays the host's page faults as system time: 500 MB of fresh",
+        "  arrays cost 0.3-0.9 s then, 0.04 s when freed moments before. Without this",
+        "  step, which one a timed process got depended on what ran before it (sys time",
+        "  of the same cold join alternated 0.25 / 0.5-0.9 s run after run), and a side",
+        "  paid 8-20x more for each MB it touches. Warmed, every side starts in the state",
+        "  a machine without such reclaim is always in. `--memory as-is` leaves it out.",
         "- Every output of every side is checked (first round) against an independent",
         "  reference (a direct uproot read; the friend values generated from the event index),",
         "  so a fast wrong answer fails the benchmark instead of winning it.",
@@ -714,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["warm", "drop"],
         help="passed to every benchmark that takes it (default: theirs, warm)",
     )
+    parser.add_argument(
+        "--memory",
+        choices=["warm", "as-is"],
+        help="passed to every benchmark that takes it (default: theirs, warm)",
+    )
     parser.add_argument("--note", default="", help="a caveat printed in the document's header")
     args = parser.parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -735,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick,
             timeout=args.timeout,
             page_cache=args.page_cache,
+            memory=args.memory,
         )
         print(outcome.stdout, end="", flush=True)
         if outcome.returncode != 0:

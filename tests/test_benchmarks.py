@@ -150,3 +150,32 @@ def test_targets_report_not_available_and_unmet_honestly() -> None:
     assert "0.60x | **no**" in script
     floor = next(v for k, v in rows.items() if k.startswith("columnhub deliver over the CPU floor"))
     assert "10.0% | yes" in floor
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_warm_memory_touches_the_memory_and_gives_it_back() -> None:
+    import resource
+
+    nbytes = 256 << 20
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = _rss_bytes()
+    _common.warm_memory(nbytes + peak_before)  # past this process's peak: the peak must grow
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert peak_after - peak_before >= nbytes  # every page written, not only reserved
+    assert _rss_bytes() - rss_before < nbytes // 4  # and freed again
+
+
+def test_page_cache_says_how_each_process_starts(tmp_path: Path) -> None:
+    inputs = tmp_path / "in.bin"
+    inputs.write_bytes(b"x" * 1000)
+    warm = _common.PageCache("warm")
+    warm.prepare([inputs])
+    assert "GiB of memory touched and freed" in warm.describe()
+    as_is = _common.PageCache("warm", memory="as-is")
+    as_is.prepare([inputs])
+    assert "memory" not in as_is.describe()
