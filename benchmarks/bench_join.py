@@ -631,9 +631,10 @@ def cold_join_section(figures: dict[str, Any]) -> list[str]:
             "- The rest of columnhub's time is its start-up (interpreter and imports:"
             " awkward, numpy, pyarrow, pydantic), run on one core before any file is"
             " read, and the kernel's work of faulting in a fresh process's memory, which"
-            " every side pays for what it allocates (on this machine a fresh process's"
-            " system time varies by up to 0.5 s between identical runs). One cost of that"
-            " kind is gone: pyarrow imports pandas (0.14 s, on the critical path) the"
+            " every side pays for what it allocates (here each timed process starts with"
+            " memory warmed, see `--memory`: on this VM memory the host took back costs"
+            " 8-20x more to touch, and the same cold join's system time then alternated"
+            " between 0.25 and 0.5-0.9 s from run to run). One cost of that kind is gone: pyarrow imports pandas (0.14 s, on the critical path) the"
             " first time `pa.array` or `to_numpy` sees a numpy array, so columnhub hands"
             " Arrow the buffers itself (`columnhub._arrow`)."
         ),
@@ -654,14 +655,14 @@ def cold_join_section(figures: dict[str, Any]) -> list[str]:
         (
             (
                 f"- In this run the cold target (>= 1.0x DuckDB) is met: {duck / ch:.2f}x."
-                " Single runs vary (0.84-1.08x over the last runs on this machine, with the"
-                " system time of a fresh process), so the figure is the best of the rounds"
-                " for every side alike."
+                " Single runs vary (0.95-1.05x for the two layouts with memory warmed,"
+                " 0.84-1.08x before it was), so the figure is the best of the rounds for"
+                " every side alike."
                 if ch <= duck
                 else f"- In this run the cold target (>= 1.0x DuckDB) is not met: {duck / ch:.2f}x."
-                " Single runs vary (0.84-1.08x over the last runs on this machine, with the"
-                " system time of a fresh process); what is left is the start-up on one core"
-                " and the cache the cold request fills (above)."
+                " Single runs vary (0.95-1.05x for the two layouts with memory warmed,"
+                " 0.84-1.08x before it was); what is left is the start-up on one core and"
+                " the cache the cold request fills (above)."
             )
             + " The later request, which reads the exchanged friend columns aligned from the"
             " cache and joins nothing, is"

@@ -253,6 +253,16 @@ def stream_figures(stream: list[dict[str, Any]], *, workers: int, t0: float, t1:
     }
 
 
+def amdahl_bound(one_s: float, stream: dict[str, Any], ceiling: float) -> float:
+    """The most 2 workers can gain over the one-worker run ``one_s`` on this machine.
+
+    The client's serial share (before the first task, after the last) stays;
+    the one worker's busy seconds shrink at best by the machine's ceiling.
+    """
+    serial = stream["first_task_s"] + stream["after_last_task_s"]
+    return one_s / (serial + stream["some_worker_busy_s"] / ceiling)
+
+
 def deliver_on(client: Any, cmd: list[str], cache: Path) -> tuple[Run, dict[str, Any]]:
     """Time ``cmd`` (a deliver to ``client``'s cluster); its task stream and the workers' CPU."""
     workers = len(client.scheduler_info()["workers"])
@@ -404,6 +414,9 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
         figures["dask2_vs_dask1_of_ceiling"] = figures["dask2_vs_dask1"] / ceiling["ceiling"]
         figures["dask2_vs_dask1_with_start"] = s["start1"] / s["start2"]
         figures["dask2_vs_dask1_warm_workers"] = s["warm1"] / s["warm2"]
+        figures["dask2_vs_dask1_bound"] = amdahl_bound(
+            s["running1"], figures["streams"]["running1"], ceiling["ceiling"]
+        )
     print_figures(figures)
     if available:
         figures["model"] = model(figures)
@@ -584,6 +597,10 @@ def print_figures(f: dict[str, Any]) -> None:
     print(f"Dask, running cluster, 2 workers vs 1 = {f['dask2_vs_dask1']:.2f}x")
     print(f"Dask, running cluster, 2 vs 1 as a share of the machine's ceiling = "
           f"{f['dask2_vs_dask1_of_ceiling']:.0%}")
+    print(
+        "Dask, running cluster, most 2 vs 1 can reach here (client's serial share kept,"
+        f" the worker's busy time / the ceiling) = {f['dask2_vs_dask1_bound']:.2f}x"
+    )
     print(f"Dask, cluster start included, 2 workers vs 1 = {f['dask2_vs_dask1_with_start']:.2f}x")
     print(f"Dask, running cluster with warm workers, 2 vs 1 = {f['dask2_vs_dask1_warm_workers']:.2f}x")
     print("(CPU s of the running-cluster rows: the client process only; of the others: every process)")

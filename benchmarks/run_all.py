@@ -306,6 +306,15 @@ TARGETS: dict[str, list[Target]] = {
             command="python benchmarks/bench_scaleout.py",
         ),
         Target(
+            "Dask 2 vs 1: the most it can reach here (the one-worker run with its client's"
+            " serial share kept and the worker's busy time divided by the machine ceiling)",
+            "info",
+            0.0,
+            ("dask2_vs_dask1_bound",),
+            command="python benchmarks/bench_scaleout.py",
+            missing="not available (no `--scheduler` in `columnhub deliver`: Dask executor not merged)",
+        ),
+        Target(
             "Dask 2 vs 1 workers as a share of that machine ceiling",
             "info",
             0.0,
