@@ -192,7 +192,7 @@ class PageCache:
     cores from the next timed process.
 
     ``memory="warm"`` then touches and frees :data:`WARM_MEMORY_BYTES` in this
-    process. This machine is a Firecracker VM whose balloon device hands free
+    process. The development machine is a Firecracker VM whose balloon device hands free
     guest memory back to the host (free page reporting, 2 MiB blocks, about
     2 s after they are freed); a process that touches memory the host took back
     pays the host's page faults as system time: 500 MB of fresh arrays cost

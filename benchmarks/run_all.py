@@ -623,7 +623,7 @@ def render(
         "  Either way, `sync` runs before each timed process, so the kernel's write-back",
         "  of the outputs before it does not take cores from it.",
         "- **Memory** (`--memory warm`, the default): after that, the harness touches and",
-        "  frees 2 GiB before each timed process. This machine is a Firecracker VM whose",
+        "  frees 2 GiB before each timed process. The development machine is a Firecracker VM whose",
         "  balloon device hands free guest memory back to the host (free page reporting,",
         "  2 MiB blocks, ~2 s after they are freed). A process that touches memory the",
         "  host took back pays the host's page faults as system time: 500 MB of fresh",
