@@ -6,6 +6,8 @@
 # - postgresql: a real PostgreSQL for the service's several-replica tests
 #   (started by the tests as an unprivileged user on loopback)
 # - chromium: the dashboard's browser test (driven by Playwright)
+# - xfsprogs: `mkfs.xfs`, for the test that a reused result is cloned (reflink)
+#   on a file system that shares blocks (a loop-mounted XFS image, root only)
 #
 # Idempotent and quick when everything is present: `apt-get update` runs only
 # when something has to be installed. Runs as root on Debian 12; as another
@@ -18,6 +20,7 @@ declare -A PACKAGES=(
   [xrootd-client]=xrdfs
   [postgresql]=/usr/lib/postgresql/*/bin/initdb
   [chromium]=chromium
+  [xfsprogs]=mkfs.xfs
 )
 
 missing=()

@@ -199,6 +199,38 @@ def test_tampered_part_with_restored_mtime_is_not_reused_in_place(
     holds(out, clean["large"], tidy=True)
 
 
+def test_a_reused_result_is_cloned_where_the_file_system_shares_blocks(
+    shared_data: Path, tmp_path: Path, clean: dict[str, list[bytes]]
+) -> None:
+    with reflink_disk(tmp_path / "xfs") as mounted:
+        if not mounted:
+            pytest.skip("needs root, mkfs.xfs (xfsprogs) and a loop device")
+        disk, cache = tmp_path / "xfs", tmp_path / "xfs" / "cache"
+        first = deliver(request(shared_data, LARGE), disk / "first", cache)
+        second = deliver(request(shared_data, LARGE), disk / "second", cache)
+        assert second.manifest["cache"]["reused_result"] == str((disk / "first").resolve())
+        holds(disk / "second", clean["large"], tidy=True)
+        for part in second.files:  # clones: their blocks are the first result's, not copies
+            frag = subprocess.run(
+                ["filefrag", "-v", str(part)], capture_output=True, text=True, check=False
+            )
+            assert "shared" in frag.stdout, frag.stdout
+        # copy-on-write, unlike a hard link: the first result damaged in place (one bit,
+        # same size and mtime) leaves the clone intact, and is itself not cloned again
+        part = first.files[1]
+        stat = part.stat()
+        with part.open("r+b") as f:
+            f.seek(stat.st_size // 2)
+            byte = f.read(1)
+            f.seek(stat.st_size // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        holds(disk / "second", clean["large"], tidy=True)
+        third = deliver(request(shared_data, LARGE), disk / "third", cache)
+        assert third.manifest["cache"].get("reused_result") != str((disk / "first").resolve())
+        holds(disk / "third", clean["large"], tidy=True)
+
+
 def test_whole_result_reuse_reports_what_this_run_did(shared_data: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     req = request(shared_data, SMALL, define={"ht": "sum(Jet_pt)"})
@@ -290,6 +322,33 @@ def small_disk(path: Path, size: str = "2m") -> Iterator[bool]:
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def reflink_disk(path: Path) -> Iterator[bool]:
+    """An XFS file system with reflinks, on a loop device, at ``path``; False where not allowed."""
+    path.mkdir()
+    image = path.with_suffix(".img")
+    mounted = False
+    if shutil.which("mkfs.xfs") and os.geteuid() == 0:
+        with image.open("wb") as f:
+            f.truncate(320 * 2**20)  # sparse; mkfs.xfs wants >= 300 MiB
+        made = subprocess.run(
+            ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], capture_output=True, check=False
+        )
+        mounted = (
+            made.returncode == 0
+            and subprocess.run(
+                ["mount", "-o", "loop", str(image), str(path)], capture_output=True, check=False
+            ).returncode
+            == 0
+        )
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=False)  # the loop device goes with it
+        image.unlink(missing_ok=True)
 
 
 def fill(disk: Path, *, leave: int) -> Path:
