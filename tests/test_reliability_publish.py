@@ -309,19 +309,8 @@ def test_two_requests_racing_for_one_directory(
 def small_disk(path: Path, size: str = "2m") -> Iterator[bool]:
     """A size-capped tmpfs at ``path``; yields False where mounting is not allowed."""
     path.mkdir()
-    mounted = (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True,
-            check=False,
-        ).returncode
-        == 0
-    )
-    try:
+    with _mount(path, ["-t", "tmpfs", "-o", f"size={size}", "tmpfs"]) as mounted:
         yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @contextlib.contextmanager
@@ -329,26 +318,31 @@ def reflink_disk(path: Path) -> Iterator[bool]:
     """An XFS file system with reflinks, on a loop device, at ``path``; False where not allowed."""
     path.mkdir()
     image = path.with_suffix(".img")
-    mounted = False
+    made = False
     if shutil.which("mkfs.xfs") and os.geteuid() == 0:
         with image.open("wb") as f:
             f.truncate(320 * 2**20)  # sparse; mkfs.xfs wants >= 300 MiB
-        made = subprocess.run(
-            ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], capture_output=True, check=False
-        )
-        mounted = (
-            made.returncode == 0
-            and subprocess.run(
-                ["mount", "-o", "loop", str(image), str(path)], capture_output=True, check=False
-            ).returncode
-            == 0
-        )
+        command = ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)]
+        made = subprocess.run(command, capture_output=True, check=False).returncode == 0
+    try:
+        with _mount(path, ["-o", "loop", str(image)], allowed=made) as mounted:
+            yield mounted  # unmounted, the loop device goes too
+    finally:
+        image.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _mount(path: Path, args: list[str], *, allowed: bool = True) -> Iterator[bool]:
+    """``mount ARGS path`` for the block; yields False where mounting is not allowed."""
+    mounted = allowed and (
+        subprocess.run(["mount", *args, str(path)], capture_output=True, check=False).returncode
+        == 0
+    )
     try:
         yield mounted
     finally:
         if mounted:
-            subprocess.run(["umount", str(path)], check=False)  # the loop device goes with it
-        image.unlink(missing_ok=True)
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(disk: Path, *, leave: int) -> Path:
