@@ -200,8 +200,8 @@ class PageCache:
     a timed process got depended on what happened to run before it, and it
     charged a side 8-20x more for each MB it touches than the warm state does.
     Warmed, every side starts in the same state, the one a machine without
-    such reclaim (bare metal, most VMs) is always in. ``memory="as-is"``
-    leaves it out.
+    such reclaim (bare metal, a VM without free page reporting) is always in.
+    ``memory="as-is"`` leaves it out.
     """
 
     mode: str = "warm"
