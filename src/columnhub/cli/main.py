@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
+from columnhub._malloc import keep_freed_memory
 from columnhub.errors import ColumnhubError, ServiceUnavailableError
 
 __all__ = ["Terminated", "main"]
@@ -131,10 +132,13 @@ def run() -> NoReturn:
     delivery leaves ~2,000 small cyclic objects and no array to the
     collector), and the collector's full passes over every imported module's
     objects cost ~0.5 CPU-s of a cold 2M-event delivery. Long-running
-    commands (``serve``) keep it.
+    commands (``serve``) keep it. For the same reason ``deliver`` keeps the
+    buffers it frees for its next chunk instead of handing them back to the
+    kernel (:mod:`columnhub._malloc`).
     """
     if sys.argv[1:2] == ["deliver"]:
         gc.disable()
+        keep_freed_memory()
     code = main()
     try:
         atexit._run_exitfuncs()
