@@ -31,6 +31,7 @@ from columnhub.spec import load_request
 from columnhub.synth import synthesize
 
 distributed = pytest.importorskip("distributed")
+import dask
 
 pytestmark = pytest.mark.distributed
 
@@ -472,11 +473,27 @@ def test_the_index_built_on_the_cluster_is_the_local_build_byte_for_byte(
     assert blob == built.to_bytes()
 
 
-def test_close_cluster_stops_the_heartbeats_then_closes_workers_and_scheduler() -> None:
+def _worker_malloc_env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+
+def test_close_cluster_stops_the_heartbeats_then_closes_workers_and_scheduler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from columnhub._malloc import MMAP_THRESHOLD
     from columnhub.execute.dask import _stop_heartbeat, close_cluster, local_cluster
 
+    # a nanny copies its variables into this process's environment: start clean, end clean
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     cluster = local_cluster(2)
     client = distributed.Client(cluster)
+    # the workers' buffers come from the heap, and distributed still trims it
+    trim = dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_")
+    assert set(map(str, client.run(_worker_malloc_env).values())) == {
+        str({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(trim)})
+    }
+    # the setting was for that cluster only
+    assert "MALLOC_MMAP_THRESHOLD_" not in dask.config.get("distributed.nanny.pre-spawn-environ")
 
     def heartbeating(dask_worker: Any) -> bool:
         return bool(dask_worker.periodic_callbacks["heartbeat"].is_running())
@@ -492,6 +509,22 @@ def test_close_cluster_stops_the_heartbeats_then_closes_workers_and_scheduler() 
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+def test_a_local_cluster_keeps_the_allocator_setting_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from columnhub.execute.dask import close_cluster, local_cluster
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 1 << 20}):
+        cluster = local_cluster(1)
+    client = distributed.Client(cluster)
+    try:
+        (env,) = client.run(_worker_malloc_env).values()
+        assert env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    finally:
+        close_cluster(cluster, client)
 
 
 # ---------------------------------------------------------------------------

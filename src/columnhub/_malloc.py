@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["MMAP_ENV", "MMAP_THRESHOLD", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 #: the largest ``mmap`` threshold glibc accepts (half its 64 MiB thread heaps)
 MMAP_THRESHOLD = 32 * 1024**2
+#: the variable glibc reads it from at a process's start (the Dask workers
+#: ``columnhub.execute.dask.local_cluster`` starts)
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 TRIM_THRESHOLD = 1024**3
 
 

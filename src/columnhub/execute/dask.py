@@ -390,10 +390,31 @@ def local_cluster(workers: int) -> Any:
 
     Its dashboard takes a free port: never a clash over 8787 (a warning, an
     error under ``-W error``) with another cluster on the machine.
+
+    Its workers start with glibc's ``mmap`` threshold fixed at 32 MiB
+    (``MALLOC_MMAP_THRESHOLD_``, through distributed's
+    ``nanny.pre-spawn-environ``), unless the environment or the Dask
+    configuration sets one. distributed starts every worker with
+    ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed memory goes back to the
+    system; setting it also freezes glibc's ``mmap`` threshold at 128 KiB, so
+    each buffer a part task allocates (a basket, a column, a mask) is a fresh
+    ``mmap`` whose pages fault in again chunk after chunk. With the threshold
+    at 32 MiB those come from the heap; the small trim threshold still hands
+    freed memory back. Measured: a 4M-event delivery with a join on 2 workers,
+    4.97 s -> 3.91 s, half the system time (``docs/scaleout.md``).
     """
-    return _distributed().LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
+    import dask
+
+    from columnhub._malloc import MMAP_ENV, MMAP_THRESHOLD
+
+    key = "distributed.nanny.pre-spawn-environ"
+    given = MMAP_ENV in os.environ or MMAP_ENV in (dask.config.get(key, default=None) or {})
+    setting = {f"{key}.{MMAP_ENV}": str(MMAP_THRESHOLD)}
+    # a nanny reads the variables when it is made, inside the constructor
+    with contextlib.nullcontext() if given else dask.config.set(setting):
+        return _distributed().LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
 
 
 def _stop_heartbeat(dask_worker: Any) -> None:
