@@ -186,17 +186,35 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: the workers' allocator: "tuned" (what ``--scheduler local`` starts) or "dask-default"
+WORKER_MALLOC = "tuned"
+WORKER_MALLOC_TEXT = {
+    "tuned": "distributed's defaults + MALLOC_MMAP_THRESHOLD_=32 MiB (docs/scaleout.md), "
+    "as --scheduler local starts them",
+    "dask-default": "distributed's defaults (MALLOC_TRIM_THRESHOLD_=65536 alone)",
+}
+
+
 @contextlib.contextmanager
 def running_cluster(workers: int) -> Iterator[Any]:
-    """A fresh LocalCluster of ``workers`` single-threaded processes and a client to it."""
+    """A fresh LocalCluster of ``workers`` single-threaded processes and a client to it.
+
+    The cluster ``--scheduler local`` starts (``local_cluster``): distributed's
+    defaults, plus the workers' allocator setting ``docs/scaleout.md``
+    recommends to operators (``MALLOC_MMAP_THRESHOLD_``). ``--worker-malloc
+    dask-default`` leaves distributed's defaults alone.
+    """
     from distributed import Client, LocalCluster
 
-    with (
-        LocalCluster(
+    from columnhub.execute.dask import local_cluster
+
+    if WORKER_MALLOC == "tuned":
+        start = local_cluster(workers)
+    else:
+        start = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with start as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         client.get_task_stream()  # installs the scheduler's task-stream recorder
         yield client
@@ -625,15 +643,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=4_000_000)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="400k events, one round")
+    parser.add_argument(
+        "--worker-malloc", choices=["tuned", "dask-default"], default="tuned",
+        help="the running clusters' workers: with the allocator setting docs/scaleout.md "
+        "recommends (what --scheduler local starts; default), or distributed's defaults alone",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     add_page_cache_option(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    global WORKER_MALLOC
+    WORKER_MALLOC = args.worker_malloc
     if args.quick:
         args.events, args.repeat = 400_000, 1
     page_cache = PageCache(args.page_cache, memory=args.memory)
     print(f"page cache: {page_cache.describe()}", *page_cache.notes, sep="\n")
+    print(f"running clusters' workers: {WORKER_MALLOC_TEXT[WORKER_MALLOC]}")
     figures = bench(args.events, data=args.data, repeat=args.repeat, page_cache=page_cache)
+    figures["worker_malloc"] = WORKER_MALLOC
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
