@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,20 +75,37 @@ def test_an_allocator_setting_in_the_environment_is_left_alone() -> None:
     assert faults >= 2 * _ROUND // os.sysconf("SC_PAGE_SIZE")
 
 
-def test_deliver_command_tunes_the_allocator_and_others_do_not(monkeypatch) -> None:
-    from columnhub.cli import main as cli
+def test_the_deliver_command_tunes_the_allocator_when_it_computes(
+    monkeypatch: pytest.MonkeyPatch, shared_data: Path, tmp_path: Path
+) -> None:
+    """Armed by ``columnhub deliver``; applied once a request computes, not on a cache hit."""
+    import json
 
-    called: list[str] = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: called.append("x") or True)
-    monkeypatch.setattr(cli, "main", lambda: 0)
-    monkeypatch.setattr(cli.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
-    monkeypatch.setattr(cli.gc, "disable", lambda: None)
-    for argv, expected in (
-        (["columnhub", "cache", "stats"], []),
-        (["columnhub", "deliver"], ["x"]),
-    ):
-        called.clear()
-        monkeypatch.setattr(sys, "argv", argv)
-        with pytest.raises(SystemExit):
-            cli.run()
-        assert called == expected
+    from columnhub import _malloc
+    from columnhub.cli.main import main
+
+    called: list[int] = []
+    monkeypatch.setattr(_malloc, "keep_freed_memory", lambda: called.append(1) or True)
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "dataset": {"name": "dy", "files": [str(shared_data / "nano_dy.root")]},
+                "columns": ["MET_pt", "Jet_pt"],
+            }
+        )
+    )
+    cache = str(tmp_path / "cache")
+    out = str(tmp_path / "out")
+    assert main(["deliver", str(spec), "-o", out, "--cache", cache, "--no-progress"]) == 0
+    assert called == [1]
+    # the same request again: a whole-result hit allocates nothing worth tuning
+    assert main(["deliver", str(spec), "-o", out, "--cache", cache, "--no-progress"]) == 0
+    assert called == [1]
+    # the library in someone else's process (a notebook) never tunes it
+    import columnhub
+
+    columnhub.deliver(str(spec), output=tmp_path / "lib", cache=False)
+    assert called == [1]
+    assert main(["cache", "stats", "--cache", cache]) == 0
+    assert called == [1]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from columnhub import _fastpath, _readahead
+from columnhub import _fastpath, _malloc, _readahead
 from columnhub._checksum import file_checksum
 from columnhub._versions import PROVIDER_VERSIONS
 from columnhub.cache import ColumnCache, default_location, entry_key
@@ -164,6 +164,7 @@ def deliver(
     fast = _deliver_known(request, output=output, chunk_size=chunk_size, cache=cache, t0=t0)
     if isinstance(fast, Result):
         return fast
+    _malloc.apply_armed()  # the command line's: freed buffers kept for the next chunk
     if _on_threads(scheduler):
         _readahead.start(request, fast.store)  # the command line's: reads while it imports
     try:

@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Deliver and print what was delivered (one summary per sample for several)."""
-    from columnhub import _readahead
+    from columnhub import _malloc, _readahead
     from columnhub.cache import ColumnCache
     from columnhub.delivery import deliver
     from columnhub.errors import SampleError
@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         "scheduler": args.scheduler,
     }
     try:  # the spec's path, not a parsed request: a known result is found without planning
-        delivered = deliver(args.spec, **options)
+        # a process that exits when done: it keeps freed buffers for the next chunk
+        with _malloc.armed():
+            delivered = deliver(args.spec, **options)
     except SampleError as err:
         _summarise_samples(err.results, json_out=args.json)  # the samples delivered come first
         raise

@@ -26,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from columnhub._malloc import keep_freed_memory
 from columnhub.errors import ColumnhubError, ServiceUnavailableError
 
 __all__ = ["Terminated", "main"]
@@ -134,11 +133,10 @@ def run() -> NoReturn:
     objects cost ~0.5 CPU-s of a cold 2M-event delivery. Long-running
     commands (``serve``) keep it. For the same reason ``deliver`` keeps the
     buffers it frees for its next chunk instead of handing them back to the
-    kernel (:mod:`columnhub._malloc`).
+    kernel (:mod:`columnhub._malloc`, armed by the ``deliver`` command).
     """
     if sys.argv[1:2] == ["deliver"]:
         gc.disable()
-        keep_freed_memory()
     code = main()
     try:
         atexit._run_exitfuncs()
