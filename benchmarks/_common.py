@@ -72,9 +72,21 @@ def byte_compile() -> None:
 byte_compile()
 
 
+#: glibc's allocator variables as this process started: a Dask nanny started
+#: here copies its ``pre-spawn-environ`` (``MALLOC_TRIM_THRESHOLD_``, ...) into
+#: ``os.environ``, and no child may inherit that
+_ALLOCATOR_ENV = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+
 def env() -> dict[str, str]:
-    """The environment of a child: this checkout's sources first on the path."""
-    e = dict(os.environ)
+    """The environment of a child: this checkout's sources first on the path.
+
+    glibc's ``MALLOC_*`` variables are the ones this process started with, not
+    what a Dask nanny started in this process added: every timed child runs
+    with the allocator a user's shell gives it.
+    """
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    e.update(_ALLOCATOR_ENV)
     src = str(ROOT / "src")
     e["PYTHONPATH"] = src + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e.pop("COLUMNHUB_CACHE", None)

@@ -165,12 +165,11 @@ def input_bytes(primary: Path, friend: Path) -> int:
 
 def dask_overhead(tasks: int = 2000) -> float:
     """Seconds per empty task through a LocalCluster of one single-threaded worker."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
+    from columnhub.execute.dask import local_cluster
+
+    with local_cluster(1, tune_allocator=WORKER_MALLOC == "tuned") as cluster, Client(cluster) as client:
         client.gather(client.map(_noop, range(50), pure=False))  # warm-up
         t0 = time.perf_counter()
         client.gather(client.map(_noop, range(tasks), pure=False))
@@ -204,17 +203,12 @@ def running_cluster(workers: int) -> Iterator[Any]:
     recommends to operators (``MALLOC_MMAP_THRESHOLD_``). ``--worker-malloc
     dask-default`` leaves distributed's defaults alone.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from columnhub.execute.dask import local_cluster
 
-    if WORKER_MALLOC == "tuned":
-        start = local_cluster(workers)
-    else:
-        start = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
-    with start as cluster, Client(cluster) as client:
+    tuned = WORKER_MALLOC == "tuned"
+    with local_cluster(workers, tune_allocator=tuned) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         client.get_task_stream()  # installs the scheduler's task-stream recorder
         yield client

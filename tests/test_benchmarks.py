@@ -179,3 +179,15 @@ def test_page_cache_says_how_each_process_starts(tmp_path: Path) -> None:
     as_is = _common.PageCache("warm", memory="as-is")
     as_is.prepare([inputs])
     assert "memory" not in as_is.describe()
+
+
+def test_children_start_with_the_allocator_this_process_started_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # what a Dask nanny started in the benchmark's process copies into os.environ
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    monkeypatch.setattr(_common, "_ALLOCATOR_ENV", {"MALLOC_ARENA_MAX": "2"})
+    child = _common.env()
+    assert not {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & set(child)
+    assert child["MALLOC_ARENA_MAX"] == "2"  # the user's own setting stays

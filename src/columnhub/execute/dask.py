@@ -385,7 +385,7 @@ def _warm_joins() -> None:
     match({k: v[::2].copy() for k, v in other.items()}, index)
 
 
-def local_cluster(workers: int) -> Any:
+def local_cluster(workers: int, *, tune_allocator: bool = True) -> Any:
     """A ``LocalCluster`` of ``workers`` single-threaded worker processes.
 
     Its dashboard takes a free port: never a clash over 8787 (a warning, an
@@ -394,7 +394,8 @@ def local_cluster(workers: int) -> Any:
     Its workers start with glibc's ``mmap`` threshold fixed at 32 MiB
     (``MALLOC_MMAP_THRESHOLD_``, through distributed's
     ``nanny.pre-spawn-environ``), unless the environment or the Dask
-    configuration sets one. distributed starts every worker with
+    configuration sets one, or ``tune_allocator`` is false (distributed's
+    defaults alone, as a benchmark compares). distributed starts every worker with
     ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed memory goes back to the
     system; setting it also freezes glibc's ``mmap`` threshold at 128 KiB, so
     each buffer a part task allocates (a basket, a column, a mask) is a fresh
@@ -409,6 +410,7 @@ def local_cluster(workers: int) -> Any:
 
     key = "distributed.nanny.pre-spawn-environ"
     given = MMAP_ENV in os.environ or MMAP_ENV in (dask.config.get(key, default=None) or {})
+    given = given or not tune_allocator
     setting = {f"{key}.{MMAP_ENV}": str(MMAP_THRESHOLD)}
     # a nanny reads the variables when it is made, inside the constructor
     with contextlib.nullcontext() if given else dask.config.set(setting):
