@@ -103,6 +103,23 @@ LABELS = {
     "local1": "columnhub deliver --workers 1 (local executor, threads)",
     "local2": "columnhub deliver --workers 2 (local executor, threads)",
 }
+#: the running clusters' sizes (``--workers``); 1 and 2 always, more on a larger machine
+CLUSTER_SIZES: tuple[int, ...] = (1, 2)
+
+
+def label(name: str) -> str:
+    """The printed label of a row: ``running4`` -> running cluster of 4 workers."""
+    if name in LABELS:
+        return LABELS[name]
+    n = workers_of(name)
+    if name.startswith("running"):
+        return f"columnhub deliver --scheduler tcp://... (running cluster, {n} workers)"
+    return f"  the same again on the same cluster ({n} workers, warm workers, cold cache)"
+
+
+def workers_of(name: str) -> int:
+    """The number of workers in a row's name: ``running16`` -> 16."""
+    return int(name.lstrip("abcdefghijklmnopqrstuvwxyz"))
 
 
 def has_scheduler_flag() -> bool:
@@ -217,6 +234,8 @@ def running_cluster(workers: int) -> Iterator[Any]:
 def stage_of(key: Any) -> str:
     """A task's stage from its key: ``columnhub-<hash>-exchange-read-f-00002-<run>`` -> ``exchange-read``."""
     text = key if isinstance(key, str) else str(key)
+    if text.startswith("columnhub-probe-"):
+        return "probe"  # the executor's check that each worker sees the inputs and the cache
     words = text.split("-")[2:-1]  # without "columnhub", the request hash and the run
     words = [w for w in words if not w.isdigit()]
     if words[:2] in (["exchange", "read"], ["exchange", "assemble"], ["exchange", "locate"],
@@ -352,11 +371,11 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
     logging.getLogger("distributed").setLevel(logging.ERROR)
     primary, friend = inputs(events, data)
     available = has_scheduler_flag()
-    names = ["running1", "running2", "start1", "start2", "local1", "local2"]
+    names = [f"running{n}" for n in CLUSTER_SIZES] + ["start1", "start2", "local1", "local2"]
     if not available:
         names = ["local1", "local2"]
     runs: dict[str, list[tuple[Run, dict[str, Any]]]] = {n: [] for n in names}
-    warm_streams: dict[str, list[tuple[Run, dict[str, Any]]]] = {"warm1": [], "warm2": []}
+    warm_streams: dict[str, list[tuple[Run, dict[str, Any]]]] = {f"warm{n}": [] for n in CLUSTER_SIZES}
     info: dict[str, dict[str, Any]] = {}
     with scratch_dir(data) as tmp:
         scratch = Path(tmp)
@@ -366,7 +385,7 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
             for name in names:
                 out = fresh(scratch / f"out-{name}")
                 cache = fresh(scratch / "cache")
-                workers = name[-1]
+                workers = str(workers_of(name))
                 page_cache.prepare([primary, friend])
                 if name.startswith("running"):
                     with running_cluster(int(workers)) as client:  # started outside the timing
@@ -375,7 +394,7 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
                         again = fresh(scratch / f"out-warm{workers}")
                         cache2 = fresh(scratch / "cache-warm")
                         warm = deliver_on(client, [*base, str(again)], cache2)
-                        warm[0].check(f"columnhub deliver ({LABELS[f'warm{workers}']})")
+                        warm[0].check(f"columnhub deliver ({label(f'warm{workers}')})")
                         warm_streams[f"warm{workers}"].append(warm)
                         info[f"warm{workers}"] = manifest_info(again)
                         shutil.rmtree(again)
@@ -387,7 +406,7 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
                         extra_env={"COLUMNHUB_CACHE": str(cache)},
                     )
                     figures = {"client_cpu_s": round(run.cpu, 4)}
-                run.check(f"columnhub deliver ({LABELS[name]})")
+                run.check(f"columnhub deliver ({label(name)})")
                 runs[name].append((run, figures))
                 info[name] = manifest_info(out)
                 shutil.rmtree(out)
@@ -429,9 +448,14 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
         figures["dask2_vs_dask1_bound"] = amdahl_bound(
             s["running1"], figures["streams"]["running1"], ceiling["ceiling"]
         )
+        figures["scaling"] = {
+            str(n): {"running": s["running1"] / s[f"running{n}"], "warm": s["warm1"] / s[f"warm{n}"]}
+            for n in CLUSTER_SIZES
+        }
     print_figures(figures)
     if available:
         figures["model"] = model(figures)
+        print_scaling(figures)
         print()
         print("\n".join(scaling_model_section(figures)))
     return figures
@@ -444,7 +468,7 @@ def model(f: dict[str, Any]) -> dict[str, Any]:
     o = f["dask_overhead_s"]
     measured = f["events"]
     out: dict[str, Any] = {}
-    cases = [(measured, n, "1 GB/s") for n in (1, 2, 4, 8)]
+    cases = [(measured, n, "1 GB/s") for n in sorted({1, 2, 4, 8, *CLUSTER_SIZES})]
     cases += [
         (FACILITY_EVENTS, n, bw) for n in (1, 2, FACILITY_WORKERS) for bw in ("1 GB/s", "10 GB/s")
     ]
@@ -590,11 +614,11 @@ def print_figures(f: dict[str, Any]) -> None:
         f" process, empty cache, best of {f['repeat']}"
     )
     print(f"{'command':76s} {'seconds':>8s} {'CPU s':>7s}")
-    for k, label in LABELS.items():
+    for k in [*LABELS, *(k for k in f["seconds"] if k not in LABELS)]:
         if k in f["seconds"]:
-            print(f"{label:76s} {f['seconds'][k]:8.3f} {f['cpu_seconds'][k]:7.2f}")
+            print(f"{label(k):76s} {f['seconds'][k]:8.3f} {f['cpu_seconds'][k]:7.2f}")
         else:
-            print(f"{label:76s} {'not available':>16s}")
+            print(f"{label(k):76s} {'not available':>16s}")
     if not f["available"]:
         print(
             "Dask, 2 workers vs 1 = not available (columnhub deliver has no --scheduler: the Dask"
@@ -616,7 +640,7 @@ def print_figures(f: dict[str, Any]) -> None:
     print(f"Dask, cluster start included, 2 workers vs 1 = {f['dask2_vs_dask1_with_start']:.2f}x")
     print(f"Dask, running cluster with warm workers, 2 vs 1 = {f['dask2_vs_dask1_warm_workers']:.2f}x")
     print("(CPU s of the running-cluster rows: the client process only; of the others: every process)")
-    for k in ("running1", "running2", "warm1", "warm2"):
+    for k in f["streams"]:
         s = f["streams"][k]
         print(
             f"{k}: first task after {s['first_task_s']:.2f} s (after the warm-up"
@@ -632,6 +656,21 @@ def print_figures(f: dict[str, Any]) -> None:
         )
 
 
+def print_scaling(f: dict[str, Any]) -> None:
+    """Each cluster size against one worker, measured and as the scaling model predicts it."""
+    if len(CLUSTER_SIZES) <= 2:
+        return
+    print("running cluster of N workers vs 1 (cold workers / warm workers; the model: warm)")
+    for n in CLUSTER_SIZES:
+        r = f["scaling"][str(n)]
+        m = f["model"][f"{f['events']}_{n}_1 GB/s"]
+        print(
+            f"  N = {n:2d}: {f['seconds'][f'running{n}']:6.3f} s ({r['running']:.2f}x),"
+            f" warm {f['seconds'][f'warm{n}']:6.3f} s ({r['warm']:.2f}x);"
+            f" model {m['total_s']:6.3f} s ({m['speedup']:.2f}x), bound by {m['bound']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=4_000_000)
@@ -642,12 +681,24 @@ def main(argv: list[str] | None = None) -> None:
         help="the running clusters' workers: with the allocator setting docs/scaleout.md "
         "recommends (what --scheduler local starts; default), or distributed's defaults alone",
     )
+    parser.add_argument(
+        "--workers", default="1,2",
+        help="the running clusters' sizes, comma-separated, 1 and 2 among them (default 1,2;"
+        " e.g. 1,2,4,8 on a machine with the cores)",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     add_page_cache_option(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    global WORKER_MALLOC
+    global WORKER_MALLOC, CLUSTER_SIZES
     WORKER_MALLOC = args.worker_malloc
+    try:
+        sizes = sorted({int(w) for w in args.workers.split(",")})
+    except ValueError:
+        parser.error(f"--workers {args.workers!r}: give whole numbers, comma-separated (1,2,4)")
+    if not {1, 2} <= set(sizes):
+        parser.error(f"--workers {args.workers!r}: 1 and 2 must be among the sizes (2 vs 1 is the target)")
+    CLUSTER_SIZES = tuple(sizes)
     if args.quick:
         args.events, args.repeat = 400_000, 1
     page_cache = PageCache(args.page_cache, memory=args.memory)
