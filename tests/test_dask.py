@@ -405,38 +405,117 @@ def test_a_server_that_is_not_a_scheduler_is_a_user_error_not_a_hang(
     Dask's own connect timeout covers the TCP connection only: its handshake
     would wait for ever.
     """
-    import socket
-    import threading
-
     from columnhub.errors import SpecError
     from columnhub.execute import dask as on_dask
 
     monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "1s")
     monkeypatch.setattr(on_dask, "_HANDSHAKE_GRACE_S", 1.0)
+    with silent_server() as (port, accepted):
+        with pytest.raises(SpecError, match="does not answer as a Dask scheduler"):
+            columnhub.deliver(
+                spec(primary), output=tmp_path / "out", scheduler=f"tcp://127.0.0.1:{port}",
+                cache=False,
+            )
+        assert accepted  # the client did reach it
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest is None or not manifest["complete"]
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[int, list[Any]]]:
+    """A TCP server on loopback that accepts connections and never answers.
+
+    Yields its port and the connections it accepted (all closed at the end).
+    """
+    import socket
+    import threading
+
     accepted: list[socket.socket] = []
+    stop = threading.Event()
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        port = server.getsockname()[1]
+        server.settimeout(0.1)
 
         def accept() -> None:
-            with contextlib.suppress(OSError):  # closed at the end of the test
-                while True:
+            while not stop.is_set():
+                try:
                     accepted.append(server.accept()[0])  # held open, never answered
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
 
-        threading.Thread(target=accept, daemon=True).start()
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
         try:
-            with pytest.raises(SpecError, match="does not answer as a Dask scheduler"):
-                columnhub.deliver(
-                    spec(primary), output=tmp_path / "out", scheduler=f"tcp://127.0.0.1:{port}",
-                    cache=False,
-                )
+            yield server.getsockname()[1], accepted
         finally:
+            stop.set()
+            thread.join()
             for conn in accepted:
                 conn.close()
-    assert accepted  # the client did reach it
-    manifest = read_manifest(tmp_path / "out")
-    assert manifest is None or not manifest["complete"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("mistake", "error", "message"),
+    [
+        ({"where": "MET_pt >"}, "SpecError", "where: invalid syntax"),
+        ({"columns": ["No_such_branch"]}, "ColumnNotFoundError", "'No_such_branch' is neither"),
+    ],
+    ids=["invalid request", "missing column"],
+)
+def test_a_mistake_in_the_request_is_reported_at_once_while_the_scheduler_is_still_waited_for(
+    primary: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    mistake: dict[str, Any], error: str, message: str,
+) -> None:
+    """Connecting starts before the request is read; a request that fails first does not wait.
+
+    The scheduler here never answers, and it is waited for up to 120 s: a
+    delivery that waited for the connection before reporting the mistake
+    would run past the test's timeout.
+    """
+    import columnhub.errors
+
+    monkeypatch.setenv("COLUMNHUB_SCHEDULER_TIMEOUT", "120s")
+    with silent_server() as (port, _):
+        with pytest.raises(getattr(columnhub.errors, error), match=message):
+            columnhub.deliver(
+                spec(primary, **mistake), output=tmp_path / "out",
+                scheduler=f"tcp://127.0.0.1:{port}", cache=False,
+            )
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_the_client_reports_its_package_versions_without_importing_them() -> None:
+    """What the scheduler is told is what distributed's own report says; pandas stays unloaded.
+
+    Each side in a new process (pandas, once imported, cannot be unloaded).
+    """
+    import json
+
+    code = """
+import json, sys
+import distributed
+if sys.argv[1] == "columnhub":
+    from columnhub.execute.dask import _report_versions_without_importing
+    _report_versions_without_importing(distributed)
+versions = distributed.versions.get_versions()
+print(json.dumps({"versions": versions, "pandas": "pandas" in sys.modules}))
+"""
+
+    def report(side: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, side], capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout)
+
+    theirs, ours = report("distributed"), report("columnhub")
+    assert theirs["pandas"] and not ours["pandas"]  # distributed's own report imports it
+    assert ours["versions"]["packages"] == theirs["versions"]["packages"]
+    assert ours["versions"]["packages"]["pandas"] is not None
+    assert ours["versions"]["host"] == theirs["versions"]["host"]
 
 
 def test_a_scheduler_host_that_does_not_resolve_fails_at_once(

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -189,25 +190,27 @@ def _deliver_new(
     t0: float,
 ) -> Result | dict[str, Result]:
     """:func:`deliver` of a request whose result is not known before planning."""
-    from columnhub.spec import Samples
-
-    req = _load(request, chunk_size=chunk_size)
-    if isinstance(req, Samples):
-        return _deliver_samples(
-            req, output=output, workers=workers, cache=cache, progress=progress,
-            scheduler=scheduler,
-        )
-    own_directory = req.output.directory
-    if output is not None:
-        req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
-    workers = _workers(workers)
-    directory = Path(req.output.directory) if req.output.directory else None
-    directory = directory or default_output_directory(req)
     with contextlib.ExitStack() as stack:
-        connecting = _connect_early(req, scheduler)
-        if connecting is not None:  # a running cluster: connected (and warmed) while planning
+        # a running cluster: connected (and its workers warmed) while this process
+        # reads the request and plans it
+        connecting = _connect_early(request, scheduler, key=fast.key)
+        if connecting is not None:
             stack.callback(connecting.close)
             scheduler = connecting
+        from columnhub.spec import Samples
+
+        req = _load(request, chunk_size=chunk_size)
+        if isinstance(req, Samples):
+            return _deliver_samples(
+                req, output=output, workers=workers, cache=cache, progress=progress,
+                scheduler=scheduler,
+            )
+        own_directory = req.output.directory
+        if output is not None:
+            req = req.replace(output={**req.output.model_dump(), "directory": os.fspath(output)})
+        workers = _workers(workers)
+        directory = Path(req.output.directory) if req.output.directory else None
+        directory = directory or default_output_directory(req)
         return _deliver_planned(
             req, fast, directory, own_directory, t0=t0, workers=workers, progress=progress,
             cache=cache, scheduler=scheduler,
@@ -219,16 +222,25 @@ def _on_threads(scheduler: Scheduler) -> bool:
     return scheduler is None and not os.environ.get("DASK_SCHEDULER_ADDRESS")
 
 
-def _connect_early(req: Request, scheduler: Scheduler) -> Any:
-    """:func:`columnhub.execute.dask.early` for ``req`` (``None``: nothing to connect to)."""
+def _connect_early(request: Any, scheduler: Scheduler, *, key: str | None) -> Any:
+    """:func:`columnhub.execute.dask.early` for ``request`` (``None``: nothing to connect to).
+
+    Started before the request is even read, so connecting (and importing
+    ``distributed``) overlaps reading and planning it. ``key``: the request's
+    source key, which names the workers' warm-up tasks (a random one if none).
+    The warm-up builds a key index too unless ``request`` is a parsed request
+    without a keyed friend.
+    """
     if _on_threads(scheduler):
         return None  # the thread pool: nothing of distributed imported
     if not isinstance(scheduler, str | None) or scheduler == "local":
         return None
     from columnhub.execute.dask import early
 
-    keyed = any(f.match == "keyed" for f in req.friends)
-    return early(scheduler, key=f"columnhub-{req.hash[:16]}", joins=keyed)
+    friends = getattr(request, "friends", None)
+    keyed = True if friends is None else any(f.match == "keyed" for f in friends)
+    name = (key or secrets.token_hex(8))[:16]
+    return early(scheduler, key=f"columnhub-{name}", joins=keyed)
 
 
 def _deliver_planned(
