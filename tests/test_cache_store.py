@@ -641,3 +641,29 @@ def test_counts_of_a_process_that_exits_without_close_are_kept(tmp_path: Path) -
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     stats = ColumnCache(tmp_path).stats()
     assert (stats.hits, stats.misses, stats.puts) == (1, 1, 1)  # the put: flushed on drop
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    size=st.one_of(
+        st.sampled_from([0, 1, 2**20 - 1, 2**20, 2**20 + 1, 3 * 2**20 + 5]),
+        st.integers(0, 5 * 2**20),
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_file_checksum_and_its_copy_are_the_bytes_own(tmp_path: Path, size: int, seed: int) -> None:
+    """The digest read (and copied) block by block is xxh3 of the whole file; the copy is the file.
+
+    Sizes around the read block (1 MiB) and across several blocks.
+    """
+    import xxhash
+
+    from columnhub._checksum import file_checksum
+
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    source = tmp_path / f"source-{size}-{seed}"
+    source.write_bytes(data)
+    copy = tmp_path / f"copy-{size}-{seed}"
+    assert file_checksum(source) == xxhash.xxh3_64(data).hexdigest()
+    assert file_checksum(source, copy_to=copy) == xxhash.xxh3_64(data).hexdigest()
+    assert copy.read_bytes() == data
