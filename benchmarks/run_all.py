@@ -674,6 +674,7 @@ def render(
     scale = next((o for o in outcomes if o.name == "scaleout" and o.figures), None)
     if scale is not None and scale.figures is not None and "model" in scale.figures:
         lines += scaling_model(scale.figures)
+    lines += recorded_scaleout()
     for o in outcomes:
         lines += ["", f"## {o.name}", ""]
         script = BENCH / f"bench_{o.name}.py"
@@ -719,6 +720,16 @@ def scaling_model(f: dict[str, Any]) -> list[str]:
     finally:
         sys.path.remove(str(BENCH))
     return scaling_model_section(f)
+
+
+def recorded_scaleout() -> list[str]:
+    """The scale-out figures recorded on a larger machine (``benchmarks/recorded``)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_scaleout import recorded_section
+    finally:
+        sys.path.remove(str(BENCH))
+    return recorded_section()
 
 
 def _docstring_summary(script: Path) -> str:

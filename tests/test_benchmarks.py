@@ -191,3 +191,20 @@ def test_children_start_with_the_allocator_this_process_started_with(
     child = _common.env()
     assert not {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & set(child)
     assert child["MALLOC_ARENA_MAX"] == "2"  # the user's own setting stays
+
+
+def test_the_recorded_scale_out_section_shows_each_recorded_figure(tmp_path: Path) -> None:
+    """The 16-core section of docs/benchmarks.md comes from the recorded JSON, figure by figure."""
+    import json
+
+    import bench_scaleout
+
+    doc = json.loads(bench_scaleout.RECORDED.read_text())
+    text = "\n".join(bench_scaleout.recorded_section())
+    last = doc["runs"][-1]["figures"]
+    for n, r in last["scaling"].items():
+        row = f"| {n} | {last['seconds'][f'running{n}']:.2f} | {r['running']:.2f}x |"
+        assert row in text
+    for run in doc["runs"]:
+        assert f"`{run['commit']}` | {run['figures']['dask2_vs_dask1']:.2f}x |" in text
+    assert bench_scaleout.recorded_section(tmp_path / "none.json") == []  # nothing recorded: no section
