@@ -645,8 +645,8 @@ def recorded_section(path: Path = RECORDED) -> list[str]:
         )
     lines += [
         "",
-        "| run | commit | 2 vs 1, fresh workers | 2 vs 1, warm | machine ceiling (2 processes vs 1) |"
-        " client: first task / first request task s (1 worker) |",
+        ("| run | commit | 2 vs 1, fresh workers | 2 vs 1, warm | machine ceiling (2 processes vs 1) |"
+        " client: first task / first request task s (1 worker) |"),
         "|---|---|---|---|---|---|",
     ]
     for run in runs:
