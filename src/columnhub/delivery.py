@@ -197,6 +197,9 @@ def _deliver_new(
         if connecting is not None:
             stack.callback(connecting.close)
             scheduler = connecting
+            # connected first, then planned: the workers' warm-up (their imports) then
+            # runs while this process plans, instead of after it
+            connecting.wait(_CONNECT_FIRST_S)
         from columnhub.spec import Samples
 
         req = _load(request, chunk_size=chunk_size)
@@ -215,6 +218,11 @@ def _deliver_new(
             req, fast, directory, own_directory, t0=t0, workers=workers, progress=progress,
             cache=cache, scheduler=scheduler,
         )
+
+
+#: seconds a request on a running cluster waits for the connection before it plans
+#: (a scheduler slower to answer is connected to while planning)
+_CONNECT_FIRST_S = 1.0
 
 
 def _on_threads(scheduler: Scheduler) -> bool:

@@ -326,6 +326,10 @@ class Early:
                     )
                 )
 
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the connection (made, or failed)."""
+        self._thread.join(timeout)
+
     def client(self) -> Any:
         """The ``distributed.Client`` (waits for the connection; its error is raised here)."""
         self._thread.join()
