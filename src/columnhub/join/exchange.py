@@ -324,7 +324,9 @@ def locate_rows(index: KeyIndex, rows: np.ndarray, layout: Sequence[Block]) -> C
     for f in np.unique(file):
         sel = file == f
         block[sel] = first[f] + np.searchsorted(starts[f], entry[sel], side="right") - 1
-    order = np.argsort(block, kind="stable")
+    # numpy sorts 16-bit numbers stably by radix (linear): 4-5x faster than int64's sort
+    keys = block.astype(np.uint16) if len(layout) <= np.iinfo(np.uint16).max else block
+    order = np.argsort(keys, kind="stable")
     block = block[order]
     cut = np.flatnonzero(np.diff(block)) + 1
     for a, b in zip(np.r_[0, cut], np.r_[cut, len(block)], strict=True):
