@@ -924,6 +924,10 @@ def test_cli_status_and_fetch_start_light(served: Served, tmp_path: Path) -> Non
     assert columnhub.Result.open(tmp_path).events > 0
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_interrupted_wait_says_the_request_goes_on(data: Path, tmp_path: Path) -> None:
     proxy = Flaky([])  # takes the submission and says "queued" for ever
     spec_file = tmp_path / "request.yaml"
@@ -933,6 +937,9 @@ def test_cli_interrupted_wait_says_the_request_goes_on(data: Path, tmp_path: Pat
         proc = subprocess.Popen(
             [str(ENTRY_POINT), "submit", str(spec_file), "--wait", "--url", proxy.url],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # as from a terminal: a suite started in the background (`nohup make test &`)
+            # ignores SIGINT, and a Python started so keeps ignoring it
+            preexec_fn=_sigint_as_from_a_terminal,
         )
         deadline = time.monotonic() + 60
         while "GET" not in proxy.hits and time.monotonic() < deadline:  # waiting now
