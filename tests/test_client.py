@@ -9,6 +9,7 @@ error classes against the ``type`` the service put in its HTTP error body.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -924,8 +925,24 @@ def test_cli_status_and_fetch_start_light(served: Served, tmp_path: Path) -> Non
     assert columnhub.Result.open(tmp_path).events > 0
 
 
-def _sigint_as_from_a_terminal() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def _sigint_as_from_a_terminal() -> Iterator[None]:
+    """Children started in the block take SIGINT's default action, as from a terminal.
+
+    A suite started in the background (``nohup make test &``) ignores SIGINT,
+    its children inherit that, and a Python started so keeps ignoring it. A
+    handler here is not inherited (it becomes the default action in a new
+    program); an ignored signal would be.
+    """
+    before = signal.getsignal(signal.SIGINT)
+    if before is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_cli_interrupted_wait_says_the_request_goes_on(data: Path, tmp_path: Path) -> None:
@@ -934,13 +951,11 @@ def test_cli_interrupted_wait_says_the_request_goes_on(data: Path, tmp_path: Pat
     spec_file.write_text(yaml.safe_dump(spec_of(data)))
     env = serve_env(tmp_path)
     try:
-        proc = subprocess.Popen(
-            [str(ENTRY_POINT), "submit", str(spec_file), "--wait", "--url", proxy.url],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            # as from a terminal: a suite started in the background (`nohup make test &`)
-            # ignores SIGINT, and a Python started so keeps ignoring it
-            preexec_fn=_sigint_as_from_a_terminal,
-        )
+        with _sigint_as_from_a_terminal():
+            proc = subprocess.Popen(
+                [str(ENTRY_POINT), "submit", str(spec_file), "--wait", "--url", proxy.url],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
         deadline = time.monotonic() + 60
         while "GET" not in proxy.hits and time.monotonic() < deadline:  # waiting now
             time.sleep(0.05)
