@@ -385,10 +385,10 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
             for name in names:
                 out = fresh(scratch / f"out-{name}")
                 cache = fresh(scratch / "cache")
-                workers = str(workers_of(name))
+                workers = workers_of(name)
                 page_cache.prepare([primary, friend])
                 if name.startswith("running"):
-                    with running_cluster(int(workers)) as client:  # started outside the timing
+                    with running_cluster(workers) as client:  # started outside the timing
                         run, figures = deliver_on(client, [*base, str(out)], cache)
                         # the same request again on the same (now warm) workers, cold cache
                         again = fresh(scratch / f"out-warm{workers}")
@@ -402,7 +402,7 @@ def bench(events: int, *, data: Path, repeat: int, page_cache: PageCache) -> dic
                 else:
                     flags = ["--scheduler", "local"] if name.startswith("start") else []
                     run = run_process(
-                        [*base, str(out), *flags, "--workers", workers],
+                        [*base, str(out), *flags, "--workers", str(workers)],
                         extra_env={"COLUMNHUB_CACHE": str(cache)},
                     )
                     figures = {"client_cpu_s": round(run.cpu, 4)}
@@ -618,7 +618,6 @@ def recorded_section(path: Path = RECORDED) -> list[str]:
     doc = json.loads(path.read_text())
     runs = doc["runs"]
     last = runs[-1]["figures"]
-    sizes = sorted(int(n) for n in last["scaling"])
     lines = [
         "",
         "## Scale-out on a 16-core machine (recorded)",
@@ -635,13 +634,10 @@ def recorded_section(path: Path = RECORDED) -> list[str]:
         "| N | fresh workers s | vs 1 | warm workers s | vs 1 | model s | model vs 1 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for n in sizes:
-        r = last["scaling"][str(n)]
-        m = last["model"][f"{last['events']}_{n}_1 GB/s"]
+    for n, fresh_s, fresh_x, warm_s, warm_x, m in scaling_rows(last):
         lines.append(
-            f"| {n} | {last['seconds'][f'running{n}']:.2f} | {r['running']:.2f}x |"
-            f" {last['seconds'][f'warm{n}']:.2f} | {r['warm']:.2f}x | {m['total_s']:.2f} |"
-            f" {m['speedup']:.2f}x |"
+            f"| {n} | {fresh_s:.2f} | {fresh_x:.2f}x | {warm_s:.2f} | {warm_x:.2f}x |"
+            f" {m['total_s']:.2f} | {m['speedup']:.2f}x |"
         )
     lines += [
         "",
@@ -733,17 +729,24 @@ def print_figures(f: dict[str, Any]) -> None:
         )
 
 
+def scaling_rows(f: dict[str, Any]) -> Iterator[tuple[int, float, float, float, float, dict[str, Any]]]:
+    """Per cluster size: seconds and ratio vs 1 (fresh, warm workers), and the model's row."""
+    for n in sorted(int(k) for k in f["scaling"]):
+        r = f["scaling"][str(n)]
+        yield (
+            n, f["seconds"][f"running{n}"], r["running"], f["seconds"][f"warm{n}"], r["warm"],
+            f["model"][f"{f['events']}_{n}_1 GB/s"],
+        )
+
+
 def print_scaling(f: dict[str, Any]) -> None:
     """Each cluster size against one worker, measured and as the scaling model predicts it."""
     if len(CLUSTER_SIZES) <= 2:
         return
     print("running cluster of N workers vs 1 (cold workers / warm workers; the model: warm)")
-    for n in CLUSTER_SIZES:
-        r = f["scaling"][str(n)]
-        m = f["model"][f"{f['events']}_{n}_1 GB/s"]
+    for n, fresh_s, fresh_x, warm_s, warm_x, m in scaling_rows(f):
         print(
-            f"  N = {n:2d}: {f['seconds'][f'running{n}']:6.3f} s ({r['running']:.2f}x),"
-            f" warm {f['seconds'][f'warm{n}']:6.3f} s ({r['warm']:.2f}x);"
+            f"  N = {n:2d}: {fresh_s:6.3f} s ({fresh_x:.2f}x), warm {warm_s:6.3f} s ({warm_x:.2f}x);"
             f" model {m['total_s']:6.3f} s ({m['speedup']:.2f}x), bound by {m['bound']}"
         )
 

@@ -17,6 +17,9 @@ from pathlib import Path
 __all__ = ["file_checksum", "footer_hash", "local_stamp"]
 
 
+#: bytes read (and written) at a time by :func:`file_checksum`
+_BLOCK = 1024 * 1024
+
 #: ``ioctl`` request FICLONE (``linux/fs.h``): make a file share another's data blocks
 _FICLONE = 0x40049409
 
@@ -46,9 +49,6 @@ def file_checksum(path: Path, *, copy_to: Path | None = None) -> str:
                     block = block[out.write(block):]
     return digest.hexdigest()
 
-
-#: bytes read (and written) at a time by :func:`file_checksum`
-_BLOCK = 1024 * 1024
 
 
 def _cloned(source: Path, target: Path) -> bool:

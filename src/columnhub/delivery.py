@@ -191,14 +191,12 @@ def _deliver_new(
 ) -> Result | dict[str, Result]:
     """:func:`deliver` of a request whose result is not known before planning."""
     with contextlib.ExitStack() as stack:
-        # a running cluster: connected (and its workers warmed) while this process
-        # reads the request and plans it
+        # a running cluster: connected first (up to _CONNECT_FIRST_S), so the workers'
+        # warm-up (their imports) runs while this process reads and plans the request
         connecting = _connect_early(request, scheduler, key=fast.key)
         if connecting is not None:
             stack.callback(connecting.close)
             scheduler = connecting
-            # connected first, then planned: the workers' warm-up (their imports) then
-            # runs while this process plans, instead of after it
             connecting.wait(_CONNECT_FIRST_S)
         from columnhub.spec import Samples
 
