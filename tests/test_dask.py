@@ -160,6 +160,39 @@ def test_a_killed_worker_has_its_task_retried(
     )
 
 
+def _hold(event_name: str, seconds: float) -> bool:
+    """Task: another user's long task (ends early once the test sets ``event_name``)."""
+    return distributed.Event(event_name).wait(seconds)
+
+
+def test_a_request_does_not_wait_for_a_worker_busy_with_another_users_task(
+    primary: list[Path], tmp_path: Path, client: Any
+) -> None:
+    """The check that every worker sees the paths answers from a busy worker at once.
+
+    It runs on each worker's event loop (``Client.run``), not as a task that
+    would queue behind the busy worker's task before the request could
+    start: the other worker does the whole request meanwhile.
+    """
+    busy = sorted(client.nthreads())[0]
+    event = f"columnhub-test-hold-{os.getpid()}"
+    held = client.submit(_hold, event, 120.0, workers=[busy], pure=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not client.processing(workers=[busy])[busy]:  # the other user's task runs
+            assert time.monotonic() < deadline, "the holding task never started"
+            time.sleep(0.05)
+        result = columnhub.deliver(
+            spec(primary), output=tmp_path / "out", scheduler=client, cache=tmp_path / "cache"
+        )
+        assert not held.done()  # the request did not wait for that task
+    finally:
+        distributed.Event(event, client=client).set()
+        assert held.result(timeout=60) is True
+    assert result.complete
+    assert delivered_rows(result) == uproot_rows(primary)
+
+
 def test_a_user_error_in_a_task_reaches_the_caller(
     primary: list[Path], tmp_path: Path, client: Any
 ) -> None:

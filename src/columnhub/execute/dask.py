@@ -140,11 +140,18 @@ class Executor:
         ``FileNotFoundError``, report an input as removed while it was
         read, or read a friend again where the exchange's columns should
         be. A probe file is written to ``staging`` and to a local cache
-        that is not read-only, and one task per connected worker looks for
+        that is not read-only, and each connected worker looks for
         them and for the local files of ``inputs`` (one per dataset is
         enough: a file system is mounted whole), with the sizes this
         process sees. Workers that join later are not checked; nothing to
         check on the thread pool.
+
+        The probe runs outside the task queue (``Client.run``, on each worker's
+        event loop): a fresh worker still busy with its warm-up (its imports,
+        about half a second) answers at once instead of after it, so the
+        request's first tasks are submitted, and queued behind the warm-up,
+        that much sooner. A worker that left the cluster meanwhile is not
+        waited for (a task restricted to it would wait forever).
         """
         if self.client is None:
             return
@@ -171,19 +178,27 @@ class Executor:
                     sizes[path] = os.stat(path).st_size
             if not probes and not sizes:
                 return
-            futures = [
-                self.client.submit(
-                    _unseen, probes, token, sizes, key=f"columnhub-probe-{n:05d}-{token}",
-                    pure=False, workers=[worker], allow_other_workers=False,
-                )
-                for n, worker in enumerate(workers)
-            ]
-            unseen = self.client.gather(futures)
+            answers = self.client.run(
+                _unseen, probes, token, sizes, workers=workers, on_error="return"
+            )
         finally:
             for probe in probes.values():
                 with contextlib.suppress(OSError):
                     os.unlink(probe)
-        for worker, missing in zip(workers, unseen, strict=True):
+        present = None
+        for worker in workers:
+            missing = answers.get(worker)
+            if isinstance(missing, BaseException) or missing is None:
+                if present is None:
+                    present = set(self.client.nthreads())
+                if worker not in present:
+                    continue  # it left the cluster: it runs none of this request's tasks
+                msg = (
+                    f"Dask worker {worker} could not be asked whether it sees the input files, "
+                    f"the output directory and the column cache ({missing!r}); check the "
+                    "worker's log, or run without --scheduler"
+                )
+                raise SpecError(msg)
             if missing:
                 # a probe's place with its path; an input file is named with its own
                 what = " and ".join(f"{w} ({places[w]})" if w in places else w for w in missing)
