@@ -165,25 +165,32 @@ def _hold(event_name: str, seconds: float) -> bool:
     return distributed.Event(event_name).wait(seconds)
 
 
+@pytest.mark.parametrize("join", [False, True], ids=["plain", "keyed-friend"])
 def test_a_request_does_not_wait_for_a_worker_busy_with_another_users_task(
-    primary: list[Path], tmp_path: Path, client: Any
+    primary: list[Path], tmp_path: Path, client: Any, join: bool
 ) -> None:
-    """The check that every worker sees the paths answers from a busy worker at once.
+    """A worker held by a long task of someone else's does not hold the request up.
 
-    It runs on each worker's event loop (``Client.run``), not as a task that
-    would queue behind the busy worker's task before the request could
-    start: the other worker does the whole request meanwhile.
+    The check that every worker sees the paths runs on each worker's event
+    loop (``Client.run``), not as a task queued behind the held one, and the
+    exchange's tasks are spread over the free workers only: the other worker
+    does the whole request meanwhile (before, 120 s: the held task's time).
     """
     busy = sorted(client.nthreads())[0]
-    event = f"columnhub-test-hold-{os.getpid()}"
+    event = f"columnhub-test-hold-{os.getpid()}-{tmp_path.name}"
     held = client.submit(_hold, event, 120.0, workers=[busy], pure=False)
     try:
         deadline = time.monotonic() + 60
         while not client.processing(workers=[busy])[busy]:  # the other user's task runs
             assert time.monotonic() < deadline, "the holding task never started"
             time.sleep(0.05)
+        request = spec(primary)
+        if join:  # its exchange's tasks are spread over the workers, the busy one too
+            keys = primary_keys(primary)
+            rows = np.random.default_rng(5).permutation(len(keys["event"]))
+            request = friend_spec(primary, write_friend(tmp_path / "friend", keys, rows))
         result = columnhub.deliver(
-            spec(primary), output=tmp_path / "out", scheduler=client, cache=tmp_path / "cache"
+            request, output=tmp_path / "out", scheduler=client, cache=tmp_path / "cache"
         )
         assert not held.done()  # the request did not wait for that task
     finally:
@@ -191,6 +198,9 @@ def test_a_request_does_not_wait_for_a_worker_busy_with_another_users_task(
         assert held.result(timeout=60) is True
     assert result.complete
     assert delivered_rows(result) == uproot_rows(primary)
+    if join:  # the friend's columns too: what the threads here deliver
+        local = columnhub.deliver(request, output=tmp_path / "local", workers=2, cache=False)
+        assert result.to_arrow().equals(local.to_arrow())
 
 
 def test_a_user_error_in_a_task_reaches_the_caller(

@@ -92,9 +92,13 @@ class Tasks:
         The scheduler puts a task where its inputs are; tasks whose inputs all
         sit on one worker would all run there. This hint (any worker may still
         run the task, e.g. when its own dies) spreads a stage over the cluster.
+        A worker whose every thread runs someone else's task when the request
+        starts gets no hint: a task sent there would wait for that task (the
+        scheduler's work stealing does not reliably move it), while the
+        others can run it now.
         """
         if self._workers is None:
-            self._workers = sorted(self.client.nthreads())
+            self._workers = _free_workers(self.client)
         if len(self._workers) < 2:
             return {}
         return {"workers": [self._workers[number % len(self._workers)]], "allow_other_workers": True}
@@ -107,6 +111,16 @@ class Tasks:
         """Cancel ``futures`` that still run and drop the results held on workers."""
         if futures:
             self.client.cancel(list(futures))
+
+
+def _free_workers(client: Any) -> list[str]:
+    """The workers with a thread not taken by a task other than columnhub's (sorted)."""
+    threads = client.nthreads()
+    taken = client.processing()  # worker -> the keys it runs or holds queued
+    return sorted(
+        worker for worker, n in threads.items()
+        if sum(not str(k).startswith("columnhub-") for k in taken.get(worker, ())) < n
+    )
 
 
 class Executor:
