@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -745,3 +746,112 @@ def test_a_worker_that_does_not_see_the_cache_or_the_output_is_named_before_any_
     )
     local = columnhub.deliver(request, output=tmp_path / "threads", workers=2, cache=False)
     assert [f.read_bytes() for f in shared.files] == [f.read_bytes() for f in local.files]
+
+
+@contextlib.contextmanager
+def subprocess_cluster(
+    tmp_path: Path, *, scheduler_path: str = "", worker_path: str = ""
+) -> Iterator[str]:
+    """A ``dask scheduler`` and one ``dask worker`` process, each with its own ``PYTHONPATH``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    commands = [
+        ([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+         scheduler_path),
+        ([dask_cli, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", "w0"],
+         worker_path),
+    ]
+    procs = []
+    try:
+        for n, (command, path) in enumerate(commands):
+            env = {**os.environ, "PYTHONPATH": path} if path else dict(os.environ)
+            with (tmp_path / f"dask-{n}.log").open("wb") as log:
+                procs.append(subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,
+                ))
+            if n == 0:
+                time.sleep(1.0)
+        with distributed.Client(address, timeout="60s") as c:
+            c.wait_for_workers(1, timeout=120)
+        yield address
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def without_columnhub(tmp_path: Path) -> str:
+    """A ``PYTHONPATH`` on which ``import columnhub`` fails as where it is not installed."""
+    fake = tmp_path / "not-installed" / "columnhub"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'columnhub'\", name='columnhub')\n"
+    )
+    return str(fake.parent)
+
+
+def test_a_scheduler_without_columnhub_is_a_user_error_before_any_task(
+    primary: list[Path], tmp_path: Path, without_columnhub: str
+) -> None:
+    """The scheduler unpickles the tasks: without columnhub, exit 2 and what to install."""
+    with subprocess_cluster(tmp_path, scheduler_path=without_columnhub) as address:
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(spec(primary)))
+        run = subprocess.run(
+            [CLI, "deliver", str(spec_file), "-o", str(tmp_path / "out"), "--no-progress",
+             "--no-cache", "--scheduler", address],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"the Dask scheduler at {address} cannot import columnhub" in run.stderr
+    assert "install it in the scheduler's environment" in run.stderr
+    assert read_manifest(tmp_path / "out") is None or not read_manifest(tmp_path / "out")["complete"]
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_a_worker_without_columnhub_is_named_before_any_task(
+    primary: list[Path], tmp_path: Path, without_columnhub: str
+) -> None:
+    from columnhub.errors import SpecError
+
+    with (
+        subprocess_cluster(tmp_path, worker_path=without_columnhub) as address,
+        pytest.raises(SpecError, match=r"Dask worker 'w0' \(tcp://.*\) cannot import columnhub"),
+    ):
+        columnhub.deliver(spec(primary), output=tmp_path / "out", scheduler=address, cache=False)
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_a_cluster_running_another_columnhub_version_is_a_user_error(
+    primary: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks, cache addresses and output format belong to one version: no mixing."""
+    from columnhub.errors import SpecError
+    from columnhub.execute import dask as executor
+
+    with subprocess_cluster(tmp_path) as address:
+        monkeypatch.setattr(executor, "__version__", "0.0.0+elsewhere")  # this process's
+        with pytest.raises(
+            SpecError,
+            match=rf"scheduler at {address} runs columnhub {columnhub.__version__}, "
+            r"this process 0\.0\.0\+elsewhere",
+        ):
+            columnhub.deliver(
+                spec(primary), output=tmp_path / "out", scheduler=address, cache=False
+            )
+        monkeypatch.setattr(executor, "_ready", lambda: "0.0.0+elsewhere")  # a scheduler that agrees
+        with pytest.raises(
+            SpecError, match=rf"Dask worker 'w0' .* runs columnhub {columnhub.__version__}"
+        ):
+            columnhub.deliver(
+                spec(primary), output=tmp_path / "out", scheduler=address, cache=False
+            )

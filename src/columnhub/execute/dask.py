@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from columnhub import __version__
 from columnhub.errors import SpecError
 
 _log = logging.getLogger(__name__)
@@ -130,9 +131,13 @@ class Executor:
         client: the ``distributed.Client``, or ``None`` for this process's thread pool.
     """
 
-    def __init__(self, run: RunParts, client: Any = None) -> None:
+    def __init__(
+        self, run: RunParts, client: Any = None, *, ready: Callable[[], str] | None = None
+    ) -> None:
         self._run = run
         self.client = client
+        # the scheduler's columnhub version, asked while the request was planned
+        self._ready = ready
 
     def __call__(self, *args: Any, **kwargs: Any) -> Iterator[PartMeta]:
         """Run part tasks (see :data:`RunParts`)."""
@@ -169,6 +174,7 @@ class Executor:
         """
         if self.client is None:
             return
+        self._check_scheduler()
         workers = sorted(self.client.nthreads())
         if not workers:  # an adaptive cluster with none yet: its workers are not known
             return
@@ -193,7 +199,7 @@ class Executor:
             if not probes and not sizes:
                 return
             answers = self.client.run(
-                _unseen, probes, token, sizes, workers=workers, on_error="return"
+                _probe, probes, token, sizes, workers=workers, on_error="return"
             )
         finally:
             for probe in probes.values():
@@ -201,32 +207,122 @@ class Executor:
                     os.unlink(probe)
         present = None
         for worker in workers:
-            missing = answers.get(worker)
-            if isinstance(missing, BaseException) or missing is None:
+            answer = answers.get(worker)
+            if isinstance(answer, BaseException) or answer is None:
                 if present is None:
                     present = set(self.client.nthreads())
                 if worker not in present:
                     continue  # it left the cluster: it runs none of this request's tasks
+                if _cannot_import_columnhub(answer):
+                    msg = (
+                        f"Dask worker {self._name(worker)} cannot import columnhub ({answer}): "
+                        f"install columnhub {__version__} (the version here) in the workers' "
+                        "environment, or run without --scheduler"
+                    )
+                else:
+                    msg = (
+                        f"Dask worker {self._name(worker)} could not be asked whether it sees "
+                        f"the input files, the output directory and the column cache ({answer!r}); "
+                        "check the worker's log, or run without --scheduler"
+                    )
+                raise SpecError(msg)
+            version, missing = answer
+            if version != __version__:
                 msg = (
-                    f"Dask worker {worker} could not be asked whether it sees the input files, "
-                    f"the output directory and the column cache ({missing!r}); check the "
-                    "worker's log, or run without --scheduler"
+                    f"Dask worker {self._name(worker)} runs columnhub {version}, this process "
+                    f"{__version__}: the workers must run the same version (its tasks, cache "
+                    "addresses and output format); install columnhub "
+                    f"{__version__} there, or run without --scheduler"
                 )
                 raise SpecError(msg)
             if missing:
                 # a probe's place with its path; an input file is named with its own
                 what = " and ".join(f"{w} ({places[w]})" if w in places else w for w in missing)
-                with contextlib.suppress(Exception):  # its name, when the scheduler says it
-                    name = self.client.scheduler_info()["workers"][worker]["name"]
-                    worker = f"{name!r} ({worker})" if str(name) != worker else worker
                 msg = (
-                    f"Dask worker {worker} does not see {what} as this process does: on a "
+                    f"Dask worker {self._name(worker)} does not see {what} as this process does: on a "
                     "cluster the input files, the output directory and the column cache must "
                     "be on a file system every worker mounts at the same path (or given as "
                     "URLs, root:// or s3://, that every worker reaches); choose such paths, "
                     "or run without --scheduler"
                 )
                 raise SpecError(msg)
+
+
+    def _name(self, worker: str) -> str:
+        """``'name' (address)`` of a worker, when the scheduler gives it a name of its own."""
+        with contextlib.suppress(Exception):
+            name = self.client.scheduler_info()["workers"][worker]["name"]
+            if str(name) != worker:
+                return f"{name!r} ({worker})"
+        return worker
+
+    def _check_scheduler(self) -> None:
+        """Raise :class:`SpecError` unless the scheduler loads columnhub, at this version.
+
+        The scheduler unpickles every task it is given (the functions and
+        their arguments: the plan, the cache), so it needs columnhub as much
+        as the workers do; without it, distributed's own error came as a
+        traceback from the first task.
+        """
+        address = getattr(getattr(self.client, "scheduler", None), "address", None) or "?"
+        try:
+            version = self._ready() if self._ready is not None else _ask_scheduler(self.client)
+        except ImportError as err:
+            msg = (
+                f"the Dask scheduler at {address} cannot import columnhub ({err}): it unpickles "
+                f"the request's tasks, so it needs columnhub {__version__} (the version here) "
+                "installed as the workers do; install it in the scheduler's environment, or "
+                "run without --scheduler"
+            )
+            raise SpecError(msg) from err
+        if version != __version__:
+            msg = (
+                f"the Dask scheduler at {address} runs columnhub {version}, this process "
+                f"{__version__}: install columnhub {__version__} in the scheduler's and the "
+                "workers' environment, or run without --scheduler"
+            )
+            raise SpecError(msg)
+
+
+def _ready() -> str:
+    """On the scheduler: import what unpickling a request's tasks needs; columnhub's version.
+
+    Asked while the client still plans (:class:`Early`), a fresh scheduler
+    does these imports (awkward, pydantic, columnhub: a few tenths of a
+    second, on its event loop) before the request's first tasks reach it.
+    """
+    import columnhub
+    import columnhub.cache
+    import columnhub.execute.part
+    import columnhub.join.exchange
+    import columnhub.join.provider
+    import columnhub.plan  # noqa: F401
+
+    return columnhub.__version__
+
+
+def _ask_scheduler(client: Any) -> str:
+    """:func:`_ready` run on ``client``'s scheduler (its ``ImportError`` raised here)."""
+    return str(client.run_on_scheduler(_ready))
+
+
+def _cannot_import_columnhub(answer: object) -> bool:
+    """Whether a worker's failed answer says that columnhub cannot be imported there."""
+    text = str(answer)
+    return "columnhub" in text and ("ImportError" in text or "ModuleNotFoundError" in text or
+                                    isinstance(answer, ImportError))
+
+
+def _version() -> str:
+    """On a worker: its columnhub version."""
+    return __version__
+
+
+def _probe(
+    probes: Mapping[str, str], token: str, sizes: Mapping[str, int]
+) -> tuple[str, list[str]]:
+    """On a worker: its columnhub version, and what it does not see (:func:`_unseen`)."""
+    return __version__, _unseen(probes, token, sizes)
 
 
 def _unseen(probes: Mapping[str, str], token: str, sizes: Mapping[str, int]) -> list[str]:
@@ -273,8 +369,9 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
 
         yield Executor(functools.partial(local, workers=workers))
         return
+    ready = scheduler.scheduler_version if isinstance(scheduler, Early) else None
     with _client(scheduler, workers=workers) as client:
-        yield Executor(functools.partial(run_parts, client), client)
+        yield Executor(functools.partial(run_parts, client), client, ready=ready)
 
 
 @contextlib.contextmanager
@@ -327,6 +424,9 @@ class Early:
         self._error: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._version: str | None = None
+        self._version_error: BaseException | None = None
+        self._asked = threading.Event()
         self._thread = threading.Thread(target=self._connect, name="columnhub-connect", daemon=True)
         self._thread.start()
 
@@ -341,12 +441,24 @@ class Early:
             if not closed:
                 self._client = client
         if closed:  # the request failed (or ended) before the connection was made
+            self._asked.set()
             client.close()
             return
+        import threading
+
+        # the scheduler's imports (and whether it can load columnhub at all) while planning
+        threading.Thread(
+            target=self._ask, args=(client,), name="columnhub-ask-scheduler", daemon=True
+        ).start()
         with contextlib.suppress(Exception):  # a warm-up is only a hint
             run = secrets.token_hex(4)
             distributed = _distributed()
-            for n, worker in enumerate(sorted(client.nthreads())):
+            # asked out of band first: a worker that cannot unpickle a task (no columnhub
+            # there) closes itself when given one; it gets none, and the request's check
+            # of the workers (Executor.check_shared) names it
+            answers = client.run(_version, on_error="return")
+            ready = sorted(w for w, v in answers.items() if v == __version__)
+            for n, worker in enumerate(ready):
                 # fire and forget: nothing waits for it, and it runs even so
                 distributed.fire_and_forget(
                     client.submit(
@@ -354,6 +466,24 @@ class Early:
                         workers=[worker], allow_other_workers=False,
                     )
                 )
+
+    def _ask(self, client: Any) -> None:
+        try:
+            self._version = _ask_scheduler(client)
+        except BaseException as err:  # noqa: BLE001 - raised by scheduler_version()
+            self._version_error = err
+        finally:
+            self._asked.set()
+
+    def scheduler_version(self) -> str:
+        """columnhub's version on the scheduler (asked once connected; waits for the answer)."""
+        client = self.client()
+        if not self._asked.wait(timeout=_ask_timeout()):
+            return _ask_scheduler(client)  # raises what the scheduler says, or times out itself
+        if self._version_error is not None:
+            raise self._version_error
+        assert self._version is not None
+        return self._version
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the connection (made, or failed)."""
@@ -726,6 +856,13 @@ def _retries() -> int:
         msg = f"${RETRIES_ENV} must be a whole number of retries (0 or more), got {raw!r}"
         raise SpecError(msg)
     return value
+
+
+def _ask_timeout() -> float:
+    """Seconds to wait for the scheduler's answer asked in the background (then ask again)."""
+    import dask
+
+    return float(dask.utils.parse_timedelta(_connect_timeout())) + 30.0
 
 
 def _connect_timeout() -> str:
