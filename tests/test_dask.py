@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -750,7 +751,7 @@ def test_a_worker_that_does_not_see_the_cache_or_the_output_is_named_before_any_
 
 @contextlib.contextmanager
 def subprocess_cluster(
-    tmp_path: Path, *, scheduler_path: str = "", worker_path: str = ""
+    tmp_path: Path, *, scheduler_path: str = "", worker_path: str = "", worker: bool = True
 ) -> Iterator[str]:
     """A ``dask scheduler`` and one ``dask worker`` process, each with its own ``PYTHONPATH``."""
     import socket
@@ -765,7 +766,7 @@ def subprocess_cluster(
          scheduler_path),
         ([dask_cli, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", "w0"],
          worker_path),
-    ]
+    ][: 2 if worker else 1]
     procs = []
     try:
         for n, (command, path) in enumerate(commands):
@@ -778,7 +779,8 @@ def subprocess_cluster(
             if n == 0:
                 time.sleep(1.0)
         with distributed.Client(address, timeout="60s") as c:
-            c.wait_for_workers(1, timeout=120)
+            if worker:
+                c.wait_for_workers(1, timeout=120)
         yield address
     finally:
         for proc in procs:
@@ -855,3 +857,47 @@ def test_a_cluster_running_another_columnhub_version_is_a_user_error(
             columnhub.deliver(
                 spec(primary), output=tmp_path / "out", scheduler=address, cache=False
             )
+
+
+def test_a_cluster_without_workers_yet_is_said_and_waited_for(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """As under dask-jobqueue while the batch system starts the workers: a note, then the work."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+    with subprocess_cluster(tmp_path, worker=False) as address:
+
+        def run() -> None:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                try:
+                    outcome["result"] = columnhub.deliver(
+                        spec(primary), output=tmp_path / "out", scheduler=address, cache=False
+                    )
+                except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                    outcome["error"] = err
+            outcome["warnings"] = [str(w.message) for w in seen]
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(3.0)
+        assert thread.is_alive()  # waiting, not failed
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dask"), "worker", address, "--nthreads", "1",
+             "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            thread.join(120)
+            assert not thread.is_alive()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    assert "error" not in outcome, outcome.get("error")
+    assert any(
+        f"no Dask worker has joined the cluster at {address} yet" in w
+        for w in outcome["warnings"]
+    ), outcome["warnings"]
+    assert delivered_rows(outcome["result"]) == uproot_rows(primary)

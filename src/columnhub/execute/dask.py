@@ -177,6 +177,14 @@ class Executor:
         self._check_scheduler()
         workers = sorted(self.client.nthreads())
         if not workers:  # an adaptive cluster with none yet: its workers are not known
+            import warnings
+
+            warnings.warn(
+                f"no Dask worker has joined the cluster at {self._address()} yet: the "
+                "request's tasks wait for the first one (an adaptive or batch-queue cluster "
+                "starts them on demand); interrupt to stop",
+                RuntimeWarning, stacklevel=2,
+            )
             return
         token = secrets.token_hex(8)
         places = {"the output's staging directory": Path(staging)}
@@ -248,6 +256,10 @@ class Executor:
                 raise SpecError(msg)
 
 
+    def _address(self) -> str:
+        """The scheduler's address, as the client knows it."""
+        return str(getattr(getattr(self.client, "scheduler", None), "address", None) or "?")
+
     def _name(self, worker: str) -> str:
         """``'name' (address)`` of a worker, when the scheduler gives it a name of its own."""
         with contextlib.suppress(Exception):
@@ -264,7 +276,7 @@ class Executor:
         as the workers do; without it, distributed's own error came as a
         traceback from the first task.
         """
-        address = getattr(getattr(self.client, "scheduler", None), "address", None) or "?"
+        address = self._address()
         try:
             version = self._ready() if self._ready is not None else _ask_scheduler(self.client)
         except ImportError as err:
