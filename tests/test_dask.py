@@ -751,9 +751,18 @@ def test_a_worker_that_does_not_see_the_cache_or_the_output_is_named_before_any_
 
 @contextlib.contextmanager
 def subprocess_cluster(
-    tmp_path: Path, *, scheduler_path: str = "", worker_path: str = "", worker: bool = True
+    tmp_path: Path,
+    *,
+    scheduler_path: str = "",
+    worker_path: str = "",
+    worker: bool = True,
+    worker_env: dict[str, str] | None = None,
+    processes: list[subprocess.Popen[bytes]] | None = None,
 ) -> Iterator[str]:
-    """A ``dask scheduler`` and one ``dask worker`` process, each with its own ``PYTHONPATH``."""
+    """A ``dask scheduler`` and one ``dask worker`` process, each with its own ``PYTHONPATH``.
+
+    ``processes`` (a list) receives them, scheduler first.
+    """
     import socket
 
     with socket.socket() as s:
@@ -767,10 +776,12 @@ def subprocess_cluster(
         ([dask_cli, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", "w0"],
          worker_path),
     ][: 2 if worker else 1]
-    procs = []
+    procs = processes if processes is not None else []
     try:
         for n, (command, path) in enumerate(commands):
             env = {**os.environ, "PYTHONPATH": path} if path else dict(os.environ)
+            if n == 1 and worker_env:
+                env.update(worker_env)
             with (tmp_path / f"dask-{n}.log").open("wb") as log:
                 procs.append(subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -901,3 +912,39 @@ def test_a_cluster_without_workers_yet_is_said_and_waited_for(
         for w in outcome["warnings"]
     ), outcome["warnings"]
     assert delivered_rows(outcome["result"]) == uproot_rows(primary)
+
+
+def test_a_scheduler_lost_mid_request_is_said_in_one_line_and_nothing_published(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """Not the user's mistake (exit 1), no traceback, no part published, the manifest says so."""
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec(primary)))
+    out = tmp_path / "out"
+    procs: list[subprocess.Popen[bytes]] = []
+    with subprocess_cluster(
+        tmp_path, worker_env={"COLUMNHUB_TEST_PART_SLEEP": "30"}, processes=procs
+    ) as address:
+        cli = subprocess.Popen(
+            [CLI, "deliver", str(spec_file), "-o", str(out), "--no-progress", "--no-cache",
+             "--scheduler", address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        with distributed.Client(address, timeout="60s") as c:
+            deadline = time.monotonic() + 60
+            while not any("-part-" in str(k) for ks in c.processing().values() for k in ks):
+                assert time.monotonic() < deadline, "no part task started"
+                time.sleep(0.1)
+            os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler, inside a part task
+        _, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines() == [
+        f"columnhub: error: lost the connection to the Dask scheduler at {address} "
+        "mid-request (FutureCancelledError): nothing was published; once the scheduler is "
+        "back, run the request again (what the workers stored in the column cache is reused)"
+    ]
+    manifest = read_manifest(out)
+    assert manifest is not None and not manifest["complete"]
+    assert "lost the connection to the Dask scheduler" in manifest["error"]
+    assert not list(out.glob("*.parquet"))

@@ -216,6 +216,10 @@ class OutputError(ColumnhubError, OSError):
     """The output cannot be written."""
 
 
+class ClusterLostError(ColumnhubError, ConnectionError):
+    """The connection to the Dask scheduler was lost mid-request (run the request again)."""
+
+
 class ServiceError(ColumnhubError):
     """The multi-user service refuses or cannot serve a call.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 __all__ = ["register", "run"]
@@ -61,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from columnhub.errors import SampleError
 
     _readahead.arm(args.spec)  # a new process: read while the engine imports
+    if args.scheduler is not None or os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        from columnhub.execute.dask import quiet_lost_connections
+
+        quiet_lost_connections()  # a lost scheduler is said in one line, below
 
     cache: ColumnCache | str | bool | None = False if args.no_cache else args.cache
     if args.cache_read_only and not args.no_cache:

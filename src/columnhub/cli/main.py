@@ -2,7 +2,8 @@
 
 Errors are mapped to exit codes here and only here: user errors
 (:class:`~columnhub.errors.ColumnhubError`) print one clear message and exit 2;
-a service that cannot be reached (:class:`~columnhub.errors.ServiceUnavailableError`)
+a service that cannot be reached (:class:`~columnhub.errors.ServiceUnavailableError`),
+or a Dask scheduler lost mid-request (:class:`~columnhub.errors.ClusterLostError`),
 exits 1, as it is no mistake of the user's; an interrupt exits 130, and SIGTERM (a batch
 system or ``kill``) exits 143
 after the same clean-up as Ctrl-C (it is raised as :class:`Terminated`, a
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from columnhub.errors import ColumnhubError, ServiceUnavailableError
+from columnhub.errors import ClusterLostError, ColumnhubError, ServiceUnavailableError
 
 __all__ = ["Terminated", "main"]
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_unwinds():
             return int(args.func(args) or 0)
-    except ServiceUnavailableError as err:  # not the user's mistake: try again later
+    except (ServiceUnavailableError, ClusterLostError) as err:  # not the user's: try again
         print(f"columnhub: error: {err}", file=sys.stderr)
         return 1
     except ColumnhubError as err:

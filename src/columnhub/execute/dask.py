@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from columnhub import __version__
-from columnhub.errors import SpecError
+from columnhub.errors import ClusterLostError, SpecError
 
 _log = logging.getLogger(__name__)
 
@@ -383,7 +383,56 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
         return
     ready = scheduler.scheduler_version if isinstance(scheduler, Early) else None
     with _client(scheduler, workers=workers) as client:
-        yield Executor(functools.partial(run_parts, client), client, ready=ready)
+        try:
+            yield Executor(functools.partial(run_parts, client), client, ready=ready)
+        except Exception as err:
+            lost = _lost_connection(client, err)
+            if lost is None:
+                raise
+            raise lost from err
+
+
+class _ConnectionNoise(logging.Filter):
+    """Drops distributed's client tracebacks of a lost scheduler connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError | asyncio.CancelledError):  # CommClosedError is an OSError
+            return False
+        return not str(record.msg).startswith("Failed to reconnect to scheduler")
+
+
+def quiet_lost_connections() -> None:
+    """In a command: no traceback from distributed's client when the scheduler goes away.
+
+    Its reconnection attempts log the failed connection with a traceback;
+    the command says what happened itself (:class:`ClusterLostError`).
+    """
+    client_log = logging.getLogger("distributed.client")
+    if not any(isinstance(f, _ConnectionNoise) for f in client_log.filters):
+        client_log.addFilter(_ConnectionNoise())
+
+
+def _lost_connection(client: Any, err: BaseException) -> ClusterLostError | None:
+    """The user's error for ``err`` when it says that the scheduler went away, else ``None``."""
+    distributed = _distributed()
+    cancelled = isinstance(err, distributed.client.FutureCancelledError) and (
+        "scheduler-connection-lost" in str(err)
+    )
+    closed = isinstance(err, distributed.comm.CommClosedError | OSError) and (
+        getattr(client, "status", "running") != "running"
+    )
+    if not (cancelled or closed):
+        return None
+    address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
+    msg = (
+        f"lost the connection to the Dask scheduler at {address} mid-request ({type(err).__name__}): "
+        "nothing was published; once the scheduler is back, run the request again (what the "
+        "workers stored in the column cache is reused)"
+    )
+    return ClusterLostError(msg)
 
 
 @contextlib.contextmanager
