@@ -757,6 +757,7 @@ def subprocess_cluster(
     worker_path: str = "",
     worker: bool = True,
     worker_env: dict[str, str] | None = None,
+    scheduler_env: dict[str, str] | None = None,
     processes: list[subprocess.Popen[bytes]] | None = None,
 ) -> Iterator[str]:
     """A ``dask scheduler`` and one ``dask worker`` process, each with its own ``PYTHONPATH``.
@@ -782,6 +783,8 @@ def subprocess_cluster(
             env = {**os.environ, "PYTHONPATH": path} if path else dict(os.environ)
             if n == 1 and worker_env:
                 env.update(worker_env)
+            if n == 0 and scheduler_env:
+                env.update(scheduler_env)
             with (tmp_path / f"dask-{n}.log").open("wb") as log:
                 procs.append(subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -947,4 +950,33 @@ def test_a_scheduler_lost_mid_request_is_said_in_one_line_and_nothing_published(
     manifest = read_manifest(out)
     assert manifest is not None and not manifest["complete"]
     assert "lost the connection to the Dask scheduler" in manifest["error"]
+    assert not list(out.glob("*.parquet"))
+
+
+def test_a_part_whose_workers_all_die_is_said_in_one_line(
+    primary: list[Path], tmp_path: Path
+) -> None:
+    """distributed's ``KilledWorker`` (a worker OOM-killed in every attempt): one line, exit 1."""
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec(primary)))
+    out = tmp_path / "out"
+    with subprocess_cluster(
+        tmp_path,
+        worker_env={"COLUMNHUB_TEST_PART_EXIT": "1"},
+        scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"},
+    ) as address:
+        run = subprocess.run(
+            [CLI, "deliver", str(spec_file), "-o", str(out), "--no-progress", "--no-cache",
+             "--scheduler", address],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("columnhub: error: the Dask workers running task 'part 0000")
+    assert "died one after another while running it (distributed gave up after 2)" in lines[0]
+    assert "lower output.target_part_bytes and chunk_size" in lines[0]
+    manifest = read_manifest(out)
+    assert manifest is not None and not manifest["complete"]
     assert not list(out.glob("*.parquet"))

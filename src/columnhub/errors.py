@@ -216,8 +216,16 @@ class OutputError(ColumnhubError, OSError):
     """The output cannot be written."""
 
 
-class ClusterLostError(ColumnhubError, ConnectionError):
+class ClusterError(ColumnhubError):
+    """The Dask cluster failed the request (no mistake in it: the CLI exits 1)."""
+
+
+class ClusterLostError(ClusterError, ConnectionError):
     """The connection to the Dask scheduler was lost mid-request (run the request again)."""
+
+
+class WorkersDiedError(ClusterError):
+    """A task's workers died while running it, one after another (most often: memory)."""
 
 
 class ServiceError(ColumnhubError):

@@ -3,7 +3,8 @@
 Errors are mapped to exit codes here and only here: user errors
 (:class:`~columnhub.errors.ColumnhubError`) print one clear message and exit 2;
 a service that cannot be reached (:class:`~columnhub.errors.ServiceUnavailableError`),
-or a Dask scheduler lost mid-request (:class:`~columnhub.errors.ClusterLostError`),
+or a Dask cluster that fails the request (:class:`~columnhub.errors.ClusterError`:
+the scheduler lost mid-request, a task's workers dying one after another),
 exits 1, as it is no mistake of the user's; an interrupt exits 130, and SIGTERM (a batch
 system or ``kill``) exits 143
 after the same clean-up as Ctrl-C (it is raised as :class:`Terminated`, a
@@ -27,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from columnhub.errors import ClusterLostError, ColumnhubError, ServiceUnavailableError
+from columnhub.errors import ClusterError, ColumnhubError, ServiceUnavailableError
 
 __all__ = ["Terminated", "main"]
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_unwinds():
             return int(args.func(args) or 0)
-    except (ServiceUnavailableError, ClusterLostError) as err:  # not the user's: try again
+    except (ServiceUnavailableError, ClusterError) as err:  # not the user's: try again
         print(f"columnhub: error: {err}", file=sys.stderr)
         return 1
     except ColumnhubError as err:

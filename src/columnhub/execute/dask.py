@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from columnhub import __version__
-from columnhub.errors import ClusterLostError, SpecError
+from columnhub.errors import ClusterLostError, SpecError, WorkersDiedError
 
 _log = logging.getLogger(__name__)
 
@@ -386,10 +386,35 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
         try:
             yield Executor(functools.partial(run_parts, client), client, ready=ready)
         except Exception as err:
-            lost = _lost_connection(client, err)
-            if lost is None:
+            failed = _lost_connection(client, err) or _workers_died(client, err)
+            if failed is None:
                 raise
-            raise lost from err
+            raise failed from err
+
+
+def _workers_died(client: Any, err: BaseException) -> WorkersDiedError | None:
+    """The user's error for distributed's ``KilledWorker`` (a task whose workers all died)."""
+    distributed = _distributed()
+    if not isinstance(err, distributed.scheduler.KilledWorker):
+        return None
+    key = str(getattr(err, "task", "") or "")
+    words = key.split("-")[2:-1] if key.startswith("columnhub-") else []
+    task = " ".join(words) or key or "a task"
+    limits: set[Any] = set()
+    with contextlib.suppress(Exception):
+        limits = {w.get("memory_limit") for w in client.scheduler_info()["workers"].values()}
+    limit = ""
+    if len(limits) == 1 and (only := next(iter(limits))):
+        limit = f" (their memory limit: {int(only) / 1e6:,.0f} MB)"
+    tries = getattr(err, "allowed_failures", None)
+    after = f" (distributed gave up after {tries + 1})" if isinstance(tries, int) else ""
+    msg = (
+        f"the Dask workers running task {task!r} died one after another while running "
+        f"it{after}: most often a worker out of "
+        f"memory{limit}; give the workers more memory, or lower output.target_part_bytes "
+        "and chunk_size, and see the workers' logs (\"exceeded ... memory budget\")"
+    )
+    return WorkersDiedError(msg)
 
 
 class _ConnectionNoise(logging.Filter):

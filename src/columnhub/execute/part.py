@@ -39,6 +39,8 @@ __all__ = [
 #: test hook: seconds each part task sleeps before it starts (tests kill a
 #: worker while its task runs); never set it outside tests
 _SLEEP_ENV = "COLUMNHUB_TEST_PART_SLEEP"
+#: set (in a test's Dask worker only): every part task ends its process, as an OOM kill would
+_EXIT_ENV = "COLUMNHUB_TEST_PART_EXIT"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ def run_part(
     delay = os.environ.get(_SLEEP_ENV)
     if delay:
         time.sleep(float(delay))
+    if os.environ.get(_EXIT_ENV):  # a test's worker that dies inside every part task
+        os._exit(70)
     directory = Path(staging)
     writer: Any = None
     records: list[dict[str, Any]] = []
