@@ -980,3 +980,50 @@ def test_a_part_whose_workers_all_die_is_said_in_one_line(
     manifest = read_manifest(out)
     assert manifest is not None and not manifest["complete"]
     assert not list(out.glob("*.parquet"))
+
+
+def _set_paused(paused: bool, dask_worker: Any = None) -> None:
+    """On a worker: a pause threshold below its memory (distributed pauses it), or the default."""
+    dask_worker.memory_manager.memory_pause_fraction = 1e-6 if paused else 0.8
+
+
+def test_a_paused_worker_is_said_while_the_request_waits_for_it(
+    primary: list[Path], tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when its memory passes the pause threshold: a warning, then the work once it resumes."""
+    import threading
+
+    from columnhub.execute import dask as executor
+
+    monkeypatch.setattr(executor, "_WATCH_S", 0.2)
+    outcome: dict[str, Any] = {}
+    client.run(_set_paused, True)
+    try:
+
+        def run() -> None:
+            try:
+                outcome["result"] = columnhub.deliver(
+                    spec(primary), output=tmp_path / "out", scheduler=client, cache=False
+                )
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = err
+
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            thread = threading.Thread(target=run)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while not any("is paused" in str(w.message) for w in seen):
+                assert time.monotonic() < deadline, [str(w.message) for w in seen]
+                time.sleep(0.1)
+            assert thread.is_alive()  # waiting for the paused workers
+            client.run(_set_paused, False)
+            thread.join(120)
+            assert not thread.is_alive()
+    finally:
+        client.run(_set_paused, False)
+    assert "error" not in outcome, outcome.get("error")
+    paused = [str(w.message) for w in seen if "is paused" in str(w.message)]
+    assert len(paused) == len(set(paused)) <= 2  # once a worker
+    assert "give the workers more memory, or lower output.target_part_bytes" in paused[0]
+    assert delivered_rows(outcome["result"]) == uproot_rows(primary)

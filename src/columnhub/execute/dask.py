@@ -382,7 +382,7 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
         yield Executor(functools.partial(local, workers=workers))
         return
     ready = scheduler.scheduler_version if isinstance(scheduler, Early) else None
-    with _client(scheduler, workers=workers) as client:
+    with _client(scheduler, workers=workers) as client, _watch_paused(client):
         try:
             yield Executor(functools.partial(run_parts, client), client, ready=ready)
         except Exception as err:
@@ -390,6 +390,52 @@ def executor_for(scheduler: Any, *, workers: int) -> Iterator[Executor]:
             if failed is None:
                 raise
             raise failed from err
+
+
+#: seconds between two looks at the workers' state while a request runs on a cluster
+_WATCH_S = 10.0
+
+
+@contextlib.contextmanager
+def _watch_paused(client: Any) -> Iterator[None]:
+    """Warn (once a worker) while a request runs when the scheduler says a worker is paused.
+
+    distributed pauses a worker whose memory passes its pause threshold (80%
+    of its limit by default): it runs no task until memory is freed, and a
+    request whose tasks wait there waited without a word.
+    """
+    import threading
+    import warnings
+
+    stop = threading.Event()
+    said: set[str] = set()
+
+    def watch() -> None:
+        while not stop.wait(_WATCH_S):
+            with contextlib.suppress(Exception):  # only a hint: the request goes on regardless
+                for address, info in client.scheduler_info()["workers"].items():
+                    if info.get("status") != "paused" or address in said:
+                        continue
+                    said.add(address)
+                    memory = (info.get("metrics") or {}).get("memory")
+                    limit = info.get("memory_limit")
+                    where = ""
+                    if memory and limit:
+                        where = f" (its memory: {memory / 1e6:,.0f} MB of a {limit / 1e6:,.0f} MB limit)"
+                    warnings.warn(
+                        f"Dask worker {address} is paused{where}: distributed runs no task "
+                        "there until its memory is freed, and the request waits for it; give "
+                        "the workers more memory, or lower output.target_part_bytes and "
+                        "chunk_size",
+                        RuntimeWarning, stacklevel=1,
+                    )
+
+    thread = threading.Thread(target=watch, name="columnhub-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _workers_died(client: Any, err: BaseException) -> WorkersDiedError | None:
