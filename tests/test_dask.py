@@ -78,6 +78,13 @@ def spec(files: list[Path], **extra: Any) -> dict[str, Any]:
     }
 
 
+def spec_yaml(directory: Path, files: list[Path]) -> Path:
+    """:func:`spec` of ``files`` written to ``directory/spec.yaml`` (for the command line)."""
+    path = directory / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec(files)))
+    return path
+
+
 def uproot_rows(files: list[Path]) -> list[tuple[Any, ...]]:
     arrays = ak.concatenate(
         [uproot.open(f)["Events"].arrays([*KEYS, *COLUMNS], cut=WHERE) for f in files]
@@ -819,8 +826,7 @@ def test_a_scheduler_without_columnhub_is_a_user_error_before_any_task(
 ) -> None:
     """The scheduler unpickles the tasks: without columnhub, exit 2 and what to install."""
     with subprocess_cluster(tmp_path, scheduler_path=without_columnhub) as address:
-        spec_file = tmp_path / "spec.yaml"
-        spec_file.write_text(yaml.safe_dump(spec(primary)))
+        spec_file = spec_yaml(tmp_path, primary)
         run = subprocess.run(
             [CLI, "deliver", str(spec_file), "-o", str(tmp_path / "out"), "--no-progress",
              "--no-cache", "--scheduler", address],
@@ -921,8 +927,7 @@ def test_a_scheduler_lost_mid_request_is_said_in_one_line_and_nothing_published(
     primary: list[Path], tmp_path: Path
 ) -> None:
     """Not the user's mistake (exit 1), no traceback, no part published, the manifest says so."""
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec(primary)))
+    spec_file = spec_yaml(tmp_path, primary)
     out = tmp_path / "out"
     procs: list[subprocess.Popen[bytes]] = []
     with subprocess_cluster(
@@ -957,8 +962,7 @@ def test_a_part_whose_workers_all_die_is_said_in_one_line(
     primary: list[Path], tmp_path: Path
 ) -> None:
     """distributed's ``KilledWorker`` (a worker OOM-killed in every attempt): one line, exit 1."""
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec(primary)))
+    spec_file = spec_yaml(tmp_path, primary)
     out = tmp_path / "out"
     with subprocess_cluster(
         tmp_path,
