@@ -185,7 +185,7 @@ def test_a_request_does_not_wait_for_a_worker_busy_with_another_users_task(
     exchange's tasks are spread over the free workers only: the other worker
     does the whole request meanwhile (before, 120 s: the held task's time).
     """
-    busy = sorted(client.nthreads())[0]
+    busy = min(client.nthreads())
     event = f"columnhub-test-hold-{os.getpid()}-{tmp_path.name}"
     held = client.submit(_hold, event, 120.0, workers=[busy], pure=False)
     try:
@@ -947,13 +947,15 @@ def test_a_scheduler_lost_mid_request_is_said_in_one_line_and_nothing_published(
         _, stderr = cli.communicate(timeout=120)
     assert cli.returncode == 1, stderr
     assert "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines() == [
+    expected = (
         f"columnhub: error: lost the connection to the Dask scheduler at {address} "
         "mid-request (FutureCancelledError): nothing was published; once the scheduler is "
         "back, run the request again (what the workers stored in the column cache is reused)"
-    ]
+    )
+    assert stderr.strip().splitlines() == [expected]
     manifest = read_manifest(out)
-    assert manifest is not None and not manifest["complete"]
+    assert manifest is not None
+    assert not manifest["complete"]
     assert "lost the connection to the Dask scheduler" in manifest["error"]
     assert not list(out.glob("*.parquet"))
 
@@ -982,7 +984,8 @@ def test_a_part_whose_workers_all_die_is_said_in_one_line(
     assert "died one after another while running it (distributed gave up after 2)" in lines[0]
     assert "lower output.target_part_bytes and chunk_size" in lines[0]
     manifest = read_manifest(out)
-    assert manifest is not None and not manifest["complete"]
+    assert manifest is not None
+    assert not manifest["complete"]
     assert not list(out.glob("*.parquet"))
 
 

@@ -150,7 +150,11 @@ class Executor:
     def check_shared(
         self, staging: Path, cache: ColumnCache | None, inputs: Sequence[str] = ()
     ) -> None:
-        """Raise :class:`SpecError` unless every worker sees these paths as this process does.
+        """Raise :class:`SpecError` unless the scheduler and every worker can run the request.
+
+        They must run this columnhub version (:meth:`_check_scheduler`, and
+        each worker's answer below), and every worker must see these paths
+        as this process does.
 
         On a cluster, tasks read the inputs, write the parts into ``staging``
         and pass the exchange's columns through the column cache: a worker
@@ -255,7 +259,6 @@ class Executor:
                 )
                 raise SpecError(msg)
 
-
     def _address(self) -> str:
         """The scheduler's address, as the client knows it."""
         return str(getattr(getattr(self.client, "scheduler", None), "address", None) or "?")
@@ -308,7 +311,7 @@ def _ready() -> str:
     import columnhub.execute.part
     import columnhub.join.exchange
     import columnhub.join.provider
-    import columnhub.plan  # noqa: F401
+    import columnhub.plan
 
     return columnhub.__version__
 
