@@ -18,6 +18,8 @@ import functools
 import logging
 import os
 import secrets
+import threading
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,8 +183,6 @@ class Executor:
         self._check_scheduler()
         workers = sorted(self.client.nthreads())
         if not workers:  # an adaptive cluster with none yet: its workers are not known
-            import warnings
-
             warnings.warn(
                 f"no Dask worker has joined the cluster at {self._address()} yet: the "
                 "request's tasks wait for the first one (an adaptive or batch-queue cluster "
@@ -261,7 +261,7 @@ class Executor:
 
     def _address(self) -> str:
         """The scheduler's address, as the client knows it."""
-        return str(getattr(getattr(self.client, "scheduler", None), "address", None) or "?")
+        return _scheduler_address(self.client)
 
     def _name(self, worker: str) -> str:
         """``'name' (address)`` of a worker, when the scheduler gives it a name of its own."""
@@ -407,9 +407,6 @@ def _watch_paused(client: Any) -> Iterator[None]:
     of its limit by default): it runs no task until memory is freed, and a
     request whose tasks wait there waited without a word.
     """
-    import threading
-    import warnings
-
     stop = threading.Event()
     said: set[str] = set()
 
@@ -439,6 +436,11 @@ def _watch_paused(client: Any) -> Iterator[None]:
         yield
     finally:
         stop.set()
+
+
+def _scheduler_address(client: Any) -> str:
+    """The address of ``client``'s scheduler, as the client knows it (``?``: unknown)."""
+    return str(getattr(getattr(client, "scheduler", None), "address", None) or "?")
 
 
 def _workers_died(client: Any, err: BaseException) -> WorkersDiedError | None:
@@ -500,7 +502,7 @@ def _lost_connection(client: Any, err: BaseException) -> ClusterLostError | None
     )
     if not (cancelled or closed):
         return None
-    address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
+    address = _scheduler_address(client)
     msg = (
         f"lost the connection to the Dask scheduler at {address} mid-request ({type(err).__name__}): "
         "nothing was published; once the scheduler is back, run the request again (what the "
@@ -550,8 +552,6 @@ class Early:
     """
 
     def __init__(self, scheduler: str, *, key: str, joins: bool) -> None:
-        import threading
-
         self._scheduler = scheduler
         self._key = key
         self._joins = joins
@@ -579,8 +579,6 @@ class Early:
             self._asked.set()
             client.close()
             return
-        import threading
-
         # the scheduler's imports (and whether it can load columnhub at all) while planning
         threading.Thread(
             target=self._ask, args=(client,), name="columnhub-ask-scheduler", daemon=True
@@ -816,8 +814,6 @@ def connect(scheduler: str) -> Any:
             answers there within ``$COLUMNHUB_SCHEDULER_TIMEOUT`` (default
             30s; the message names the address and the fixes).
     """
-    import threading
-
     from dask.utils import parse_timedelta
 
     distributed = _distributed()
