@@ -1,4 +1,4 @@
-"""glibc's allocator kept from unmapping freed buffers in ``columnhub deliver``."""
+"""glibc's allocator kept from unmapping freed buffers in ``columnhub deliver``, in one arena."""
 
 from __future__ import annotations
 
@@ -42,11 +42,13 @@ print(faults() - before)
 _ROUND = 8 * (8 << 20)  # bytes allocated per round
 
 
-def _child(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
+def _child(
+    mode: str, env: dict[str, str] | None = None, *, script: str = _CHILD
+) -> tuple[str, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     clean.pop("GLIBC_TUNABLES", None)
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode],
+        [sys.executable, "-c", script, mode],
         capture_output=True,
         text=True,
         check=True,
@@ -66,6 +68,55 @@ def test_freed_buffers_are_reused_without_new_page_faults() -> None:
     assert plain >= 2 * pages
     # kept in the heap: the rounds reuse the same pages
     assert tuned < pages // 4
+
+
+# thread A allocates and frees a chunk's buffers and stays alive (as a pool's
+# thread does); then thread B, another thread, takes the next chunk
+_THREADS = """
+import resource, sys, threading
+import numpy as np
+if sys.argv[1] == "tuned":
+    from columnhub._malloc import keep_freed_memory
+    print(keep_freed_memory())
+else:
+    print(None)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def chunk():
+    held = [np.ones(8 << 20, np.uint8) for _ in range(8)]
+    del held
+ready, finish = threading.Event(), threading.Event()
+def a():
+    chunk()
+    chunk()
+    ready.set()
+    finish.wait()
+ta = threading.Thread(target=a)
+ta.start()
+ready.wait()
+before = faults()
+tb = threading.Thread(target=chunk)
+tb.start()
+tb.join()
+print(faults() - before)
+finish.set()
+ta.join()
+"""
+
+
+@glibc
+def test_memory_one_thread_freed_is_reused_by_another_thread() -> None:
+    """One arena: a pool's next thread takes over the buffers the last one freed."""
+    pages = _ROUND // os.sysconf("SC_PAGE_SIZE")
+    told, tuned = _child("tuned", script=_THREADS)
+    assert told == "True"
+    # the thresholds alone (glibc reads them from the environment): B allocates in
+    # an arena of its own, from fresh pages, while A's arena keeps the freed ones
+    thresholds = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    _, apart = _child("plain", thresholds, script=_THREADS)
+    assert apart >= pages // 8
+    # one arena: B reuses the pages A freed
+    assert tuned < pages // 64
 
 
 @glibc
