@@ -15,10 +15,10 @@ glibc = pytest.mark.skipif(
     reason="mallopt thresholds are glibc's",
 )
 
-# a child allocates eight 8 MiB buffers and frees them, again and again, as a
-# delivery does chunk after chunk, and reports the page faults of the repeats
-_CHILD = """
-import resource, sys
+# a child tunes its allocator ("tuned") or not, and says so; chunk() allocates
+# eight 8 MiB buffers and frees them, as a delivery does for each chunk
+_PRELUDE = """
+import resource, sys, threading
 import numpy as np
 if sys.argv[1] == "tuned":
     from columnhub._malloc import keep_freed_memory
@@ -30,6 +30,10 @@ def faults():
 def chunk():
     held = [np.ones(8 << 20, np.uint8) for _ in range(8)]
     del held
+"""
+
+# chunk after chunk on one thread: the page faults of the repeats
+_CHILD = _PRELUDE + """
 chunk()
 chunk()  # the first rounds fault in either case
 before = faults()
@@ -72,19 +76,7 @@ def test_freed_buffers_are_reused_without_new_page_faults() -> None:
 
 # thread A allocates and frees a chunk's buffers and stays alive (as a pool's
 # thread does); then thread B, another thread, takes the next chunk
-_THREADS = """
-import resource, sys, threading
-import numpy as np
-if sys.argv[1] == "tuned":
-    from columnhub._malloc import keep_freed_memory
-    print(keep_freed_memory())
-else:
-    print(None)
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-def chunk():
-    held = [np.ones(8 << 20, np.uint8) for _ in range(8)]
-    del held
+_THREADS = _PRELUDE + """
 ready, finish = threading.Event(), threading.Event()
 def a():
     chunk()
