@@ -324,8 +324,8 @@ def _ask_scheduler(client: Any) -> str:
 def _cannot_import_columnhub(answer: object) -> bool:
     """Whether a worker's failed answer says that columnhub cannot be imported there."""
     text = str(answer)
-    return "columnhub" in text and ("ImportError" in text or "ModuleNotFoundError" in text or
-                                    isinstance(answer, ImportError))
+    failed = isinstance(answer, ImportError) or "ImportError" in text or "ModuleNotFoundError" in text
+    return failed and "columnhub" in text
 
 
 def _version() -> str:
