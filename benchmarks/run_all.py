@@ -307,7 +307,8 @@ TARGETS: dict[str, list[Target]] = {
         ),
         Target(
             "Dask 2 vs 1: the most it can reach here (the one-worker run with its client's"
-            " serial share kept and the worker's busy time divided by the machine ceiling)",
+            " serial share kept, the worker's busy time divided by the machine ceiling, its idle"
+            " gaps between tasks halved)",
             "info",
             0.0,
             ("dask2_vs_dask1_bound",),

@@ -208,3 +208,32 @@ def test_the_recorded_scale_out_section_shows_each_recorded_figure(tmp_path: Pat
     for run in doc["runs"]:
         assert f"`{run['commit']}` | {run['figures']['dask2_vs_dask1']:.2f}x |" in text
     assert bench_scaleout.recorded_section(tmp_path / "none.json") == []  # nothing recorded: no section
+
+
+@given(
+    one_s=st.floats(1.0, 100.0),
+    serial=st.floats(0.0, 0.5),
+    idle=st.floats(0.0, 0.3),
+    ceiling=st.floats(1.05, 2.0),
+)
+def test_the_scale_out_bound_is_what_a_perfect_two_worker_run_would_take(
+    one_s: float, serial: float, idle: float, ceiling: float
+) -> None:
+    """The 2-vs-1 bound against a run worked out second by second, and the serial share it allows."""
+    import bench_scaleout
+
+    first, after = serial * one_s * 0.8, serial * one_s * 0.2
+    gaps = idle * (one_s - first - after)
+    busy = one_s - first - after - gaps
+    stream = {"first_task_s": first, "after_last_task_s": after, "some_worker_busy_s": busy}
+    # two workers at best: the client alone as before, each worker half the busy seconds at
+    # the machine's pace (2/ceiling slower than alone), and half the idle gaps
+    perfect = first + after + (busy / 2) * (2 / ceiling) + gaps / 2
+    assert bench_scaleout.amdahl_bound(one_s, stream, ceiling) == pytest.approx(one_s / perfect)
+    assert bench_scaleout.amdahl_bound(one_s, stream, ceiling) <= 2 * (1 + 1e-9)  # never past 2 workers
+    # the largest serial share that still reaches a target: exactly it, with nothing idle
+    target = 1 + (ceiling - 1) * 0.9
+    s = bench_scaleout.serial_share_for(target, ceiling)
+    plain = {"first_task_s": s * one_s, "after_last_task_s": 0.0, "some_worker_busy_s": (1 - s) * one_s}
+    assert bench_scaleout.amdahl_bound(one_s, plain, ceiling) == pytest.approx(target)
+    assert bench_scaleout.serial_share_for(ceiling * 1.01, ceiling) == 0.0  # past the ceiling: none
