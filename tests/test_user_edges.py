@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import awkward as ak
@@ -661,7 +663,8 @@ def test_stall_in_the_middle_of_a_read_is_named(shared_data: Path, http_server) 
         expected = tree["MET_pt"].array(library="np")
     assert baskets[0] < baskets[1]
     with _Serving(path.read_bytes(), mode="stall", stall_range=baskets) as server:
-        # 3 s: the metadata reads must fit in it on a loaded machine (1 s did not always)
+        # 3 s of waiting on the server; decoding the metadata's ~1500 branches (seconds of CPU
+        # on a loaded machine) does not count against it
         request = {"dataset": {"name": "d", "files": [server.url(SAMPLE)], "timeout": 3}, "columns": ["Jet_pt"]}
         make_plan(Request.from_dict(request))  # the metadata is served: planning works
         with pytest.raises(SourceTimeoutError, match="stopped answering|did not answer") as err:
@@ -674,6 +677,62 @@ def test_stall_in_the_middle_of_a_read_is_named(shared_data: Path, http_server) 
     got = columnhub.arrays({"dataset": {"name": "d", "files": [http_server.put(path, name="ok.root")]},
                             "columns": ["MET_pt"]})
     np.testing.assert_array_equal(ak.to_numpy(got.MET_pt), expected)
+
+
+def _burn_cpu(seconds: float) -> None:
+    """Run on the CPU until this thread has used ``seconds`` of it."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        sum(range(1000))
+
+
+def test_storage_timeout_counts_waiting_not_working() -> None:
+    """A loaded machine decoding a large tree's metadata is not a storage that stopped answering.
+
+    Reference: the wall clock. Each call below runs longer than its limit; only
+    the one whose waits add up past the limit is a timeout.
+    """
+    from columnhub.errors import SourceTimeoutError
+    from columnhub.sources._timeout import call_with_timeout
+
+    def work_with_short_waits() -> str:
+        for _ in range(4):  # 2 s of CPU and 0.2 s of waiting against a 1 s limit
+            _burn_cpu(0.5)
+            time.sleep(0.05)
+        return "decoded"
+
+    start = time.monotonic()
+    assert call_with_timeout(work_with_short_waits, seconds=1.0, what="storage") == "decoded"
+    assert time.monotonic() - start > 1.0  # a wall-clock limit would have given up
+
+    def wait_in_pieces() -> str:
+        for _ in range(6):  # 1.8 s of waiting, with work between the waits
+            time.sleep(0.3)
+            _burn_cpu(0.05)
+        return "never"
+
+    with pytest.raises(SourceTimeoutError, match=r"storage for x did not answer within 1 s"):
+        call_with_timeout(wait_in_pieces, seconds=1.0, what="storage for x")
+
+    stop = threading.Event()
+
+    def spin() -> None:  # a client that polls without ever sleeping: the wall-clock limit
+        while not stop.is_set():
+            pass
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(SourceTimeoutError, match="did not answer within 0.2 s"):
+            call_with_timeout(spin, seconds=0.2, what="storage")
+    finally:
+        stop.set()
+    assert time.monotonic() - start >= 10 * 0.2
+
+    def fails() -> None:
+        raise KeyError("inner")
+
+    with pytest.raises(KeyError, match="inner"):  # the call's own error, unchanged
+        call_with_timeout(fails, seconds=1.0, what="storage")
 
 
 def test_branch_uproot_cannot_interpret_is_named(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""A hard wall-clock limit for calls into remote storage."""
+"""A limit on how long a call into remote storage may wait for it."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -12,16 +13,26 @@ __all__ = ["call_with_timeout"]
 
 T = TypeVar("T")
 
+_TICK = 0.05  # seconds between looks at what the calling thread is doing
+_HARD_LIMIT = 10  # times ``seconds``: the wall-clock limit, whatever the thread does
+
 
 def call_with_timeout(
     fn: Callable[[], T], *, seconds: float, what: str, url: str | None = None
 ) -> T:
-    """Run ``fn`` and give up after ``seconds`` with :class:`SourceTimeoutError`.
+    """Run ``fn`` and give up once it has waited ``seconds`` with :class:`SourceTimeoutError`.
 
     The call runs in a daemon thread, so a transfer that never returns cannot
-    hang the request nor the interpreter's exit. With ``url``, a server that
-    refuses connections (which some clients retry until the time is up) is a
-    :class:`SourceConnectionError` instead.
+    hang the request nor the interpreter's exit. The limit is on waiting, not
+    on working: time during which that thread runs, or is ready to run and
+    waits for a core, does not count (decoding the metadata of a tree with
+    thousands of branches takes seconds of CPU on a loaded machine, and is not
+    a storage that stopped answering). Whatever the thread does, it gives up
+    after ``10 * seconds`` of wall time (a client that spins instead of
+    waiting). Where the operating system does not tell a thread's state (no
+    ``/proc``), it is a plain wall-clock limit. With
+    ``url``, a server that refuses connections (which some clients retry until
+    the time is up) is a :class:`SourceConnectionError` instead.
     """
     box: dict[str, object] = {}
 
@@ -33,21 +44,50 @@ def call_with_timeout(
 
     thread = threading.Thread(target=target, daemon=True, name="columnhub-remote")
     thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        from columnhub.sources._errors import refuses_connections
-
-        if url is not None and refuses_connections(url):
-            msg = (
-                f"{what}: the server refused the connection; check the host name and port, "
-                "that the server is running, and that this machine may reach it"
-            )
-            raise SourceConnectionError(msg)
-        msg = (
-            f"{what} did not answer within {seconds:g} s; check that the server is up "
-            "and reachable, or raise the dataset's 'timeout'"
-        )
-        raise SourceTimeoutError(msg)
+    state = f"/proc/self/task/{thread.native_id}/stat"
+    waited = 0.0
+    last = start = time.monotonic()
+    while True:
+        thread.join(min(_TICK, max(seconds - waited, 0.001)))
+        if not thread.is_alive():
+            break
+        now = time.monotonic()
+        if not _running(state):
+            waited += now - last
+        last = now
+        if waited >= seconds or now - start >= _HARD_LIMIT * seconds:
+            _give_up(what=what, seconds=seconds, url=url)
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
+
+
+def _running(stat_path: str) -> bool:
+    """Whether the thread is running or ready to run (Linux's state ``R``).
+
+    ``False`` where it sleeps or waits for a transfer, and where the system
+    has no such file (then every second counts, as a wall clock).
+    """
+    try:
+        with open(stat_path, "rb") as file:
+            stat = file.read()
+    except OSError:
+        return False
+    # "tid (name) S ...": the name may hold spaces and parentheses, the state follows the last ")"
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"R"
+
+
+def _give_up(*, what: str, seconds: float, url: str | None) -> None:
+    from columnhub.sources._errors import refuses_connections
+
+    if url is not None and refuses_connections(url):
+        msg = (
+            f"{what}: the server refused the connection; check the host name and port, "
+            "that the server is running, and that this machine may reach it"
+        )
+        raise SourceConnectionError(msg)
+    msg = (
+        f"{what} did not answer within {seconds:g} s; check that the server is up "
+        "and reachable, or raise the dataset's 'timeout'"
+    )
+    raise SourceTimeoutError(msg)
