@@ -722,14 +722,15 @@ def test_storage_timeout_counts_waiting_not_working() -> None:
 
     start = time.monotonic()
     try:
-        with pytest.raises(SourceTimeoutError, match="did not answer within 0.2 s"):
+        with pytest.raises(SourceTimeoutError, match=r"did not answer within 0\.2 s"):
             call_with_timeout(spin, seconds=0.2, what="storage")
     finally:
         stop.set()
     assert time.monotonic() - start >= 10 * 0.2
 
     def fails() -> None:
-        raise KeyError("inner")
+        msg = "inner"
+        raise KeyError(msg)
 
     with pytest.raises(KeyError, match="inner"):  # the call's own error, unchanged
         call_with_timeout(fails, seconds=1.0, what="storage")
