@@ -711,6 +711,51 @@ def test_stopping_a_runner_hands_its_job_back_to_the_queue(
     db.close()
 
 
+def test_a_job_waiting_on_storage_stops_at_once_when_cancelled_or_shut_down(
+    files: list[Path], tmp_path: Path, hanging_server: Any
+) -> None:
+    """A cancel, or a shutdown, ends a wait on storage that never answers: not its timeout."""
+    state = tmp_path / "state"
+    db = Database(f"sqlite:///{state / 'columnhub.db'}")
+    timeout = 600  # the storage timeout: far longer than any wait below
+
+    def stuck(name: str) -> Request:
+        return Request.from_dict({
+            "dataset": {"name": "stuck", "files": [hanging_server.url(name)], "timeout": timeout},
+            "columns": ["MET_pt"],
+        })
+
+    def remote() -> set[threading.Thread]:  # the threads of waits on storage (left behind)
+        return {t for t in threading.enumerate() if t.name == "columnhub-remote"}
+
+    def waiting_on_storage(before: set[threading.Thread]) -> Callable[[], bool]:
+        return lambda: bool(remote() - before)
+
+    runner = Runner(db, Config(state, lease_s=3))
+    runner.start()
+    try:
+        before = remote()
+        cancelled = submit(db, stuck("a.root"))
+        wait_for(waiting_on_storage(before), "the job waiting on the storage")
+        db.cancel(cancelled.id, "alice")
+        after = submit(db, request(files, ["MET_pt"]))
+        # the one runner is free again: the job behind the cancelled one completes
+        wait_for(lambda: db.get(after.id).status == "complete", "the next job run", timeout=60)
+        assert db.job(cancelled.samples[""].id).state == "cancelled"
+        assert not (state / "results" / cancelled.samples[""].id).exists()
+        check_result(state / "results" / after.samples[""].id, files, ["MET_pt"], None)
+
+        before = remote()
+        handed = submit(db, stuck("b.root"))
+        wait_for(waiting_on_storage(before), "the next job waiting on the storage")
+    finally:
+        runner.stop(timeout=60)
+    assert not [t for t in threading.enumerate() if t.name.startswith("columnhub-runner")]
+    job = db.job(handed.samples[""].id)
+    assert (job.state, job.claimed_by) == ("queued", None)  # handed back for the next runner
+    db.close()
+
+
 def _task_keys(dask_scheduler: Any) -> list[str]:
     """Every task key the scheduler has seen (run on the scheduler)."""
     return sorted({str(entry[0]) for entry in dask_scheduler.transition_log})

@@ -736,6 +736,34 @@ def test_storage_timeout_counts_waiting_not_working() -> None:
         call_with_timeout(fails, seconds=1.0, what="storage")
 
 
+def test_a_wait_on_storage_in_a_pool_thread_ends_with_its_job() -> None:
+    """``abandon_waits`` holds in the local executor's threads too (a service job's parts)."""
+    from columnhub.execute.local import run_ordered
+    from columnhub.sources._timeout import abandon_waits, call_with_timeout
+
+    class Stopped(BaseException):
+        pass
+
+    stop = threading.Event()
+    release = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise Stopped
+
+    def task(_: int) -> None:
+        stop.set()  # the job is cancelled while this task waits for storage that never answers
+        call_with_timeout(lambda: release.wait(30), seconds=5, what="storage")
+
+    try:
+        # without the context in the pool's threads this is a SourceTimeoutError after 5 s
+        with abandon_waits(check), pytest.raises(Stopped):
+            list(run_ordered(task, [0, 1], workers=2))
+    finally:
+        release.set()
+    assert call_with_timeout(lambda: "outside", seconds=1, what="storage") == "outside"
+
+
 def test_branch_uproot_cannot_interpret_is_named(tmp_path: Path) -> None:
     from columnhub.errors import UnreadableBranchError
 

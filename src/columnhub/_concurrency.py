@@ -12,12 +12,15 @@ process never runs several pools of CPU-count threads each. The setting:
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from columnhub.errors import SpecError
 
-__all__ = ["THREADS_ENV", "threads"]
+__all__ = ["THREADS_ENV", "in_context", "threads"]
 
 #: the environment variable that sets :func:`threads`
 THREADS_ENV = "COLUMNHUB_THREADS"
@@ -62,3 +65,27 @@ def _dask_worker_threads() -> int | None:
         return max(1, int(get_worker().state.nthreads))
     except (ValueError, AttributeError):  # not inside a worker (a client process)
         return None
+
+
+def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run in a copy of the calling thread's context variables, for a pool's thread.
+
+    A pool's threads do not inherit them; what columnhub keeps there (a
+    service job's :func:`columnhub.sources._timeout.abandon_waits`) should
+    hold for the work the job hands to its pools.
+    """
+    return _Bound(fn)
+
+
+class _Bound:
+    """A callable with the context it was made in (picklable only without it: local use)."""
+
+    __slots__ = ("context", "fn")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.context = contextvars.copy_context()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # one context may be entered by one thread at a time: each call runs in its own copy
+        return self.context.copy().run(self.fn, *args, **kwargs)

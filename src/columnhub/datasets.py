@@ -147,7 +147,7 @@ def resolve(spec: DatasetSpec, *, cache: ColumnCache | None = None) -> ResolvedD
     (``columnhub.sources.describe``).
     """
     paths = _expand(spec)
-    from columnhub._concurrency import threads
+    from columnhub._concurrency import in_context, threads
     from columnhub.sources import describe
 
     workers = min(threads(), len(paths))
@@ -156,7 +156,7 @@ def resolve(spec: DatasetSpec, *, cache: ColumnCache | None = None) -> ResolvedD
     else:
         with ThreadPoolExecutor(workers) as pool:
             described = list(
-                pool.map(lambda pf: describe(pf[0], pf[1], spec, cache=cache), paths)
+                pool.map(in_context(lambda pf: describe(pf[0], pf[1], spec, cache=cache)), paths)
             )
     files = tuple(info for info, _ in described)
     first = described[0][1]

@@ -35,8 +35,11 @@ def run_ordered(fn: Callable[[T], R], tasks: Iterable[T], *, workers: int = 1) -
     failure is raised as soon as its result is due; queued tasks are then
     cancelled.
     """
+    from columnhub._concurrency import in_context
+
     items = iter(tasks)
     workers = max(1, workers)
+    fn = in_context(fn)
     pending: deque[Future[R]] = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="columnhub-chunk") as pool:
         try:
@@ -67,6 +70,7 @@ def run_parts(
     The first failure is raised as soon as it is seen; tasks not started yet
     are cancelled, and the ones running are waited for.
     """
+    from columnhub._concurrency import in_context
     from columnhub.execute.part import run_part
 
     if not parts:
@@ -79,7 +83,7 @@ def run_parts(
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="columnhub-part") as pool:
         pending: set[Future[Any]] = {
             pool.submit(
-                run_part, plan, parts[k], staging, cache,
+                in_context(run_part), plan, parts[k], staging, cache,
                 schema=schema, exchanged=exchanged, fresh=fresh,
             )
             for k in order

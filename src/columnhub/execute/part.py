@@ -245,6 +245,9 @@ def _results(
         yield tail
         return
 
+    from columnhub._concurrency import in_context
+
+    @in_context
     def one(chunk: Chunk) -> ChunkResult:
         return run_chunk(
             plan, chunk, cache=cache, exchanged=exchanged, fresh=fresh.get(chunk.index, ())

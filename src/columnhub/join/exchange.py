@@ -549,7 +549,9 @@ class HeldColumns:
             self._makers = ThreadPoolExecutor(
                 max(1, workers), thread_name_prefix="columnhub-exchange"
             )
-        future = self._makers.submit(make)
+        from columnhub._concurrency import in_context
+
+        future = self._makers.submit(in_context(make))
         for key in keys:
             self._pending[key] = future
 

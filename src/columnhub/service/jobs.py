@@ -62,8 +62,15 @@ class RunnerConfig(Protocol):
     lease_s: float
 
 
-class JobStopped(Exception):
-    """Raised by the progress callback to stop a delivery: cancelled, lease lost, or shutdown."""
+class JobStopped(BaseException):
+    """Raised to stop a delivery: cancelled, lease lost, or shutdown.
+
+    By the progress callback, and by a wait on storage (``abandon_waits``). A
+    ``BaseException``, like ``KeyboardInterrupt``: a stop, not an error, so the
+    ``except Exception`` that turns a storage failure into a named error (or a
+    missing stamp into none) lets it through, and cleanup on ``BaseException``
+    runs.
+    """
 
     def __init__(self, job_id: str, reason: str) -> None:
         self.job_id = job_id
@@ -158,6 +165,7 @@ class Runner:
 
     def _run(self, job: JobRow, claim: str) -> None:
         from columnhub.delivery import deliver
+        from columnhub.sources._timeout import abandon_waits
         from columnhub.spec import Request
 
         output = Path(job.output_dir) if job.output_dir else self.results / job.id
@@ -167,14 +175,16 @@ class Runner:
         log.info("columnhub runner %s: job %s (attempt %d)", claim, job.id, job.attempts)
         try:
             self._check_inputs(job)
-            result = deliver(
-                Request.from_dict(job.spec),
-                output=output,
-                cache=self._cache(),
-                scheduler=self._scheduler(),
-                workers=self.config.workers,
-                progress=tracker,
-            )
+            # a wait on storage ends as soon as the job is cancelled or the service stops
+            with abandon_waits(tracker.check):
+                result = deliver(
+                    Request.from_dict(job.spec),
+                    output=output,
+                    cache=self._cache(),
+                    scheduler=self._scheduler(),
+                    workers=self.config.workers,
+                    progress=tracker,
+                )
         except JobStopped as stopped:
             self._stopped(job, claim, output, stopped.reason)
             return
@@ -378,6 +388,10 @@ class _Tracker:
             self.values["rate_events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else 0.0
         if time.monotonic() - self.written >= _MIN_WRITE_S or done >= total:
             self.beat()
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`JobStopped` once the job is cancelled, lost, or the runner stops."""
         if self.stopping.is_set() and self.reason is None:
             self.reason = "shutdown"
             self.stop.set()

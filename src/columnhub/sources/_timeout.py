@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from columnhub.errors import SourceConnectionError, SourceTimeoutError
 
-__all__ = ["call_with_timeout"]
+__all__ = ["abandon_waits", "call_with_timeout"]
 
 T = TypeVar("T")
 
 _TICK = 0.05  # seconds between looks at what the calling thread is doing
 _HARD_LIMIT = 10  # times ``seconds``: the wall-clock limit, whatever the thread does
+
+# what a wait on storage calls every tick; what it raises ends the wait (a cancelled job)
+_abandon: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "columnhub_abandon_waits", default=None
+)
+
+
+@contextlib.contextmanager
+def abandon_waits(check: Callable[[], None]) -> Iterator[None]:
+    """Inside, every wait on storage calls ``check`` every 50 ms; what it raises ends the wait.
+
+    A service job that is cancelled, or a service shutting down, so stops at
+    once instead of holding its runner until the storage's ``timeout``. It
+    holds for this context and the threads that copy it
+    (:func:`columnhub._concurrency.in_context`: the local executor's part and
+    chunk tasks, file description, the exchange's readers). The transfer's own
+    thread is left behind, as after a timeout: it ends with its transfer.
+    """
+    token = _abandon.set(check)
+    try:
+        yield
+    finally:
+        _abandon.reset(token)
 
 
 def call_with_timeout(
@@ -35,6 +60,7 @@ def call_with_timeout(
     the time is up) is a :class:`SourceConnectionError` instead.
     """
     box: dict[str, object] = {}
+    check = _abandon.get()
 
     def target() -> None:
         try:
@@ -55,6 +81,8 @@ def call_with_timeout(
         if not _running(state):
             waited += now - last
         last = now
+        if check is not None:
+            check()
         if waited >= seconds or now - start >= _HARD_LIMIT * seconds:
             _give_up(what=what, seconds=seconds, url=url)
     if "error" in box:
