@@ -657,7 +657,7 @@ class _CountingOpens:
         monkeypatch.setattr(root, "open_tree", counting)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     columns=st.lists(st.sampled_from(COLUMNS), min_size=1, max_size=4, unique=True),
     where=st.sampled_from(WHERES),
