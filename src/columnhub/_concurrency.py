@@ -13,6 +13,7 @@ process never runs several pools of CPU-count threads each. The setting:
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -74,18 +75,11 @@ def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:
     service job's :func:`columnhub.sources._timeout.abandon_waits`) should
     hold for the work the job hands to its pools.
     """
-    return _Bound(fn)
+    context = contextvars.copy_context()
 
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # a context may be entered by one thread at a time: each call runs in its own copy
+        return context.copy().run(fn, *args, **kwargs)
 
-class _Bound:
-    """A callable with the context it was made in (picklable only without it: local use)."""
-
-    __slots__ = ("context", "fn")
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.context = contextvars.copy_context()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # one context may be entered by one thread at a time: each call runs in its own copy
-        return self.context.copy().run(self.fn, *args, **kwargs)
+    return run

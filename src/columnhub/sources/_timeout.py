@@ -102,7 +102,8 @@ def _running(stat_path: str) -> bool:
     except OSError:
         return False
     # "tid (name) S ...": the name may hold spaces and parentheses, the state follows the last ")"
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"R"
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] == b"R"
 
 
 def _give_up(*, what: str, seconds: float, url: str | None) -> None:
